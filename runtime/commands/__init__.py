@@ -1,0 +1,1 @@
+"""Subcommands of ``golem-trace``: one module each, exposing ``add_parser(subparsers)``."""

@@ -1,0 +1,46 @@
+"""golem-trace: read golem-trace/1 files and report on them.
+
+Each subcommand lives in ``golem.runtime.commands.<name>`` and exposes
+``add_parser(subparsers)``, which registers its parser and sets ``func``. Every
+subcommand takes ``--json`` and then prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .trace import TraceError
+
+SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate")
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="golem-trace", description="Inspect golem-trace/1 routing traces.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"golem.runtime.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"golem.runtime.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (TraceError, ValueError, FileNotFoundError) as e:
+        print(f"golem-trace {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("golem-trace: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
