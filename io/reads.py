@@ -1,0 +1,436 @@
+"""Positioned reads: byte ranges of files into caller-provided buffers, with retries.
+
+Owns open file handles, ``os.preadv`` reads (they release the GIL, so several threads read
+at once), merging of adjacent ranges, direct I/O (``O_DIRECT`` with aligned bounce buffers)
+and page-cache eviction for benchmarks. Knows nothing of experts beyond a label to name in
+errors; does not schedule, prioritise or throttle (see ``scheduler`` and ``storage``).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import sys
+import threading
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from golem.io.ranges import ByteRange
+
+ALIGN = 4096  # direct-I/O alignment: a page, a multiple of every common logical block size
+DIRECT_CHUNK_NBYTES = 8 << 20  # largest single direct read; bounds the bounce buffer per thread
+RETRYABLE_ERRNOS = frozenset({errno.EIO, errno.EINTR, errno.EAGAIN})
+
+try:
+    _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16
+
+# How a "direct" handle really behaves on this OS / file system.
+MODE_BUFFERED = "buffered"  # page cache in the way
+MODE_O_DIRECT = "o_direct"  # Linux and friends: the page cache is bypassed
+MODE_NOCACHE = "nocache"  # macOS: F_NOCACHE, reads are not kept in the cache
+MODE_FADVISE = "fadvise"  # O_DIRECT refused (tmpfs, some FUSE): buffered, dropped after each read
+
+
+class ReadError(OSError):
+    """A read that failed after its retries, or ran past the end of the file.
+
+    Args:
+        message: what went wrong (the strerror or "unexpected end of file").
+        path: the file.
+        offset: file offset of the failed read.
+        nbytes: bytes that were still to be read there.
+        what: who wanted the bytes (e.g. ``"expert (3, 17)"``).
+        labels: the tensor labels of the ranges involved.
+        err: the errno of the last failure, if any.
+        attempts: how many attempts were made.
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int, nbytes: int, what: str = "",
+                 labels: Sequence[object] = (), err: Optional[int] = None, attempts: int = 1):
+        self.path = path
+        self.offset = offset
+        self.nbytes = nbytes
+        self.what = what
+        self.labels = tuple(labels)
+        self.attempts = attempts
+        shown = ", ".join(str(label) for label in self.labels[:4] if label != "")
+        if len(self.labels) > 4:
+            shown += f", ... ({len(self.labels)} ranges)"
+        who = " ".join(part for part in (what, f"[{shown}]" if shown else "") if part)
+        text = (f"cannot read {path}: {nbytes} bytes at offset {offset}"
+                f"{' for ' + who if who else ''}: {message}"
+                f" (after {attempts} attempt{'s' if attempts != 1 else ''})")
+        super().__init__(text)
+        self.errno = err
+        self.strerror = message
+        self.filename = path
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):
+        return (_rebuild_read_error, (self.args[0], self.__dict__.copy()))
+
+
+def _rebuild_read_error(text, state):
+    error = ReadError.__new__(ReadError)
+    OSError.__init__(error, text)
+    error.__dict__.update(state)
+    return error
+
+
+class FileHandles:
+    """A thread-safe cache of open file descriptors, one per ``(path, direct)``.
+
+    ``opener`` and ``preadv`` are patch points (like aiofiles' ``sync_open``): tests inject
+    faults or count calls through them; every read in this module goes through
+    ``handles.preadv``. Use as a context manager, or call ``close()``.
+
+    Args:
+        opener: ``os.open``-compatible ``(path, flags) -> fd``.
+        preadv: ``os.preadv``-compatible ``(fd, buffers, offset) -> int``.
+    """
+
+    def __init__(self, *, opener: Callable[..., int] = os.open,
+                 preadv: Callable[[int, Sequence[memoryview], int], int] = os.preadv):
+        self.opener = opener
+        self.preadv = preadv
+        self._fds: Dict[Tuple[str, bool], Tuple[int, str]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._bounce = threading.local()
+
+    def open(self, path: str, direct: bool = False) -> Tuple[int, str]:
+        """Return ``(fd, mode)`` for ``path``; mode is one of the ``MODE_*`` strings."""
+        key = (path, bool(direct))
+        with self._lock:
+            if self._closed:
+                raise ValueError("FileHandles is closed")
+            found = self._fds.get(key)
+            if found is not None:
+                return found
+            found = self._open(path, bool(direct))
+            self._fds[key] = found
+            return found
+
+    def fd(self, path: str, direct: bool = False) -> int:
+        return self.open(path, direct)[0]
+
+    def mode(self, path: str, direct: bool = False) -> str:
+        """How reads of ``path`` really go (e.g. ``"fadvise"`` when O_DIRECT was refused)."""
+        return self.open(path, direct)[1]
+
+    def _open(self, path: str, direct: bool) -> Tuple[int, str]:
+        flags = os.O_RDONLY
+        if not direct:
+            return self.opener(path, flags), MODE_BUFFERED
+        if hasattr(os, "O_DIRECT"):
+            try:
+                return self.opener(path, flags | os.O_DIRECT), MODE_O_DIRECT
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+        fd = self.opener(path, flags)
+        if sys.platform == "darwin":
+            import fcntl
+            if hasattr(fcntl, "F_NOCACHE"):
+                fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+                return fd, MODE_NOCACHE
+        return fd, MODE_FADVISE
+
+    def _downgrade(self, path: str) -> Tuple[int, str]:
+        """O_DIRECT opened but reads are refused (EINVAL): reopen as the buffered fallback."""
+        with self._lock:
+            fd = self.opener(path, os.O_RDONLY)
+            old = self._fds.get((path, True))
+            self._fds[(path, True)] = (fd, MODE_FADVISE)
+        if old is not None and old[0] != fd:
+            os.close(old[0])
+        return fd, MODE_FADVISE
+
+    def bounce(self, nbytes: int) -> memoryview:
+        """A per-thread, ALIGN-aligned scratch buffer of at least ``nbytes``."""
+        buf = getattr(self._bounce, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            size = max(nbytes, DIRECT_CHUNK_NBYTES + 2 * ALIGN)
+            buf = aligned_empty(size)
+            self._bounce.buf = buf
+        return memoryview(buf)[:nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds, self._closed = list(self._fds.values()), {}, True
+        for fd, _ in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "FileHandles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
+    """An uninitialised uint8 array of ``nbytes`` whose first byte is ``align``-aligned."""
+    if align <= mmap.PAGESIZE and nbytes > 0:
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)  # mmap is page-aligned
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes]
+
+
+def _byte_view(out) -> memoryview:
+    view = memoryview(out)
+    if view.readonly:
+        raise ValueError("read destination buffer is read-only")
+    if not view.c_contiguous:
+        raise ValueError("read destination buffer must be contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class _Run:
+    """File-adjacent pieces of one path: one ``preadv`` of several buffers."""
+
+    __slots__ = ("path", "offset", "nbytes", "pieces", "labels", "whats")
+
+    def __init__(self, path: str, offset: int):
+        self.path, self.offset, self.nbytes = path, offset, 0
+        self.pieces: List[List[int]] = []  # [buffer index, dest, nbytes]
+        self.labels: List[object] = []
+        self.whats: List[str] = []
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    def who(self) -> str:
+        return ", ".join(dict.fromkeys(w for w in self.whats if w))
+
+
+def plan_reads(requests: Sequence[Tuple[Sequence[ByteRange], int, str]]) -> List[_Run]:
+    """Group ranges into runs adjacent in the file, each one ``preadv``.
+
+    ``requests`` holds ``(ranges, buffer index, what)``. Within a run, ranges that are also
+    adjacent in the same buffer merge into one iovec; a run never holds more than IOV_MAX.
+    """
+    items = sorted(((r, buf, what) for ranges, buf, what in requests for r in ranges
+                    if r.nbytes), key=lambda item: (item[0].path, item[0].offset))
+    runs: List[_Run] = []
+    run: Optional[_Run] = None
+    for rng, buf, what in items:
+        if run is not None and rng.path == run.path and rng.offset < run.end:
+            raise ValueError(f"overlapping ranges in {rng.path} at offset {rng.offset}: "
+                             f"{run.labels[-1]!s} and {rng.label!s}")
+        last = run.pieces[-1] if run is not None else None
+        merge = (last is not None and rng.path == run.path and rng.offset == run.end
+                 and last[0] == buf and last[1] + last[2] == rng.dest)
+        if not merge and (run is None or rng.path != run.path or rng.offset != run.end
+                          or len(run.pieces) >= _IOV_MAX):
+            run = _Run(rng.path, rng.offset)
+            runs.append(run)
+        if merge:
+            last[2] += rng.nbytes
+        else:
+            run.pieces.append([buf, rng.dest, rng.nbytes])
+        run.nbytes += rng.nbytes
+        run.labels.append(rng.label)
+        run.whats.append(what)
+    return runs
+
+
+def read_ranges(ranges: Iterable[ByteRange], out, *, handles: FileHandles, direct: bool = False,
+                retries: int = 3, what: str = "") -> int:
+    """Read every range into ``out`` at its ``dest``; return the bytes delivered.
+
+    Ranges adjacent both in the file and in ``out`` are merged into one read. Short reads
+    continue where they stopped; EIO / EINTR / EAGAIN are retried ``retries`` times, then
+    raised as ``ReadError`` naming the file, offset, length, ``what`` and the range labels.
+    ``direct`` reads the disk, not the page cache (see ``FileHandles.mode``).
+
+    Args:
+        ranges: the byte ranges; ``dest + nbytes`` must fit in ``out``.
+        out: a writable contiguous buffer (numpy uint8 array, bytearray, memoryview).
+        handles: open-file cache (and the ``preadv`` patch point).
+        direct: bypass the page cache (O_DIRECT with aligned bounce reads).
+        retries: attempts after the first failure of one read.
+        what: names the requester in errors (e.g. ``"expert (3, 17)"``).
+    """
+    return read_into([(list(ranges), out, what)], handles=handles, direct=direct,
+                     retries=retries)
+
+
+def read_into(requests: Sequence[Tuple[Sequence[ByteRange], object, str]], *,
+              handles: FileHandles, direct: bool = False, retries: int = 3) -> int:
+    """Read several ``(ranges, out, what)`` requests, coalescing across them.
+
+    Ranges of different requests that are adjacent in the file (expert e and e+1 of one
+    stacked tensor) become one ``preadv`` scattering into both buffers. Errors name every
+    requester whose bytes were in the failed read. Returns the bytes delivered.
+    """
+    views = []
+    plan = []
+    for index, (ranges, out, what) in enumerate(requests):
+        view = _byte_view(out)
+        ranges = list(ranges)
+        for r in ranges:
+            if r.nbytes < 0 or r.offset < 0 or r.dest < 0 or r.dest + r.nbytes > len(view):
+                raise ValueError(f"range {r.label!s} of {r.path} (dest {r.dest}, {r.nbytes} "
+                                 f"bytes) does not fit the {len(view)}-byte buffer"
+                                 f"{' of ' + what if what else ''}")
+        views.append(view)
+        plan.append((ranges, index, what))
+    total = 0
+    for run in plan_reads(plan):
+        bufs = [views[buf][dest:dest + n] for buf, dest, n in run.pieces]
+        fd, mode = handles.open(run.path, direct)
+        if mode == MODE_O_DIRECT:
+            try:
+                _read_direct(handles, fd, run, bufs, retries)
+            except _DirectRefused:
+                fd, mode = handles._downgrade(run.path)
+        if mode != MODE_O_DIRECT:
+            _read_run(handles, fd, run, bufs, run.offset, run.nbytes, retries)
+            if mode == MODE_FADVISE and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, run.offset, run.nbytes, os.POSIX_FADV_DONTNEED)
+        total += run.nbytes
+    return total
+
+
+class _DirectRefused(Exception):
+    """O_DIRECT opened, but the file system refuses aligned direct reads (EINVAL)."""
+
+
+def _read_run(handles: FileHandles, fd: int, run: _Run, bufs: List[memoryview], offset: int,
+              nbytes: int, retries: int, *, eof_ok: bool = False) -> int:
+    """``preadv`` until ``nbytes`` are in ``bufs``; resume short reads, retry transient errors."""
+    done = 0
+    failures = 0
+    last_err: Optional[OSError] = None
+    while done < nbytes:
+        try:
+            got = handles.preadv(fd, bufs, offset + done)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and eof_ok:
+                raise _DirectRefused() from exc
+            if exc.errno not in RETRYABLE_ERRNOS:
+                raise ReadError(exc.strerror or str(exc), path=run.path, offset=offset + done,
+                                nbytes=nbytes - done, what=run.who(), labels=run.labels,
+                                err=exc.errno, attempts=failures + 1) from exc
+            failures += 1
+            last_err = exc
+            if failures > retries:
+                raise ReadError(exc.strerror or str(exc), path=run.path, offset=offset + done,
+                                nbytes=nbytes - done, what=run.who(), labels=run.labels,
+                                err=exc.errno, attempts=failures) from exc
+            continue
+        if got <= 0:
+            if eof_ok:
+                return done
+            failures += 1
+            if failures > retries:
+                raise ReadError("unexpected end of file (short read)", path=run.path,
+                                offset=offset + done, nbytes=nbytes - done, what=run.who(),
+                                labels=run.labels, err=errno.EIO, attempts=failures) from last_err
+            continue
+        done += got
+        bufs = _advance(bufs, got)
+    return done
+
+
+def _advance(bufs: List[memoryview], nbytes: int) -> List[memoryview]:
+    """Drop the first ``nbytes`` from a list of buffers (after a short read)."""
+    index = 0
+    while index < len(bufs) and nbytes >= len(bufs[index]):
+        nbytes -= len(bufs[index])
+        index += 1
+    rest = bufs[index:]
+    if rest and nbytes:
+        rest = [rest[0][nbytes:]] + rest[1:]
+    return rest
+
+
+def _read_direct(handles: FileHandles, fd: int, run: _Run, bufs: List[memoryview],
+                 retries: int) -> None:
+    """Aligned superset reads into the per-thread bounce buffer, copied out to ``bufs``."""
+    pos = run.offset
+    targets = list(bufs)
+    while pos < run.end:
+        start = pos - pos % ALIGN
+        stop = min(run.end, start + DIRECT_CHUNK_NBYTES)
+        stop_aligned = -(-stop // ALIGN) * ALIGN
+        bounce = handles.bounce(stop_aligned - start)
+        got = _read_run(handles, fd, run, [bounce], start, stop_aligned - start, retries,
+                        eof_ok=True)
+        if got < stop - start:  # EOF inside the wanted bytes
+            raise ReadError("unexpected end of file (short read)", path=run.path,
+                            offset=start + got, nbytes=run.end - start - got, what=run.who(),
+                            labels=run.labels, err=errno.EIO, attempts=1)
+        src = bounce[pos - start:stop - start]
+        while len(src):
+            n = min(len(src), len(targets[0]))
+            targets[0][:n] = src[:n]
+            src = src[n:]
+            targets = _advance(targets, n)
+        pos = stop
+
+
+def evict_from_page_cache(path: str) -> bool:
+    """Drop ``path``'s clean pages from the page cache; False where the OS cannot.
+
+    Pages still dirty are flushed first (``fsync``) so that the drop takes them too.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not hasattr(os, "posix_fadvise"):
+            return False
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    finally:
+        os.close(fd)
+
+
+def cached_fraction(path: str) -> Optional[float]:
+    """Fraction of ``path``'s pages resident in the page cache (``mincore``); None if unknown."""
+    import ctypes
+    import ctypes.util
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return None
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if not hasattr(libc, "mincore"):
+        return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                return None
+            return float(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) / pages
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
