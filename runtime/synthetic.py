@@ -251,7 +251,13 @@ def _scale_experts(model: nn.Module, expert_scale: float, router_scale: float) -
         if leaf in ("gate", "router") and isinstance(module, nn.Linear):
             module.weight = module.weight * router_scale
         if hasattr(module, "e_score_correction_bias"):
-            module.e_score_correction_bias = mx.random.normal(module.e_score_correction_bias.shape) * 0.05
+            # Sigmoid routers (glm4_moe, deepseek_v3): a large weight saturates every score
+            # and the correction bias alone would choose; keep the logits in sigmoid's slope.
+            # (Their gate weights start as zeros in mlx-lm: draw them here.)
+            if "weight" in module:
+                fan_in = module.weight.shape[-1]
+                module.weight = mx.random.normal(module.weight.shape) * (2.0 / fan_in**0.5)
+            module.e_score_correction_bias = mx.random.normal(module.e_score_correction_bias.shape) * 0.01
 
 
 _TOKENIZER_TEXT = """

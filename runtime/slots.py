@@ -1,0 +1,153 @@
+"""Slot pools: the resident experts of one MoE layer.
+
+A pool owns, for one layer, the arrays shaped like the stacked expert tensors with the
+first axis = slots, the expert -> slot table, the eviction policy and the layer's counters.
+It never reads files: bytes arrive as packed expert buffers (see ``golem.io.index``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from golem.io.index import StackedTensor
+
+from .policies import Policy, make_policy
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer's pool (decode and prefill together unless split by the caller)."""
+
+    capacity: int = 0
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0
+    evictions: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 1.0
+
+
+@dataclass
+class PoolPart:
+    """One stacked tensor of the layer: where its slots live in the model.
+
+    Args:
+        spec: the tensor as indexed (per-expert shape, bytes, offset in a packed buffer).
+        owner: the module whose attribute holds the pool array.
+        attr: that attribute's name ("weight", "scales", "biases", "bias").
+    """
+
+    spec: StackedTensor
+    owner: object
+    attr: str
+
+
+class SlotPool:
+    """The slots of one MoE layer.
+
+    Args:
+        layer: MoE layer index (the decoder layer number).
+        num_experts: experts in the layer.
+        capacity: slots; ``capacity == num_experts`` makes the layer fully resident
+            (slot i holds expert i, no table, no eviction).
+        parts: the layer's stacked tensors and the module attributes holding their pools.
+        policy: eviction policy name.
+    """
+
+    def __init__(self, layer: int, num_experts: int, capacity: int, parts: Sequence[PoolPart], policy: str = "lru"):
+        if capacity < 1 or capacity > num_experts:
+            raise ValueError(f"layer {layer}: capacity {capacity} outside [1, {num_experts}]")
+        self.layer = layer
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self.parts = list(parts)
+        self.policy: Policy = make_policy(policy)
+        self.slot_of = np.full(num_experts, -1, dtype=np.int32)  # expert -> slot
+        self.expert_in = np.full(capacity, -1, dtype=np.int32)  # slot -> expert
+        self.stats = LayerStats(capacity=capacity)
+        for p in self.parts:
+            dtype = getattr(p.owner, p.attr).dtype
+            setattr(p.owner, p.attr, mx.zeros((capacity, *p.spec.expert_shape), dtype=dtype))
+
+    @property
+    def fully_resident(self) -> bool:
+        return self.capacity == self.num_experts
+
+    @property
+    def expert_nbytes(self) -> int:
+        return sum(p.spec.expert_nbytes for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.expert_nbytes
+
+    def resident(self) -> List[int]:
+        return [int(e) for e in self.expert_in if e >= 0]
+
+    def is_resident(self, expert: int) -> bool:
+        return self.slot_of[expert] >= 0
+
+    def free_slot(self) -> Optional[int]:
+        free = np.flatnonzero(self.expert_in < 0)
+        return int(free[0]) if len(free) else None
+
+    def claim(self, expert: int, protected: Iterable[int] = ()) -> int:
+        """Pick the slot ``expert`` will occupy: a free one, else the policy's victim.
+
+        The victim is unmapped at once; the caller then installs the bytes. Experts in
+        ``protected`` (those the current token uses) are never evicted.
+        """
+        if self.fully_resident:
+            return expert
+        slot = self.free_slot()
+        if slot is None:
+            victim = self.policy.victim(protected=set(protected))
+            slot = int(self.slot_of[victim])
+            self.policy.evict(victim)
+            self.slot_of[victim] = -1
+            self.expert_in[slot] = -1
+            self.stats.evictions += 1
+        return slot
+
+    def install(self, expert: int, slot: int, packed: np.ndarray) -> None:
+        """Copy one expert's packed bytes into ``slot`` and map it.
+
+        Only call at a safe point: no evaluation that can still read this layer's pool may
+        be in flight (MLX then updates the pool in place instead of copying it).
+        """
+        raw = mx.array(packed)
+        for p in self.parts:
+            pool = getattr(p.owner, p.attr)
+            s = p.spec
+            part = raw[s.dest : s.dest + s.expert_nbytes].view(pool.dtype).reshape(s.expert_shape)
+            pool[slot] = part
+        if not self.fully_resident:
+            self.slot_of[expert] = slot
+            self.expert_in[slot] = expert
+            self.policy.insert(expert)
+
+    def settle(self) -> None:
+        """Evaluate pending slot writes (so the next writes stay in place)."""
+        mx.eval([getattr(p.owner, p.attr) for p in self.parts])
+
+    def slots(self, experts: np.ndarray) -> np.ndarray:
+        """Slot of every expert id in ``experts`` (all must be resident)."""
+        if self.fully_resident:
+            return experts
+        return self.slot_of[experts]
+
+    def touch(self, experts: Iterable[int]) -> None:
+        for e in experts:
+            self.policy.hit(int(e))
