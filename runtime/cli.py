@@ -1,0 +1,166 @@
+"""golem-run: generate text like ``mlx_lm.generate``, with the experts offloaded.
+
+Owns argument parsing, the prompt (chat template, system prompt, stdin), printing in
+mlx-lm's layout plus the expert statistics, and turning user mistakes into one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 100
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="golem-run",
+        description="Generate text with an MoE model whose experts stream from disk.",
+    )
+    parser.add_argument("--model", type=str, help="Model folder or Hugging Face repo id.")
+    parser.add_argument("--demo", action="store_true",
+                        help="Build a small generated checkpoint once (in the cache folder) and run it offloaded.")
+    parser.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="Message for the model ('-' reads stdin).")
+    parser.add_argument("-m", "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="Maximum tokens to generate.")
+    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature.")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p.")
+    parser.add_argument("--seed", type=int, default=None, help="PRNG seed.")
+    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template.")
+    parser.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt, no chat template.")
+    parser.add_argument("--verbose", type=lambda s: s.lower() not in ("false", "f", "0"), default=True,
+                        help="Print the text and the statistics (default: true).")
+    g = parser.add_argument_group("expert cache")
+    g.add_argument("-c", "--cache-size", type=int, default=None,
+                   help="Expert slots per MoE layer (>= top-k; default: every expert).")
+    g.add_argument("--policy", default="lru", help="Eviction policy (lru, lfu, lfu-decay, ...).")
+    g.add_argument("--direct-io", action="store_true", help="Read experts with O_DIRECT, bypassing the page cache.")
+    g.add_argument("--stats", action="store_true", help="Print a per-layer table after generation.")
+    return parser
+
+
+def _demo_model() -> str:
+    from .synthetic import Size, build_checkpoint, default_cache_dir
+
+    path = default_cache_dir() / "demo-qwen3_moe"
+    if not (path / "config.json").exists():
+        print(f"[golem] building the demo checkpoint in {path} (once)", file=sys.stderr)
+    size = Size(hidden=256, layers=8, experts=32, top_k=4, expert_hidden=256, vocab=384, group_size=64)
+    return str(build_checkpoint("qwen3_moe", path, size=size))
+
+
+def format_stats(runtime, generation_tokens: int) -> str:
+    stats = runtime.engine.stats
+    t = stats.total()
+    gb = t.bytes_read / 1e9
+    gbps = gb / t.read_s if t.read_s > 0 else 0.0
+    tokens = max(generation_tokens, 1)
+    return (
+        f"Experts: hit rate {100 * t.hit_rate:.1f}% of {t.requests} requests, "
+        f"{t.misses} read ({gb:.3f} GB, {gbps:.2f} GB/s), "
+        f"stall {1000 * t.read_s / tokens:.2f} ms/token, "
+        f"host syncs {stats.host_syncs / max(stats.forward_calls, 1):.1f}/forward"
+    )
+
+
+def format_layer_table(runtime) -> str:
+    rows = [f"{'layer':>5} {'slots':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'MB read':>9}"]
+    for layer, s in sorted(runtime.engine.stats.layers.items()):
+        rows.append(f"{layer:>5} {s.capacity:>5} {s.hits:>8} {s.misses:>8} {100 * s.hit_rate:>7.1f}% {s.bytes_read / 1e6:>9.2f}")
+    return "\n".join(rows)
+
+
+def run(args) -> int:
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from .api import load
+    from .loader import top_k_of
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    model_path = _demo_model() if args.demo else args.model
+    if model_path is None:
+        raise ValueError("--model is required (or --demo for a generated one)")
+    options = {"policy": args.policy, "direct_io": args.direct_io}
+    if args.cache_size is not None:
+        options["capacities"] = args.cache_size
+    elif args.demo:
+        options["capacities"] = 8
+    _check_cache_size(model_path, options.get("capacities"))
+    with load(model_path, **options) as (model, tokenizer):
+        runtime = model.golem
+        prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+        prompt = sys.stdin.read() if prompt == "-" else prompt
+        use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
+        if use_chat_template:
+            messages = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
+            messages.append({"role": "user", "content": prompt})
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+        sampler = make_sampler(args.temp, args.top_p)
+        response = None
+        if args.verbose:
+            print("=" * 10)
+        for response in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler):
+            if args.verbose:
+                print(response.text, end="", flush=True)
+        if args.verbose:
+            print()
+            print("=" * 10)
+            if response is None:
+                print("No text generated for this prompt")
+                return 0
+            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+            print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+            print(f"Peak memory: {response.peak_memory:.3f} GB")
+            print(format_stats(runtime, response.generation_tokens))
+            if args.stats:
+                print(format_layer_table(runtime))
+    return 0
+
+
+def _check_cache_size(model_path: str, capacities) -> None:
+    """A cache smaller than top-k cannot hold one token's experts: say so before loading."""
+    import json
+    from pathlib import Path
+
+    from .loader import top_k_of
+
+    if not isinstance(capacities, int):
+        return
+    if capacities < 1:
+        raise ValueError(f"--cache-size must be at least 1, got {capacities}")
+    cfg = Path(model_path) / "config.json"
+    if cfg.is_file():
+        k = top_k_of(json.loads(cfg.read_text()))
+        if capacities < k:
+            raise ValueError(f"--cache-size {capacities} is smaller than the model's top-k ({k}): one token needs {k} experts resident")
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    from golem.io.index import CheckpointError
+    from golem.io.reads import ReadError
+
+    from .loader import ModelError
+
+    try:
+        return run(args)
+    except (ModelError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"golem-run: error: {e}", file=sys.stderr)
+        return 2
+    except ReadError as e:
+        print(f"golem-run: read failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ngolem-run: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
