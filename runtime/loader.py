@@ -149,6 +149,8 @@ def load_offloaded(
         model, config = load_model(path, lazy=True)
     except ValueError as e:
         raise ModelError(f"{path}: mlx-lm cannot load this model: {e}") from None
+    except KeyError as e:  # mlx-lm's quantization inference looks tensors up by name
+        raise CheckpointError(f"{path}: tensor {e.args[0]!r} is missing from the checkpoint") from None
     experts = find_experts_modules(model)
     if not experts:
         raise ModelError(

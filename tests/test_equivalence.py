@@ -1,0 +1,73 @@
+"""golem's greedy tokens == stock mlx-lm's, for every family and cache size; experts matter."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from golem.runtime import load
+from golem.runtime.synthetic import FAMILIES
+from helpers import greedy_tokens, prompt_tokens, stock
+
+TOP_K, E = 4, 16
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model, tok = stock(checkpoints(family))
+            tokens = prompt_tokens(tok)
+            cache[family] = (tokens, greedy_tokens(model, tokens))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("capacity", [TOP_K, E // 2, E])
+def test_greedy_tokens_identical(checkpoints, references, family, capacity):
+    tokens, expected = references(family)
+    with load(str(checkpoints(family)), capacities=capacity) as (model, _):
+        got = greedy_tokens(model, tokens)
+        stats = model.golem.engine.stats.total()
+    assert got == expected
+    if capacity < E:
+        assert stats.misses > 0  # the cache really was too small to hold every expert
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_swapping_two_experts_changes_the_text(checkpoints, references, family):
+    """The checkpoints give the equivalence tests power: the experts decide the tokens."""
+    tokens, expected = references(family)
+    model, _ = stock(checkpoints(family))
+    from golem.runtime.loader import find_experts_modules
+
+    changed = False
+    for em in find_experts_modules(model)[:2]:
+        for proj in ("down_proj", "fc2"):
+            if proj not in em.module:
+                continue
+            lin = em.module[proj]
+            order = mx.array([1, 0] + list(range(2, lin.weight.shape[0])))
+            for name in ("weight", "scales", "biases", "bias"):
+                if name in lin and lin[name] is not None:
+                    lin[name] = lin[name][order]
+        changed = changed or greedy_tokens(model, tokens) != expected
+    assert changed
+
+
+def test_prefill_streams_more_experts_than_slots(checkpoints):
+    """A long prompt routes to more distinct experts than a layer has slots."""
+    path = checkpoints("qwen3_moe")
+    model, tok = stock(path)
+    tokens = prompt_tokens(tok, " ".join(["the quick brown fox jumps over the lazy dog"] * 8))
+    expected = greedy_tokens(model, tokens, n=8)
+    with load(str(path), capacities=TOP_K) as (model, _):
+        got = greedy_tokens(model, tokens, n=8)
+        pools = model.golem.engine.pools
+        assert all(len(p.resident()) <= p.capacity for p in pools.values())
+    assert got == expected
