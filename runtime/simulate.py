@@ -1,0 +1,452 @@
+"""Replay routing traces through per-layer expert caches: what a policy, a capacity plan and a
+warm start would have hit and missed, with the offline optimum (Belady) as the bound.
+
+Owns the replay (the step protocol of ``golem.runtime.policies.Policy``, exactly as the slot
+pool runs it), Belady's farthest-next-use replay, and plain LRU's miss curve at every
+capacity in one pass (stack distances). Knows nothing of bytes, files beyond traces, or MLX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .policies import Policy, make_policy
+from .trace import Trace
+
+Traces = Union[Trace, Sequence[Trace]]
+Capacity = Union[int, Sequence[int]]
+
+
+@dataclass
+class SimResult:
+    """Counts of one replay.
+
+    Args:
+        policy: the policy spec (``"belady"`` for the bound).
+        capacities: slots per layer (``num_experts`` for pinned layers).
+        pinned: the fully resident layers (every request a hit, no cache logic).
+        requests: int64 (L,), expert requests per layer (distinct experts per step).
+        hits: int64 (L,), requests found resident.
+        misses: int64 (L,), demand reads: requests neither resident nor prefetched.
+        prefetched: int64 (L,), misses a prefetch with the given recall would have hidden.
+        step_misses: int32 (N, L), demand misses per step and layer (N = all replayed steps).
+        step_prefetched: int32 (N, L), prefetched misses per step and layer.
+        num_experts: experts per layer.
+    """
+
+    policy: str
+    capacities: tuple
+    pinned: tuple
+    requests: np.ndarray
+    hits: np.ndarray
+    misses: np.ndarray
+    prefetched: np.ndarray
+    step_misses: np.ndarray
+    step_prefetched: np.ndarray
+    num_experts: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.capacities)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.step_misses.shape[0])
+
+    @property
+    def total_requests(self) -> int:
+        return int(self.requests.sum())
+
+    @property
+    def total_hits(self) -> int:
+        return int(self.hits.sum())
+
+    @property
+    def total_misses(self) -> int:
+        return int(self.misses.sum())
+
+    @property
+    def total_prefetched(self) -> int:
+        return int(self.prefetched.sum())
+
+    @property
+    def miss_ratio(self) -> float:
+        """Demand misses per request."""
+        return self.total_misses / self.total_requests if self.total_requests else 0.0
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.total_hits / self.total_requests if self.total_requests else 1.0
+
+    @property
+    def misses_per_step(self) -> np.ndarray:
+        """int64 (N,): demand misses of each step over all layers (reads per token)."""
+        return self.step_misses.sum(axis=1, dtype=np.int64)
+
+    @property
+    def layer_miss_ratio(self) -> np.ndarray:
+        return self.misses / np.maximum(self.requests, 1)
+
+    @property
+    def capacity(self) -> Union[int, list]:
+        """One number when every layer has the same slots, else the per-layer list."""
+        caps = list(self.capacities)
+        return caps[0] if caps and all(c == caps[0] for c in caps) else caps
+
+    def per_layer(self) -> list[dict]:
+        return [
+            {
+                "layer": layer,
+                "capacity": int(self.capacities[layer]),
+                "pinned": layer in self.pinned,
+                "requests": int(self.requests[layer]),
+                "hits": int(self.hits[layer]),
+                "misses": int(self.misses[layer]),
+                "prefetched": int(self.prefetched[layer]),
+                "miss_ratio": round(float(self.layer_miss_ratio[layer]), 6),
+            }
+            for layer in range(self.num_layers)
+        ]
+
+    def to_dict(self, per_layer: bool = False) -> dict:
+        out = {
+            "policy": self.policy,
+            "capacity": self.capacity,
+            "pinned_layers": list(self.pinned),
+            "steps": self.num_steps,
+            "requests": self.total_requests,
+            "hits": self.total_hits,
+            "misses": self.total_misses,
+            "prefetched": self.total_prefetched,
+            "miss_ratio": round(self.miss_ratio, 6),
+            "hit_ratio": round(self.hit_ratio, 6),
+            "misses_per_step": round(self.total_misses / self.num_steps, 4) if self.num_steps else 0.0,
+        }
+        if per_layer:
+            out["per_layer"] = self.per_layer()
+        return out
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    """The replayed steps: (N, L, K) int16, each step's distinct experts ascending, -1 last."""
+
+    steps: np.ndarray
+    num_experts: int
+    max_step: int  # most distinct experts any step of any layer uses
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.steps.shape[1])
+
+    def layer_rows(self, layer: int) -> list:
+        col = self.steps[:, layer, :]
+        rows = col.tolist()
+        if (col < 0).any():
+            rows = [[e for e in r if e >= 0] for r in rows]
+        return rows
+
+
+def as_trace_list(traces: Traces) -> list[Trace]:
+    out = [traces] if isinstance(traces, Trace) else list(traces)
+    if not out:
+        raise ValueError("no traces to replay")
+    first = out[0]
+    for t in out[1:]:
+        if (t.num_layers, t.num_experts) != (first.num_layers, first.num_experts):
+            raise ValueError(
+                f"{t.path or 'trace'}: {t.num_layers} layers x {t.num_experts} experts, but "
+                f"{first.path or 'the first trace'} has {first.num_layers} x {first.num_experts}"
+            )
+    return out
+
+
+def _stream(traces: Traces, decode_only: bool) -> _Stream:
+    trace_list = as_trace_list(traces)
+    parts = [(t.decode_only() if decode_only else t).experts for t in trace_list]
+    experts = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    steps = np.sort(experts.astype(np.int16), axis=2)
+    if steps.shape[2] > 1:
+        dup = np.zeros(steps.shape, dtype=bool)
+        dup[:, :, 1:] = steps[:, :, 1:] == steps[:, :, :-1]
+        if dup.any() or (steps < 0).any():
+            steps = np.where(dup, -1, steps)
+            # ascending with the -1 padding last
+            steps = np.sort(np.where(steps < 0, np.iinfo(np.int16).max, steps), axis=2)
+            steps = np.where(steps == np.iinfo(np.int16).max, -1, steps).astype(np.int16)
+    max_step = int((steps >= 0).sum(axis=2).max()) if steps.size else 0
+    return _Stream(steps=steps, num_experts=trace_list[0].num_experts, max_step=max_step)
+
+
+def _capacities(capacity: Capacity, num_layers: int, num_experts: int, need: int, pinned) -> list[int]:
+    if isinstance(capacity, (int, np.integer)):
+        caps = [int(capacity)] * num_layers
+    else:
+        caps = [int(c) for c in capacity]
+        if len(caps) != num_layers:
+            raise ValueError(f"capacity: {len(caps)} per-layer values for {num_layers} layers")
+    for layer, c in enumerate(caps):
+        if layer in pinned:
+            continue
+        if c < need:
+            raise ValueError(
+                f"capacity {c} of layer {layer} is below the {need} distinct experts one step uses: "
+                "a token needs all of them resident"
+            )
+    return [num_experts if layer in pinned else min(c, num_experts) for layer, c in enumerate(caps)]
+
+
+def _pinned(pinned: Sequence[int], num_layers: int) -> tuple:
+    out = tuple(sorted(set(int(p) for p in pinned)))
+    bad = [p for p in out if not 0 <= p < num_layers]
+    if bad:
+        raise ValueError(f"pinned layers {bad} outside [0, {num_layers})")
+    return out
+
+
+def _warm(warm: Optional[Mapping[int, Sequence[int]]], num_layers: int, num_experts: int, caps) -> Dict[int, list]:
+    """Per-layer warm lists, insertion order, cut to the last ``capacity`` entries."""
+    out: Dict[int, list] = {}
+    for layer, experts in (warm or {}).items():
+        layer = int(layer)
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"warm start names layer {layer}, outside [0, {num_layers})")
+        seen: Dict[int, None] = {}
+        for e in experts:
+            e = int(e)
+            if not 0 <= e < num_experts:
+                raise ValueError(f"warm start of layer {layer} names expert {e}, outside [0, {num_experts})")
+            seen.pop(e, None)
+            seen[e] = None  # a repeated expert counts at its last position
+        out[layer] = list(seen)[-caps[layer]:] if caps[layer] else []
+    return out
+
+
+def _policy_factory(policy) -> tuple[str, Callable[[], Policy]]:
+    if isinstance(policy, str):
+        make_policy(policy)  # validate once, with a clear error
+        return policy, lambda: make_policy(policy)
+    if callable(policy):
+        return str(getattr(policy, "name", None) or getattr(policy, "__name__", "custom")), policy
+    raise ValueError(f"policy must be a name or a factory, got {policy!r}")
+
+
+# -- replay ---------------------------------------------------------------------------------
+
+
+def _replay_layer(rows: list, policy: Policy, capacity: int, warm: list) -> np.ndarray:
+    """Run the step protocol over one layer; returns int32 (N,) misses per step."""
+    resident = set()
+    for e in warm:
+        policy.insert(e)
+        resident.add(e)
+    hit, insert, evict, victim, tick = policy.hit, policy.insert, policy.evict, policy.victim, policy.tick
+    step_miss = np.zeros(len(rows), dtype=np.int32)
+    for t, step in enumerate(rows):
+        tick()
+        m = 0
+        for e in step:
+            if e in resident:
+                hit(e)
+            else:
+                if len(resident) >= capacity:
+                    v = victim(step)
+                    evict(v)
+                    resident.discard(v)
+                insert(e)
+                resident.add(e)
+                m += 1
+        if m:
+            step_miss[t] = m
+    return step_miss
+
+
+def _split_prefetched(step_miss: np.ndarray, recall: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Turn each miss into a prefetched hit with probability ``recall``, in step order."""
+    if recall <= 0.0:
+        return step_miss, np.zeros_like(step_miss)
+    total = int(step_miss.sum())
+    lucky = rng.random(total) < recall
+    owner = np.repeat(np.arange(len(step_miss)), step_miss)
+    prefetched = np.bincount(owner[lucky], minlength=len(step_miss)).astype(np.int32)
+    return step_miss - prefetched, prefetched
+
+
+def _result(name, stream, caps, pinned, step_misses, step_prefetched) -> SimResult:
+    requests = (stream.steps >= 0).sum(axis=(0, 2), dtype=np.int64)
+    misses = step_misses.sum(axis=0, dtype=np.int64)
+    prefetched = step_prefetched.sum(axis=0, dtype=np.int64)
+    return SimResult(
+        policy=name,
+        capacities=tuple(caps),
+        pinned=pinned,
+        requests=requests,
+        hits=requests - misses - prefetched,
+        misses=misses,
+        prefetched=prefetched,
+        step_misses=step_misses,
+        step_prefetched=step_prefetched,
+        num_experts=stream.num_experts,
+    )
+
+
+def simulate(
+    traces: Traces,
+    *,
+    policy: Union[str, Callable[[], Policy]] = "lru",
+    capacity: Capacity = 32,
+    pinned: Sequence[int] = (),
+    warm: Optional[Mapping[int, Sequence[int]]] = None,
+    prefetch_recall: float = 0.0,
+    seed: int = 0,
+    decode_only: bool = True,
+) -> SimResult:
+    """Replay ``traces`` in order through one cache per MoE layer.
+
+    Caches persist across sequences and across the traces. Each layer follows the step
+    protocol of ``Policy`` (tick; the step's distinct experts in ascending order; a miss in
+    a full layer evicts the policy's victim, never one of the step's own experts).
+
+    Args:
+        traces: one trace or several, replayed in order.
+        policy: a policy spec (``"lru"``, ``"lfu-decay:decay=0.9"``) or a factory.
+        capacity: slots of every layer, or one value per layer; at least the distinct
+            experts of one step (top-k); values above ``num_experts`` mean all of them.
+        pinned: fully resident layers (no cache logic, no misses).
+        warm: layer -> experts inserted before the first step, in insertion order (the
+            last is the most recent); only the last ``capacity`` of each list stay.
+        prefetch_recall: probability that a miss was prefetched in time; such misses are
+            counted as ``prefetched`` (the cache state is the same as for a demand read).
+        seed: seeds the prefetch draws (one generator per layer).
+        decode_only: leave out prefill steps (``trace.prefill``).
+    """
+    if not 0.0 <= prefetch_recall <= 1.0:
+        raise ValueError(f"prefetch_recall must be in [0, 1], got {prefetch_recall}")
+    name, factory = _policy_factory(policy)
+    stream = _stream(traces, decode_only)
+    num_layers, num_experts = stream.num_layers, stream.num_experts
+    pinned_t = _pinned(pinned, num_layers)
+    caps = _capacities(capacity, num_layers, num_experts, stream.max_step, pinned_t)
+    warm_lists = _warm(warm, num_layers, num_experts, caps)
+    n = stream.steps.shape[0]
+    step_misses = np.zeros((n, num_layers), dtype=np.int32)
+    step_prefetched = np.zeros((n, num_layers), dtype=np.int32)
+    for layer in range(num_layers):
+        if layer in pinned_t:
+            continue
+        miss = _replay_layer(stream.layer_rows(layer), factory(), caps[layer], warm_lists.get(layer, []))
+        rng = np.random.default_rng([seed, layer])
+        step_misses[:, layer], step_prefetched[:, layer] = _split_prefetched(miss, prefetch_recall, rng)
+    return _result(name, stream, caps, pinned_t, step_misses, step_prefetched)
+
+
+def _next_use(steps: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every (step, layer, slot) the next step using that expert in that layer (N if
+    none), and for every (layer, expert) its first step (N if none)."""
+    n, num_layers, k = steps.shape
+    nxt = np.full(steps.shape, n, dtype=np.int64)
+    first = np.full((num_layers, num_experts), n, dtype=np.int64)
+    t_idx, l_idx, k_idx = np.nonzero(steps >= 0)
+    if len(t_idx) == 0:
+        return nxt, first
+    key = l_idx.astype(np.int64) * num_experts + steps[t_idx, l_idx, k_idx]
+    order = np.lexsort((t_idx, key))  # by (layer, expert), then step
+    key_s, t_s = key[order], t_idx[order]
+    same = key_s[1:] == key_s[:-1]
+    nxt_s = np.full(len(order), n, dtype=np.int64)
+    nxt_s[:-1][same] = t_s[1:][same]
+    nxt[t_idx[order], l_idx[order], k_idx[order]] = nxt_s
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = ~same
+    first.reshape(-1)[key_s[starts]] = t_s[starts]
+    return nxt, first
+
+
+def belady(
+    traces: Traces,
+    capacity: Capacity = 32,
+    *,
+    pinned: Sequence[int] = (),
+    warm: Optional[Mapping[int, Sequence[int]]] = None,
+    decode_only: bool = True,
+) -> SimResult:
+    """The offline optimum: on a miss in a full layer evict the resident expert whose next
+    use is farthest (never one of the step's own experts). No policy, with the same
+    capacity, pinned layers and warm start, misses less. Arguments as in ``simulate``."""
+    stream = _stream(traces, decode_only)
+    num_layers, num_experts = stream.num_layers, stream.num_experts
+    pinned_t = _pinned(pinned, num_layers)
+    caps = _capacities(capacity, num_layers, num_experts, stream.max_step, pinned_t)
+    warm_lists = _warm(warm, num_layers, num_experts, caps)
+    nxt, first = _next_use(stream.steps, num_experts)
+    n = stream.steps.shape[0]
+    step_misses = np.zeros((n, num_layers), dtype=np.int32)
+    for layer in range(num_layers):
+        if layer in pinned_t:
+            continue
+        cap = caps[layer]
+        rows = stream.layer_rows(layer)
+        nrows = nxt[:, layer, :].tolist()
+        next_of: Dict[int, int] = {int(e): int(first[layer, e]) for e in warm_lists.get(layer, [])}
+        col = step_misses[:, layer]
+        for t, step in enumerate(rows):
+            m = 0
+            for e in step:
+                if e not in next_of:
+                    m += 1
+                    if len(next_of) >= cap:
+                        victim, far = -1, -1
+                        for r, nu in next_of.items():
+                            if nu > far and r not in step:
+                                victim, far = r, nu
+                        del next_of[victim]
+                    next_of[e] = t  # placeholder until the step's next uses are written
+            for e, nu in zip(step, nrows[t]):
+                next_of[e] = nu
+            if m:
+                col[t] = m
+    return _result("belady", stream, caps, pinned_t, step_misses, np.zeros_like(step_misses))
+
+
+def stack_distance_histogram(traces: Traces, *, decode_only: bool = True) -> np.ndarray:
+    """Plain LRU at every capacity in one pass (Mattson's stack distances).
+
+    Returns int64 (L, E+1): ``h[l, d]`` counts requests of layer l whose expert had exactly
+    d other distinct experts used since its last use (at the start of the step), and
+    ``h[l, E]`` first uses. Under the step protocol, LRU with capacity c (>= the experts of
+    one step) hits exactly the requests with d < c; see ``lru_misses``.
+    """
+    stream = _stream(traces, decode_only)
+    steps = stream.steps
+    n, num_layers, _ = steps.shape
+    e_count = stream.num_experts
+    last = np.full((num_layers, e_count), -1, dtype=np.int64)  # recency key of the last use
+    dist = np.full(steps.shape, e_count, dtype=np.int64)  # (N, L, K)
+    rows = np.arange(num_layers)[:, None]
+    valid = steps >= 0
+    layer_of = np.broadcast_to(rows, steps.shape[1:])
+    for t in range(n):
+        ok = valid[t]
+        ids = np.where(ok, steps[t], 0).astype(np.int64)  # (L, K)
+        mine = last[rows, ids]  # (L, K)
+        d = (last[:, None, :] > mine[:, :, None]).sum(axis=2)
+        dist[t] = np.where(mine < 0, e_count, d)
+        # ascending processing order: a larger id in the same step is more recent
+        last[layer_of[ok], ids[ok]] = t * e_count + ids[ok]
+    flat = (np.broadcast_to(rows[None], steps.shape) * (e_count + 1) + dist)[valid]
+    hist = np.bincount(flat, minlength=num_layers * (e_count + 1)).reshape(num_layers, e_count + 1)
+    return hist
+
+
+def lru_misses(hist: np.ndarray) -> np.ndarray:
+    """Misses of plain LRU per layer at every capacity 0..E from a stack-distance histogram:
+    int64 (L, E+1). Meaningful for capacities >= the experts of one step."""
+    requests = hist.sum(axis=1, keepdims=True)
+    hits = np.concatenate([np.zeros((hist.shape[0], 1), dtype=np.int64), np.cumsum(hist[:, :-1], axis=1)], axis=1)
+    return requests - hits
