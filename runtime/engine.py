@@ -72,24 +72,43 @@ class EngineStats:
 
 
 class Engine:
-    """Resolves expert ids to slots, loading what is missing.
+    """Resolves expert ids to slots, loading what is missing, prefetching what comes next.
+
+    Host syncs: a fully resident layer costs none (its ids index the pool directly). Any
+    other layer costs one: its ids, the predictor's lazy outputs and the trace's weights
+    are read back together in one ``mx.eval``. That sync is also the safe point where
+    completed prefetches are installed: nothing in flight can still read a pool then.
 
     Args:
         index: per-expert byte ranges of every MoE layer.
         pools: the slot pool of every MoE layer.
-        reader: ``(layer, expert, out) -> nbytes``; fills ``out`` with the packed expert.
+        reader: ``(layer, expert, out) -> nbytes``; fills ``out`` with the packed expert
+            (used when there is no scheduler).
+        scheduler: optional ``golem.io.scheduler.IOScheduler`` keyed by ``(layer, expert)``;
+            demand reads then go through it too, overtaking its prefetch queue.
+        prefetcher: optional ``Prefetcher`` (needs ``scheduler``).
+        hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
         clock: time source for stall accounting.
     """
 
-    def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *, clock=time.perf_counter):
+    def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
+                 scheduler=None, prefetcher=None, hidden=None, clock=time.perf_counter):
         self.index = index
         self.pools = pools
         self.reader = reader
+        self.scheduler = scheduler
+        self.prefetcher = prefetcher
+        self.hidden = hidden or (lambda layer, x: x)
         self.clock = clock
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._staging: Dict[int, np.ndarray] = {}
-        self.trace = None  # optional recorder with record(layer, ids, scores=None)
+        self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
+        self._decoding = False
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     # -- loading ---------------------------------------------------------------
     def _staging_for(self, layer: int) -> np.ndarray:
@@ -99,23 +118,60 @@ class Engine:
             buf = self._staging[nbytes] = aligned_empty(nbytes)
         return buf
 
+    def _place(self, layer: int, expert: int, buf: np.ndarray, protected) -> bool:
+        """Install ``buf`` as ``expert`` of ``layer``; False when every slot is protected."""
+        pool = self.pools[layer]
+        try:
+            slot, victim = pool.claim(expert, protected)
+        except LookupError:
+            return False
+        if victim >= 0 and self.prefetcher is not None and (layer, victim) in self.prefetcher.unused:
+            self.prefetcher.dropped(layer, victim, pool.expert_nbytes)
+        pool.install(expert, slot, buf)
+        return True
+
     def load(self, layer: int, expert: int, protected=()) -> None:
         """Synchronously read ``expert`` into a slot of ``layer`` (a demand read)."""
+        self._fetch(layer, [expert], protected)
+
+    def _fetch(self, layer: int, experts, protected) -> None:
         pool = self.pools[layer]
-        buf = self._staging_for(layer)
         t0 = self.clock()
-        nbytes = self.reader(layer, expert, buf)
+        if self.scheduler is None:
+            buf = self._staging_for(layer)
+            for e in experts:
+                pool.stats.bytes_read += self.reader(layer, e, buf)
+                self._place(layer, e, buf, protected)
+        else:
+            futures = [(e, self.scheduler.submit((layer, e), depth=0)) for e in experts]
+            try:
+                for e, future in futures:
+                    buf = future.result()
+                    try:
+                        pool.stats.bytes_read += len(buf)
+                        if self.prefetcher is not None:
+                            self.prefetcher.in_flight.pop((layer, e), None)
+                        self._place(layer, e, buf, protected)
+                    finally:
+                        self.scheduler.release(buf)
+            except BaseException:
+                for _, future in futures:  # the engine stops: hand back what still arrives
+                    future.add_done_callback(self._release_result)
+                raise
         pool.stats.read_s += self.clock() - t0
-        pool.stats.bytes_read += nbytes
-        slot = pool.claim(expert, protected)
-        pool.install(expert, slot, buf)
+
+    def _release_result(self, future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            try:
+                self.scheduler.release(future.result())
+            except Exception:
+                pass
 
     def preload(self, layer: int, experts) -> None:
         """Load ``experts`` into ``layer`` (warm start, pinned layers), in order."""
         pool = self.pools[layer]
-        for e in experts:
-            if pool.fully_resident or not pool.is_resident(int(e)):
-                self.load(layer, int(e))
+        todo = [int(e) for e in experts if pool.fully_resident or not pool.is_resident(int(e))]
+        self._fetch(layer, todo, ())
         pool.settle()
 
     def _ensure(self, pool: SlotPool, needed: np.ndarray) -> None:
@@ -123,25 +179,78 @@ class Engine:
         hits = [e for e in protected if pool.is_resident(e)]
         pool.touch(hits)
         pool.stats.hits += len(hits)
+        if self.prefetcher is not None:
+            for e in hits:
+                if self.prefetcher.used(pool.layer, e, pool.expert_nbytes):
+                    pool.stats.prefetch_hits += 1
         misses = [e for e in protected if not pool.is_resident(e)]
         pool.stats.misses += len(misses)
-        for e in misses:
-            self.load(pool.layer, e, protected)
+        if misses:
+            self._fetch(pool.layer, misses, protected)
+
+    # -- prefetch, at a safe point -----------------------------------------------
+    def _install_prefetched(self, layer: int, protected) -> None:
+        for (l, e), buf in self.scheduler.poll(0):
+            try:
+                pool = self.pools[l]
+                if pool.is_resident(e):
+                    self.prefetcher.in_flight.pop((l, e), None)
+                    continue
+                keep = protected if l == layer else self.prefetcher._predicted.get(self.prefetcher.position[l], ())
+                if self._place(l, e, buf, keep):
+                    pool.stats.bytes_read += len(buf)
+                    self.prefetcher.landed(l, e)
+                else:
+                    self.prefetcher.dropped(l, e, len(buf))
+            finally:
+                self.scheduler.release(buf)
+
+    def _prefetch(self, layer: int, ids: np.ndarray, proposal) -> None:
+        pf, sched = self.prefetcher, self.scheduler
+        here = pf.position[layer]
+        for (l, e) in [k for k in pf.in_flight if k[0] == layer]:
+            if e not in ids and sched.cancel((l, e)):
+                pf.dropped(l, e, self.pools[l].expert_nbytes)
+            elif sched.pending((l, e)) is None:
+                pf.in_flight.pop((l, e), None)
+        if proposal is None:
+            return
+        resident = lambda l: self.pools[l].slot_of >= 0 if not self.pools[l].fully_resident else np.ones(self.pools[l].num_experts, bool)
+        for l, e, score in pf.candidates(proposal, resident):
+            sched.submit((l, e), depth=pf.position[l] - here, score=score)
+            pf.issued(l, e)
 
     # -- the experts module's computation ----------------------------------------
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         pool = self.pools[layer]
+        tokens = int(np.prod(indices.shape[:-1]))
+        pf = self.prefetcher
         if layer == self.first_layer:
             self.stats.forward_calls += 1
-            self.stats.tokens += int(np.prod(indices.shape[:-1]))
+            self.stats.tokens += tokens
             for p in self.pools.values():
                 p.policy.tick()
-        if pool.fully_resident and self.trace is None:
+            self._decoding = tokens == 1
+            if pf is not None:
+                if not self._decoding:
+                    pf.begin_sequence()
+                else:
+                    pf.begin_step()
+        proposal = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else None
+        if pool.fully_resident and self.trace is None and proposal is None:
             return glu(x, indices)
-        ids = np.array(indices)  # the one host sync of this layer
+        extra = self.trace.weights(layer, x) if self.trace is not None else []
+        mx.eval([indices, *extra, *(proposal.arrays if proposal is not None else ())])  # this layer's one host sync
         self.stats.host_syncs += 1
+        ids = np.array(indices)
         if self.trace is not None:
-            self.trace.record(layer, ids)
+            self.trace.record(layer, ids, [np.array(a) for a in extra])
+        if pf is not None:
+            if self._decoding:
+                pf.observe(layer, ids, None)
+            self._install_prefetched(layer, set(int(e) for e in ids.reshape(-1)))
+            if self._decoding:
+                self._prefetch(layer, ids, proposal)
         if pool.fully_resident:
             return glu(x, indices)
         needed = np.unique(ids)
@@ -178,6 +287,29 @@ class Engine:
         inverse = np.argsort(np.concatenate(rows_all))
         y = mx.concatenate(outputs, axis=0)[mx.array(inverse)]
         return y.reshape(*lead, k, y.shape[-1])
+
+
+class ResidualTap(nn.Module):
+    """Stands where a decoder layer's pre-MoE norm stood; remembers its input (lazily).
+
+    The residual stream after attention is what router lookahead feeds to the next
+    layers' routers. Keeping a reference costs no evaluation and no host sync.
+
+    Args:
+        norm: the layer's own ``post_attention_layernorm``.
+        store: dict the residual goes into, keyed by ``layer``.
+        layer: the decoder layer number.
+    """
+
+    def __init__(self, norm: nn.Module, store: dict, layer: int):
+        super().__init__()
+        self.norm = norm
+        self.layer = layer
+        object.__setattr__(self, "_store", store)  # a plain dict, not a child of the module tree
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self._store[self.layer] = x
+        return self.norm(x)
 
 
 class OffloadedExperts(nn.Module):

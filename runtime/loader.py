@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
 
 from .engine import DiskReader, Engine, OffloadedExperts
+from .prefetch import PrefetchConfig
 from .slots import PoolPart, SlotPool
 
 
@@ -110,6 +111,7 @@ class OffloadedModel:
         return top_k_of(self.config)
 
     def close(self) -> None:
+        self.engine.close()
         self.reader.close()
 
 
@@ -128,6 +130,13 @@ def load_offloaded(
     policy: str = "lru",
     direct_io: bool = False,
     throttle=None,
+    prefetch: Optional[PrefetchConfig] = None,
+    predictor: str = "lookahead",
+    predictor_options: Optional[dict] = None,
+    io_parallelism: Optional[int] = None,
+    warm: Optional[Dict[int, Sequence[int]]] = None,
+    record: bool = False,
+    record_hidden: bool = False,
 ) -> OffloadedModel:
     """Load ``model_path`` with every MoE layer's experts in a slot pool.
 
@@ -137,7 +146,14 @@ def load_offloaded(
             or a callable ``(layers, num_experts, expert_nbytes) -> dict``; None = all experts.
         policy: eviction policy name.
         direct_io: read experts with O_DIRECT (the disk, not the page cache).
-        throttle: optional storage emulator for the reads.
+        throttle: optional storage emulator (``golem.io.storage.Throttle``) for every read.
+        prefetch: depth, threshold and caps of speculative prefetch (None or depth 0: none).
+        predictor: predictor name (``golem.predictors.registry``), e.g. "lookahead".
+        predictor_options: fields of ``PredictorOptions`` (e.g. ``truth`` for the oracle).
+        io_parallelism: reads in flight at once (default: the scheduler's).
+        warm: experts to load before the first token, per decoder layer, in order.
+        record: keep a ``TraceRecorder`` of the routing (``runtime.engine.trace``).
+        record_hidden: also record the post-attention residual of every MoE layer.
     """
     from mlx_lm.utils import load_model
 
@@ -188,7 +204,13 @@ def load_offloaded(
         caps = {l: capacities for l in layers}
     else:
         caps = dict(capacities)
-    reader = DiskReader(index, direct=direct_io, throttle=throttle)
+    k = top_k_of(config)
+    for layer, cap in caps.items():
+        if layer in num_experts and cap < min(k, num_experts[layer]):
+            raise ValueError(f"layer {layer}: cache of {cap} slots is smaller than top-k ({k})")
+    reader = DiskReader(index, direct=direct_io)
+    if throttle is not None:
+        reader.handles.preadv = throttle.wrap(reader.handles.preadv)
     pools: Dict[int, SlotPool] = {}
     for em in experts:
         parts = []
@@ -198,13 +220,78 @@ def load_offloaded(
             parts.append(PoolPart(st, owner, attr))
         cap = min(int(caps.get(em.layer, num_experts[em.layer])), num_experts[em.layer])
         pools[em.layer] = SlotPool(em.layer, num_experts[em.layer], cap, parts, policy=policy)
-    engine = Engine(index, pools, reader)
+
+    scheduler = None
+    if any(not p.fully_resident for p in pools.values()) or warm:
+        from golem.io.scheduler import IOScheduler
+
+        depth = prefetch.depth if prefetch is not None else 0
+        biggest = max(index.expert_nbytes(l) for l in layers)
+        opts = {} if io_parallelism is None else {"parallelism": io_parallelism}
+        spec = None
+        if prefetch is not None and depth > 0:
+            spec = prefetch.speculative_nbytes or 2 * depth * k * biggest
+        scheduler = IOScheduler(
+            lambda key: index.ranges(*key),
+            lambda key: index.expert_nbytes(key[0]),
+            buffer_nbytes=biggest,
+            num_buffers=max(4, 2 * k * (depth + 1) + 2),
+            speculative_nbytes=spec,
+            handles=reader.handles,
+            direct=direct_io,
+            **opts,
+        ).start()
+
+    residuals: Dict[int, mx.array] = {}
+    prefetcher = None
+    blocks = None
+    if (prefetch is not None and prefetch.depth > 0) or record:
+        from golem.predictors.routers import find_moe_blocks
+
+        from .engine import ResidualTap
+
+        blocks = find_moe_blocks(model)
+        for b in blocks:
+            b.layer.post_attention_layernorm = ResidualTap(b.layer.post_attention_layernorm, residuals, b.model_layer)
+    moe_layers = sorted(layers)
+    if prefetch is not None and prefetch.depth > 0 and scheduler is not None:
+        from golem.predictors.base import RoutingShape
+        from golem.predictors.registry import PredictorOptions, make_predictor
+
+        from .prefetch import Prefetcher
+
+        shape = RoutingShape(len(moe_layers), num_experts[moe_layers[0]], k)
+        popts = PredictorOptions(blocks=blocks, **(predictor_options or {}))
+        pred = make_predictor(predictor, shape, popts)
+        prefetcher = Prefetcher(
+            pred, prefetch, moe_layers, k, [index.expert_nbytes(l) for l in moe_layers],
+            [not pools[l].fully_resident for l in moe_layers],
+        )
+    engine = Engine(index, pools, reader, scheduler=scheduler, prefetcher=prefetcher,
+                    hidden=lambda layer, x: residuals.get(layer))
     for em in experts:
         _replace_module(model, em.path, OffloadedExperts(em.module, em.layer, engine))
+    if record:
+        from .recorder import TraceRecorder
+
+        by_layer = {b.model_layer: b for b in blocks}
+        engine.trace = TraceRecorder(
+            moe_layers, num_experts[moe_layers[0]], k, index.expert_nbytes(moe_layers[0]),
+            route=lambda layer, x: by_layer[layer].route(x)[1],
+            residual=(lambda layer: residuals[layer]) if record_hidden else None,
+            meta={"model_type": config.get("model_type"), "model": str(path)},
+        )
     expert_names = set(index.tensor_names())
-    mx.eval(model.parameters())  # reads the non-expert bytes only: pools are zeros
-    non_expert_nbytes = st_index.nbytes(n for n in st_index.tensors if n not in expert_names)
-    for layer, pool in pools.items():
-        if pool.fully_resident:
-            engine.preload(layer, range(pool.num_experts))
+    try:
+        mx.eval(model.parameters())  # reads the non-expert bytes only: pools are zeros
+        non_expert_nbytes = st_index.nbytes(n for n in st_index.tensors if n not in expert_names)
+        for layer, pool in pools.items():
+            if pool.fully_resident:
+                engine.preload(layer, range(pool.num_experts))
+            elif warm and warm.get(layer):
+                engine.preload(layer, list(warm[layer])[: pool.capacity])
+    except BaseException:
+        engine.close()
+        reader.close()
+        raise
     return OffloadedModel(model, config, path, engine, index, experts, reader, non_expert_nbytes)

@@ -103,15 +103,17 @@ class SlotPool:
         free = np.flatnonzero(self.expert_in < 0)
         return int(free[0]) if len(free) else None
 
-    def claim(self, expert: int, protected: Iterable[int] = ()) -> int:
+    def claim(self, expert: int, protected: Iterable[int] = ()) -> Tuple[int, int]:
         """Pick the slot ``expert`` will occupy: a free one, else the policy's victim.
 
-        The victim is unmapped at once; the caller then installs the bytes. Experts in
-        ``protected`` (those the current token uses) are never evicted.
+        Returns ``(slot, victim)`` (victim -1 when the slot was free). The victim is unmapped
+        at once; the caller then installs the bytes. Experts in ``protected`` (those the
+        current token uses) are never evicted; LookupError when every slot is protected.
         """
         if self.fully_resident:
-            return expert
+            return expert, -1
         slot = self.free_slot()
+        victim = -1
         if slot is None:
             victim = self.policy.victim(protected=set(protected))
             slot = int(self.slot_of[victim])
@@ -119,7 +121,7 @@ class SlotPool:
             self.slot_of[victim] = -1
             self.expert_in[slot] = -1
             self.stats.evictions += 1
-        return slot
+        return slot, victim
 
     def install(self, expert: int, slot: int, packed: np.ndarray) -> None:
         """Copy one expert's packed bytes into ``slot`` and map it.

@@ -1,0 +1,202 @@
+"""Speculative prefetch: turn a predictor's guesses into prefetch requests, and keep score.
+
+Owns, for the decode engine: asking the predictor at each MoE layer, the selection step
+(threshold, caps), which guesses become requests to the I/O scheduler, the per-layer recall
+that switches prefetching off for a layer that predicts poorly (and back on), and the
+useful / wasted accounting. It never touches slots or files: the engine installs what the
+scheduler delivers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from golem.predictors.base import Predictor, Proposal, Selection
+
+
+@dataclass
+class PrefetchLayerStats:
+    """Prefetch counters of one target layer.
+
+    ``predicted_true`` / ``true`` is the recall of the guesses made for this layer;
+    ``issued`` requests went to the scheduler; ``useful`` prefetched experts were used
+    before eviction, ``wasted`` were evicted or dropped unused.
+    """
+
+    true: int = 0
+    predicted_true: int = 0
+    issued: int = 0
+    useful: int = 0
+    wasted: int = 0
+    useful_nbytes: int = 0
+    wasted_nbytes: int = 0
+    enabled: bool = True
+    recall_ema: float = 1.0
+    switched_off: int = 0
+
+    @property
+    def recall(self) -> float:
+        return self.predicted_true / self.true if self.true else 0.0
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """How far ahead to look and how much to gamble.
+
+    Args:
+        depth: MoE layers ahead (0 = no prefetch).
+        threshold: minimum predictor score (an estimated probability of use).
+        max_experts_per_layer: most candidates per proposal and target layer (None: top-k x 2).
+        speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x top-k experts).
+        recall_off: switch a layer's prefetching off when its recall average drops below this.
+        recall_on: switch it back on when the average recovers above this.
+        recall_decay: weight of history in the recall average (per token).
+    """
+
+    depth: int = 2
+    threshold: float = 0.3
+    max_experts_per_layer: Optional[int] = None
+    speculative_nbytes: Optional[int] = None
+    recall_off: float = 0.25
+    recall_on: float = 0.4
+    recall_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.depth < 0:
+            raise ValueError(f"--prefetch-depth must be >= 0, got {self.depth}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--threshold must be within [0, 1], got {self.threshold}")
+
+
+class Prefetcher:
+    """The predictor-to-scheduler half of the decode engine.
+
+    Args:
+        predictor: any ``golem.predictors`` predictor.
+        config: depth, threshold, caps and the recall switch.
+        moe_layers: model layer numbers of the MoE layers, in order (the predictor's
+            layer axis is the position in this list).
+        top_k: experts per token.
+        expert_nbytes: bytes of one expert (per MoE layer position).
+        wanted: per MoE position, whether that layer's experts can be missing at all (a
+            fully resident layer needs no prefetch).
+    """
+
+    def __init__(self, predictor: Predictor, config: PrefetchConfig, moe_layers: Sequence[int], top_k: int,
+                 expert_nbytes: Sequence[int], wanted: Sequence[bool]):
+        self.predictor = predictor
+        self.config = config
+        self.moe_layers = list(moe_layers)
+        self.position = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.top_k = top_k
+        self.expert_nbytes = list(expert_nbytes)
+        self.wanted = list(wanted)
+        cap = config.max_experts_per_layer or 2 * top_k
+        self.selection = Selection(threshold=config.threshold, max_experts=cap * max(config.depth, 1))
+        self.stats: Dict[int, PrefetchLayerStats] = {l: PrefetchLayerStats() for l in self.moe_layers}
+        self._predicted: Dict[int, Set[int]] = {}  # position -> experts guessed for this token
+        self.in_flight: Dict[Tuple[int, int], int] = {}  # (model layer, expert) -> position that asked
+        self.unused: Set[Tuple[int, int]] = set()  # prefetched, installed, not yet used
+
+    def begin_sequence(self) -> None:
+        self.predictor.begin_sequence()
+
+    def begin_step(self) -> None:
+        self._predicted = {}
+        self.predictor.begin_step()
+
+    def propose(self, layer: int, hidden) -> Optional[Proposal]:
+        """The predictor's lazy proposal at ``layer``, or None when nothing ahead needs it."""
+        if self.config.depth == 0:
+            return None
+        pos = self.position[layer]
+        ahead = range(pos + 1, min(pos + self.config.depth, len(self.moe_layers) - 1) + 1)
+        if not any(self.wanted[p] for p in ahead):
+            return None
+        return self.predictor.propose(pos, self.config.depth, hidden)
+
+    def observe(self, layer: int, ids: np.ndarray, scores: Optional[np.ndarray]) -> None:
+        """Layer ``layer``'s true routing for this token: score the guesses made for it."""
+        pos = self.position[layer]
+        self.predictor.observe(pos, ids, scores)
+        true = set(int(e) for e in np.unique(ids) if e >= 0)
+        guessed = self._predicted.get(pos)
+        s = self.stats[layer]
+        if guessed is None:
+            return
+        hit = len(true & guessed)
+        s.true += len(true)
+        s.predicted_true += hit
+        recall = hit / len(true) if true else 1.0
+        c = self.config
+        s.recall_ema = c.recall_decay * s.recall_ema + (1 - c.recall_decay) * recall
+        if s.enabled and s.recall_ema < c.recall_off:
+            s.enabled = False
+            s.switched_off += 1
+        elif not s.enabled and s.recall_ema > c.recall_on:
+            s.enabled = True
+
+    def candidates(self, proposal: Proposal, resident) -> List[Tuple[int, int, float]]:
+        """``(model layer, expert, score)`` to request, nearest layers and best scores first.
+
+        ``resident(model_layer) -> bool (E,)`` marks experts that need no read.
+        """
+        scores = self.predictor.scores(proposal)
+        targets = list(proposal.targets)
+        exclude = np.zeros(scores.shape, dtype=bool)
+        for r, pos in enumerate(targets):
+            layer = self.moe_layers[pos]
+            exclude[r] = resident(layer) if self.wanted[pos] else True
+        keep = self.selection.mask(scores, None)
+        for r, pos in enumerate(targets):
+            self._predicted.setdefault(pos, set()).update(int(e) for e in np.flatnonzero(keep[r]))
+        out = []
+        for cand in self.selection.select(scores, targets, exclude):
+            layer = self.moe_layers[cand.layer]
+            if not self.stats[layer].enabled or (layer, cand.expert) in self.in_flight:
+                continue
+            out.append((layer, cand.expert, cand.score))
+        return out
+
+    # -- accounting, called by the engine -------------------------------------------------
+    def issued(self, layer: int, expert: int) -> None:
+        self.in_flight[(layer, expert)] = self.position[layer]
+        self.stats[layer].issued += 1
+
+    def landed(self, layer: int, expert: int) -> None:
+        self.in_flight.pop((layer, expert), None)
+        self.unused.add((layer, expert))
+
+    def dropped(self, layer: int, expert: int, nbytes: int) -> None:
+        """A prefetch cancelled, failed, or evicted before its first use."""
+        self.in_flight.pop((layer, expert), None)
+        self.unused.discard((layer, expert))
+        s = self.stats[layer]
+        s.wasted += 1
+        s.wasted_nbytes += nbytes
+
+    def used(self, layer: int, expert: int, nbytes: int) -> bool:
+        """A resident expert is used; True if it came from a prefetch not used before."""
+        if (layer, expert) in self.unused:
+            self.unused.discard((layer, expert))
+            s = self.stats[layer]
+            s.useful += 1
+            s.useful_nbytes += nbytes
+            return True
+        return False
+
+    def totals(self) -> PrefetchLayerStats:
+        t = PrefetchLayerStats()
+        for s in self.stats.values():
+            t.true += s.true
+            t.predicted_true += s.predicted_true
+            t.issued += s.issued
+            t.useful += s.useful
+            t.wasted += s.wasted
+            t.useful_nbytes += s.useful_nbytes
+            t.wasted_nbytes += s.wasted_nbytes
+            t.switched_off += s.switched_off
+        return t
