@@ -125,40 +125,61 @@ class Engine:
             slot, victim = pool.claim(expert, protected)
         except LookupError:
             return False
-        if victim >= 0 and self.prefetcher is not None and (layer, victim) in self.prefetcher.unused:
-            self.prefetcher.dropped(layer, victim, pool.expert_nbytes)
+        self._evicted(layer, victim)
         pool.install(expert, slot, buf)
         return True
 
+    def _evicted(self, layer: int, victim: int) -> None:
+        if victim >= 0 and self.prefetcher is not None and (layer, victim) in self.prefetcher.unused:
+            self.prefetcher.dropped(layer, victim, self.pools[layer].expert_nbytes)
+
     def load(self, layer: int, expert: int, protected=()) -> None:
         """Synchronously read ``expert`` into a slot of ``layer`` (a demand read)."""
-        self._fetch(layer, [expert], protected)
+        pool = self.pools[layer]
+        slot, victim = pool.claim(expert, protected)
+        self._evicted(layer, victim)
+        pool.assign(expert, slot)
+        self._fetch(layer, [(expert, slot)])
 
-    def _fetch(self, layer: int, experts, protected) -> None:
+    def _fetch(self, layer: int, todo) -> None:
+        """Read ``[(expert, slot), ...]`` (already assigned) and write them into their slots.
+
+        On failure every expert not written is unassigned again, so a slot never maps an
+        expert whose bytes did not arrive.
+        """
         pool = self.pools[layer]
         t0 = self.clock()
-        if self.scheduler is None:
-            buf = self._staging_for(layer)
-            for e in experts:
-                pool.stats.bytes_read += self.reader(layer, e, buf)
-                self._place(layer, e, buf, protected)
-        else:
-            futures = [(e, self.scheduler.submit((layer, e), depth=0)) for e in experts]
-            try:
-                for e, future in futures:
-                    buf = future.result()
-                    try:
-                        pool.stats.bytes_read += len(buf)
-                        if self.prefetcher is not None:
-                            self.prefetcher.in_flight.pop((layer, e), None)
-                        self._place(layer, e, buf, protected)
-                    finally:
-                        self.scheduler.release(buf)
-            except BaseException:
-                for _, future in futures:  # the engine stops: hand back what still arrives
-                    future.add_done_callback(self._release_result)
-                raise
-        pool.stats.read_s += self.clock() - t0
+        pending = dict(todo)
+        try:
+            if self.scheduler is None:
+                buf = self._staging_for(layer)
+                for e, slot in todo:
+                    pool.stats.bytes_read += self.reader(layer, e, buf)
+                    pool.write(slot, buf)
+                    del pending[e]
+            else:
+                futures = [(e, slot, self.scheduler.submit((layer, e), depth=0)) for e, slot in todo]
+                try:
+                    for e, slot, future in futures:
+                        buf = future.result()
+                        try:
+                            pool.stats.bytes_read += len(buf)
+                            if self.prefetcher is not None:
+                                self.prefetcher.in_flight.pop((layer, e), None)
+                            pool.write(slot, buf)
+                            del pending[e]
+                        finally:
+                            self.scheduler.release(buf)
+                except BaseException:
+                    for _, _, future in futures:  # the engine stops: hand back what still arrives
+                        future.add_done_callback(self._release_result)
+                    raise
+        except BaseException:
+            for e in pending:
+                pool.unassign(e)
+            raise
+        finally:
+            pool.stats.read_s += self.clock() - t0
 
     def _release_result(self, future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -170,23 +191,30 @@ class Engine:
     def preload(self, layer: int, experts) -> None:
         """Load ``experts`` into ``layer`` (warm start, pinned layers), in order."""
         pool = self.pools[layer]
-        todo = [int(e) for e in experts if pool.fully_resident or not pool.is_resident(int(e))]
-        self._fetch(layer, todo, ())
+        todo = []
+        for e in experts:
+            e = int(e)
+            if pool.fully_resident:
+                todo.append((e, e))
+            elif not pool.is_resident(e):
+                slot, victim = pool.claim(e)
+                pool.assign(e, slot)
+                todo.append((e, slot))
+        self._fetch(layer, todo)
         pool.settle()
 
     def _ensure(self, pool: SlotPool, needed: np.ndarray) -> None:
-        protected = set(int(e) for e in needed)
-        hits = [e for e in protected if pool.is_resident(e)]
-        pool.touch(hits)
+        hits, todo, evicted = pool.plan(needed)
+        for victim in evicted:
+            self._evicted(pool.layer, victim)
         pool.stats.hits += len(hits)
+        pool.stats.misses += len(todo)
         if self.prefetcher is not None:
             for e in hits:
                 if self.prefetcher.used(pool.layer, e, pool.expert_nbytes):
                     pool.stats.prefetch_hits += 1
-        misses = [e for e in protected if not pool.is_resident(e)]
-        pool.stats.misses += len(misses)
-        if misses:
-            self._fetch(pool.layer, misses, protected)
+        if todo:
+            self._fetch(pool.layer, todo)
 
     # -- prefetch, at a safe point -----------------------------------------------
     def _install_prefetched(self, layer: int, protected) -> None:

@@ -123,8 +123,22 @@ class SlotPool:
             self.stats.evictions += 1
         return slot, victim
 
-    def install(self, expert: int, slot: int, packed: np.ndarray) -> None:
-        """Copy one expert's packed bytes into ``slot`` and map it.
+    def assign(self, expert: int, slot: int) -> None:
+        """Map ``expert`` to ``slot`` (its bytes must be written before the next use)."""
+        if not self.fully_resident:
+            self.slot_of[expert] = slot
+            self.expert_in[slot] = expert
+            self.policy.insert(expert)
+
+    def unassign(self, expert: int) -> None:
+        """Undo ``assign`` for an expert whose bytes never arrived."""
+        if not self.fully_resident and self.slot_of[expert] >= 0:
+            self.expert_in[self.slot_of[expert]] = -1
+            self.slot_of[expert] = -1
+            self.policy.evict(expert)
+
+    def write(self, slot: int, packed: np.ndarray) -> None:
+        """Copy one expert's packed bytes into ``slot``.
 
         Only call at a safe point: no evaluation that can still read this layer's pool may
         be in flight (MLX then updates the pool in place instead of copying it).
@@ -133,12 +147,11 @@ class SlotPool:
         for p in self.parts:
             pool = getattr(p.owner, p.attr)
             s = p.spec
-            part = raw[s.dest : s.dest + s.expert_nbytes].view(pool.dtype).reshape(s.expert_shape)
-            pool[slot] = part
-        if not self.fully_resident:
-            self.slot_of[expert] = slot
-            self.expert_in[slot] = expert
-            self.policy.insert(expert)
+            pool[slot] = raw[s.dest : s.dest + s.expert_nbytes].view(pool.dtype).reshape(s.expert_shape)
+
+    def install(self, expert: int, slot: int, packed: np.ndarray) -> None:
+        self.write(slot, packed)
+        self.assign(expert, slot)
 
     def settle(self) -> None:
         """Evaluate pending slot writes (so the next writes stay in place)."""
@@ -153,3 +166,24 @@ class SlotPool:
     def touch(self, experts: Iterable[int]) -> None:
         for e in experts:
             self.policy.hit(int(e))
+
+    def plan(self, needed: Sequence[int]) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
+        """One step's use of this layer, by the policy's step protocol.
+
+        Walks ``needed`` in ascending id order: a resident expert is a hit, a missing one
+        claims a slot (evicting, never one of ``needed``) and is assigned to it at once.
+        Returns ``(hits, [(expert, slot), ...] to read, evicted experts)``.
+        """
+        protected = set(int(e) for e in needed)
+        hits, misses, evicted = [], [], []
+        for e in sorted(protected):
+            if self.is_resident(e):
+                self.policy.hit(e)
+                hits.append(e)
+            else:
+                slot, victim = self.claim(e, protected)
+                self.assign(e, slot)
+                misses.append((e, slot))
+                if victim >= 0:
+                    evicted.append(victim)
+        return hits, misses, evicted
