@@ -1,0 +1,180 @@
+"""`golem-trace estimate`: decode speed of a model on a machine, from routing statistics.
+
+Parses flags, loads the model, machine and traces, prints the placement and both estimators
+(chunk formula, trace replay), optionally a sweep over memory sizes and its PNG chart. The
+arithmetic lives in ``golem.runtime.estimate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..chunks import chunk_analysis
+from ..estimate import (
+    GiB,
+    ChunkRouting,
+    Report,
+    TraceReplay,
+    Quantization,
+    default_sweep_sizes,
+    distinct_per_layer,
+    estimate,
+    load_machine,
+    load_model_spec,
+    memory_sweep,
+    parse_size,
+    plot_sweep,
+)
+from ..trace import load_traces
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "estimate",
+        help="Estimate decode tokens/s of a model on a machine.",
+        description="Estimate decode speed: where the experts live, time per token (compute, memory, "
+                    "SSD) by the chunk formula (U, D) and by replaying traces through the cache simulator.",
+    )
+    p.add_argument("--model", required=True,
+                   help="Built-in model (glm-5, glm-4.6, deepseek-v3, qwen3-235b-a22b, qwen3-30b-a3b, "
+                        "minimax-m2, olmoe-1b-7b), a config.json, or a folder holding one.")
+    p.add_argument("--machine", required=True,
+                   help="Built-in profile (rtx3090-128g, p40x3-288g, m3-max-128g, ...) or a machine JSON file.")
+    p.add_argument("--bits", default="IQ4_XS", help="Format or bits per weight of every tensor (default IQ4_XS).")
+    p.add_argument("--expert-bits", default=None,
+                   help="Routed experts: one format, or per matrix, e.g. gate=IQ3_S,up=IQ3_S,down=IQ4_XS.")
+    p.add_argument("--non-expert-bits", default=None, help="Attention, dense and shared MLPs, embeddings, head.")
+    p.add_argument("--trace", nargs="+", default=None, metavar="TRACE",
+                   help="golem-trace/1 files or folders: U and D for the chunk formula, and the trace replay.")
+    p.add_argument("--u", type=float, default=None, help="Experts a chunk needs (instead of a trace).")
+    p.add_argument("--d", type=float, default=None, help="Experts of a chunk new against the previous chunk.")
+    p.add_argument("--chunk", type=int, default=128, help="Tokens per chunk (default 128).")
+    p.add_argument("--coverage", type=float, default=1.0, help="Coverage threshold of U and D (default 1.0).")
+    p.add_argument("--ram", default=None, help="Override the cache tier's size (RAM, or unified memory), e.g. 256GiB.")
+    p.add_argument("--ssd-gb-per-s", type=float, default=None, help="Override the SSD read rate (GB/s).")
+    p.add_argument("--pin-layers", type=int, default=0, help="MoE layers to pin fully in RAM beyond the GPU's.")
+    p.add_argument("--plan", choices=("uniform", "weighted"), default="uniform",
+                   help="Cache slots per layer: evenly, or weighted by distinct experts per chunk (needs a trace).")
+    p.add_argument("--policy", default="lru", help="Eviction policy for the trace replay (default lru).")
+    p.add_argument("--prefetch-recall", type=float, default=0.0,
+                   help="Fraction of misses a predictor reads ahead in time (trace replay).")
+    p.add_argument("--sweep", action="store_true", help="Also estimate over memory sizes from 0 to all experts.")
+    p.add_argument("--points", type=int, default=17, help="Memory sizes in the sweep (default 17).")
+    p.add_argument("--plot", default=None, metavar="PNG", help="Write the sweep as a PNG chart (needs matplotlib).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
+    p.set_defaults(func=run)
+    return p
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def _print_report(rep: Report) -> None:
+    m, q, mach, pl = rep.model, rep.quant, rep.machine, rep.placement
+    print(f"model {m.name} ({m.model_type}): {m.num_moe_layers} MoE layers x {m.num_experts} experts, "
+          f"top-{m.top_k}; {m.total_params / 1e9:.1f}B parameters, {m.active_params / 1e9:.1f}B active")
+    print(f"bits: expert gate/up/down {q.gate_bpw:g}/{q.up_bpw:g}/{q.down_bpw:g} -> "
+          f"{pl.expert_nbytes / 2**20:.3f} MiB per expert, {_gib(m.total_experts * pl.expert_nbytes)} in all; "
+          f"non-expert {q.non_expert_bpw:g} bpw -> {_gib(q.non_expert_nbytes(m))}")
+    tiers = "; ".join(
+        f"{t.kind} {_gib(t.nbytes)} (reserve {_gib(t.reserve_nbytes)}) @ {t.gb_per_s:g} GB/s" if t.kind != "ssd"
+        else f"ssd @ {t.gb_per_s:g} GB/s" for t in mach.tiers)
+    print(f"machine {mach.name}: {tiers}")
+    d = pl.to_dict(m)
+    print(f"placement: non-expert weights in {pl.non_expert_tier}", end="")
+    if pl.fast_pinned and pl.fast_kind != pl.cache_kind:
+        print(f"; {pl.fast_kind} pins MoE layers {d['fast_pinned_layers']} "
+              f"(decoder layers {d['decoder_layers_of']['fast_pinned']}), {_gib(d['fast_pinned_nbytes'])}", end="")
+    if pl.cache_pinned:
+        print(f"; {pl.cache_kind} pins MoE layers {d['cache_pinned_layers']}", end="")
+    if pl.cached_layers:
+        lo, hi = d["cache_slots_per_layer"]
+        slots = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        print(f"; {pl.cache_kind} caches layers {d['cached_layers']} with {slots} slots each", end="")
+    print(f"; {pl.capacity_experts} of {m.total_experts} experts resident "
+          f"({100 * pl.capacity_experts / m.total_experts:.1f}%), cache tier {_gib(d['cache_nbytes'])} of experts")
+    print(f"{'estimator':<16}{'tokens/s':>9}{'ms/token':>10}{'compute':>9}{'memory':>9}{'ssd':>9}{'reads/token':>13}")
+    for est in (rep.chunk, rep.trace):
+        if est is None:
+            continue
+        name = "chunk formula" if est.method == "chunk" else "trace replay"
+        print(f"{name:<16}{est.tokens_per_s:>9.2f}{est.time_s * 1e3:>10.1f}{est.compute_s * 1e3:>9.1f}"
+              f"{est.memory_s * 1e3:>9.1f}{est.ssd_s * 1e3:>9.1f}{est.experts_read:>13.1f}")
+    for est in (rep.chunk, rep.trace):
+        for note in est.notes if est else ():
+            print(f"  {est.method}: {note}")
+
+
+def run(args) -> int:
+    model = load_model_spec(args.model)
+    quant = Quantization.parse(args.bits, args.expert_bits, args.non_expert_bits)
+    machine = load_machine(args.machine)
+    if args.ram is not None:
+        machine = machine.with_memory(parse_size(args.ram, "--ram"))
+    if args.ssd_gb_per_s is not None:
+        if args.ssd_gb_per_s <= 0:
+            raise ValueError(f"--ssd-gb-per-s must be > 0, got {args.ssd_gb_per_s}")
+        machine = machine.with_ssd(args.ssd_gb_per_s)
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+    if args.points < 2:
+        raise ValueError(f"--points must be >= 2, got {args.points}")
+    if (args.u is None) != (args.d is None):
+        raise ValueError("--u and --d go together")
+    if args.u is not None and (args.u < 0 or args.d < 0 or args.d > args.u):
+        raise ValueError(f"--u/--d: need 0 <= D <= U, got U={args.u}, D={args.d}")
+    if args.trace is None and args.u is None:
+        raise ValueError("give routing statistics: --trace FILE... or --u U --d D")
+
+    routing = replay = weights = None
+    stats = None
+    if args.u is not None:
+        routing = ChunkRouting(args.u, args.d, args.chunk, args.coverage, "given")
+    if args.trace:
+        traces = load_traces(args.trace)
+        if routing is None:
+            stats = chunk_analysis(traces, chunk=args.chunk, coverages=(args.coverage,))
+            if stats.num_chunks < 2:
+                raise ValueError(f"--trace: fewer than 2 chunks of {args.chunk} decode steps")
+            routing = ChunkRouting.from_stats(stats, model, args.coverage)
+        replay = TraceReplay(traces, policy=args.policy, prefetch_recall=args.prefetch_recall)
+        if args.plan == "weighted":
+            weights = distinct_per_layer(traces, model, args.chunk)
+    kwargs = dict(routing=routing, replay=replay, pin_layers=args.pin_layers, plan=args.plan,
+                  layer_weights=weights)
+    report = estimate(model, quant, machine, **kwargs)
+    _print_report(report)
+    out = report.to_dict()
+    if stats is not None:
+        out["chunk_stats"] = stats.to_dict()
+
+    if args.sweep or args.plot:
+        sweep = memory_sweep(model, quant, machine, default_sweep_sizes(model, quant, machine, args.points), **kwargs)
+        kind = machine.cache_tier.kind
+        print(f"\n{kind + ' GiB':>10}{'chunk tok/s':>13}{'trace tok/s':>13}{'chunk reads':>13}{'trace reads':>13}")
+        rows = []
+        for size, rep in sweep:
+            c, t = rep.chunk, rep.trace
+            print(f"{size / GiB:>10.1f}{c.tokens_per_s if c else float('nan'):>13.2f}"
+                  f"{t.tokens_per_s if t else float('nan'):>13.2f}{c.experts_read if c else float('nan'):>13.1f}"
+                  f"{t.experts_read if t else float('nan'):>13.1f}")
+            rows.append({"memory_nbytes": size,
+                         "chunk_tokens_per_s": round(c.tokens_per_s, 4) if c else None,
+                         "trace_tokens_per_s": round(t.tokens_per_s, 4) if t else None,
+                         "chunk_reads_per_token": c.experts_read if c else None,
+                         "trace_reads_per_token": t.experts_read if t else None})
+        out["sweep"] = rows
+        if args.plot:
+            try:
+                path = plot_sweep(sweep, args.plot, title=f"{model.name} on {machine.name}")
+                print(f"chart written to {path}")
+                out["plot"] = str(path)
+            except RuntimeError as e:
+                print(f"golem-trace estimate: {e}", file=sys.stderr)
+                out["plot"] = None
+    if args.json:
+        print(json.dumps(out))
+    return 0
