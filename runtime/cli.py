@@ -37,6 +37,25 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", default="lru", help="Eviction policy (lru, lfu, lfu-decay, ...).")
     g.add_argument("--direct-io", action="store_true", help="Read experts with O_DIRECT, bypassing the page cache.")
     g.add_argument("--stats", action="store_true", help="Print a per-layer table after generation.")
+    g = parser.add_argument_group("prefetch")
+    g.add_argument("--prefetch-depth", type=int, default=0,
+                   help="MoE layers ahead to prefetch (0 = none: the synchronous baseline).")
+    g.add_argument("--threshold", type=float, default=0.3,
+                   help="Prefetch experts whose predicted probability of use is at least this.")
+    g.add_argument("--predictor", default="lookahead",
+                   help="Who guesses the next experts (golem-trace predict --list shows the names).")
+    g.add_argument("--predictor-trace", default=None,
+                   help="Trace the oracle predictors replay (a golem-trace/1 file of this very run).")
+    g.add_argument("--prefetch-cap-mb", type=float, default=None,
+                   help="Most speculative megabytes being read at once (default: 2 x depth x top-k experts).")
+    g = parser.add_argument_group("storage")
+    g.add_argument("--io-parallelism", type=int, default=None, help="Expert reads in flight at once.")
+    g.add_argument("--emulate-storage", default=None, metavar="GB_PER_S[,LATENCY]",
+                   help="Throttle reads to a slower SSD, e.g. '2.5,80us'.")
+    g = parser.add_argument_group("traces")
+    g.add_argument("--trace-out", default=None, help="Record routing to this golem-trace/1 file.")
+    g.add_argument("--trace-hidden", action="store_true",
+                   help="With --trace-out: record each MoE layer's post-attention residual too.")
     return parser
 
 
@@ -51,17 +70,25 @@ def _demo_model() -> str:
 
 
 def format_stats(runtime, generation_tokens: int) -> str:
-    stats = runtime.engine.stats
+    engine = runtime.engine
+    stats = engine.stats
     t = stats.total()
     gb = t.bytes_read / 1e9
     gbps = gb / t.read_s if t.read_s > 0 else 0.0
-    tokens = max(generation_tokens, 1)
-    return (
+    steps = max(stats.decode_steps, 1)
+    line = (
         f"Experts: hit rate {100 * t.hit_rate:.1f}% of {t.requests} requests, "
         f"{t.misses} read ({gb:.3f} GB, {gbps:.2f} GB/s), "
-        f"stall {1000 * t.read_s / tokens:.2f} ms/token, "
-        f"host syncs {stats.host_syncs / max(stats.forward_calls, 1):.1f}/forward"
+        f"stall {1000 * stats.decode_read_s / steps:.2f} ms/token, "
+        f"host syncs {stats.decode_host_syncs / steps:.1f}/token"
     )
+    if engine.prefetcher is not None:
+        p = engine.prefetcher.totals()
+        line += (
+            f"\nPrefetch: recall {100 * p.recall:.1f}%, {p.issued} issued, "
+            f"useful {p.useful} ({p.useful_nbytes / 1e9:.3f} GB), wasted {p.wasted} ({p.wasted_nbytes / 1e9:.3f} GB)"
+        )
+    return line
 
 
 def format_layer_table(runtime) -> str:
@@ -86,7 +113,26 @@ def run(args) -> int:
     model_path = _demo_model() if args.demo else args.model
     if model_path is None:
         raise ValueError("--model is required (or --demo for a generated one)")
-    options = {"policy": args.policy, "direct_io": args.direct_io}
+    options = {"policy": args.policy, "direct_io": args.direct_io, "io_parallelism": args.io_parallelism}
+    if args.prefetch_depth:
+        from .prefetch import PrefetchConfig
+
+        cap = None if args.prefetch_cap_mb is None else int(args.prefetch_cap_mb * 1e6)
+        options["prefetch"] = PrefetchConfig(depth=args.prefetch_depth, threshold=args.threshold, speculative_nbytes=cap)
+        options["predictor"] = args.predictor
+        if args.predictor_trace:
+            from .trace import load_trace
+
+            options["predictor_options"] = {"truth": load_trace(args.predictor_trace).decode_only()}
+    if args.emulate_storage:
+        from golem.io.storage import parse_throttle
+
+        options["throttle"] = parse_throttle(args.emulate_storage)
+    if args.trace_hidden and not args.trace_out:
+        raise ValueError("--trace-hidden needs --trace-out FILE")
+    if args.trace_out:
+        options["record"] = True
+        options["record_hidden"] = args.trace_hidden
     if args.cache_size is not None:
         options["capacities"] = args.cache_size
     elif args.demo:
@@ -121,6 +167,10 @@ def run(args) -> int:
             print(format_stats(runtime, response.generation_tokens))
             if args.stats:
                 print(format_layer_table(runtime))
+        if args.trace_out:
+            runtime.engine.trace.save(args.trace_out)
+            if args.verbose:
+                print(f"Trace: {args.trace_out}")
     return 0
 
 

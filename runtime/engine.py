@@ -56,6 +56,9 @@ class EngineStats:
     host_syncs: int = 0
     forward_calls: int = 0
     tokens: int = 0
+    decode_steps: int = 0
+    decode_host_syncs: int = 0
+    decode_read_s: float = 0.0
     layers: Dict[int, LayerStats] = field(default_factory=dict)
 
     def total(self) -> LayerStats:
@@ -179,7 +182,10 @@ class Engine:
                 pool.unassign(e)
             raise
         finally:
-            pool.stats.read_s += self.clock() - t0
+            waited = self.clock() - t0
+            pool.stats.read_s += waited
+            if self._decoding:
+                self.stats.decode_read_s += waited
 
     def _release_result(self, future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -259,6 +265,7 @@ class Engine:
             for p in self.pools.values():
                 p.policy.tick()
             self._decoding = tokens == 1
+            self.stats.decode_steps += self._decoding
             if pf is not None:
                 if not self._decoding:
                     pf.begin_sequence()
@@ -270,6 +277,7 @@ class Engine:
         extra = self.trace.weights(layer, x) if self.trace is not None else []
         mx.eval([indices, *extra, *(proposal.arrays if proposal is not None else ())])  # this layer's one host sync
         self.stats.host_syncs += 1
+        self.stats.decode_host_syncs += self._decoding
         ids = np.array(indices)
         if self.trace is not None:
             self.trace.record(layer, ids, [np.array(a) for a in extra])
