@@ -573,9 +573,12 @@ def plan_placement(
     elif cache is not None and non_expert <= cache_free:
         ne_tier, cache_free = cache.kind, cache_free - non_expert
     else:
-        where = " or ".join(f"{t.kind} ({t.usable_nbytes / GiB:.1f} GiB usable)" for t in (fast, cache) if t)
+        tiers = [t for t in (fast, cache) if t is not None]
+        if len(tiers) == 2 and tiers[0] is tiers[1]:
+            tiers = tiers[:1]
+        where = " or ".join(f"{t.kind} ({t.usable_nbytes / GiB:.1f} GiB usable)" for t in tiers)
         raise ValueError(f"{machine.name}: non-expert weights of {model.name} ({non_expert / GiB:.1f} GiB) "
-                         f"fit in neither {where}")
+                         f"do not fit in {where}")
     fast_pinned: list[int] = []
     if fast is not None and fast is not cache:
         while order and fast_free >= layer_nbytes:
@@ -974,7 +977,7 @@ def memory_sweep(model: ModelSpec, quant: Quantization, machine: MachineSpec, si
         try:
             out.append((int(size), estimate(model, quant, machine.with_memory(size), **kwargs)))
         except ValueError as e:
-            if "fit in neither" not in str(e):
+            if "do not fit in" not in str(e):
                 raise
     return out
 
