@@ -1,0 +1,142 @@
+"""Prefetching never changes the output: every family, depths 0..3, thresholds 0.1..0.9,
+the oracle, a noisy oracle and deliberately wrong predictors; mlx-lm's loops drive it."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from golem.runtime import load
+from golem.runtime.prefetch import PrefetchConfig
+from golem.runtime.synthetic import FAMILIES
+from helpers import greedy_tokens, prompt_tokens, stock
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model, tok = stock(checkpoints(family))
+            tokens = prompt_tokens(tok)
+            expected = greedy_tokens(model, tokens, N)
+            with load(str(checkpoints(family)), capacities=4, record=True) as (m, _):
+                assert greedy_tokens(m, tokens, N) == expected
+                truth = m.golem.engine.trace.trace().decode_only()
+            cache[family] = (tokens, expected, truth)
+        return cache[family]
+
+    return get
+
+
+def run(path, tokens, depth, threshold, predictor="lookahead", **options):
+    with load(str(path), capacities=4, prefetch=PrefetchConfig(depth=depth, threshold=threshold),
+              predictor=predictor, predictor_options=options) as (model, _):
+        out = greedy_tokens(model, tokens, N)
+        engine = model.golem.engine
+        return out, engine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lookahead_depth2_identical(checkpoints, reference, family):
+    tokens, expected, _ = reference(family)
+    out, engine = run(checkpoints(family), tokens, 2, 0.3)
+    assert out == expected
+    assert engine.prefetcher.totals().issued > 0  # it really prefetched
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("threshold", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("predictor", ["lookahead", "oracle", "noisy-oracle", "random", "previous+transition"])
+def test_depths_thresholds_predictors_identical(checkpoints, reference, depth, threshold, predictor):
+    family = "qwen3_next"  # four MoE layers of hybrid attention: the deepest tiny model
+    tokens, expected, truth = reference(family)
+    options = {"truth": truth, "recall": 0.6, "false_positive_rate": 0.2} if "oracle" in predictor else {}
+    out, engine = run(checkpoints(family), tokens, depth, threshold, predictor, **options)
+    assert out == expected
+
+
+def test_oracle_prefetch_turns_misses_into_prefetch_hits(checkpoints, reference):
+    tokens, expected, truth = reference("olmoe")
+    _, base = run(checkpoints("olmoe"), tokens, 0, 0.3)
+    out, engine = run(checkpoints("olmoe"), tokens, 1, 0.5, "oracle", truth=truth)
+    assert out == expected
+    p = engine.prefetcher.totals()
+    assert p.recall == 1.0 and p.wasted == 0
+    assert engine.stats.total().misses < base.stats.total().misses
+    assert engine.stats.total().prefetch_hits == p.useful > 0
+
+
+def test_wrong_predictor_is_switched_off_per_layer(checkpoints, reference):
+    """A predictor that is always wrong loses its prefetch rights layer by layer."""
+    from golem.predictors.oracle import RandomGuess
+
+    tokens, expected, truth = reference("mixtral")
+    cfg = PrefetchConfig(depth=1, threshold=0.0, recall_off=0.5, recall_on=0.9, recall_decay=0.5)
+    with load(str(checkpoints("mixtral")), capacities=4, prefetch=cfg, predictor="random") as (model, _):
+        pf = model.golem.engine.prefetcher
+
+        class AlwaysWrong(RandomGuess):
+            def predict(self, layer, targets):
+                # an expert the current token does not use at the target layer
+                out = self.zeros(targets)
+                for r, t in enumerate(targets):
+                    used = set(truth.experts[self.step, t].tolist())
+                    out[r, min(set(range(self.shape.num_experts)) - used)] = 1.0
+                return out
+
+        pf.predictor = AlwaysWrong(pf.predictor.shape)
+        assert greedy_tokens(model, tokens, N) == expected
+        stats = [pf.stats[l] for l in pf.moe_layers[1:]]
+    assert all(s.switched_off >= 1 and not s.enabled for s in stats)
+    assert all(s.issued < N for s in stats)  # it stopped asking
+
+
+def test_stream_generate_on_the_runtime(checkpoints, reference):
+    """`golem.runtime.load` gives what mlx_lm.stream_generate drives unchanged, prefetch included."""
+    from mlx_lm import stream_generate
+
+    tokens, expected, _ = reference("gpt_oss")
+    loaded = load(str(checkpoints("gpt_oss")), capacities=4, prefetch=PrefetchConfig(depth=2, threshold=0.3))
+    with loaded as (model, tokenizer):
+        got = [r.token for r in stream_generate(model, tokenizer, tokens, max_tokens=N,
+                                                 sampler=lambda x: mx.argmax(x, axis=-1))]
+        scheduler = model.golem.engine.scheduler
+    assert got == expected
+    assert all(not t.is_alive() for t in scheduler.threads)  # close() joined the I/O threads
+
+
+def test_every_expert_resident_needs_no_engine_sync(checkpoints, reference):
+    tokens, expected, _ = reference("qwen3_moe")
+    with load(str(checkpoints("qwen3_moe"))) as (model, _):
+        assert greedy_tokens(model, tokens, N) == expected
+        stats = model.golem.engine.stats
+    assert stats.host_syncs == 0 and stats.decode_steps >= N  # (mlx-lm builds one step ahead)
+
+
+def test_partial_cache_needs_one_sync_per_moe_layer(checkpoints, reference):
+    tokens, expected, _ = reference("qwen3_moe")
+    out, engine = run(checkpoints("qwen3_moe"), tokens, 2, 0.3)
+    assert out == expected
+    layers = len(engine.pools)
+    assert engine.stats.decode_host_syncs == layers * engine.stats.decode_steps
+
+
+def test_trace_out_records_the_routing(checkpoints, reference, tmp_path):
+    from golem.runtime.cli import main as golem_run
+    from golem.runtime.trace import load_trace
+
+    out = tmp_path / "t.npz"
+    path = str(checkpoints("olmoe"))
+    assert golem_run(["--model", path, "-c", "4", "-m", "8", "--temp", "0", "--trace-out", str(out),
+                      "--trace-hidden", "--verbose", "false"]) == 0
+    t = load_trace(out)
+    assert t.prefill is not None and t.prefill.sum() > 1
+    dec = t.decode_only()
+    assert dec.num_steps in (8, 9) and dec.experts.shape[1:] == (t.num_layers, 4)
+    assert (dec.experts >= 0).all() and (dec.weights > 0).all()
+    assert t.hidden is not None and t.hidden.shape[:2] == (t.num_steps, t.num_layers)
