@@ -1,0 +1,292 @@
+"""The predictor interface and the shared selection step.
+
+Owns what every predictor looks like to its callers (the decode engine, ``golem-trace
+predict``, the benchmarks) and how scores become prefetch candidates (threshold, order,
+caps). Knows nothing of files, caches or the I/O scheduler; computes on numpy, except that a
+proposal may carry lazy mx arrays that the caller evaluates together with its own.
+
+What a score means, for every predictor: its estimate of the probability that the expert is
+among the experts the target layer routes the current token to, in [0, 1]. So ``threshold=0.3``
+keeps the experts judged at least 30% likely to be used, whatever the predictor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RoutingShape:
+    """What a predictor needs to know about a model's routing.
+
+    Args:
+        num_layers: MoE layers (the layer axis of a trace).
+        num_experts: routed experts per MoE layer.
+        top_k: experts per token.
+    """
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"bad routing shape {self}")
+
+    @classmethod
+    def of(cls, trace: Any) -> "RoutingShape":
+        """The shape of a golem-trace/1 trace (anything with ``meta`` or ``experts``)."""
+        meta = getattr(trace, "meta", None) or {}
+        if meta:
+            return cls(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]))
+        n, layers, k = trace.experts.shape
+        return cls(layers, int(trace.experts.max()) + 1, k)
+
+
+class Candidate(NamedTuple):
+    """One expert worth prefetching: ``(layer, expert)`` with the predictor's score."""
+
+    layer: int
+    expert: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Predictions made at ``layer`` for the layers in ``targets``.
+
+    Args:
+        layer: the MoE layer the prediction is made at.
+        targets: the MoE layers predicted, nearest first (``layer + nearest`` ..
+            ``layer + depth``, cut at the last layer); row i of ``Predictor.scores`` is
+            ``targets[i]``.
+        arrays: lazy mx arrays the caller must evaluate (with its own, in one ``mx.eval``)
+            before asking for scores; empty for predictors that need no device work.
+        payload: private to the predictor that made it.
+    """
+
+    layer: int
+    targets: range
+    arrays: Tuple[Any, ...] = ()
+    payload: Any = None
+
+    @property
+    def offsets(self) -> range:
+        """Distance of each target from ``layer`` (the depth of each row)."""
+        return range(self.targets.start - self.layer, self.targets.stop - self.layer)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The shared selection step: which scored experts become prefetch candidates.
+
+    Keeps experts with ``score >= threshold`` (and score > 0), orders them nearer layers
+    first, then higher scores first (ties: lower expert id), and keeps the first ones until a
+    cap is reached. ``--prefetch-depth`` sets the proposal's depth; ``--threshold`` this.
+
+    Args:
+        threshold: minimum score (an estimated probability of use), 0..1.
+        max_experts: at most this many candidates per proposal (None: no cap).
+        max_nbytes: at most this many bytes per proposal (needs ``expert_nbytes``).
+        expert_nbytes: bytes of one expert.
+    """
+
+    threshold: float = 0.3
+    max_experts: Optional[int] = None
+    max_nbytes: Optional[int] = None
+    expert_nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
+        if self.max_experts is not None and self.max_experts < 0:
+            raise ValueError(f"max_experts must be >= 0, got {self.max_experts}")
+        if self.max_nbytes is not None and (self.max_nbytes < 0 or self.expert_nbytes <= 0):
+            raise ValueError("max_nbytes needs a non-negative cap and expert_nbytes > 0")
+
+    @property
+    def limit(self) -> Optional[int]:
+        """The count cap implied by ``max_experts`` and ``max_nbytes``."""
+        caps = []
+        if self.max_experts is not None:
+            caps.append(self.max_experts)
+        if self.max_nbytes is not None:
+            caps.append(self.max_nbytes // self.expert_nbytes)
+        return min(caps) if caps else None
+
+    def mask(self, scores: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
+        """Bool (rows, E): the selected experts of a proposal's scores (rows nearest first).
+
+        ``exclude`` (rows, E) bool marks experts not to propose (e.g. already resident);
+        they do not count against the caps.
+        """
+        keep = (scores >= self.threshold) & (scores > 0)
+        if exclude is not None:
+            keep &= ~exclude
+        limit = self.limit
+        if limit is None or int(keep.sum()) <= limit:
+            return keep
+        out = np.zeros_like(keep)
+        left = limit
+        for r in range(scores.shape[0]):
+            if left <= 0:
+                break
+            ids = np.flatnonzero(keep[r])
+            if ids.size > left:
+                order = np.lexsort((ids, -scores[r, ids]))
+                ids = ids[order[:left]]
+            out[r, ids] = True
+            left -= ids.size
+        return out
+
+    def select(
+        self, scores: np.ndarray, targets: Sequence[int], exclude: Optional[np.ndarray] = None
+    ) -> List[Candidate]:
+        """Candidates in prefetch order: nearer layers first, higher scores first."""
+        keep = self.mask(scores, exclude)
+        out: List[Candidate] = []
+        for r, layer in enumerate(targets):
+            ids = np.flatnonzero(keep[r])
+            order = np.lexsort((ids, -scores[r, ids]))
+            out.extend(Candidate(int(layer), int(e), float(scores[r, e])) for e in ids[order])
+        return out
+
+
+def ranked_ids(experts: Any, weights: Any = None) -> np.ndarray:
+    """The distinct routed ids (>= 0) of one layer's routing, highest weight first.
+
+    ``experts`` may hold several tokens (any shape); without ``weights`` the ids keep their
+    first-seen order. An expert chosen by several tokens keeps its highest weight.
+    """
+    ids = np.asarray(experts).reshape(-1).astype(np.int64)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if ids.size and ids.min() < 0:
+        present = ids >= 0
+        ids = ids[present]
+        w = None if w is None else w[present]
+    if w is not None:
+        ids = ids[np.argsort(-w, kind="stable")]
+    if ids.size > 1:
+        sorted_ids = np.sort(ids)
+        if (sorted_ids[1:] == sorted_ids[:-1]).any():
+            _, first = np.unique(ids, return_index=True)
+            ids = ids[np.sort(first)]
+    return ids
+
+
+class BinnedCalibration:
+    """Turns raw probabilities into observed ones: per group (e.g. depth) and bin of the
+    raw value, the rate at which experts scored there were used.
+
+    Args:
+        groups: independent tables (e.g. one per depth).
+        bins: equal-width bins over [0, 1].
+        prior_weight: observations the prior (calibrated = raw) is worth per bin.
+    """
+
+    def __init__(self, groups: int, bins: int = 20, prior_weight: float = 2.0):
+        self.bins = bins
+        centers = (np.arange(bins) + 0.5) / bins
+        self.hits = np.tile(centers * prior_weight, (groups, 1))
+        self.seen = np.full((groups, bins), prior_weight)
+
+    def bin_of(self, raw: np.ndarray) -> np.ndarray:
+        return np.minimum((np.asarray(raw) * self.bins).astype(np.int64), self.bins - 1)
+
+    def apply(self, groups: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """Calibrated values of ``bins`` (rows, E) in ``groups`` (rows,)."""
+        g = np.asarray(groups)[:, None]
+        return self.hits[g, bins] / self.seen[g, bins]
+
+    def update(self, groups: np.ndarray, bins: np.ndarray, used: np.ndarray) -> None:
+        """Count outcomes: ``bins`` and ``used`` (rows, E) in ``groups`` (rows,); bins < 0 skip."""
+        bins = np.asarray(bins)
+        valid = bins >= 0
+        flat = (np.asarray(groups)[:, None] * self.bins + bins)[valid]
+        size = self.hits.size
+        self.seen += np.bincount(flat, minlength=size).reshape(self.seen.shape)
+        weights = np.broadcast_to(np.asarray(used, np.float64), bins.shape)[valid]
+        self.hits += np.bincount(flat, weights=weights, minlength=size).reshape(self.hits.shape)
+
+
+class Predictor:
+    """Guesses the experts of layers ``layer + 1 .. layer + depth`` while ``layer`` runs.
+
+    Calls, per decode step of one sequence (the decode engine and the trace replay both do
+    exactly this)::
+
+        predictor.begin_sequence()                   # once per sequence: history restarts
+        for each decode step:
+            predictor.begin_step()
+            for layer in MoE layers:
+                prop = predictor.propose(layer, depth, hidden)   # lazy; no host sync
+                mx.eval(layer_ids, layer_scores, *prop.arrays)   # the caller's one sync
+                predictor.observe(layer, layer_ids, layer_scores)
+                cands = predictor.candidates(prop, selection)    # or .scores(prop)
+
+    ``observe`` before ``scores``: predictors that work from routing history (previous,
+    frequency, transition) read the layer's own routing there. ``fit`` trains the ones that
+    learn from traces. Subclasses implement ``predict`` (numpy) or override
+    ``propose``/``scores`` (device work).
+
+    Args:
+        shape: the model's routing shape.
+    """
+
+    name: ClassVar[str] = ""
+    needs_hidden: ClassVar[bool] = False
+    #: which residual ``propose`` wants as ``hidden``: "layer_input", "post_attn" or None.
+    hidden_kind: Optional[str] = None
+
+    def __init__(self, shape: RoutingShape):
+        self.shape = shape
+        self.step = -1
+
+    # -- lifecycle
+    def fit(self, traces: Sequence[Any]) -> "Predictor":
+        """Learn from golem-trace/1 traces (anything with ``experts``, ``weights``,
+        ``seq_offsets``). Predictors that learn nothing ignore it."""
+        return self
+
+    def begin_sequence(self) -> None:
+        """A new sequence (prompt) starts: routing history is forgotten."""
+        self.step = -1
+
+    def begin_step(self) -> None:
+        """A new decode step (token) starts."""
+        self.step += 1
+
+    # -- predicting
+    def targets(self, layer: int, depth: int, nearest: int = 1) -> range:
+        if not 0 <= layer < self.shape.num_layers:
+            raise ValueError(f"layer {layer} outside 0..{self.shape.num_layers - 1}")
+        if depth < nearest or nearest < 0:
+            raise ValueError(f"depth {depth} must be >= nearest {nearest} >= 0")
+        return range(layer + nearest, min(layer + depth, self.shape.num_layers - 1) + 1)
+
+    def propose(self, layer: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
+        """Start predicting layers ``layer + nearest .. layer + depth`` (lazily)."""
+        return Proposal(layer, self.targets(layer, depth, nearest))
+
+    def scores(self, proposal: Proposal) -> np.ndarray:
+        """float32 (len(targets), E) scores of a proposal, after its arrays are evaluated
+        and after ``observe`` of its layer."""
+        return self.predict(proposal.layer, proposal.targets)
+
+    def predict(self, layer: int, targets: range) -> np.ndarray:
+        raise NotImplementedError
+
+    def observe(self, layer: int, experts: Any, weights: Any = None) -> None:
+        """The true routing of ``layer`` at this step (ids; weights order them when given)."""
+
+    def candidates(
+        self, proposal: Proposal, selection: Selection, exclude: Optional[np.ndarray] = None
+    ) -> List[Candidate]:
+        """The proposal's scores through the shared selection step."""
+        return selection.select(self.scores(proposal), proposal.targets, exclude)
+
+    def zeros(self, targets: range) -> np.ndarray:
+        return np.zeros((len(targets), self.shape.num_experts), np.float32)

@@ -1,0 +1,175 @@
+"""Predictor accuracy: replay a routing trace through a predictor and count what it got right.
+
+Owns the definitions behind ``golem-trace predict`` and the benchmarks. Recall at depth d
+counts, over every decode step and MoE layer, the true experts of layer l that were among the
+candidates selected at layer l - d of the same step, divided by all true experts (layers
+below d, where nothing was predicted, count as misses; ``recall_covered`` leaves them out).
+Works on in-memory trace-like objects; reading files is the caller's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .base import Predictor, Selection
+from .history import onehot, sequences
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """What a predictor got right at one depth and threshold.
+
+    Args:
+        predictor: its name.
+        depth: distance in MoE layers between where a prediction is made and its target.
+        threshold: the selection threshold.
+        steps: decode steps replayed.
+        true_experts: experts the trace routed to, all layers.
+        covered_experts: of those, the ones in layers >= depth (that could be predicted).
+        predicted: candidates selected.
+        hits: selected candidates the target layer did use.
+        covered_layer_steps: steps x layers >= depth.
+        expert_nbytes: bytes of one expert (0 when unknown).
+    """
+
+    predictor: str
+    depth: int
+    threshold: float
+    steps: int
+    true_experts: int
+    covered_experts: int
+    predicted: int
+    hits: int
+    covered_layer_steps: int
+    expert_nbytes: int = 0
+
+    @property
+    def recall(self) -> float:
+        return self.hits / self.true_experts if self.true_experts else 0.0
+
+    @property
+    def recall_covered(self) -> float:
+        return self.hits / self.covered_experts if self.covered_experts else 0.0
+
+    @property
+    def precision(self) -> float:
+        return self.hits / self.predicted if self.predicted else 0.0
+
+    @property
+    def predicted_per_layer(self) -> float:
+        """Candidates per layer and step, over the layers that get predictions."""
+        return self.predicted / self.covered_layer_steps if self.covered_layer_steps else 0.0
+
+    @property
+    def wasted_per_useful(self) -> float:
+        """Bytes a prefetcher would read in vain per byte it reads usefully (no cache)."""
+        wasted = self.predicted - self.hits
+        if not self.hits:
+            return float("inf") if wasted else 0.0
+        return wasted / self.hits
+
+    @property
+    def wasted_nbytes_per_step(self) -> float:
+        return (self.predicted - self.hits) * self.expert_nbytes / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        for key in ("recall", "recall_covered", "precision", "predicted_per_layer", "wasted_per_useful", "wasted_nbytes_per_step"):
+            value = getattr(self, key)
+            out[key] = None if value == float("inf") else round(float(value), 6)
+        return out
+
+
+def replay(
+    trace: Any,
+    predictor: Predictor,
+    *,
+    depth: int,
+    thresholds: Sequence[float] = (0.1, 0.3, 0.5),
+    nearest: int = 1,
+    hidden: Optional[np.ndarray] = None,
+    max_experts: Optional[int] = None,
+    max_nbytes: Optional[int] = None,
+    expert_nbytes: Optional[int] = None,
+) -> List[Accuracy]:
+    """Replay ``trace`` (its decode steps, sequence by sequence) through ``predictor``.
+
+    Calls the predictor exactly as the decode engine does (see ``Predictor``); ``hidden``
+    (N, L, D) feeds predictors that need hidden states. Returns one ``Accuracy`` per depth
+    ``nearest..depth`` and threshold, depth-major.
+    """
+    N, L, _ = trace.experts.shape
+    E = predictor.shape.num_experts
+    if L != predictor.shape.num_layers:
+        raise ValueError(f"trace has {L} layers, predictor expects {predictor.shape.num_layers}")
+    if predictor.needs_hidden:
+        if hidden is None:
+            raise ValueError(
+                f"predictor {predictor.name!r} needs hidden states; this trace has none "
+                "(record them with golem-run --trace-out FILE --trace-hidden)"
+            )
+        if hidden.shape[:2] != (N, L):
+            raise ValueError(f"hidden states shape {hidden.shape} does not match the trace's ({N}, {L}, D)")
+    if depth < nearest or nearest < 0:
+        raise ValueError(f"depth must be >= {max(nearest, 0)}, got {depth}")
+    nbytes = int(expert_nbytes if expert_nbytes is not None else (getattr(trace, "meta", None) or {}).get("expert_bytes", 0))
+    selections = [
+        Selection(float(th), max_experts, max_nbytes, nbytes if max_nbytes is not None else 0) for th in thresholds
+    ]
+    capped = any(s.limit is not None for s in selections)
+    thr = np.asarray([s.threshold for s in selections], np.float32)[:, None, None, None]
+    R, T = depth - nearest + 1, len(selections)
+    hot = onehot(trace.experts, E)
+    experts = np.asarray(trace.experts)
+    weights = None if getattr(trace, "weights", None) is None else np.asarray(trace.weights)
+    hits = np.zeros((T, R), np.int64)
+    predicted = np.zeros((T, R), np.int64)
+
+    for start, stop in sequences(trace):
+        predictor.begin_sequence()
+        for t in range(start, stop):
+            predictor.begin_step()
+            buf = np.zeros((R, L, E), np.float32)  # scores by depth and target layer
+            masks = np.zeros((T, R, L, E), bool) if capped else None
+            for layer in range(L):
+                h = hidden[t, layer] if predictor.needs_hidden else None
+                prop = predictor.propose(layer, depth, h, nearest=nearest)
+                predictor.observe(layer, experts[t, layer], None if weights is None else weights[t, layer])
+                if not len(prop.targets):
+                    continue
+                scores = predictor.scores(prop)
+                rows = np.asarray(prop.offsets) - nearest
+                cols = np.asarray(prop.targets)
+                buf[rows, cols] = scores
+                if capped:
+                    for i, sel in enumerate(selections):
+                        masks[i, rows, cols] = sel.mask(scores)
+            if not capped:
+                masks = (buf[None] >= thr) & (buf[None] > 0)
+            hits += (masks & hot[t][None, None]).sum(axis=(2, 3))
+            predicted += masks.sum(axis=(2, 3))
+
+    true_total = int(hot.sum())
+    out = []
+    for r in range(R):
+        d = nearest + r
+        covered = int(hot[:, d:].sum())
+        for i, sel in enumerate(selections):
+            out.append(
+                Accuracy(
+                    predictor=predictor.name,
+                    depth=d,
+                    threshold=sel.threshold,
+                    steps=N,
+                    true_experts=true_total,
+                    covered_experts=covered,
+                    predicted=int(predicted[i, r]),
+                    hits=int(hits[i, r]),
+                    covered_layer_steps=N * (L - d),
+                    expert_nbytes=nbytes,
+                )
+            )
+    return out
