@@ -8,7 +8,7 @@ family's exact selection rule (shared with the runtime); ``metrics`` replays tra
 from .base import Candidate, Predictor, Proposal, RoutingShape, Selection
 from .history import Combined, Frequency, Previous, Transition
 from .lookahead import HIDDEN_KINDS, Lookahead
-from .metrics import Accuracy, replay
+from .metrics import Accuracy, merge_accuracies, replay
 from .oracle import NoisyOracle, Oracle, RandomGuess
 from .registry import PredictorOptions, make_predictor, predictor_names
 from .routers import MoEBlock, RouterAdapter, find_moe_blocks, register_router, router_for
@@ -34,6 +34,7 @@ __all__ = [
     "Transition",
     "find_moe_blocks",
     "make_predictor",
+    "merge_accuracies",
     "predictor_names",
     "register_router",
     "replay",

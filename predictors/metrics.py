@@ -173,3 +173,29 @@ def replay(
                 )
             )
     return out
+
+
+def merge_accuracies(results: Sequence[Sequence[Accuracy]]) -> List[Accuracy]:
+    """Pool the counts of several replays (same depths and thresholds, in the same order)."""
+    if not results:
+        return []
+    out = []
+    for rows in zip(*results):
+        first = rows[0]
+        if any((r.depth, r.threshold) != (first.depth, first.threshold) for r in rows):
+            raise ValueError("replays to merge must report the same depths and thresholds")
+        out.append(
+            Accuracy(
+                predictor=first.predictor,
+                depth=first.depth,
+                threshold=first.threshold,
+                steps=sum(r.steps for r in rows),
+                true_experts=sum(r.true_experts for r in rows),
+                covered_experts=sum(r.covered_experts for r in rows),
+                predicted=sum(r.predicted for r in rows),
+                hits=sum(r.hits for r in rows),
+                covered_layer_steps=sum(r.covered_layer_steps for r in rows),
+                expert_nbytes=first.expert_nbytes,
+            )
+        )
+    return out
