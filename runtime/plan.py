@@ -1,0 +1,552 @@
+"""The memory planner: which MoE layers stay fully resident (pinned) and how many expert slots
+every other layer gets, within ``--memory-budget``, ``-c``, ``--cache-size-override`` and ``-f``.
+
+Owns size and layer-range parsing, the allocation (exact dynamic programming over estimated
+per-layer miss curves when routing statistics are given, uniform otherwise) and the
+``golem-run --plan`` table. Knows nothing of files, MLX or slot pools; the runtime measures
+the byte sizes and hands them in.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from .simulate import Traces, as_trace_list, lru_misses, simulate, stack_distance_histogram
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: Union[str, int], *, what: str = "--memory-budget") -> int:
+    """Bytes from ``48GB``, ``512MiB``, ``0.5GB``, ``1e9`` (GB = 10^9 bytes, GiB = 2^30)."""
+    if isinstance(text, (int, np.integer)):
+        if text < 0:
+            raise ValueError(f"{what}: size must not be negative, got {text}")
+        return int(text)
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(
+            f"{what}: cannot read size {text!r}; write a number and a unit, e.g. 48GB, 512MiB, 0.5GB "
+            f"(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_nbytes(nbytes: float) -> str:
+    """``12.58 MB``, ``48.00 GB`` (decimal units, as ``parse_size`` reads them)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def parse_layer_ranges(text: str, *, what: str = "-f/--pin-layers") -> list[int]:
+    """``"0-40,90-93"`` -> ``[0, 1, ..., 40, 90, 91, 92, 93]`` (sorted, without repeats)."""
+    out: set[int] = set()
+    items = [s.strip() for s in str(text).split(",")]
+    if not any(items):
+        raise ValueError(f"{what}: empty layer range {text!r}; write e.g. 0-40,90-93")
+    for item in items:
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        if not m:
+            raise ValueError(f"{what}: cannot read layer range {item!r} in {text!r}; write e.g. 0-40,90-93")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"{what}: range {item!r} runs backwards")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def format_layer_ranges(layers: Iterable[int]) -> str:
+    """The inverse of ``parse_layer_ranges``: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    layers = sorted(set(int(x) for x in layers))
+    parts, i = [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def parse_override(values: Sequence[str]) -> tuple[list[int], int]:
+    """One ``--cache-size-override RANGES N`` (argparse ``nargs=2``) -> (layers, slots)."""
+    if len(values) != 2:
+        raise ValueError(f"--cache-size-override takes RANGES N, got {list(values)}")
+    layers = parse_layer_ranges(values[0], what="--cache-size-override")
+    try:
+        slots = int(values[1])
+    except ValueError:
+        raise ValueError(f"--cache-size-override {values[0]} {values[1]}: N must be a whole number of slots") from None
+    return layers, slots
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """What the planner needs to know of a model.
+
+    Args:
+        num_layers: MoE layers.
+        num_experts: experts per MoE layer.
+        top_k: experts per token (the fewest slots a layer can run with).
+        expert_nbytes: bytes of one expert, for all layers or one value per MoE layer.
+        non_expert_nbytes: bytes of everything always resident (attention, embeddings, ...).
+        layer_ids: the model's layer number of each MoE layer (what layer ranges on the
+            command line name); default 0..num_layers-1.
+    """
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    expert_nbytes: Union[int, Sequence[int]]
+    non_expert_nbytes: int = 0
+    layer_ids: Optional[Sequence[int]] = None
+
+    def nbytes_of(self, layer: int) -> int:
+        if isinstance(self.expert_nbytes, (int, np.integer)):
+            return int(self.expert_nbytes)
+        return int(self.expert_nbytes[layer])
+
+    @property
+    def ids(self) -> list[int]:
+        return list(range(self.num_layers)) if self.layer_ids is None else [int(i) for i in self.layer_ids]
+
+    @property
+    def all_experts_nbytes(self) -> int:
+        return sum(self.num_experts * self.nbytes_of(i) for i in range(self.num_layers))
+
+    def validate(self) -> None:
+        if self.num_layers < 1 or self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"model shape: {self.num_layers} layers, {self.num_experts} experts, top-k {self.top_k}"
+            )
+        if not isinstance(self.expert_nbytes, (int, np.integer)) and len(self.expert_nbytes) != self.num_layers:
+            raise ValueError(f"expert_nbytes: {len(self.expert_nbytes)} values for {self.num_layers} layers")
+        if any(self.nbytes_of(i) <= 0 for i in range(self.num_layers)):
+            raise ValueError("expert_nbytes must be positive")
+        if self.layer_ids is not None and len(self.layer_ids) != self.num_layers:
+            raise ValueError(f"layer_ids: {len(self.layer_ids)} ids for {self.num_layers} MoE layers")
+
+    @classmethod
+    def from_trace_meta(cls, meta: dict, non_expert_nbytes: int = 0) -> "ModelMemory":
+        """The shape a golem-trace/1 ``meta`` records (``expert_bytes`` as the expert size)."""
+        nbytes = int(meta.get("expert_bytes") or 0)
+        if nbytes <= 0:
+            raise ValueError("trace meta has no expert_bytes; give the expert size explicitly")
+        return cls(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]), nbytes, non_expert_nbytes)
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Per-layer routing statistics that steer the planner: each layer's estimated misses
+    per decode step at every slot count.
+
+    Args:
+        curves: float (L, E+1), misses per decode step of each layer with 0..E slots under
+            ``policy`` (a pinned layer has none).
+        policy: the policy the curves describe (``"lru"``: exact, from stack distances).
+        distinct_per_window: optional float (L,), mean distinct experts per window.
+        window: steps per window of ``distinct_per_window``.
+        source: where the numbers came from (shown by ``describe``).
+    """
+
+    curves: np.ndarray
+    policy: str = "lru"
+    distinct_per_window: Optional[np.ndarray] = None
+    window: int = 128
+    source: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.curves.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.curves.shape[1]) - 1
+
+    def misses_per_step(self, layer: int, slots: int, pinned: bool = False) -> float:
+        return 0.0 if pinned else float(self.curves[layer, min(slots, self.num_experts)])
+
+    @classmethod
+    def from_histogram(cls, hist: np.ndarray, num_steps: int, source: str = "") -> "RoutingStats":
+        """Plain LRU's curves from a stack-distance histogram over ``num_steps`` steps."""
+        if num_steps <= 0:
+            raise ValueError(f"{source or 'routing statistics'}: no decode steps counted")
+        return cls(curves=lru_misses(np.asarray(hist)) / float(num_steps), policy="lru", source=source)
+
+    @classmethod
+    def from_traces(
+        cls, traces: Traces, *, policy: str = "lru", grid_step: int = 4, window: int = 128, decode_only: bool = True
+    ) -> "RoutingStats":
+        """Curves measured on traces (caches persisting across them, as ``simulate``).
+
+        ``"lru"`` is exact at every slot count in one pass. Any other policy is replayed at
+        every ``grid_step``-th slot count from top-k to E (one replay each, so it takes
+        that many times ``simulate``) and interpolated linearly in between.
+        """
+        trace_list = as_trace_list(traces)
+        steps = sum((t.decode_only() if decode_only else t).num_steps for t in trace_list)
+        if steps <= 0:
+            raise ValueError("routing statistics: the traces hold no decode steps")
+        names = ", ".join(Path(t.path).name for t in trace_list if t.path) or "traces"
+        e = trace_list[0].num_experts
+        if policy == "lru":
+            curves = lru_misses(stack_distance_histogram(trace_list, decode_only=decode_only)) / float(steps)
+        else:
+            if grid_step < 1:
+                raise ValueError(f"grid_step must be >= 1, got {grid_step}")
+            k = max(t.top_k for t in trace_list)
+            grid = sorted(set(list(range(k, e + 1, grid_step)) + [e]))
+            at = np.stack([
+                simulate(trace_list, policy=policy, capacity=c, decode_only=decode_only).misses / float(steps)
+                for c in grid
+            ])  # (G, L)
+            x = np.arange(e + 1)
+            curves = np.stack([np.interp(x, grid, at[:, layer]) for layer in range(at.shape[1])])
+            curves[:, :k] = curves[:, [k]]  # below top-k the layer cannot run; never chosen
+        return cls(curves, policy, distinct_per_window(trace_list, window, decode_only), window, names)
+
+    @classmethod
+    def from_profile(cls, profile, source: str = "profile") -> "RoutingStats":
+        """Plain LRU's curves from a ``golem.runtime.profile.Profile`` that carries a
+        stack-distance histogram (profiles built from traces do)."""
+        if profile.stack_hist is None:
+            raise ValueError(f"{source}: the profile holds no stack-distance histogram to plan with")
+        return cls.from_histogram(profile.stack_hist, profile.num_steps, source=source)
+
+
+def distinct_per_window(traces: Traces, window: int = 128, decode_only: bool = True) -> np.ndarray:
+    """Mean distinct experts per layer over consecutive windows of ``window`` decode steps
+    (the traces read in order as one stream; a shorter tail is left out unless it is all)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1 steps, got {window}")
+    trace_list = as_trace_list(traces)
+    ex = np.concatenate([(t.decode_only() if decode_only else t).experts for t in trace_list])
+    n, num_layers, _ = ex.shape
+    e_count = trace_list[0].num_experts
+    starts = list(range(0, max(n - window + 1, 1), window))
+    out = np.zeros(num_layers)
+    for s in starts:
+        w = ex[s:s + window].astype(np.int64)
+        seen = np.zeros((num_layers, e_count + 1), dtype=bool)
+        seen[np.arange(num_layers)[None, :, None], np.where(w >= 0, w, e_count)] = True
+        out += seen[:, :e_count].sum(axis=1)
+    return out / len(starts)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One MoE layer of a plan.
+
+    Args:
+        layer: MoE layer index (0..L-1).
+        layer_id: the model's layer number.
+        slots: expert slots (``num_experts`` when pinned).
+        pinned: fully resident, no cache logic.
+        nbytes: bytes of its slots.
+        source: which flag set it: ``-f``, ``override``, ``-c``, ``budget`` or ``budget (uniform)``.
+    """
+
+    layer: int
+    layer_id: int
+    slots: int
+    pinned: bool
+    nbytes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the memory goes: per-layer slots and the bytes they take.
+
+    Args:
+        layers: one ``LayerPlan`` per MoE layer.
+        model: the model's shape and sizes.
+        budget_nbytes: the budget, when one was given.
+        reserve_nbytes: bytes set aside for other things (staging buffers, KV cache).
+        stats: the routing statistics used, if any.
+        uniform_capacities: slots per layer of the uniform plan for the same budget (what
+            ``describe`` compares the estimate with), when the budget chose slots.
+    """
+
+    layers: tuple
+    model: ModelMemory
+    budget_nbytes: Optional[int] = None
+    reserve_nbytes: int = 0
+    stats: Optional[RoutingStats] = field(default=None, compare=False)
+    uniform_capacities: Optional[tuple] = None
+
+    @property
+    def capacities(self) -> list[int]:
+        """Slots per MoE layer, as ``simulate(capacity=...)`` and the slot pools take them."""
+        return [lp.slots for lp in self.layers]
+
+    @property
+    def pinned_layers(self) -> list[int]:
+        """MoE layer indices that are fully resident."""
+        return [lp.layer for lp in self.layers if lp.pinned]
+
+    @property
+    def expert_nbytes_total(self) -> int:
+        return sum(lp.nbytes for lp in self.layers)
+
+    @property
+    def total_nbytes(self) -> int:
+        return self.model.non_expert_nbytes + self.reserve_nbytes + self.expert_nbytes_total
+
+    def estimated_misses_per_step(self, capacities: Optional[Sequence[int]] = None) -> Optional[float]:
+        """Misses per token the routing statistics predict for this plan (or for other
+        per-layer ``capacities``)."""
+        if self.stats is None:
+            return None
+        caps = self.capacities if capacities is None else list(capacities)
+        e = self.model.num_experts
+        return sum(self.stats.misses_per_step(i, c, pinned=c >= e) for i, c in enumerate(caps))
+
+    def to_dict(self) -> dict:
+        out = {
+            "budget_nbytes": self.budget_nbytes,
+            "total_nbytes": self.total_nbytes,
+            "non_expert_nbytes": self.model.non_expert_nbytes,
+            "reserve_nbytes": self.reserve_nbytes,
+            "expert_nbytes": self.expert_nbytes_total,
+            "pinned_layers": [lp.layer_id for lp in self.layers if lp.pinned],
+            "slots": self.capacities,
+            "layers": [lp.__dict__ for lp in self.layers],
+        }
+        est = self.estimated_misses_per_step()
+        if est is not None:
+            out["estimated_misses_per_step"] = round(est, 4)
+        return out
+
+    def describe(self) -> str:
+        """The table ``golem-run --plan`` prints: layers (grouped), slots, bytes, totals."""
+        e = self.model.num_experts
+        rows = [("layers", "slots", "resident", "bytes/layer", "bytes", "set by")]
+        groups: list[list[LayerPlan]] = []
+        for lp in self.layers:
+            g = groups[-1] if groups else None
+            if g and (lp.slots, lp.pinned, lp.nbytes, lp.source) == (g[-1].slots, g[-1].pinned, g[-1].nbytes, g[-1].source):
+                g.append(lp)
+            else:
+                groups.append([lp])
+        for g in groups:
+            lp = g[0]
+            rows.append((
+                format_layer_ranges(x.layer_id for x in g),
+                f"{lp.slots}/{e}",
+                "pinned" if lp.pinned else "cache",
+                format_nbytes(lp.nbytes),
+                format_nbytes(lp.nbytes * len(g)),
+                lp.source,
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        pinned = self.pinned_layers
+        slots = sum(lp.slots for lp in self.layers)
+        lines.append("")
+        lines.append(f"expert slots      {slots} of {self.model.num_layers * e} "
+                     f"({len(pinned)} layers pinned)  {format_nbytes(self.expert_nbytes_total)}")
+        lines.append(f"non-expert bytes  {format_nbytes(self.model.non_expert_nbytes)}")
+        if self.reserve_nbytes:
+            lines.append(f"reserved          {format_nbytes(self.reserve_nbytes)}")
+        total = f"total             {format_nbytes(self.total_nbytes)}"
+        if self.budget_nbytes:
+            total += f" of {format_nbytes(self.budget_nbytes)} budget ({100.0 * self.total_nbytes / self.budget_nbytes:.1f}%)"
+        lines.append(total)
+        est = self.estimated_misses_per_step()
+        if est is not None:
+            line = f"estimated misses  {est:.2f} per token ({self.stats.policy} on {self.stats.source})"
+            if self.uniform_capacities is not None and list(self.uniform_capacities) != self.capacities:
+                uni = self.estimated_misses_per_step(self.uniform_capacities)
+                line += f"; uniform plan of the same budget: {uni:.2f}"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def _select(model: ModelMemory, layers: Sequence[int], what: str) -> list[int]:
+    """MoE layer indices named by model layer numbers (non-MoE layers in a range are skipped)."""
+    ids = model.ids
+    index = {lid: i for i, lid in enumerate(ids)}
+    beyond = [x for x in layers if x > max(ids)]
+    if beyond:
+        raise ValueError(f"{what}: layer {beyond[0]} does not exist (MoE layers: {format_layer_ranges(ids)})")
+    chosen = [index[x] for x in layers if x in index]
+    if layers and not chosen:
+        raise ValueError(f"{what}: {format_layer_ranges(layers)} names no MoE layer (MoE layers: {format_layer_ranges(ids)})")
+    return chosen
+
+
+def make_plan(
+    model: ModelMemory,
+    *,
+    budget_nbytes: Optional[int] = None,
+    cache_size: Optional[int] = None,
+    overrides: Sequence[tuple] = (),
+    pin_layers: Sequence[int] = (),
+    stats: Optional[RoutingStats] = None,
+    reserve_nbytes: int = 0,
+) -> Plan:
+    """Choose pinned layers and slots per layer.
+
+    Precedence: ``pin_layers`` (``-f``) > ``overrides`` (``--cache-size-override``, later
+    ones win) > ``cache_size`` (``-c``) > the budget. Layers no flag sets share what the
+    budget leaves: with ``stats``, the allocation that minimises the estimated misses per
+    token (exact dynamic programming; a layer at ``num_experts`` slots is pinned); without,
+    the most uniform slots that fit, leftover slots to the earliest layers (they route most
+    uniformly). The plan never exceeds ``budget_nbytes``; when even top-k slots per layer
+    do not fit, the error names the shortfall.
+
+    Args:
+        model: shape and byte sizes.
+        budget_nbytes: total bytes for non-expert weights, reserve and expert slots.
+        cache_size: slots of every layer no other flag sets.
+        overrides: ``(model layer numbers, slots)`` pairs.
+        pin_layers: model layer numbers kept fully resident.
+        stats: routing statistics (from traces or a warm-start profile).
+        reserve_nbytes: bytes the budget must leave for other things.
+    """
+    model.validate()
+    e, k = model.num_experts, model.top_k
+    if stats is not None and (stats.num_layers, stats.num_experts) != (model.num_layers, e):
+        raise ValueError(
+            f"routing statistics ({stats.source or 'given'}) describe {stats.num_layers} layers x "
+            f"{stats.num_experts} experts, the model has {model.num_layers} x {e}"
+        )
+    fixed: dict[int, tuple[int, str]] = {}
+    if cache_size is not None:
+        if cache_size < k:
+            raise ValueError(f"-c/--cache-size {cache_size} is smaller than top-k ({k}): one token needs {k} experts resident")
+        for i in range(model.num_layers):
+            fixed[i] = (min(cache_size, e), "-c")
+    for layers, slots in overrides:
+        if slots < k:
+            raise ValueError(
+                f"--cache-size-override {format_layer_ranges(layers)} {slots}: below top-k ({k}); "
+                f"one token needs {k} experts resident"
+            )
+        for i in _select(model, layers, "--cache-size-override"):
+            fixed[i] = (min(slots, e), "override")
+    for i in _select(model, pin_layers, "-f/--pin-layers"):
+        fixed[i] = (e, "-f")
+    free = [i for i in range(model.num_layers) if i not in fixed]
+
+    fixed_nbytes = sum(s * model.nbytes_of(i) for i, (s, _) in fixed.items())
+    base = model.non_expert_nbytes + reserve_nbytes + fixed_nbytes
+    slots = {i: s for i, (s, _) in fixed.items()}
+    sources = {i: src for i, (_, src) in fixed.items()}
+    uniform = None
+    if budget_nbytes is not None:
+        need = base + sum(k * model.nbytes_of(i) for i in free)
+        if need > budget_nbytes:
+            parts = [f"non-expert {format_nbytes(model.non_expert_nbytes)}"]
+            if reserve_nbytes:
+                parts.append(f"reserve {format_nbytes(reserve_nbytes)}")
+            if fixed:
+                parts.append(f"layers set by flags {format_nbytes(fixed_nbytes)}")
+            if free:
+                parts.append(f"top-k ({k}) slots x {len(free)} layers {format_nbytes(need - base)}")
+            raise ValueError(
+                f"--memory-budget {format_nbytes(budget_nbytes)} is {format_nbytes(need - budget_nbytes)} short: "
+                f"the smallest plan needs {format_nbytes(need)} ({' + '.join(parts)})"
+            )
+        if free:
+            avail = budget_nbytes - base
+            uniform = _uniform(model, free, avail)
+            chosen = _by_stats(model, free, avail, stats) if stats is not None else uniform
+            slots.update(chosen)
+            tag = "budget" if stats is not None else "budget (uniform)"
+            sources.update({i: tag for i in free})
+    elif free:
+        raise ValueError(
+            f"no cache size for MoE layers {format_layer_ranges(model.ids[i] for i in free)}: "
+            "give -c/--cache-size or --memory-budget"
+        )
+    ids = model.ids
+    layers = tuple(
+        LayerPlan(i, ids[i], slots[i], slots[i] >= e, slots[i] * model.nbytes_of(i), sources[i])
+        for i in range(model.num_layers)
+    )
+    uniform_caps = None
+    if uniform is not None:
+        uniform_caps = tuple(uniform.get(i, slots[i]) for i in range(model.num_layers))
+    plan = Plan(layers, model, budget_nbytes, reserve_nbytes, stats, uniform_capacities=uniform_caps)
+    if budget_nbytes is not None and plan.total_nbytes > budget_nbytes:
+        raise AssertionError(f"planner bug: {plan.total_nbytes} bytes over a {budget_nbytes} budget")
+    return plan
+
+
+def _uniform(model: ModelMemory, free: list[int], avail: int) -> dict[int, int]:
+    """The largest equal slot count that fits, then one more slot per layer from the first
+    layer on while bytes remain."""
+    e, k = model.num_experts, model.top_k
+    per_slot = sum(model.nbytes_of(i) for i in free)
+    c = max(k, min(e, avail // per_slot))
+    alloc = {i: c for i in free}
+    left = avail - c * per_slot
+    for i in free:
+        if alloc[i] < e and model.nbytes_of(i) <= left:
+            alloc[i] += 1
+            left -= model.nbytes_of(i)
+    return alloc
+
+
+_MAX_UNITS = 40_000
+
+
+def _by_stats(model: ModelMemory, free: list[int], avail: int, stats: RoutingStats) -> dict[int, int]:
+    """Slots per free layer minimising the estimated misses per step within ``avail`` bytes.
+
+    A knapsack over byte units (the gcd of the layers' expert sizes, coarser when that gives
+    too many units; costs are rounded up so the result always fits). Ties go to more slots.
+    """
+    e, k = model.num_experts, model.top_k
+    sizes = [model.nbytes_of(i) for i in free]
+    unit = 0
+    for s in sizes:
+        unit = math.gcd(unit, s)
+    budget_units = avail // unit
+    most = sum(e * s for s in sizes) // unit
+    if min(budget_units, most) > _MAX_UNITS:
+        unit = math.ceil(min(avail, sum(e * s for s in sizes)) / _MAX_UNITS)
+        budget_units = avail // unit
+    budget_units = int(min(budget_units, sum(math.ceil(e * s / unit) for s in sizes)))
+    choices = np.arange(k, e + 1)
+    best = np.zeros(budget_units + 1)
+    picks = []
+    for i, s in zip(free, sizes):
+        w = np.array([math.ceil(c * s / unit) for c in choices])
+        cost = np.array([stats.misses_per_step(i, int(c), pinned=c >= e) for c in choices])
+        cost = cost - 1e-9 * choices  # ties: more slots
+        new = np.full(budget_units + 1, np.inf)
+        pick = np.zeros(budget_units + 1, dtype=np.int32)
+        for j in range(len(choices)):
+            if w[j] > budget_units:
+                break
+            cand = np.full(budget_units + 1, np.inf)
+            cand[w[j]:] = best[: budget_units + 1 - w[j]] + cost[j]
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = j
+        best = new
+        picks.append((pick, w))
+    alloc: dict[int, int] = {}
+    b = budget_units
+    for i, (pick, w) in zip(reversed(free), reversed(picks)):
+        j = int(pick[b])
+        alloc[i] = int(choices[j])
+        b -= int(w[j])
+    return alloc

@@ -1,0 +1,308 @@
+"""Warm-start profiles: how often each expert of each MoE layer was used, saved as a small JSON
+file, and the warm starts built from them (top-N experts per layer by frequency, or random).
+
+Owns the profile format (golem-profile/1), building profiles from traces, merging a finished
+run into the profile kept beside golem's cache, and warm-start lists in insertion order.
+Knows nothing of slots, bytes or MLX; the runtime decides when to load or record one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+
+from .simulate import Traces, as_trace_list, stack_distance_histogram
+from .trace import TraceError, load_traces
+
+PROFILE_FORMAT = "golem-profile/1"
+PROFILE_FILENAME = "golem-profile.json"
+
+
+class ProfileError(ValueError):
+    """A profile file that is missing, malformed, or made for another model shape."""
+
+
+@dataclass
+class Profile:
+    """Routing frequencies per MoE layer, gathered over one or more runs.
+
+    Args:
+        counts: float64 (L, E), uses of each expert in decode steps (merged runs may be
+            decayed, hence floats).
+        top_k: experts per token of the model.
+        num_steps: decode steps counted.
+        runs: how many runs or traces were merged into it.
+        stack_hist: optional int64 (L, E+1), plain LRU's stack-distance histogram (see
+            ``golem.runtime.simulate.stack_distance_histogram``), which the memory planner
+            turns into per-layer miss curves.
+        meta: free-form facts (model name, sources).
+    """
+
+    counts: np.ndarray
+    top_k: int
+    num_steps: int = 0
+    runs: int = 1
+    stack_hist: Optional[np.ndarray] = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[1])
+
+    def top_experts(self, layer: int, n: Optional[int] = None) -> list[int]:
+        """The used experts of ``layer``, most used first (ties: lower id first), at most ``n``."""
+        c = self.counts[layer]
+        order = np.lexsort((np.arange(len(c)), -c))
+        order = order[c[order] > 0]
+        return [int(e) for e in (order if n is None else order[:n])]
+
+    def warm_start(self, capacity: Union[int, Sequence[int]], pinned: Sequence[int] = ()) -> Dict[int, list]:
+        """Layer -> the ``capacity`` most used experts in insertion order: the most used last,
+        so that it ends most recent. Pinned layers are left out."""
+        caps = _per_layer(capacity, self.num_layers)
+        skip = set(pinned)
+        return {
+            layer: self.top_experts(layer, caps[layer])[::-1]
+            for layer in range(self.num_layers)
+            if layer not in skip
+        }
+
+    def check_shape(self, num_layers: int, num_experts: int, where: str = "profile", other: str = "the model") -> None:
+        if (self.num_layers, self.num_experts) != (num_layers, num_experts):
+            raise ProfileError(
+                f"{where}: made for {self.num_layers} layers x {self.num_experts} experts, "
+                f"{other} has {num_layers} x {num_experts}"
+            )
+
+    def merge(self, other: "Profile", decay: float = 1.0) -> "Profile":
+        """This profile's counts times ``decay`` plus ``other``'s (older runs fade when < 1)."""
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        other.check_shape(self.num_layers, self.num_experts, "merged run", "the profile")
+        hist = None
+        if self.stack_hist is not None and other.stack_hist is not None:
+            hist = self.stack_hist + other.stack_hist
+        elif other.stack_hist is not None:
+            hist = other.stack_hist.copy()
+        return Profile(
+            counts=self.counts * decay + other.counts,
+            top_k=other.top_k,
+            num_steps=self.num_steps + other.num_steps,
+            runs=self.runs + other.runs,
+            stack_hist=hist,
+            meta={**self.meta, **other.meta},
+        )
+
+    def to_json(self) -> dict:
+        layers = []
+        for layer in range(self.num_layers):
+            top = self.top_experts(layer)
+            layers.append({"experts": top, "counts": [_number(self.counts[layer, e]) for e in top]})
+        out = {
+            "format": PROFILE_FORMAT,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "num_steps": self.num_steps,
+            "runs": self.runs,
+            "meta": self.meta,
+            "layers": layers,
+        }
+        if self.stack_hist is not None:
+            out["stack_hist"] = self.stack_hist.tolist()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "profile") -> "Profile":
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ProfileError(f"{where}: not a {PROFILE_FORMAT} file (format {found!r})")
+        try:
+            num_layers, num_experts = int(data["num_layers"]), int(data["num_experts"])
+            layers = data["layers"]
+            if len(layers) != num_layers:
+                raise ProfileError(f"{where}: {len(layers)} layer entries, num_layers says {num_layers}")
+            counts = np.zeros((num_layers, num_experts), dtype=np.float64)
+            for layer, entry in enumerate(layers):
+                experts, values = entry["experts"], entry["counts"]
+                if len(experts) != len(values):
+                    raise ProfileError(f"{where}: layer {layer} lists {len(experts)} experts but {len(values)} counts")
+                for e, c in zip(experts, values):
+                    if not 0 <= int(e) < num_experts:
+                        raise ProfileError(f"{where}: layer {layer} names expert {e}, outside [0, {num_experts})")
+                    if float(c) < 0:
+                        raise ProfileError(f"{where}: layer {layer} expert {e} has a negative count {c}")
+                    counts[layer, int(e)] = float(c)
+            hist = None
+            if "stack_hist" in data:
+                hist = np.asarray(data["stack_hist"], dtype=np.int64)
+                if hist.shape != (num_layers, num_experts + 1):
+                    raise ProfileError(f"{where}: stack_hist shape {hist.shape}, expected {(num_layers, num_experts + 1)}")
+            return cls(
+                counts=counts,
+                top_k=int(data["top_k"]),
+                num_steps=int(data.get("num_steps", 0)),
+                runs=int(data.get("runs", 1)),
+                stack_hist=hist,
+                meta=dict(data.get("meta") or {}),
+            )
+        except ProfileError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProfileError(f"{where}: malformed profile ({type(e).__name__}: {e})") from None
+
+
+def _number(x: float):
+    x = float(x)
+    return int(x) if x.is_integer() else round(x, 4)
+
+
+def _per_layer(capacity, num_layers: int) -> list[int]:
+    if isinstance(capacity, (int, np.integer)):
+        return [int(capacity)] * num_layers
+    caps = [int(c) for c in capacity]
+    if len(caps) != num_layers:
+        raise ValueError(f"capacity: {len(caps)} per-layer values for {num_layers} layers")
+    return caps
+
+
+def profile_from_counts(counts, *, top_k: int, num_steps: int, meta: Optional[dict] = None) -> Profile:
+    """A one-run profile from routing counts (L, E), e.g. those a finished run gathered."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 2:
+        raise ValueError(f"routing counts must be (layers, experts), got shape {counts.shape}")
+    if (counts < 0).any():
+        raise ValueError("routing counts must not be negative")
+    return Profile(counts=counts, top_k=int(top_k), num_steps=int(num_steps), runs=1, meta=dict(meta or {}))
+
+
+def profile_from_traces(traces: Traces, *, decode_only: bool = True, stack: bool = True) -> Profile:
+    """Count every (layer, expert) use of the traces' decode steps; ``stack`` adds the LRU
+    stack-distance histogram the planner uses (caches persisting across the traces)."""
+    trace_list = as_trace_list(traces)
+    first = trace_list[0]
+    num_layers, num_experts = first.num_layers, first.num_experts
+    counts = np.zeros((num_layers, num_experts), dtype=np.float64)
+    steps = 0
+    for t in trace_list:
+        t = t.decode_only() if decode_only else t
+        ex = t.experts.astype(np.int64)
+        ok = ex >= 0
+        flat = (np.arange(num_layers)[None, :, None] * num_experts + ex)[ok]
+        counts += np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+        steps += t.num_steps
+    sources = [Path(t.path).name for t in trace_list if t.path]
+    meta = {"model": first.meta.get("model"), "sources": sources} if first.meta.get("model") else {"sources": sources}
+    return Profile(
+        counts=counts,
+        top_k=max(t.top_k for t in trace_list),
+        num_steps=steps,
+        runs=len(trace_list),
+        stack_hist=stack_distance_histogram(trace_list, decode_only=decode_only) if stack else None,
+        meta=meta,
+    )
+
+
+def save_profile(profile: Profile, path: Union[str, Path]) -> Path:
+    """Write ``profile`` as JSON (atomically: a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(profile.to_json(), separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_profile(path: Union[str, Path]) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProfileError(f"{path}: cannot read profile: {e}") from None
+    return Profile.from_json(data, where=str(path))
+
+
+def load_warm_source(path: Union[str, Path], *, decode_only: bool = True) -> Profile:
+    """A profile from what ``-W/--warm-start PATH`` names: a trace (``.npz``), a folder of
+    traces, a folder holding a saved profile (``golem-profile.json``), or a profile file."""
+    path = Path(path)
+    if path.is_dir():
+        if any(path.glob("*.npz")):
+            return profile_from_traces(load_traces([path]), decode_only=decode_only)
+        if (path / PROFILE_FILENAME).is_file():
+            return load_profile(path / PROFILE_FILENAME)
+        raise ProfileError(f"{path}: folder holds neither .npz traces nor {PROFILE_FILENAME}")
+    if not path.exists():
+        raise ProfileError(f"{path}: no such trace, folder or profile")
+    if path.suffix == ".npz":
+        try:
+            return profile_from_traces(load_traces([path]), decode_only=decode_only)
+        except TraceError as e:
+            raise ProfileError(str(e)) from None
+    return load_profile(path)
+
+
+def random_warm_start(
+    seed: int, num_layers: int, num_experts: int, capacity: Union[int, Sequence[int]], pinned: Sequence[int] = ()
+) -> Dict[int, list]:
+    """Layer -> ``capacity`` distinct experts drawn at random (``-R/--warm-random SEED``).
+
+    Every layer gets its own draw from one generator seeded with ``seed``, so the same seed
+    gives the same warm start; pinned layers are left out.
+    """
+    caps = _per_layer(capacity, num_layers)
+    rng = np.random.default_rng(seed)
+    skip = set(pinned)
+    out: Dict[int, list] = {}
+    for layer in range(num_layers):
+        draw = rng.permutation(num_experts)[: min(caps[layer], num_experts)]
+        if layer not in skip:
+            out[layer] = [int(e) for e in draw]
+    return out
+
+
+def profile_path(folder: Union[str, Path]) -> Path:
+    """Where golem keeps the profile beside its cache."""
+    return Path(folder) / PROFILE_FILENAME
+
+
+def record_run(
+    folder: Union[str, Path],
+    counts,
+    *,
+    top_k: int,
+    num_steps: int,
+    stack_hist: Optional[np.ndarray] = None,
+    meta: Optional[dict] = None,
+    decay: float = 1.0,
+) -> Path:
+    """Merge a finished run's routing counts (L, E) into ``folder/golem-profile.json``.
+
+    Creates the folder and the file when absent; an existing profile's counts are multiplied
+    by ``decay`` first. A profile of another shape, or of another ``meta["model"]``, is an
+    error (``ProfileError``) rather than silently mixed. Returns the file's path.
+    """
+    run = profile_from_counts(counts, top_k=top_k, num_steps=num_steps, meta=meta)
+    if stack_hist is not None:
+        run.stack_hist = np.asarray(stack_hist, dtype=np.int64)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = profile_path(folder)
+    if path.exists():
+        old = load_profile(path)
+        old.check_shape(run.num_layers, run.num_experts, str(path), "this run")
+        a, b = old.meta.get("model"), run.meta.get("model")
+        if a and b and a != b:
+            raise ProfileError(f"{path}: profile of model {a!r}, this run is {b!r}")
+        run = old.merge(run, decay=decay)
+    return save_profile(run, path)
