@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import numpy as np
 from typing import Optional
 
 DEFAULT_PROMPT = "hello"
@@ -34,6 +37,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("expert cache")
     g.add_argument("-c", "--cache-size", type=int, default=None,
                    help="Expert slots per MoE layer (>= top-k; default: every expert).")
+    g.add_argument("--cache-size-override", nargs=2, action="append", default=[], metavar=("RANGES", "N"),
+                   help="Slots for some layers, e.g. '0-40,90-93 128' (repeatable; later ones win).")
+    g.add_argument("-f", "--pin-layers", default=None, metavar="RANGES",
+                   help="Layers kept fully resident (no cache logic), e.g. '0-3,46-47'.")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="Total memory for weights and expert slots, e.g. '48GB': golem picks pinned layers and slots.")
+    g.add_argument("--plan", action="store_true", help="Print the chosen allocation (layers, slots, bytes) and exit.")
+    g.add_argument("-R", "--warm-random", type=int, default=None, metavar="SEED",
+                   help="Fill every cache with random experts before the first token.")
+    g.add_argument("-W", "--warm-start", default=None, metavar="PATH",
+                   help="Fill caches with the most used experts of a trace, a folder of traces, a profile, "
+                        "or 'saved' (the profile --save-profile keeps); also steers --memory-budget.")
+    g.add_argument("--save-profile", action="store_true",
+                   help="After the run, merge its routing into the profile kept beside golem's cache.")
     g.add_argument("--policy", default="lru", help="Eviction policy (lru, lfu, lfu-decay, ...).")
     g.add_argument("--direct-io", action="store_true", help="Read experts with O_DIRECT, bypassing the page cache.")
     g.add_argument("--stats", action="store_true", help="Print a per-layer table after generation.")
@@ -114,6 +131,14 @@ def run(args) -> int:
     if model_path is None:
         raise ValueError("--model is required (or --demo for a generated one)")
     options = {"policy": args.policy, "direct_io": args.direct_io, "io_parallelism": args.io_parallelism}
+    sizing = _Sizing(args, model_path)
+    options["capacities"] = sizing.capacities
+    if args.plan:
+        from .loader import open_checkpoint
+
+        sizing.capacities(open_checkpoint(model_path))
+        print(sizing.plan.describe())
+        return 0
     if args.prefetch_depth:
         from .prefetch import PrefetchConfig
 
@@ -133,13 +158,12 @@ def run(args) -> int:
     if args.trace_out:
         options["record"] = True
         options["record_hidden"] = args.trace_hidden
-    if args.cache_size is not None:
-        options["capacities"] = args.cache_size
-    elif args.demo:
-        options["capacities"] = 8
-    _check_cache_size(model_path, options.get("capacities"))
+    if args.trace_out or args.save_profile:
+        options["record"] = True
     with load(model_path, **options) as (model, tokenizer):
         runtime = model.golem
+        if sizing.warm:
+            runtime.engine.warm(sizing.warm)
         prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
         prompt = sys.stdin.read() if prompt == "-" else prompt
         use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
@@ -171,25 +195,95 @@ def run(args) -> int:
             runtime.engine.trace.save(args.trace_out)
             if args.verbose:
                 print(f"Trace: {args.trace_out}")
+        if args.save_profile:
+            saved = sizing.save_profile(runtime)
+            if args.verbose:
+                print(f"Profile: {saved}")
     return 0
 
 
-def _check_cache_size(model_path: str, capacities) -> None:
-    """A cache smaller than top-k cannot hold one token's experts: say so before loading."""
-    import json
-    from pathlib import Path
+class _Sizing:
+    """Turns the cache flags into per-layer slots and a warm start, once the model is indexed."""
 
-    from .loader import top_k_of
+    def __init__(self, args, model_path: str):
+        from .plan import parse_layer_ranges, parse_override, parse_size
 
-    if not isinstance(capacities, int):
-        return
-    if capacities < 1:
-        raise ValueError(f"--cache-size must be at least 1, got {capacities}")
-    cfg = Path(model_path) / "config.json"
-    if cfg.is_file():
-        k = top_k_of(json.loads(cfg.read_text()))
-        if capacities < k:
-            raise ValueError(f"--cache-size {capacities} is smaller than the model's top-k ({k}): one token needs {k} experts resident")
+        self.args = args
+        self.model_path = model_path
+        self.pins = parse_layer_ranges(args.pin_layers) if args.pin_layers else []
+        self.overrides = [parse_override(v) for v in args.cache_size_override]
+        self.budget = parse_size(args.memory_budget) if args.memory_budget else None
+        if args.cache_size is not None and args.cache_size < 1:
+            raise ValueError(f"--cache-size must be at least 1, got {args.cache_size}")
+        if args.warm_random is not None and args.warm_start is not None:
+            raise ValueError("choose one of -R/--warm-random and -W/--warm-start")
+        self.profile = None
+        if args.warm_start is not None:
+            from .profile import load_profile, load_warm_source, profile_path
+
+            if args.warm_start == "saved":
+                path = profile_path(self.profile_dir())
+                if not path.is_file():
+                    raise ValueError(f"-W saved: no saved profile yet at {path} (run once with --save-profile)")
+                self.profile = load_profile(path)
+            else:
+                self.profile = load_warm_source(args.warm_start)
+        self.plan = None
+        self.warm = None
+
+    def profile_dir(self):
+        from .synthetic import default_cache_dir
+
+        name = Path(self.model_path).expanduser().resolve().name if Path(self.model_path).exists() else self.model_path
+        return default_cache_dir() / "profiles" / name.replace("/", "--")
+
+    def capacities(self, opened):
+        from .plan import RoutingStats, make_plan
+
+        memory = opened.memory()
+        cache_size = self.args.cache_size
+        if cache_size is None and self.budget is None and not self.overrides and not self.pins:
+            cache_size = 8 if self.args.demo else memory.num_experts
+        if cache_size is not None and cache_size < memory.top_k:
+            raise ValueError(f"--cache-size {cache_size} is smaller than the model's top-k ({memory.top_k}): "
+                             f"one token needs {memory.top_k} experts resident")
+        stats = None
+        if self.profile is not None:
+            self.profile.check_shape(memory.num_layers, memory.num_experts, where=str(self.args.warm_start))
+            if self.budget is not None and self.profile.stack_hist is not None:
+                stats = RoutingStats.from_profile(self.profile, source=str(self.args.warm_start))
+        # The scheduler's staging buffers come out of the budget too (see load_offloaded).
+        depth = self.args.prefetch_depth
+        reserve = max(4, 2 * memory.top_k * (depth + 1) + 2) * max(memory.nbytes_of(i) for i in range(memory.num_layers))
+        self.plan = make_plan(memory, budget_nbytes=self.budget, cache_size=cache_size,
+                              overrides=self.overrides, pin_layers=self.pins, stats=stats,
+                              reserve_nbytes=reserve if self.budget is not None else 0)
+        caps = {memory.ids[lp.layer]: lp.slots for lp in self.plan.layers}
+        pinned = [lp.layer for lp in self.plan.layers if lp.pinned]
+        by_pos = None
+        if self.profile is not None:
+            by_pos = self.profile.warm_start([lp.slots for lp in self.plan.layers], pinned)
+        elif self.args.warm_random is not None:
+            from .profile import random_warm_start
+
+            by_pos = random_warm_start(self.args.warm_random, memory.num_layers, memory.num_experts,
+                                       [lp.slots for lp in self.plan.layers], pinned)
+        if by_pos is not None:
+            self.warm = {memory.ids[pos]: experts for pos, experts in by_pos.items()}
+        return caps
+
+    def save_profile(self, runtime):
+        from .profile import record_run
+        from .simulate import stack_distance_histogram
+
+        trace = runtime.engine.trace.trace().decode_only()
+        counts = np.zeros((trace.num_layers, trace.num_experts))
+        ids = trace.experts.astype(np.int64)
+        for layer in range(trace.num_layers):
+            col = ids[:, layer].reshape(-1)
+            np.add.at(counts[layer], col[col >= 0], 1.0)
+        return record_run(self.profile_dir(), counts, top_k=trace.top_k, num_steps=trace.num_steps,
+                          stack_hist=stack_distance_histogram([trace]), meta={"model": str(runtime.path)})
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -209,6 +209,13 @@ class Engine:
         self._fetch(layer, todo)
         pool.settle()
 
+    def warm(self, experts_by_layer) -> None:
+        """Warm start: load each layer's listed experts (the last listed ends most recent)."""
+        for layer, experts in experts_by_layer.items():
+            pool = self.pools.get(layer)
+            if pool is not None and not pool.fully_resident:
+                self.preload(layer, list(experts)[-pool.capacity:])
+
     def _ensure(self, pool: SlotPool, needed: np.ndarray) -> None:
         hits, todo, evicted = pool.plan(needed)
         for victim in evicted:

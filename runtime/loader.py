@@ -123,38 +123,37 @@ def top_k_of(config: dict) -> int:
     raise ModelError("config.json does not say how many experts a token uses (num_experts_per_tok)")
 
 
-def load_offloaded(
-    model_path: str | os.PathLike,
-    *,
-    capacities=None,
-    policy: str = "lru",
-    direct_io: bool = False,
-    throttle=None,
-    prefetch: Optional[PrefetchConfig] = None,
-    predictor: str = "lookahead",
-    predictor_options: Optional[dict] = None,
-    io_parallelism: Optional[int] = None,
-    warm: Optional[Dict[int, Sequence[int]]] = None,
-    record: bool = False,
-    record_hidden: bool = False,
-) -> OffloadedModel:
-    """Load ``model_path`` with every MoE layer's experts in a slot pool.
+@dataclass
+class OpenedCheckpoint:
+    """A model loaded lazily (nothing read but headers) and its expert index."""
 
-    Args:
-        model_path: local checkpoint folder or Hugging Face repo id.
-        capacities: slots per MoE layer: an int for every layer, a dict layer -> slots,
-            or a callable ``(layers, num_experts, expert_nbytes) -> dict``; None = all experts.
-        policy: eviction policy name.
-        direct_io: read experts with O_DIRECT (the disk, not the page cache).
-        throttle: optional storage emulator (``golem.io.storage.Throttle``) for every read.
-        prefetch: depth, threshold and caps of speculative prefetch (None or depth 0: none).
-        predictor: predictor name (``golem.predictors.registry``), e.g. "lookahead".
-        predictor_options: fields of ``PredictorOptions`` (e.g. ``truth`` for the oracle).
-        io_parallelism: reads in flight at once (default: the scheduler's).
-        warm: experts to load before the first token, per decoder layer, in order.
-        record: keep a ``TraceRecorder`` of the routing (``runtime.engine.trace``).
-        record_hidden: also record the post-attention residual of every MoE layer.
-    """
+    model: nn.Module
+    config: dict
+    path: Path
+    experts: List[ExpertsModule]
+    index: ExpertIndex
+    layers: Dict[int, Dict[str, str]]
+    num_experts: Dict[int, int]
+
+    def memory(self):
+        """What the memory planner needs: shapes and byte sizes, measured from the headers."""
+        from .plan import ModelMemory
+
+        moe = sorted(self.layers)
+        expert_names = set(self.index.tensor_names())
+        st = self.index.index
+        return ModelMemory(
+            num_layers=len(moe),
+            num_experts=self.num_experts[moe[0]],
+            top_k=top_k_of(self.config),
+            expert_nbytes=[sum(t.expert_nbytes for t in self.index.parts(l)) for l in moe],
+            non_expert_nbytes=st.nbytes(n for n in st.tensors if n not in expert_names),
+            layer_ids=moe,
+        )
+
+
+def open_checkpoint(model_path: str | os.PathLike) -> OpenedCheckpoint:
+    """Validate the checkpoint's headers, load the model lazily, index its experts."""
     from mlx_lm.utils import load_model
 
     path = resolve_model_path(str(model_path))
@@ -195,11 +194,47 @@ def load_offloaded(
                     f"but the model expects {arr.dtype} {list(arr.shape)}"
                 )
     index = ExpertIndex(st_index, layers, num_experts)
+    return OpenedCheckpoint(model, config, path, experts, index, layers, num_experts)
+
+
+def load_offloaded(
+    model_path: str | os.PathLike,
+    *,
+    capacities=None,
+    policy: str = "lru",
+    direct_io: bool = False,
+    throttle=None,
+    prefetch: Optional[PrefetchConfig] = None,
+    predictor: str = "lookahead",
+    predictor_options: Optional[dict] = None,
+    io_parallelism: Optional[int] = None,
+    record: bool = False,
+    record_hidden: bool = False,
+) -> OffloadedModel:
+    """Load ``model_path`` with every MoE layer's experts in a slot pool.
+
+    Args:
+        model_path: local checkpoint folder or Hugging Face repo id.
+        capacities: slots per MoE layer: an int for every layer, a dict layer -> slots,
+            or a callable ``(OpenedCheckpoint) -> dict``; None = all experts.
+        policy: eviction policy name.
+        direct_io: read experts with O_DIRECT (the disk, not the page cache).
+        throttle: optional storage emulator (``golem.io.storage.Throttle``) for every read.
+        prefetch: depth, threshold and caps of speculative prefetch (None or depth 0: none).
+        predictor: predictor name (``golem.predictors.registry``), e.g. "lookahead".
+        predictor_options: fields of ``PredictorOptions`` (e.g. ``truth`` for the oracle).
+        io_parallelism: reads in flight at once (default: the scheduler's).
+        record: keep a ``TraceRecorder`` of the routing (``runtime.engine.trace``).
+        record_hidden: also record the post-attention residual of every MoE layer.
+    """
+    opened = open_checkpoint(model_path)
+    model, config, path, experts, index = opened.model, opened.config, opened.path, opened.experts, opened.index
+    st_index, layers, num_experts = index.index, opened.layers, opened.num_experts
 
     if capacities is None:
         caps = dict(num_experts)
     elif callable(capacities):
-        caps = capacities(sorted(layers), num_experts, {l: index.expert_nbytes(l) for l in layers})
+        caps = capacities(opened)
     elif isinstance(capacities, int):
         caps = {l: capacities for l in layers}
     else:
@@ -222,7 +257,7 @@ def load_offloaded(
         pools[em.layer] = SlotPool(em.layer, num_experts[em.layer], cap, parts, policy=policy)
 
     scheduler = None
-    if any(not p.fully_resident for p in pools.values()) or warm:
+    if any(not p.fully_resident for p in pools.values()):
         from golem.io.scheduler import IOScheduler
 
         depth = prefetch.depth if prefetch is not None else 0
@@ -288,8 +323,6 @@ def load_offloaded(
         for layer, pool in pools.items():
             if pool.fully_resident:
                 engine.preload(layer, range(pool.num_experts))
-            elif warm and warm.get(layer):
-                engine.preload(layer, list(warm[layer])[: pool.capacity])
     except BaseException:
         engine.close()
         reader.close()
