@@ -450,3 +450,60 @@ def lru_misses(hist: np.ndarray) -> np.ndarray:
     requests = hist.sum(axis=1, keepdims=True)
     hits = np.concatenate([np.zeros((hist.shape[0], 1), dtype=np.int64), np.cumsum(hist[:, :-1], axis=1)], axis=1)
     return requests - hits
+
+
+def requests_per_step(traces: Traces, *, decode_only: bool = True) -> np.ndarray:
+    """int32 (N, L): distinct experts each replayed step requests in each layer."""
+    return (_stream(traces, decode_only).steps >= 0).sum(axis=2, dtype=np.int32)
+
+
+def split_sequences(traces: Traces, *, decode_only: bool = True) -> list[Trace]:
+    """Every sequence of the traces as a trace of its own, in order."""
+    out = []
+    for t in as_trace_list(traces):
+        t = t.decode_only() if decode_only else t
+        for start, stop in t.sequences():
+            if stop > start:
+                out.append(Trace(
+                    experts=t.experts[start:stop],
+                    weights=t.weights[start:stop],
+                    seq_offsets=np.array([0, stop - start], dtype=np.int64),
+                    meta=t.meta,
+                    token_ids=None if t.token_ids is None else t.token_ids[start:stop],
+                    prefill=None if t.prefill is None else t.prefill[start:stop],
+                    path=t.path,
+                ))
+    return out
+
+
+def simulate_sequences(
+    traces: Traces,
+    warm_for: Optional[Callable[[int, Trace], Optional[Mapping[int, Sequence[int]]]]] = None,
+    **kwargs,
+) -> SimResult:
+    """Replay every sequence from fresh caches, as separate runs of golem would, and add up.
+
+    ``warm_for(i, sequence)`` gives the warm start of the i-th sequence (None: empty). Other
+    keyword arguments as in ``simulate``; ``seed`` is offset by the sequence index.
+    """
+    seqs = split_sequences(traces, decode_only=kwargs.pop("decode_only", True))
+    if not seqs:
+        raise ValueError("no sequences to replay")
+    seed = kwargs.pop("seed", 0)
+    parts = [
+        simulate(s, warm=warm_for(i, s) if warm_for else None, seed=seed + i, decode_only=False, **kwargs)
+        for i, s in enumerate(seqs)
+    ]
+    first = parts[0]
+    return SimResult(
+        policy=first.policy,
+        capacities=first.capacities,
+        pinned=first.pinned,
+        requests=sum(p.requests for p in parts),
+        hits=sum(p.hits for p in parts),
+        misses=sum(p.misses for p in parts),
+        prefetched=sum(p.prefetched for p in parts),
+        step_misses=np.concatenate([p.step_misses for p in parts]),
+        step_prefetched=np.concatenate([p.step_prefetched for p in parts]),
+        num_experts=first.num_experts,
+    )

@@ -1,0 +1,160 @@
+"""`golem-trace simulate`: replay traces through a policy, a capacity plan and a warm start.
+
+Parses the same cache flags as golem-run (``-c``, ``--cache-size-override``, ``-f``,
+``--memory-budget``, ``-W``, ``-R``, ``--policy``), builds the plan with
+``golem.runtime.plan``, replays with ``golem.runtime.simulate`` and prints per-layer and
+total hit rates beside Belady's bound. The replay itself lives in ``golem.runtime.simulate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..plan import ModelMemory, RoutingStats, make_plan, parse_layer_ranges, parse_override, parse_size
+from ..policies import DEFAULT_POLICY, policy_names
+from ..profile import Profile, load_warm_source, random_warm_start
+from ..simulate import belady, simulate
+from ..trace import load_traces
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "simulate",
+        help="Replay traces through per-layer expert caches; report hit rates and Belady's bound.",
+        description="Replay golem-trace/1 traces, in order, through one expert cache per MoE layer "
+                    "(caches persist across sequences and traces). Reports hits, misses (demand reads) "
+                    "and the offline optimum (Belady: evict the expert used farthest in the future).",
+    )
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="Trace files or folders of traces, replayed in order.")
+    p.add_argument("--policy", default="lru",
+                   help=f"Eviction policy: {', '.join(policy_names())}, with parameters as name:key=value "
+                        f"(e.g. lfu-decay:decay=0.9). Default lru; golem-run's default is {DEFAULT_POLICY}.")
+    p.add_argument("-c", "--capacity", "--cache-size", dest="capacity", type=int, default=None,
+                   help="Slots per MoE layer (default: half the experts, unless another sizing flag is given).")
+    p.add_argument("--cache-size-override", nargs=2, action="append", default=[], metavar=("RANGES", "N"),
+                   help="N slots for the layers in RANGES (e.g. 0-3,12 48); repeatable, later ones win.")
+    p.add_argument("-f", "--pin-layers", default=None, metavar="RANGES",
+                   help="Fully resident layers (no misses), e.g. 0-3,14-15.")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="Plan slots within SIZE (e.g. 8GB) for non-expert bytes plus expert slots.")
+    p.add_argument("--non-expert-bytes", default="0", metavar="SIZE",
+                   help="Bytes of the always-resident weights the budget must hold (default 0).")
+    p.add_argument("--expert-bytes", default=None, metavar="SIZE",
+                   help="Bytes of one expert (default: the trace's meta expert_bytes).")
+    p.add_argument("--plan-stats", default=None, metavar="PATH",
+                   help="Routing statistics for --memory-budget: traces (curves of --policy) or a profile "
+                        "(LRU curves). Default: the -W source if given, else a uniform plan.")
+    warm = p.add_mutually_exclusive_group()
+    warm.add_argument("-W", "--warm-start", default=None, metavar="PATH",
+                      help="Start with each layer's most used experts from a trace, a folder of traces or a profile.")
+    warm.add_argument("-R", "--warm-random", type=int, default=None, metavar="SEED",
+                      help="Start with random experts (seeded).")
+    p.add_argument("--prefetch-recall", type=float, default=0.0,
+                   help="Share of misses a prefetcher hides (each miss, with this probability). Default 0.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the prefetch draws.")
+    p.add_argument("--include-prefill", action="store_true", help="Replay prefill steps too.")
+    p.add_argument("--no-belady", action="store_true", help="Skip the Belady bound (it costs about one replay).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
+    p.set_defaults(func=run)
+    return p
+
+
+def _model(args, meta: dict) -> ModelMemory:
+    if args.expert_bytes is not None:
+        nbytes = parse_size(args.expert_bytes, what="--expert-bytes")
+    else:
+        nbytes = int(meta.get("expert_bytes") or 0)
+    if nbytes <= 0:
+        if args.memory_budget is not None:
+            raise ValueError("--memory-budget: the trace records no expert_bytes; give --expert-bytes SIZE")
+        nbytes = 1  # only shown, never used for sizing
+    return ModelMemory(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]), nbytes,
+                       parse_size(args.non_expert_bytes, what="--non-expert-bytes"))
+
+
+def _stats(args, warm_profile, policy: str):
+    source = args.plan_stats or args.warm_start
+    if args.memory_budget is None or source is None:
+        return None
+    path = Path(source)
+    if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
+        return RoutingStats.from_traces(load_traces([path]), policy=policy)
+    profile = warm_profile if source == args.warm_start and warm_profile is not None else load_warm_source(path)
+    return RoutingStats.from_profile(profile, source=str(source))
+
+
+def run(args) -> int:
+    traces = load_traces(args.traces)
+    meta = traces[0].meta
+    model = _model(args, meta)
+    e, k = model.num_experts, model.top_k
+    warm_profile: Profile | None = None
+    if args.warm_start is not None:
+        warm_profile = load_warm_source(args.warm_start)
+        warm_profile.check_shape(model.num_layers, e, where=f"-W {args.warm_start}", other="the trace")
+    cache_size = args.capacity
+    sizing = (args.capacity, args.memory_budget, args.pin_layers, args.cache_size_override)
+    if all(x in (None, []) for x in sizing):
+        cache_size = max(k, e // 2)
+    plan = make_plan(
+        model,
+        budget_nbytes=parse_size(args.memory_budget) if args.memory_budget else None,
+        cache_size=cache_size,
+        overrides=[parse_override(v) for v in args.cache_size_override],
+        pin_layers=parse_layer_ranges(args.pin_layers) if args.pin_layers else [],
+        stats=_stats(args, warm_profile, args.policy),
+    )
+    caps, pinned = plan.capacities, plan.pinned_layers
+    warm, warm_name = None, "empty"
+    if warm_profile is not None:
+        warm, warm_name = warm_profile.warm_start(caps, pinned), str(args.warm_start)
+    elif args.warm_random is not None:
+        warm, warm_name = random_warm_start(args.warm_random, model.num_layers, e, caps, pinned), f"random:{args.warm_random}"
+    kw = dict(pinned=pinned, warm=warm, decode_only=not args.include_prefill)
+    result = simulate(traces, policy=args.policy, capacity=caps, prefetch_recall=args.prefetch_recall,
+                      seed=args.seed, **kw)
+    bound = None if args.no_belady else belady(traces, caps, **kw)
+
+    if args.memory_budget is not None:
+        print(plan.describe())
+        print()
+    print(f"{len(traces)} trace(s), {result.num_steps} steps; policy {args.policy}; warm start {warm_name}"
+          + (f"; prefetch recall {args.prefetch_recall:g}" if args.prefetch_recall else ""))
+    head = f"{'layer':>5}  {'slots':>7}  {'requests':>9}  {'hit':>7}  {'miss':>7}"
+    head += f"  {'prefetched':>10}" if args.prefetch_recall else ""
+    head += f"  {'belady miss':>11}" if bound is not None else ""
+    print(head)
+
+    def line(label, slots, req, hits, misses, pre, bmiss):
+        req = max(req, 1)
+        s = f"{label:>5}  {slots:>7}  {req:>9}  {100 * hits / req:>6.2f}%  {100 * misses / req:>6.2f}%"
+        s += f"  {100 * pre / req:>9.2f}%" if args.prefetch_recall else ""
+        s += f"  {100 * bmiss / req:>10.2f}%" if bound is not None else ""
+        return s
+
+    for layer in range(result.num_layers):
+        slots = "pinned" if layer in pinned else f"{caps[layer]}/{e}"
+        print(line(layer, slots, int(result.requests[layer]), int(result.hits[layer]), int(result.misses[layer]),
+                   int(result.prefetched[layer]), int(bound.misses[layer]) if bound is not None else 0))
+    print(line("all", sum(caps), result.total_requests, result.total_hits, result.total_misses,
+               result.total_prefetched, bound.total_misses if bound is not None else 0))
+    print(f"misses per token {result.total_misses / max(result.num_steps, 1):.2f}"
+          + (f" (Belady {bound.total_misses / max(bound.num_steps, 1):.2f})" if bound is not None else ""))
+    if args.json:
+        out = result.to_dict(per_layer=True)
+        out.update({
+            "traces": [t.path for t in traces],
+            "warm_start": warm_name,
+            "prefetch_recall": args.prefetch_recall,
+            "belady_misses": bound.total_misses if bound is not None else None,
+            "belady_miss_ratio": round(bound.miss_ratio, 6) if bound is not None else None,
+        })
+        if bound is not None:
+            for row, b in zip(out["per_layer"], bound.misses):
+                row["belady_misses"] = int(b)
+        if args.memory_budget is not None:
+            out["plan"] = plan.to_dict()
+        print(json.dumps(out))
+    return 0

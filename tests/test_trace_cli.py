@@ -1,0 +1,160 @@
+"""`golem-trace stats|simulate|plot`: JSON last line, the numbers of the library API, and
+clear errors (exit code 2, no traceback) for bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from golem.runtime.plan import parse_size
+from golem.runtime.profile import profile_from_traces, save_profile
+from golem.runtime.simulate import belady, simulate
+from golem.runtime.trace import load_trace, save_trace
+from golem.runtime.trace_cli import main
+
+from test_simulate import reference_lru
+from trace_factory import make_trace, random_trace
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def traces(tmp_path):
+    a, b = random_trace(0, n=200, layers=3, num_experts=12, k=3), random_trace(1, n=200, layers=3, num_experts=12, k=3)
+    save_trace(tmp_path / "a.npz", a)
+    save_trace(tmp_path / "b.npz", b)
+    return tmp_path / "a.npz", tmp_path / "b.npz"
+
+
+def test_simulate_json_matches_the_api(capsys, traces):
+    a, b = traces
+    rc, out, _ = run_cli(capsys, "simulate", a, b, "--policy", "lru", "--capacity", 5, "--json")
+    assert rc == 0
+    got = last_json(out)
+    ts = [load_trace(a), load_trace(b)]
+    want = simulate(ts, policy="lru", capacity=5)
+    assert {"policy", "capacity", "requests", "misses", "miss_ratio", "belady_miss_ratio"} <= set(got)
+    assert (got["policy"], got["capacity"]) == ("lru", 5)
+    assert (got["requests"], got["misses"]) == (want.total_requests, want.total_misses)
+    assert got["belady_misses"] == belady(ts, 5).total_misses
+    assert got["belady_miss_ratio"] <= got["miss_ratio"]
+    assert [r["misses"] for r in got["per_layer"]] == want.misses.tolist()
+
+
+def test_simulate_olmoe_slices_match_reference_lru(capsys, tmp_path, olmoe_traces):
+    paths, parts = [], []
+    for name in ("general", "coding"):
+        t = load_trace(olmoe_traces / f"{name}.npz")
+        part = make_trace(t.experts[:1000], 64, seq_offsets=np.arange(0, 1001, 125))
+        part.meta = dict(t.meta)
+        save_trace(tmp_path / f"{name}.npz", part)
+        paths.append(tmp_path / f"{name}.npz")
+        parts.append(part.experts)
+    rc, out, _ = run_cli(capsys, "simulate", *paths, "--policy", "lru", "--capacity", 32, "--json")
+    got = last_json(out)
+    assert rc == 0 and got["misses"] == reference_lru(np.concatenate(parts), 32)
+    assert got["requests"] == 2 * 1000 * 16 * 8
+
+
+def test_simulate_with_budget_warm_start_and_flags(capsys, tmp_path, traces):
+    a, b = traces
+    save_profile(profile_from_traces(load_trace(b)), tmp_path / "p.json")
+    rc, out, _ = run_cli(capsys, "simulate", a, "--memory-budget", "30KB", "--plan-stats", b,
+                         "-W", tmp_path / "p.json", "--policy", "lfu-decay", "--prefetch-recall", 0.5, "--json")
+    assert rc == 0
+    got = last_json(out)
+    assert got["plan"]["total_nbytes"] <= parse_size("30KB")
+    assert sum(got["plan"]["slots"]) * 1000 <= 30_000
+    assert got["warm_start"].endswith("p.json") and got["prefetched"] > 0
+    assert "of 30.00 KB budget" in out
+    rc, out, _ = run_cli(capsys, "simulate", a, "-c", 4, "-f", "1", "--cache-size-override", "2", "6",
+                         "-R", 3, "--no-belady", "--json")
+    got = last_json(out)
+    assert rc == 0 and got["capacity"] == [4, 12, 6] and got["pinned_layers"] == [1]
+    assert got["per_layer"][1]["misses"] == 0 and got["belady_miss_ratio"] is None
+    assert got["warm_start"] == "random:3"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["simulate", "missing.npz"], "missing.npz: no such trace file"),
+        (["simulate", "{a}", "-c", "2"], "smaller than top-k (3)"),
+        (["simulate", "{a}", "--memory-budget", "lots"], "--memory-budget: cannot read size 'lots'"),
+        (["simulate", "{a}", "--memory-budget", "5KB"], "short"),
+        (["simulate", "{a}", "-W", "nowhere.json"], "nowhere.json: no such trace, folder or profile"),
+        (["simulate", "{a}", "--policy", "mru"], "unknown policy 'mru'"),
+        (["simulate", "{a}", "-f", "7"], "-f/--pin-layers: layer 7 does not exist"),
+        (["stats", "{a}", "--coverages", "0.5,x"], "--coverages: cannot read"),
+        (["stats", "{a}", "--coverages", "0.9,0.5"], "ascending"),
+    ],
+)
+def test_bad_input_is_a_clear_error(capsys, traces, argv, message):
+    argv = [x.format(a=traces[0]) for x in argv]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_stats(capsys, traces):
+    a, b = traces
+    rc, out, _ = run_cli(capsys, "stats", a, b, "--window", 50, "--chunk", 40, "--json")
+    assert rc == 0
+    got = last_json(out)
+    assert got["steps"] == 400 and got["num_layers"] == 3
+    ta, tb = load_trace(a), load_trace(b)
+    both = np.concatenate([ta.experts, tb.experts])
+    for row in got["layers"]:
+        col = both[:, row["layer"]].ravel()
+        assert row["distinct"] == len(np.unique(col))
+        counts = np.bincount(col, minlength=12) / col.size
+        counts = counts[counts > 0]
+        assert row["entropy_bits"] == pytest.approx(-(counts * np.log2(counts)).sum(), abs=1e-3)
+    assert got["chunks"]["chunk"] == 40 and got["chunks"]["num_chunks"] == 10
+    assert "chunk analysis" in out and "U mean" in out
+
+
+def test_plot_draws_pngs(capsys, tmp_path, traces):
+    pytest.importorskip("matplotlib")
+    a, b = traces
+    rc, out, _ = run_cli(capsys, "plot", a, b, "--out", tmp_path / "charts", "-c", 5, "--window", 20, "--json")
+    assert rc == 0
+    got = last_json(out)
+    assert [c["chart"] for c in got["charts"]] == ["hit-rate", "warm-start", "overlap"]
+    for c in got["charts"]:
+        with open(c["path"], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rc, out, err = run_cli(capsys, "plot", a, "--charts", "overlap", "--out", tmp_path / "x")
+    assert rc == 2 and "needs two traces" in err
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, traces):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    rc, out, err = run_cli(capsys, "plot", traces[0])
+    assert rc == 2
+    assert "needs matplotlib: pip install 'golem[plot]'" in err and "Traceback" not in err
+
+
+def test_plot_numbers_without_matplotlib(traces):
+    from golem.runtime.commands.plot import expert_overlap, hit_rate_over_time, warm_start_hit_rates
+
+    ta, tb = load_trace(traces[0]), load_trace(traces[1])
+    rates = hit_rate_over_time([ta], policy="lru", capacity=5, window=50)
+    assert rates.shape == (3, 4)
+    assert rates.mean() * 1.0 == pytest.approx(simulate(ta, capacity=5).hit_ratio, abs=1e-9)
+    by_start = warm_start_hit_rates([ta], policy="lru", capacity=5, seed=0)
+    assert set(by_start) == {"empty", "random (seed 0)", "profile"}
+    ov = expert_overlap(ta, ta, 5)
+    assert ov["top_overlap"].tolist() == [1.0] * 3
+    np.testing.assert_allclose(ov["distribution_overlap"], 1.0)
