@@ -14,12 +14,12 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from . import catalog
-from .chunks import ChunkStats, chunk_analysis
+from .chunks import ChunkStats
 from .trace import Trace
 
 GiB = 1024 ** 3
@@ -794,10 +794,12 @@ class TraceReplay:
             for every capacity; other policies one replay per capacity).
         prefetch_recall: fraction of misses a predictor would have read ahead in time.
         seed: seeds the simulator's prefetch draws.
+        warm: traced layer -> experts resident before the first step, oldest first (e.g.
+            what the prompt left behind); used when the trace is of the estimated model.
     """
 
     def __init__(self, traces: Sequence[Trace], *, policy: str = "lru", prefetch_recall: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, warm: Optional[dict] = None) -> None:
         if not traces:
             raise ValueError("trace-driven estimate needs at least one trace")
         if not 0.0 <= prefetch_recall <= 1.0:
@@ -818,6 +820,7 @@ class TraceReplay:
         self.policy = policy
         self.prefetch_recall = float(prefetch_recall)
         self.seed = seed
+        self.warm = warm
         self._sim = _simulator()
         self._lru: Optional[np.ndarray] = None
         self._reads: dict[int, np.ndarray] = {}
@@ -854,7 +857,7 @@ class TraceReplay:
                 return 0.0, 0.0, "every layer resident"
             caps = [max(int(s), self.need) for s in placement.slots]
             res = self._sim.simulate(self.traces, policy=self.policy, capacity=caps, pinned=sorted(pinned),
-                                     prefetch_recall=r, seed=self.seed)
+                                     prefetch_recall=r, seed=self.seed, warm=self.warm)
             demand = res.misses.astype(float)
             ahead = res.prefetched.astype(float)
             starved = [i for i in cached if placement.slots[i] < self.need]
