@@ -69,13 +69,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
+    if n >= GiB or n == 0:
+        return f"{n / GiB:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def _print_report(rep: Report) -> None:
     m, q, mach, pl = rep.model, rep.quant, rep.machine, rep.placement
     print(f"model {m.name} ({m.model_type}): {m.num_moe_layers} MoE layers x {m.num_experts} experts, "
-          f"top-{m.top_k}; {m.total_params / 1e9:.1f}B parameters, {m.active_params / 1e9:.1f}B active")
+          f"top-{m.top_k}; {_params(m.total_params)} parameters, {_params(m.active_params)} active")
     print(f"bits: expert gate/up/down {q.gate_bpw:g}/{q.up_bpw:g}/{q.down_bpw:g} -> "
           f"{pl.expert_nbytes / 2**20:.3f} MiB per expert, {_gib(m.total_experts * pl.expert_nbytes)} in all; "
           f"non-expert {q.non_expert_bpw:g} bpw -> {_gib(q.non_expert_nbytes(m))}")
@@ -137,9 +143,12 @@ def run(args) -> int:
         traces = load_traces(args.trace)
         if routing is None:
             stats = chunk_analysis(traces, chunk=args.chunk, coverages=(args.coverage,))
-            if stats.num_chunks < 2:
-                raise ValueError(f"--trace: fewer than 2 chunks of {args.chunk} decode steps")
-            routing = ChunkRouting.from_stats(stats, model, args.coverage)
+            if stats.num_chunks >= 2:
+                routing = ChunkRouting.from_stats(stats, model, args.coverage)
+            else:
+                print(f"note: the traces hold fewer than 2 chunks of {args.chunk} decode steps: no chunk "
+                      "formula (a smaller --chunk gives one)", file=sys.stderr)
+                stats = None
         replay = TraceReplay(traces, policy=args.policy, prefetch_recall=args.prefetch_recall)
         if args.plan == "weighted":
             weights = distinct_per_layer(traces, model, args.chunk)
