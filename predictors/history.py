@@ -110,6 +110,7 @@ class Previous(HistoryPredictor):
         super().__init__(shape, online=online)
         self.reused = np.full((shape.num_layers, shape.top_k), prior * prior_weight)
         self.seen = np.full((shape.num_layers, shape.top_k), prior_weight)
+        self._mask = np.zeros(shape.num_experts, bool)
 
     def fit(self, traces: Sequence[Any]) -> "Previous":
         for trace in traces:
@@ -132,22 +133,32 @@ class Previous(HistoryPredictor):
 
     def predict(self, layer: int, targets: range) -> np.ndarray:
         out = self.zeros(targets)
-        rate = self.reuse_rate()
         k = self.shape.top_k
         for row, t in enumerate(targets):
             ids = self.history.at(t, self.step - 1)
             if ids is not None and ids.size:
-                ranks = np.minimum(np.arange(ids.size), k - 1)
-                out[row, ids] = rate[t, ranks]
+                ranks = _RANKS[: ids.size] if ids.size <= k else np.minimum(np.arange(ids.size), k - 1)
+                out[row, ids] = self.reused[t, ranks] / self.seen[t, ranks]
         return out
 
     def learn(self, layer: int, ids: np.ndarray) -> None:
         prev = self.history.at(layer, self.step - 1)
         if prev is None or not prev.size:
             return
-        ranks = np.minimum(np.arange(prev.size), self.shape.top_k - 1)
-        np.add.at(self.seen[layer], ranks, 1.0)
-        np.add.at(self.reused[layer], ranks, np.isin(prev, ids).astype(np.float64))
+        self._mask[ids] = True
+        reused = self._mask[prev]
+        self._mask[ids] = False
+        if prev.size <= self.shape.top_k:
+            ranks = _RANKS[: prev.size]
+            self.seen[layer, ranks] += 1.0
+            self.reused[layer, ranks] += reused
+        else:
+            ranks = np.minimum(np.arange(prev.size), self.shape.top_k - 1)
+            np.add.at(self.seen[layer], ranks, 1.0)
+            np.add.at(self.reused[layer], ranks, reused.astype(np.float64))
+
+
+_RANKS = np.arange(4096)
 
 
 class Frequency(HistoryPredictor):
@@ -233,12 +244,30 @@ class Transition(HistoryPredictor):
         self._stale_steps = 0
         # bins of this step's predictions by (target layer, d - 1), -1 = none yet
         self._pending = np.full((L, max_depth, E), -1, np.int64)
+        self._used = np.zeros((L, E), bool)  # this step's true routing, for the calibration
+        self._observed = np.zeros(L, bool)
 
     def begin_step(self) -> None:
+        self._calibrate()
         super().begin_step()
-        self._pending.fill(-1)
         if self.online and self._stale_steps >= self.refresh_steps:
             self._tables = None
+
+    def begin_sequence(self) -> None:
+        self._calibrate()
+        super().begin_sequence()
+
+    def _calibrate(self) -> None:
+        """Score the last step's predictions against its routing, all layers at once."""
+        L, D, E = self._pending.shape
+        made = (self._pending[:, :, 0] >= 0) & self._observed[:, None]  # (L, D)
+        if made.any():
+            groups = np.broadcast_to(np.arange(D)[None, :], (L, D))[made]
+            used = np.broadcast_to(self._used[:, None, :], (L, D, E))[made]
+            self.calibration.update(groups, self._pending[made], used)
+        self._pending.fill(-1)
+        self._used.fill(False)
+        self._observed.fill(False)
 
     def _logodds(self) -> tuple:
         """(prior logits (L, E), evidence (D, L, E, E)) from the counts."""
@@ -259,7 +288,7 @@ class Transition(HistoryPredictor):
     def raw(self, layer: int, src: np.ndarray, depths: np.ndarray) -> np.ndarray:
         """(len(depths), E) naive-Bayes probabilities for layers ``layer + depths``."""
         base, evidence = self._logodds()
-        z = base[layer + depths] + evidence[depths - 1, layer][:, src].sum(axis=1)
+        z = base[layer + depths] + evidence[(depths - 1)[:, None], layer, src[None, :]].sum(axis=1)
         return 1.0 / (1.0 + np.exp(-z))
 
     def fit(self, traces: Sequence[Any]) -> "Transition":
@@ -306,12 +335,8 @@ class Transition(HistoryPredictor):
             src = self.history.at(layer - d, self.step)
             if src is not None and src.size:
                 self.pairs[d - 1, layer - d, src[:, None], ids[None, :]] += 1.0
-        pending = self._pending[layer]
-        if (pending >= 0).any():
-            used = np.zeros(self.shape.num_experts, bool)
-            used[ids] = True
-            self.calibration.update(np.arange(self.max_depth), pending, used[None, :])
-            pending.fill(-1)
+        self._used[layer, ids] = True
+        self._observed[layer] = True
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -33,6 +33,8 @@ class Accuracy:
         hits: selected candidates the target layer did use.
         covered_layer_steps: steps x layers >= depth.
         expert_nbytes: bytes of one expert (0 when unknown).
+        best: when set, the selection was "the ``best`` highest-scored experts of each target
+            layer" (score > 0) instead of the threshold (then reported as 0).
     """
 
     predictor: str
@@ -45,6 +47,7 @@ class Accuracy:
     hits: int
     covered_layer_steps: int
     expert_nbytes: int = 0
+    best: Optional[int] = None
 
     @property
     def recall(self) -> float:
@@ -94,12 +97,15 @@ def replay(
     max_experts: Optional[int] = None,
     max_nbytes: Optional[int] = None,
     expert_nbytes: Optional[int] = None,
+    best: Optional[int] = None,
 ) -> List[Accuracy]:
     """Replay ``trace`` (its decode steps, sequence by sequence) through ``predictor``.
 
     Calls the predictor exactly as the decode engine does (see ``Predictor``); ``hidden``
     (N, L, D) feeds predictors that need hidden states. Returns one ``Accuracy`` per depth
-    ``nearest..depth`` and threshold, depth-major.
+    ``nearest..depth`` and threshold, depth-major; with ``best=k`` each depth also gets a
+    row for "the k best-scored experts of the target layer" (how published recall figures
+    count), after the threshold rows.
     """
     N, L, _ = trace.experts.shape
     E = predictor.shape.num_experts
@@ -121,7 +127,9 @@ def replay(
     ]
     capped = any(s.limit is not None for s in selections)
     thr = np.asarray([s.threshold for s in selections], np.float32)[:, None, None, None]
-    R, T = depth - nearest + 1, len(selections)
+    if best is not None and not 1 <= best <= E:
+        raise ValueError(f"best must be within 1..{E}, got {best}")
+    R, T = depth - nearest + 1, len(selections) + (best is not None)
     hot = onehot(trace.experts, E)
     experts = np.asarray(trace.experts)
     weights = None if getattr(trace, "weights", None) is None else np.asarray(trace.weights)
@@ -133,7 +141,7 @@ def replay(
         for t in range(start, stop):
             predictor.begin_step()
             buf = np.zeros((R, L, E), np.float32)  # scores by depth and target layer
-            masks = np.zeros((T, R, L, E), bool) if capped else None
+            masks = np.zeros((T, R, L, E), bool)
             for layer in range(L):
                 h = hidden[t, layer] if predictor.needs_hidden else None
                 prop = predictor.propose(layer, depth, h, nearest=nearest)
@@ -141,14 +149,18 @@ def replay(
                 if not len(prop.targets):
                     continue
                 scores = predictor.scores(prop)
-                rows = np.asarray(prop.offsets) - nearest
-                cols = np.asarray(prop.targets)
+                n, first = len(prop.targets), prop.targets.start
+                rows, cols = _ARANGE[:n] + (first - layer - nearest), _ARANGE[:n] + first
                 buf[rows, cols] = scores
                 if capped:
                     for i, sel in enumerate(selections):
                         masks[i, rows, cols] = sel.mask(scores)
             if not capped:
-                masks = (buf[None] >= thr) & (buf[None] > 0)
+                masks[: len(selections)] = (buf[None] >= thr) & (buf[None] > 0)
+            if best is not None:
+                top = np.argpartition(-buf, best - 1, axis=-1)[..., :best]
+                np.put_along_axis(masks[-1], top, True, axis=-1)
+                masks[-1] &= buf > 0
             hits += (masks & hot[t][None, None]).sum(axis=(2, 3))
             predicted += masks.sum(axis=(2, 3))
 
@@ -157,12 +169,13 @@ def replay(
     for r in range(R):
         d = nearest + r
         covered = int(hot[:, d:].sum())
-        for i, sel in enumerate(selections):
+        for i in range(T):
+            is_best = i == len(selections)
             out.append(
                 Accuracy(
                     predictor=predictor.name,
                     depth=d,
-                    threshold=sel.threshold,
+                    threshold=0.0 if is_best else selections[i].threshold,
                     steps=N,
                     true_experts=true_total,
                     covered_experts=covered,
@@ -170,9 +183,13 @@ def replay(
                     hits=int(hits[i, r]),
                     covered_layer_steps=N * (L - d),
                     expert_nbytes=nbytes,
+                    best=best if is_best else None,
                 )
             )
     return out
+
+
+_ARANGE = np.arange(1024)
 
 
 def merge_accuracies(results: Sequence[Sequence[Accuracy]]) -> List[Accuracy]:
@@ -182,7 +199,7 @@ def merge_accuracies(results: Sequence[Sequence[Accuracy]]) -> List[Accuracy]:
     out = []
     for rows in zip(*results):
         first = rows[0]
-        if any((r.depth, r.threshold) != (first.depth, first.threshold) for r in rows):
+        if any((r.depth, r.threshold, r.best) != (first.depth, first.threshold, first.best) for r in rows):
             raise ValueError("replays to merge must report the same depths and thresholds")
         out.append(
             Accuracy(
@@ -196,6 +213,7 @@ def merge_accuracies(results: Sequence[Sequence[Accuracy]]) -> List[Accuracy]:
                 hits=sum(r.hits for r in rows),
                 covered_layer_steps=sum(r.covered_layer_steps for r in rows),
                 expert_nbytes=first.expert_nbytes,
+                best=first.best,
             )
         )
     return out

@@ -131,6 +131,11 @@ def test_replay_counts_by_the_definition():
     assert high.precision == pytest.approx(0.5) and high.wasted_per_useful == pytest.approx(1.0)
     # at 0.1 expert 1 counts too: used at (t2, l2)
     assert (low.hits, low.predicted) == (4, 12) and low.predicted_per_layer == pytest.approx(2.0)
+    # the single best guess is expert 0
+    *_, top1 = replay(trace, _FixedGuess(RoutingShape(3, 4, 1)), depth=1, thresholds=[0.5], best=1)
+    assert (top1.best, top1.hits, top1.predicted) == (1, 3, 6)
+    *_, topk = replay(trace, Oracle(trace), depth=1, thresholds=[0.5], best=1)
+    assert topk.recall_covered == 1.0
 
 
 # ---------------------------------------------------------------- history predictors
@@ -328,6 +333,10 @@ def test_cli_list_json_and_errors(tmp_path, capsys):
 
     rc = trace_main(["predict", str(tmp_path / "test.npz"), "--predictor", "oracle", "--depth", "0", "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recall"] == 1.0
+    rc = trace_main(["predict", str(tmp_path / "test.npz"), "--predictor", "noisy-oracle", "--recall", "0.5",
+                     "--depth", "1", "--best", "4", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and [r["best"] for r in out["rows"]] == [None, None, None, 4]
 
     assert trace_main(["predict", str(tmp_path / "test.npz"), "--predictor", "bogus"]) == 2
     assert "unknown predictor 'bogus'" in capsys.readouterr().err

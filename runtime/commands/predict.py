@@ -42,6 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Report depths 1..DEPTH (0: the layer's own routing, a sanity check). Default 2.")
     p.add_argument("--threshold", type=float, nargs="+", default=[0.1, 0.3, 0.5],
                    help="Minimum score(s) (estimated probability of use). Default 0.1 0.3 0.5.")
+    p.add_argument("--best", type=int, default=None, metavar="K",
+                   help="Also report recall when the K best-scored experts of each target layer are taken "
+                        "(how published figures count; e.g. the model's top-k).")
     p.add_argument("--max-experts", type=int, default=None, help="Cap on candidates per prediction (count).")
     p.add_argument("--max-bytes", default=None, help="Cap on candidate bytes per prediction, e.g. 256MiB.")
     p.add_argument("--model", default=None, help="Model folder whose routers lookahead applies (lookahead only).")
@@ -141,7 +144,7 @@ def run(args) -> int:
         hidden = _hidden(test, args.hidden_kind, args.predictor) if predictor.needs_hidden else None
         results.append(
             replay(decode, predictor, depth=depth, nearest=nearest, thresholds=args.threshold, hidden=hidden,
-                   max_experts=args.max_experts, max_nbytes=max_nbytes, expert_nbytes=nbytes)
+                   max_experts=args.max_experts, max_nbytes=max_nbytes, expert_nbytes=nbytes, best=args.best)
         )
     rows = merge_accuracies(results)
 
@@ -154,12 +157,14 @@ def run(args) -> int:
     print(f"{'depth':>5} {'thresh':>6} {'recall':>7} {'covered':>7} {'precision':>9} {'pred/layer':>10} "
           f"{'wasted/useful':>13} {'wasted MiB/token':>16}")
     for r in rows:
-        print(f"{r.depth:>5} {r.threshold:>6.2f} {r.recall:>7.3f} {r.recall_covered:>7.3f} {r.precision:>9.3f} "
+        sel = f"top{r.best}" if r.best else f"{r.threshold:.2f}"
+        print(f"{r.depth:>5} {sel:>6} {r.recall:>7.3f} {r.recall_covered:>7.3f} {r.precision:>9.3f} "
               f"{r.predicted_per_layer:>10.2f} {_fmt(r.wasted_per_useful):>13} {r.wasted_nbytes_per_step / 2**20:>16.2f}")
     print("recall: true experts predicted at layer l-depth of the same step / all true experts; "
           "covered: the same over layers >= depth")
     if args.json:
-        head = next(r for r in rows if r.depth == args.depth and r.threshold == float(args.threshold[0]))
+        head = next(r for r in rows if r.depth == args.depth and r.best is None
+                    and r.threshold == float(args.threshold[0]))
         out = {**head.as_dict(), "predictor": args.predictor, "traces": [t.path for t in tests],
                "train": [t.path for t in train], "online": not args.frozen,
                "rows": [r.as_dict() for r in rows]}
