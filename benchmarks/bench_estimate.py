@@ -6,7 +6,7 @@ writes it as a machine file, records one routing trace, then compares the trace-
 estimate (``golem-trace estimate``'s trace replay) with the decode speed golem measures at
 several cache sizes. Baseline in the same run: every expert resident. Medians over rounds.
 
-    python benchmarks/bench_estimate.py [--rounds 3] [--tokens 128] [--capacities 31,24,16,8,4]
+    python benchmarks/bench_estimate.py [--rounds 5] [--tokens 96] [--capacities 24,16,8,4]
 
 Last line: one JSON object with ``max_abs_error_ratio`` (target <= 0.25).
 """
@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=128, help="Tokens generated per run.")
-    p.add_argument("--rounds", type=int, default=3, help="Rounds over every cache size (medians).")
+    p.add_argument("--tokens", type=int, default=96, help="Tokens generated per run.")
+    p.add_argument("--rounds", type=int, default=5, help="Rounds over every cache size (medians).")
     p.add_argument("--capacities", default="24,16,8,4",
                    help="Cache sizes (slots per layer) to compare; E-1 slots is the calibration point.")
     p.add_argument("--direct-io", action="store_true", help="Read experts with O_DIRECT (the disk, not the page cache).")
