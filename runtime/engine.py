@@ -144,9 +144,11 @@ class Engine:
         pool.assign(expert, slot)
         self._fetch(layer, [(expert, slot)])
 
-    def _fetch(self, layer: int, todo) -> None:
+    def _fetch(self, layer: int, todo, meanwhile=None) -> None:
         """Read ``[(expert, slot), ...]`` (already assigned) and write them into their slots.
 
+        ``meanwhile()`` runs after the demand reads are queued and before waiting on them
+        (the engine issues its prefetches there, so they queue behind the demand reads).
         On failure every expert not written is unassigned again, so a slot never maps an
         expert whose bytes did not arrive.
         """
@@ -155,6 +157,8 @@ class Engine:
         pending = dict(todo)
         try:
             if self.scheduler is None:
+                if meanwhile is not None:
+                    meanwhile()
                 buf = self._staging_for(layer)
                 for e, slot in todo:
                     pool.stats.bytes_read += self.reader(layer, e, buf)
@@ -163,6 +167,8 @@ class Engine:
             else:
                 futures = [(e, slot, self.scheduler.submit((layer, e), depth=0)) for e, slot in todo]
                 try:
+                    if meanwhile is not None:
+                        meanwhile()
                     for e, slot, future in futures:
                         buf = future.result()
                         try:
@@ -216,7 +222,7 @@ class Engine:
             if pool is not None and not pool.fully_resident:
                 self.preload(layer, list(experts)[-pool.capacity:])
 
-    def _ensure(self, pool: SlotPool, needed: np.ndarray) -> None:
+    def _ensure(self, pool: SlotPool, needed: np.ndarray, meanwhile=None) -> None:
         hits, todo, evicted = pool.plan(needed)
         for victim in evicted:
             self._evicted(pool.layer, victim)
@@ -227,7 +233,9 @@ class Engine:
                 if self.prefetcher.used(pool.layer, e, pool.expert_nbytes):
                     pool.stats.prefetch_hits += 1
         if todo:
-            self._fetch(pool.layer, todo)
+            self._fetch(pool.layer, todo, meanwhile)
+        elif meanwhile is not None:
+            meanwhile()
 
     # -- prefetch, at a safe point -----------------------------------------------
     def _install_prefetched(self, layer: int, protected) -> None:
@@ -288,17 +296,19 @@ class Engine:
         ids = np.array(indices)
         if self.trace is not None:
             self.trace.record(layer, ids, [np.array(a) for a in extra])
+        prefetch = None
         if pf is not None:
             if self._decoding:
                 pf.observe(layer, ids, None)
+                prefetch = lambda: self._prefetch(layer, ids, proposal)  # queued behind this layer's demand reads
             self._install_prefetched(layer, set(int(e) for e in ids.reshape(-1)))
-            if self._decoding:
-                self._prefetch(layer, ids, proposal)
         if pool.fully_resident:
+            if prefetch is not None:
+                prefetch()
             return glu(x, indices)
         needed = np.unique(ids)
         if len(needed) <= pool.capacity:
-            self._ensure(pool, needed)
+            self._ensure(pool, needed, prefetch)
             return glu(x, mx.array(pool.slots(ids)))
         return self._streamed(pool, glu, x, ids, needed)
 

@@ -49,7 +49,8 @@ class PrefetchConfig:
     Args:
         depth: MoE layers ahead (0 = no prefetch).
         threshold: minimum predictor score (an estimated probability of use).
-        max_experts_per_layer: most candidates per proposal and target layer (None: top-k x 2).
+        max_experts_per_layer: most candidates per target layer (None: top-k; more than a
+            layer uses can only be wasted).
         speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x top-k experts).
         recall_off: switch a layer's prefetching off when its recall average drops below this.
         recall_on: switch it back on when the average recovers above this.
@@ -94,7 +95,7 @@ class Prefetcher:
         self.top_k = top_k
         self.expert_nbytes = list(expert_nbytes)
         self.wanted = list(wanted)
-        cap = config.max_experts_per_layer or 2 * top_k
+        cap = config.max_experts_per_layer or top_k
         self.selection = Selection(threshold=config.threshold, max_experts=cap * max(config.depth, 1))
         self.stats: Dict[int, PrefetchLayerStats] = {l: PrefetchLayerStats() for l in self.moe_layers}
         self._predicted: Dict[int, Set[int]] = {}  # position -> experts guessed for this token

@@ -237,10 +237,20 @@ def _is_expert_linear(path: str, module) -> bool:
     return isinstance(module, SwitchLinear)
 
 
-def _scale_experts(model: nn.Module, expert_scale: float, router_scale: float) -> None:
-    """Make routing matter: larger expert outputs, sharper and more varied routers."""
+def _scale_experts(model: nn.Module, expert_scale: float, router_scale: float, residual_scale: float = 1.0) -> None:
+    """Make routing matter: larger expert outputs, sharper and more varied routers.
+
+    ``residual_scale`` < 1 shrinks what every block adds to the residual stream (attention
+    and MLP output projections), so that it drifts slowly from layer to layer as in trained
+    models, where a router applied a layer early already sees most of its input.
+    """
     from mlx_lm.models.switch_layers import SwitchLinear
 
+    if residual_scale != 1.0:
+        for path, module in model.named_modules():
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in ("o_proj", "down_proj", "dense", "out_proj") and "weight" in module:
+                module.weight = module.weight * residual_scale
     for path, module in model.named_modules():
         if isinstance(module, SwitchLinear):
             if path.endswith("down_proj"):
@@ -320,6 +330,7 @@ def build_checkpoint(
     seed: int = 0,
     expert_scale: float = 24.0,
     router_scale: float = 8.0,
+    residual_scale: float = 1.0,
     layers_per_shard: Optional[int] = None,
     overwrite: bool = False,
 ) -> Path:
@@ -332,6 +343,8 @@ def build_checkpoint(
         seed: random seed of the weights.
         expert_scale: factor on the experts' down projections (routing must matter).
         router_scale: factor on router weights (sharper, more varied routing).
+        residual_scale: factor on every block's output projection (how fast the residual
+            stream drifts from layer to layer).
         layers_per_shard: decoder layers per safetensors shard (default: two shards).
         overwrite: replace an existing folder.
     """
@@ -353,7 +366,7 @@ def build_checkpoint(
     mx.random.seed(seed)
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(copy.deepcopy(config)))
-    _scale_experts(model, expert_scale, router_scale)
+    _scale_experts(model, expert_scale, router_scale, residual_scale)
     nn.quantize(
         model,
         group_size=quant["group_size"],
