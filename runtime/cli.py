@@ -109,9 +109,17 @@ def format_stats(runtime, generation_tokens: int) -> str:
 
 
 def format_layer_table(runtime) -> str:
-    rows = [f"{'layer':>5} {'slots':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'MB read':>9}"]
+    pf = runtime.engine.prefetcher
+    head = f"{'layer':>5} {'slots':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'MB read':>9}"
+    if pf is not None:
+        head += f" {'pf recall':>9} {'useful':>7} {'wasted':>7} {'prefetch':>8}"
+    rows = [head]
     for layer, s in sorted(runtime.engine.stats.layers.items()):
-        rows.append(f"{layer:>5} {s.capacity:>5} {s.hits:>8} {s.misses:>8} {100 * s.hit_rate:>7.1f}% {s.bytes_read / 1e6:>9.2f}")
+        row = f"{layer:>5} {s.capacity:>5} {s.hits:>8} {s.misses:>8} {100 * s.hit_rate:>7.1f}% {s.bytes_read / 1e6:>9.2f}"
+        if pf is not None:
+            p = pf.stats[layer]
+            row += f" {100 * p.recall:>8.1f}% {p.useful:>7} {p.wasted:>7} {'on' if p.enabled else 'off':>8}"
+        rows.append(row)
     return "\n".join(rows)
 
 

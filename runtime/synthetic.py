@@ -402,8 +402,10 @@ def build_checkpoint(
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1)
     )
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
     write_tokenizer(tmp, size.vocab)
+    vocab = json.loads((tmp / "tokenizer.json").read_text())["model"]["vocab"]
+    config["eos_token_id"] = vocab["<|end|>"]
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
     tmp.rename(path)
     return path
 
