@@ -281,17 +281,11 @@ class _Sizing:
         return caps
 
     def save_profile(self, runtime):
-        from .profile import record_run
-        from .simulate import stack_distance_histogram
+        from .profile import profile_from_traces, record_run
 
-        trace = runtime.engine.trace.trace().decode_only()
-        counts = np.zeros((trace.num_layers, trace.num_experts))
-        ids = trace.experts.astype(np.int64)
-        for layer in range(trace.num_layers):
-            col = ids[:, layer].reshape(-1)
-            np.add.at(counts[layer], col[col >= 0], 1.0)
-        return record_run(self.profile_dir(), counts, top_k=trace.top_k, num_steps=trace.num_steps,
-                          stack_hist=stack_distance_histogram([trace]), meta={"model": str(runtime.path)})
+        run = profile_from_traces([runtime.engine.trace.trace()])  # decode steps only
+        return record_run(self.profile_dir(), run.counts, top_k=run.top_k, num_steps=run.num_steps,
+                          stack_hist=run.stack_hist, meta={"model": str(runtime.path)})
 
 
 def main(argv: Optional[list] = None) -> int:
