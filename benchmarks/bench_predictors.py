@@ -9,8 +9,8 @@ Two parts, in one run:
      3; thresholds 0.1, 0.3, 0.5; recall and wasted bytes per useful byte.
   2. Generated checkpoints (golem.runtime.synthetic, random weights; median over seeds): router
      lookahead fed the post-attention residual and the layer input, recorded with
-     golem.runtime.capture while stock mlx-lm decodes; the same baselines and the transition
-     table trained on other prompts of the same model. Depths 1..3.
+     golem.runtime.capture while stock mlx-lm decodes; a linear probe and the transition table
+     trained on other prompts of the same model; the same baselines. Depths 1..3.
 Both parts also report top-k recall (the k best-scored experts of layer l+d, as published
 figures count it). A score is a predictor's estimated probability that the expert is used.
 
@@ -174,7 +174,7 @@ def generated(family: str, seeds: Sequence[int], tokens: int) -> dict:
           f"{size.layers} layers, top-{size.top_k} of {size.experts}, hidden {size.hidden}); "
           f"median over seeds {list(seeds)} ==")
     print(f"hidden states recorded while stock mlx-lm greedy-decodes {len(PROMPTS) // 2} prompts x {tokens} tokens; "
-          f"transition trained on {len(PROMPTS) - len(PROMPTS) // 2} other prompts of the same model")
+          f"probe and transition trained on {len(PROMPTS) - len(PROMPTS) // 2} other prompts of the same model")
     runs: Dict[str, List[List[Accuracy]]] = {}
     for seed in seeds:
         t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def generated(family: str, seeds: Sequence[int], tokens: int) -> dict:
         model, tokenizer = load(str(path))
         half = len(PROMPTS) // 2
         test, extras = record_generation(model, tokenizer, PROMPTS[:half], max_tokens=tokens)
-        train, _ = record_generation(model, tokenizer, PROMPTS[half:], max_tokens=tokens, hidden=False)
+        train, _ = record_generation(model, tokenizer, PROMPTS[half:], max_tokens=tokens)
         blocks = find_moe_blocks(model)
         shape = RoutingShape.of(test)
         hidden = {"post_attn": test.hidden, "layer_input": extras[LAYER_INPUT_ARRAY]}
@@ -195,6 +195,7 @@ def generated(family: str, seeds: Sequence[int], tokens: int) -> dict:
             "lookahead/post_attn": (lambda: make_predictor(
                 "lookahead", shape, PredictorOptions(blocks=blocks, hidden_kind="post_attn")), hidden["post_attn"]),
             "transition": (lambda: make_predictor("transition", shape).fit([train]), None),
+            "probe/post_attn": (lambda: make_predictor("probe", shape).fit([train]), hidden["post_attn"]),
             "oracle": (lambda: make_predictor("oracle", shape, PredictorOptions(truth=test)), None),
         }
         for name, (make, h) in makers.items():
@@ -228,10 +229,23 @@ def main() -> None:
     t0 = time.perf_counter()
     real = real_routing(args.traces, args.steps_per_domain)
     gen = generated(args.family, range(args.seeds), args.tokens)
-    print("\n== Reference: published router-lookahead recall on REAL checkpoints (not measured here) ==")
-    print("one layer ahead: OLMoE ~72%, GLM-5 74%, Qwen3-class ~70%; two layers ahead on OLMoE ~82% with a "
-          "trained linear probe. Compare with the top-k recall lines above: lookahead is measured here on "
-          "generated checkpoints only (random weights), history predictors on real OLMoE routing.")
+    print("\n== Summary: covered recall (layers >= depth), [real] = OLMoE routing, [generated] = random-weight "
+          "checkpoints, [published] = others' figures on real checkpoints, not measured here ==")
+    print(f"{'predictor':<34} {'depth':>5} {'top-k':>7} {'@0.3':>7} {'pred/layer@0.3':>15} {'wasted/useful@0.3':>18}")
+    picks = [("real", real, n) for n in ("random", "previous", "transition/frozen", "transition", "transition+previous")]
+    picks += [("generated", gen, n) for n in ("random", "lookahead/layer_input", "lookahead/post_attn", "probe/post_attn")]
+    for tag, part, name in picks:
+        for d in ("1", "2"):
+            by = part["predictors"][name][d]
+            topk = next(v for k, v in by.items() if k.startswith("top"))
+            at = by["0.3"]
+            w = at["wasted_per_useful"]
+            print(f"{'[' + tag + '] ' + name:<34} {d:>5} {topk['recall_covered']:>7.3f} {at['recall_covered']:>7.3f} "
+                  f"{at['predicted_per_layer']:>15.2f} {'inf' if w is None else f'{w:.2f}':>18}")
+    print(f"{'[published] lookahead OLMoE':<34} {1:>5} {REFERENCE['olmoe_1_ahead']:>7.2f}")
+    print(f"{'[published] lookahead GLM-5':<34} {1:>5} {REFERENCE['glm5_1_ahead']:>7.2f}")
+    print(f"{'[published] lookahead Qwen3-class':<34} {1:>5} {REFERENCE['qwen3_1_ahead']:>7.2f}")
+    print(f"{'[published] linear probe OLMoE':<34} {2:>5} {REFERENCE['olmoe_2_ahead_trained_linear_probe']:>7.2f}")
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(json.dumps({"real_routing": real, "generated": gen, "reference": REFERENCE,
                       "depths": list(DEPTHS), "thresholds": list(THRESHOLDS)}))

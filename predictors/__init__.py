@@ -7,7 +7,7 @@ family's exact selection rule (shared with the runtime); ``metrics`` replays tra
 
 from .base import Candidate, Predictor, Proposal, RoutingShape, Selection
 from .history import Combined, Frequency, Previous, Transition
-from .lookahead import HIDDEN_KINDS, Lookahead
+from .lookahead import HIDDEN_KINDS, Lookahead, Probe
 from .metrics import Accuracy, merge_accuracies, replay
 from .oracle import NoisyOracle, Oracle, RandomGuess
 from .registry import PredictorOptions, make_predictor, predictor_names
@@ -31,6 +31,7 @@ __all__ = [
     "RoutingShape",
     "Selection",
     "Previous",
+    "Probe",
     "Transition",
     "find_moe_blocks",
     "make_predictor",

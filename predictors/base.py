@@ -7,7 +7,13 @@ proposal may carry lazy mx arrays that the caller evaluates together with its ow
 
 What a score means, for every predictor: its estimate of the probability that the expert is
 among the experts the target layer routes the current token to, in [0, 1]. So ``threshold=0.3``
-keeps the experts judged at least 30% likely to be used, whatever the predictor.
+keeps the experts judged at least 30% likely to be used, whatever the predictor:
+  previous     the rate at which an expert of the previous token, at that rank, is reused;
+  frequency    the share of steps in which the layer used the expert;
+  transition   a naive-Bayes probability, calibrated against the outcomes seen;
+  lookahead    the rate at which the router's rank r at distance d was used (per layer);
+  probe        the same, for a trained linear probe's rank;
+  oracles      1.0 for every expert named (random guessing too).
 """
 
 from __future__ import annotations

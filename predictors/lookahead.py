@@ -20,48 +20,22 @@ from .routers import MoEBlock
 HIDDEN_KINDS = ("post_attn", "layer_input")
 
 
-class Lookahead(Predictor):
-    """Router lookahead over a loaded model's MoE blocks.
+class _RankCalibrated(Predictor):
+    """Predictors that rank every expert of a target layer from a hidden state, on the
+    device, and turn ranks into probabilities with a calibration table.
 
-    ``propose(layer, depth, hidden)`` takes layer ``layer``'s residual stream (kind
-    ``hidden_kind``: ``"post_attn"``, the residual after attention and before the MoE, or
-    ``"layer_input"``, the residual entering the decoder layer), shape (..., D) (the last
-    token is used), as an mx or numpy array. Its proposal carries one lazy float32 array
-    (len(targets), E): each target layer's ranking quantity (router probabilities, logits or
-    biased sigmoid scores, as the family ranks) for that hidden state.
-
-    Score: the expert's rank r under the target router (0 = first) at distance d becomes the
-    observed rate at which rank r at distance d was among the layer's true experts,
-    ``(hits + prior) / (seen + prior_weight)`` per (target layer, d, r), where the prior
-    says "the top-k are used, the rest are not". ``observe`` updates it (``online``).
-
-    Args:
-        blocks: the model's MoE blocks (``find_moe_blocks``), one per MoE layer.
-        hidden_kind: which residual ``propose`` is given.
-        max_depth: deepest distance with its own calibration (deeper ones share it).
-        online: learn the calibration from observed routing.
-        prior_weight: how many observations the prior is worth.
+    Score: the expert's rank r (0 = first) at distance d becomes the observed rate at which
+    rank r at distance d was among the target layer's true experts, ``(hits + prior) /
+    (seen + prior_weight)`` per (target layer, d, r); the prior says "the top-k are used, the
+    rest are not". ``observe`` updates it when ``online``.
     """
 
-    name = "lookahead"
     needs_hidden = True
 
-    def __init__(
-        self,
-        blocks: Sequence[MoEBlock],
-        *,
-        hidden_kind: str = "post_attn",
-        max_depth: int = 3,
-        online: bool = True,
-        prior_weight: float = 2.0,
-    ):
+    def __init__(self, shape: RoutingShape, *, hidden_kind: str, max_depth: int, online: bool, prior_weight: float):
         if hidden_kind not in HIDDEN_KINDS:
             raise ValueError(f"hidden_kind must be one of {', '.join(HIDDEN_KINDS)}, got {hidden_kind!r}")
-        if not blocks:
-            raise ValueError("Lookahead needs the model's MoE blocks")
-        shape = RoutingShape(len(blocks), blocks[0].num_experts, blocks[0].top_k)
         super().__init__(shape)
-        self.blocks = list(blocks)
         self.hidden_kind = hidden_kind
         self.max_depth = max_depth
         self.online = online
@@ -81,22 +55,23 @@ class Lookahead(Predictor):
         super().begin_sequence()
         self._pending.fill(-1)
 
+    def rank_rows(self, layer: int, targets: range, h: mx.array) -> Optional[mx.array]:
+        """Lazy float32 (len(targets), E), higher first; a NaN row or None: nothing to go on."""
+        raise NotImplementedError
+
     def propose(self, layer: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
         targets = self.targets(layer, depth, nearest)
         if not len(targets):
             return Proposal(layer, targets)
         if hidden is None:
-            raise ValueError(f"lookahead needs layer {layer}'s hidden state ({self.hidden_kind})")
+            raise ValueError(f"{self.name} needs layer {layer}'s hidden state ({self.hidden_kind})")
         h = hidden if isinstance(hidden, mx.array) else mx.array(np.asarray(hidden))
         h = h.reshape(-1, h.shape[-1])[-1:]  # (1, D): the last token
-        rows = []
-        for t in targets:
-            block = self.blocks[t]
-            rows.append(block.selection_scores(block.pre_moe_norm(h)).astype(mx.float32))
-        return Proposal(layer, targets, (mx.concatenate(rows, axis=0),))
+        rows = self.rank_rows(layer, targets, h)
+        return Proposal(layer, targets, () if rows is None else (rows,))
 
     def raw_scores(self, proposal: Proposal) -> np.ndarray:
-        """float32 (len(targets), E): the routers' own ranking quantities."""
+        """float32 (len(targets), E): the ranking quantities, as evaluated."""
         if not proposal.arrays:
             return self.zeros(proposal.targets)
         return np.array(proposal.arrays[0], dtype=np.float32)
@@ -106,17 +81,19 @@ class Lookahead(Predictor):
         return self.hits / self.seen[..., None]
 
     def scores(self, proposal: Proposal) -> np.ndarray:
+        if not proposal.arrays:
+            return self.zeros(proposal.targets)
         raw = self.raw_scores(proposal)
-        if not raw.size:
-            return raw
         rows = np.arange(raw.shape[0])[:, None]
         rank = np.empty(raw.shape, np.int64)
         rank[rows, np.argsort(-raw, axis=1, kind="stable")] = np.arange(raw.shape[1])
         t = np.asarray(proposal.targets)
         d = np.minimum(np.asarray(proposal.offsets), self.max_depth)
         out = self.hits[t[:, None], d[:, None], rank] / self.seen[t, d][:, None]
+        made = ~np.isnan(raw).all(axis=1)
+        out[~made] = 0.0
         if self.online:
-            self._pending[t, d] = rank
+            self._pending[t[made], d[made]] = rank[made]
         return out.astype(np.float32)
 
     def observe(self, layer: int, experts: Any, weights: Any = None) -> None:
@@ -129,6 +106,132 @@ class Lookahead(Predictor):
             self.seen[layer, d] += 1.0
             self.hits[layer, d, pending[d, ids]] += 1.0
         pending.fill(-1)
+
+
+class Lookahead(_RankCalibrated):
+    """Router lookahead over a loaded model's MoE blocks.
+
+    ``propose(layer, depth, hidden)`` takes layer ``layer``'s residual stream (kind
+    ``hidden_kind``: ``"post_attn"``, the residual after attention and before the MoE, or
+    ``"layer_input"``, the residual entering the decoder layer), shape (..., D) (the last
+    token is used), as an mx or numpy array. Its proposal carries one lazy float32 array
+    (len(targets), E): each target layer's own pre-MoE norm and ranking quantity (router
+    probabilities, logits or biased sigmoid scores, as the family ranks) applied to it.
+    Scores are rank-calibrated (see ``_RankCalibrated``).
+
+    Args:
+        blocks: the model's MoE blocks (``find_moe_blocks``), one per MoE layer.
+        hidden_kind: which residual ``propose`` is given.
+        max_depth: deepest distance with its own calibration (deeper ones share it).
+        online: learn the calibration from observed routing.
+        prior_weight: how many observations the prior is worth.
+    """
+
+    name = "lookahead"
+
+    def __init__(
+        self,
+        blocks: Sequence[MoEBlock],
+        *,
+        hidden_kind: str = "post_attn",
+        max_depth: int = 3,
+        online: bool = True,
+        prior_weight: float = 2.0,
+    ):
+        if not blocks:
+            raise ValueError("Lookahead needs the model's MoE blocks")
+        shape = RoutingShape(len(blocks), blocks[0].num_experts, blocks[0].top_k)
+        super().__init__(shape, hidden_kind=hidden_kind, max_depth=max_depth, online=online, prior_weight=prior_weight)
+        self.blocks = list(blocks)
+
+    def rank_rows(self, layer: int, targets: range, h: mx.array) -> mx.array:
+        rows = []
+        for t in targets:
+            block = self.blocks[t]
+            rows.append(block.selection_scores(block.pre_moe_norm(h)).astype(mx.float32))
+        return mx.concatenate(rows, axis=0)
+
+
+class Probe(_RankCalibrated):
+    """Trained linear probes: layer L's residual stream -> the experts of layer L+d.
+
+    For each layer L and distance d a ridge regression from the RMS-normalised residual
+    (plus a bias) to the multi-hot routing of layer L+d, fitted on traces that recorded
+    hidden states of kind ``hidden_kind`` (``fit``). Router lookahead is the special case
+    "the target layer's own router"; a probe can learn what the layers in between do.
+    Unfitted, it predicts nothing. Scores are rank-calibrated (see ``_RankCalibrated``).
+    Weights: ``max_depth * L * (D + 1) * E`` float32 on the device.
+
+    Args:
+        shape: the model's routing shape.
+        hidden_kind: which residual ``fit`` and ``propose`` are given.
+        max_depth: deepest distance with a probe.
+        ridge: regularisation, relative to the mean squared input feature.
+        online: learn the calibration from observed routing.
+        prior_weight: how many observations the calibration prior is worth.
+    """
+
+    name = "probe"
+
+    def __init__(
+        self,
+        shape: RoutingShape,
+        *,
+        hidden_kind: str = "post_attn",
+        max_depth: int = 3,
+        ridge: float = 1.0,
+        online: bool = True,
+        prior_weight: float = 2.0,
+    ):
+        super().__init__(shape, hidden_kind=hidden_kind, max_depth=max_depth, online=online, prior_weight=prior_weight)
+        self.ridge = ridge
+        self.weights: Optional[mx.array] = None  # (max_depth, L, D + 1, E)
+
+    @staticmethod
+    def _features(h: np.ndarray) -> np.ndarray:
+        h = np.asarray(h, np.float64)
+        h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+        return np.concatenate([h, np.ones((*h.shape[:-1], 1))], axis=-1)
+
+    def fit(self, traces: Sequence[Any]) -> "Probe":
+        """Fit on traces whose ``hidden`` (N, L, D) holds residuals of ``hidden_kind``."""
+        from .history import onehot
+
+        usable = []
+        for t in traces:
+            kind = (getattr(t, "meta", None) or {}).get("hidden_kind", "post_attn")
+            if getattr(t, "hidden", None) is None or kind != self.hidden_kind:
+                raise ValueError(
+                    f"{getattr(t, 'path', None) or 'trace'}: probe needs {self.hidden_kind} hidden states to learn from"
+                )
+            usable.append(t)
+        if not usable:
+            return self
+        X = np.concatenate([self._features(t.hidden) for t in usable])  # (N, L, D + 1)
+        Y = np.concatenate([onehot(t.experts, self.shape.num_experts) for t in usable]).astype(np.float64)
+        L, E = self.shape.num_layers, self.shape.num_experts
+        W = np.zeros((self.max_depth, L, X.shape[-1], E), np.float32)
+        for layer in range(L):
+            x = X[:, layer]
+            gram = x.T @ x
+            reg = self.ridge * np.trace(gram) / gram.shape[0] * np.eye(gram.shape[0])
+            reg[-1, -1] = 0.0  # the bias is not shrunk
+            inv = np.linalg.pinv(gram + reg)
+            for d in range(1, min(self.max_depth, L - 1 - layer) + 1):
+                W[d - 1, layer] = inv @ (x.T @ Y[:, layer + d])
+        self.weights = mx.array(W)
+        return self
+
+    def rank_rows(self, layer: int, targets: range, h: mx.array) -> Optional[mx.array]:
+        if self.weights is None:
+            return None
+        h = h.astype(mx.float32)
+        x = h * mx.rsqrt(mx.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+        x = mx.concatenate([x, mx.ones((1, 1))], axis=-1)  # (1, D + 1)
+        nothing = mx.full((1, self.shape.num_experts), float("nan"))
+        rows = [x @ self.weights[t - layer - 1, layer] if 1 <= t - layer <= self.max_depth else nothing
+                for t in targets]
+        return mx.concatenate(rows, axis=0)
 
 
 def hidden_for(kind: str, layer_input: Optional[np.ndarray], post_attn: Optional[np.ndarray]) -> np.ndarray:

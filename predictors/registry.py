@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .base import Predictor, RoutingShape
 from .history import COMBINE_RULES, Combined, Frequency, Previous, Transition
-from .lookahead import Lookahead
+from .lookahead import Lookahead, Probe
 from .oracle import NoisyOracle, Oracle, RandomGuess
 from .routers import MoEBlock
 
@@ -24,9 +24,9 @@ class PredictorOptions:
     Args:
         truth: the trace to be replayed (``oracle``, ``noisy-oracle``).
         blocks: the model's MoE blocks (``lookahead``).
-        hidden_kind: ``post_attn`` or ``layer_input`` (``lookahead``).
+        hidden_kind: ``post_attn`` or ``layer_input`` (``lookahead``, ``probe``).
         online: history predictors and lookahead calibration learn from observed routing.
-        max_depth: deepest distance with its own table (``transition``, ``lookahead``).
+        max_depth: deepest distance with its own table (``transition``, ``lookahead``, ``probe``).
         recall: requested recall (``noisy-oracle``).
         false_positive_rate: share of unused experts named (``noisy-oracle``).
         seed: random seed (``noisy-oracle``, ``random``).
@@ -75,13 +75,14 @@ _FACTORIES: Dict[str, Callable[[RoutingShape, PredictorOptions], Predictor]] = {
         shape=s,
     ),
     "random": lambda s, o: RandomGuess(s, seed=o.seed),
+    "probe": lambda s, o: Probe(s, hidden_kind=o.hidden_kind, max_depth=o.max_depth, online=o.online),
 }
 
 #: Combinations worth listing (any ``a+b`` of the names above works).
 COMBINATIONS = ("transition+previous", "lookahead+previous")
 
-#: Predictors that learn from ``--train`` traces.
-TRAINABLE = ("previous", "frequency", "transition")
+#: Predictors that learn from ``--train`` traces (``probe`` needs their hidden states).
+TRAINABLE = ("previous", "frequency", "transition", "probe")
 
 
 def predictor_names() -> List[str]:

@@ -18,6 +18,7 @@ from golem.predictors import (
     Predictor,
     PredictorOptions,
     Previous,
+    Probe,
     RoutingShape,
     Selection,
     Transition,
@@ -310,6 +311,34 @@ def test_lookahead_proposal_is_lazy_and_applies_the_target_router():
     p.begin_step()
     prop = p.propose(0, 1, h)
     assert p.scores(prop)[0, top].max() < 1.0
+
+
+def _linear_routing_trace(steps, hidden_seed, layers=4, experts=12, k=3, dim=24):
+    """Routing of layer l+1 = top-k of a fixed linear map of layer l's hidden state."""
+    maps = np.random.default_rng(0).normal(size=(layers, dim, experts))
+    rng = np.random.default_rng(hidden_seed)
+    hidden = rng.normal(size=(steps, layers, dim)).astype(np.float32)
+    ids = np.zeros((steps, layers, k), np.int64)
+    ids[:, 0] = np.argsort(-rng.random((steps, experts)), axis=-1)[:, :k]
+    for layer in range(1, layers):
+        logits = np.einsum("nd,de->ne", hidden[:, layer - 1], maps[layer])
+        ids[:, layer] = np.argsort(-logits, axis=-1)[:, :k]
+    trace = make_trace(ids, [0, steps], experts)
+    trace.hidden = hidden
+    trace.meta["hidden_kind"] = "post_attn"
+    return trace
+
+
+def test_probe_learns_a_linear_lookahead():
+    train, test = _linear_routing_trace(1500, hidden_seed=1), _linear_routing_trace(300, hidden_seed=2)
+    shape = RoutingShape.of(train)
+    unfitted = replay(test, Probe(shape), depth=1, thresholds=[0.1], hidden=test.hidden)
+    assert unfitted[0].predicted == 0
+    fitted = Probe(shape).fit([train])
+    *_, top = replay(test, fitted, depth=1, thresholds=[0.5], hidden=test.hidden, best=3)
+    assert top.recall_covered > 0.85
+    with pytest.raises(ValueError, match="probe needs layer_input hidden states"):
+        Probe(shape, hidden_kind="layer_input").fit([train])
 
 
 # ---------------------------------------------------------------- CLI

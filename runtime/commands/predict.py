@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -94,6 +95,14 @@ def _hidden(trace: Trace, kind: str, predictor: str) -> np.ndarray:
     return arr
 
 
+def _for_training(trace: Trace, kind: str, with_hidden: bool) -> Trace:
+    """Decode steps of a training trace; with its ``kind`` hidden states as ``hidden``."""
+    decode = trace.decode_only()
+    if not with_hidden:
+        return decode
+    return replace(decode, hidden=_hidden(trace, kind, "probe"), meta={**decode.meta, "hidden_kind": kind})
+
+
 def _fmt(x: float) -> str:
     return "inf" if x == float("inf") else f"{x:.3f}"
 
@@ -120,7 +129,7 @@ def run(args) -> int:
         max_nbytes = parse_size(args.max_bytes, "--max-bytes")
 
     tests = load_traces(args.traces)
-    train = [t.decode_only() for t in load_traces(args.train)] if args.train else []
+    train = [_for_training(t, args.hidden_kind, "probe" in parts) for t in load_traces(args.train)] if args.train else []
     blocks = _load_blocks(args.model) if "lookahead" in parts else None
     shape = RoutingShape.of(tests[0])
     for t in [*tests[1:], *train]:
