@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .simulate import Traces, as_trace_list, lru_misses, simulate, stack_distance_histogram
+from .simulate import Traces, as_trace_list, lru_misses, miss_curve
 
 _UNITS = {
     "": 1, "b": 1,
@@ -189,42 +189,31 @@ class RoutingStats:
 
     @classmethod
     def from_traces(
-        cls, traces: Traces, *, policy: str = "lru", grid_step: int = 4, window: int = 128, decode_only: bool = True
+        cls, traces: Traces, *, policy: str = "lru", grid_step: Optional[int] = None, window: int = 128,
+        decode_only: bool = True,
     ) -> "RoutingStats":
-        """Curves measured on traces (caches persisting across them, as ``simulate``).
-
-        ``"lru"`` is exact at every slot count in one pass. Any other policy is replayed at
-        every ``grid_step``-th slot count from top-k to E (one replay each, so it takes
-        that many times ``simulate``) and interpolated linearly in between.
-        """
+        """Curves measured on traces (caches persisting across them, as ``simulate``) with
+        ``golem.runtime.simulate.miss_curve``: exact for ``"lru"``, about 16 replays for
+        any other policy."""
         trace_list = as_trace_list(traces)
         steps = sum((t.decode_only() if decode_only else t).num_steps for t in trace_list)
         if steps <= 0:
             raise ValueError("routing statistics: the traces hold no decode steps")
         names = ", ".join(Path(t.path).name for t in trace_list if t.path) or "traces"
-        e = trace_list[0].num_experts
-        if policy == "lru":
-            curves = lru_misses(stack_distance_histogram(trace_list, decode_only=decode_only)) / float(steps)
-        else:
-            if grid_step < 1:
-                raise ValueError(f"grid_step must be >= 1, got {grid_step}")
-            k = max(t.top_k for t in trace_list)
-            grid = sorted(set(list(range(k, e + 1, grid_step)) + [e]))
-            at = np.stack([
-                simulate(trace_list, policy=policy, capacity=c, decode_only=decode_only).misses / float(steps)
-                for c in grid
-            ])  # (G, L)
-            x = np.arange(e + 1)
-            curves = np.stack([np.interp(x, grid, at[:, layer]) for layer in range(at.shape[1])])
-            curves[:, :k] = curves[:, [k]]  # below top-k the layer cannot run; never chosen
+        curves = miss_curve(trace_list, policy, grid_step=grid_step, decode_only=decode_only) / float(steps)
         return cls(curves, policy, distinct_per_window(trace_list, window, decode_only), window, names)
 
     @classmethod
-    def from_profile(cls, profile, source: str = "profile") -> "RoutingStats":
-        """Plain LRU's curves from a ``golem.runtime.profile.Profile`` that carries a
-        stack-distance histogram (profiles built from traces do)."""
+    def from_profile(cls, profile, policy: str = "lru", source: str = "profile") -> "RoutingStats":
+        """From a ``golem.runtime.profile.Profile``: its curves for ``policy`` when it holds
+        them, else plain LRU's from its stack-distance histogram."""
+        if policy in profile.curves:
+            steps, misses = profile.curves[policy]
+            if steps <= 0:
+                raise ValueError(f"{source}: the profile's {policy} curves count no steps")
+            return cls(curves=np.asarray(misses, dtype=np.float64) / float(steps), policy=policy, source=source)
         if profile.stack_hist is None:
-            raise ValueError(f"{source}: the profile holds no stack-distance histogram to plan with")
+            raise ValueError(f"{source}: the profile holds no miss curves or stack distances to plan with")
         return cls.from_histogram(profile.stack_hist, profile.num_steps, source=source)
 
 

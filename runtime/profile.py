@@ -12,11 +12,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .simulate import Traces, as_trace_list, stack_distance_histogram
+from .simulate import Traces, as_trace_list, miss_curve, stack_distance_histogram
 from .trace import TraceError, load_traces
 
 PROFILE_FORMAT = "golem-profile/1"
@@ -41,6 +41,9 @@ class Profile:
             ``golem.runtime.simulate.stack_distance_histogram``), which the memory planner
             turns into per-layer miss curves.
         meta: free-form facts (model name, sources).
+        curves: policy spec -> (steps, float (L, E+1) misses with 0..E slots over those
+            steps), from ``golem.runtime.simulate.miss_curve``; the planner prefers these
+            to LRU's stack distances for the policy that runs.
     """
 
     counts: np.ndarray
@@ -49,6 +52,7 @@ class Profile:
     runs: int = 1
     stack_hist: Optional[np.ndarray] = None
     meta: dict = field(default_factory=dict)
+    curves: Dict[str, Tuple[int, np.ndarray]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -93,6 +97,12 @@ class Profile:
             hist = self.stack_hist + other.stack_hist
         elif other.stack_hist is not None:
             hist = other.stack_hist.copy()
+        curves = dict(self.curves)
+        for spec, (steps, misses) in other.curves.items():
+            if spec in curves:
+                curves[spec] = (curves[spec][0] + steps, curves[spec][1] + misses)
+            else:
+                curves[spec] = (steps, misses)
         return Profile(
             counts=self.counts * decay + other.counts,
             top_k=other.top_k,
@@ -100,6 +110,7 @@ class Profile:
             runs=self.runs + other.runs,
             stack_hist=hist,
             meta={**self.meta, **other.meta},
+            curves=curves,
         )
 
     def to_json(self) -> dict:
@@ -119,6 +130,11 @@ class Profile:
         }
         if self.stack_hist is not None:
             out["stack_hist"] = self.stack_hist.tolist()
+        if self.curves:
+            out["curves"] = {
+                spec: {"steps": int(steps), "misses": np.round(misses, 3).tolist()}
+                for spec, (steps, misses) in self.curves.items()
+            }
         return out
 
     @classmethod
@@ -147,6 +163,13 @@ class Profile:
                 hist = np.asarray(data["stack_hist"], dtype=np.int64)
                 if hist.shape != (num_layers, num_experts + 1):
                     raise ProfileError(f"{where}: stack_hist shape {hist.shape}, expected {(num_layers, num_experts + 1)}")
+            curves = {}
+            for spec, entry in (data.get("curves") or {}).items():
+                misses = np.asarray(entry["misses"], dtype=np.float64)
+                if misses.shape != (num_layers, num_experts + 1):
+                    raise ProfileError(f"{where}: curves of {spec!r} have shape {misses.shape}, "
+                                       f"expected {(num_layers, num_experts + 1)}")
+                curves[str(spec)] = (int(entry["steps"]), misses)
             return cls(
                 counts=counts,
                 top_k=int(data["top_k"]),
@@ -154,6 +177,7 @@ class Profile:
                 runs=int(data.get("runs", 1)),
                 stack_hist=hist,
                 meta=dict(data.get("meta") or {}),
+                curves=curves,
             )
         except ProfileError:
             raise
@@ -185,9 +209,12 @@ def profile_from_counts(counts, *, top_k: int, num_steps: int, meta: Optional[di
     return Profile(counts=counts, top_k=int(top_k), num_steps=int(num_steps), runs=1, meta=dict(meta or {}))
 
 
-def profile_from_traces(traces: Traces, *, decode_only: bool = True, stack: bool = True) -> Profile:
+def profile_from_traces(
+    traces: Traces, *, decode_only: bool = True, stack: bool = True, policies: Sequence[str] = ()
+) -> Profile:
     """Count every (layer, expert) use of the traces' decode steps; ``stack`` adds the LRU
-    stack-distance histogram the planner uses (caches persisting across the traces)."""
+    stack-distance histogram the planner uses, ``policies`` the miss curves of those
+    policies (about 16 replays each); caches persist across the traces."""
     trace_list = as_trace_list(traces)
     first = trace_list[0]
     num_layers, num_experts = first.num_layers, first.num_experts
@@ -209,6 +236,7 @@ def profile_from_traces(traces: Traces, *, decode_only: bool = True, stack: bool
         runs=len(trace_list),
         stack_hist=stack_distance_histogram(trace_list, decode_only=decode_only) if stack else None,
         meta=meta,
+        curves={p: (steps, miss_curve(trace_list, p, decode_only=decode_only)) for p in policies},
     )
 
 
@@ -283,18 +311,25 @@ def record_run(
     top_k: int,
     num_steps: int,
     stack_hist: Optional[np.ndarray] = None,
+    curves: Optional[Mapping[str, np.ndarray]] = None,
     meta: Optional[dict] = None,
     decay: float = 1.0,
 ) -> Path:
     """Merge a finished run's routing counts (L, E) into ``folder/golem-profile.json``.
 
-    Creates the folder and the file when absent; an existing profile's counts are multiplied
-    by ``decay`` first. A profile of another shape, or of another ``meta["model"]``, is an
+    ``stack_hist`` and ``curves`` (policy spec -> ``miss_curve`` of the run's trace) are
+    what the planner reads back. Creates the folder and the file when absent; an existing
+    profile's counts are multiplied by ``decay`` first (curves and histograms add up). A profile of another shape, or of another ``meta["model"]``, is an
     error (``ProfileError``) rather than silently mixed. Returns the file's path.
     """
     run = profile_from_counts(counts, top_k=top_k, num_steps=num_steps, meta=meta)
     if stack_hist is not None:
         run.stack_hist = np.asarray(stack_hist, dtype=np.int64)
+    for spec, misses in (curves or {}).items():
+        misses = np.asarray(misses, dtype=np.float64)
+        if misses.shape != (run.num_layers, run.num_experts + 1):
+            raise ValueError(f"curves of {spec!r}: shape {misses.shape}, expected {(run.num_layers, run.num_experts + 1)}")
+        run.curves[spec] = (int(num_steps), misses)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = profile_path(folder)

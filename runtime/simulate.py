@@ -507,3 +507,35 @@ def simulate_sequences(
         step_prefetched=np.concatenate([p.step_prefetched for p in parts]),
         num_experts=first.num_experts,
     )
+
+
+def default_grid_step(num_experts: int, top_k: int) -> int:
+    """About 16 replays from top-k to all experts (4 for 64 experts and top-8)."""
+    return max(1, -(-(num_experts - top_k) // 15))
+
+
+def miss_curve(
+    traces: Traces, policy: str = "lru", *, grid_step: Optional[int] = None, decode_only: bool = True
+) -> np.ndarray:
+    """float (L, E+1): each layer's misses over the traces with 0..E slots under ``policy``.
+
+    ``"lru"`` is exact at every slot count (stack distances, one pass). Any other policy is
+    replayed at every ``grid_step``-th slot count from top-k to E (default
+    ``default_grid_step``) and interpolated linearly in between; counts below top-k repeat
+    the top-k value (a layer cannot run with fewer slots).
+    """
+    trace_list = as_trace_list(traces)
+    if policy == "lru":
+        return lru_misses(stack_distance_histogram(trace_list, decode_only=decode_only)).astype(np.float64)
+    e = trace_list[0].num_experts
+    k = _stream(trace_list, decode_only).max_step
+    step = default_grid_step(e, k) if grid_step is None else int(grid_step)
+    if step < 1:
+        raise ValueError(f"grid_step must be >= 1, got {grid_step}")
+    grid = sorted(set(list(range(k, e + 1, step)) + [e]))
+    at = np.stack([simulate(trace_list, policy=policy, capacity=c, decode_only=decode_only).misses for c in grid])
+    x = np.arange(e + 1)
+    curves = np.stack([np.interp(x, grid, at[:, layer]) for layer in range(at.shape[1])])
+    curves[:, :k] = curves[:, [k]]
+    return curves
+

@@ -20,7 +20,8 @@ from golem.runtime.profile import (
     record_run,
     save_profile,
 )
-from golem.runtime.simulate import simulate
+from golem.runtime.plan import RoutingStats
+from golem.runtime.simulate import miss_curve, simulate
 from golem.runtime.trace import load_trace, save_trace
 
 from trace_factory import make_trace, random_trace
@@ -157,3 +158,24 @@ def test_olmoe_profile_top_experts_cover_most_routing(olmoe_traces):
     share = p.counts[5, top].sum() / p.counts[5].sum()
     assert 0.5 < share < 1.0
     assert isinstance(p, Profile)
+
+
+def test_policy_curves_travel_with_the_profile(tmp_path):
+    t = random_trace(3, n=200, layers=3, num_experts=10, k=3)
+    p = profile_from_traces(t, policies=["lfu-decay"])
+    q = load_profile(save_profile(p, tmp_path / "p.json"))
+    s = RoutingStats.from_profile(q, policy="lfu-decay")
+    assert s.policy == "lfu-decay"
+    np.testing.assert_allclose(s.curves, RoutingStats.from_traces(t, policy="lfu-decay").curves, atol=1e-4)
+    assert RoutingStats.from_profile(q, policy="lru").policy == "lru"  # from the stack distances
+    # a finished run's curves add up in the saved profile
+    curve = miss_curve(t, "lfu-decay")
+    for _ in range(2):
+        record_run(tmp_path / "cache", profile_from_traces(t).counts, top_k=3, num_steps=t.num_steps,
+                   curves={"lfu-decay": curve})
+    saved = load_profile(tmp_path / "cache" / PROFILE_FILENAME)
+    steps, misses = saved.curves["lfu-decay"]
+    assert steps == 2 * t.num_steps
+    np.testing.assert_allclose(misses, 2 * curve, atol=1e-2)
+    with pytest.raises(ValueError, match="no miss curves or stack distances"):
+        RoutingStats.from_profile(saved, policy="lru")

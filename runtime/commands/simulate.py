@@ -44,8 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--expert-bytes", default=None, metavar="SIZE",
                    help="Bytes of one expert (default: the trace's meta expert_bytes).")
     p.add_argument("--plan-stats", default=None, metavar="PATH",
-                   help="Routing statistics for --memory-budget: traces (curves of --policy) or a profile "
-                        "(LRU curves). Default: the -W source if given, else a uniform plan.")
+                   help="Routing statistics for --memory-budget: traces (miss curves of --policy) or a "
+                        "profile (its curves of --policy, else LRU's). Default: the -W source if given, "
+                        "else a uniform plan.")
     warm = p.add_mutually_exclusive_group()
     warm.add_argument("-W", "--warm-start", default=None, metavar="PATH",
                       help="Start with each layer's most used experts from a trace, a folder of traces or a profile.")
@@ -82,7 +83,7 @@ def _stats(args, warm_profile, policy: str):
     if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
         return RoutingStats.from_traces(load_traces([path]), policy=policy)
     profile = warm_profile if source == args.warm_start and warm_profile is not None else load_warm_source(path)
-    return RoutingStats.from_profile(profile, source=str(source))
+    return RoutingStats.from_profile(profile, policy=policy, source=str(source))
 
 
 def run(args) -> int:
