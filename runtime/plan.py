@@ -214,7 +214,7 @@ class RoutingStats:
             return cls(curves=np.asarray(misses, dtype=np.float64) / float(steps), policy=policy, source=source)
         if profile.stack_hist is None:
             raise ValueError(f"{source}: the profile holds no miss curves or stack distances to plan with")
-        return cls.from_histogram(profile.stack_hist, profile.num_steps, source=source)
+        return cls.from_histogram(profile.stack_hist, profile.hist_steps, source=source)
 
 
 def distinct_per_window(traces: Traces, window: int = 128, decode_only: bool = True) -> np.ndarray:

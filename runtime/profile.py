@@ -40,6 +40,8 @@ class Profile:
         stack_hist: optional int64 (L, E+1), plain LRU's stack-distance histogram (see
             ``golem.runtime.simulate.stack_distance_histogram``), which the memory planner
             turns into per-layer miss curves.
+        stack_steps: decode steps ``stack_hist`` covers (default ``num_steps``; fewer when
+            runs without a histogram were merged in).
         meta: free-form facts (model name, sources).
         curves: policy spec -> (steps, float (L, E+1) misses with 0..E slots over those
             steps), from ``golem.runtime.simulate.miss_curve``; the planner prefers these
@@ -51,12 +53,20 @@ class Profile:
     num_steps: int = 0
     runs: int = 1
     stack_hist: Optional[np.ndarray] = None
+    stack_steps: Optional[int] = None
     meta: dict = field(default_factory=dict)
     curves: Dict[str, Tuple[int, np.ndarray]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
         return int(self.counts.shape[0])
+
+    @property
+    def hist_steps(self) -> int:
+        """Decode steps the stack-distance histogram covers (0 without one)."""
+        if self.stack_hist is None:
+            return 0
+        return self.num_steps if self.stack_steps is None else int(self.stack_steps)
 
     @property
     def num_experts(self) -> int:
@@ -92,11 +102,8 @@ class Profile:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         other.check_shape(self.num_layers, self.num_experts, "merged run", "the profile")
-        hist = None
-        if self.stack_hist is not None and other.stack_hist is not None:
-            hist = self.stack_hist + other.stack_hist
-        elif other.stack_hist is not None:
-            hist = other.stack_hist.copy()
+        hists = [p.stack_hist for p in (self, other) if p.stack_hist is not None]
+        hist = sum(hists[1:], hists[0].copy()) if hists else None
         curves = dict(self.curves)
         for spec, (steps, misses) in other.curves.items():
             if spec in curves:
@@ -109,6 +116,7 @@ class Profile:
             num_steps=self.num_steps + other.num_steps,
             runs=self.runs + other.runs,
             stack_hist=hist,
+            stack_steps=self.hist_steps + other.hist_steps if hist is not None else None,
             meta={**self.meta, **other.meta},
             curves=curves,
         )
@@ -130,6 +138,7 @@ class Profile:
         }
         if self.stack_hist is not None:
             out["stack_hist"] = self.stack_hist.tolist()
+            out["stack_steps"] = self.hist_steps
         if self.curves:
             out["curves"] = {
                 spec: {"steps": int(steps), "misses": np.round(misses, 3).tolist()}
@@ -176,6 +185,7 @@ class Profile:
                 num_steps=int(data.get("num_steps", 0)),
                 runs=int(data.get("runs", 1)),
                 stack_hist=hist,
+                stack_steps=int(data["stack_steps"]) if "stack_steps" in data else None,
                 meta=dict(data.get("meta") or {}),
                 curves=curves,
             )
@@ -325,11 +335,18 @@ def record_run(
     run = profile_from_counts(counts, top_k=top_k, num_steps=num_steps, meta=meta)
     if stack_hist is not None:
         run.stack_hist = np.asarray(stack_hist, dtype=np.int64)
+        run.stack_steps = int(num_steps)
     for spec, misses in (curves or {}).items():
         misses = np.asarray(misses, dtype=np.float64)
         if misses.shape != (run.num_layers, run.num_experts + 1):
             raise ValueError(f"curves of {spec!r}: shape {misses.shape}, expected {(run.num_layers, run.num_experts + 1)}")
         run.curves[spec] = (int(num_steps), misses)
+    return record_profile(folder, run, decay=decay)
+
+
+def record_profile(folder: Union[str, Path], run: Profile, *, decay: float = 1.0) -> Path:
+    """Merge a finished run's profile (e.g. ``profile_from_traces(run_trace, policies=[policy])``)
+    into ``folder/golem-profile.json``, as ``record_run`` does; returns the file's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = profile_path(folder)

@@ -17,6 +17,7 @@ from golem.runtime.profile import (
     profile_from_counts,
     profile_from_traces,
     random_warm_start,
+    record_profile,
     record_run,
     save_profile,
 )
@@ -179,3 +180,17 @@ def test_policy_curves_travel_with_the_profile(tmp_path):
     np.testing.assert_allclose(misses, 2 * curve, atol=1e-2)
     with pytest.raises(ValueError, match="no miss curves or stack distances"):
         RoutingStats.from_profile(saved, policy="lru")
+    # or the run's whole profile at once
+    path = record_profile(tmp_path / "cache", profile_from_traces(t, policies=["lfu-decay"]))
+    assert load_profile(path).curves["lfu-decay"][0] == 3 * t.num_steps
+    assert load_profile(path).runs == 3
+
+
+def test_stack_histogram_steps_survive_merges_with_runs_without_one(tmp_path):
+    t = random_trace(5, n=100, layers=2, num_experts=8, k=2)
+    with_hist = profile_from_traces(t)
+    record_run(tmp_path, with_hist.counts, top_k=2, num_steps=100)  # no histogram
+    path = record_run(tmp_path, with_hist.counts, top_k=2, num_steps=100, stack_hist=with_hist.stack_hist)
+    p = load_profile(path)
+    assert (p.num_steps, p.hist_steps) == (200, 100)
+    np.testing.assert_allclose(RoutingStats.from_profile(p).curves, RoutingStats.from_traces(t).curves)
