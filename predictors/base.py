@@ -1,19 +1,8 @@
-"""The predictor interface and the shared selection step.
+"""The predictor interface, what a score means, and the shared selection step.
 
 Owns what every predictor looks like to its callers (the decode engine, ``golem-trace
 predict``, the benchmarks) and how scores become prefetch candidates (threshold, order,
-caps). Knows nothing of files, caches or the I/O scheduler; computes on numpy, except that a
-proposal may carry lazy mx arrays that the caller evaluates together with its own.
-
-What a score means, for every predictor: its estimate of the probability that the expert is
-among the experts the target layer routes the current token to, in [0, 1]. So ``threshold=0.3``
-keeps the experts judged at least 30% likely to be used, whatever the predictor:
-  previous     the rate at which an expert of the previous token, at that rank, is reused;
-  frequency    the share of steps in which the layer used the expert;
-  transition   a naive-Bayes probability, calibrated against the outcomes seen;
-  lookahead    the rate at which the router's rank r at distance d was used (per layer);
-  probe        the same, for a trained linear probe's rank;
-  oracles      1.0 for every expert named (random guessing too).
+caps). Knows nothing of files, caches or the I/O scheduler.
 """
 
 from __future__ import annotations
@@ -236,7 +225,18 @@ class Predictor:
     ``observe`` before ``scores``: predictors that work from routing history (previous,
     frequency, transition) read the layer's own routing there. ``fit`` trains the ones that
     learn from traces. Subclasses implement ``predict`` (numpy) or override
-    ``propose``/``scores`` (device work).
+    ``propose``/``scores`` (device work: lazy mx arrays in ``Proposal.arrays``).
+
+    A score is the predictor's estimate of the probability that the expert is among the
+    experts the target layer routes the current token to, in [0, 1], so ``threshold=0.3``
+    keeps the experts judged at least 30% likely to be used, whatever the predictor:
+
+    - previous: the rate at which an expert of the previous token, at that rank, is reused;
+    - frequency: the share of steps in which the layer used the expert;
+    - transition: a naive-Bayes probability, calibrated against the outcomes seen;
+    - lookahead: the rate at which the target router's rank r at distance d was used;
+    - probe: the same, for a trained linear probe's rank;
+    - oracle, noisy-oracle, random: 1.0 for every expert named.
 
     Args:
         shape: the model's routing shape.

@@ -1,10 +1,8 @@
-"""History predictors: guess the next layers' experts from routing already seen, no hidden state.
+"""History predictors: the next layers' experts from routing already seen, no hidden state.
 
-Owns ``previous`` (the previous token's experts at the target layer), ``frequency`` (each
-layer's hot set), ``transition`` (experts at layer L -> experts at L+d, learned) and their
-combinations. Each keeps two kinds of state: the routing history of the current sequence
-(forgotten at ``begin_sequence``) and statistics (learned by ``fit`` from traces and, when
-``online``, from every step it observes; kept across sequences). Knows nothing of files.
+Owns ``previous``, ``frequency``, ``transition`` and combinations. Each keeps the current
+sequence's routing history (forgotten at ``begin_sequence``) and statistics (from ``fit`` and,
+when ``online``, from observed steps; kept across sequences). Knows nothing of files.
 """
 
 from __future__ import annotations
@@ -207,7 +205,7 @@ class Transition(HistoryPredictor):
     is overconfident (S's members are not independent), so the score is its calibration:
     the observed rate of use of experts with that raw value (``BinnedCalibration``, per d),
     fitted in-sample by ``fit`` and updated online. Tables for d = 1..max_depth:
-    ``max_depth * L * E * E`` float64 counts; the log-odds tables are rebuilt from the counts
+    ``max_depth * L * E * E`` float32 counts and as many log-odds, rebuilt from the counts
     every ``refresh_steps`` learned steps.
 
     Args:
@@ -236,7 +234,7 @@ class Transition(HistoryPredictor):
         self.smoothing = smoothing
         self.refresh_steps = refresh_steps
         L, E = shape.num_layers, shape.num_experts
-        self.pairs = np.zeros((max_depth, L, E, E))
+        self.pairs = np.zeros((max_depth, L, E, E), np.float32)
         self.counts = np.zeros((L, E))
         self.steps = np.zeros(L)
         self.calibration = BinnedCalibration(max_depth)

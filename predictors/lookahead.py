@@ -1,10 +1,8 @@
-"""Router lookahead: apply the routers of layers L+1..L+k to layer L's hidden state.
+"""Predictors from hidden states: router lookahead (the design card's) and linear probes.
 
-Owns the design card's predictor. While layer L runs, the residual stream at L (its input,
-or after its attention) goes through each target layer's own pre-MoE norm and router, with
-the family's exact ranking rule; the result is lazy, for the engine to evaluate in the same
-``mx.eval`` as layer L's routing. Ranks become probabilities through a calibration table
-learned from observed routing. Knows nothing of files or caches.
+Owns applying layer L+d's own pre-MoE norm and router (or a trained probe) to layer L's
+residual stream, lazily, for the engine's one ``mx.eval`` per layer, and turning ranks into
+probabilities with a calibration table. Knows nothing of files or caches.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Capture routing and residual streams from a stock mlx-lm model while it generates.
 
-Owns recording, for every token a loaded (in-memory, unmodified) mlx-lm MoE model processes,
-each MoE layer's true routing (ids and weights, through the family's router adapter) and,
-optionally, its two residual streams: the post-attention residual (before the layer's MoE,
-trace array ``hidden``) and the layer input (``hidden_layer_input``). It wraps the layers'
-norms while attached and restores them after; it knows nothing of offloading or predictors.
+Owns recording, per token and MoE layer, the true routing (ids, weights) and optionally the
+post-attention residual (trace array ``hidden``) and the layer input (``hidden_layer_input``),
+by wrapping the layers' norms while attached. Knows nothing of offloading or predictors.
 """
 
 from __future__ import annotations

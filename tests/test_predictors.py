@@ -16,7 +16,6 @@ from golem.predictors import (
     NoisyOracle,
     Oracle,
     Predictor,
-    PredictorOptions,
     Previous,
     Probe,
     RoutingShape,
@@ -28,7 +27,7 @@ from golem.predictors import (
     replay,
 )
 from golem.runtime.capture import LAYER_INPUT_ARRAY, RoutingCapture, save_capture
-from golem.runtime.trace import Trace, load_trace
+from golem.runtime.trace import Trace
 from golem.runtime.trace_cli import main as trace_main
 
 
