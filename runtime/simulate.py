@@ -1,9 +1,9 @@
 """Replay routing traces through per-layer expert caches: what a policy, a capacity plan and a
 warm start would have hit and missed, with the offline optimum (Belady) as the bound.
 
-Owns the replay (the step protocol of ``golem.runtime.policies.Policy``, exactly as the slot
-pool runs it), Belady's farthest-next-use replay, and plain LRU's miss curve at every
-capacity in one pass (stack distances). Knows nothing of bytes, files beyond traces, or MLX.
+Owns the replay (the step protocol of ``golem.runtime.policies.Policy``, as the slot pool
+runs it), per-sequence replays, Belady's farthest-next-use replay, and miss curves over all
+slot counts (plain LRU's in one pass by stack distances). Knows nothing of bytes or MLX.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, traces)
 def test_plot_numbers_without_matplotlib(traces):
     from golem.runtime.commands.plot import expert_overlap, hit_rate_over_time, warm_start_hit_rates
 
-    ta, tb = load_trace(traces[0]), load_trace(traces[1])
+    ta = load_trace(traces[0])
     rates = hit_rate_over_time([ta], policy="lru", capacity=5, window=50)
     assert rates.shape == (3, 4)
     assert rates.mean() * 1.0 == pytest.approx(simulate(ta, capacity=5).hit_ratio, abs=1e-9)
