@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from typing import Optional
 
+from .policies import DEFAULT_POLICY, policy_names
+
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
 
@@ -51,7 +53,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         "or 'saved' (the profile --save-profile keeps); also steers --memory-budget.")
     g.add_argument("--save-profile", action="store_true",
                    help="After the run, merge its routing into the profile kept beside golem's cache.")
-    g.add_argument("--policy", default="lru", help="Eviction policy (lru, lfu, lfu-decay, ...).")
+    g.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"Eviction policy: {', '.join(policy_names())} (default {DEFAULT_POLICY}, "
+                        "the best on the OLMoE traces; see benchmarks/bench_policies.py).")
     g.add_argument("--direct-io", action="store_true", help="Read experts with O_DIRECT, bypassing the page cache.")
     g.add_argument("--stats", action="store_true", help="Print a per-layer table after generation.")
     g = parser.add_argument_group("prefetch")
@@ -258,8 +262,8 @@ class _Sizing:
         stats = None
         if self.profile is not None:
             self.profile.check_shape(memory.num_layers, memory.num_experts, where=str(self.args.warm_start))
-            if self.budget is not None and self.profile.stack_hist is not None:
-                stats = RoutingStats.from_profile(self.profile, source=str(self.args.warm_start))
+            if self.budget is not None and (self.profile.stack_hist is not None or self.profile.curves):
+                stats = RoutingStats.from_profile(self.profile, policy=self.args.policy, source=str(self.args.warm_start))
         # The scheduler's staging buffers come out of the budget too (see load_offloaded).
         depth = self.args.prefetch_depth
         reserve = max(4, 2 * memory.top_k * (depth + 1) + 2) * max(memory.nbytes_of(i) for i in range(memory.num_layers))
@@ -281,11 +285,12 @@ class _Sizing:
         return caps
 
     def save_profile(self, runtime):
-        from .profile import profile_from_traces, record_run
+        from .profile import profile_from_traces, record_profile
 
-        run = profile_from_traces([runtime.engine.trace.trace()])  # decode steps only
-        return record_run(self.profile_dir(), run.counts, top_k=run.top_k, num_steps=run.num_steps,
-                          stack_hist=run.stack_hist, meta={"model": str(runtime.path)})
+        policies = [self.args.policy] if self.args.policy != "lru" else []  # LRU's curve comes from the stack histogram
+        run = profile_from_traces([runtime.engine.trace.trace()], policies=policies)  # decode steps only
+        run.meta["model"] = str(runtime.path)
+        return record_profile(self.profile_dir(), run)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -108,6 +108,7 @@ class Engine:
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
         self._decoding = False
+        self._prefilling = False  # a prompt arrives in one or more multi-token calls
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -282,14 +283,16 @@ class Engine:
             self._decoding = tokens == 1
             self.stats.decode_steps += self._decoding
             if pf is not None:
-                if not self._decoding:
-                    pf.begin_sequence()
-                else:
+                if self._decoding:
                     pf.begin_step()
+                elif not self._prefilling:
+                    pf.begin_sequence()  # a new prompt; its later prefill chunks continue it
+            self._prefilling = not self._decoding
         proposal = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else None
         if pool.fully_resident and self.trace is None and proposal is None:
             return glu(x, indices)
         extra = self.trace.weights(layer, x) if self.trace is not None else []
+        weights = extra[:1] if self.trace is not None and self.trace.route is not None else None
         mx.eval([indices, *extra, *(proposal.arrays if proposal is not None else ())])  # this layer's one host sync
         self.stats.host_syncs += 1
         self.stats.decode_host_syncs += self._decoding
@@ -299,7 +302,7 @@ class Engine:
         prefetch = None
         if pf is not None:
             if self._decoding:
-                pf.observe(layer, ids, None)
+                pf.observe(layer, ids, weights[0] if weights else None)
                 prefetch = lambda: self._prefetch(layer, ids, proposal)  # queued behind this layer's demand reads
             self._install_prefetched(layer, set(int(e) for e in ids.reshape(-1)))
         if pool.fully_resident:

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
 
 from .engine import DiskReader, Engine, OffloadedExperts
+from .policies import DEFAULT_POLICY
 from .prefetch import PrefetchConfig
 from .slots import PoolPart, SlotPool
 
@@ -201,7 +202,7 @@ def load_offloaded(
     model_path: str | os.PathLike,
     *,
     capacities=None,
-    policy: str = "lru",
+    policy: str = DEFAULT_POLICY,
     direct_io: bool = False,
     throttle=None,
     prefetch: Optional[PrefetchConfig] = None,

@@ -15,7 +15,7 @@ import numpy as np
 
 from golem.io.index import StackedTensor
 
-from .policies import Policy, make_policy
+from .policies import DEFAULT_POLICY, Policy, make_policy
 
 
 @dataclass
@@ -66,7 +66,7 @@ class SlotPool:
         policy: eviction policy name.
     """
 
-    def __init__(self, layer: int, num_experts: int, capacity: int, parts: Sequence[PoolPart], policy: str = "lru"):
+    def __init__(self, layer: int, num_experts: int, capacity: int, parts: Sequence[PoolPart], policy: str = DEFAULT_POLICY):
         if capacity < 1 or capacity > num_experts:
             raise ValueError(f"layer {layer}: capacity {capacity} outside [1, {num_experts}]")
         self.layer = layer
