@@ -3,7 +3,9 @@
 Owns reading, validating and writing trace files; knows nothing of caches or predictors.
 An ``.npz`` with ``experts`` int16 (N, L, K) (-1 = absent), ``weights`` float32 (N, L, K),
 ``seq_offsets`` int64 (S+1,), optional ``token_ids`` int32 (N,), optional ``hidden``
-float (N, L, D), optional ``prefill`` bool (N,) marking prompt steps, and ``meta`` (JSON).
+float (N, L, D) (each MoE layer's post-attention residual, meta ``hidden_kind: post_attn``),
+optional ``hidden_layer_input`` (N, L, D) (the residual entering each MoE decoder layer),
+optional ``prefill`` bool (N,) marking prompt steps, and ``meta`` (JSON).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ class Trace:
         seq_offsets: int64 (S+1,), the step where each sequence starts; last = N.
         meta: at least ``num_layers``, ``num_experts``, ``top_k``, ``expert_bytes``.
         token_ids: optional int32 (N,).
-        hidden: optional (N, L, D) hidden states seen by each MoE layer's router.
+        hidden: optional (N, L, D) post-attention residual of each MoE layer.
         prefill: optional bool (N,), True for prompt-processing steps.
+        hidden_layer_input: optional (N, L, D) residual entering each MoE decoder layer.
     """
 
     experts: np.ndarray
@@ -43,6 +46,7 @@ class Trace:
     token_ids: Optional[np.ndarray] = None
     hidden: Optional[np.ndarray] = None
     prefill: Optional[np.ndarray] = None
+    hidden_layer_input: Optional[np.ndarray] = None
     path: Optional[str] = field(default=None, compare=False)
 
     @property
@@ -88,6 +92,7 @@ class Trace:
             token_ids=None if self.token_ids is None else self.token_ids[keep],
             hidden=None if self.hidden is None else self.hidden[keep],
             prefill=None,
+            hidden_layer_input=None if self.hidden_layer_input is None else self.hidden_layer_input[keep],
             path=self.path,
         )
 
@@ -112,8 +117,10 @@ class Trace:
             arr = getattr(self, name)
             if arr is not None and arr.shape[0] != n:
                 raise TraceError(f"{where}: '{name}' has {arr.shape[0]} steps, expected {n}")
-        if self.hidden is not None and self.hidden.shape[:2] != (n, l):
-            raise TraceError(f"{where}: 'hidden' shape {self.hidden.shape} does not start with ({n}, {l})")
+        for name in ("hidden", "hidden_layer_input"):
+            arr = getattr(self, name)
+            if arr is not None and arr.shape[:2] != (n, l):
+                raise TraceError(f"{where}: '{name}' shape {arr.shape} does not start with ({n}, {l})")
 
 
 def load_trace(path: str | Path) -> Trace:
@@ -136,6 +143,7 @@ def load_trace(path: str | Path) -> Trace:
                 token_ids=z["token_ids"] if "token_ids" in files else None,
                 hidden=z["hidden"] if "hidden" in files else None,
                 prefill=z["prefill"].astype(bool) if "prefill" in files else None,
+                hidden_layer_input=z["hidden_layer_input"] if "hidden_layer_input" in files else None,
                 path=str(path),
             )
     except TraceError:
@@ -180,6 +188,8 @@ def save_trace(path: str | Path, trace: Trace) -> None:
         arrays["hidden"] = trace.hidden
     if trace.prefill is not None:
         arrays["prefill"] = trace.prefill.astype(bool)
+    if trace.hidden_layer_input is not None:
+        arrays["hidden_layer_input"] = trace.hidden_layer_input
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
