@@ -277,6 +277,12 @@ class Predictor:
         """Start predicting layers ``layer + nearest .. layer + depth`` (lazily)."""
         return Proposal(layer, self.targets(layer, depth, nearest))
 
+    def propose_next(self, layer: int, depth: int, hidden: Any = None) -> Optional[Proposal]:
+        """Guesses for the NEXT step's first layers, when ``layer + depth`` runs past the
+        last MoE layer: targets numbered on (``num_layers + t`` is the next step's layer
+        ``t``). None when the predictor cannot see past the current step (the default)."""
+        return None
+
     def scores(self, proposal: Proposal) -> np.ndarray:
         """float32 (len(targets), E) scores of a proposal, after its arrays are evaluated
         and after ``observe`` of its layer."""

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .base import Predictor, RoutingShape
+from .base import Predictor, Proposal, RoutingShape
 from .history import onehot
 
 
@@ -55,10 +55,21 @@ class Oracle(Predictor):
             )
 
     def future(self, targets: range) -> np.ndarray:
-        """bool (len(targets), E): what the target layers use at the current step."""
+        """bool (len(targets), E): what the target layers use at the current step (targets
+        past the last layer: the next step's first layers, see ``propose_next``)."""
         if self.row < 0:
             raise ValueError(f"{self.name}: begin_step() was not called")
+        L = self.shape.num_layers
+        if targets.start >= L:
+            return self.truth[self.row + 1, targets.start - L : targets.stop - L]
         return self.truth[self.row, targets.start : targets.stop]
+
+    def propose_next(self, layer: int, depth: int, hidden: Any = None) -> Optional[Proposal]:
+        L = self.shape.num_layers
+        n = min(layer + depth - (L - 1), L)
+        if n <= 0 or self.row < 0 or self.row + 1 >= self.seq_offsets[self.sequence + 1]:
+            return None  # the sequence ends here: there is no next step to know
+        return Proposal(layer, range(L, L + n))
 
     def predict(self, layer: int, targets: range) -> np.ndarray:
         return self.future(targets).astype(np.float32)

@@ -255,7 +255,7 @@ class Engine:
             finally:
                 self.scheduler.release(buf)
 
-    def _prefetch(self, layer: int, ids: np.ndarray, proposal) -> None:
+    def _prefetch(self, layer: int, ids: np.ndarray, proposals) -> None:
         pf, sched = self.prefetcher, self.scheduler
         here = pf.position[layer]
         for (l, e) in [k for k in pf.in_flight if k[0] == layer]:
@@ -263,12 +263,18 @@ class Engine:
                 pf.dropped(l, e, self.pools[l].expert_nbytes)
             elif sched.pending((l, e)) is None:
                 pf.in_flight.pop((l, e), None)
-        if proposal is None:
-            return
         resident = lambda l: self.pools[l].slot_of >= 0 if not self.pools[l].fully_resident else np.ones(self.pools[l].num_experts, bool)
-        for l, e, score in pf.candidates(proposal, resident):
-            sched.submit((l, e), depth=pf.position[l] - here, score=score)
-            pf.issued(l, e)
+        for proposal in proposals:
+            wanted = pf.candidates(proposal, resident)
+            # A nearer layer's guess supersedes a farther one's: drop queued reads it no longer names.
+            keep = {(l, e) for l, e, _ in wanted}
+            targets = {pf.moe_layers[t % len(pf.moe_layers)] for t in proposal.targets}
+            for key in [k for k in pf.in_flight if k[0] in targets and k not in keep]:
+                if pf.in_flight[key] != here and sched.pending(key) == "queued" and sched.cancel(key):
+                    pf.dropped(key[0], key[1], 0)
+            for l, e, score in wanted:
+                sched.submit((l, e), depth=pf.distance(here, l), score=score)
+                pf.issued(l, e, here)
 
     # -- the experts module's computation ----------------------------------------
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
@@ -288,12 +294,12 @@ class Engine:
                 elif not self._prefilling:
                     pf.begin_sequence()  # a new prompt; its later prefill chunks continue it
             self._prefilling = not self._decoding
-        proposal = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else None
-        if pool.fully_resident and self.trace is None and proposal is None:
+        proposals = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else []
+        if pool.fully_resident and self.trace is None and not proposals:
             return glu(x, indices)
         extra = self.trace.weights(layer, x) if self.trace is not None else []
         weights = extra[:1] if self.trace is not None and self.trace.route is not None else None
-        mx.eval([indices, *extra, *(proposal.arrays if proposal is not None else ())])  # this layer's one host sync
+        mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays)])  # this layer's one host sync
         self.stats.host_syncs += 1
         self.stats.decode_host_syncs += self._decoding
         ids = np.array(indices)
@@ -303,7 +309,7 @@ class Engine:
         if pf is not None:
             if self._decoding:
                 pf.observe(layer, ids, weights[0] if weights else None)
-                prefetch = lambda: self._prefetch(layer, ids, proposal)  # queued behind this layer's demand reads
+                prefetch = lambda: self._prefetch(layer, ids, proposals)  # queued behind this layer's demand reads
             self._install_prefetched(layer, set(int(e) for e in ids.reshape(-1)))
         if pool.fully_resident:
             if prefetch is not None:

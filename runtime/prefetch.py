@@ -99,25 +99,32 @@ class Prefetcher:
         self.selection = Selection(threshold=config.threshold, max_experts=cap * max(config.depth, 1))
         self.stats: Dict[int, PrefetchLayerStats] = {l: PrefetchLayerStats() for l in self.moe_layers}
         self._predicted: Dict[int, Set[int]] = {}  # position -> experts guessed for this token
-        self.in_flight: Dict[Tuple[int, int], int] = {}  # (model layer, expert) -> position that asked
+        self._predicted_next: Dict[int, Set[int]] = {}  # the same, for the next token
+        self.in_flight: Dict[Tuple[int, int], int] = {}  # (model layer, expert) -> position that last asked
         self.unused: Set[Tuple[int, int]] = set()  # prefetched, installed, not yet used
 
     def begin_sequence(self) -> None:
         self.predictor.begin_sequence()
 
     def begin_step(self) -> None:
-        self._predicted = {}
+        self._predicted, self._predicted_next = self._predicted_next, {}
         self.predictor.begin_step()
 
-    def propose(self, layer: int, hidden) -> Optional[Proposal]:
-        """The predictor's lazy proposal at ``layer``, or None when nothing ahead needs it."""
+    def propose(self, layer: int, hidden) -> List[Proposal]:
+        """The predictor's lazy proposals at ``layer``: for the layers ahead in this step and,
+        when the depth runs past the last layer and the predictor can say, for the next
+        step's first layers. Empty when nothing ahead needs a prefetch."""
         if self.config.depth == 0:
-            return None
-        pos = self.position[layer]
-        ahead = range(pos + 1, min(pos + self.config.depth, len(self.moe_layers) - 1) + 1)
-        if not any(self.wanted[p] for p in ahead):
-            return None
-        return self.predictor.propose(pos, self.config.depth, hidden)
+            return []
+        pos, depth, n = self.position[layer], self.config.depth, len(self.moe_layers)
+        out = []
+        if any(self.wanted[p] for p in range(pos + 1, min(pos + depth, n - 1) + 1)):
+            out.append(self.predictor.propose(pos, depth, hidden))
+        if pos + depth >= n and any(self.wanted[p] for p in range(0, min(pos + depth - n + 1, n))):
+            nxt = self.predictor.propose_next(pos, depth, hidden)
+            if nxt is not None:
+                out.append(nxt)
+        return out
 
     def observe(self, layer: int, ids: np.ndarray, scores: Optional[np.ndarray]) -> None:
         """Layer ``layer``'s true routing for this token: score the guesses made for it."""
@@ -143,29 +150,38 @@ class Prefetcher:
     def candidates(self, proposal: Proposal, resident) -> List[Tuple[int, int, float]]:
         """``(model layer, expert, score)`` to request, nearest layers and best scores first.
 
-        ``resident(model_layer) -> bool (E,)`` marks experts that need no read.
+        ``resident(model_layer) -> bool (E,)`` marks experts that need no read. Targets past
+        the last layer are the next step's first layers.
         """
         scores = self.predictor.scores(proposal)
+        n = len(self.moe_layers)
         targets = list(proposal.targets)
         exclude = np.zeros(scores.shape, dtype=bool)
-        for r, pos in enumerate(targets):
-            layer = self.moe_layers[pos]
-            exclude[r] = resident(layer) if self.wanted[pos] else True
+        for r, t in enumerate(targets):
+            pos = t % n
+            exclude[r] = resident(self.moe_layers[pos]) if self.wanted[pos] else True
         keep = self.selection.mask(scores, None)
-        for r, pos in enumerate(targets):
-            self._predicted.setdefault(pos, set()).update(int(e) for e in np.flatnonzero(keep[r]))
+        for r, t in enumerate(targets):
+            guessed = self._predicted if t < n else self._predicted_next
+            guessed.setdefault(t % n, set()).update(int(e) for e in np.flatnonzero(keep[r]))
         out = []
         for cand in self.selection.select(scores, targets, exclude):
-            layer = self.moe_layers[cand.layer]
-            if not self.stats[layer].enabled or (layer, cand.expert) in self.in_flight:
+            layer = self.moe_layers[cand.layer % n]
+            if not self.stats[layer].enabled:
                 continue
             out.append((layer, cand.expert, cand.score))
         return out
 
+    def distance(self, at: int, layer: int) -> int:
+        """MoE layers from position ``at`` to ``layer`` (wrapping into the next step)."""
+        return (self.position[layer] - at) % len(self.moe_layers) or len(self.moe_layers)
+
     # -- accounting, called by the engine -------------------------------------------------
-    def issued(self, layer: int, expert: int) -> None:
-        self.in_flight[(layer, expert)] = self.position[layer]
-        self.stats[layer].issued += 1
+    def issued(self, layer: int, expert: int, at: int) -> None:
+        """A prefetch of ``(layer, expert)`` was requested at MoE position ``at``."""
+        if (layer, expert) not in self.in_flight:
+            self.stats[layer].issued += 1
+        self.in_flight[(layer, expert)] = at
 
     def landed(self, layer: int, expert: int) -> None:
         self.in_flight.pop((layer, expert), None)
