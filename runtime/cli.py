@@ -65,6 +65,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Prefetch experts whose predicted probability of use is at least this.")
     g.add_argument("--predictor", default="lookahead",
                    help="Who guesses the next experts (golem-trace predict --list shows the names).")
+    g.add_argument("--predictor-train", nargs="+", default=(), metavar="TRACE",
+                   help="Traces (or folders of them) the predictor learns from first (transition, frequency, probe).")
     g.add_argument("--predictor-trace", default=None,
                    help="Trace the oracle predictors replay (a golem-trace/1 file of this very run).")
     g.add_argument("--prefetch-cap-mb", type=float, default=None,
@@ -161,6 +163,10 @@ def run(args) -> int:
             from .trace import load_trace
 
             options["predictor_options"] = {"truth": load_trace(args.predictor_trace).decode_only()}
+        if args.predictor_train:
+            from .trace import load_traces
+
+            options["predictor_train"] = load_traces(args.predictor_train)
     if args.emulate_storage:
         from golem.io.storage import parse_throttle
 

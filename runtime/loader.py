@@ -208,6 +208,7 @@ def load_offloaded(
     prefetch: Optional[PrefetchConfig] = None,
     predictor: str = "lookahead",
     predictor_options: Optional[dict] = None,
+    predictor_train: Sequence = (),
     io_parallelism: Optional[int] = None,
     record: bool = False,
     record_hidden: bool = False,
@@ -223,7 +224,9 @@ def load_offloaded(
         throttle: optional storage emulator (``golem.io.storage.Throttle``) for every read.
         prefetch: depth, threshold and caps of speculative prefetch (None or depth 0: none).
         predictor: predictor name (``golem.predictors.registry``), e.g. "lookahead".
-        predictor_options: fields of ``PredictorOptions`` (e.g. ``truth`` for the oracle).
+        predictor_options: fields of ``PredictorOptions`` (e.g. ``truth`` for the oracle,
+            ``hidden_kind`` for lookahead).
+        predictor_train: traces the predictor learns from before the first token.
         io_parallelism: reads in flight at once (default: the scheduler's).
         record: keep a ``TraceRecorder`` of the routing (``runtime.engine.trace``).
         record_hidden: also record the post-attention residual of every MoE layer.
@@ -287,8 +290,12 @@ def load_offloaded(
         from .engine import ResidualTap
 
         blocks = find_moe_blocks(model)
+        layer_input = (predictor_options or {}).get("hidden_kind") == "layer_input"
         for b in blocks:
-            b.layer.post_attention_layernorm = ResidualTap(b.layer.post_attention_layernorm, residuals, b.model_layer)
+            if layer_input:  # the residual entering the decoder layer, for lookahead on it
+                b.layer.input_layernorm = ResidualTap(b.layer.input_layernorm, residuals, b.model_layer)
+            else:
+                b.layer.post_attention_layernorm = ResidualTap(b.layer.post_attention_layernorm, residuals, b.model_layer)
     moe_layers = sorted(layers)
     if prefetch is not None and prefetch.depth > 0 and scheduler is not None:
         from golem.predictors.base import RoutingShape
@@ -299,6 +306,8 @@ def load_offloaded(
         shape = RoutingShape(len(moe_layers), num_experts[moe_layers[0]], k)
         popts = PredictorOptions(blocks=blocks, **(predictor_options or {}))
         pred = make_predictor(predictor, shape, popts)
+        if predictor_train:
+            pred.fit(list(predictor_train))
         prefetcher = Prefetcher(
             pred, prefetch, moe_layers, k, [index.expert_nbytes(l) for l in moe_layers],
             [not pools[l].fully_resident for l in moe_layers],

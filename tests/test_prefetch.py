@@ -42,11 +42,25 @@ def run(path, tokens, depth, threshold, predictor="lookahead", **options):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lookahead_depth2_identical(checkpoints, reference, family):
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_lookahead_identical_for_every_family_and_depth(checkpoints, reference, family, depth):
     tokens, expected, _ = reference(family)
-    out, engine = run(checkpoints(family), tokens, 2, 0.3)
+    out, engine = run(checkpoints(family), tokens, depth, 0.3)
     assert out == expected
     assert engine.prefetcher.totals().issued > 0  # it really prefetched
+
+
+@pytest.mark.parametrize("predictor, options", [
+    ("lookahead", {"hidden_kind": "layer_input"}),
+    ("transition", {}),
+])
+def test_layer_input_lookahead_and_trained_transition(checkpoints, reference, predictor, options):
+    tokens, expected, truth = reference("glm4_moe")
+    cfg = PrefetchConfig(depth=2, threshold=0.1)
+    with load(str(checkpoints("glm4_moe")), capacities=4, prefetch=cfg, predictor=predictor,
+              predictor_options=options, predictor_train=[truth] if predictor == "transition" else ()) as (model, _):
+        assert greedy_tokens(model, tokens, N) == expected
+        assert model.golem.engine.prefetcher.totals().true > 0
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
