@@ -71,3 +71,21 @@ def test_prefill_streams_more_experts_than_slots(checkpoints):
         pools = model.golem.engine.pools
         assert all(len(p.resident()) <= p.capacity for p in pools.values())
     assert got == expected
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_both_slot_write_paths_identical(checkpoints, references, monkeypatch, direct):
+    """Slots filled through a host view of the pool's memory, or by MLX slice updates."""
+    import golem.runtime.slots as slots
+
+    if not direct:
+        monkeypatch.setattr(slots, "host_view", lambda arr: None)
+    tokens, expected = references("gpt_oss")
+    with load(str(checkpoints("gpt_oss")), capacities=TOP_K) as (model, _):
+        got = greedy_tokens(model, tokens)
+        pools = list(model.golem.engine.pools.values())
+    assert got == expected
+    if not direct:
+        assert all(p._views is None for p in pools)
+    elif mx.default_device() == mx.cpu:
+        assert all(p._views is not None for p in pools)  # the CPU backend shares host memory
