@@ -1,0 +1,506 @@
+"""The I/O scheduler, driven by gated fake readers: no sleeps, every ordering forced."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from golem.io.ranges import ByteRange
+from golem.io.reads import FileHandles, ReadError
+from golem.io.scheduler import IOScheduler, SchedulerClosed, describe
+from golem.io.storage import FakeClock, Throttle, parse_throttle
+
+EXPERT_NBYTES = 256
+NUM_EXPERTS = 64
+WAIT_S = 10  # a safety net against hangs on failure, never a sleep
+
+
+def locate(key):
+    """Expert e of layer l: two stacked tensors, so experts e and e+1 are adjacent in both."""
+    layer, expert = key
+    half = EXPERT_NBYTES // 2
+    base = layer * NUM_EXPERTS * EXPERT_NBYTES
+    return [ByteRange("experts.bin", base + expert * half, half, 0, "gate"),
+            ByteRange("experts.bin", base + NUM_EXPERTS * half + expert * half, half, half, "up")]
+
+
+def sparse_locate(key):
+    """Like ``locate``, but no two experts touch, so nothing coalesces."""
+    layer, expert = key
+    return [ByteRange("experts.bin", (layer * NUM_EXPERTS + expert) * 2 * EXPERT_NBYTES,
+                      EXPERT_NBYTES, 0, "w")]
+
+
+def pattern(what: str) -> int:
+    return sum(what.encode()) % 251
+
+
+class GatedReader:
+    """A reader that records each call, then blocks until the test grants a permit."""
+
+    def __init__(self, fail=None):
+        self.cond = threading.Condition()
+        self.calls = []
+        self.permits = 0
+        self.allowed = set()
+        self.fail = fail or {}
+
+    def __call__(self, requests, *, handles, direct, retries):
+        whats = tuple(what for _, _, what in requests)
+        with self.cond:
+            self.calls.append(whats)
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: self.permits > 0 or whats[0] in self.allowed,
+                                      WAIT_S), "reader never released"
+            if whats[0] in self.allowed:
+                self.allowed.discard(whats[0])
+            else:
+                self.permits -= 1
+        for what in whats:
+            if what in self.fail:
+                raise self.fail[what]
+        total = 0
+        for ranges, out, what in requests:
+            out[:] = pattern(what)
+            total += sum(r.nbytes for r in ranges)
+        return total
+
+    def allow(self, n: int = 1) -> None:
+        with self.cond:
+            self.permits += n
+            self.cond.notify_all()
+
+    def allow_key(self, key) -> None:
+        """Let the read that starts with ``key`` (and only it) finish."""
+        with self.cond:
+            self.allowed.add(describe(key))
+            self.cond.notify_all()
+
+    def wait_calls(self, n: int) -> list:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.calls) >= n, WAIT_S), \
+                f"expected {n} reads, saw {self.calls}"
+            return list(self.calls)
+
+    def keys(self):
+        return [what for call in self.calls for what in call]
+
+
+def scheduler(reader, **kwargs):
+    kwargs.setdefault("buffer_nbytes", EXPERT_NBYTES)
+    kwargs.setdefault("num_buffers", 8)
+    return IOScheduler(kwargs.pop("locate", sparse_locate), lambda key: EXPERT_NBYTES,
+                       read=reader, **kwargs)
+
+
+def result(future):
+    return future.result(timeout=WAIT_S)
+
+
+def test_demand_first_then_depth_then_score():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1) as s:
+        blocker = s.submit((0, 0), depth=1)
+        reader.wait_calls(1)
+        futures = [s.submit((1, 1), depth=2, score=0.9), s.submit((1, 2), depth=1, score=0.1),
+                   s.submit((1, 3), depth=1, score=0.8), s.submit((1, 4), depth=3, score=1.0)]
+        demand = s.submit((2, 5), depth=0)
+        assert reader.wait_calls(2)[1] == (describe((2, 5)),)  # its own lane, at once
+        second_demand = s.submit((2, 6), depth=0)
+        reader.allow(100)
+        buffer = result(demand)
+        assert len(buffer) == EXPERT_NBYTES and (buffer == pattern("expert (2, 5)")).all()
+        s.release(buffer)
+        s.release(result(second_demand))
+        for future in [blocker] + futures:
+            result(future)
+        assert reader.keys() == [describe(k) for k in
+                                 [(0, 0), (2, 5), (2, 6), (1, 3), (1, 2), (1, 1), (1, 4)]]
+        keys = {key for key, buf in s.poll()}
+        assert keys == {(0, 0), (1, 1), (1, 2), (1, 3), (1, 4)}  # demands are not polled
+        stats = s.statistics()
+        assert stats.requests == {"prefetch": 5, "demand": 2}
+        assert stats.by_depth == {0: 2, 1: 3, 2: 1, 3: 1}
+
+
+def test_demand_takes_next_free_buffer_before_waiting_prefetches():
+    reader = GatedReader()
+    with scheduler(reader, num_buffers=2, reserved_for_demand=0, parallelism=4) as s:
+        s.submit((0, 0), depth=1)
+        s.submit((0, 1), depth=1)
+        reader.allow(2)
+        held = [buf for _, buf in s.poll(timeout=WAIT_S)]
+        while len(held) < 2:
+            held += [buf for _, buf in s.poll(timeout=WAIT_S)]
+        waiting = s.submit((0, 2), depth=1, score=1.0)
+        demand = s.submit((0, 3), depth=0)
+        assert s.statistics().free_buffers == 0 and len(reader.calls) == 2
+        s.release(held.pop())
+        reader.wait_calls(3)
+        assert reader.calls[2] == (describe((0, 3)),)
+        reader.allow(2)
+        result(demand)
+        s.release(held.pop())
+        result(waiting)
+
+
+def test_dedupe_and_upgrade_of_running_prefetch():
+    reader = GatedReader()
+    with scheduler(reader) as s:
+        first = s.submit((3, 7), depth=2, score=0.5)
+        reader.wait_calls(1)
+        assert s.submit((3, 7), depth=1, score=0.9) is first
+        demand = s.submit((3, 7), depth=0)
+        assert demand is first
+        reader.allow()
+        buffer = result(demand)
+        assert (buffer == pattern("expert (3, 7)")).all()
+        assert s.poll() == []  # delivered through the future, not published twice
+        stats = s.statistics()
+        assert stats.reads == 1 and stats.upgraded == 1 and stats.deduped == 2
+        s.release(buffer)
+        assert s.statistics().free_buffers == 8
+
+
+def test_upgrade_of_queued_prefetch_jumps_the_queue():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1) as s:
+        s.submit((0, 0), depth=1)
+        reader.wait_calls(1)
+        s.submit((0, 1), depth=1, score=0.9)
+        s.submit((0, 2), depth=3, score=0.1)
+        demand = s.submit((0, 2), depth=0)
+        reader.allow(3)
+        result(demand)
+        assert reader.wait_calls(3)[1] == (describe((0, 2)),)
+
+
+def test_demand_for_published_prefetch_is_handed_over():
+    reader = GatedReader()
+    with scheduler(reader) as s:
+        prefetch = s.submit((1, 1), depth=1)
+        reader.allow()
+        result(prefetch)
+        demand = s.submit((1, 1), depth=0)
+        assert demand.done() and s.poll() == []
+        assert s.pending((1, 1)) is None
+        s.release(demand.result())
+        assert s.statistics().reads == 1
+
+
+def test_cancel_queued_and_running_prefetches():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1) as s:
+        running = s.submit((0, 0), depth=1)
+        reader.wait_calls(1)
+        queued = s.submit((0, 1), depth=1)
+        assert s.cancel((0, 1)) and queued.cancelled()
+        assert s.cancel((0, 0)) and running.cancelled()
+        assert not s.cancel((0, 0)) and not s.cancel((9, 9))
+        assert s.statistics().speculative_nbytes_in_flight == EXPERT_NBYTES  # still counts
+        after = s.submit((0, 2), depth=1)
+        reader.allow(2)
+        result(after)
+        assert reader.keys() == [describe((0, 0)), describe((0, 2))]
+        assert [key for key, _ in s.poll()] == [(0, 2)]
+        stats = s.statistics()
+        assert stats.cancelled == 2 and stats.cancelled_nbytes == EXPERT_NBYTES
+        assert stats.useful_nbytes == EXPERT_NBYTES and stats.free_buffers == 7
+
+
+def test_cancel_never_touches_demand_and_resubmit_revives_running_read():
+    reader = GatedReader()
+    with scheduler(reader, yield_to_demand=False) as s:
+        demand = s.submit((0, 0), depth=0)
+        prefetch = s.submit((0, 1), depth=1)
+        reader.wait_calls(2)
+        assert not s.cancel((0, 0))
+        assert s.cancel((0, 1)) and prefetch.cancelled()
+        revived = s.submit((0, 1), depth=1)
+        assert revived is not prefetch and not revived.done()
+        reader.allow(2)
+        s.release(result(demand))
+        result(revived)
+        assert s.statistics().reads == 2 and [k for k, _ in s.poll()] == [(0, 1)]
+
+
+def test_future_cancelled_by_caller_is_not_read():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1) as s:
+        s.submit((0, 0), depth=1)
+        reader.wait_calls(1)
+        assert s.submit((0, 1), depth=1).cancel()
+        last = s.submit((0, 2), depth=2)
+        reader.allow(2)
+        result(last)
+        assert reader.keys() == [describe((0, 0)), describe((0, 2))]
+
+
+def test_buffer_pool_backpressure():
+    reader = GatedReader()
+    with scheduler(reader, num_buffers=3, reserved_for_demand=1, parallelism=4) as s:
+        futures = [s.submit((0, e), depth=1, score=-e) for e in range(5)]
+        reader.wait_calls(2)
+        assert s.statistics().queued == 3 and s.statistics().free_buffers == 1
+        reader.allow(2)
+        result(futures[0]), result(futures[1])
+        polled = s.poll()
+        assert sorted(k for k, _ in polled) == [(0, 0), (0, 1)]
+        assert len(reader.calls) == 2  # nothing starts until a buffer comes back
+        demand = s.submit((1, 0), depth=0)  # takes the reserved buffer
+        reader.wait_calls(3)
+        reader.allow()
+        s.release(result(demand))
+        assert len(reader.calls) == 3
+        s.release(polled[0][1])
+        reader.wait_calls(4)
+        assert reader.calls[3] == (describe((0, 2)),)
+        with pytest.raises(ValueError, match="twice"):
+            s.release(polled[0][1])
+        with pytest.raises(ValueError, match="not a staging buffer"):
+            s.release(np.zeros(EXPERT_NBYTES, np.uint8))
+        reader.allow(10)
+        s.release(polled[1][1])
+        seen = []
+        while len(seen) < 3:  # the engine must keep releasing for the rest to get buffers
+            for key, buf in s.poll(timeout=WAIT_S):
+                seen.append(key)
+                s.release(buf)
+        assert sorted(seen) == [(0, 2), (0, 3), (0, 4)]
+
+
+def test_speculative_byte_cap_counts_cancelled_reads_until_they_return():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=4, speculative_nbytes=2 * EXPERT_NBYTES) as s:
+        futures = [s.submit((0, e), depth=1, score=-e) for e in range(4)]
+        reader.wait_calls(2)
+        assert s.statistics().speculative_nbytes_in_flight == 2 * EXPERT_NBYTES
+        s.cancel((0, 0))
+        demand = s.submit((5, 5), depth=0)  # demand ignores the cap
+        reader.wait_calls(3)
+        assert len(reader.calls) == 3 and s.statistics().queued == 2
+        reader.allow_key((5, 5))
+        s.release(result(demand))
+        assert len(reader.calls) == 3  # the cancelled read still counts
+        reader.allow_key((0, 0))
+        reader.wait_calls(4)
+        assert reader.calls[3] == (describe((0, 2)),)
+        reader.allow(10)
+        for future in futures[1:]:
+            result(future)
+        assert s.statistics().speculative_nbytes_in_flight == 0
+
+
+def test_pending_queue_is_bounded():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1, max_pending=2) as s:
+        s.submit((0, 0), depth=1)
+        reader.wait_calls(1)
+        low = s.submit((0, 1), depth=2, score=0.1)
+        high = s.submit((0, 2), depth=1, score=0.5)
+        higher = s.submit((0, 3), depth=1, score=0.6)
+        assert low.cancelled() and not high.done() and not higher.done()
+        assert s.statistics().dropped == 1
+        lowest = s.submit((0, 4), depth=3)
+        assert lowest.cancelled()
+        demand = s.submit((0, 5), depth=0)  # never dropped
+        reader.allow(10)
+        s.release(result(demand))
+        result(high), result(higher)
+
+
+def test_adjacent_prefetches_coalesce_into_one_read_but_not_into_a_demand():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1, locate=locate) as s:
+        s.submit((0, 10), depth=1)
+        reader.wait_calls(1)
+        a = s.submit((0, 2), depth=1, score=0.9)
+        b = s.submit((0, 3), depth=2, score=0.1)
+        c = s.submit((0, 4), depth=0)
+        far = s.submit((0, 20), depth=1, score=0.95)
+        reader.allow(10)
+        for future in (a, b, far):
+            result(future)
+        s.release(result(c))
+        calls = reader.wait_calls(4)
+        assert calls[1] == (describe((0, 4)),)
+        assert calls[2] == (describe((0, 20)),)
+        assert sorted(calls[3]) == [describe((0, 2)), describe((0, 3))]
+        published = dict(s.poll())
+        assert (published[(0, 3)] == pattern("expert (0, 3)")).all()
+        assert s.statistics().coalesced_reads == 1
+
+
+@pytest.fixture()
+def expert_file(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 2 * NUM_EXPERTS * EXPERT_NBYTES,
+                                             dtype=np.uint8)
+    path = str(tmp_path / "experts.bin")
+    data.tofile(path)
+
+    def real_locate(key):
+        return [ByteRange(path, r.offset, r.nbytes, r.dest, r.label) for r in locate(key)]
+
+    return real_locate, data
+
+
+def expected_bytes(data, ranges):
+    out = np.zeros(EXPERT_NBYTES, np.uint8)
+    for r in ranges:
+        out[r.dest:r.dest + r.nbytes] = data[r.offset:r.end]
+    return out
+
+
+class FlakyPreadv:
+    def __init__(self, failures, short=False):
+        self.failures = failures
+        self.short = short
+        self.calls = 0
+
+    def __call__(self, fd, bufs, offset):
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        if self.short:
+            return os.preadv(fd, [bufs[0][:3]], offset)
+        return os.preadv(fd, bufs, offset)
+
+
+def test_real_reads_retry_short_reads_and_transient_errors(expert_file):
+    real_locate, data = expert_file
+    preadv = FlakyPreadv(failures=2, short=True)
+    with FileHandles(preadv=preadv) as handles, \
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
+                        handles=handles, retries=3) as s:
+        demand = s.submit((1, 5), depth=0)
+        np.testing.assert_array_equal(result(demand), expected_bytes(data, real_locate((1, 5))))
+        assert preadv.calls == 2 + 2 * -(-(EXPERT_NBYTES // 2) // 3)  # two failures, 3-byte reads
+
+
+def test_read_error_fails_the_future_naming_file_and_expert(expert_file):
+    real_locate, data = expert_file
+    preadv = FlakyPreadv(failures=10**6)
+    with FileHandles(preadv=preadv) as handles, \
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
+                        num_buffers=2, handles=handles, retries=2) as s:
+        demand = s.submit((1, 17), depth=0)
+        error = demand.exception(timeout=WAIT_S)
+        assert isinstance(error, ReadError)
+        assert real_locate((1, 17))[0].path in str(error) and "expert (1, 17)" in str(error)
+        assert preadv.calls == 3
+        prefetch = s.submit((1, 18), depth=1)
+        assert isinstance(prefetch.exception(timeout=WAIT_S), ReadError)
+        stats = s.statistics()
+        assert stats.failed == 2 and stats.free_buffers == 2 and s.poll() == []
+        preadv.failures = 0  # the device recovers: the same key reads fine
+        np.testing.assert_array_equal(result(s.submit((1, 17), depth=0)),
+                                      expected_bytes(data, real_locate((1, 17))))
+
+
+def test_reader_exception_of_any_kind_reaches_the_future():
+    reader = GatedReader(fail={describe((0, 1)): RuntimeError("boom")})
+    with scheduler(reader) as s:
+        future = s.submit((0, 1), depth=0)
+        reader.allow()
+        with pytest.raises(RuntimeError, match="boom"):
+            result(future)
+        ok = s.submit((0, 2), depth=0)
+        reader.allow()
+        s.release(result(ok))
+
+
+def io_threads():
+    """Every live scheduler thread: the loop and the readers that have started."""
+    return [t for t in threading.enumerate() if t.name.startswith("golem-io")]
+
+
+def test_close_with_reads_blocked_cancels_and_joins_every_thread():
+    reader = GatedReader()
+    s = scheduler(reader, parallelism=2, yield_to_demand=False).start()
+    running = [s.submit((0, e), depth=1) for e in range(2)]
+    demand = s.submit((1, 1), depth=0)
+    queued = s.submit((2, 2), depth=1)
+    reader.wait_calls(3)
+    threads = io_threads()
+    assert len(threads) == 4 and set(threads) >= set(s.threads)
+    opener = threading.Thread(
+        target=lambda: (concurrent.futures.wait(running + [demand, queued]), reader.allow(10)))
+    opener.start()
+    s.close()
+    opener.join()
+    assert all(f.cancelled() for f in running + [queued])
+    assert isinstance(demand.exception(timeout=0), SchedulerClosed)
+    assert not any(t.is_alive() for t in threads)
+    with pytest.raises(SchedulerClosed):
+        s.submit((0, 0))
+    s.close()  # twice is fine
+
+
+def test_keyboard_interrupt_in_the_engine_still_joins_threads():
+    reader = GatedReader()
+    threads = []
+    with pytest.raises(KeyboardInterrupt):
+        with scheduler(reader) as s:
+            future = s.submit((0, 0), depth=1)
+            reader.wait_calls(1)
+            threads = io_threads()
+            threading.Thread(target=lambda: (concurrent.futures.wait([future]),
+                                             reader.allow())).start()
+            raise KeyboardInterrupt
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+def test_submit_rejects_bad_input():
+    with scheduler(GatedReader(), buffer_nbytes=EXPERT_NBYTES // 2) as s:
+        with pytest.raises(ValueError, match=r"expert \(0, 1\) needs 256 bytes"):
+            s.submit((0, 1))
+        with pytest.raises(ValueError, match="depth"):
+            s.submit((0, 1), depth=-1)
+    with pytest.raises(SchedulerClosed, match="not started"):
+        scheduler(GatedReader()).submit((0, 0))
+
+
+# -- storage emulator ---------------------------------------------------------------------
+
+def test_throttle_shares_bandwidth_and_overlaps_latency():
+    clock = FakeClock()
+    throttle = Throttle(1.0, latency_s=1e-4, clock=clock.now, sleep=clock.sleep)
+    first = throttle.reserve(10**6)  # 1 ms at 1 GB/s
+    second = throttle.reserve(10**6)  # queued behind the first
+    assert first == pytest.approx(1e-3 + 1e-4) and second == pytest.approx(2e-3 + 1e-4)
+    assert throttle.wait_until(second) == pytest.approx(2.1e-3)
+    assert clock.now() == pytest.approx(2.1e-3)
+    clock.advance(1.0)  # idle: no debt carried over, and no burst by default
+    assert throttle.acquire(5 * 10**5) == pytest.approx(6e-4)
+
+
+def test_throttle_burst_and_parse():
+    clock = FakeClock()
+    throttle = Throttle(2.0, burst_nbytes=4 * 10**6, clock=clock.now, sleep=clock.sleep)
+    clock.advance(10.0)
+    assert throttle.acquire(4 * 10**6) == 0.0
+    assert throttle.acquire(2 * 10**6) == pytest.approx(1e-3)
+    parsed = parse_throttle("2.5,80us")
+    assert parsed.gb_per_s == 2.5 and parsed.latency_s == pytest.approx(8e-5)
+    assert parse_throttle("0.5GB/s, 1ms").latency_s == pytest.approx(1e-3)
+    for bad in ("fast", "-1", "1,2,3", "1,soon"):
+        with pytest.raises(ValueError, match="storage emulation"):
+            parse_throttle(bad)
+
+
+def test_scheduler_reads_through_an_injected_throttle(expert_file):
+    real_locate, data = expert_file
+    clock = FakeClock()
+    throttle = Throttle(1e-3, latency_s=0.5, clock=clock.now, sleep=clock.sleep)  # 1 MB/s
+    with IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
+                     throttle=throttle, coalesce=False) as s:
+        buffer = result(s.submit((0, 3), depth=0))
+        np.testing.assert_array_equal(buffer, expected_bytes(data, real_locate((0, 3))))
+    assert throttle.reads == 2 and throttle.nbytes == EXPERT_NBYTES
+    assert clock.now() == pytest.approx(2 * 0.5 + EXPERT_NBYTES / 1e6)
