@@ -195,14 +195,18 @@ def _byte_view(out) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-class _Run:
-    """File-adjacent pieces of one path: one ``preadv`` of several buffers."""
+class ReadRun:
+    """Ranges adjacent in one file, read with one ``preadv`` scattering into their buffers.
 
-    __slots__ = ("path", "offset", "nbytes", "pieces", "labels", "whats")
+    ``segments`` are ``[buffer index, dest, nbytes]`` in file order; ``labels`` and
+    ``whats`` name the tensors and requesters for errors.
+    """
+
+    __slots__ = ("path", "offset", "nbytes", "segments", "labels", "whats")
 
     def __init__(self, path: str, offset: int):
         self.path, self.offset, self.nbytes = path, offset, 0
-        self.pieces: List[List[int]] = []  # [buffer index, dest, nbytes]
+        self.segments: List[List[int]] = []
         self.labels: List[object] = []
         self.whats: List[str] = []
 
@@ -214,35 +218,80 @@ class _Run:
         return ", ".join(dict.fromkeys(w for w in self.whats if w))
 
 
-def plan_reads(requests: Sequence[Tuple[Sequence[ByteRange], int, str]]) -> List[_Run]:
+def plan_reads(requests: Sequence[Tuple[Sequence[ByteRange], int, str]],
+               max_run_nbytes: Optional[int] = None) -> List[ReadRun]:
     """Group ranges into runs adjacent in the file, each one ``preadv``.
 
     ``requests`` holds ``(ranges, buffer index, what)``. Within a run, ranges that are also
-    adjacent in the same buffer merge into one iovec; a run never holds more than IOV_MAX.
+    adjacent in the same buffer merge into one segment; a run never holds more than IOV_MAX
+    segments, nor (with ``max_run_nbytes``) more bytes than that, cut at ALIGN boundaries
+    of the file so that direct reads of neighbouring runs do not overlap.
     """
     items = sorted(((r, buf, what) for ranges, buf, what in requests for r in ranges
                     if r.nbytes), key=lambda item: (item[0].path, item[0].offset))
-    runs: List[_Run] = []
-    run: Optional[_Run] = None
+    runs: List[ReadRun] = []
+    run: Optional[ReadRun] = None
     for rng, buf, what in items:
         if run is not None and rng.path == run.path and rng.offset < run.end:
             raise ValueError(f"overlapping ranges in {rng.path} at offset {rng.offset}: "
                              f"{run.labels[-1]!s} and {rng.label!s}")
-        last = run.pieces[-1] if run is not None else None
+        last = run.segments[-1] if run is not None else None
         merge = (last is not None and rng.path == run.path and rng.offset == run.end
                  and last[0] == buf and last[1] + last[2] == rng.dest)
         if not merge and (run is None or rng.path != run.path or rng.offset != run.end
-                          or len(run.pieces) >= _IOV_MAX):
-            run = _Run(rng.path, rng.offset)
+                          or len(run.segments) >= _IOV_MAX):
+            run = ReadRun(rng.path, rng.offset)
             runs.append(run)
         if merge:
             last[2] += rng.nbytes
         else:
-            run.pieces.append([buf, rng.dest, rng.nbytes])
+            run.segments.append([buf, rng.dest, rng.nbytes])
         run.nbytes += rng.nbytes
         run.labels.append(rng.label)
         run.whats.append(what)
+    if max_run_nbytes:
+        runs = [piece for run in runs for piece in _split(run, max_run_nbytes)]
     return runs
+
+
+def _split(run: ReadRun, limit: int) -> List[ReadRun]:
+    if run.nbytes <= limit:
+        return [run]
+    out: List[ReadRun] = []
+    cur: Optional[ReadRun] = None
+    stop = 0
+    pos = run.offset
+    for buf, dest, n in run.segments:
+        while n:
+            if cur is None or pos >= stop:
+                cur = ReadRun(run.path, pos)
+                cur.labels, cur.whats = run.labels, run.whats
+                out.append(cur)
+                stop = (pos + limit) // ALIGN * ALIGN
+                if stop <= pos:
+                    stop = pos + limit
+            take = min(n, stop - pos)
+            cur.segments.append([buf, dest, take])
+            cur.nbytes += take
+            dest += take
+            n -= take
+            pos += take
+    return out
+
+
+def destination_views(requests: Sequence[Tuple[Sequence[ByteRange], object, str]]
+                      ) -> List[memoryview]:
+    """Byte views of each request's ``out``, after checking that every range fits it."""
+    views = []
+    for ranges, out, what in requests:
+        view = _byte_view(out)
+        for r in ranges:
+            if r.nbytes < 0 or r.offset < 0 or r.dest < 0 or r.dest + r.nbytes > len(view):
+                raise ValueError(f"range {r.label!s} of {r.path} (dest {r.dest}, {r.nbytes} "
+                                 f"bytes) does not fit the {len(view)}-byte buffer"
+                                 f"{' of ' + what if what else ''}")
+        views.append(view)
+    return views
 
 
 def read_ranges(ranges: Iterable[ByteRange], out, *, handles: FileHandles, direct: bool = False,
@@ -267,47 +316,44 @@ def read_ranges(ranges: Iterable[ByteRange], out, *, handles: FileHandles, direc
 
 
 def read_into(requests: Sequence[Tuple[Sequence[ByteRange], object, str]], *,
-              handles: FileHandles, direct: bool = False, retries: int = 3) -> int:
+              handles: FileHandles, direct: bool = False, retries: int = 3,
+              max_run_nbytes: Optional[int] = None) -> int:
     """Read several ``(ranges, out, what)`` requests, coalescing across them.
 
     Ranges of different requests that are adjacent in the file (expert e and e+1 of one
     stacked tensor) become one ``preadv`` scattering into both buffers. Errors name every
     requester whose bytes were in the failed read. Returns the bytes delivered.
     """
-    views = []
-    plan = []
-    for index, (ranges, out, what) in enumerate(requests):
-        view = _byte_view(out)
-        ranges = list(ranges)
-        for r in ranges:
-            if r.nbytes < 0 or r.offset < 0 or r.dest < 0 or r.dest + r.nbytes > len(view):
-                raise ValueError(f"range {r.label!s} of {r.path} (dest {r.dest}, {r.nbytes} "
-                                 f"bytes) does not fit the {len(view)}-byte buffer"
-                                 f"{' of ' + what if what else ''}")
-        views.append(view)
-        plan.append((ranges, index, what))
-    total = 0
-    for run in plan_reads(plan):
-        bufs = [views[buf][dest:dest + n] for buf, dest, n in run.pieces]
-        fd, mode = handles.open(run.path, direct)
-        if mode == MODE_O_DIRECT:
-            try:
-                _read_direct(handles, fd, run, bufs, retries)
-            except _DirectRefused:
-                fd, mode = handles._downgrade(run.path)
-        if mode != MODE_O_DIRECT:
-            _read_run(handles, fd, run, bufs, run.offset, run.nbytes, retries)
-            if mode == MODE_FADVISE and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, run.offset, run.nbytes, os.POSIX_FADV_DONTNEED)
-        total += run.nbytes
-    return total
+    requests = [(list(ranges), out, what) for ranges, out, what in requests]
+    views = destination_views(requests)
+    plan = plan_reads([(ranges, i, what) for i, (ranges, _, what) in enumerate(requests)],
+                      max_run_nbytes)
+    return sum(read_run(run, views, handles=handles, direct=direct, retries=retries)
+               for run in plan)
+
+
+def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
+             direct: bool = False, retries: int = 3) -> int:
+    """Read one planned run into ``views`` (indexed by the run's buffer indices)."""
+    bufs = [views[buf][dest:dest + n] for buf, dest, n in run.segments]
+    fd, mode = handles.open(run.path, direct)
+    if mode == MODE_O_DIRECT:
+        try:
+            _read_direct(handles, fd, run, bufs, retries)
+            return run.nbytes
+        except _DirectRefused:
+            fd, mode = handles._downgrade(run.path)
+    _read_run(handles, fd, run, bufs, run.offset, run.nbytes, retries)
+    if mode == MODE_FADVISE and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, run.offset, run.nbytes, os.POSIX_FADV_DONTNEED)
+    return run.nbytes
 
 
 class _DirectRefused(Exception):
     """O_DIRECT opened, but the file system refuses aligned direct reads (EINVAL)."""
 
 
-def _read_run(handles: FileHandles, fd: int, run: _Run, bufs: List[memoryview], offset: int,
+def _read_run(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview], offset: int,
               nbytes: int, retries: int, *, eof_ok: bool = False) -> int:
     """``preadv`` until ``nbytes`` are in ``bufs``; resume short reads, retry transient errors."""
     done = 0
@@ -356,7 +402,7 @@ def _advance(bufs: List[memoryview], nbytes: int) -> List[memoryview]:
     return rest
 
 
-def _read_direct(handles: FileHandles, fd: int, run: _Run, bufs: List[memoryview],
+def _read_direct(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview],
                  retries: int) -> None:
     """Aligned superset reads into the per-thread bounce buffer, copied out to ``bufs``."""
     pos = run.offset
@@ -372,10 +418,10 @@ def _read_direct(handles: FileHandles, fd: int, run: _Run, bufs: List[memoryview
             raise ReadError("unexpected end of file (short read)", path=run.path,
                             offset=start + got, nbytes=run.end - start - got, what=run.who(),
                             labels=run.labels, err=errno.EIO, attempts=1)
-        src = bounce[pos - start:stop - start]
+        src = np.frombuffer(bounce, dtype=np.uint8)[pos - start:stop - start]
         while len(src):
             n = min(len(src), len(targets[0]))
-            targets[0][:n] = src[:n]
+            np.copyto(np.frombuffer(targets[0], dtype=np.uint8)[:n], src[:n])  # GIL released
             src = src[n:]
             targets = _advance(targets, n)
         pos = stop

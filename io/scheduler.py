@@ -23,7 +23,7 @@ from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tu
 import numpy as np
 
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileHandles, aligned_empty, read_into
+from golem.io.reads import FileHandles, aligned_empty, plan_reads, read_into, read_run
 from golem.io.storage import Throttle
 
 # The hot path reads with os.preadv in a ThreadPoolExecutor, not aiofiles. aiofiles has no
@@ -36,6 +36,8 @@ from golem.io.storage import Throttle
 # expert-sized ranges fastest with 4 reads in flight; more adds contention, fewer leaves
 # the device idle between requests.
 DEFAULT_PARALLELISM = 4
+DEFAULT_PIECE_NBYTES = 2 << 20
+MIN_JOB_NBYTES = 256 << 10  # a reader takes small neighbouring pieces together
 DEMAND_LANES = 1  # executor threads only demand reads may use, so a miss never queues behind prefetches
 
 QUEUED, RUNNING, PUBLISHED, DONE = "queued", "running", "published", "done"
@@ -54,7 +56,7 @@ def describe(key: Hashable) -> str:
 
 class _Request:
     __slots__ = ("key", "depth", "score", "ranges", "nbytes", "future", "state", "cancelled",
-                 "buffer", "token", "submitted_at", "queued_at", "upgraded")
+                 "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "plan")
 
     def __init__(self, key, depth, score, ranges, nbytes, now):
         self.key = key
@@ -70,6 +72,8 @@ class _Request:
         self.submitted_at = now
         self.queued_at = now
         self.upgraded = False
+        self.batch: Optional[_Batch] = None
+        self.plan: list = []
 
     @property
     def demand(self) -> bool:
@@ -79,11 +83,33 @@ class _Request:
         return (self.depth, -self.score, seq)
 
 
+class _Batch:
+    """Requests read together (coalesced), as pieces that run on several threads."""
+
+    __slots__ = ("requests", "demand", "runs", "next", "remaining", "views", "error", "started")
+
+    def __init__(self, requests: List[_Request], demand: bool):
+        self.requests = requests
+        self.demand = demand
+        self.runs: list = []
+        self.next = 0  # index of the next piece to start
+        self.remaining = 0  # pieces not yet returned
+        self.views: list = []
+        self.error: Optional[BaseException] = None
+        self.started: Optional[float] = None
+        for req in requests:
+            req.batch = self
+
+    def all_cancelled(self) -> bool:
+        return all(r.cancelled or r.future.cancelled() for r in self.requests)
+
+
 @dataclass
 class SchedulerStatistics:
     """What the scheduler did since it started.
 
     ``requests`` counts submits by class (``"demand"``, ``"prefetch"``), ``by_depth`` by depth;
+    ``reads`` counts batches (one or more coalesced requests), ``pieces`` their ``preadv`` calls;
     ``useful_nbytes`` were published or handed to a demand, ``cancelled_nbytes`` were read but
     not published (cancelled while running). Latencies in seconds; ``gb_per_s`` is bytes read
     over the time at least one read was running.
@@ -97,6 +123,7 @@ class SchedulerStatistics:
     dropped: int = 0
     failed: int = 0
     reads: int = 0
+    pieces: int = 0
     coalesced_reads: int = 0
     bytes_read: int = 0
     useful_nbytes: int = 0
@@ -140,19 +167,25 @@ class IOScheduler:
         nbytes_of: ``key -> int``, the size of the key's buffer.
         buffer_nbytes: size of each staging buffer (the largest key).
         num_buffers: staging buffers in the pool.
-        parallelism: reads in flight at once (plus ``DEMAND_LANES`` for demand reads).
+        parallelism: pieces (``preadv`` calls) in flight at once, plus ``DEMAND_LANES``
+            for demand reads: the device's queue depth, not the number of experts.
         speculative_nbytes: cap on prefetch bytes being read at once; None = no cap.
         max_pending: most prefetches waiting in the queue.
         reserved_for_demand: buffers a prefetch may never take.
-        yield_to_demand: start no prefetch while a demand read is running.
+        yield_to_demand: while a demand read is under way, start no prefetch piece.
         coalesce: merge requests whose ranges are adjacent in the file into one read.
         max_batch_nbytes: largest coalesced read.
         direct: read with O_DIRECT (see ``golem.io.reads``).
         retries: retries of a failed or short read before its future fails.
         handles: open-file cache to use (default: one of its own, closed on close).
         throttle: emulate a slower device (``golem.io.storage.Throttle``).
-        read: the reader, ``read(requests, *, handles, direct, retries) -> int`` with
-            requests ``[(ranges, out, what)]``; default ``golem.io.reads.read_into``.
+        piece_nbytes: largest single read; longer runs of a file are cut into pieces that
+            several threads read at once.
+        min_job_nbytes: a reader takes neighbouring pieces of a batch until it has this
+            many bytes (small pieces cost more in bookkeeping than in reading).
+        read: a reader replacing the built-in one (tests: gated fakes),
+            ``read(requests, *, handles, direct, retries) -> int`` with requests
+            ``[(ranges, out, what)]``; it reads a whole batch as one piece.
         use_uvloop: run the loop on uvloop when it is installed.
     """
 
@@ -161,7 +194,9 @@ class IOScheduler:
                  num_buffers: int = 16, parallelism: int = DEFAULT_PARALLELISM,
                  speculative_nbytes: Optional[int] = None, max_pending: int = 256,
                  reserved_for_demand: int = 1, yield_to_demand: bool = True,
-                 coalesce: bool = True, max_batch_nbytes: int = 64 << 20, direct: bool = False,
+                 coalesce: bool = True, max_batch_nbytes: int = 64 << 20,
+                 piece_nbytes: int = DEFAULT_PIECE_NBYTES,
+                 min_job_nbytes: int = MIN_JOB_NBYTES, direct: bool = False,
                  retries: int = 3, handles: Optional[FileHandles] = None,
                  throttle: Optional[Throttle] = None, read: Optional[Callable] = None,
                  use_uvloop: bool = True):
@@ -183,6 +218,8 @@ class IOScheduler:
         self.yield_to_demand = yield_to_demand
         self.coalesce = coalesce
         self.max_batch_nbytes = max_batch_nbytes
+        self.piece_nbytes = piece_nbytes
+        self.min_job_nbytes = min_job_nbytes
         self.direct = direct
         self.retries = retries
         self._own_handles = handles is None
@@ -192,6 +229,7 @@ class IOScheduler:
             handles.preadv = throttle.wrap(handles.preadv)
         self.handles = handles
         self._read = read or read_into
+        self._custom_read = read is not None
         self._use_uvloop = use_uvloop
 
         self._buffers = [aligned_empty(buffer_nbytes) for _ in range(num_buffers)]
@@ -201,7 +239,8 @@ class IOScheduler:
         self._free: List[int] = list(range(num_buffers - 1, -1, -1))
         self._handed: set = set()  # buffers the engine holds (published or resolved)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # poll() waits here for publications
+        self._idle = threading.Condition(self._lock)  # idle readers wait here for pieces
         self._requests: Dict[Hashable, _Request] = {}
         self._heap: List[tuple] = []
         self._seq = itertools.count()
@@ -209,8 +248,10 @@ class IOScheduler:
         self._published: Deque[_Request] = deque()
         self._starts: Dict[Tuple[str, int], _Request] = {}
         self._ends: Dict[Tuple[str, int], _Request] = {}
-        self._running_batches = 0
-        self._running_demand = 0
+        self._active: List[_Batch] = []  # batches with pieces not yet started
+        self._waiting_pieces = 0  # pieces of active batches not yet started
+        self._active_demand = 0  # demand batches not finished
+        self._running_pieces = 0
         self._spec_in_flight = 0
         self._busy_since: Optional[float] = None
         self._stats = SchedulerStatistics()
@@ -220,28 +261,34 @@ class IOScheduler:
 
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
-        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._tasks: set = set()
+        self._workers: List[threading.Thread] = []
         self._closed = False
         self._started = False
 
     # -- lifetime ---------------------------------------------------------------------------
 
     def start(self) -> "IOScheduler":
-        """Start the loop thread and the executor (``with`` does this)."""
+        """Start the loop thread and the readers (``with`` does this)."""
         if self._started:
             return self
         if self._closed:
             raise SchedulerClosed("scheduler is closed")
         self._loop = self._new_loop()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.parallelism + DEMAND_LANES, thread_name_prefix="golem-io-read")
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, args=(ready,),
                                         name="golem-io-loop", daemon=True)
         self._thread.start()
         ready.wait()
         self._started = True
+        try:
+            for i in range(self.parallelism + DEMAND_LANES):
+                worker = threading.Thread(target=self._work, name=f"golem-io-read-{i}",
+                                          daemon=True)
+                worker.start()
+                self._workers.append(worker)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _new_loop(self) -> asyncio.AbstractEventLoop:
@@ -270,8 +317,9 @@ class IOScheduler:
         """Cancel everything not yet published, wait for running reads, join every thread.
 
         Demand futures still pending fail with ``SchedulerClosed``; prefetch futures are
-        cancelled. Published buffers stay valid until ``release`` or garbage collection.
-        Safe to call twice, and after errors.
+        cancelled. A read already inside ``preadv`` finishes first (it cannot be stopped).
+        Published buffers stay valid until ``release`` or garbage collection. Safe to call
+        twice, and after errors.
         """
         with self._lock:
             if self._closed:
@@ -287,6 +335,7 @@ class IOScheduler:
             self._heap.clear()
             self._num_prefetch_queued = 0
             self._cond.notify_all()
+            self._idle.notify_all()
         for req in resolve:
             if req.demand:
                 _set_exception(req.future, SchedulerClosed(
@@ -294,22 +343,17 @@ class IOScheduler:
             else:
                 _cancel(req.future)
         try:
-            if self._loop is not None and self._thread is not None and self._thread.is_alive():
-                drain = asyncio.run_coroutine_threadsafe(self._drain(), self._loop)
+            if self._thread is not None and self._thread.is_alive():
                 try:
-                    drain.result()
-                finally:
                     self._loop.call_soon_threadsafe(self._loop.stop)
-                    self._thread.join()
+                except RuntimeError:  # already closed
+                    pass
+                self._thread.join()
+            for worker in self._workers:
+                worker.join()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
             if self._own_handles:
                 self.handles.close()
-
-    async def _drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def __enter__(self) -> "IOScheduler":
         return self.start()
@@ -319,11 +363,8 @@ class IOScheduler:
 
     @property
     def threads(self) -> List[threading.Thread]:
-        """The loop thread and the executor's threads (for tests that check joins)."""
-        found = [self._thread] if self._thread is not None else []
-        if self._executor is not None:
-            found += list(getattr(self._executor, "_threads", ()))
-        return found
+        """The loop thread and the reader threads (for tests that check joins)."""
+        return ([self._thread] if self._thread is not None else []) + list(self._workers)
 
     # -- engine-facing API ------------------------------------------------------------------
 
@@ -357,7 +398,9 @@ class IOScheduler:
                 if nbytes > self.buffer_nbytes:
                     raise ValueError(f"{describe(key)} needs {nbytes} bytes, more than the "
                                      f"{self.buffer_nbytes}-byte staging buffers")
+                plan = _plan(key, ranges, nbytes, self.piece_nbytes)
                 req = _Request(key, depth, score, ranges, nbytes, time.perf_counter())
+                req.plan = plan
                 self._requests[key] = req
                 self._enqueue(req)
                 for r in ranges:
@@ -365,9 +408,11 @@ class IOScheduler:
                     self._ends[(r.path, r.end)] = req
                 future = req.future
                 dropped = self._trim_queue()
+            kick = req.demand or self._has_idle_reader()
         for other in dropped:
             _cancel(other)
-        self._kick()
+        if kick:
+            self._kick()
         return future
 
     def _resubmit(self, req: _Request, depth: int, score: float) -> concurrent.futures.Future:
@@ -390,6 +435,11 @@ class IOScheduler:
                 self._push(req)
             elif req.state == RUNNING and req.demand and not was_demand:
                 self._spec_in_flight -= req.nbytes
+                batch = req.batch
+                if batch is not None and not batch.demand:  # its remaining pieces go first
+                    batch.demand = True
+                    self._active_demand += 1
+                    self._active.sort(key=lambda b: not b.demand)
         return req.future
 
     def cancel(self, key: Hashable) -> bool:
@@ -440,8 +490,9 @@ class IOScheduler:
                 raise ValueError("release: staging buffer released twice (or never handed out)")
             self._handed.discard(index)
             self._free.append(index)
-            self._cond.notify_all()
-        self._kick()
+            kick = self._has_idle_reader()
+        if kick:
+            self._kick()
 
     def pending(self, key: Hashable) -> Optional[str]:
         """``"queued"``, ``"running"``, ``"published"`` or None for a key nobody asked for."""
@@ -531,6 +582,10 @@ class IOScheduler:
 
     # -- dispatch (loop thread) -------------------------------------------------------------
 
+    def _has_idle_reader(self) -> bool:
+        """Lock held: could a reader start a prefetch now? (Busy readers activate on their own.)"""
+        return bool(self._heap) and self._running_pieces + self._waiting_pieces < self.parallelism
+
     def _kick(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -540,50 +595,134 @@ class IOScheduler:
                 pass
 
     def _pump(self) -> None:
-        """Start every read that priorities, buffers, lanes and caps allow."""
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                batch = self._next_batch()
-                if not batch:
-                    return
-            task = self._loop.create_task(self._run_batch(batch, batch[0].demand))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        """Loop thread, after engine events (submit, cancel, release): activate requests."""
+        with self._lock:
+            if not self._closed and self._activate_ready():
+                self._idle.notify(self._waiting_pieces)
 
-    def _can_start(self, req: _Request, extra_nbytes: int = 0) -> bool:
+    def _activate_ready(self) -> bool:
+        """Activate the requests that priorities, buffers and caps allow (lock held).
+
+        Demand requests are activated at once. A prefetch is activated only when a reader
+        would otherwise be idle (its pieces plus those waiting fit the free readers), so
+        few experts are in flight at once, each finishes as early as the device allows,
+        and a request submitted later with a higher priority still goes first.
+        """
+        activated = False
+        while True:
+            top = self._top()
+            if top is None or not self._free:
+                break
+            if not top.demand:
+                idle = self.parallelism - self._running_pieces - self._waiting_pieces
+                if idle <= 0 or (self.yield_to_demand and self._active_demand) \
+                        or not self._can_start(top):
+                    break
+            self._activate(top)
+            activated = True
+        return activated
+
+    def _next_piece(self) -> Optional[Tuple["_Batch", object]]:
+        """Reader thread (lock held): the next piece, demand batches first, or None."""
+        threads = self._running_pieces
+        for batch in self._active:
+            if batch.demand:
+                return self._take_piece(batch) \
+                    if threads < self.parallelism + DEMAND_LANES else None
+        if threads >= self.parallelism or (self.yield_to_demand and self._active_demand):
+            return None
+        while self._active:
+            batch = self._active[0]
+            if batch.all_cancelled():  # nobody wants the rest: do not read it
+                self._skip_rest(batch)
+                if batch.remaining == 0:
+                    self._finish(batch)  # only cancelled requests: nothing to resolve
+                continue
+            return self._take_piece(batch)
+        return None
+
+    def _work(self) -> None:
+        """Reader thread: take pieces and read them until the scheduler closes."""
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    job = self._next_piece()
+                    if job is None and self._activate_ready():  # no hop to the loop
+                        job = self._next_piece()
+                    if job is not None:
+                        break
+                    self._idle.wait()
+                self._running_pieces += 1
+                if self._busy_since is None:
+                    self._busy_since = time.perf_counter()
+                if self._waiting_pieces:
+                    self._idle.notify(self._waiting_pieces)
+            self._read_piece(*job)
+
+    def _can_start(self, req: _Request) -> bool:
         if req.demand:
             return bool(self._free)
         if len(self._free) <= self.reserved_for_demand:
             return False
-        if self.yield_to_demand and self._running_demand:
-            return False
         cap = self.speculative_nbytes
-        in_flight = self._spec_in_flight + extra_nbytes
+        in_flight = self._spec_in_flight
         return cap is None or in_flight == 0 or in_flight + req.nbytes <= cap
 
-    def _next_batch(self) -> List[_Request]:
-        req = self._top()
-        if req is None:
-            return []
-        if req.demand:
-            if self._running_batches >= self.parallelism + DEMAND_LANES:
-                return []
-        elif self._running_batches - self._running_demand >= self.parallelism:
-            return []
-        if not self._can_start(req):
-            return []
-        batch = [req]
+    def _activate(self, req: _Request) -> "_Batch":
+        requests = [req]
         self._take(req)
         if self.coalesce:
-            self._grow(batch)
-        self._running_batches += 1
-        if req.demand:
-            self._running_demand += 1
-        if self._busy_since is None:
-            self._busy_since = time.perf_counter()
+            self._grow(requests)
+        batch = _Batch(requests, req.demand)
+        if self._custom_read:
+            batch.runs = [None]  # a custom reader reads the whole batch as one piece
+        else:
+            batch.views = [memoryview(self._view(r)) for r in requests]
+            if len(requests) == 1:
+                batch.runs = req.plan  # planned at submit, buffer index 0
+            else:
+                try:
+                    batch.runs = plan_reads([(r.ranges, i, describe(r.key))
+                                             for i, r in enumerate(requests)], self.piece_nbytes)
+                except ValueError:  # requests overlapping in the file: read them one by one
+                    batch.runs = [run for i, r in enumerate(requests)
+                                  for run in plan_reads([(r.ranges, i, describe(r.key))],
+                                                        self.piece_nbytes)]
+            batch.runs = batch.runs or [None]
+        batch.remaining = len(batch.runs)
+        self._waiting_pieces += len(batch.runs)
+        self._active.append(batch)
+        if batch.demand:
+            self._active_demand += 1
+            self._active.sort(key=lambda b: not b.demand)  # stable: demand batches first
         return batch
+
+    def _take_piece(self, batch: "_Batch") -> Tuple["_Batch", list]:
+        """The next pieces of ``batch`` for one reader: ``min_job_nbytes`` unless it ends."""
+        runs = []
+        nbytes = 0
+        while batch.next < len(batch.runs) and (not runs or nbytes < self.min_job_nbytes):
+            run = batch.runs[batch.next]
+            runs.append(run)
+            nbytes += run.nbytes if run is not None else 0
+            batch.next += 1
+        self._waiting_pieces -= len(runs)
+        if batch.next == len(batch.runs):
+            self._active.remove(batch)
+        if batch.started is None:
+            batch.started = time.perf_counter()
+        return batch, runs
+
+    def _skip_rest(self, batch: "_Batch") -> None:
+        """Drop the pieces of ``batch`` not yet started; finish it if none is running."""
+        skipped = len(batch.runs) - batch.next
+        batch.next = len(batch.runs)
+        self._waiting_pieces -= skipped
+        batch.remaining -= skipped
+        if batch in self._active:
+            self._active.remove(batch)
 
     def _take(self, req: _Request) -> None:
         self._forget(req)
@@ -609,78 +748,92 @@ class IOScheduler:
                     if other is None or other.state != QUEUED or other.demand != demand \
                             or total + other.nbytes > self.max_batch_nbytes:
                         continue
-                    if not self._can_start(other):
+                    if other.future.cancelled() or not self._can_start(other):
                         continue
                     self._take(other)
                     batch.append(other)
                     frontier.append(other)
                     total += other.nbytes
 
-    async def _run_batch(self, batch: List[_Request], demand: bool) -> None:
-        try:
-            await self._loop.run_in_executor(self._executor, self._read_and_publish, batch,
-                                             demand)
-        finally:
-            self._pump()
-
     def _view(self, req: _Request) -> np.ndarray:
         return self._buffers[req.buffer][:req.nbytes]
 
-    def _read_and_publish(self, batch: List[_Request], demand: bool) -> None:
-        """Executor thread: read the batch, then publish (demand futures resolve here)."""
+    def _read_piece(self, batch: "_Batch", runs: list) -> None:
+        """Reader thread: read some pieces of a batch; its last piece publishes it."""
         error: Optional[BaseException] = None
-        started = time.perf_counter()
+        nbytes = 0
         try:
-            nbytes = self._read([(req.ranges, self._view(req), describe(req.key))
-                                 for req in batch],
-                                handles=self.handles, direct=self.direct, retries=self.retries)
-        except BaseException as exc:  # surfaces on the futures, never kills the executor
-            error, nbytes = exc, 0
-        finished = time.perf_counter()
-        resolve = []
+            for run in runs:
+                if self._custom_read:
+                    nbytes += self._read([(r.ranges, self._view(r), describe(r.key))
+                                          for r in batch.requests],
+                                         handles=self.handles, direct=self.direct,
+                                         retries=self.retries)
+                elif run is not None:
+                    nbytes += read_run(run, batch.views, handles=self.handles,
+                                       direct=self.direct, retries=self.retries)
+        except BaseException as exc:  # surfaces on the futures, never kills the reader
+            error = exc
         with self._cond:
-            self._running_batches -= 1
-            self._running_demand -= demand
-            self._read_latencies.append(finished - started)
-            self._stats.reads += 1
-            self._stats.coalesced_reads += len(batch) > 1
+            self._running_pieces -= 1
+            self._stats.pieces += len(runs)
             self._stats.bytes_read += nbytes
-            if self._running_batches == 0 and self._busy_since is not None:
-                self._stats.busy_s += finished - self._busy_since
+            if self._running_pieces == 0 and self._busy_since is not None:
+                self._stats.busy_s += time.perf_counter() - self._busy_since
                 self._busy_since = None
-            for req in batch:
-                if not req.demand:
-                    self._spec_in_flight -= req.nbytes
-                if error is not None:
-                    self._stats.failed += 1
-                    self._free_buffer(req)
-                    req.state = DONE
-                    self._requests.pop(req.key, None)
-                    if not req.cancelled:
-                        resolve.append((req.future, error))
-                elif req.cancelled or req.future.cancelled():
-                    self._stats.cancelled_nbytes += req.nbytes
-                    self._free_buffer(req)
-                    req.state = DONE
-                    self._requests.pop(req.key, None)
-                else:
-                    self._stats.useful_nbytes += req.nbytes
-                    self._handed.add(req.buffer)
-                    view = self._view(req)
-                    if req.demand:
-                        req.state = DONE
-                        self._requests.pop(req.key, None)
-                        self._demand_latencies.append(finished - req.submitted_at)
-                    else:
-                        req.state = PUBLISHED
-                        self._published.append(req)
-                    resolve.append((req.future, view))
-            self._cond.notify_all()
+            batch.remaining -= len(runs)
+            if error is not None and batch.error is None:
+                batch.error = error
+                self._skip_rest(batch)
+            resolve = self._finish(batch) if batch.remaining == 0 else []
+            if self._waiting_pieces > 1:  # this thread takes one; a demand's end frees more
+                self._idle.notify(self._waiting_pieces - 1)
         for future, outcome in resolve:
             if isinstance(outcome, BaseException):
                 _set_exception(future, outcome)
             elif not future.done():
                 future.set_result(outcome)
+
+    def _finish(self, batch: "_Batch") -> list:
+        """Publish a batch whose pieces have all returned (lock held); return futures to set."""
+        finished = time.perf_counter()
+        error = batch.error
+        if batch.demand:
+            self._active_demand -= 1
+        self._read_latencies.append(finished - (batch.started or finished))
+        self._stats.reads += 1
+        self._stats.coalesced_reads += len(batch.requests) > 1
+        resolve = []
+        for req in batch.requests:
+            if not req.demand:
+                self._spec_in_flight -= req.nbytes
+            if error is not None:
+                self._stats.failed += 1
+                self._free_buffer(req)
+                req.state = DONE
+                self._requests.pop(req.key, None)
+                if not req.cancelled:
+                    resolve.append((req.future, error))
+            elif req.cancelled or req.future.cancelled():
+                self._stats.cancelled_nbytes += req.nbytes
+                self._free_buffer(req)
+                req.state = DONE
+                self._requests.pop(req.key, None)
+            else:
+                self._stats.useful_nbytes += req.nbytes
+                self._handed.add(req.buffer)
+                view = self._view(req)
+                if req.demand:
+                    req.state = DONE
+                    self._requests.pop(req.key, None)
+                    self._demand_latencies.append(finished - req.submitted_at)
+                else:
+                    req.state = PUBLISHED
+                    self._published.append(req)
+                resolve.append((req.future, view))
+        if self._published:
+            self._cond.notify_all()
+        return resolve
 
     def _deliver_published(self, req: _Request) -> None:
         """A demand for a published prefetch: hand it over through the future (already set)."""
@@ -691,6 +844,19 @@ class IOScheduler:
         if req.buffer is not None:
             self._free.append(req.buffer)
             req.buffer = None
+
+
+def _plan(key: Hashable, ranges: Sequence[ByteRange], nbytes: int, piece_nbytes: int) -> list:
+    """The key's pieces; rejects, at submit, ranges that overlap or overflow its buffer."""
+    for r in ranges:
+        if r.nbytes < 0 or r.offset < 0 or r.dest < 0 or r.dest + r.nbytes > nbytes:
+            raise ValueError(f"{describe(key)}: range {r.label!s} of {r.path} (offset "
+                             f"{r.offset}, dest {r.dest}, {r.nbytes} bytes) does not fit its "
+                             f"{nbytes}-byte buffer")
+    try:
+        return plan_reads([(ranges, 0, describe(key))], piece_nbytes)
+    except ValueError as exc:
+        raise ValueError(f"{describe(key)}: {exc}") from None
 
 
 def _cancel(future: concurrent.futures.Future) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import errno
 import os
@@ -361,15 +362,104 @@ class FlakyPreadv:
         self.failures = failures
         self.short = short
         self.calls = 0
+        self.lock = threading.Lock()
 
     def __call__(self, fd, bufs, offset):
-        self.calls += 1
-        if self.failures:
-            self.failures -= 1
+        with self.lock:
+            self.calls += 1
+            fail = self.failures > 0
+            self.failures -= fail
+        if fail:
             raise OSError(errno.EIO, "Input/output error")
         if self.short:
             return os.preadv(fd, [bufs[0][:3]], offset)
         return os.preadv(fd, bufs, offset)
+
+
+class GatedPreadv:
+    """``os.preadv`` that records each offset and waits until the test allows it."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.offsets = []
+        self.allowed = set()
+
+    def __call__(self, fd, bufs, offset):
+        with self.cond:
+            self.offsets.append(offset)
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: offset in self.allowed, WAIT_S)
+        return os.preadv(fd, bufs, offset)
+
+    def allow(self, offset):
+        with self.cond:
+            self.allowed.add(offset)
+            self.cond.notify_all()
+
+    def wait(self, n):
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.offsets) >= n, WAIT_S), self.offsets
+            return list(self.offsets)
+
+
+def settle(s):
+    """Let the loop thread run what is already scheduled (a few turns of the loop)."""
+    async def turns():
+        for _ in range(10):
+            await asyncio.sleep(0)
+    asyncio.run_coroutine_threadsafe(turns(), s._loop).result(WAIT_S)
+
+
+def test_pieces_of_a_demand_read_go_first_and_prefetch_pieces_wait(expert_file):
+    real_locate, data = expert_file
+    preadv = GatedPreadv()
+    # 64-byte pieces: each expert is 4 pieces, 2 per range
+    a1, a2, a3, a4 = (r.offset + d for r in real_locate((0, 0)) for d in (0, 64))
+    d1, d2, d3, d4 = (r.offset + d for r in real_locate((0, 5)) for d in (0, 64))
+    with FileHandles(preadv=preadv) as handles, \
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
+                        handles=handles, parallelism=2, piece_nbytes=64,
+                        min_job_nbytes=0) as s:
+        prefetch = s.submit((0, 0), depth=1)
+        assert sorted(preadv.wait(2)) == [a1, a2]
+        demand = s.submit((0, 5), depth=0)
+        assert preadv.wait(3)[2] == d1  # the demand lane
+        preadv.allow(a1)
+        assert preadv.wait(4)[3] == d2  # a freed thread takes a demand piece, not a3
+        preadv.allow(a2)
+        assert preadv.wait(5)[4] == d3
+        preadv.allow(d1)
+        assert preadv.wait(6)[5] == d4
+        preadv.allow(d2)
+        preadv.allow(d3)
+        settle(s)
+        assert len(preadv.offsets) == 6  # threads are free, but the demand is under way
+        preadv.allow(d4)
+        np.testing.assert_array_equal(result(demand), expected_bytes(data, real_locate((0, 5))))
+        assert sorted(preadv.wait(8)[6:]) == [a3, a4]
+        preadv.allow(a3)
+        preadv.allow(a4)
+        np.testing.assert_array_equal(result(prefetch),
+                                      expected_bytes(data, real_locate((0, 0))))
+        assert s.statistics().pieces == 8 and s.statistics().reads == 2
+
+
+def test_large_runs_are_cut_into_pieces_read_in_parallel(expert_file):
+    real_locate, data = expert_file
+
+    def one_range(key):
+        return [ByteRange(real_locate(key)[0].path, 0, EXPERT_NBYTES, 0, "all")]
+
+    preadv = GatedPreadv()
+    with FileHandles(preadv=preadv) as handles, \
+            IOScheduler(one_range, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
+                        handles=handles, parallelism=4, piece_nbytes=64,
+                        min_job_nbytes=0) as s:
+        demand = s.submit((0, 0), depth=0)
+        assert sorted(preadv.wait(4)) == [0, 64, 128, 192]
+        for offset in (0, 64, 128, 192):
+            preadv.allow(offset)
+        np.testing.assert_array_equal(result(demand), data[:EXPERT_NBYTES])
 
 
 def test_real_reads_retry_short_reads_and_transient_errors(expert_file):
@@ -388,12 +478,13 @@ def test_read_error_fails_the_future_naming_file_and_expert(expert_file):
     preadv = FlakyPreadv(failures=10**6)
     with FileHandles(preadv=preadv) as handles, \
             IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        num_buffers=2, handles=handles, retries=2) as s:
+                        num_buffers=2, handles=handles, retries=2, min_job_nbytes=0) as s:
         demand = s.submit((1, 17), depth=0)
         error = demand.exception(timeout=WAIT_S)
         assert isinstance(error, ReadError)
         assert real_locate((1, 17))[0].path in str(error) and "expert (1, 17)" in str(error)
-        assert preadv.calls == 3
+        # three attempts per piece; the second piece is skipped if the first failed before it began
+        assert preadv.calls in (3, 2 * 3)
         prefetch = s.submit((1, 18), depth=1)
         assert isinstance(prefetch.exception(timeout=WAIT_S), ReadError)
         stats = s.statistics()
@@ -416,19 +507,19 @@ def test_reader_exception_of_any_kind_reaches_the_future():
 
 
 def io_threads():
-    """Every live scheduler thread: the loop and the readers that have started."""
+    """Every live scheduler thread: the loop and the readers."""
     return [t for t in threading.enumerate() if t.name.startswith("golem-io")]
 
 
 def test_close_with_reads_blocked_cancels_and_joins_every_thread():
     reader = GatedReader()
-    s = scheduler(reader, parallelism=2, yield_to_demand=False).start()
+    s = scheduler(reader, parallelism=3, yield_to_demand=False).start()
     running = [s.submit((0, e), depth=1) for e in range(2)]
     demand = s.submit((1, 1), depth=0)
     queued = s.submit((2, 2), depth=1)
     reader.wait_calls(3)
     threads = io_threads()
-    assert len(threads) == 4 and set(threads) >= set(s.threads)
+    assert len(threads) == 1 + 3 + 1 and set(threads) == set(s.threads)  # loop + readers
     opener = threading.Thread(
         target=lambda: (concurrent.futures.wait(running + [demand, queued]), reader.allow(10)))
     opener.start()
@@ -499,8 +590,8 @@ def test_scheduler_reads_through_an_injected_throttle(expert_file):
     clock = FakeClock()
     throttle = Throttle(1e-3, latency_s=0.5, clock=clock.now, sleep=clock.sleep)  # 1 MB/s
     with IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                     throttle=throttle, coalesce=False) as s:
-        buffer = result(s.submit((0, 3), depth=0))
+                     throttle=throttle, parallelism=1) as s:
+        buffer = result(s.submit((0, 3), depth=1))  # one piece at a time: latencies add up
         np.testing.assert_array_equal(buffer, expected_bytes(data, real_locate((0, 3))))
     assert throttle.reads == 2 and throttle.nbytes == EXPERT_NBYTES
     assert clock.now() == pytest.approx(2 * 0.5 + EXPERT_NBYTES / 1e6)
