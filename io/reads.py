@@ -402,22 +402,60 @@ def _advance(bufs: List[memoryview], nbytes: int) -> List[memoryview]:
     return rest
 
 
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
 def _read_direct(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview],
                  retries: int) -> None:
-    """Aligned superset reads into the per-thread bounce buffer, copied out to ``bufs``."""
-    pos = run.offset
+    """Direct reads of a run: straight into the destination where its address and the file
+    offset share their alignment (the caller can arrange it, see ``IOScheduler``), else
+    aligned superset reads into the per-thread bounce buffer, copied out to ``bufs``."""
+    first = run.offset - run.offset % ALIGN  # the aligned blocks that cover the run
+    last = -(-run.end // ALIGN) * ALIGN
+    inner = -(-run.offset // ALIGN) * ALIGN, run.end - run.end % ALIGN  # whole blocks inside
+    if len(bufs) == 1 and inner[1] > inner[0] \
+            and _address(bufs[0]) % ALIGN == run.offset % ALIGN:
+        # One read: partial edge blocks into the bounce buffer, whole blocks into the
+        # destination itself (no copy of the bulk).
+        dest = bufs[0]
+        bounce = handles.bounce(2 * ALIGN)
+        head, tail = bounce[:ALIGN], bounce[ALIGN:]
+        iov = ([head] if first < inner[0] else []) \
+            + [dest[inner[0] - run.offset:inner[1] - run.offset]] \
+            + ([tail] if inner[1] < last else [])
+        got = _read_run(handles, fd, run, iov, first, last - first, retries, eof_ok=True)
+        if got < run.end - first:
+            _eof(run, first + got)
+        if first < inner[0]:
+            dest[:inner[0] - run.offset] = head[run.offset - first:]
+        if inner[1] < last:
+            dest[inner[1] - run.offset:] = tail[:run.end - inner[1]]
+        return
+    _read_bounced(handles, fd, run, bufs, run.offset, run.nbytes, retries)
+
+
+def _eof(run: ReadRun, offset: int) -> None:
+    raise ReadError("unexpected end of file (short read)", path=run.path, offset=offset,
+                    nbytes=run.end - offset, what=run.who(), labels=run.labels,
+                    err=errno.EIO, attempts=1)
+
+
+def _read_bounced(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview],
+                  offset: int, nbytes: int, retries: int) -> None:
+    """``nbytes`` at ``offset`` through aligned superset reads of the bounce buffer."""
+    pos = offset
+    end = offset + nbytes
     targets = list(bufs)
-    while pos < run.end:
+    while pos < end:
         start = pos - pos % ALIGN
-        stop = min(run.end, start + DIRECT_CHUNK_NBYTES)
+        stop = min(end, start + DIRECT_CHUNK_NBYTES)
         stop_aligned = -(-stop // ALIGN) * ALIGN
         bounce = handles.bounce(stop_aligned - start)
         got = _read_run(handles, fd, run, [bounce], start, stop_aligned - start, retries,
                         eof_ok=True)
         if got < stop - start:  # EOF inside the wanted bytes
-            raise ReadError("unexpected end of file (short read)", path=run.path,
-                            offset=start + got, nbytes=run.end - start - got, what=run.who(),
-                            labels=run.labels, err=errno.EIO, attempts=1)
+            _eof(run, start + got)
         src = np.frombuffer(bounce, dtype=np.uint8)[pos - start:stop - start]
         while len(src):
             n = min(len(src), len(targets[0]))

@@ -23,7 +23,7 @@ from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tu
 import numpy as np
 
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileHandles, aligned_empty, plan_reads, read_into, read_run
+from golem.io.reads import ALIGN, FileHandles, aligned_empty, plan_reads, read_into, read_run
 from golem.io.storage import Throttle
 
 # The hot path reads with os.preadv in a ThreadPoolExecutor, not aiofiles. aiofiles has no
@@ -56,7 +56,8 @@ def describe(key: Hashable) -> str:
 
 class _Request:
     __slots__ = ("key", "depth", "score", "ranges", "nbytes", "future", "state", "cancelled",
-                 "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "plan")
+                 "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "plan",
+                 "shift")
 
     def __init__(self, key, depth, score, ranges, nbytes, now):
         self.key = key
@@ -74,6 +75,7 @@ class _Request:
         self.upgraded = False
         self.batch: Optional[_Batch] = None
         self.plan: list = []
+        self.shift = 0  # where the key's view starts in its staging buffer
 
     @property
     def demand(self) -> bool:
@@ -232,12 +234,13 @@ class IOScheduler:
         self._custom_read = read is not None
         self._use_uvloop = use_uvloop
 
-        self._buffers = [aligned_empty(buffer_nbytes) for _ in range(num_buffers)]
+        # ALIGN spare bytes: in direct mode a request's view starts at the file's alignment,
+        # so the device writes the staging buffer itself (no bounce copy).
+        self._buffers = [aligned_empty(buffer_nbytes + ALIGN) for _ in range(num_buffers)]
         for buf in self._buffers:
             buf[::4096] = 0  # fault the pages in now, not during the first reads
-        self._by_address = {buf.ctypes.data: i for i, buf in enumerate(self._buffers)}
         self._free: List[int] = list(range(num_buffers - 1, -1, -1))
-        self._handed: set = set()  # buffers the engine holds (published or resolved)
+        self._handed: Dict[int, int] = {}  # address -> buffer, for views the engine holds
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # poll() waits here for publications
         self._idle = threading.Condition(self._lock)  # idle readers wait here for pieces
@@ -401,6 +404,9 @@ class IOScheduler:
                 plan = _plan(key, ranges, nbytes, self.piece_nbytes)
                 req = _Request(key, depth, score, ranges, nbytes, time.perf_counter())
                 req.plan = plan
+                if self.direct and ranges:  # match the file's alignment of the largest range
+                    big = max(ranges, key=lambda r: r.nbytes)
+                    req.shift = (big.offset - big.dest) % ALIGN
                 self._requests[key] = req
                 self._enqueue(req)
                 for r in ranges:
@@ -483,12 +489,12 @@ class IOScheduler:
         """Give a staging buffer (from ``poll`` or a future) back to the pool."""
         address = np.asarray(buffer).ctypes.data
         with self._lock:
-            index = self._by_address.get(address)
+            index = self._handed.pop(address, None)
             if index is None:
+                if any(b.ctypes.data <= address < b.ctypes.data + len(b) for b in self._buffers):
+                    raise ValueError("release: staging buffer released twice "
+                                     "(or never handed out)")
                 raise ValueError("release: not a staging buffer of this scheduler")
-            if index not in self._handed:
-                raise ValueError("release: staging buffer released twice (or never handed out)")
-            self._handed.discard(index)
             self._free.append(index)
             kick = self._has_idle_reader()
         if kick:
@@ -756,7 +762,7 @@ class IOScheduler:
                     total += other.nbytes
 
     def _view(self, req: _Request) -> np.ndarray:
-        return self._buffers[req.buffer][:req.nbytes]
+        return self._buffers[req.buffer][req.shift:req.shift + req.nbytes]
 
     def _read_piece(self, batch: "_Batch", runs: list) -> None:
         """Reader thread: read some pieces of a batch; its last piece publishes it."""
@@ -821,8 +827,8 @@ class IOScheduler:
                 self._requests.pop(req.key, None)
             else:
                 self._stats.useful_nbytes += req.nbytes
-                self._handed.add(req.buffer)
                 view = self._view(req)
+                self._handed[view.ctypes.data] = req.buffer
                 if req.demand:
                     req.state = DONE
                     self._requests.pop(req.key, None)

@@ -262,3 +262,25 @@ def test_evict_from_page_cache(data_file):
     if fraction is None:
         pytest.skip("mincore unavailable")
     assert fraction < 0.5
+
+
+def test_direct_mode_reads_straight_into_a_buffer_with_the_file_alignment(data_file):
+    path, data = data_file
+    offset, nbytes = 5 * 4096 + 123, 3 * reads.ALIGN + 1000
+    raw = reads.aligned_empty(nbytes + reads.ALIGN)
+    out = raw[offset % reads.ALIGN:offset % reads.ALIGN + nbytes]  # same alignment as the file
+    seen, calls = [], []
+
+    def preadv(fd, bufs, at):
+        calls.append(at)
+        seen.extend(np.frombuffer(b, np.uint8).ctypes.data for b in bufs)
+        return os.preadv(fd, bufs, at)
+
+    with FileHandles(preadv=preadv) as handles:
+        if handles.mode(path, direct=True) != reads.MODE_O_DIRECT:
+            pytest.skip("O_DIRECT refused by this file system")
+        read_ranges([ByteRange(path, offset, nbytes, 0, "w")], out, handles=handles, direct=True)
+    np.testing.assert_array_equal(out, data[offset:offset + nbytes])
+    start = out.ctypes.data
+    assert any(start <= a < start + nbytes for a in seen)  # the device wrote `out` itself
+    assert calls == [offset - offset % reads.ALIGN]  # one read: head block, middle, tail block
