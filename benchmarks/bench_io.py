@@ -210,6 +210,32 @@ def run_aiofiles(experts: Experts, keys, parallelism: int) -> float:
     return len(keys) * experts.nbytes / (time.perf_counter() - t0) / 1e9
 
 
+def verify(experts: Experts, direct: bool, parallelism: int, count: int = 32) -> None:
+    """The oracle: the scheduler's buffers equal plain buffered reads of the same ranges."""
+    keys = experts.workload(count * experts.nbytes, seed=99)[:count]
+    want = aligned_empty(experts.nbytes)
+    with FileHandles() as plain, FileHandles() as h, \
+            IOScheduler(experts.locate, experts.nbytes_of, buffer_nbytes=experts.nbytes,
+                        parallelism=parallelism, direct=direct, handles=h) as s:
+        demand = s.submit(keys[0], depth=0).result()
+        check(experts, keys[0], demand, want, plain)
+        s.release(demand)
+        for i, key in enumerate(keys[1:]):
+            s.submit(key, depth=1 + i % 3, score=-i)
+        done = 0
+        while done < len(keys) - 1:
+            for key, buf in s.poll(timeout=None):
+                check(experts, key, buf, want, plain)
+                s.release(buf)
+                done += 1
+
+
+def check(experts: Experts, key, got, want, handles) -> None:
+    read_ranges(experts.locate(key), want, handles=handles)
+    if not np.array_equal(got, want):
+        sys.exit(f"bench_io: wrong bytes for expert {key} ({experts.nbytes} bytes)")
+
+
 def demand_latency(experts: Experts, direct, handles, parallelism, samples, queued, seed):
     """Median seconds from submit to buffer of a demand read, with ``queued`` prefetches ahead."""
     rng = np.random.default_rng(seed)
@@ -242,7 +268,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "golem" / "bench_io",
                    help="Folder for the generated checkpoint (reused across runs).")
     p.add_argument("--runs", type=int, default=5, help="Runs per measurement (median).")
-    p.add_argument("--gb", type=float, default=0.6, help="GB read per run.")
+    p.add_argument("--gb", type=float, default=1.0, help="GB read per run.")
     p.add_argument("--buffered", action="store_true",
                    help="Buffered reads with the page cache evicted, instead of O_DIRECT.")
     p.add_argument("--parallelism", type=int, default=None,
@@ -256,7 +282,10 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     if args.runs < 1 or args.gb <= 0:
         sys.exit("bench_io: --runs must be >= 1 and --gb > 0")
-    throttle = parse_throttle(args.throttle) if args.throttle else None
+    try:
+        throttle = parse_throttle(args.throttle) if args.throttle else None
+    except ValueError as exc:
+        sys.exit(f"bench_io: --throttle: {exc}")
     direct = not args.buffered
     path = build_checkpoint(args.dir)
     tensors = read_index(path)
@@ -314,6 +343,8 @@ def main(argv=None) -> None:
     print(f"parallelism used: {parallelism} (library default {DEFAULT_PARALLELISM})")
 
     rows = {}
+    for split in SPLITS:
+        verify(Experts(path, tensors, split), direct, parallelism)
     print(f"\n{'expert MiB':>10} {'scheduler':>10} {'plain':>10} {'ceiling':>10} "
           f"{'sched/ceil':>10} {'sched/plain':>11}")
     for split in SPLITS:

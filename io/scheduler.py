@@ -1,10 +1,10 @@
 """The asyncio I/O scheduler: prioritised expert reads into a pool of staging buffers.
 
-Owns an event loop on its own thread (uvloop when installed), a bounded executor of
-positioned reads, the staging-buffer pool, priorities (demand > depth 1 > depth 2 ..., then
-score), dedupe, cancellation and its statistics. It knows nothing of models: requests are
-keys located by a ``locate(key) -> [ByteRange]`` callable; what a key means, where its bytes
-go after the staging buffer, and when that copy is safe are the engine's business.
+Owns an event loop on its own thread (uvloop when installed) that turns the engine's
+submits, cancels and releases into started reads; a fixed pool of reader threads (the
+bounded executor) that pull ``preadv`` pieces, demand first; the staging buffers; dedupe,
+cancellation, caps and statistics. It knows nothing of models: keys are located by a
+``locate(key) -> [ByteRange]`` callable; where the bytes go next is the engine's business.
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ from golem.io.ranges import ByteRange
 from golem.io.reads import ALIGN, FileHandles, aligned_empty, plan_reads, read_into, read_run
 from golem.io.storage import Throttle
 
-# The hot path reads with os.preadv in a ThreadPoolExecutor, not aiofiles. aiofiles has no
-# positioned read: each range costs a seek and a read, two executor round trips, on a file
-# object per task. Measured by benchmarks/bench_io.py (page cache evicted, 4 MB experts,
-# 9 ranges each, 4 readers): aiofiles 1.04 GB/s vs os.preadv in the executor 1.68 GB/s,
-# and preadv lets adjacent ranges of several experts share one call.
+# The hot path is os.preadv on reader threads of our own, not aiofiles. aiofiles has no
+# positioned read: each range costs a seek and a read, two executor round trips per range,
+# on a file object per task; preadv is one call per piece (GIL released), scatters adjacent
+# ranges of several experts into their buffers, and takes O_DIRECT. benchmarks/bench_io.py
+# (2-core VM, virtio disk, page cache evicted, 4.2 MiB experts of 9 ranges, 16 in flight):
+# aiofiles 1.21 GB/s, these readers 1.37 GB/s buffered; 1.53 GB/s with O_DIRECT.
 #
-# Default parallelism: bench_io.py on the 2-core development VM (virtio disk) reads
-# expert-sized ranges fastest with 4 reads in flight; more adds contention, fewer leaves
-# the device idle between requests.
-DEFAULT_PARALLELISM = 4
+# Default parallelism (preadv calls in flight, the device's queue depth): the bench_io
+# sweep on 1 MiB experts (O_DIRECT) gave 0.87 / 1.10 / 1.35 / 1.40 GB/s at 2 / 4 / 8 / 16,
+# against a sequential ceiling of 1.56 GB/s. Idle readers cost nothing but a thread each.
+DEFAULT_PARALLELISM = 16
 DEFAULT_PIECE_NBYTES = 2 << 20
 MIN_JOB_NBYTES = 256 << 10  # a reader takes small neighbouring pieces together
-DEMAND_LANES = 1  # executor threads only demand reads may use, so a miss never queues behind prefetches
+DEMAND_LANES = 1  # readers only demand reads may use: a miss never waits for a prefetch
 
 QUEUED, RUNNING, PUBLISHED, DONE = "queued", "running", "published", "done"
 
@@ -150,18 +151,25 @@ def _percentile(samples, q: float) -> float:
 
 
 class IOScheduler:
-    """Reads experts into staging buffers in priority order, on a loop thread of its own.
+    """Reads experts into staging buffers in priority order, on threads of its own.
 
     The engine thread calls ``submit`` (never blocks), ``cancel``, ``poll`` (completed
     prefetches as ``(key, buffer)``), and ``release(buffer)`` once it has copied a buffer out
     at a safe point. ``submit(key, depth=0)`` is a demand read: block on the returned future.
     A read that is already running cannot be stopped: cancelling it means its result is
-    not published, and its bytes count against the speculative cap until it returns.
+    not published, its pieces not yet started are dropped, and its bytes count against the
+    speculative cap until it returns.
+
+    Threads: the loop thread activates requests after engine events; ``parallelism +
+    DEMAND_LANES`` reader threads read pieces (runs of adjacent ranges, at most
+    ``piece_nbytes``), those of demand reads first, and activate the next request themselves
+    when they run dry. A demand read's futures resolve on the reader that finishes it.
+    ``close`` (or leaving the ``with`` block, also on an exception) joins them all.
 
     Backpressure: reads need a free staging buffer. Prefetches leave ``reserved_for_demand``
     buffers free, wait when the pool is empty and when ``speculative_nbytes`` are already in
-    flight; a demand read takes the next free buffer first and has an executor lane of its
-    own. At most ``max_pending`` prefetches wait; past that the lowest priority is dropped
+    flight; a demand read takes the next free buffer first and has a reader of its own;
+    while one is under way no prefetch piece starts (``yield_to_demand``). At most ``max_pending`` prefetches wait; past that the lowest priority is dropped
     (its future cancelled). Demand requests are never dropped.
 
     Args:
