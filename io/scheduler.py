@@ -10,10 +10,10 @@ cancellation, caps and statistics. It knows nothing of models: keys are located 
 from __future__ import annotations
 
 import asyncio
-import os
 import concurrent.futures
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -60,12 +60,14 @@ class _Request:
                  "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "plan",
                  "shift")
 
-    def __init__(self, key, depth, score, ranges, nbytes, now):
+    def __init__(self, key, depth, score, ranges, nbytes, plan, shift, now):
         self.key = key
         self.depth = depth
         self.score = score
         self.ranges = ranges
         self.nbytes = nbytes
+        self.plan = plan  # its pieces, planned at submit
+        self.shift = shift  # where its view starts in its staging buffer
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.state = QUEUED
         self.cancelled = False
@@ -75,21 +77,17 @@ class _Request:
         self.queued_at = now
         self.upgraded = False
         self.batch: Optional[_Batch] = None
-        self.plan: list = []
-        self.shift = 0  # where the key's view starts in its staging buffer
 
     @property
     def demand(self) -> bool:
         return self.depth == 0
 
-    def priority(self, seq: int):
-        return (self.depth, -self.score, seq)
-
 
 class _Batch:
     """Requests read together (coalesced), as pieces that run on several threads."""
 
-    __slots__ = ("requests", "demand", "runs", "next", "remaining", "views", "error", "started")
+    __slots__ = ("requests", "demand", "runs", "next", "remaining", "views", "error", "started",
+                 "skipped")
 
     def __init__(self, requests: List[_Request], demand: bool):
         self.requests = requests
@@ -100,6 +98,7 @@ class _Batch:
         self.views: list = []
         self.error: Optional[BaseException] = None
         self.started: Optional[float] = None
+        self.skipped = False  # pieces were dropped: the buffers are incomplete
         for req in requests:
             req.batch = self
 
@@ -169,8 +168,9 @@ class IOScheduler:
     Backpressure: reads need a free staging buffer. Prefetches leave ``reserved_for_demand``
     buffers free, wait when the pool is empty and when ``speculative_nbytes`` are already in
     flight; a demand read takes the next free buffer first and has a reader of its own;
-    while one is under way no prefetch piece starts (``yield_to_demand``). At most ``max_pending`` prefetches wait; past that the lowest priority is dropped
-    (its future cancelled). Demand requests are never dropped.
+    while one is under way no prefetch piece starts (``yield_to_demand``). At most
+    ``max_pending`` prefetches wait; past that the lowest priority is dropped (its future
+    cancelled). Demand requests are never dropped.
 
     Args:
         locate: ``key -> [ByteRange]``; ``dest`` is where each range lands in the key's buffer.
@@ -392,42 +392,55 @@ class IOScheduler:
         if depth < 0:
             raise ValueError(f"depth must be >= 0 (0 = demand), got {depth}")
         score = float(score)
-        with self._lock:
-            if self._closed or not self._started:
-                raise SchedulerClosed("scheduler is closed" if self._closed
-                                      else "scheduler is not started (use it in a with block)")
-            cls = "demand" if depth == 0 else "prefetch"
-            self._stats.requests[cls] = self._stats.requests.get(cls, 0) + 1
-            self._stats.by_depth[depth] = self._stats.by_depth.get(depth, 0) + 1
-            req = self._requests.get(key)
-            dropped = []
-            if req is not None:
-                future = self._resubmit(req, depth, score)
-            else:
-                ranges = list(self.locate(key))
-                nbytes = int(self.nbytes_of(key))
-                if nbytes > self.buffer_nbytes:
-                    raise ValueError(f"{describe(key)} needs {nbytes} bytes, more than the "
-                                     f"{self.buffer_nbytes}-byte staging buffers")
-                plan = _plan(key, ranges, nbytes, self.piece_nbytes)
-                req = _Request(key, depth, score, ranges, nbytes, time.perf_counter())
-                req.plan = plan
-                if self.direct and ranges:  # match the file's alignment of the largest range
-                    big = max(ranges, key=lambda r: r.nbytes)
-                    req.shift = (big.offset - big.dest) % ALIGN
-                self._requests[key] = req
-                self._enqueue(req)
-                for r in ranges:
-                    self._starts[(r.path, r.offset)] = req
-                    self._ends[(r.path, r.end)] = req
-                future = req.future
-                dropped = self._trim_queue()
-            kick = req.demand or self._has_idle_reader()
+        prepared = None
+        while True:
+            with self._lock:
+                if self._closed or not self._started:
+                    raise SchedulerClosed("scheduler is closed" if self._closed else
+                                          "scheduler is not started (use it in a with block)")
+                req = self._requests.get(key)
+                stale = req is not None and req.cancelled and req.batch is not None \
+                    and req.batch.skipped  # its read was cut short: it cannot be revived
+                if (req is None or stale) and prepared is None:
+                    pass  # locate the key outside the lock, then look again
+                else:
+                    cls = "demand" if depth == 0 else "prefetch"
+                    self._stats.requests[cls] = self._stats.requests.get(cls, 0) + 1
+                    self._stats.by_depth[depth] = self._stats.by_depth.get(depth, 0) + 1
+                    dropped = []
+                    if req is not None and not stale:
+                        future = self._resubmit(req, depth, score)
+                    else:
+                        req = _Request(key, depth, score, *prepared, time.perf_counter())
+                        self._requests[key] = req
+                        self._enqueue(req)
+                        for r in req.ranges:
+                            self._starts[(r.path, r.offset)] = req
+                            self._ends[(r.path, r.end)] = req
+                        future = req.future
+                        dropped = self._trim_queue()
+                    kick = req.demand or self._has_idle_reader()
+                    break
+            prepared = self._prepare(key)
         for other in dropped:
             _cancel(other)
         if kick:
             self._kick()
         return future
+
+    def _prepare(self, key: Hashable) -> tuple:
+        """``(ranges, nbytes, pieces, shift)`` of a new key; bad ranges raise ValueError."""
+        ranges = list(self.locate(key))
+        nbytes = int(self.nbytes_of(key))
+        if nbytes > self.buffer_nbytes:
+            raise ValueError(f"{describe(key)} needs {nbytes} bytes, more than the "
+                             f"{self.buffer_nbytes}-byte staging buffers")
+        plan = _plan(key, ranges, nbytes, self.piece_nbytes)
+        shift = 0
+        if self.direct and ranges:  # the view starts at the file's alignment of the largest range
+            big = max(ranges, key=lambda r: r.nbytes)
+            shift = (big.offset - big.dest) % ALIGN
+        return ranges, nbytes, plan, shift
 
     def _resubmit(self, req: _Request, depth: int, score: float) -> concurrent.futures.Future:
         self._stats.deduped += 1
@@ -473,8 +486,10 @@ class IOScheduler:
                 self._forget(req)
                 self._num_prefetch_queued -= 1
                 del self._requests[key]
+            kick = self._has_idle_reader()
         _cancel(req.future)
-        self._kick()
+        if kick:
+            self._kick()
         return True
 
     def poll(self, timeout: Optional[float] = 0.0) -> List[Tuple[Hashable, np.ndarray]]:
@@ -732,6 +747,7 @@ class IOScheduler:
     def _skip_rest(self, batch: "_Batch") -> None:
         """Drop the pieces of ``batch`` not yet started; finish it if none is running."""
         skipped = len(batch.runs) - batch.next
+        batch.skipped = batch.skipped or skipped > 0
         batch.next = len(batch.runs)
         self._waiting_pieces -= skipped
         batch.remaining -= skipped
@@ -821,29 +837,29 @@ class IOScheduler:
         for req in batch.requests:
             if not req.demand:
                 self._spec_in_flight -= req.nbytes
+            if self._requests.get(req.key) is req:  # a stale one may have been replaced
+                del self._requests[req.key]
             if error is not None:
                 self._stats.failed += 1
                 self._free_buffer(req)
                 req.state = DONE
-                self._requests.pop(req.key, None)
                 if not req.cancelled:
                     resolve.append((req.future, error))
-            elif req.cancelled or req.future.cancelled():
+            elif req.cancelled or req.future.cancelled() or batch.skipped:
                 self._stats.cancelled_nbytes += req.nbytes
                 self._free_buffer(req)
                 req.state = DONE
-                self._requests.pop(req.key, None)
             else:
                 self._stats.useful_nbytes += req.nbytes
                 view = self._view(req)
                 self._handed[view.ctypes.data] = req.buffer
                 if req.demand:
                     req.state = DONE
-                    self._requests.pop(req.key, None)
                     self._demand_latencies.append(finished - req.submitted_at)
                 else:
                     req.state = PUBLISHED
                     self._published.append(req)
+                    self._requests[req.key] = req
                 resolve.append((req.future, view))
         if self._published:
             self._cond.notify_all()

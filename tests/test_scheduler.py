@@ -444,6 +444,34 @@ def test_pieces_of_a_demand_read_go_first_and_prefetch_pieces_wait(expert_file):
         assert s.statistics().pieces == 8 and s.statistics().reads == 2
 
 
+def test_cancelled_read_stops_early_and_a_new_request_reads_it_whole(expert_file):
+    real_locate, data = expert_file
+    preadv = GatedPreadv()
+    a1, a2, a3, a4 = (r.offset + d for r in real_locate((0, 0)) for d in (0, 64))
+    c1 = real_locate((0, 9))[0].offset
+    with FileHandles(preadv=preadv) as handles, \
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
+                        handles=handles, parallelism=2, piece_nbytes=64,
+                        min_job_nbytes=0) as s:
+        first = s.submit((0, 0), depth=1)
+        assert sorted(preadv.wait(2)) == [a1, a2]
+        later = s.submit((0, 9), depth=2)
+        assert s.cancel((0, 0)) and first.cancelled()
+        preadv.allow(a1)
+        assert preadv.wait(3)[2] == c1  # a3 and a4 were never read
+        again = s.submit((0, 0), depth=1)  # a2 still running, but the read is cut short
+        assert again is not first
+        preadv.allow(a2)
+        preadv.wait(4)  # the reader that read a2 has finished that batch and moved on
+        for offset in range(0, len(data), 64):
+            preadv.allow(offset)
+        np.testing.assert_array_equal(result(again), expected_bytes(data, real_locate((0, 0))))
+        np.testing.assert_array_equal(result(later), expected_bytes(data, real_locate((0, 9))))
+        assert preadv.offsets.count(a1) == 2 and a3 in preadv.offsets
+        stats = s.statistics()
+        assert stats.cancelled_nbytes == EXPERT_NBYTES and stats.reads == 3
+
+
 def test_large_runs_are_cut_into_pieces_read_in_parallel(expert_file):
     real_locate, data = expert_file
 
