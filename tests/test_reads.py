@@ -284,3 +284,15 @@ def test_direct_mode_reads_straight_into_a_buffer_with_the_file_alignment(data_f
     start = out.ctypes.data
     assert any(start <= a < start + nbytes for a in seen)  # the device wrote `out` itself
     assert calls == [offset - offset % reads.ALIGN]  # one read: head block, middle, tail block
+
+
+def test_long_runs_are_cut_at_aligned_file_offsets(data_file):
+    path, data = data_file
+    ranges = [ByteRange(path, 100, 6000, 0, "a"), ByteRange(path, 6100, 4000, 6000, "b")]
+    runs = reads.plan_reads([(ranges, 0, "expert (0, 0)")], max_run_nbytes=4096)
+    assert [(r.offset, r.nbytes) for r in runs] == [(100, 3996), (4096, 4096), (8192, 1908)]
+    assert all(r.whats == ["expert (0, 0)", "expert (0, 0)"] for r in runs)
+    out = np.zeros(10_000, np.uint8)
+    with FileHandles() as handles:
+        assert read_into([(ranges, out, "x")], handles=handles, max_run_nbytes=4096) == 10_000
+    np.testing.assert_array_equal(out, data[100:10_100])

@@ -501,6 +501,23 @@ def test_real_reads_retry_short_reads_and_transient_errors(expert_file):
         assert preadv.calls == 2 + 2 * -(-(EXPERT_NBYTES // 2) // 3)  # two failures, 3-byte reads
 
 
+def test_statistics_of_real_reads(expert_file):
+    real_locate, data = expert_file
+    with IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES) as s:
+        s.release(result(s.submit((0, 1), depth=0)))
+        for e in (4, 6):
+            result(s.submit((0, e), depth=1))
+        for _, buf in s.poll():
+            s.release(buf)
+        stats = s.statistics()
+    assert stats.requests == {"demand": 1, "prefetch": 2} and stats.reads == 3
+    assert stats.bytes_read == stats.useful_nbytes == 3 * EXPERT_NBYTES
+    assert stats.gb_per_s > 0 and stats.busy_s > 0
+    assert 0 < stats.read_latency_p50_s <= stats.read_latency_p99_s
+    assert 0 < stats.demand_latency_p50_s and set(stats.queue_wait_p50_s) == {"demand", "prefetch"}
+    assert stats.free_buffers == 16 and stats.published == 0
+
+
 def test_read_error_fails_the_future_naming_file_and_expert(expert_file):
     real_locate, data = expert_file
     preadv = FlakyPreadv(failures=10**6)
