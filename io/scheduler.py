@@ -27,15 +27,18 @@ from golem.io.reads import ALIGN, FileHandles, aligned_empty, plan_reads, read_i
 from golem.io.storage import Throttle
 
 # The hot path is os.preadv on reader threads of our own, not aiofiles. aiofiles has no
-# positioned read: each range costs a seek and a read, two executor round trips per range,
-# on a file object per task; preadv is one call per piece (GIL released), scatters adjacent
-# ranges of several experts into their buffers, and takes O_DIRECT. benchmarks/bench_io.py
-# (2-core VM, virtio disk, page cache evicted, 4.2 MiB experts of 9 ranges, 16 in flight):
-# aiofiles 1.21 GB/s, these readers 1.37 GB/s buffered; 1.53 GB/s with O_DIRECT.
+# positioned read: each range costs a seek and a read, two executor round trips, on a file
+# object per task, and it cannot take O_DIRECT (unaligned seeks) nor scatter one read into
+# several buffers. benchmarks/bench_io.py (2-core VM, virtio disk, page cache evicted,
+# 4.2 MiB experts of 9 ranges, same keys): aiofiles 0.95 GB/s and 0.61 CPU s/GB against
+# 1.10 GB/s and 0.55 CPU s/GB for these readers, buffered; with O_DIRECT they reach
+# 1.46 GB/s, 0.91 of dd on the same file.
 #
-# Default parallelism (preadv calls in flight, the device's queue depth): the bench_io
-# sweep on 1 MiB experts (O_DIRECT) gave 0.87 / 1.10 / 1.35 / 1.40 GB/s at 2 / 4 / 8 / 16,
-# against a sequential ceiling of 1.56 GB/s. Idle readers cost nothing but a thread each.
+# Default parallelism (preadv calls in flight, the device's queue depth): bench_io's sweep
+# on 1 MiB experts, O_DIRECT, four runs of the benchmark: 2 -> 1.03-1.06 GB/s, 4 -> 1.16-1.42,
+# 8 -> 1.38-1.65, 16 -> 1.35-1.64, against dd at 1.50-1.69. 8 and 16 are within the
+# noise here; 16 leaves room for the deeper queues of NVMe drives, and an idle reader
+# costs only a thread.
 DEFAULT_PARALLELISM = 16
 DEFAULT_PIECE_NBYTES = 2 << 20
 MIN_JOB_NBYTES = 256 << 10  # a reader takes small neighbouring pieces together
