@@ -35,8 +35,8 @@ from golem.io.storage import Throttle
 # 1.46 GB/s, 0.91 of dd on the same file.
 #
 # Default parallelism (preadv calls in flight, the device's queue depth): bench_io's sweep
-# on 1 MiB experts, O_DIRECT, four runs of the benchmark: 2 -> 1.03-1.06 GB/s, 4 -> 1.16-1.42,
-# 8 -> 1.38-1.65, 16 -> 1.35-1.64, against dd at 1.50-1.69. 8 and 16 are within the
+# on 1 MiB experts, O_DIRECT, five runs of the benchmark: 2 -> 0.87-1.06 GB/s, 4 -> 1.10-1.42,
+# 8 -> 1.35-1.65, 16 -> 1.35-1.64, against dd at 1.50-1.68. 8 and 16 are within the
 # noise here; 16 leaves room for the deeper queues of NVMe drives, and an idle reader
 # costs only a thread.
 DEFAULT_PARALLELISM = 16
