@@ -1,10 +1,9 @@
 """Positioned reads: byte ranges of files into caller-provided buffers, with retries.
 
-Owns open file handles, ``os.preadv`` reads (they release the GIL, so several threads read
-at once), merging of adjacent ranges, direct I/O (``O_DIRECT`` with aligned bounce buffers)
-and page-cache eviction for benchmarks. Knows nothing of experts beyond a label to name in
-errors; does not schedule, prioritise or throttle (see ``scheduler`` and ``storage``).
-"""
+Owns open file handles, ``os.preadv`` (releases the GIL), merging of adjacent ranges,
+direct I/O (aligned ``O_DIRECT``, into the destination itself when alignment allows) and
+page-cache eviction for benchmarks. Knows nothing of experts beyond labels for errors;
+does not schedule, prioritise or throttle (see ``scheduler`` and ``storage``)."""
 
 from __future__ import annotations
 
@@ -156,8 +155,8 @@ class FileHandles:
         """A per-thread, ALIGN-aligned scratch buffer of at least ``nbytes``."""
         buf = getattr(self._bounce, "buf", None)
         if buf is None or len(buf) < nbytes:
-            size = max(nbytes, DIRECT_CHUNK_NBYTES + 2 * ALIGN)
-            buf = aligned_empty(size)
+            size = max(nbytes, 2 * len(buf) if buf is not None else 64 << 10)
+            buf = aligned_empty(min(size, max(nbytes, DIRECT_CHUNK_NBYTES + 2 * ALIGN)))
             self._bounce.buf = buf
         return memoryview(buf)[:nbytes]
 
