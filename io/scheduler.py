@@ -893,9 +893,14 @@ def _plan(key: Hashable, ranges: Sequence[ByteRange], nbytes: int, piece_nbytes:
 
 
 def _cancel(future: concurrent.futures.Future) -> None:
-    """Cancel and wake ``concurrent.futures.wait``, which only learns of it this way."""
+    """Cancel and wake ``concurrent.futures.wait``, which only learns of it this way.
+
+    Safe for a future cancelled and notified before (a prefetch cancelled, then closed)."""
     if future.cancel():
-        future.set_running_or_notify_cancel()
+        try:
+            future.set_running_or_notify_cancel()
+        except RuntimeError:  # notified already
+            pass
 
 
 def _set_exception(future: concurrent.futures.Future, error: BaseException) -> None:

@@ -640,3 +640,15 @@ def test_scheduler_reads_through_an_injected_throttle(expert_file):
         np.testing.assert_array_equal(buffer, expected_bytes(data, real_locate((0, 3))))
     assert throttle.reads == 2 and throttle.nbytes == EXPERT_NBYTES
     assert clock.now() == pytest.approx(2 * 0.5 + EXPERT_NBYTES / 1e6)
+
+
+def test_close_after_a_cancelled_prefetch_was_notified():
+    """A prefetch cancelled (and its waiters notified) is cancelled again by close: no error."""
+    import concurrent.futures
+
+    from golem.io.scheduler import _cancel
+
+    future = concurrent.futures.Future()
+    _cancel(future)
+    _cancel(future)
+    assert future.cancelled()
