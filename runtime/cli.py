@@ -141,6 +141,8 @@ def run(args) -> int:
         mx.random.seed(args.seed)
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.demo:
+        args.stats = True  # the demo shows where the experts came from, layer by layer
     model_path = _demo_model() if args.demo else args.model
     if model_path is None:
         raise ValueError("--model is required (or --demo for a generated one)")
