@@ -170,7 +170,9 @@ class IOScheduler:
 
     Backpressure: reads need a free staging buffer. Prefetches leave ``reserved_for_demand``
     buffers free, wait when the pool is empty and when ``speculative_nbytes`` are already in
-    flight; a demand read takes the next free buffer first and has a reader of its own;
+    flight, or what the device reads in ``speculative_s`` at the throughput measured so far
+    (a demand read queues behind the prefetch pieces the device already has: this bounds
+    its wait, whatever the device's speed; one prefetch may always be in flight); a demand read takes the next free buffer first and has a reader of its own;
     while one is under way no prefetch piece starts (``yield_to_demand``). At most
     ``max_pending`` prefetches wait; past that the lowest priority is dropped (its future
     cancelled). Demand requests are never dropped.
@@ -183,6 +185,9 @@ class IOScheduler:
         parallelism: pieces (``preadv`` calls) in flight at once, plus ``DEMAND_LANES``
             for demand reads: the device's queue depth, not the number of experts.
         speculative_nbytes: cap on prefetch bytes being read at once; None = no cap.
+        speculative_s: cap on prefetch bytes being read at once, in seconds of the device's
+            measured throughput (None: no such cap; before the first read completes only
+            ``speculative_nbytes`` applies).
         max_pending: most prefetches waiting in the queue.
         reserved_for_demand: buffers a prefetch may never take.
         yield_to_demand: while a demand read is under way, start no prefetch piece.
@@ -200,19 +205,21 @@ class IOScheduler:
             ``read(requests, *, handles, direct, retries) -> int`` with requests
             ``[(ranges, out, what)]``; it reads a whole batch as one piece.
         use_uvloop: run the loop on uvloop when it is installed.
+        clock: ``() -> seconds`` for latencies and the device's busy time (tests: a fake).
     """
 
     def __init__(self, locate: Callable[[Hashable], Sequence[ByteRange]],
                  nbytes_of: Callable[[Hashable], int], *, buffer_nbytes: int,
                  num_buffers: int = 16, parallelism: int = DEFAULT_PARALLELISM,
-                 speculative_nbytes: Optional[int] = None, max_pending: int = 256,
+                 speculative_nbytes: Optional[int] = None, speculative_s: Optional[float] = None,
+                 max_pending: int = 256,
                  reserved_for_demand: int = 1, yield_to_demand: bool = True,
                  coalesce: bool = True, max_batch_nbytes: int = 64 << 20,
                  piece_nbytes: int = DEFAULT_PIECE_NBYTES,
                  min_job_nbytes: int = MIN_JOB_NBYTES, direct: bool = False,
                  retries: int = 3, handles: Optional[FileHandles] = None,
                  throttle: Optional[Throttle] = None, read: Optional[Callable] = None,
-                 use_uvloop: bool = True):
+                 use_uvloop: bool = True, clock: Callable[[], float] = time.perf_counter):
         if buffer_nbytes <= 0 or num_buffers < 1:
             raise ValueError(f"need buffer_nbytes > 0 and num_buffers >= 1, got "
                              f"{buffer_nbytes} and {num_buffers}")
@@ -222,10 +229,14 @@ class IOScheduler:
             raise ValueError(f"reserved_for_demand must be in [0, num_buffers), got "
                              f"{reserved_for_demand} with {num_buffers} buffers")
         self.locate = locate
+        self._clock = clock
         self.nbytes_of = nbytes_of
         self.buffer_nbytes = buffer_nbytes
         self.parallelism = parallelism
+        if speculative_s is not None and speculative_s <= 0:
+            raise ValueError(f"speculative_s must be > 0, got {speculative_s}")
         self.speculative_nbytes = speculative_nbytes
+        self.speculative_s = speculative_s
         self.max_pending = max_pending
         self.reserved_for_demand = reserved_for_demand
         self.yield_to_demand = yield_to_demand
@@ -414,7 +425,7 @@ class IOScheduler:
                     if req is not None and not stale:
                         future = self._resubmit(req, depth, score)
                     else:
-                        req = _Request(key, depth, score, *prepared, time.perf_counter())
+                        req = _Request(key, depth, score, *prepared, self._clock())
                         self._requests[key] = req
                         self._enqueue(req)
                         for r in req.ranges:
@@ -539,7 +550,7 @@ class IOScheduler:
                                        for k, v in self._stats.__dict__.items()})
             busy = s.busy_s
             if self._busy_since is not None:
-                busy += time.perf_counter() - self._busy_since
+                busy += self._clock() - self._busy_since
             waits = {cls: list(v) for cls, v in self._queue_waits.items()}
             reads = list(self._read_latencies)
             demands = list(self._demand_latencies)
@@ -688,7 +699,7 @@ class IOScheduler:
                     self._idle.wait()
                 self._running_pieces += 1
                 if self._busy_since is None:
-                    self._busy_since = time.perf_counter()
+                    self._busy_since = self._clock()
                 if self._waiting_pieces:
                     self._idle.notify(self._waiting_pieces)
             self._read_piece(*job)
@@ -698,9 +709,20 @@ class IOScheduler:
             return bool(self._free)
         if len(self._free) <= self.reserved_for_demand:
             return False
-        cap = self.speculative_nbytes
         in_flight = self._spec_in_flight
-        return cap is None or in_flight == 0 or in_flight + req.nbytes <= cap
+        if in_flight == 0:
+            return True
+        cap = self.speculative_cap()
+        return cap is None or in_flight + req.nbytes <= cap
+
+    def speculative_cap(self) -> Optional[int]:
+        """Prefetch bytes allowed in flight now (lock held): the tighter of the two caps."""
+        cap = self.speculative_nbytes
+        busy = self._stats.busy_s
+        if self.speculative_s is not None and busy > 0:
+            timed = int(self._stats.bytes_read / busy * self.speculative_s)
+            cap = timed if cap is None else min(cap, timed)
+        return cap
 
     def _activate(self, req: _Request) -> "_Batch":
         requests = [req]
@@ -744,7 +766,7 @@ class IOScheduler:
         if batch.next == len(batch.runs):
             self._active.remove(batch)
         if batch.started is None:
-            batch.started = time.perf_counter()
+            batch.started = self._clock()
         return batch, runs
 
     def _skip_rest(self, batch: "_Batch") -> None:
@@ -762,11 +784,11 @@ class IOScheduler:
         req.state = RUNNING
         req.buffer = self._free.pop()
         if req.demand:
-            self._queue_waits["demand"].append(time.perf_counter() - req.queued_at)
+            self._queue_waits["demand"].append(self._clock() - req.queued_at)
         else:
             self._num_prefetch_queued -= 1
             self._spec_in_flight += req.nbytes
-            self._queue_waits["prefetch"].append(time.perf_counter() - req.queued_at)
+            self._queue_waits["prefetch"].append(self._clock() - req.queued_at)
 
     def _grow(self, batch: List[_Request]) -> None:
         """Add queued requests of the same class whose ranges touch the batch's in the file."""
@@ -812,7 +834,7 @@ class IOScheduler:
             self._stats.pieces += len(runs)
             self._stats.bytes_read += nbytes
             if self._running_pieces == 0 and self._busy_since is not None:
-                self._stats.busy_s += time.perf_counter() - self._busy_since
+                self._stats.busy_s += self._clock() - self._busy_since
                 self._busy_since = None
             batch.remaining -= len(runs)
             if error is not None and batch.error is None:
@@ -829,7 +851,7 @@ class IOScheduler:
 
     def _finish(self, batch: "_Batch") -> list:
         """Publish a batch whose pieces have all returned (lock held); return futures to set."""
-        finished = time.perf_counter()
+        finished = self._clock()
         error = batch.error
         if batch.demand:
             self._active_demand -= 1

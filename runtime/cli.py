@@ -71,6 +71,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Trace the oracle predictors replay (a golem-trace/1 file of this very run).")
     g.add_argument("--prefetch-cap-mb", type=float, default=None,
                    help="Most speculative megabytes being read at once (default: 2 x depth x top-k experts).")
+    g.add_argument("--prefetch-cap-ms", type=float, default=3.0,
+                   help="Most speculative reads at once, in milliseconds of the storage's measured "
+                        "throughput: a miss waits behind at most about this much (default: 3).")
     g = parser.add_argument_group("storage")
     g.add_argument("--io-parallelism", type=int, default=None, help="Expert reads in flight at once.")
     g.add_argument("--emulate-storage", default=None, metavar="GB_PER_S[,LATENCY]",
@@ -109,7 +112,8 @@ def format_stats(runtime, generation_tokens: int) -> str:
         p = engine.prefetcher.totals()
         line += (
             f"\nPrefetch: recall {100 * p.recall:.1f}%, {p.issued} issued, "
-            f"useful {p.useful} ({p.useful_nbytes / 1e9:.3f} GB), wasted {p.wasted} ({p.wasted_nbytes / 1e9:.3f} GB)"
+            f"useful {p.useful} ({p.useful_nbytes / 1e9:.3f} GB), wasted {p.wasted} ({p.wasted_nbytes / 1e9:.3f} GB), "
+            f"late {p.late}"
         )
     return line
 
@@ -118,13 +122,13 @@ def format_layer_table(runtime) -> str:
     pf = runtime.engine.prefetcher
     head = f"{'layer':>5} {'slots':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'MB read':>9}"
     if pf is not None:
-        head += f" {'pf recall':>9} {'useful':>7} {'wasted':>7} {'prefetch':>8}"
+        head += f" {'pf recall':>9} {'useful':>7} {'wasted':>7} {'late':>5} {'prefetch':>8}"
     rows = [head]
     for layer, s in sorted(runtime.engine.stats.layers.items()):
         row = f"{layer:>5} {s.capacity:>5} {s.hits:>8} {s.misses:>8} {100 * s.hit_rate:>7.1f}% {s.bytes_read / 1e6:>9.2f}"
         if pf is not None:
             p = pf.stats[layer]
-            row += f" {100 * p.recall:>8.1f}% {p.useful:>7} {p.wasted:>7} {'on' if p.enabled else 'off':>8}"
+            row += f" {100 * p.recall:>8.1f}% {p.useful:>7} {p.wasted:>7} {p.late:>5} {'on' if p.enabled else 'off':>8}"
         rows.append(row)
     return "\n".join(rows)
 
@@ -159,7 +163,8 @@ def run(args) -> int:
         from .prefetch import PrefetchConfig
 
         cap = None if args.prefetch_cap_mb is None else int(args.prefetch_cap_mb * 1e6)
-        options["prefetch"] = PrefetchConfig(depth=args.prefetch_depth, threshold=args.threshold, speculative_nbytes=cap)
+        options["prefetch"] = PrefetchConfig(depth=args.prefetch_depth, threshold=args.threshold, speculative_nbytes=cap,
+                                            speculative_ms=args.prefetch_cap_ms)
         options["predictor"] = args.predictor
         if args.predictor_trace:
             from .trace import load_trace

@@ -130,7 +130,7 @@ class Engine:
         except LookupError:
             return False
         self._evicted(layer, victim)
-        pool.install(expert, slot, buf)
+        pool.install(expert, slot, buf, cold=True)
         return True
 
     def _evicted(self, layer: int, victim: int) -> None:
@@ -175,7 +175,7 @@ class Engine:
                         try:
                             pool.stats.bytes_read += len(buf)
                             if self.prefetcher is not None:
-                                self.prefetcher.in_flight.pop((layer, e), None)
+                                self.prefetcher.late(layer, e)
                             pool.write(slot, buf)
                             del pending[e]
                         finally:

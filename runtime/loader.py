@@ -267,15 +267,17 @@ def load_offloaded(
         depth = prefetch.depth if prefetch is not None else 0
         biggest = max(index.expert_nbytes(l) for l in layers)
         opts = {} if io_parallelism is None else {"parallelism": io_parallelism}
-        spec = None
+        spec = spec_s = None
         if prefetch is not None and depth > 0:
             spec = prefetch.speculative_nbytes or 2 * depth * k * biggest
+            spec_s = None if prefetch.speculative_ms is None else prefetch.speculative_ms / 1000
         scheduler = IOScheduler(
             lambda key: index.ranges(*key),
             lambda key: index.expert_nbytes(key[0]),
             buffer_nbytes=biggest,
             num_buffers=max(4, 2 * k * (depth + 1) + 2),
             speculative_nbytes=spec,
+            speculative_s=spec_s,
             handles=reader.handles,
             direct=direct_io,
             **opts,

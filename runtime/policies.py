@@ -29,12 +29,19 @@ class Policy:
     ``hit(e)``; a missing one, when the layer is full, first ``v = victim(protected)`` and
     ``evict(v)`` with ``protected`` = all of the step's experts in that layer, then
     ``insert(e)``.
+
+    ``insert_cold`` is ``insert`` for an expert nobody has used yet (a prefetch that has
+    landed): it counts as no use, so a guess that turns out wrong is the first to go and
+    never pushes out an expert the layer really uses. Its first ``hit`` is its first use.
     """
 
     name = "base"
 
     def insert(self, expert: int) -> None:
         raise NotImplementedError
+
+    def insert_cold(self, expert: int) -> None:
+        self.insert(expert)
 
     def hit(self, expert: int) -> None:
         raise NotImplementedError
@@ -60,6 +67,10 @@ class LRUPolicy(Policy):
     def insert(self, expert: int) -> None:
         self._order[expert] = None
         self._order.move_to_end(expert)
+
+    def insert_cold(self, expert: int) -> None:
+        self._order[expert] = None
+        self._order.move_to_end(expert, last=False)  # next in line
 
     def hit(self, expert: int) -> None:
         self._order.move_to_end(expert)
@@ -89,6 +100,10 @@ class LFUPolicy(Policy):
     def insert(self, expert: int) -> None:
         self._bump(expert)
         self._recency.insert(expert)
+
+    def insert_cold(self, expert: int) -> None:
+        self.counts.setdefault(expert, 0.0)  # a returning expert keeps its record
+        self._recency.insert_cold(expert)
 
     def hit(self, expert: int) -> None:
         self._bump(expert)
@@ -170,6 +185,10 @@ class LRUKPolicy(Policy):
         self._resident[expert] = None
         self._use(expert)
 
+    def insert_cold(self, expert: int) -> None:
+        self._resident[expert] = None
+        self._history.setdefault(expert, ())
+
     def hit(self, expert: int) -> None:
         self._use(expert)
 
@@ -183,7 +202,7 @@ class LRUKPolicy(Policy):
             if e in protected:
                 continue
             h = history[e]
-            key = (h[0] if len(h) == k else 0, h[-1])
+            key = (h[0] if len(h) == k else 0, h[-1] if h else 0)
             if best_key is None or key < best_key:
                 best, best_key = e, key
         if best is None:

@@ -31,6 +31,7 @@ class PrefetchLayerStats:
     issued: int = 0
     useful: int = 0
     wasted: int = 0
+    late: int = 0
     useful_nbytes: int = 0
     wasted_nbytes: int = 0
     enabled: bool = True
@@ -52,6 +53,9 @@ class PrefetchConfig:
         max_experts_per_layer: most candidates per target layer (None: top-k; more than a
             layer uses can only be wasted).
         speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x top-k experts).
+        speculative_ms: cap on prefetch bytes being read at once, in milliseconds of the
+            storage's measured throughput: a miss's demand read waits behind at most about
+            this much speculation (None: no such cap).
         recall_off: switch a layer's prefetching off when its recall average drops below this.
         recall_on: switch it back on when the average recovers above this.
         recall_decay: weight of history in the recall average (per token).
@@ -61,6 +65,7 @@ class PrefetchConfig:
     threshold: float = 0.3
     max_experts_per_layer: Optional[int] = None
     speculative_nbytes: Optional[int] = None
+    speculative_ms: Optional[float] = 3.0
     recall_off: float = 0.25
     recall_on: float = 0.4
     recall_decay: float = 0.9
@@ -70,6 +75,8 @@ class PrefetchConfig:
             raise ValueError(f"--prefetch-depth must be >= 0, got {self.depth}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold must be within [0, 1], got {self.threshold}")
+        if self.speculative_ms is not None and self.speculative_ms <= 0:
+            raise ValueError(f"--prefetch-cap-ms must be > 0, got {self.speculative_ms:g}")
 
 
 class Prefetcher:
@@ -187,6 +194,11 @@ class Prefetcher:
         self.in_flight.pop((layer, expert), None)
         self.unused.add((layer, expert))
 
+    def late(self, layer: int, expert: int) -> None:
+        """A demand read took over ``(layer, expert)``; count it if a prefetch had asked for it."""
+        if self.in_flight.pop((layer, expert), None) is not None:
+            self.stats[layer].late += 1
+
     def dropped(self, layer: int, expert: int, nbytes: int) -> None:
         """A prefetch cancelled, failed, or evicted before its first use."""
         self.in_flight.pop((layer, expert), None)
@@ -213,6 +225,7 @@ class Prefetcher:
             t.issued += s.issued
             t.useful += s.useful
             t.wasted += s.wasted
+            t.late += s.late
             t.useful_nbytes += s.useful_nbytes
             t.wasted_nbytes += s.wasted_nbytes
             t.switched_off += s.switched_off

@@ -149,12 +149,18 @@ class SlotPool:
             self.stats.evictions += 1
         return slot, victim
 
-    def assign(self, expert: int, slot: int) -> None:
-        """Map ``expert`` to ``slot`` (its bytes must be written before the next use)."""
+    def assign(self, expert: int, slot: int, *, cold: bool = False) -> None:
+        """Map ``expert`` to ``slot`` (its bytes must be written before the next use).
+
+        ``cold``: nobody has asked for it yet (a prefetch): the policy counts no use.
+        """
         if not self.fully_resident:
             self.slot_of[expert] = slot
             self.expert_in[slot] = expert
-            self.policy.insert(expert)
+            if cold:
+                self.policy.insert_cold(expert)
+            else:
+                self.policy.insert(expert)
 
     def unassign(self, expert: int) -> None:
         """Undo ``assign`` for an expert whose bytes never arrived."""
@@ -181,9 +187,9 @@ class SlotPool:
             s = p.spec
             pool[slot] = raw[s.dest : s.dest + s.expert_nbytes].view(pool.dtype).reshape(s.expert_shape)
 
-    def install(self, expert: int, slot: int, packed: np.ndarray) -> None:
+    def install(self, expert: int, slot: int, packed: np.ndarray, *, cold: bool = False) -> None:
         self.write(slot, packed)
-        self.assign(expert, slot)
+        self.assign(expert, slot, cold=cold)
 
     def settle(self) -> None:
         """Evaluate pending slot writes (so the next writes stay in place)."""

@@ -82,6 +82,15 @@ def test_cache_smaller_than_top_k_is_a_clear_cli_error(checkpoints, capsys):
     assert "--cache-size 3" in err and "top-k (4)" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, value", [("--threshold", "1.5"), ("--prefetch-cap-ms", "0"),
+                                         ("--prefetch-depth", "-1")])
+def test_bad_prefetch_flags_are_clear_cli_errors(checkpoints, capsys, flag, value):
+    argv = ["--model", str(checkpoints("mixtral")), "-c", "6", "--prefetch-depth", "2", flag, value, "-m", "2"]
+    assert golem_run(argv) == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err and "Traceback" not in err
+
+
 def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):
     assert golem_run(["--model", str(tmp_path / "nope"), "-m", "2"]) == 2
     err = capsys.readouterr().err

@@ -297,6 +297,38 @@ def test_speculative_byte_cap_counts_cancelled_reads_until_they_return():
         assert s.statistics().speculative_nbytes_in_flight == 0
 
 
+def test_speculative_time_cap_follows_measured_throughput():
+    """A demand read waits behind at most ``speculative_s`` of prefetch reads, at the
+    throughput the device has shown: here one expert per (fake) second."""
+    from golem.io.storage import FakeClock
+
+    clock, reader = FakeClock(), GatedReader()
+    with scheduler(reader, parallelism=8, speculative_s=2.5, clock=clock.now) as s:
+        s.submit((0, 0), depth=1)
+        reader.wait_calls(1)
+        clock.advance(1.0)  # the device takes one second for one expert
+        reader.allow(1)
+        for _, buf in s.poll(WAIT_S):
+            s.release(buf)
+        assert s.statistics().gb_per_s == EXPERT_NBYTES / 1e9
+        futures = [s.submit((1, e), depth=1, score=-e) for e in range(5)]
+        reader.wait_calls(3)  # 2.5 seconds' worth: two experts in flight, not eight
+        demand = s.submit((5, 5), depth=0)
+        reader.wait_calls(4)
+        assert reader.calls[3] == (describe((5, 5)),)
+        assert s.statistics().queued == 3
+        assert s.statistics().speculative_nbytes_in_flight == 2 * EXPERT_NBYTES
+        reader.allow(10)
+        s.release(result(demand))
+        for future in futures:
+            result(future)
+
+
+def test_speculative_time_cap_must_be_positive():
+    with pytest.raises(ValueError, match="speculative_s"):
+        scheduler(GatedReader(), speculative_s=0)
+
+
 def test_pending_queue_is_bounded():
     reader = GatedReader()
     with scheduler(reader, parallelism=1, max_pending=2) as s:

@@ -290,6 +290,19 @@ def test_policy_specs():
         make_policy("lfu-decay:decay=1.5")
 
 
+@pytest.mark.parametrize("name", policy_names())
+def test_a_landed_prefetch_goes_first_until_its_first_use(name):
+    p = make_policy(name)
+    for e in (1, 2, 3):
+        p.insert(e)
+    p.tick()
+    p.insert_cold(4)  # a guess: no use yet, first in line
+    assert p.victim() == 4
+    assert p.victim(protected={4}) == 1
+    p.hit(4)  # its first use: from now on an expert like any other
+    assert p.victim() == 1
+
+
 def test_lru_k_prefers_experts_used_twice():
     p = make_policy("lru-k:k=2")
     for e in (1, 2, 3):
