@@ -321,6 +321,10 @@ def main(argv: Optional[list] = None) -> int:
     except ReadError as e:
         print(f"golem-run: read failed: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        from .trace_cli import stdout_closed
+
+        return stdout_closed()
     except KeyboardInterrupt:
         print("\ngolem-run: interrupted", file=sys.stderr)
         return 130

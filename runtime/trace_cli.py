@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .trace import TraceError
@@ -30,6 +31,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stdout_closed() -> int:
+    """The reader of our output went away (``| head``): stop quietly, as Unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush then has nowhere to fail
+    return 141
+
+
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     try:
@@ -37,6 +45,8 @@ def main(argv=None) -> int:
     except (TraceError, ValueError, FileNotFoundError) as e:
         print(f"golem-trace {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
         print("golem-trace: interrupted", file=sys.stderr)
         return 130

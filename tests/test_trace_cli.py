@@ -4,6 +4,8 @@ clear errors (exit code 2, no traceback) for bad input."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -123,6 +125,16 @@ def test_stats(capsys, traces):
         assert row["entropy_bits"] == pytest.approx(-(counts * np.log2(counts)).sum(), abs=1e-3)
     assert got["chunks"]["chunk"] == 40 and got["chunks"]["num_chunks"] == 10
     assert "chunk analysis" in out and "U mean" in out
+
+
+def test_output_into_a_closed_pipe_is_no_error(traces):
+    """``golem-trace stats ... | head -0``: the reader is gone before the first line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "golem.runtime.trace_cli", "stats", str(traces[0])],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
 
 
 def test_plot_draws_pngs(capsys, tmp_path, traces):
