@@ -5,8 +5,9 @@ expert cache for every row, in one run:
   stock mlx-lm with everything resident; golem with every expert resident (cache = E);
   golem at depth 0 (demand reads only) and depth 2 with router lookahead, on the real disk;
   then with the storage emulator set so that depth 0 spends about half of each token
-  waiting on reads: depth 0, depth 1/2/3 with router lookahead, a noisy oracle at the
-  recall published for lookahead, and the oracle (the true future).
+  waiting on reads: depth 0, depth 1/2/3 with router lookahead, a noisy oracle (each look
+  names a true expert with the probability published for lookahead, 0.72, and names no
+  wrong one; at depth 2 a layer gets two looks), and the oracle (the true future).
 It first prints a static card (compute-only time per token, expert bytes per token, storage
 GB/s and the ideal time per token they imply), then the table (median of --runs runs), then
 one JSON line.
@@ -14,6 +15,8 @@ one JSON line.
 Host syncs per token: mlx-lm's decode loop reads each token back once (1 per token); the
 engine adds its own reads of routed ids (0 when every expert is resident, one per MoE layer
 whose experts may be missing). The table reports 1 + the engine's count.
+useful / wasted / late: prefetched experts per token that were used, that were evicted or
+dropped unused, and that were still being read when their layer needed them.
 
     python benchmarks/bench_decode.py [--runs 3] [--tokens 24] [--capacity 12]
 """
@@ -99,11 +102,11 @@ def run_golem(path, prompts, tokens, runs, **options):
                 "stall_ms": 1000 * st.decode_read_s / steps,
                 "hit_rate": t.hit_rate,
                 "gb_read": t.bytes_read / 1e9,
-                "misses_per_step": t.misses / max(st.forward_calls, 1),
+                "misses_per_token": st.decode_misses / steps,
             }
             if e.prefetcher is not None:
                 p = e.prefetcher.totals()
-                row.update(recall=p.recall, useful=p.useful, wasted=p.wasted)
+                row.update(recall=p.recall, useful=p.useful / steps, wasted=p.wasted / steps, late=p.late / steps)
             rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return med, outs
@@ -145,7 +148,7 @@ def main() -> None:
         path, prompts, N, R, capacities=cap, prefetch=PrefetchConfig(depth=2, threshold=args.threshold))
 
     compute_s = 1.0 / results["full_cache"]["tps"]
-    bytes_per_token = results["depth0_disk"]["misses_per_step"] * expert_nbytes
+    bytes_per_token = results["depth0_disk"]["misses_per_token"] * expert_nbytes
     gb_per_s = bytes_per_token / compute_s / 1e9  # I/O time per token = compute time per token
     ideal_s = max(compute_s, bytes_per_token / (gb_per_s * 1e9))
 
@@ -166,16 +169,17 @@ def main() -> None:
           f"{len(prompts)} prompts x {N} tokens, median of {R} runs")
     print("static card")
     print(f"  compute-only time per token (every expert resident): {1000 * compute_s:8.2f} ms")
-    print(f"  expert bytes read per token at depth 0:              {bytes_per_token / 1e6:8.2f} MB")
+    print(f"  expert bytes read per decoded token at depth 0:      {bytes_per_token / 1e6:8.2f} MB")
     print(f"  emulated storage:                                    {gb_per_s:8.3f} GB/s")
     print(f"  ideal time per token max(compute, I/O):              {1000 * ideal_s:8.2f} ms = {1 / ideal_s:.2f} tokens/s")
     print(f"{'row':<14} {'storage':<9} {'tok/s':>7} {'x ideal':>8} {'stall ms':>9} {'syncs/tok':>9} "
-          f"{'hit rate':>8} {'GB read':>8} {'recall':>7}")
+          f"{'hit rate':>8} {'GB read':>8} {'recall':>7} {'useful':>6} {'wasted':>6} {'late':>5}")
     storage = {"stock": "-", "full_cache": "-", "depth0_disk": "disk", "depth2_disk": "disk"}
     for name, r in results.items():
         rec = f"{100 * r['recall']:.0f}%" if "recall" in r else "-"
+        pf = " ".join(f"{r[k]:{w}.1f}" if k in r else f"{'-':>{w}}" for k, w in (("useful", 6), ("wasted", 6), ("late", 5)))
         print(f"{name:<14} {storage.get(name, 'emulated'):<9} {r['tps']:7.2f} {r['tps'] * ideal_s:8.2f} "
-              f"{r['stall_ms']:9.2f} {r['syncs']:9.1f} {100 * r['hit_rate']:7.1f}% {r['gb_read']:8.3f} {rec:>7}")
+              f"{r['stall_ms']:9.2f} {r['syncs']:9.1f} {100 * r['hit_rate']:7.1f}% {r['gb_read']:8.3f} {rec:>7} {pf}")
     print(f"identical tokens in every row: {identical}")
     print(f"full cache / stock: {results['full_cache']['tps'] / results['stock']['tps']:.3f} (target >= 0.95); "
           f"oracle / ideal: {results['oracle']['tps'] * ideal_s:.3f} (target >= 0.85); "

@@ -59,6 +59,7 @@ class EngineStats:
     decode_steps: int = 0
     decode_host_syncs: int = 0
     decode_read_s: float = 0.0
+    decode_misses: int = 0  # demand reads while decoding (prefill's are left out)
     layers: Dict[int, LayerStats] = field(default_factory=dict)
 
     def total(self) -> LayerStats:
@@ -229,6 +230,7 @@ class Engine:
             self._evicted(pool.layer, victim)
         pool.stats.hits += len(hits)
         pool.stats.misses += len(todo)
+        self.stats.decode_misses += len(todo) if self._decoding else 0
         if self.prefetcher is not None:
             for e in hits:
                 if self.prefetcher.used(pool.layer, e, pool.expert_nbytes):
