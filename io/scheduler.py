@@ -16,6 +16,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tuple
@@ -914,15 +915,25 @@ def _plan(key: Hashable, ranges: Sequence[ByteRange], nbytes: int, piece_nbytes:
         raise ValueError(f"{describe(key)}: {exc}") from None
 
 
+_notified: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()
+_notified_lock = threading.Lock()
+
+
 def _cancel(future: concurrent.futures.Future) -> None:
     """Cancel and wake ``concurrent.futures.wait``, which only learns of it this way.
 
-    Safe for a future cancelled and notified before (a prefetch cancelled, then closed)."""
-    if future.cancel():
-        try:
-            future.set_running_or_notify_cancel()
-        except RuntimeError:  # notified already
-            pass
+    Safe for a future cancelled and notified before (a prefetch cancelled, then closed):
+    notifying twice would make ``concurrent.futures`` log a critical error."""
+    if not future.cancel():
+        return
+    with _notified_lock:
+        if future in _notified:
+            return
+        _notified.add(future)
+    try:
+        future.set_running_or_notify_cancel()
+    except RuntimeError:  # notified by someone else
+        pass
 
 
 def _set_exception(future: concurrent.futures.Future, error: BaseException) -> None:
