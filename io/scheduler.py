@@ -170,11 +170,12 @@ class IOScheduler:
     ``close`` (or leaving the ``with`` block, also on an exception) joins them all.
 
     Backpressure: reads need a free staging buffer. Prefetches leave ``reserved_for_demand``
-    buffers free, wait when the pool is empty and when ``speculative_nbytes`` are already in
-    flight, or what the device reads in ``speculative_s`` at the throughput measured so far
-    (a demand read queues behind the prefetch pieces the device already has: this bounds
-    its wait, whatever the device's speed; one prefetch may always be in flight); a demand read takes the next free buffer first and has a reader of its own;
-    while one is under way no prefetch piece starts (``yield_to_demand``). At most
+    buffers free, and wait when the pool is empty and when ``speculative_nbytes`` are already
+    in flight, or what the device reads in ``speculative_s`` at the throughput measured so
+    far (a demand read queues behind the prefetch pieces the device already has: this
+    bounds its wait, whatever the device's speed; one prefetch may always be in flight). A
+    demand read takes the next free buffer first and has a reader of its own; while one is
+    under way no prefetch piece starts (``yield_to_demand``). At most
     ``max_pending`` prefetches wait; past that the lowest priority is dropped (its future
     cancelled). Demand requests are never dropped.
 
@@ -713,10 +714,10 @@ class IOScheduler:
         in_flight = self._spec_in_flight
         if in_flight == 0:
             return True
-        cap = self.speculative_cap()
+        cap = self._speculative_cap()
         return cap is None or in_flight + req.nbytes <= cap
 
-    def speculative_cap(self) -> Optional[int]:
+    def _speculative_cap(self) -> Optional[int]:
         """Prefetch bytes allowed in flight now (lock held): the tighter of the two caps."""
         cap = self.speculative_nbytes
         busy = self._stats.busy_s
