@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from golem.runtime.plan import ModelMemory, RoutingStats, make_plan
+from golem.runtime.analysis.plan import ModelMemory, RoutingStats, make_plan
 from golem.runtime.policies import DEFAULT_POLICY
-from golem.runtime.simulate import simulate
+from golem.runtime.analysis.simulate import simulate
 from golem.runtime.trace import Trace, load_trace
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-1b-7b"

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from golem.runtime.policies import DEFAULT_POLICY
-from golem.runtime.simulate import belady, simulate
+from golem.runtime.analysis.simulate import belady, simulate
 from golem.runtime.trace import load_trace
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-1b-7b"

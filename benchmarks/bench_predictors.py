@@ -9,7 +9,7 @@ Two parts, in one run:
      3; thresholds 0.1, 0.3, 0.5; recall and wasted bytes per useful byte.
   2. Generated checkpoints (golem.runtime.synthetic, random weights; median over seeds): router
      lookahead fed the post-attention residual and the layer input, recorded with
-     golem.runtime.capture while stock mlx-lm decodes; a linear probe and the transition table
+     golem.runtime.analysis.capture while stock mlx-lm decodes; a linear probe and the transition table
      trained on other prompts of the same model; the same baselines. Depths 1..3.
 Both parts also report top-k recall (the k best-scored experts of layer l+d, as published
 figures count it). A score is a predictor's estimated probability that the expert is used.
@@ -166,7 +166,7 @@ def real_routing(traces: Path, steps: int) -> dict:
 def generated(family: str, seeds: Sequence[int], tokens: int) -> dict:
     from mlx_lm.utils import load
 
-    from golem.runtime.capture import LAYER_INPUT_ARRAY, record_generation
+    from golem.runtime.analysis.capture import LAYER_INPUT_ARRAY, record_generation
     from golem.runtime.synthetic import Size, build_checkpoint, default_cache_dir
 
     size = Size(hidden=256, layers=10, experts=32, top_k=4, expert_hidden=128, vocab=384, group_size=32)

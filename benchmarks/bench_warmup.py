@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from golem.runtime.policies import DEFAULT_POLICY
-from golem.runtime.profile import profile_from_counts, random_warm_start
-from golem.runtime.simulate import simulate_sequences, split_sequences
+from golem.runtime.analysis.profile import profile_from_counts, random_warm_start
+from golem.runtime.analysis.simulate import simulate_sequences, split_sequences
 from golem.runtime.trace import load_trace
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-1b-7b"

@@ -45,7 +45,7 @@ def main() -> None:
         common = ["--model", str(path), "--temp", "0", "-m", str(args.tokens), "-p", PROMPT]
         expected = generated_text([sys.executable, "-m", "mlx_lm", "generate", *common])
         for k in range(size.top_k, size.experts + 1):
-            got = generated_text([sys.executable, "-m", "golem.runtime.cli", *common, "-c", str(k)])
+            got = generated_text([sys.executable, "-m", "golem.runtime.cli.run", *common, "-c", str(k)])
             same = got == expected
             rows.append((family, k, same))
             if not same:

@@ -10,7 +10,7 @@ __all__ = ["load", "Loaded"]
 def __getattr__(name):
     # Imported on first use: `golem-trace` and the trace tools need no MLX model code.
     if name in __all__:
-        from . import api
+        from golem.runtime import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'golem.runtime' has no attribute {name!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
-from .loader import OffloadedModel, load_offloaded
+from golem.runtime.loader import OffloadedModel, load_offloaded
 
 
 class Loaded(tuple):

@@ -19,7 +19,7 @@ import numpy as np
 from golem.io.index import ExpertIndex
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
 
-from .slots import LayerStats, SlotPool
+from golem.runtime.slots import LayerStats, SlotPool
 
 ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
 

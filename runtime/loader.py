@@ -18,10 +18,10 @@ from mlx.utils import tree_flatten
 
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
 
-from .engine import DiskReader, Engine, OffloadedExperts
-from .policies import DEFAULT_POLICY
-from .prefetch import PrefetchConfig
-from .slots import PoolPart, SlotPool
+from golem.runtime.engine import DiskReader, Engine, OffloadedExperts
+from golem.runtime.policies import DEFAULT_POLICY
+from golem.runtime.prefetch import PrefetchConfig
+from golem.runtime.slots import PoolPart, SlotPool
 
 
 class ModelError(ValueError):
@@ -138,7 +138,7 @@ class OpenedCheckpoint:
 
     def memory(self):
         """What the memory planner needs: shapes and byte sizes, measured from the headers."""
-        from .plan import ModelMemory
+        from golem.runtime.analysis.plan import ModelMemory
 
         moe = sorted(self.layers)
         expert_names = set(self.index.tensor_names())
@@ -289,7 +289,7 @@ def load_offloaded(
     if (prefetch is not None and prefetch.depth > 0) or record:
         from golem.predictors.routers import find_moe_blocks
 
-        from .engine import ResidualTap
+        from golem.runtime.engine import ResidualTap
 
         blocks = find_moe_blocks(model)
         layer_input = (predictor_options or {}).get("hidden_kind") == "layer_input"
@@ -303,7 +303,7 @@ def load_offloaded(
         from golem.predictors.base import RoutingShape
         from golem.predictors.registry import PredictorOptions, make_predictor
 
-        from .prefetch import Prefetcher
+        from golem.runtime.prefetch import Prefetcher
 
         shape = RoutingShape(len(moe_layers), num_experts[moe_layers[0]], k)
         popts = PredictorOptions(blocks=blocks, **(predictor_options or {}))
@@ -319,7 +319,7 @@ def load_offloaded(
     for em in experts:
         _replace_module(model, em.path, OffloadedExperts(em.module, em.layer, engine))
     if record:
-        from .recorder import TraceRecorder
+        from golem.runtime.recorder import TraceRecorder
 
         by_layer = {b.model_layer: b for b in blocks}
         engine.trace = TraceRecorder(

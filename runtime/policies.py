@@ -1,7 +1,7 @@
 """Eviction policies: which resident expert of one layer gives up its slot.
 
 One small interface shared by the slot pool (live decoding) and the trace simulator
-(``golem.runtime.simulate``), so that a policy measured on traces is exactly the policy that
+(``golem.runtime.analysis.simulate``), so that a policy measured on traces is exactly the policy that
 runs. A policy tracks the experts resident in one layer; it never sees bytes, slots or files.
 """
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .trace import Trace, save_trace
+from golem.runtime.trace import Trace, save_trace
 
 
 class TraceRecorder:

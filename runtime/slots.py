@@ -15,7 +15,7 @@ import numpy as np
 
 from golem.io.index import StackedTensor
 
-from .policies import DEFAULT_POLICY, Policy, make_policy
+from golem.runtime.policies import DEFAULT_POLICY, Policy, make_policy
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from golem.runtime.chunks import DEFAULT_COVERAGES, chunk_analysis
+from golem.runtime.analysis.chunks import DEFAULT_COVERAGES, chunk_analysis
 from golem.runtime.trace import Trace, load_trace
 
 TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "olmoe-1b-7b"

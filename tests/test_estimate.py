@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from golem.runtime import catalog
-from golem.runtime.chunks import chunk_analysis
-from golem.runtime.estimate import (
+from golem.runtime.analysis import catalog
+from golem.runtime.analysis.chunks import chunk_analysis
+from golem.runtime.analysis.estimate import (
     GB,
     GiB,
     ChunkRouting,
@@ -30,7 +30,7 @@ from golem.runtime.estimate import (
     memory_sweep,
 )
 from golem.runtime.trace import Trace, save_trace
-from golem.runtime.trace_cli import main as trace_main
+from golem.runtime.cli.trace import main as trace_main
 
 TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "olmoe-1b-7b"
 MiB = 2 ** 20

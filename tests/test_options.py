@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from golem.runtime.cli import main as golem_run
+from golem.runtime.cli.run import main as golem_run
 
 PROMPT = ["-p", "Once upon a time there was a small computer", "--temp", "0", "-m", "16"]
 
@@ -73,8 +73,8 @@ def test_warm_start_from_trace_and_saved_profile(checkpoints, stock_text, capsys
 
 def test_budget_is_never_exceeded(checkpoints, capsys):
     from golem.runtime import load
-    from golem.runtime.cli import _Sizing, setup_arg_parser
-    from golem.runtime.plan import parse_size
+    from golem.runtime.cli.run import _Sizing, setup_arg_parser
+    from golem.runtime.analysis.plan import parse_size
 
     model = str(checkpoints("deepseek_v3"))
     for budget in ("0.96MB", "1.1MB", "1.5MB", "3MB"):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from golem.runtime.plan import (
+from golem.runtime.analysis.plan import (
     ModelMemory,
     RoutingStats,
     distinct_per_window,
@@ -19,8 +19,8 @@ from golem.runtime.plan import (
     parse_override,
     parse_size,
 )
-from golem.runtime.profile import profile_from_traces
-from golem.runtime.simulate import simulate
+from golem.runtime.analysis.profile import profile_from_traces
+from golem.runtime.analysis.simulate import simulate
 from golem.runtime.trace import load_trace
 
 from trace_factory import make_trace, random_trace

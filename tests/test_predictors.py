@@ -26,9 +26,9 @@ from golem.predictors import (
     predictor_names,
     replay,
 )
-from golem.runtime.capture import LAYER_INPUT_ARRAY, RoutingCapture, save_capture
+from golem.runtime.analysis.capture import LAYER_INPUT_ARRAY, RoutingCapture, save_capture
 from golem.runtime.trace import Trace
-from golem.runtime.trace_cli import main as trace_main
+from golem.runtime.cli.trace import main as trace_main
 
 
 def make_trace(experts: np.ndarray, seq_offsets, num_experts: int, weights=None) -> Trace:

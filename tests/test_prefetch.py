@@ -141,7 +141,7 @@ def test_partial_cache_needs_one_sync_per_moe_layer(checkpoints, reference):
 
 
 def test_trace_out_records_the_routing(checkpoints, reference, tmp_path):
-    from golem.runtime.cli import main as golem_run
+    from golem.runtime.cli.run import main as golem_run
     from golem.runtime.trace import load_trace
 
     out = tmp_path / "t.npz"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from golem.runtime.profile import (
+from golem.runtime.analysis.profile import (
     PROFILE_FILENAME,
     Profile,
     ProfileError,
@@ -21,8 +21,8 @@ from golem.runtime.profile import (
     record_run,
     save_profile,
 )
-from golem.runtime.plan import RoutingStats
-from golem.runtime.simulate import miss_curve, simulate
+from golem.runtime.analysis.plan import RoutingStats
+from golem.runtime.analysis.simulate import miss_curve, simulate
 from golem.runtime.trace import load_trace, save_trace
 
 from trace_factory import make_trace, random_trace

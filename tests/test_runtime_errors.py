@@ -11,7 +11,7 @@ import pytest
 
 from golem.io.reads import ReadError
 from golem.runtime import load
-from golem.runtime.cli import main as golem_run
+from golem.runtime.cli.run import main as golem_run
 from golem.runtime.loader import ModelError
 from helpers import prompt_tokens
 

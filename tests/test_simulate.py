@@ -18,7 +18,7 @@ from golem.runtime.policies import (
     parse_policy_spec,
     policy_names,
 )
-from golem.runtime.simulate import belady, lru_misses, simulate, stack_distance_histogram
+from golem.runtime.analysis.simulate import belady, lru_misses, simulate, stack_distance_histogram
 from golem.runtime.trace import load_trace
 
 from trace_factory import make_trace, random_trace

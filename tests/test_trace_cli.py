@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from golem.runtime.plan import parse_size
-from golem.runtime.profile import profile_from_traces, save_profile
-from golem.runtime.simulate import belady, simulate
+from golem.runtime.analysis.plan import parse_size
+from golem.runtime.analysis.profile import profile_from_traces, save_profile
+from golem.runtime.analysis.simulate import belady, simulate
 from golem.runtime.trace import load_trace, save_trace
-from golem.runtime.trace_cli import main
+from golem.runtime.cli.trace import main
 
 from test_simulate import reference_lru
 from trace_factory import make_trace, random_trace
@@ -131,7 +131,7 @@ def test_output_into_a_closed_pipe_is_no_error(traces):
     """``golem-trace stats ... | head -0``: the reader is gone before the first line."""
     read_end, write_end = os.pipe()
     os.close(read_end)
-    proc = subprocess.run([sys.executable, "-m", "golem.runtime.trace_cli", "stats", str(traces[0])],
+    proc = subprocess.run([sys.executable, "-m", "golem.runtime.cli.trace", "stats", str(traces[0])],
                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write_end)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
@@ -159,7 +159,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, traces)
 
 
 def test_plot_numbers_without_matplotlib(traces):
-    from golem.runtime.commands.plot import expert_overlap, hit_rate_over_time, warm_start_hit_rates
+    from golem.runtime.cli.trace_commands.plot import expert_overlap, hit_rate_over_time, warm_start_hit_rates
 
     ta = load_trace(traces[0])
     rates = hit_rate_over_time([ta], policy="lru", capacity=5, window=50)

@@ -16,8 +16,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .simulate import Traces, as_trace_list, miss_curve, stack_distance_histogram
-from .trace import TraceError, load_traces
+from golem.runtime.analysis.simulate import Traces, as_trace_list, miss_curve, stack_distance_histogram
+from golem.runtime.trace import TraceError, load_traces
 
 PROFILE_FORMAT = "golem-profile/1"
 PROFILE_FILENAME = "golem-profile.json"
@@ -38,13 +38,13 @@ class Profile:
         num_steps: decode steps counted.
         runs: how many runs or traces were merged into it.
         stack_hist: optional int64 (L, E+1), plain LRU's stack-distance histogram (see
-            ``golem.runtime.simulate.stack_distance_histogram``), which the memory planner
+            ``golem.runtime.analysis.simulate.stack_distance_histogram``), which the memory planner
             turns into per-layer miss curves.
         stack_steps: decode steps ``stack_hist`` covers (default ``num_steps``; fewer when
             runs without a histogram were merged in).
         meta: free-form facts (model name, sources).
         curves: policy spec -> (steps, float (L, E+1) misses with 0..E slots over those
-            steps), from ``golem.runtime.simulate.miss_curve``; the planner prefers these
+            steps), from ``golem.runtime.analysis.simulate.miss_curve``; the planner prefers these
             to LRU's stack distances for the policy that runs.
     """
 

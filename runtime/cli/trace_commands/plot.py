@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..policies import policy_names
-from ..profile import profile_from_traces, random_warm_start
-from ..simulate import requests_per_step, simulate, simulate_sequences
-from ..trace import load_traces
+from golem.runtime.policies import policy_names
+from golem.runtime.analysis.profile import profile_from_traces, random_warm_start
+from golem.runtime.analysis.simulate import requests_per_step, simulate, simulate_sequences
+from golem.runtime.trace import load_traces
 
 CHARTS = ("hit-rate", "warm-start", "overlap")
 MISSING_MATPLOTLIB = "golem-trace plot needs matplotlib: pip install 'golem[plot]' (or pip install matplotlib)"
@@ -140,7 +140,7 @@ def run(args) -> int:
         print(f"hit-rate: {path} (mean hit rate {100 * rates.mean():.1f}%)")
 
     if "warm-start" in charts:
-        from ..profile import load_warm_source
+        from golem.runtime.analysis.profile import load_warm_source
 
         profile = load_warm_source(args.warm_start) if args.warm_start else None
         if profile is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from typing import Optional
 
-from .policies import DEFAULT_POLICY, policy_names
+from golem.runtime.policies import DEFAULT_POLICY, policy_names
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
@@ -86,7 +86,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def _demo_model() -> str:
-    from .synthetic import Size, build_checkpoint, default_cache_dir
+    from golem.runtime.synthetic import Size, build_checkpoint, default_cache_dir
 
     path = default_cache_dir() / "demo-qwen3_moe"
     if not (path / "config.json").exists():
@@ -138,8 +138,8 @@ def run(args) -> int:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from .api import load
-    from .loader import top_k_of
+    from golem.runtime.api import load
+    from golem.runtime.loader import top_k_of
 
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -154,24 +154,24 @@ def run(args) -> int:
     sizing = _Sizing(args, model_path)
     options["capacities"] = sizing.capacities
     if args.plan:
-        from .loader import open_checkpoint
+        from golem.runtime.loader import open_checkpoint
 
         sizing.capacities(open_checkpoint(model_path))
         print(sizing.plan.describe())
         return 0
     if args.prefetch_depth:
-        from .prefetch import PrefetchConfig
+        from golem.runtime.prefetch import PrefetchConfig
 
         cap = None if args.prefetch_cap_mb is None else int(args.prefetch_cap_mb * 1e6)
         options["prefetch"] = PrefetchConfig(depth=args.prefetch_depth, threshold=args.threshold, speculative_nbytes=cap,
                                             speculative_ms=args.prefetch_cap_ms)
         options["predictor"] = args.predictor
         if args.predictor_trace:
-            from .trace import load_trace
+            from golem.runtime.trace import load_trace
 
             options["predictor_options"] = {"truth": load_trace(args.predictor_trace).decode_only()}
         if args.predictor_train:
-            from .trace import load_traces
+            from golem.runtime.trace import load_traces
 
             options["predictor_train"] = load_traces(args.predictor_train)
     if args.emulate_storage:
@@ -231,7 +231,7 @@ class _Sizing:
     """Turns the cache flags into per-layer slots and a warm start, once the model is indexed."""
 
     def __init__(self, args, model_path: str):
-        from .plan import parse_layer_ranges, parse_override, parse_size
+        from golem.runtime.analysis.plan import parse_layer_ranges, parse_override, parse_size
 
         self.args = args
         self.model_path = model_path
@@ -244,7 +244,7 @@ class _Sizing:
             raise ValueError("choose one of -R/--warm-random and -W/--warm-start")
         self.profile = None
         if args.warm_start is not None:
-            from .profile import load_profile, load_warm_source, profile_path
+            from golem.runtime.analysis.profile import load_profile, load_warm_source, profile_path
 
             if args.warm_start == "saved":
                 path = profile_path(self.profile_dir())
@@ -257,13 +257,13 @@ class _Sizing:
         self.warm = None
 
     def profile_dir(self):
-        from .synthetic import default_cache_dir
+        from golem.runtime.synthetic import default_cache_dir
 
         name = Path(self.model_path).expanduser().resolve().name if Path(self.model_path).exists() else self.model_path
         return default_cache_dir() / "profiles" / name.replace("/", "--")
 
     def capacities(self, opened):
-        from .plan import RoutingStats, make_plan
+        from golem.runtime.analysis.plan import RoutingStats, make_plan
 
         memory = opened.memory()
         cache_size = self.args.cache_size
@@ -289,7 +289,7 @@ class _Sizing:
         if self.profile is not None:
             by_pos = self.profile.warm_start([lp.slots for lp in self.plan.layers], pinned)
         elif self.args.warm_random is not None:
-            from .profile import random_warm_start
+            from golem.runtime.analysis.profile import random_warm_start
 
             by_pos = random_warm_start(self.args.warm_random, memory.num_layers, memory.num_experts,
                                        [lp.slots for lp in self.plan.layers], pinned)
@@ -298,7 +298,7 @@ class _Sizing:
         return caps
 
     def save_profile(self, runtime):
-        from .profile import profile_from_traces, record_profile
+        from golem.runtime.analysis.profile import profile_from_traces, record_profile
 
         policies = [self.args.policy] if self.args.policy != "lru" else []  # LRU's curve comes from the stack histogram
         run = profile_from_traces([runtime.engine.trace.trace()], policies=policies)  # decode steps only
@@ -311,7 +311,7 @@ def main(argv: Optional[list] = None) -> int:
     from golem.io.index import CheckpointError
     from golem.io.reads import ReadError
 
-    from .loader import ModelError
+    from golem.runtime.loader import ModelError
 
     try:
         return run(args)
@@ -322,7 +322,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"golem-run: read failed: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        from .trace_cli import stdout_closed
+        from golem.runtime.cli.run.trace import stdout_closed
 
         return stdout_closed()
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@ Owns the model arithmetic (parameters and bytes per tensor kind from a config.js
 descriptions (memory tiers), the placement of weights (non-expert weights and pinned layers in
 the fastest tier, an expert cache in the next) and two estimators: the chunk formula of the
 GLM-5 study (U and D per chunk) and a trace-driven one that replays routing traces through
-``golem.runtime.simulate``. It does not run models, read weights or simulate caches itself.
+``golem.runtime.analysis.simulate``. It does not run models, read weights or simulate caches itself.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from . import catalog
-from .chunks import ChunkStats
-from .trace import Trace
+from golem.runtime.analysis import catalog
+from golem.runtime.analysis.chunks import ChunkStats
+from golem.runtime.trace import Trace
 
 GiB = 1024 ** 3
 GB = 1000 ** 3
@@ -761,9 +761,9 @@ def chunk_estimate(model: ModelSpec, quant: Quantization, machine: MachineSpec,
 
 def _simulator():
     try:
-        from . import simulate as sim
+        from golem.runtime.analysis import simulate as sim
     except ImportError as e:
-        raise RuntimeError("the trace-driven estimate needs golem.runtime.simulate, which is not installed") from e
+        raise RuntimeError("the trace-driven estimate needs golem.runtime.analysis.simulate, which is not installed") from e
     return sim
 
 
@@ -777,7 +777,7 @@ def _distinct_per_step(experts: np.ndarray) -> np.ndarray:
 
 class TraceReplay:
     """Expert reads per token for a placement, from routing traces replayed through
-    ``golem.runtime.simulate`` (caches persist across sequences and traces).
+    ``golem.runtime.analysis.simulate`` (caches persist across sequences and traces).
 
     A trace of the estimated model itself (same MoE layers and experts) is replayed with the
     placement's per-layer slots and pinned layers. A trace of another model is mapped by share
@@ -804,7 +804,7 @@ class TraceReplay:
             raise ValueError("trace-driven estimate needs at least one trace")
         if not 0.0 <= prefetch_recall <= 1.0:
             raise ValueError(f"--prefetch-recall must lie in [0, 1], got {prefetch_recall}")
-        from .policies import make_policy
+        from golem.runtime.policies import make_policy
         make_policy(policy)  # a clear error for an unknown policy, before any replay
         self.traces = [t.decode_only() for t in traces]
         shapes = {(t.num_layers, t.num_experts) for t in self.traces}

@@ -2,7 +2,7 @@
 values, no weights), machines (memory tiers with sizes and sustained bandwidths) and the
 bits per weight of common quantization formats.
 
-Owns only data; ``golem.runtime.estimate`` parses and uses it. A machine entry has the same
+Owns only data; ``golem.runtime.analysis.estimate`` parses and uses it. A machine entry has the same
 shape as the JSON file a user writes for their own machine (see ``estimate.load_machine``).
 """
 

@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .simulate import Traces, as_trace_list, lru_misses, miss_curve
+from golem.runtime.analysis.simulate import Traces, as_trace_list, lru_misses, miss_curve
 
 _UNITS = {
     "": 1, "b": 1,
@@ -193,7 +193,7 @@ class RoutingStats:
         decode_only: bool = True,
     ) -> "RoutingStats":
         """Curves measured on traces (caches persisting across them, as ``simulate``) with
-        ``golem.runtime.simulate.miss_curve``: exact for ``"lru"``, about 16 replays for
+        ``golem.runtime.analysis.simulate.miss_curve``: exact for ``"lru"``, about 16 replays for
         any other policy."""
         trace_list = as_trace_list(traces)
         steps = sum((t.decode_only() if decode_only else t).num_steps for t in trace_list)
@@ -205,7 +205,7 @@ class RoutingStats:
 
     @classmethod
     def from_profile(cls, profile, policy: str = "lru", source: str = "profile") -> "RoutingStats":
-        """From a ``golem.runtime.profile.Profile``: its curves for ``policy`` when it holds
+        """From a ``golem.runtime.analysis.profile.Profile``: its curves for ``policy`` when it holds
         them, else plain LRU's from its stack-distance histogram."""
         if policy in profile.curves:
             steps, misses = profile.curves[policy]

@@ -23,8 +23,8 @@ from golem.predictors.lookahead import HIDDEN_KINDS
 from golem.predictors.metrics import Accuracy, merge_accuracies, replay
 from golem.predictors.registry import TRAINABLE, PredictorOptions, make_predictor, predictor_names
 
-from ..capture import LAYER_INPUT_ARRAY, load_extras
-from ..trace import Trace, load_traces
+from golem.runtime.analysis.capture import LAYER_INPUT_ARRAY, load_extras
+from golem.runtime.trace import Trace, load_traces
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def _hidden(trace: Trace, kind: str, predictor: str) -> np.ndarray:
         if name not in extras:
             raise ValueError(
                 f"{trace.path}: predictor {predictor!r} needs {kind} hidden states, which this trace does not "
-                "record (golem-run --trace-out FILE --trace-hidden, or golem.runtime.capture)"
+                "record (golem-run --trace-out FILE --trace-hidden, or golem.runtime.analysis.capture)"
             )
         arr = extras[name]
     if trace.prefill is not None and trace.prefill.any():
@@ -124,7 +124,7 @@ def run(args) -> int:
         raise ValueError(f"unknown predictor {args.predictor!r}; choose from: {' '.join(predictor_names())}")
     max_nbytes = None
     if args.max_bytes is not None:
-        from ..estimate import parse_size
+        from golem.runtime.analysis.estimate import parse_size
 
         max_nbytes = parse_size(args.max_bytes, "--max-bytes")
 

@@ -13,8 +13,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .policies import Policy, make_policy
-from .trace import Trace
+from golem.runtime.policies import Policy, make_policy
+from golem.runtime.trace import Trace
 
 Traces = Union[Trace, Sequence[Trace]]
 Capacity = Union[int, Sequence[int]]

@@ -1,6 +1,6 @@
 """golem-trace: read golem-trace/1 files and report on them.
 
-Each subcommand lives in ``golem.runtime.commands.<name>`` and exposes
+Each subcommand lives in ``golem.runtime.cli.trace_commands.<name>`` and exposes
 ``add_parser(subparsers)``, which registers its parser and sets ``func``. Every
 subcommand takes ``--json`` and then prints one JSON object as its last line.
 """
@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from .trace import TraceError
+from golem.runtime.trace import TraceError
 
 SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate")
 
@@ -22,9 +22,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"golem.runtime.commands.{name}")
+            module = importlib.import_module(f"golem.runtime.cli.trace_commands.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"golem.runtime.commands.{name}":
+            if e.name != f"golem.runtime.cli.trace_commands.{name}":
                 raise
             continue
         module.add_parser(sub)

@@ -2,8 +2,8 @@
 
 Parses the same cache flags as golem-run (``-c``, ``--cache-size-override``, ``-f``,
 ``--memory-budget``, ``-W``, ``-R``, ``--policy``), builds the plan with
-``golem.runtime.plan``, replays with ``golem.runtime.simulate`` and prints per-layer and
-total hit rates beside Belady's bound. The replay itself lives in ``golem.runtime.simulate``.
+``golem.runtime.analysis.plan``, replays with ``golem.runtime.analysis.simulate`` and prints per-layer and
+total hit rates beside Belady's bound. The replay itself lives in ``golem.runtime.analysis.simulate``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ..plan import ModelMemory, RoutingStats, make_plan, parse_layer_ranges, parse_override, parse_size
-from ..policies import DEFAULT_POLICY, policy_names
-from ..profile import Profile, load_warm_source, random_warm_start
-from ..simulate import belady, simulate
-from ..trace import load_traces
+from golem.runtime.analysis.plan import ModelMemory, RoutingStats, make_plan, parse_layer_ranges, parse_override, parse_size
+from golem.runtime.policies import DEFAULT_POLICY, policy_names
+from golem.runtime.analysis.profile import Profile, load_warm_source, random_warm_start
+from golem.runtime.analysis.simulate import belady, simulate
+from golem.runtime.trace import load_traces
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

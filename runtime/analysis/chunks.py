@@ -2,7 +2,7 @@
 how many of them are new against the window before (D), at several coverage thresholds.
 
 Owns the statistic of the GLM-5 study that `golem-trace stats` prints and the speed estimator
-(`golem.runtime.estimate`) consumes. Knows nothing of caches, bytes or machines.
+(`golem.runtime.analysis.estimate`) consumes. Knows nothing of caches, bytes or machines.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .trace import Trace
+from golem.runtime.trace import Trace
 
 DEFAULT_COVERAGES = (0.10, 0.25, 0.50, 0.80, 0.95, 0.99, 0.999, 1.0)
 

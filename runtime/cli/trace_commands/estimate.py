@@ -2,7 +2,7 @@
 
 Parses flags, loads the model, machine and traces, prints the placement and both estimators
 (chunk formula, trace replay), optionally a sweep over memory sizes and its PNG chart. The
-arithmetic lives in ``golem.runtime.estimate``.
+arithmetic lives in ``golem.runtime.analysis.estimate``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from ..chunks import chunk_analysis
-from ..estimate import (
+from golem.runtime.analysis.chunks import chunk_analysis
+from golem.runtime.analysis.estimate import (
     GiB,
     ChunkRouting,
     Report,
@@ -27,7 +27,7 @@ from ..estimate import (
     parse_size,
     plot_sweep,
 )
-from ..trace import load_traces
+from golem.runtime.trace import load_traces
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 Prints per-layer distinct experts, routing entropy, distinct experts per window, the share
 of requests the most used quarter of the experts takes, and the chunk analysis of the
-GLM-5 study (U and D per 128-step chunk, from ``golem.runtime.chunks``). Computes no cache
+GLM-5 study (U and D per 128-step chunk, from ``golem.runtime.analysis.chunks``). Computes no cache
 replay; see ``golem-trace simulate`` for that.
 """
 
@@ -13,10 +13,10 @@ import json
 
 import numpy as np
 
-from ..chunks import DEFAULT_COVERAGES, chunk_analysis
-from ..plan import distinct_per_window
-from ..profile import profile_from_traces
-from ..trace import load_traces
+from golem.runtime.analysis.chunks import DEFAULT_COVERAGES, chunk_analysis
+from golem.runtime.analysis.plan import distinct_per_window
+from golem.runtime.analysis.profile import profile_from_traces
+from golem.runtime.trace import load_traces
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
