@@ -322,7 +322,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"golem-run: read failed: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        from golem.runtime.cli.run.trace import stdout_closed
+        from golem.runtime.cli.trace import stdout_closed
 
         return stdout_closed()
     except KeyboardInterrupt:
