@@ -1,15 +1,23 @@
 """Warm-start profiles: how often each expert of each MoE layer was used, saved as a small JSON
 file, and the warm starts built from them (top-N experts per layer by frequency, or random).
 
-Owns the profile format (golem-profile/1), building profiles from traces, merging a finished
-run into the profile kept beside golem's cache, and warm-start lists in insertion order.
+Owns the profile format (golem-profile/1), building profiles from traces, the profile store
+kept beside golem's cache (one folder per model, found by the model's resolved path; updates
+merged under a file lock and written atomically, a damaged file set aside rather than fatal),
+and warm-start lists in insertion order.
 Knows nothing of slots, bytes or MLX; the runtime decides when to load or record one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -21,10 +29,18 @@ from golem.runtime.trace import TraceError, load_traces
 
 PROFILE_FORMAT = "golem-profile/1"
 PROFILE_FILENAME = "golem-profile.json"
+LOCK_TIMEOUT_S = 60.0
+MAX_EXPERTS = 1 << 20  # a sanity bound on files read back
+
+log = logging.getLogger(__name__)
 
 
 class ProfileError(ValueError):
     """A profile file that is missing, malformed, or made for another model shape."""
+
+
+class ProfileDamaged(ProfileError):
+    """A profile file that is not valid JSON or not a well-formed profile (cut short, garbled)."""
 
 
 @dataclass
@@ -150,34 +166,37 @@ class Profile:
     def from_json(cls, data: dict, where: str = "profile") -> "Profile":
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ProfileError(f"{where}: not a {PROFILE_FORMAT} file (format {found!r})")
+            foreign = isinstance(found, str) and isinstance(data, dict)
+            raise (ProfileError if foreign else ProfileDamaged)(f"{where}: not a {PROFILE_FORMAT} file (format {found!r})")
         try:
             num_layers, num_experts = int(data["num_layers"]), int(data["num_experts"])
             layers = data["layers"]
+            if not (0 < num_layers and 0 < num_experts <= MAX_EXPERTS) or not isinstance(layers, list):
+                raise ProfileDamaged(f"{where}: {num_layers} layers x {num_experts} experts is not a model shape")
             if len(layers) != num_layers:
-                raise ProfileError(f"{where}: {len(layers)} layer entries, num_layers says {num_layers}")
+                raise ProfileDamaged(f"{where}: {len(layers)} layer entries, num_layers says {num_layers}")
             counts = np.zeros((num_layers, num_experts), dtype=np.float64)
             for layer, entry in enumerate(layers):
                 experts, values = entry["experts"], entry["counts"]
                 if len(experts) != len(values):
-                    raise ProfileError(f"{where}: layer {layer} lists {len(experts)} experts but {len(values)} counts")
+                    raise ProfileDamaged(f"{where}: layer {layer} lists {len(experts)} experts but {len(values)} counts")
                 for e, c in zip(experts, values):
                     if not 0 <= int(e) < num_experts:
-                        raise ProfileError(f"{where}: layer {layer} names expert {e}, outside [0, {num_experts})")
-                    if float(c) < 0:
-                        raise ProfileError(f"{where}: layer {layer} expert {e} has a negative count {c}")
+                        raise ProfileDamaged(f"{where}: layer {layer} names expert {e}, outside [0, {num_experts})")
+                    if not float(c) >= 0 or math.isinf(float(c)):
+                        raise ProfileDamaged(f"{where}: layer {layer} expert {e} has a count of {c}")
                     counts[layer, int(e)] = float(c)
             hist = None
             if "stack_hist" in data:
                 hist = np.asarray(data["stack_hist"], dtype=np.int64)
                 if hist.shape != (num_layers, num_experts + 1):
-                    raise ProfileError(f"{where}: stack_hist shape {hist.shape}, expected {(num_layers, num_experts + 1)}")
+                    raise ProfileDamaged(f"{where}: stack_hist shape {hist.shape}, expected {(num_layers, num_experts + 1)}")
             curves = {}
             for spec, entry in (data.get("curves") or {}).items():
                 misses = np.asarray(entry["misses"], dtype=np.float64)
                 if misses.shape != (num_layers, num_experts + 1):
-                    raise ProfileError(f"{where}: curves of {spec!r} have shape {misses.shape}, "
-                                       f"expected {(num_layers, num_experts + 1)}")
+                    raise ProfileDamaged(f"{where}: curves of {spec!r} have shape {misses.shape}, "
+                                         f"expected {(num_layers, num_experts + 1)}")
                 curves[str(spec)] = (int(entry["steps"]), misses)
             return cls(
                 counts=counts,
@@ -191,8 +210,8 @@ class Profile:
             )
         except ProfileError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProfileError(f"{where}: malformed profile ({type(e).__name__}: {e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise ProfileDamaged(f"{where}: malformed profile ({type(e).__name__}: {e})") from None
 
 
 def _number(x: float):
@@ -251,22 +270,25 @@ def profile_from_traces(
 
 
 def save_profile(profile: Profile, path: Union[str, Path]) -> Path:
-    """Write ``profile`` as JSON (atomically: a temporary file, then a rename)."""
+    """Write ``profile`` as JSON: under the file's lock, into a temporary file of its own,
+    synced, then renamed over ``path`` (a reader sees the old file or the new, never a part)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(profile.to_json(), separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    with _locked(path):
+        _write_atomic(profile, path)
     return path
 
 
 def load_profile(path: Union[str, Path]) -> Profile:
+    """The profile in ``path``; ``ProfileDamaged`` when the file is cut short or garbled."""
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"{path}: no such profile file")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProfileError(f"{path}: cannot read profile: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProfileDamaged(f"{path}: cannot read profile: {e}") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read profile: {e.strerror or e}") from None
     return Profile.from_json(data, where=str(path))
 
 
@@ -314,6 +336,139 @@ def profile_path(folder: Union[str, Path]) -> Path:
     return Path(folder) / PROFILE_FILENAME
 
 
+def model_identity(model_path: Union[str, Path]) -> str:
+    """Which model a path names, for the profile store: a local folder by its resolved path
+    (relative, absolute and symlinked paths to one folder are one model), a Hugging Face
+    cache snapshot (``.../models--org--name/snapshots/<rev>``) and a repo id by ``org/name``."""
+    local = Path(model_path).expanduser()
+    if not local.exists():
+        return str(model_path)
+    resolved = local.resolve()
+    repo = resolved.parent.parent.name
+    if resolved.parent.name == "snapshots" and repo.startswith("models--"):
+        return "/".join(repo.split("--")[1:])
+    return str(resolved)
+
+
+def same_model(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two recorded model names are one model (unnamed matches anything)."""
+    return not a or not b or a == b or model_identity(a) == model_identity(b)
+
+
+def profile_dir_for(model_path: Union[str, Path], cache_dir: Union[str, Path, None] = None) -> Path:
+    """The folder of ``model_path``'s saved profile: ``<cache>/profiles/<name>``, named after
+    the model folder (or ``org--name`` for the hub), with a short hash of the model's identity
+    appended when another model of the same name already holds that folder.
+
+    Args:
+        model_path: a local model folder (any spelling of it) or a Hugging Face repo id.
+        cache_dir: golem's cache folder (default ``golem.runtime.synthetic.default_cache_dir()``).
+    """
+    if cache_dir is None:
+        from golem.runtime.synthetic import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    identity = model_identity(model_path)
+    name = Path(identity).name if os.path.isabs(identity) else identity.replace("/", "--")
+    root = Path(cache_dir) / "profiles"
+    plain, hashed = root / name, root / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+    if profile_path(hashed).exists():
+        return hashed
+    try:
+        owner = load_profile(profile_path(plain)).meta.get("model")
+    except ProfileError:
+        owner = None  # absent or damaged: recording sets a damaged one aside
+    return plain if same_model(owner, identity) else hashed
+
+
+def load_saved_profile(folder: Union[str, Path]) -> Optional[Profile]:
+    """The profile saved in ``folder`` (``None`` when there is none). A damaged file is set
+    aside (renamed ``*.damaged-<time>``, with a logged warning) and ``None`` returned."""
+    path = profile_path(folder)
+    if not path.is_file():
+        return None
+    try:
+        return load_profile(path)
+    except ProfileDamaged:
+        pass
+    with _locked(path):
+        return _load_or_set_aside(path)
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``'s updates (``<path>.lock``; released if the holder dies)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ProfileError(f"{path}: another process held its lock for {LOCK_TIMEOUT_S:.0f} s") from None
+    except OSError as e:
+        raise ProfileError(f"{path.parent}: cannot write a profile there ({e.strerror or e})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _write_atomic(profile: Profile, path: Path) -> None:
+    """Write into a unique temporary file beside ``path``, fsync it, rename it over ``path``."""
+    text = json.dumps(profile.to_json(), separators=(",", ":")) + "\n"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise ProfileError(f"{path.parent}: cannot write a profile there ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # the rename itself survives a power cut once the folder is synced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of writers that died mid-write (only called under the lock, when no
+    other writer can be writing one)."""
+    for tmp in path.parent.glob(path.name + ".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _load_or_set_aside(path: Path) -> Optional[Profile]:
+    """Under the lock: the profile in ``path``, or ``None`` when absent or damaged (set aside)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_profile(path)
+    except ProfileDamaged as e:
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{n}")
+        os.replace(path, aside)
+        log.warning("golem: %s; set aside as %s, starting a new profile", e, aside.name)
+        return None
+
+
 def record_run(
     folder: Union[str, Path],
     counts,
@@ -346,15 +501,26 @@ def record_run(
 
 def record_profile(folder: Union[str, Path], run: Profile, *, decay: float = 1.0) -> Path:
     """Merge a finished run's profile (e.g. ``profile_from_traces(run_trace, policies=[policy])``)
-    into ``folder/golem-profile.json``, as ``record_run`` does; returns the file's path."""
+    into ``folder/golem-profile.json``, as ``record_run`` does; returns the file's path.
+
+    Safe with any number of concurrent writers: the read-merge-write runs under the file's
+    lock, and a writer killed at any point leaves the previous file whole. A damaged file
+    is set aside (``*.damaged-<time>``, with a logged warning) and a new profile started.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ProfileError(f"{folder}: cannot create the profile folder ({e.strerror or e})") from None
     path = profile_path(folder)
-    if path.exists():
-        old = load_profile(path)
-        old.check_shape(run.num_layers, run.num_experts, str(path), "this run")
-        a, b = old.meta.get("model"), run.meta.get("model")
-        if a and b and a != b:
-            raise ProfileError(f"{path}: profile of model {a!r}, this run is {b!r}")
-        run = old.merge(run, decay=decay)
-    return save_profile(run, path)
+    with _locked(path):
+        _remove_stale_temporaries(path)
+        old = _load_or_set_aside(path)
+        if old is not None:
+            old.check_shape(run.num_layers, run.num_experts, str(path), "this run")
+            a, b = old.meta.get("model"), run.meta.get("model")
+            if not same_model(a, b):
+                raise ProfileError(f"{path}: profile of model {a!r}, this run is {b!r}")
+            run = old.merge(run, decay=decay)
+        _write_atomic(run, path)
+    return path

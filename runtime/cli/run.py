@@ -244,23 +244,22 @@ class _Sizing:
             raise ValueError("choose one of -R/--warm-random and -W/--warm-start")
         self.profile = None
         if args.warm_start is not None:
-            from golem.runtime.analysis.profile import load_profile, load_warm_source, profile_path
+            from golem.runtime.analysis.profile import load_saved_profile, load_warm_source, profile_path
 
             if args.warm_start == "saved":
-                path = profile_path(self.profile_dir())
-                if not path.is_file():
+                self.profile = load_saved_profile(self.profile_dir())
+                if self.profile is None:
+                    path = profile_path(self.profile_dir())
                     raise ValueError(f"-W saved: no saved profile yet at {path} (run once with --save-profile)")
-                self.profile = load_profile(path)
             else:
                 self.profile = load_warm_source(args.warm_start)
         self.plan = None
         self.warm = None
 
     def profile_dir(self):
-        from golem.runtime.synthetic import default_cache_dir
+        from golem.runtime.analysis.profile import profile_dir_for
 
-        name = Path(self.model_path).expanduser().resolve().name if Path(self.model_path).exists() else self.model_path
-        return default_cache_dir() / "profiles" / name.replace("/", "--")
+        return profile_dir_for(self.model_path)
 
     def capacities(self, opened):
         from golem.runtime.analysis.plan import RoutingStats, make_plan
@@ -298,11 +297,11 @@ class _Sizing:
         return caps
 
     def save_profile(self, runtime):
-        from golem.runtime.analysis.profile import profile_from_traces, record_profile
+        from golem.runtime.analysis.profile import model_identity, profile_from_traces, record_profile
 
         policies = [self.args.policy] if self.args.policy != "lru" else []  # LRU's curve comes from the stack histogram
         run = profile_from_traces([runtime.engine.trace.trace()], policies=policies)  # decode steps only
-        run.meta["model"] = str(runtime.path)
+        run.meta["model"] = model_identity(runtime.path)
         return record_profile(self.profile_dir(), run)
 
 
