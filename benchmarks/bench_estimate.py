@@ -168,7 +168,9 @@ def prefill_warm(trace) -> dict:
 def machine_profile(model, quant, compute_s: float, gb_per_s: float, latency_s: float, name: str) -> dict:
     """This machine in the estimator's file format: a RAM tier whose bandwidth makes the
     model's bytes per token take the measured compute time, and the storage as measured."""
-    from golem.runtime.analysis.estimate import MachineSpec, plan_placement, resident_time
+    from golem.runtime.analysis.estimate import resident_time
+    from golem.runtime.analysis.machines import MachineSpec
+    from golem.runtime.analysis.placement import plan_placement
 
     unit = MachineSpec.from_dict({"tiers": [{"kind": "ram", "size": 1 << 40, "gb_per_s": 1.0},
                                             {"kind": "ssd", "gb_per_s": 1.0}]})
@@ -185,7 +187,8 @@ def machine_profile(model, quant, compute_s: float, gb_per_s: float, latency_s: 
 
 def estimate_at(model, quant, profile: dict, capacity: int, expert_nbytes: int, routing, replay):
     """Both estimates with a cache tier sized for exactly ``capacity`` slots per layer."""
-    from golem.runtime.analysis.estimate import MachineSpec, estimate
+    from golem.runtime.analysis.estimate import estimate
+    from golem.runtime.analysis.machines import MachineSpec
 
     size = quant.non_expert_nbytes(model) + model.num_moe_layers * capacity * expert_nbytes + expert_nbytes // 2
     ram, ssd = profile["tiers"]
@@ -198,7 +201,8 @@ def estimate_at(model, quant, profile: dict, capacity: int, expert_nbytes: int, 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from golem.runtime.analysis.chunks import chunk_analysis
-    from golem.runtime.analysis.estimate import ChunkRouting, Quantization, TraceReplay, load_model_spec
+    from golem.runtime.analysis.estimate import ChunkRouting, TraceReplay
+    from golem.runtime.analysis.model_size import Quantization, load_model_spec
     from golem.runtime.trace import load_trace
 
     caps = [int(c) for c in args.capacities.split(",")]

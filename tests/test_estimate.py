@@ -12,23 +12,11 @@ import pytest
 
 from golem.runtime.analysis import catalog
 from golem.runtime.analysis.chunks import chunk_analysis
-from golem.runtime.analysis.estimate import (
-    GB,
-    GiB,
-    ChunkRouting,
-    MachineSpec,
-    ModelSpec,
-    Quantization,
-    TraceReplay,
-    estimate,
-    load_machine,
-    load_model_spec,
-    parse_bpw,
-    parse_size,
-    plan_placement,
-    plot_sweep,
-    memory_sweep,
-)
+from golem.runtime.analysis.estimate import ChunkRouting, TraceReplay, estimate, memory_sweep, plot_sweep
+from golem.runtime.analysis.machines import MachineSpec, load_machine
+from golem.runtime.analysis.model_size import ModelSpec, Quantization, load_model_spec, parse_bpw
+from golem.runtime.analysis.placement import plan_placement
+from golem.runtime.units import GB, GiB, parse_size
 from golem.runtime.trace import Trace, save_trace
 from golem.runtime.cli.trace import main as trace_main
 

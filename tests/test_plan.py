@@ -9,16 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from golem.runtime.analysis.plan import (
-    ModelMemory,
-    RoutingStats,
-    distinct_per_window,
-    format_layer_ranges,
-    make_plan,
-    parse_layer_ranges,
-    parse_override,
-    parse_size,
-)
+from golem.runtime.analysis.model_size import ModelMemory
+from golem.runtime.analysis.plan import RoutingStats, distinct_per_window, make_plan
+from golem.runtime.units import format_layer_ranges, parse_layer_ranges, parse_override, parse_size
 from golem.runtime.analysis.profile import profile_from_traces
 from golem.runtime.analysis.simulate import simulate
 from golem.runtime.trace import load_trace
@@ -40,7 +33,7 @@ def test_parse_size(text, nbytes):
 @pytest.mark.parametrize("text", ["48 parsecs", "", "GB", "-1GB", "1.2.3GB", "12 G B"])
 def test_parse_size_errors_name_the_flag_and_value(text):
     with pytest.raises(ValueError, match=r"--memory-budget: cannot read size"):
-        parse_size(text)
+        parse_size(text, "--memory-budget")
 
 
 def test_parse_layer_ranges():

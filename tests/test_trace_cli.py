@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from golem.runtime.analysis.plan import parse_size
+from golem.runtime.units import parse_size
 from golem.runtime.analysis.profile import profile_from_traces, save_profile
 from golem.runtime.analysis.simulate import belady, simulate
 from golem.runtime.trace import load_trace, save_trace

@@ -1,7 +1,7 @@
 """The memory planner: which MoE layers stay fully resident (pinned) and how many expert slots
 every other layer gets, within ``--memory-budget``, ``-c``, ``--cache-size-override`` and ``-f``.
 
-Owns size and layer-range parsing, the allocation (exact dynamic programming over estimated
+Owns the allocation (exact dynamic programming over estimated
 per-layer miss curves when routing statistics are given, uniform otherwise) and the
 ``golem-run --plan`` table. Knows nothing of files, MLX or slot pools; the runtime measures
 the byte sizes and hands them in.
@@ -10,144 +10,21 @@ the byte sizes and hands them in.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from golem.runtime.analysis.model_size import ModelMemory  # noqa: F401  (re-exported: the planner's input)
 from golem.runtime.analysis.simulate import Traces, as_trace_list, lru_misses, miss_curve
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text: Union[str, int], *, what: str = "--memory-budget") -> int:
-    """Bytes from ``48GB``, ``512MiB``, ``0.5GB``, ``1e9`` (GB = 10^9 bytes, GiB = 2^30)."""
-    if isinstance(text, (int, np.integer)):
-        if text < 0:
-            raise ValueError(f"{what}: size must not be negative, got {text}")
-        return int(text)
-    m = _SIZE.match(str(text))
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise ValueError(
-            f"{what}: cannot read size {text!r}; write a number and a unit, e.g. 48GB, 512MiB, 0.5GB "
-            f"(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-        )
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def format_nbytes(nbytes: float) -> str:
-    """``12.58 MB``, ``48.00 GB`` (decimal units, as ``parse_size`` reads them)."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{int(nbytes)} B"
-
-
-def parse_layer_ranges(text: str, *, what: str = "-f/--pin-layers") -> list[int]:
-    """``"0-40,90-93"`` -> ``[0, 1, ..., 40, 90, 91, 92, 93]`` (sorted, without repeats)."""
-    out: set[int] = set()
-    items = [s.strip() for s in str(text).split(",")]
-    if not any(items):
-        raise ValueError(f"{what}: empty layer range {text!r}; write e.g. 0-40,90-93")
-    for item in items:
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
-        if not m:
-            raise ValueError(f"{what}: cannot read layer range {item!r} in {text!r}; write e.g. 0-40,90-93")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"{what}: range {item!r} runs backwards")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
-
-
-def format_layer_ranges(layers: Iterable[int]) -> str:
-    """The inverse of ``parse_layer_ranges``: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
-    layers = sorted(set(int(x) for x in layers))
-    parts, i = [], 0
-    while i < len(layers):
-        j = i
-        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
-            j += 1
-        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-def parse_override(values: Sequence[str]) -> tuple[list[int], int]:
-    """One ``--cache-size-override RANGES N`` (argparse ``nargs=2``) -> (layers, slots)."""
-    if len(values) != 2:
-        raise ValueError(f"--cache-size-override takes RANGES N, got {list(values)}")
-    layers = parse_layer_ranges(values[0], what="--cache-size-override")
-    try:
-        slots = int(values[1])
-    except ValueError:
-        raise ValueError(f"--cache-size-override {values[0]} {values[1]}: N must be a whole number of slots") from None
-    return layers, slots
-
-
-@dataclass(frozen=True)
-class ModelMemory:
-    """What the planner needs to know of a model.
-
-    Args:
-        num_layers: MoE layers.
-        num_experts: experts per MoE layer.
-        top_k: experts per token (the fewest slots a layer can run with).
-        expert_nbytes: bytes of one expert, for all layers or one value per MoE layer.
-        non_expert_nbytes: bytes of everything always resident (attention, embeddings, ...).
-        layer_ids: the model's layer number of each MoE layer (what layer ranges on the
-            command line name); default 0..num_layers-1.
-    """
-
-    num_layers: int
-    num_experts: int
-    top_k: int
-    expert_nbytes: Union[int, Sequence[int]]
-    non_expert_nbytes: int = 0
-    layer_ids: Optional[Sequence[int]] = None
-
-    def nbytes_of(self, layer: int) -> int:
-        if isinstance(self.expert_nbytes, (int, np.integer)):
-            return int(self.expert_nbytes)
-        return int(self.expert_nbytes[layer])
-
-    @property
-    def ids(self) -> list[int]:
-        return list(range(self.num_layers)) if self.layer_ids is None else [int(i) for i in self.layer_ids]
-
-    @property
-    def all_experts_nbytes(self) -> int:
-        return sum(self.num_experts * self.nbytes_of(i) for i in range(self.num_layers))
-
-    def validate(self) -> None:
-        if self.num_layers < 1 or self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"model shape: {self.num_layers} layers, {self.num_experts} experts, top-k {self.top_k}"
-            )
-        if not isinstance(self.expert_nbytes, (int, np.integer)) and len(self.expert_nbytes) != self.num_layers:
-            raise ValueError(f"expert_nbytes: {len(self.expert_nbytes)} values for {self.num_layers} layers")
-        if any(self.nbytes_of(i) <= 0 for i in range(self.num_layers)):
-            raise ValueError("expert_nbytes must be positive")
-        if self.layer_ids is not None and len(self.layer_ids) != self.num_layers:
-            raise ValueError(f"layer_ids: {len(self.layer_ids)} ids for {self.num_layers} MoE layers")
-
-    @classmethod
-    def from_trace_meta(cls, meta: dict, non_expert_nbytes: int = 0) -> "ModelMemory":
-        """The shape a golem-trace/1 ``meta`` records (``expert_bytes`` as the expert size)."""
-        nbytes = int(meta.get("expert_bytes") or 0)
-        if nbytes <= 0:
-            raise ValueError("trace meta has no expert_bytes; give the expert size explicitly")
-        return cls(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]), nbytes, non_expert_nbytes)
-
+from golem.runtime.units import (  # noqa: F401  (parse_* re-exported for the old import path)
+    format_layer_ranges,
+    format_nbytes,
+    parse_layer_ranges,
+    parse_override,
+    parse_size,
+)
 
 @dataclass(frozen=True)
 class RoutingStats:
@@ -388,16 +265,19 @@ def make_plan(
     pin_layers: Sequence[int] = (),
     stats: Optional[RoutingStats] = None,
     reserve_nbytes: int = 0,
+    weights: Optional[Sequence[float]] = None,
+    min_slots: Optional[int] = None,
 ) -> Plan:
     """Choose pinned layers and slots per layer.
 
     Precedence: ``pin_layers`` (``-f``) > ``overrides`` (``--cache-size-override``, later
     ones win) > ``cache_size`` (``-c``) > the budget. Layers no flag sets share what the
     budget leaves: with ``stats``, the allocation that minimises the estimated misses per
-    token (exact dynamic programming; a layer at ``num_experts`` slots is pinned); without,
-    the most uniform slots that fit, leftover slots to the earliest layers (they route most
-    uniformly). The plan never exceeds ``budget_nbytes``; when even top-k slots per layer
-    do not fit, the error names the shortfall.
+    token (exact dynamic programming; a layer at ``num_experts`` slots is pinned); with
+    ``weights``, slots in proportion to them; otherwise the most uniform slots that fit,
+    leftover slots to the earliest layers (they route most uniformly). The plan never
+    exceeds ``budget_nbytes``; when even top-k slots per layer do not fit, the error names
+    the shortfall.
 
     Args:
         model: shape and byte sizes.
@@ -407,9 +287,19 @@ def make_plan(
         pin_layers: model layer numbers kept fully resident.
         stats: routing statistics (from traces or a warm-start profile).
         reserve_nbytes: bytes the budget must leave for other things.
+        weights: per-layer weights (e.g. distinct experts per window) for a proportional
+            allocation when no ``stats`` are given.
+        min_slots: the fewest slots the budget may give a layer (default top-k, what one
+            token needs; the speed estimator asks for fewer to price machines golem cannot
+            run on, where every missing expert is read per token).
     """
     model.validate()
     e, k = model.num_experts, model.top_k
+    floor = k if min_slots is None else int(min_slots)
+    if not 0 <= floor <= k:
+        raise ValueError(f"min_slots must lie in [0, top-k={k}], got {min_slots}")
+    if weights is not None and len(weights) != model.num_layers:
+        raise ValueError(f"weights: {len(weights)} values for {model.num_layers} MoE layers")
     if stats is not None and (stats.num_layers, stats.num_experts) != (model.num_layers, e):
         raise ValueError(
             f"routing statistics ({stats.source or 'given'}) describe {stats.num_layers} layers x "
@@ -439,7 +329,7 @@ def make_plan(
     sources = {i: src for i, (_, src) in fixed.items()}
     uniform = None
     if budget_nbytes is not None:
-        need = base + sum(k * model.nbytes_of(i) for i in free)
+        need = base + sum(floor * model.nbytes_of(i) for i in free)
         if need > budget_nbytes:
             parts = [f"non-expert {format_nbytes(model.non_expert_nbytes)}"]
             if reserve_nbytes:
@@ -447,17 +337,22 @@ def make_plan(
             if fixed:
                 parts.append(f"layers set by flags {format_nbytes(fixed_nbytes)}")
             if free:
-                parts.append(f"top-k ({k}) slots x {len(free)} layers {format_nbytes(need - base)}")
+                what = f"top-k ({k})" if floor == k else f"{floor}"
+                parts.append(f"{what} slots x {len(free)} layers {format_nbytes(need - base)}")
             raise ValueError(
                 f"--memory-budget {format_nbytes(budget_nbytes)} is {format_nbytes(need - budget_nbytes)} short: "
                 f"the smallest plan needs {format_nbytes(need)} ({' + '.join(parts)})"
             )
         if free:
             avail = budget_nbytes - base
-            uniform = _uniform(model, free, avail)
-            chosen = _by_stats(model, free, avail, stats) if stats is not None else uniform
+            uniform = _uniform(model, free, avail, floor)
+            if stats is not None:
+                chosen, tag = _by_stats(model, free, avail, stats, floor), "budget"
+            elif weights is not None:
+                chosen, tag = _weighted(model, free, avail, [float(weights[i]) for i in free], floor), "budget (weighted)"
+            else:
+                chosen, tag = uniform, "budget (uniform)"
             slots.update(chosen)
-            tag = "budget" if stats is not None else "budget (uniform)"
             sources.update({i: tag for i in free})
     elif free:
         raise ValueError(
@@ -478,10 +373,10 @@ def make_plan(
     return plan
 
 
-def _uniform(model: ModelMemory, free: list[int], avail: int) -> dict[int, int]:
-    """The largest equal slot count that fits, then one more slot per layer from the first
-    layer on while bytes remain."""
-    e, k = model.num_experts, model.top_k
+def _uniform(model: ModelMemory, free: list[int], avail: int, k: int) -> dict[int, int]:
+    """The largest equal slot count (at least ``k``) that fits, then one more slot per layer
+    from the first layer on while bytes remain."""
+    e = model.num_experts
     per_slot = sum(model.nbytes_of(i) for i in free)
     c = max(k, min(e, avail // per_slot))
     alloc = {i: c for i in free}
@@ -496,13 +391,43 @@ def _uniform(model: ModelMemory, free: list[int], avail: int) -> dict[int, int]:
 _MAX_UNITS = 40_000
 
 
-def _by_stats(model: ModelMemory, free: list[int], avail: int, stats: RoutingStats) -> dict[int, int]:
+def _weighted(model: ModelMemory, free: list[int], avail: int, weights: list[float], k: int) -> dict[int, int]:
+    """Slots in proportion to ``weights`` (bytes shared as lambda x weight x expert size),
+    each within [k, num_experts]; the fractional remainders go, largest first, to the layers
+    whose next slot still fits."""
+    e = model.num_experts
+    sizes = [model.nbytes_of(i) for i in free]
+    w = np.maximum(np.asarray(weights, dtype=float), 1e-12)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weights must be finite")
+
+    def spent(lam: float) -> float:
+        return float(sum(np.clip(lam * w, k, e) * sizes))
+
+    lo, hi = 0.0, 1.0
+    while spent(hi) < avail and hi < 1e300 and np.any(hi * w < e):
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if spent(mid) <= avail else (lo, mid)
+    share = np.clip(lo * w, k, e)
+    alloc = {i: int(math.floor(s + 1e-9)) for i, s in zip(free, share)}
+    left = avail - sum(alloc[i] * b for i, b in zip(free, sizes))
+    for j in sorted(range(len(free)), key=lambda j: (-(share[j] - math.floor(share[j] + 1e-9)), j)):
+        i = free[j]
+        if alloc[i] < e and sizes[j] <= left:
+            alloc[i] += 1
+            left -= sizes[j]
+    return alloc
+
+
+def _by_stats(model: ModelMemory, free: list[int], avail: int, stats: RoutingStats, k: int) -> dict[int, int]:
     """Slots per free layer minimising the estimated misses per step within ``avail`` bytes.
 
     A knapsack over byte units (the gcd of the layers' expert sizes, coarser when that gives
     too many units; costs are rounded up so the result always fits). Ties go to more slots.
     """
-    e, k = model.num_experts, model.top_k
+    e = model.num_experts
     sizes = [model.nbytes_of(i) for i in free]
     unit = 0
     for s in sizes:

@@ -11,23 +11,27 @@ import argparse
 import json
 import sys
 
+import re
+from pathlib import Path
+
 from golem.runtime.analysis.chunks import chunk_analysis
 from golem.runtime.analysis.estimate import (
-    GiB,
+    PLANS,
     ChunkRouting,
     Report,
     TraceReplay,
-    Quantization,
     default_sweep_sizes,
     distinct_per_layer,
     estimate,
-    load_machine,
-    load_model_spec,
     memory_sweep,
-    parse_size,
     plot_sweep,
 )
+from golem.runtime.analysis.machines import load_machine
+from golem.runtime.analysis.model_size import ModelSpec, Quantization, load_model_spec
+from golem.runtime.analysis.placement import routing_stats_for
+from golem.runtime.cli.progress import progress_bar
 from golem.runtime.trace import load_traces
+from golem.runtime.units import GiB, format_layer_ranges, parse_layer_ranges, parse_size
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,15 +58,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--coverage", type=float, default=1.0, help="Coverage threshold of U and D (default 1.0).")
     p.add_argument("--ram", default=None, help="Override the cache tier's size (RAM, or unified memory), e.g. 256GiB.")
     p.add_argument("--ssd-gb-per-s", type=float, default=None, help="Override the SSD read rate (GB/s).")
-    p.add_argument("--pin-layers", type=int, default=0, help="MoE layers to pin fully in RAM beyond the GPU's.")
-    p.add_argument("--plan", choices=("uniform", "weighted"), default="uniform",
-                   help="Cache slots per layer: evenly, or weighted by distinct experts per chunk (needs a trace).")
-    p.add_argument("--policy", default="lru", help="Eviction policy for the trace replay (default lru).")
+    p.add_argument("-f", "--pin-layers", default=None, metavar="RANGES",
+                   help="Decoder layers kept fully resident in the cache tier, as golem-run -f (e.g. 3-6,60).")
+    p.add_argument("--plan", choices=PLANS, default="uniform",
+                   help="Cache slots per layer: evenly (golem-run --memory-budget), weighted by distinct experts "
+                        "per chunk, or by the traces' miss curves (golem-run --memory-budget -W TRACE); the last "
+                        "two need a trace.")
+    p.add_argument("--policy", default="lru", help="Eviction policy for the trace replay and --plan curves (default lru).")
     p.add_argument("--prefetch-recall", type=float, default=0.0,
                    help="Fraction of misses a predictor reads ahead in time (trace replay).")
     p.add_argument("--sweep", action="store_true", help="Also estimate over memory sizes from 0 to all experts.")
     p.add_argument("--points", type=int, default=17, help="Memory sizes in the sweep (default 17).")
-    p.add_argument("--plot", default=None, metavar="PNG", help="Write the sweep as a PNG chart (needs matplotlib).")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="Write the sweep as a PNG chart (implies --sweep; needs matplotlib).")
     p.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
     p.set_defaults(func=run)
     return p
@@ -102,6 +110,9 @@ def _print_report(rep: Report) -> None:
         print(f"; {pl.cache_kind} caches layers {d['cached_layers']} with {slots} slots each", end="")
     print(f"; {pl.capacity_experts} of {m.total_experts} experts resident "
           f"({100 * pl.capacity_experts / m.total_experts:.1f}%), cache tier {_gib(d['cache_nbytes'])} of experts")
+    if pl.below_top_k:
+        print(f"note: {pl.cache_kind} holds fewer than top-{m.top_k} slots per cached layer: golem-run refuses "
+              "such a budget; the estimate reads every missing expert for each token")
     print(f"{'estimator':<16}{'tokens/s':>9}{'ms/token':>10}{'compute':>9}{'memory':>9}{'ssd':>9}{'reads/token':>13}")
     for est in (rep.chunk, rep.trace):
         if est is None:
@@ -114,29 +125,60 @@ def _print_report(rep: Report) -> None:
             print(f"  {est.method}: {note}")
 
 
+def _pin_layers(text, model: ModelSpec) -> list[int]:
+    if text is None:
+        return []
+    if re.fullmatch(r"\s*\d+\s*", str(text)):
+        n = int(text)
+        first = format_layer_ranges(model.moe_layers[:n]) or "none"
+        raise ValueError(
+            f"--pin-layers {text.strip()}: a bare number is ambiguous; --pin-layers takes decoder layer ranges "
+            f"as golem-run -f does (it no longer counts layers): write {first} for the first {n} MoE layers of "
+            f"{model.name}, or {n}-{n} for layer {n} alone"
+        )
+    return parse_layer_ranges(text, num_layers=model.num_layers, what="--pin-layers")
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib (or golem[plot])") from None
+
+
 def run(args) -> int:
     model = load_model_spec(args.model)
     quant = Quantization.parse(args.bits, args.expert_bits, args.non_expert_bits)
     machine = load_machine(args.machine)
+    pins = _pin_layers(args.pin_layers, model)
+    if args.plot:
+        _check_matplotlib()
+        if Path(args.plot).is_dir():
+            raise ValueError(f"--plot {args.plot}: is a folder; give a .png file name")
     if args.ram is not None:
         machine = machine.with_memory(parse_size(args.ram, "--ram"))
     if args.ssd_gb_per_s is not None:
-        if args.ssd_gb_per_s <= 0:
-            raise ValueError(f"--ssd-gb-per-s must be > 0, got {args.ssd_gb_per_s}")
+        if not args.ssd_gb_per_s > 0 or args.ssd_gb_per_s == float("inf"):
+            raise ValueError(f"--ssd-gb-per-s must be a finite number > 0, got {args.ssd_gb_per_s}")
         machine = machine.with_ssd(args.ssd_gb_per_s)
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
     if args.points < 2:
         raise ValueError(f"--points must be >= 2, got {args.points}")
+    if not 0.0 < args.coverage <= 1.0:
+        raise ValueError(f"--coverage must lie in (0, 1], got {args.coverage}")
     if (args.u is None) != (args.d is None):
         raise ValueError("--u and --d go together")
-    if args.u is not None and (args.u < 0 or args.d < 0 or args.d > args.u):
+    if args.u is not None and not (0 <= args.d <= args.u < float("inf")):
         raise ValueError(f"--u/--d: need 0 <= D <= U, got U={args.u}, D={args.d}")
     if args.trace is None and args.u is None:
         raise ValueError("give routing statistics: --trace FILE... or --u U --d D")
+    if args.plan != "uniform" and not args.trace:
+        raise ValueError(f"--plan {args.plan} needs --trace")
 
-    routing = replay = weights = None
+    routing = replay = weights = curves = None
     stats = None
+    traces = []
     if args.u is not None:
         routing = ChunkRouting(args.u, args.d, args.chunk, args.coverage, "given")
     if args.trace:
@@ -152,16 +194,24 @@ def run(args) -> int:
         replay = TraceReplay(traces, policy=args.policy, prefetch_recall=args.prefetch_recall)
         if args.plan == "weighted":
             weights = distinct_per_layer(traces, model, args.chunk)
-    kwargs = dict(routing=routing, replay=replay, pin_layers=args.pin_layers, plan=args.plan,
-                  layer_weights=weights)
-    report = estimate(model, quant, machine, **kwargs)
+        elif args.plan == "curves":
+            curves = routing_stats_for(model, traces, args.policy)
+    kwargs = dict(routing=routing, replay=replay, pin_layers=pins, plan=args.plan,
+                  layer_weights=weights, stats=curves)
+    work = replay.num_steps * replay.num_layers if replay is not None else 0
+    with progress_bar(1, "estimate", work=work) as bar:
+        report = estimate(model, quant, machine, **kwargs)
+        bar.update(1)
     _print_report(report)
     out = report.to_dict()
+    out["traces"] = [t.path for t in traces]
     if stats is not None:
         out["chunk_stats"] = stats.to_dict()
 
     if args.sweep or args.plot:
-        sweep = memory_sweep(model, quant, machine, default_sweep_sizes(model, quant, machine, args.points), **kwargs)
+        sizes = default_sweep_sizes(model, quant, machine, args.points)
+        with progress_bar(len(sizes), "sweep", work=work * len(sizes)) as bar:
+            sweep = memory_sweep(model, quant, machine, sizes, progress=bar.update, **kwargs)
         kind = machine.cache_tier.kind
         print(f"\n{kind + ' GiB':>10}{'chunk tok/s':>13}{'trace tok/s':>13}{'chunk reads':>13}{'trace reads':>13}")
         rows = []
@@ -177,13 +227,11 @@ def run(args) -> int:
                          "trace_reads_per_token": t.experts_read if t else None})
         out["sweep"] = rows
         if args.plot:
-            try:
-                path = plot_sweep(sweep, args.plot, title=f"{model.name} on {machine.name}")
-                print(f"chart written to {path}")
-                out["plot"] = str(path)
-            except RuntimeError as e:
-                print(f"golem-trace estimate: {e}", file=sys.stderr)
-                out["plot"] = None
+            names = [Path(t.path).name for t in traces if t.path]
+            title = f"{model.name} on {machine.name}" + (f" (traces: {', '.join(names)})" if names else "")
+            path = plot_sweep(sweep, args.plot, title=title)
+            print(f"chart written to {path}")
+            out["plot"] = str(path)
     if args.json:
         print(json.dumps(out))
     return 0
