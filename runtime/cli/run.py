@@ -231,7 +231,7 @@ class _Sizing:
     """Turns the cache flags into per-layer slots and a warm start, once the model is indexed."""
 
     def __init__(self, args, model_path: str):
-        from golem.runtime.analysis.plan import parse_layer_ranges, parse_override, parse_size
+        from golem.runtime.units import parse_layer_ranges, parse_override, parse_size
 
         self.args = args
         self.model_path = model_path
