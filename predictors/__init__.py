@@ -1,8 +1,10 @@
 """golem.predictors: who guesses which experts come next, and how well.
 
 Predictors are pure functions of what they are shown (a layer, its hidden state, the
-routing history); they never touch files or the I/O scheduler. ``routers`` holds each
-family's exact selection rule (shared with the runtime); ``metrics`` replays traces.
+routing history); they never touch files or the I/O scheduler. ``families`` holds what golem
+knows of each model family (one module per ``model_type``), ``routers`` finds a loaded
+model's MoE blocks and routes them by their family's exact rule (shared with the runtime);
+``metrics`` replays traces.
 """
 
 from .base import Candidate, Predictor, Proposal, RoutingShape, Selection
@@ -11,12 +13,14 @@ from .lookahead import HIDDEN_KINDS, Lookahead, Probe
 from .metrics import Accuracy, merge_accuracies, replay
 from .oracle import NoisyOracle, Oracle, RandomGuess
 from .registry import PredictorOptions, make_predictor, predictor_names
-from .routers import MoEBlock, RouterAdapter, find_moe_blocks, register_router, router_for
+from .families import Family, family
+from .routers import MoEBlock, RouterAdapter, find_moe_blocks, router_for
 
 __all__ = [
     "Accuracy",
     "Candidate",
     "Combined",
+    "Family",
     "Frequency",
     "HIDDEN_KINDS",
     "Lookahead",
@@ -33,11 +37,11 @@ __all__ = [
     "Previous",
     "Probe",
     "Transition",
+    "family",
     "find_moe_blocks",
     "make_predictor",
     "merge_accuracies",
     "predictor_names",
-    "register_router",
     "replay",
     "router_for",
 ]

@@ -16,23 +16,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-FAMILIES = (
-    "qwen3_moe",
-    "qwen3_next",
-    "qwen3_5_moe",
-    "glm4_moe",
-    "deepseek_v3",
-    "minimax",
-    "mixtral",
-    "olmoe",
-    "gpt_oss",
-)
+from golem.predictors import families
+
+#: Families a checkpoint can be generated of: one per module of ``golem.predictors.families``.
+FAMILIES = tuple(families.family_names())
 
 
 @dataclass(frozen=True)
@@ -61,174 +54,11 @@ class Size:
 TINY = Size()
 
 
-def _common(size: Size) -> dict:
-    return {
-        "hidden_size": size.hidden,
-        "num_hidden_layers": size.layers,
-        "intermediate_size": 2 * size.hidden,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": size.hidden // 4,
-        "rms_norm_eps": 1e-6,
-        "vocab_size": size.vocab,
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "num_experts_per_tok": size.top_k,
-    }
-
-
-def _qwen3_moe(size: Size) -> dict:
-    return {
-        **_common(size),
-        "model_type": "qwen3_moe",
-        "num_experts": size.experts,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [0],  # one dense layer: dense layers must stay resident
-        "moe_intermediate_size": size.expert_hidden,
-        "norm_topk_prob": True,
-    }
-
-
-def _qwen3_next(size: Size) -> dict:
-    return {
-        **_common(size),
-        "model_type": "qwen3_next",
-        "num_experts": size.experts,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "moe_intermediate_size": size.expert_hidden,
-        "shared_expert_intermediate_size": size.expert_hidden,
-        "linear_num_value_heads": 4,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_conv_kernel_dim": 4,
-        "partial_rotary_factor": 0.25,
-        "full_attention_interval": 2,
-        "norm_topk_prob": True,
-    }
-
-
-def _qwen3_5_moe(size: Size) -> dict:
-    text = {
-        **_common(size),
-        "model_type": "qwen3_5_moe_text",
-        "num_experts": size.experts,
-        "moe_intermediate_size": size.expert_hidden,
-        "shared_expert_intermediate_size": size.expert_hidden,
-        "linear_num_value_heads": 4,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_conv_kernel_dim": 4,
-        "full_attention_interval": 2,
-        "norm_topk_prob": True,
-    }
-    return {"model_type": "qwen3_5_moe", "text_config": text, "tie_word_embeddings": False}
-
-
-def _glm4_moe(size: Size) -> dict:
-    return {
-        **_common(size),
-        "model_type": "glm4_moe",
-        "moe_intermediate_size": size.expert_hidden,
-        "norm_topk_prob": True,
-        "n_group": 2,
-        "topk_group": 1,
-        "n_shared_experts": 1,
-        "n_routed_experts": size.experts,
-        "routed_scaling_factor": 2.5,
-        "first_k_dense_replace": 1,
-        "rope_scaling": None,
-        "use_qk_norm": True,
-        "attention_bias": False,
-        "partial_rotary_factor": 0.5,
-    }
-
-
-def _deepseek_v3(size: Size) -> dict:
-    return {
-        **_common(size),
-        "model_type": "deepseek_v3",
-        "moe_intermediate_size": size.expert_hidden,
-        "n_shared_experts": 1,
-        "n_routed_experts": size.experts,
-        "routed_scaling_factor": 2.5,
-        "kv_lora_rank": 32,
-        "q_lora_rank": 48,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "qk_nope_head_dim": 16,
-        "n_group": 2,
-        "topk_group": 1,
-        "moe_layer_freq": 1,
-        "first_k_dense_replace": 1,
-    }
-
-
-def _minimax(size: Size) -> dict:
-    return {
-        **_common(size),
-        "model_type": "minimax",
-        "num_local_experts": size.experts,
-        "shared_intermediate_size": 0,
-        "rotary_dim": size.hidden // 8,
-        "use_qk_norm": True,
-    }
-
-
-def _mixtral(size: Size) -> dict:
-    c = _common(size)
-    c.pop("head_dim")
-    return {
-        **c,
-        "model_type": "mixtral",
-        "num_local_experts": size.experts,
-        "intermediate_size": size.expert_hidden,
-    }
-
-
-def _olmoe(size: Size) -> dict:
-    return {
-        **_common(size),
-        "model_type": "olmoe",
-        "num_experts": size.experts,
-        "intermediate_size": size.expert_hidden,
-        "norm_topk_prob": False,
-    }
-
-
-def _gpt_oss(size: Size) -> dict:
-    return {
-        **_common(size),
-        "model_type": "gpt_oss",
-        "num_local_experts": size.experts,
-        "intermediate_size": size.expert_hidden,
-        "sliding_window": 64,
-        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(size.layers)],
-        "rope_theta": 150000,
-    }
-
-
-_CONFIGS: Dict[str, Callable[[Size], dict]] = {
-    "qwen3_moe": _qwen3_moe,
-    "qwen3_next": _qwen3_next,
-    "qwen3_5_moe": _qwen3_5_moe,
-    "glm4_moe": _glm4_moe,
-    "deepseek_v3": _deepseek_v3,
-    "minimax": _minimax,
-    "mixtral": _mixtral,
-    "olmoe": _olmoe,
-    "gpt_oss": _gpt_oss,
-}
-
-
 def family_config(family: str, size: Size = TINY) -> dict:
     """The config.json of a generated model of ``family``."""
-    if family not in _CONFIGS:
+    if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
-    return _CONFIGS[family](size)
+    return families.family(family).generated_config(size)
 
 
 def _is_expert_linear(path: str, module) -> bool:
@@ -316,12 +146,6 @@ def write_tokenizer(path: Path, vocab: int) -> None:
     )
 
 
-def _quantization(family: str, size: Size) -> dict:
-    if family == "gpt_oss":
-        return {"group_size": 32, "bits": 4, "mode": "mxfp4"}
-    return {"group_size": size.group_size, "bits": 4, "mode": "affine"}
-
-
 def build_checkpoint(
     family: str,
     path: str | os.PathLike,
@@ -348,8 +172,6 @@ def build_checkpoint(
         layers_per_shard: decoder layers per safetensors shard (default: two shards).
         overwrite: replace an existing folder.
     """
-    from mlx_lm.utils import _get_classes
-
     path = Path(path)
     if (path / "config.json").exists() and not overwrite:
         return path
@@ -361,10 +183,10 @@ def build_checkpoint(
     tmp.mkdir(parents=True)
 
     config = family_config(family, size)
-    quant = _quantization(family, size)
+    quant = families.family(family).generated_quantization(size)
     config["quantization"] = dict(quant)
     mx.random.seed(seed)
-    model_cls, args_cls = _get_classes(config)
+    model_cls, args_cls = families.family(family).model_classes()
     model = model_cls(args_cls.from_dict(copy.deepcopy(config)))
     _scale_experts(model, expert_scale, router_scale, residual_scale)
     nn.quantize(
