@@ -237,7 +237,7 @@ class _Sizing:
         self.model_path = model_path
         self.pins = parse_layer_ranges(args.pin_layers) if args.pin_layers else []
         self.overrides = [parse_override(v) for v in args.cache_size_override]
-        self.budget = parse_size(args.memory_budget) if args.memory_budget else None
+        self.budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
         if args.cache_size is not None and args.cache_size < 1:
             raise ValueError(f"--cache-size must be at least 1, got {args.cache_size}")
         if args.warm_random is not None and args.warm_start is not None:
