@@ -54,6 +54,13 @@ class TensorInfo:
 
 
 def _read_header(path: Path) -> Dict[str, TensorInfo]:
+    try:
+        return _parse_header(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the shard ({e.strerror or e})") from None
+
+
+def _parse_header(path: Path) -> Dict[str, TensorInfo]:
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
@@ -68,7 +75,7 @@ def _read_header(path: Path) -> Dict[str, TensorInfo]:
         raw = f.read(header_nbytes)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
@@ -107,10 +114,12 @@ def _read_header(path: Path) -> Dict[str, TensorInfo]:
 
 
 def _inside(root: Path, name: str) -> Path:
-    candidate = (root / name).resolve()
-    if candidate != root and root not in candidate.parents:
+    """The shard ``name`` of the index, judged by its name: a relative path that stays inside
+    the model folder. The file itself may be a symlink to anywhere (a Hugging Face cache
+    snapshot links every file to ``../../blobs/<sha>``), as a shard found without an index may."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise CheckpointError(f"{root / INDEX_FILE}: shard path {name!r} points outside the model folder")
-    return candidate
+    return root / name
 
 
 class SafetensorsIndex:
@@ -118,6 +127,8 @@ class SafetensorsIndex:
 
     Args:
         model_dir: the checkpoint folder (``model*.safetensors``, optionally an index JSON).
+            Shards are named relative to it; symlinked shards are followed wherever they
+            point, with or without an index, as mlx-lm does.
     """
 
     def __init__(self, model_dir: str | os.PathLike):
@@ -139,13 +150,18 @@ class SafetensorsIndex:
                 self._weight_map = json.loads(index_file.read_text())["weight_map"]
                 if not isinstance(self._weight_map, dict):
                     raise TypeError("weight_map is not an object")
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+                if not all(isinstance(v, str) for v in self._weight_map.values()):
+                    raise TypeError("weight_map names a shard that is not a string")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
                 raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+            except OSError as e:
+                raise CheckpointError(f"{index_file}: cannot read the index ({e.strerror or e})") from None
             names = sorted(set(self._weight_map.values()))
             shards = [_inside(self.model_dir, n) for n in names]
             for s in shards:
                 if not s.is_file():
-                    raise CheckpointError(f"{index_file}: shard {s.name!r} is missing")
+                    broken = " (a broken link)" if s.is_symlink() else ""
+                    raise CheckpointError(f"{index_file}: shard {s.name!r} is missing{broken}")
             return shards
         self._weight_map = None
         shards = sorted(self.model_dir.glob("model*.safetensors"))

@@ -232,6 +232,36 @@ def build_checkpoint(
     return path
 
 
+def as_hub_snapshot(folder: str | os.PathLike, hub_dir: str | os.PathLike, repo_id: str = "golem/synthetic",
+                    revision: str = "0" * 40) -> Path:
+    """Lay ``folder``'s files out as the Hugging Face hub cache does and return the snapshot:
+    ``hub_dir/models--org--name/blobs/<sha256>`` holds the bytes and
+    ``snapshots/<revision>/<file>`` is a relative symlink to its blob (``../../blobs/<sha>``)."""
+    import hashlib
+
+    repo = Path(hub_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    for src in sorted(Path(folder).iterdir()):
+        if not src.is_file():
+            continue
+        digest = hashlib.sha256()
+        with open(src, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        blob = repo / "blobs" / digest.hexdigest()
+        if not blob.exists():
+            shutil.copyfile(src, blob)
+        link = snapshot / src.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
 def default_cache_dir() -> Path:
     """Where generated checkpoints are kept between runs (``GOLEM_CACHE`` overrides)."""
     root = os.environ.get("GOLEM_CACHE") or os.path.join(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
+from golem.io.index import INDEX_FILE, CheckpointError, ExpertIndex, SafetensorsIndex
 
 
 def write_shard(path: Path, header: dict, data_nbytes: int, *, raw_header: bytes | None = None) -> None:
@@ -123,3 +124,82 @@ def test_generated_checkpoint_missing_an_expert_tensor(tmp_path, checkpoints):
     with pytest.raises(ValueError, match=name.replace(".", r"\.")) as err:
         load(str(dst), capacities=4)
     assert str(dst) in str(err.value)
+
+
+def _hub_layout(root: Path, files: dict) -> Path:
+    """Files as the Hugging Face cache keeps them: blobs, and a snapshot of symlinks to them."""
+    blobs, snap = root / "models--org--m" / "blobs", root / "models--org--m" / "snapshots" / "rev1"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, (name, write) in enumerate(files.items()):
+        write(blobs / f"sha{i}")
+        (snap / name).symlink_to(f"../../blobs/sha{i}")
+    return snap
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_hub_cache_snapshot_of_symlinks_is_accepted(tmp_path, with_index):
+    files = {"model.safetensors": lambda p: write_shard(p, good_header(), 128)}
+    if with_index:
+        weight_map = {"a.weight": "model.safetensors", "a.scales": "model.safetensors"}
+        files[INDEX_FILE] = lambda p: p.write_text(json.dumps({"weight_map": weight_map}))
+    snap = _hub_layout(tmp_path, files)
+    st = SafetensorsIndex(snap)
+    assert st["a.weight"].path == str(snap / "model.safetensors")  # named where the user put it
+    header_end = 8 + len(json.dumps(good_header()).encode())
+    assert st["a.scales"].offset == header_end + 96
+
+
+def test_symlinked_shards_are_judged_alike_with_and_without_an_index(tmp_path):
+    """A shard linked from outside the folder loads either way; only an index *name* leaving
+    the folder is refused."""
+    outside = tmp_path / "elsewhere.safetensors"
+    write_shard(outside, good_header(), 128)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").symlink_to(outside)
+    without = SafetensorsIndex(model)
+    (model / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": "model.safetensors"}}))
+    with_index = SafetensorsIndex(model)
+    assert without.tensors == with_index.tensors
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "sub/../../outside.safetensors", "/tmp/outside.safetensors"])
+def test_index_names_leaving_the_folder_are_refused_even_in_a_snapshot(tmp_path, name):
+    snap = _hub_layout(tmp_path, {
+        "model.safetensors": lambda p: write_shard(p, good_header(), 128),
+        INDEX_FILE: lambda p: p.write_text(json.dumps({"weight_map": {"a.weight": name}})),
+    })
+    with pytest.raises(CheckpointError, match="points outside the model folder") as err:
+        SafetensorsIndex(snap)
+    assert INDEX_FILE in str(err.value) and repr(name) in str(err.value)
+
+
+def test_broken_link_and_unreadable_files_are_named(tmp_path):
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "gone")
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": "model.safetensors"}}))
+    with pytest.raises(CheckpointError, match="'model.safetensors' is missing \\(a broken link\\)"):
+        SafetensorsIndex(tmp_path)
+    (tmp_path / INDEX_FILE).unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read the shard"):
+        SafetensorsIndex(tmp_path)
+    (tmp_path / INDEX_FILE).mkdir()
+    with pytest.raises(CheckpointError, match="cannot read the index"):
+        SafetensorsIndex(tmp_path)
+
+
+def test_hub_snapshot_of_a_generated_checkpoint_runs_like_mlx_lm(tmp_path, checkpoints):
+    """The Hugging Face cache layout: golem and stock mlx-lm give the same greedy tokens."""
+    from golem.runtime import load
+    from golem.runtime.synthetic import as_hub_snapshot
+    from helpers import greedy_tokens, prompt_tokens, stock
+
+    snap = as_hub_snapshot(checkpoints("qwen3_moe"), tmp_path / "hub", "org/tiny-moe")
+    shard = next(snap.glob("model-*.safetensors"))
+    assert shard.is_symlink() and os.readlink(shard).startswith("../../blobs/")
+    model, tok = stock(snap)
+    tokens = prompt_tokens(tok)
+    expected = greedy_tokens(model, tokens)
+    with load(str(snap), capacities=4) as (model, _):
+        assert greedy_tokens(model, tokens) == expected
+        assert model.golem.engine.stats.total().misses > 0
