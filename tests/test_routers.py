@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from golem.predictors import families
 from golem.predictors.routers import find_moe_blocks, router_for, router_types
 
 HIDDEN, LAYERS, EXPERTS, TOP_K = 32, 3, 16, 4
@@ -94,10 +95,8 @@ DENSE = {"qwen3_moe": [0], "glm4_moe": [0], "deepseek_v3": [0]}
 
 def build_model(family: str, seed: int = 0) -> nn.Module:
     """A tiny model of ``family`` with sharp, varied routers (and correction biases)."""
-    from mlx_lm.utils import _get_classes
-
     config = copy.deepcopy(CONFIGS[family])
-    model_cls, args_cls = _get_classes(config)
+    model_cls, args_cls = families.family(config["model_type"]).model_classes()
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
     for path, module in model.named_modules():

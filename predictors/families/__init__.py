@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Tuple
 
 from ._base import ANY_NUM_EXPERTS_KEYS, ANY_TOP_K_KEYS, NORM_KINDS, Dims, Family, RouterAdapter, first_value
 
@@ -59,20 +59,30 @@ def family(model_type: str) -> Family:
     return found
 
 
-def _keys(config: Mapping, attr: str, fallback) -> tuple:
+def _keys(config: Mapping, attr: str, fallback) -> Tuple[str, ...]:
     found = find_family(str(config.get("model_type", "")))
     return getattr(found, attr) if found is not None else fallback
 
 
+def config_top_k_keys(config: Mapping) -> Tuple[str, ...]:
+    """The keys a config.json states its experts per token under, in the order they are tried:
+    its family's (any family's for a model type golem does not know)."""
+    return _keys(config, "top_k_keys", ANY_TOP_K_KEYS)
+
+
+def config_num_experts_keys(config: Mapping) -> Tuple[str, ...]:
+    """The keys a config.json states its routed experts per MoE layer under, like ``config_top_k_keys``."""
+    return _keys(config, "num_experts_keys", ANY_NUM_EXPERTS_KEYS)
+
+
 def config_top_k(config: Mapping) -> Optional[int]:
-    """Experts per token that a config.json states, read with its family's keys (any
-    family's keys for a model type golem does not know); None when it states none."""
-    return first_value(config, _keys(config, "top_k_keys", ANY_TOP_K_KEYS))
+    """Experts per token that a config.json states (``text_config`` first); None when it states none."""
+    return first_value(config, config_top_k_keys(config))
 
 
 def config_num_experts(config: Mapping) -> Optional[int]:
-    """Routed experts per MoE layer that a config.json states, like ``config_top_k``."""
-    return first_value(config, _keys(config, "num_experts_keys", ANY_NUM_EXPERTS_KEYS))
+    """Routed experts per MoE layer that a config.json states (``text_config`` first); None when none."""
+    return first_value(config, config_num_experts_keys(config))
 
 
 __all__ = [
@@ -82,7 +92,9 @@ __all__ = [
     "RouterAdapter",
     "UnknownFamily",
     "config_num_experts",
+    "config_num_experts_keys",
     "config_top_k",
+    "config_top_k_keys",
     "family",
     "family_names",
     "find_family",

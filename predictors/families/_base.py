@@ -20,7 +20,7 @@ ScoreFn = Callable[[nn.Module, mx.array], mx.array]
 NORM_KINDS = ("layer_input", "post_attn")
 
 #: Config keys tried for a model type without a family module (the estimator sizes such models).
-ANY_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+ANY_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
 ANY_NUM_EXPERTS_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 
 

@@ -48,6 +48,7 @@ FAMILY = Family(
         num_experts=lambda b: int(b.num_local_experts),
         top_k=lambda b: int(b.num_experts_per_tok),
     ),
+    top_k_keys=("num_experts_per_tok", "experts_per_token"),  # the latter: OpenAI's own config name
     num_experts_keys=("num_local_experts",),
     generated_config=generated_config,
     generated_quantization=generated_quantization,

@@ -83,7 +83,8 @@ class RoutingCapture:
         if self._attached:
             return self
         for b in self.blocks:
-            for attr, kind in (("input_layernorm", "layer_input"), ("post_attention_layernorm", "post_attn")):
+            for kind in ("layer_input", "post_attn"):
+                attr = b.norm_attr(kind)
                 norm = getattr(b.layer, attr)
                 setattr(b.layer, attr, _Tap(norm, self._callback(b, kind)))
                 self._attached.append((b.layer, attr, norm))
