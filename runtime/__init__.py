@@ -1,16 +1,21 @@
 """golem.runtime: composes the expert index, the I/O scheduler and the predictors into an
 offloaded MoE model that mlx-lm's own generation code drives unchanged.
 
-``golem.runtime.load(path, **options)`` returns ``(model, tokenizer)`` for mlx-lm.
+``golem.runtime.load(path, config=None, **options)`` returns ``(model, tokenizer)`` for mlx-lm;
+``RuntimeConfig`` holds the options, ``ConfigError`` says which one is wrong.
 """
 
-__all__ = ["load", "Loaded"]
+__all__ = ["load", "Loaded", "RuntimeConfig", "ConfigError"]
 
 
 def __getattr__(name):
     # Imported on first use: `golem-trace` and the trace tools need no MLX model code.
-    if name in __all__:
+    if name in ("load", "Loaded"):
         from golem.runtime import api
 
         return getattr(api, name)
+    if name in ("RuntimeConfig", "ConfigError"):
+        from golem.runtime import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'golem.runtime' has no attribute {name!r}")

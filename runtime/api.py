@@ -6,8 +6,9 @@ Returns a model and tokenizer that mlx-lm's ``generate``, ``stream_generate`` an
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional
 
+from golem.runtime.config import ConfigError, RuntimeConfig, make_config
 from golem.runtime.loader import OffloadedModel, load_offloaded
 
 
@@ -15,7 +16,7 @@ class Loaded(tuple):
     """``(model, tokenizer)``, plus ``close()`` and context-manager use.
 
     Unpacks like mlx-lm's ``load``: ``model, tokenizer = golem.runtime.load(path)``.
-    ``runtime`` is the ``OffloadedModel`` (engine, pools, statistics).
+    ``runtime`` is the ``OffloadedModel`` (engine, pools, statistics, plan).
     """
 
     runtime: OffloadedModel
@@ -33,32 +34,69 @@ class Loaded(tuple):
     def tokenizer(self):
         return self[1]
 
+    @property
+    def plan(self):
+        """The memory plan golem chose (``golem.runtime.analysis.plan.Plan``)."""
+        return self.runtime.plan
+
     def close(self) -> None:
-        self.runtime.close()
+        """Write what the options keep (``trace_out``, ``save_profile``), then release
+        every thread, file and buffer of the runtime."""
+        try:
+            self.runtime.finish()
+        finally:
+            self.runtime.close()
 
     def __enter__(self) -> "Loaded":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # a failed run keeps nothing
+            self.runtime.close()
 
 
-def load(path: str, *, tokenizer_config: dict | None = None, **options: Any) -> Loaded:
-    """Load an MoE checkpoint with offloaded experts.
+def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config: Optional[dict] = None,
+         model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
+         **fields: Any) -> Loaded:
+    """Load an MoE checkpoint with offloaded experts, sized and warmed as ``golem-run`` does.
 
     Args:
         path: local model folder or Hugging Face repo id.
+        config: a ``golem.runtime.config.RuntimeConfig``; or give its fields as keywords
+            (``memory_budget="48GB"``, ``pin_layers="0-3"``, ``warm_start="saved"``,
+            ``capacities=4``, ``prefetch=PrefetchConfig(depth=2)``, ``policy="lru"``, ...),
+            which change ``config`` when both are given.
         tokenizer_config: passed to mlx-lm's tokenizer loader.
-        **options: runtime options (see ``load_offloaded``): ``capacities``,
-            ``policy``, ``direct_io``, ...
+        model_config: fields that override config.json (as mlx-lm's ``load``).
+        adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
+
+    Raises:
+        ConfigError: an option is wrong (named in the message); checked before any work.
+        golem.runtime.loader.ModelError, golem.io.index.CheckpointError: the model cannot run.
     """
     from mlx_lm.utils import load_tokenizer
 
-    runtime = load_offloaded(path, **options)
+    config = make_config(config, **fields)
+    runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path)
     try:
-        tokenizer = load_tokenizer(runtime.path, tokenizer_config or {})
+        tokenizer = load_tokenizer(runtime.path, tokenizer_config or {},
+                                   eos_token_ids=runtime.config.get("eos_token_id", None))
     except BaseException:
         runtime.close()
         raise
     runtime.model.golem = runtime
     return Loaded(runtime.model, tokenizer, runtime)
+
+
+def plan(path: str, config: Optional[RuntimeConfig] = None, **fields: Any):
+    """The sizing ``load(path, config, **fields)`` would choose, reading only the checkpoint's
+    headers: ``.plan`` (``Plan``; ``.describe()`` is golem-run's ``--plan`` table),
+    ``.capacities``, ``.warm``, ``.note``."""
+    from golem.runtime.loader import plan_offloaded
+
+    return plan_offloaded(path, make_config(config, **fields))
+
+
+__all__ = ["ConfigError", "Loaded", "RuntimeConfig", "load", "plan"]

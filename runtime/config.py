@@ -66,6 +66,8 @@ class RuntimeConfig:
         record: keep a ``TraceRecorder`` of the routing (``engine.trace``).
         record_hidden: ``--trace-hidden``: also record each MoE layer's residual.
         trace_out: ``--trace-out``: write the recorded trace here when the model is closed.
+        slot_writer: ``--slot-writer``: how experts get into slots ("host", "device",
+            "device-load"; None or "auto": the backend's default, see ``golem.runtime.writers``).
     """
 
     cache_size: Optional[int] = None
@@ -89,6 +91,7 @@ class RuntimeConfig:
     record: bool = False
     record_hidden: bool = False
     trace_out: Union[None, str, os.PathLike] = None
+    slot_writer: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_int(self.cache_size, "cache_size", "-c/--cache-size", low=1)
@@ -114,6 +117,8 @@ class RuntimeConfig:
         depth = self.prefetch.depth if self.prefetch is not None else 0
         if not isinstance(self.predictor, str) or not self.predictor:
             raise ConfigError(f"--predictor: expected a predictor name, got {self.predictor!r}")
+        if depth > 0:
+            _check_predictor(self.predictor, self.predictor_trace, self.predictor_options)
         if isinstance(self.predictor_train, (str, os.PathLike)):
             object.__setattr__(self, "predictor_train", (self.predictor_train,))
         object.__setattr__(self, "predictor_train", tuple(self.predictor_train))
@@ -123,6 +128,13 @@ class RuntimeConfig:
         if self.predictor_options is not None and not isinstance(self.predictor_options, Mapping):
             raise ConfigError(f"predictor_options: expected a dict, got {type(self.predictor_options).__name__}")
         _check_int(self.io_parallelism, "io_parallelism", "--io-parallelism", low=1, high=MAX_IO_PARALLELISM)
+        if self.slot_writer is not None:
+            from golem.runtime.writers import resolve_writer
+
+            try:
+                resolve_writer(self.slot_writer)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.emulate_storage is not None and self.throttle is not None:
             raise ConfigError("give one of emulate_storage (--emulate-storage) and throttle")
         if self.emulate_storage is not None:
@@ -274,6 +286,19 @@ def _check_capacities(capacities) -> None:
             raise ConfigError(f"capacities: layer {layer!r} is not a layer number (an int)")
         if not _is_int(slots) or slots < 1:
             raise ConfigError(f"capacities: layer {layer}: slots must be a whole number >= 1, got {slots!r}")
+
+
+def _check_predictor(name: str, truth, options) -> None:
+    from golem.predictors.registry import predictor_names
+
+    known = set(predictor_names())
+    unknown = [p for p in name.split("+") if p not in known]
+    if unknown:
+        raise ConfigError(f"--predictor {name}: unknown predictor {unknown[0]!r} "
+                          f"(choose from: {' '.join(predictor_names())})")
+    needs_truth = [p for p in name.split("+") if p in ("oracle", "noisy-oracle")]
+    if needs_truth and truth is None and not (options or {}).get("truth"):
+        raise ConfigError(f"--predictor {name}: {needs_truth[0]} replays a trace; give --predictor-trace FILE")
 
 
 def _check_prefetch(prefetch) -> None:

@@ -18,10 +18,10 @@ from mlx.utils import tree_flatten
 
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
 
+from golem.runtime.config import ConfigError, RuntimeConfig, check_against_model, make_config, staging_buffers
 from golem.runtime.engine import DiskReader, Engine, OffloadedExperts
-from golem.runtime.policies import DEFAULT_POLICY
-from golem.runtime.prefetch import PrefetchConfig
 from golem.runtime.slots import PoolPart, SlotPool
+from golem.runtime.writers import SlotWriters
 
 
 class ModelError(ValueError):
@@ -67,9 +67,10 @@ def resolve_model_path(model: str) -> Path:
             raise ModelError(f"--model {model}: not a folder")
         return path
     try:
-        from mlx_lm.utils import _download
+        from huggingface_hub import snapshot_download
+        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-        return Path(_download(model))
+        return Path(snapshot_download(model, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except Exception as e:  # the hub client raises many kinds when offline or unknown
         raise ModelError(
             f"--model {model}: not a local folder, and fetching it from the Hugging Face hub failed "
@@ -92,7 +93,11 @@ def _replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
 
 @dataclass
 class OffloadedModel:
-    """What ``load_offloaded`` builds: the model, its engine, and where memory went."""
+    """What ``load_offloaded`` builds: the model, its engine, and where memory went.
+
+    ``options`` is the ``RuntimeConfig`` it was loaded with, ``plan`` the memory plan (None
+    when slots were given outright) and ``sizing_note`` one line saying how it was sized.
+    """
 
     model: nn.Module
     config: dict
@@ -102,6 +107,12 @@ class OffloadedModel:
     experts: List[ExpertsModule]
     reader: DiskReader
     non_expert_nbytes: int = 0
+    options: Optional[RuntimeConfig] = None
+    plan: object = None
+    sizing_note: Optional[str] = None
+    model_path: Optional[str] = None
+    _closed: bool = field(default=False, repr=False)
+    _finished: bool = field(default=False, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -111,17 +122,108 @@ class OffloadedModel:
     def top_k(self) -> int:
         return top_k_of(self.config)
 
+    def save_trace(self, path=None) -> Optional[Path]:
+        """Write the recorded routing to ``path`` (default: the ``trace_out`` option)."""
+        path = path if path is not None else (self.options.trace_out if self.options else None)
+        if path is None:
+            return None
+        if self.engine.trace is None:
+            raise ConfigError("no trace recorded: load with record=True or trace_out=PATH")
+        self.engine.trace.save(path)
+        return Path(path)
+
+    def save_profile(self) -> Path:
+        """Merge this run's routing (decode steps) into the model's saved profile."""
+        from golem.runtime.analysis.profile import profile_from_traces, record_profile
+
+        from golem.runtime.sizing import profile_dir
+
+        if self.engine.trace is None:
+            raise ConfigError("no routing recorded to profile: load with save_profile=True or record=True")
+        policy = self.options.policy if self.options else "lru"
+        policies = [policy] if policy != "lru" else []  # LRU's curve comes from the stack histogram
+        run = profile_from_traces([self.engine.trace.trace()], policies=policies)
+        run.meta["model"] = str(self.path)
+        return record_profile(profile_dir(self.model_path or self.path), run)
+
+    def finish(self) -> dict:
+        """Write what the options asked to keep (``trace_out``, ``save_profile``); returns
+        ``{"trace": path, "profile": path}`` for what was written."""
+        out = {}
+        if self.options is not None and not self._closed and not self._finished:
+            self._finished = True
+            if self.options.trace_out is not None:
+                out["trace"] = self.save_trace()
+            if self.options.save_profile:
+                out["profile"] = self.save_profile()
+        return out
+
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.engine.close()
         self.reader.close()
 
 
 def top_k_of(config: dict) -> int:
-    c = config.get("text_config", config)
-    for key in ("num_experts_per_tok", "moe_topk", "top_k"):
-        if key in c:
-            return int(c[key])
+    from golem.predictors.families import config_top_k
+
+    top_k = config_top_k(config)
+    if top_k is not None:
+        return top_k
     raise ModelError("config.json does not say how many experts a token uses (num_experts_per_tok)")
+
+
+def read_model_config(path: Path) -> dict:
+    """``path/config.json``, checked before mlx-lm builds the model: readable, a JSON object,
+    a ``model_type`` mlx-lm knows, every field its ``ModelArgs`` requires, whole numbers where
+    it expects them, and a whole top-k. Each failure is a ``ModelError`` naming the file and field."""
+    import dataclasses
+    import importlib
+    import json
+
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except OSError as e:
+        raise ModelError(f"{file}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: not a JSON object (got {type(config).__name__})")
+    if "model_type" not in config:
+        raise ModelError(f"{file}: no 'model_type' field (which architecture is this model?)")
+    model_type = config["model_type"]
+    if not isinstance(model_type, str):
+        raise ModelError(f"{file}: field 'model_type' must be a string, got {model_type!r}")
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    try:
+        arch = importlib.import_module(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+    except ImportError:
+        raise ModelError(f"{file}: model_type {model_type!r} is not a model mlx-lm supports") from None
+    args_class = getattr(arch, "ModelArgs", None)
+    if args_class is not None and dataclasses.is_dataclass(args_class):
+        for f in dataclasses.fields(args_class):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in config:
+                raise ModelError(f"{file}: field {f.name!r} is missing (model_type {model_type!r} needs it)")
+            value = config.get(f.name)
+            if f.name in config and f.type in (int, "int") and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ModelError(f"{file}: field {f.name!r} must be a whole number, got {value!r}")
+    from golem.predictors.families import config_top_k_keys
+
+    c = config.get("text_config", config)
+    if isinstance(c, dict):
+        for key in config_top_k_keys(config):
+            if key in c:
+                value = c[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ModelError(f"{file}: field {key!r} (experts per token) must be a whole number >= 1, "
+                                     f"got {value!r}")
+                break
+    return config
 
 
 @dataclass
@@ -135,6 +237,15 @@ class OpenedCheckpoint:
     index: ExpertIndex
     layers: Dict[int, Dict[str, str]]
     num_experts: Dict[int, int]
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the model (what layer ranges may name)."""
+        c = self.config.get("text_config", self.config)
+        n = c.get("num_hidden_layers") if isinstance(c, dict) else None
+        layers = getattr(getattr(self.model, "model", self.model), "layers", None)
+        counted = len(layers) if isinstance(layers, list) else 0
+        return max(int(n) if isinstance(n, int) else 0, counted, max(self.layers) + 1)
 
     def memory(self):
         """What the memory planner needs: shapes and byte sizes, measured from the headers."""
@@ -153,20 +264,32 @@ class OpenedCheckpoint:
         )
 
 
-def open_checkpoint(model_path: str | os.PathLike) -> OpenedCheckpoint:
-    """Validate the checkpoint's headers, load the model lazily, index its experts."""
+def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dict] = None,
+                    adapter_path: Optional[str] = None) -> OpenedCheckpoint:
+    """Validate the checkpoint's config and headers, load the model lazily, index its experts.
+
+    Args:
+        model_path: local model folder or Hugging Face repo id.
+        model_config: fields that override config.json (as mlx-lm's ``load``).
+        adapter_path: LoRA adapters (as mlx-lm's ``load``); they must leave the experts alone.
+    """
     from mlx_lm.utils import load_model
 
     path = resolve_model_path(str(model_path))
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (is this an mlx-lm model folder?)")
+    read_model_config(path)
     st_index = SafetensorsIndex(path)  # validates every header before anything runs
     try:
-        model, config = load_model(path, lazy=True)
+        model, config = load_model(path, lazy=True, model_config=model_config or {})
     except ValueError as e:
         raise ModelError(f"{path}: mlx-lm cannot load this model: {e}") from None
     except KeyError as e:  # mlx-lm's quantization inference looks tensors up by name
         raise CheckpointError(f"{path}: tensor {e.args[0]!r} is missing from the checkpoint") from None
+    except TypeError as e:  # a config value of the wrong kind reaching the model's constructor
+        raise ModelError(f"{path / 'config.json'}: mlx-lm cannot build the model from it ({e})") from None
+    if adapter_path is not None:
+        model = _with_adapters(model, adapter_path)
     experts = find_experts_modules(model)
     if not experts:
         raise ModelError(
@@ -194,149 +317,238 @@ def open_checkpoint(model_path: str | os.PathLike) -> OpenedCheckpoint:
                     f"{info.path}: tensor {name!r} is {info.dtype} {list(info.shape)}, "
                     f"but the model expects {arr.dtype} {list(arr.shape)}"
                 )
+    k = top_k_of(config)
+    e = num_experts[experts[0].layer]
+    if k > e:
+        raise ModelError(f"{path / 'config.json'}: top-k {k} (experts per token) is more than the "
+                         f"{e} experts of each MoE layer")
     index = ExpertIndex(st_index, layers, num_experts)
     return OpenedCheckpoint(model, config, path, experts, index, layers, num_experts)
 
 
-def load_offloaded(
-    model_path: str | os.PathLike,
-    *,
-    capacities=None,
-    policy: str = DEFAULT_POLICY,
-    direct_io: bool = False,
-    throttle=None,
-    prefetch: Optional[PrefetchConfig] = None,
-    predictor: str = "lookahead",
-    predictor_options: Optional[dict] = None,
-    predictor_train: Sequence = (),
-    io_parallelism: Optional[int] = None,
-    record: bool = False,
-    record_hidden: bool = False,
-) -> OffloadedModel:
+def _with_adapters(model: nn.Module, adapter_path: str) -> nn.Module:
+    """mlx-lm's LoRA adapters on the resident weights; adapters on experts are refused
+    (golem streams the checkpoint's expert bytes as they are)."""
+    from mlx_lm.utils import load_adapters
+
+    try:
+        model = load_adapters(model, adapter_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--adapter-path {adapter_path}: {e}") from None
+    model.eval()
+    for em in find_experts_modules(model):
+        names = [n for n, _ in tree_flatten(em.module.parameters())]
+        if any("lora" in n for n in names):
+            raise ConfigError(f"--adapter-path {adapter_path}: the adapters change the experts of layer "
+                              f"{em.layer}, which golem streams from disk unchanged; train them without "
+                              "the experts (switch_mlp) as targets")
+    return model
+
+
+def check_output_paths(config: RuntimeConfig, model_path) -> None:
+    """Every file the options will write, checked writable before any work starts."""
+    if config.trace_out is not None:
+        out = Path(config.trace_out).expanduser()
+        if out.is_dir():
+            raise ConfigError(f"--trace-out {config.trace_out}: is a folder; give a file name (e.g. run.npz)")
+        _check_folder(out.parent if str(out.parent) else Path("."), f"--trace-out {config.trace_out}", create=False)
+    if config.save_profile:
+        from golem.runtime.sizing import profile_dir
+
+        _check_folder(profile_dir(model_path), "--save-profile", create=True)
+
+
+def _check_folder(folder: Path, what: str, *, create: bool) -> None:
+    """``folder`` can take a new file (``create``: or can be made, in its first existing parent)."""
+    import tempfile
+
+    probe = folder
+    if create:
+        while not probe.exists() and probe.parent != probe:
+            if probe.is_symlink():
+                break
+            probe = probe.parent
+    if not probe.exists():
+        raise ConfigError(f"{what}: folder {probe} does not exist")
+    if not probe.is_dir():
+        raise ConfigError(f"{what}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".golem-write-check-")
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {probe} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, **fields):
+    """What ``load_offloaded`` would choose, with every check it makes, reading only headers:
+    a ``golem.runtime.sizing.Sizing`` (slots per layer, plan, warm start, the sizing line)."""
+    from golem.runtime.sizing import load_warm_profile, size_model
+
+    config = make_config(config, **fields)
+    path = resolve_model_path(str(model_path))
+    check_output_paths(config, model_path)
+    opened = open_checkpoint(path)
+    moe_layers = sorted(opened.layers)
+    check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
+                        num_experts=opened.num_experts[moe_layers[0]], top_k=top_k_of(opened.config))
+    return size_model(config, opened, profile=load_warm_profile(config, model_path))
+
+
+def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, *,
+                   model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
+                   **fields) -> OffloadedModel:
     """Load ``model_path`` with every MoE layer's experts in a slot pool.
+
+    Every option is checked before any work starts (the config's own checks, files it will
+    write, then the model's shape once its headers are read); a failure after I/O began
+    closes every thread and file it opened.
 
     Args:
         model_path: local checkpoint folder or Hugging Face repo id.
-        capacities: slots per MoE layer: an int for every layer, a dict layer -> slots,
-            or a callable ``(OpenedCheckpoint) -> dict``; None = all experts.
-        policy: eviction policy name.
-        direct_io: read experts with O_DIRECT (the disk, not the page cache).
-        throttle: optional storage emulator (``golem.io.storage.Throttle``) for every read.
-        prefetch: depth, threshold and caps of speculative prefetch (None or depth 0: none).
-        predictor: predictor name (``golem.predictors.registry``), e.g. "lookahead".
-        predictor_options: fields of ``PredictorOptions`` (e.g. ``truth`` for the oracle,
-            ``hidden_kind`` for lookahead).
-        predictor_train: traces the predictor learns from before the first token.
-        io_parallelism: reads in flight at once (default: the scheduler's).
-        record: keep a ``TraceRecorder`` of the routing (``runtime.engine.trace``).
-        record_hidden: also record the post-attention residual of every MoE layer.
+        config: a ``RuntimeConfig`` (default: its defaults).
+        model_config: fields that override config.json (as mlx-lm's ``load``).
+        adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
+        **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``capacities=4``).
     """
-    opened = open_checkpoint(model_path)
-    model, config, path, experts, index = opened.model, opened.config, opened.path, opened.experts, opened.index
+    from golem.runtime.sizing import load_warm_profile, size_model
+
+    config = make_config(config, **fields)
+    path = resolve_model_path(str(model_path))
+    check_output_paths(config, model_path)
+    opened = open_checkpoint(path, model_config=model_config, adapter_path=adapter_path)
+    model, mconfig, experts, index = opened.model, opened.config, opened.experts, opened.index
     st_index, layers, num_experts = index.index, opened.layers, opened.num_experts
-
-    if capacities is None:
-        caps = dict(num_experts)
-    elif callable(capacities):
-        caps = capacities(opened)
-    elif isinstance(capacities, int):
-        caps = {l: capacities for l in layers}
-    else:
-        caps = dict(capacities)
-    k = top_k_of(config)
-    for layer, cap in caps.items():
-        if layer in num_experts and cap < min(k, num_experts[layer]):
-            raise ValueError(f"layer {layer}: cache of {cap} slots is smaller than top-k ({k})")
-    reader = DiskReader(index, direct=direct_io)
-    if throttle is not None:
-        reader.handles.preadv = throttle.wrap(reader.handles.preadv)
-    pools: Dict[int, SlotPool] = {}
-    for em in experts:
-        parts = []
-        for st in index.parts(em.layer):
-            owner_path, _, attr = st.part.rpartition(".")
-            owner = _module_at(em.module, owner_path) if owner_path else em.module
-            parts.append(PoolPart(st, owner, attr))
-        cap = min(int(caps.get(em.layer, num_experts[em.layer])), num_experts[em.layer])
-        pools[em.layer] = SlotPool(em.layer, num_experts[em.layer], cap, parts, policy=policy)
-
-    scheduler = None
-    if any(not p.fully_resident for p in pools.values()):
-        from golem.io.scheduler import IOScheduler
-
-        depth = prefetch.depth if prefetch is not None else 0
-        biggest = max(index.expert_nbytes(l) for l in layers)
-        opts = {} if io_parallelism is None else {"parallelism": io_parallelism}
-        spec = spec_s = None
-        if prefetch is not None and depth > 0:
-            spec = prefetch.speculative_nbytes or 2 * depth * k * biggest
-            spec_s = None if prefetch.speculative_ms is None else prefetch.speculative_ms / 1000
-        scheduler = IOScheduler(
-            lambda key: index.ranges(*key),
-            lambda key: index.expert_nbytes(key[0]),
-            buffer_nbytes=biggest,
-            num_buffers=max(4, 2 * k * (depth + 1) + 2),
-            speculative_nbytes=spec,
-            speculative_s=spec_s,
-            handles=reader.handles,
-            direct=direct_io,
-            **opts,
-        ).start()
-
-    residuals: Dict[int, mx.array] = {}
-    prefetcher = None
-    blocks = None
-    if (prefetch is not None and prefetch.depth > 0) or record:
-        from golem.predictors.routers import find_moe_blocks
-
-        from golem.runtime.engine import ResidualTap
-
-        blocks = find_moe_blocks(model)
-        layer_input = (predictor_options or {}).get("hidden_kind") == "layer_input"
-        for b in blocks:
-            if layer_input:  # the residual entering the decoder layer, for lookahead on it
-                b.layer.input_layernorm = ResidualTap(b.layer.input_layernorm, residuals, b.model_layer)
-            else:
-                b.layer.post_attention_layernorm = ResidualTap(b.layer.post_attention_layernorm, residuals, b.model_layer)
     moe_layers = sorted(layers)
-    if prefetch is not None and prefetch.depth > 0 and scheduler is not None:
-        from golem.predictors.base import RoutingShape
-        from golem.predictors.registry import PredictorOptions, make_predictor
+    k = top_k_of(mconfig)
+    check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
+                        num_experts=num_experts[moe_layers[0]], top_k=k)
+    profile = load_warm_profile(config, model_path)
+    sizing = size_model(config, opened, profile=profile)
+    throttle = config.throttle
+    if config.emulate_storage is not None:
+        from golem.io.storage import parse_throttle
 
-        from golem.runtime.prefetch import Prefetcher
+        throttle = parse_throttle(config.emulate_storage)
+    prefetch = config.prefetch if config.prefetch_depth > 0 else None
+    truth = config.predictor_trace
+    if truth is not None and not hasattr(truth, "experts"):
+        from golem.runtime.trace import load_trace
 
-        shape = RoutingShape(len(moe_layers), num_experts[moe_layers[0]], k)
-        popts = PredictorOptions(blocks=blocks, **(predictor_options or {}))
-        pred = make_predictor(predictor, shape, popts)
-        if predictor_train:
-            pred.fit(list(predictor_train))
-        prefetcher = Prefetcher(
-            pred, prefetch, moe_layers, k, [index.expert_nbytes(l) for l in moe_layers],
-            [not pools[l].fully_resident for l in moe_layers],
-        )
-    engine = Engine(index, pools, reader, scheduler=scheduler, prefetcher=prefetcher,
-                    hidden=lambda layer, x: residuals.get(layer))
-    for em in experts:
-        _replace_module(model, em.path, OffloadedExperts(em.module, em.layer, engine))
-    if record:
-        from golem.runtime.recorder import TraceRecorder
+        truth = load_trace(truth).decode_only()
+    train = _traces(config.predictor_train)
 
-        by_layer = {b.model_layer: b for b in blocks}
-        engine.trace = TraceRecorder(
-            moe_layers, num_experts[moe_layers[0]], k, index.expert_nbytes(moe_layers[0]),
-            route=lambda layer, x: by_layer[layer].route(x)[1],
-            residual=(lambda layer: residuals[layer]) if record_hidden else None,
-            meta={"model_type": config.get("model_type"), "model": str(path)},
-        )
-    expert_names = set(index.tensor_names())
+    started: list = []  # what to close, last first, if anything below fails
     try:
+        reader = DiskReader(index, direct=config.direct_io, throttle=throttle)
+        started.append(reader)
+        pools: Dict[int, SlotPool] = {}
+        writers = SlotWriters(config.slot_writer)
+        for em in experts:
+            parts = []
+            for st in index.parts(em.layer):
+                owner_path, _, attr = st.part.rpartition(".")
+                owner = _module_at(em.module, owner_path) if owner_path else em.module
+                parts.append(PoolPart(st, owner, attr))
+            cap = min(int(sizing.capacities.get(em.layer, num_experts[em.layer])), num_experts[em.layer])
+            pools[em.layer] = SlotPool(em.layer, num_experts[em.layer], cap, parts, policy=config.policy,
+                                       writers=writers)
+
+        scheduler = None
+        if any(not p.fully_resident for p in pools.values()):
+            from golem.io.scheduler import IOScheduler
+
+            depth = prefetch.depth if prefetch is not None else 0
+            biggest = max(index.expert_nbytes(l) for l in layers)
+            opts = {} if config.io_parallelism is None else {"parallelism": config.io_parallelism}
+            spec = spec_s = None
+            if prefetch is not None:
+                spec = prefetch.speculative_nbytes or 2 * depth * k * biggest
+                spec_s = None if prefetch.speculative_ms is None else prefetch.speculative_ms / 1000
+            scheduler = IOScheduler(
+                lambda key: index.ranges(*key),
+                lambda key: index.expert_nbytes(key[0]),
+                buffer_nbytes=biggest,
+                num_buffers=staging_buffers(k, depth),
+                speculative_nbytes=spec,
+                speculative_s=spec_s,
+                handles=reader.handles,
+                direct=config.direct_io,
+                **opts,
+            )
+            started.append(scheduler)
+            scheduler.start()
+
+        residuals: Dict[int, mx.array] = {}
+        prefetcher = None
+        blocks = None
+        predictor_options = dict(config.predictor_options or {})
+        if truth is not None:
+            predictor_options["truth"] = truth
+        if prefetch is not None or config.record:
+            from golem.predictors.routers import find_moe_blocks
+
+            from golem.runtime.engine import ResidualTap
+
+            blocks = find_moe_blocks(model)
+            layer_input = predictor_options.get("hidden_kind") == "layer_input"
+            for b in blocks:  # layer_input: the residual entering the decoder layer, for lookahead on it
+                attr = b.norm_attr("layer_input" if layer_input else "post_attn")
+                setattr(b.layer, attr, ResidualTap(getattr(b.layer, attr), residuals, b.model_layer))
+        if prefetch is not None and scheduler is not None:
+            from golem.predictors.base import RoutingShape
+            from golem.predictors.registry import PredictorOptions, make_predictor
+
+            from golem.runtime.prefetch import Prefetcher
+
+            shape = RoutingShape(len(moe_layers), num_experts[moe_layers[0]], k)
+            popts = PredictorOptions(blocks=blocks, **predictor_options)
+            pred = make_predictor(config.predictor, shape, popts)
+            if train:
+                pred.fit(train)
+            prefetcher = Prefetcher(
+                pred, prefetch, moe_layers, k, [index.expert_nbytes(l) for l in moe_layers],
+                [not pools[l].fully_resident for l in moe_layers],
+            )
+        engine = Engine(index, pools, reader, scheduler=scheduler, prefetcher=prefetcher,
+                        hidden=lambda layer, x: residuals.get(layer))
+        started.append(engine)
+        for em in experts:
+            _replace_module(model, em.path, OffloadedExperts(em.module, em.layer, engine))
+        if config.record:
+            from golem.runtime.recorder import TraceRecorder
+
+            by_layer = {b.model_layer: b for b in blocks}
+            engine.trace = TraceRecorder(
+                moe_layers, num_experts[moe_layers[0]], k, index.expert_nbytes(moe_layers[0]),
+                route=lambda layer, x: by_layer[layer].route(x)[1],
+                residual=(lambda layer: residuals[layer]) if config.record_hidden else None,
+                meta={"model_type": mconfig.get("model_type"), "model": str(path)},
+            )
+        expert_names = set(index.tensor_names())
         mx.eval(model.parameters())  # reads the non-expert bytes only: pools are zeros
         non_expert_nbytes = st_index.nbytes(n for n in st_index.tensors if n not in expert_names)
         for layer, pool in pools.items():
             if pool.fully_resident:
                 engine.preload(layer, range(pool.num_experts))
+        if sizing.warm:
+            engine.warm(sizing.warm)
     except BaseException:
-        engine.close()
-        reader.close()
+        for thing in reversed(started):
+            try:
+                thing.close()
+            except Exception:  # closing after a failure: the first error is the one to report
+                pass
         raise
-    return OffloadedModel(model, config, path, engine, index, experts, reader, non_expert_nbytes)
+    return OffloadedModel(model, mconfig, path, engine, index, experts, reader, non_expert_nbytes,
+                          options=config, plan=sizing.plan, sizing_note=sizing.note, model_path=str(model_path))
+
+
+def _traces(sources) -> list:
+    """Trace objects as they are; paths (files or folders of them) loaded."""
+    from golem.runtime.trace import load_traces
+
+    out = []
+    for source in sources:
+        out.extend([source] if hasattr(source, "experts") else load_traces([source]))
+    return out

@@ -73,20 +73,18 @@ def test_warm_start_from_trace_and_saved_profile(checkpoints, stock_text, capsys
 
 def test_budget_is_never_exceeded(checkpoints, capsys):
     from golem.runtime import load
-    from golem.runtime.cli.run import _Sizing, setup_arg_parser
-    from golem.runtime.analysis.plan import parse_size
+    from golem.runtime.units import parse_size
 
     model = str(checkpoints("deepseek_v3"))
     for budget in ("0.96MB", "1.1MB", "1.5MB", "3MB"):
-        args = setup_arg_parser().parse_args(["--model", model, "--memory-budget", budget])
-        sizing = _Sizing(args, model)
-        with load(model, capacities=sizing.capacities) as (m, _):
+        with load(model, memory_budget=budget) as (m, _):
             runtime = m.golem
             scheduler = runtime.engine.scheduler
             staging = 0 if scheduler is None else len(scheduler._buffers) * scheduler.buffer_nbytes
             used = runtime.non_expert_nbytes + sum(p.nbytes for p in runtime.engine.pools.values()) + staging
+            plan = runtime.plan
         assert used <= parse_size(budget), (budget, used)
-        assert sizing.plan.total_nbytes <= parse_size(budget)
+        assert plan.total_nbytes <= parse_size(budget)
 
 
 def test_bad_cache_flags_are_clear_errors(checkpoints, capsys):

@@ -1,87 +1,43 @@
-"""golem-run: generate text like ``mlx_lm.generate``, with the experts offloaded.
+"""golem-run: ``mlx_lm.generate`` with the experts offloaded.
 
-Owns argument parsing, the prompt (chat template, system prompt, stdin), printing in
-mlx-lm's layout plus the expert statistics, and turning user mistakes into one clear line.
+Owns the command line: mlx-lm's own parser (every ``mlx_lm.generate`` flag, so new ones
+arrive with mlx-lm) plus golem's flags (``golem.runtime.cli.flags``), the prompt as
+mlx-lm's ``main`` builds it, mlx-lm's output conventions plus golem's statistics lines,
+the demo, and turning user mistakes into one clear line (exit 2). Sizing, warm starts,
+traces and profiles are the library's (``golem.runtime.load``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from pathlib import Path
-
-import numpy as np
 from typing import Optional
 
-from golem.runtime.policies import DEFAULT_POLICY, policy_names
+from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 
-DEFAULT_PROMPT = "hello"
-DEFAULT_MAX_TOKENS = 100
+DEMO_SLOTS = 8
+DEMO_SIZE = dict(hidden=256, layers=8, experts=32, top_k=4, expert_hidden=256, vocab=384, group_size=64)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="golem-run",
-        description="Generate text with an MoE model whose experts stream from disk.",
-    )
-    parser.add_argument("--model", type=str, help="Model folder or Hugging Face repo id.")
+    """mlx-lm's ``generate`` parser, renamed, plus golem's flags."""
+    from mlx_lm.generate import setup_arg_parser as mlx_lm_parser
+
+    parser = mlx_lm_parser()
+    parser.prog = "golem-run"
+    parser.description = ("Generate text like mlx_lm.generate with an MoE model whose experts stream "
+                          "from disk. Every mlx_lm.generate flag works; golem's own flags follow.")
+    model = parser._option_string_actions["--model"]
+    model.help = "Model folder or Hugging Face repo id (an MoE model; or --demo)."
     parser.add_argument("--demo", action="store_true",
-                        help="Build a small generated checkpoint once (in the cache folder) and run it offloaded.")
-    parser.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="Message for the model ('-' reads stdin).")
-    parser.add_argument("-m", "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="Maximum tokens to generate.")
-    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature.")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p.")
-    parser.add_argument("--seed", type=int, default=None, help="PRNG seed.")
-    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template.")
-    parser.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt, no chat template.")
-    parser.add_argument("--verbose", type=lambda s: s.lower() not in ("false", "f", "0"), default=True,
-                        help="Print the text and the statistics (default: true).")
-    g = parser.add_argument_group("expert cache")
-    g.add_argument("-c", "--cache-size", type=int, default=None,
-                   help="Expert slots per MoE layer (>= top-k; default: every expert).")
-    g.add_argument("--cache-size-override", nargs=2, action="append", default=[], metavar=("RANGES", "N"),
-                   help="Slots for some layers, e.g. '0-40,90-93 128' (repeatable; later ones win).")
-    g.add_argument("-f", "--pin-layers", default=None, metavar="RANGES",
-                   help="Layers kept fully resident (no cache logic), e.g. '0-3,46-47'.")
-    g.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="Total memory for weights and expert slots, e.g. '48GB': golem picks pinned layers and slots.")
-    g.add_argument("--plan", action="store_true", help="Print the chosen allocation (layers, slots, bytes) and exit.")
-    g.add_argument("-R", "--warm-random", type=int, default=None, metavar="SEED",
-                   help="Fill every cache with random experts before the first token.")
-    g.add_argument("-W", "--warm-start", default=None, metavar="PATH",
-                   help="Fill caches with the most used experts of a trace, a folder of traces, a profile, "
-                        "or 'saved' (the profile --save-profile keeps); also steers --memory-budget.")
-    g.add_argument("--save-profile", action="store_true",
-                   help="After the run, merge its routing into the profile kept beside golem's cache.")
-    g.add_argument("--policy", default=DEFAULT_POLICY,
-                   help=f"Eviction policy: {', '.join(policy_names())} (default {DEFAULT_POLICY}, "
-                        "the best on the OLMoE traces; see benchmarks/bench_policies.py).")
-    g.add_argument("--direct-io", action="store_true", help="Read experts with O_DIRECT, bypassing the page cache.")
+                        help="Build a small generated checkpoint with random weights once (in the cache folder), "
+                             "run it offloaded and check the text against stock mlx-lm's.")
+    add_runtime_arguments(parser)
+    g = parser.add_argument_group("golem output")
+    g.add_argument("--plan", action="store_true",
+                   help="Print where the memory goes (layers, slots, bytes) and exit.")
     g.add_argument("--stats", action="store_true", help="Print a per-layer table after generation.")
-    g = parser.add_argument_group("prefetch")
-    g.add_argument("--prefetch-depth", type=int, default=0,
-                   help="MoE layers ahead to prefetch (0 = none: the synchronous baseline).")
-    g.add_argument("--threshold", type=float, default=0.3,
-                   help="Prefetch experts whose predicted probability of use is at least this.")
-    g.add_argument("--predictor", default="lookahead",
-                   help="Who guesses the next experts (golem-trace predict --list shows the names).")
-    g.add_argument("--predictor-train", nargs="+", default=(), metavar="TRACE",
-                   help="Traces (or folders of them) the predictor learns from first (transition, frequency, probe).")
-    g.add_argument("--predictor-trace", default=None,
-                   help="Trace the oracle predictors replay (a golem-trace/1 file of this very run).")
-    g.add_argument("--prefetch-cap-mb", type=float, default=None,
-                   help="Most speculative megabytes being read at once (default: 2 x depth x top-k experts).")
-    g.add_argument("--prefetch-cap-ms", type=float, default=3.0,
-                   help="Most speculative reads at once, in milliseconds of the storage's measured "
-                        "throughput: a miss waits behind at most about this much (default: 3).")
-    g = parser.add_argument_group("storage")
-    g.add_argument("--io-parallelism", type=int, default=None, help="Expert reads in flight at once.")
-    g.add_argument("--emulate-storage", default=None, metavar="GB_PER_S[,LATENCY]",
-                   help="Throttle reads to a slower SSD, e.g. '2.5,80us'.")
-    g = parser.add_argument_group("traces")
-    g.add_argument("--trace-out", default=None, help="Record routing to this golem-trace/1 file.")
-    g.add_argument("--trace-hidden", action="store_true",
-                   help="With --trace-out: record each MoE layer's post-attention residual too.")
     return parser
 
 
@@ -91,13 +47,26 @@ def _demo_model() -> str:
     path = default_cache_dir() / "demo-qwen3_moe"
     if not (path / "config.json").exists():
         print(f"[golem] building the demo checkpoint in {path} (once)", file=sys.stderr)
-    size = Size(hidden=256, layers=8, experts=32, top_k=4, expert_hidden=256, vocab=384, group_size=64)
-    return str(build_checkpoint("qwen3_moe", path, size=size))
+    return str(build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE)))
 
 
-def format_stats(runtime, generation_tokens: int) -> str:
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\x07``); newlines kept."""
+    return "".join(c if c == "\n" or c.isprintable() else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
+
+
+def _all_resident(runtime) -> bool:
+    return all(p.fully_resident for p in runtime.engine.pools.values())
+
+
+def format_stats(runtime, generation_tokens: int = 0) -> str:
+    """golem's statistics lines, printed after mlx-lm's."""
     engine = runtime.engine
     stats = engine.stats
+    if _all_resident(runtime):
+        return (f"Experts: all resident ({len(engine.pools)} MoE layers x {runtime.num_experts} experts), "
+                "nothing read from disk")
     t = stats.total()
     gb = t.bytes_read / 1e9
     gbps = gb / t.read_s if t.read_s > 0 else 0.0
@@ -120,12 +89,16 @@ def format_stats(runtime, generation_tokens: int) -> str:
 
 def format_layer_table(runtime) -> str:
     pf = runtime.engine.prefetcher
-    head = f"{'layer':>5} {'slots':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'MB read':>9}"
+    e = runtime.num_experts
+    width = len(f"{e} of {e}")
+    head = f"{'layer':>5} {'slots':>{width}} {'hits':>8} {'misses':>8} {'hit rate':>8} {'MB read':>9}"
     if pf is not None:
         head += f" {'pf recall':>9} {'useful':>7} {'wasted':>7} {'late':>5} {'prefetch':>8}"
     rows = [head]
     for layer, s in sorted(runtime.engine.stats.layers.items()):
-        row = f"{layer:>5} {s.capacity:>5} {s.hits:>8} {s.misses:>8} {100 * s.hit_rate:>7.1f}% {s.bytes_read / 1e6:>9.2f}"
+        rate = f"{100 * s.hit_rate:>7.1f}%" if s.hits + s.misses else f"{'-':>8}"
+        row = (f"{layer:>5} {f'{s.capacity} of {e}':>{width}} {s.hits:>8} {s.misses:>8} {rate} "
+               f"{s.bytes_read / 1e6:>9.2f}")
         if pf is not None:
             p = pf.stats[layer]
             row += f" {100 * p.recall:>8.1f}% {p.useful:>7} {p.wasted:>7} {p.late:>5} {'on' if p.enabled else 'off':>8}"
@@ -133,176 +106,223 @@ def format_layer_table(runtime) -> str:
     return "\n".join(rows)
 
 
-def run(args) -> int:
-    import mlx.core as mx
-    from mlx_lm.generate import stream_generate
+def explain(runtime) -> str:
+    """The statistics in plain words, for a newcomer (the demo)."""
+    engine = runtime.engine
+    e = runtime.num_experts
+    layers = len(engine.pools)
+    caps = sorted({p.capacity for p in engine.pools.values()})
+    slots = f"{caps[0]} of {e}" if len(caps) == 1 else f"{caps[0]}-{caps[-1]} of {e}"
+    lines = [f"Memory: each of the {layers} MoE layers keeps slots for {slots} experts; "
+             "the rest stay on disk until a token needs them."]
+    if _all_resident(runtime):
+        lines.append("Every expert fits in memory, so nothing was read from disk.")
+        return "\n".join(lines)
+    t = engine.stats.total()
+    steps = max(engine.stats.decode_steps, 1)
+    lines.append(f"Hit rate {100 * t.hit_rate:.1f}%: of {t.requests} expert uses, {t.hits} found their expert "
+                 f"already in memory and {t.misses} read it from disk ({t.bytes_read / 1e6:.2f} MB in all).")
+    lines.append(f"Stall {1000 * engine.stats.decode_read_s / steps:.2f} ms per token: the time generation "
+                 "waited for those reads.")
+    return "\n".join(lines)
+
+
+def _sampler(args, tokenizer):
     from mlx_lm.sample_utils import make_sampler
 
-    from golem.runtime.api import load
-    from golem.runtime.loader import top_k_of
+    return make_sampler(
+        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
+        xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+    )
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+
+def _check_unsupported(args) -> None:
+    """mlx-lm flags golem cannot honour with offloaded experts."""
+    if args.quantize_activations:
+        raise ValueError("--quantize-activations: golem's offloaded experts run on the checkpoint's weights "
+                         "as stored and do not quantize activations; run without it")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+
+
+def _prompt(args, tokenizer, using_cache: bool, template_kwargs: dict) -> tuple[str, bool]:
+    """The prompt text exactly as mlx_lm.generate's main builds it."""
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat_template:
+        messages = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
+        messages.append({"role": "user", "content": prompt})
+        has_prefill = args.prefill_response is not None
+        if has_prefill:
+            messages.append({"role": "assistant", "content": args.prefill_response})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=has_prefill,
+                                               add_generation_prompt=not has_prefill, **template_kwargs)
+        if using_cache:  # the prompt is a suffix: its prefix is in the stored KV cache
+            messages[-1]["content"] = "<query>"
+            test_prompt = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=has_prefill,
+                                                        add_generation_prompt=not has_prefill)
+            prompt = prompt[test_prompt.index("<query>"):]
+    return prompt, use_chat_template
+
+
+def run(args) -> int:
+    import mlx.core as mx
+    from mlx_lm.generate import generate, stream_generate
+    from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
+
+    from golem.runtime.api import load, plan
+
+    _check_unsupported(args)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    extra = {}
     if args.demo:
         args.stats = True  # the demo shows where the experts came from, layer by layer
+        sized = (args.cache_size is not None or args.memory_budget is not None or args.pin_layers is not None
+                 or args.cache_size_override)
+        if not sized:
+            extra["cache_size"] = DEMO_SLOTS
+    config = runtime_config(args, **extra)  # every golem flag checked before any work
+
+    using_cache = args.prompt_cache_file is not None
+    if using_cache:
+        prompt_cache, metadata = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
+        if isinstance(prompt_cache[0], QuantizedKVCache):
+            if args.kv_bits is not None and args.kv_bits != prompt_cache[0].bits:
+                raise ValueError("--kv-bits does not match the kv cache loaded from --prompt-cache-file.")
+            if args.kv_group_size != prompt_cache[0].group_size:
+                raise ValueError("--kv-group-size does not match the kv cache loaded from --prompt-cache-file.")
+    tokenizer_config = {} if not using_cache else json.loads(metadata["tokenizer_config"])
+    tokenizer_config["trust_remote_code"] = args.trust_remote_code
+    template_kwargs = {}
+    if args.chat_template_config is not None:
+        try:
+            template_kwargs = json.loads(args.chat_template_config)
+        except ValueError as e:
+            raise ValueError(f"--chat-template-config: not JSON ({e})") from None
+
     model_path = _demo_model() if args.demo else args.model
+    if using_cache:
+        if model_path is None:
+            model_path = metadata["model"]
+        elif model_path != metadata["model"]:
+            raise ValueError(f"Providing a different model ({model_path}) than that used to create the prompt "
+                             f"cache ({metadata['model']}) is an error.")
     if model_path is None:
         raise ValueError("--model is required (or --demo for a generated one)")
-    options = {"policy": args.policy, "direct_io": args.direct_io, "io_parallelism": args.io_parallelism}
-    sizing = _Sizing(args, model_path)
-    options["capacities"] = sizing.capacities
+
     if args.plan:
-        from golem.runtime.loader import open_checkpoint
-
-        sizing.capacities(open_checkpoint(model_path))
-        print(sizing.plan.describe())
+        sizing = plan(model_path, config)
+        if sizing.note:
+            print(sizing.note)
+        if sizing.plan is not None:
+            print(sizing.plan.describe())
         return 0
-    if args.prefetch_depth:
-        from golem.runtime.prefetch import PrefetchConfig
 
-        cap = None if args.prefetch_cap_mb is None else int(args.prefetch_cap_mb * 1e6)
-        options["prefetch"] = PrefetchConfig(depth=args.prefetch_depth, threshold=args.threshold, speculative_nbytes=cap,
-                                            speculative_ms=args.prefetch_cap_ms)
-        options["predictor"] = args.predictor
-        if args.predictor_trace:
-            from golem.runtime.trace import load_trace
-
-            options["predictor_options"] = {"truth": load_trace(args.predictor_trace).decode_only()}
-        if args.predictor_train:
-            from golem.runtime.trace import load_traces
-
-            options["predictor_train"] = load_traces(args.predictor_train)
-    if args.emulate_storage:
-        from golem.io.storage import parse_throttle
-
-        options["throttle"] = parse_throttle(args.emulate_storage)
-    if args.trace_hidden and not args.trace_out:
-        raise ValueError("--trace-hidden needs --trace-out FILE")
-    if args.trace_out:
-        options["record"] = True
-        options["record_hidden"] = args.trace_hidden
-    if args.trace_out or args.save_profile:
-        options["record"] = True
-    with load(model_path, **options) as (model, tokenizer):
+    loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path)
+    with loaded as (model, tokenizer):
         runtime = model.golem
-        if sizing.warm:
-            runtime.engine.warm(sizing.warm)
-        prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-        prompt = sys.stdin.read() if prompt == "-" else prompt
-        use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
-        if use_chat_template:
-            messages = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
-            messages.append({"role": "user", "content": prompt})
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if runtime.sizing_note and args.verbose:
+            print(f"[golem] {runtime.sizing_note}", file=sys.stderr)
+        for eos_token in args.extra_eos_token:
+            tokenizer.add_eos_token(eos_token)
+        prompt, use_chat_template = _prompt(args, tokenizer, using_cache, template_kwargs)
+        pixel_values = input_embeddings = None
+        if args.image:
+            from mlx_lm.processors import load_processor
+
+            processor = load_processor(model, runtime.config)
+            if processor is None:
+                raise ValueError(f"The model {model_path} does not take images.")
+            import numpy as np
+            from PIL import Image
+
+            images = [np.asarray(Image.open(f).convert("RGB")) for f in args.image]
+            prompt, pixel_values = processor(prompt, images=images)
         tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
-        sampler = make_sampler(args.temp, args.top_p)
-        response = None
+        if pixel_values is not None:
+            input_embeddings = model.embed_inputs(mx.array(tokens), pixel_values=pixel_values)
+            mx.eval(input_embeddings)  # the prefill runs on another stream: the vision rows first
+        draft_model = None
+        if args.draft_model is not None:
+            from mlx_lm import load as mlx_lm_load
+
+            draft_model, draft_tokenizer = mlx_lm_load(args.draft_model)
+            if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+                raise ValueError("Draft model tokenizer does not match model tokenizer.")
+        options = dict(
+            max_tokens=args.max_tokens, sampler=_sampler(args, tokenizer), max_kv_size=args.max_kv_size,
+            prefill_step_size=args.prefill_step_size, prompt_cache=prompt_cache if using_cache else None,
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start,
+            draft_model=draft_model, num_draft_tokens=args.num_draft_tokens,
+        )
+        if input_embeddings is not None:
+            options["input_embeddings"] = input_embeddings
+        if args.demo:
+            text = _demo_generate(model, tokenizer, tokens, options, stream_generate, args.verbose)
+        else:
+            text = generate(model, tokenizer, tokens, verbose=args.verbose, **options)
+            if not args.verbose:
+                print(text)
         if args.verbose:
-            print("=" * 10)
-        for response in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler):
-            if args.verbose:
-                print(response.text, end="", flush=True)
-        if args.verbose:
-            print()
-            print("=" * 10)
-            if response is None:
-                print("No text generated for this prompt")
-                return 0
-            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
-            print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
-            print(f"Peak memory: {response.peak_memory:.3f} GB")
-            print(format_stats(runtime, response.generation_tokens))
+            print(format_stats(runtime))
             if args.stats:
                 print(format_layer_table(runtime))
-        if args.trace_out:
-            runtime.engine.trace.save(args.trace_out)
-            if args.verbose:
-                print(f"Trace: {args.trace_out}")
-        if args.save_profile:
-            saved = sizing.save_profile(runtime)
-            if args.verbose:
-                print(f"Profile: {saved}")
+            if args.demo:
+                print(explain(runtime))
+        written = runtime.finish()
+        if args.verbose:
+            if "trace" in written:
+                print(f"Trace: {written['trace']}")
+            if "profile" in written:
+                print(f"Profile: {written['profile']}")
+    if args.demo:
+        return _compare_with_stock(model_path, tokens, options, text or "")
     return 0
 
 
-class _Sizing:
-    """Turns the cache flags into per-layer slots and a warm start, once the model is indexed."""
+def _demo_generate(model, tokenizer, tokens, options, stream_generate, verbose: bool) -> str:
+    """mlx-lm's ``generate`` layout, with only printable text shown."""
+    size = DEMO_SIZE
+    print(f"[golem] demo: a generated {size['layers']}-layer qwen3_moe with RANDOM weights "
+          f"({size['experts']} experts per layer, top-{size['top_k']}); the text is gibberish by design. "
+          "What matters: it must equal stock mlx-lm's, token for token.")
+    text, response = "", None
+    if verbose:
+        print("=" * 10)
+    for response in stream_generate(model, tokenizer, tokens, **options):
+        if verbose:
+            print(printable(response.text), end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print("=" * 10)
+        if not text:
+            print("No text generated for this prompt")
+        else:
+            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+            print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+            print(f"Peak memory: {response.peak_memory:.3f} GB")
+    else:
+        print(printable(text))
+    return text
 
-    def __init__(self, args, model_path: str):
-        from golem.runtime.units import parse_layer_ranges, parse_override, parse_size
 
-        self.args = args
-        self.model_path = model_path
-        self.pins = parse_layer_ranges(args.pin_layers) if args.pin_layers else []
-        self.overrides = [parse_override(v) for v in args.cache_size_override]
-        self.budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
-        if args.cache_size is not None and args.cache_size < 1:
-            raise ValueError(f"--cache-size must be at least 1, got {args.cache_size}")
-        if args.warm_random is not None and args.warm_start is not None:
-            raise ValueError("choose one of -R/--warm-random and -W/--warm-start")
-        self.profile = None
-        if args.warm_start is not None:
-            from golem.runtime.analysis.profile import load_saved_profile, load_warm_source, profile_path
+def _compare_with_stock(model_path: str, tokens, options, text: str) -> int:
+    """Run stock mlx-lm on the same checkpoint and prompt; say whether the text is the same."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import stream_generate
 
-            if args.warm_start == "saved":
-                self.profile = load_saved_profile(self.profile_dir())
-                if self.profile is None:
-                    path = profile_path(self.profile_dir())
-                    raise ValueError(f"-W saved: no saved profile yet at {path} (run once with --save-profile)")
-            else:
-                self.profile = load_warm_source(args.warm_start)
-        self.plan = None
-        self.warm = None
-
-    def profile_dir(self):
-        from golem.runtime.analysis.profile import profile_dir_for
-
-        return profile_dir_for(self.model_path)
-
-    def capacities(self, opened):
-        from golem.runtime.analysis.plan import RoutingStats, make_plan
-
-        memory = opened.memory()
-        cache_size = self.args.cache_size
-        if cache_size is None and self.budget is None and not self.overrides and not self.pins:
-            cache_size = 8 if self.args.demo else memory.num_experts
-        if cache_size is not None and cache_size < memory.top_k:
-            raise ValueError(f"--cache-size {cache_size} is smaller than the model's top-k ({memory.top_k}): "
-                             f"one token needs {memory.top_k} experts resident")
-        stats = None
-        if self.profile is not None:
-            self.profile.check_shape(memory.num_layers, memory.num_experts, where=str(self.args.warm_start))
-            if self.budget is not None and (self.profile.stack_hist is not None or self.profile.curves):
-                stats = RoutingStats.from_profile(self.profile, policy=self.args.policy, source=str(self.args.warm_start))
-        # The scheduler's staging buffers come out of the budget too (see load_offloaded).
-        depth = self.args.prefetch_depth
-        reserve = max(4, 2 * memory.top_k * (depth + 1) + 2) * max(memory.nbytes_of(i) for i in range(memory.num_layers))
-        self.plan = make_plan(memory, budget_nbytes=self.budget, cache_size=cache_size,
-                              overrides=self.overrides, pin_layers=self.pins, stats=stats,
-                              reserve_nbytes=reserve if self.budget is not None else 0)
-        caps = {memory.ids[lp.layer]: lp.slots for lp in self.plan.layers}
-        pinned = [lp.layer for lp in self.plan.layers if lp.pinned]
-        by_pos = None
-        if self.profile is not None:
-            by_pos = self.profile.warm_start([lp.slots for lp in self.plan.layers], pinned)
-        elif self.args.warm_random is not None:
-            from golem.runtime.analysis.profile import random_warm_start
-
-            by_pos = random_warm_start(self.args.warm_random, memory.num_layers, memory.num_experts,
-                                       [lp.slots for lp in self.plan.layers], pinned)
-        if by_pos is not None:
-            self.warm = {memory.ids[pos]: experts for pos, experts in by_pos.items()}
-        return caps
-
-    def save_profile(self, runtime):
-        from golem.runtime.analysis.profile import model_identity, profile_from_traces, record_profile
-
-        policies = [self.args.policy] if self.args.policy != "lru" else []  # LRU's curve comes from the stack histogram
-        run = profile_from_traces([runtime.engine.trace.trace()], policies=policies)  # decode steps only
-        run.meta["model"] = model_identity(runtime.path)
-        return record_profile(self.profile_dir(), run)
+    model, tokenizer = mlx_lm_load(model_path)
+    stock = "".join(r.text for r in stream_generate(model, tokenizer, tokens, **{**options, "draft_model": None}))
+    if stock == text:
+        print(f"Matches stock mlx-lm: yes, the same text ({len(text)} characters) from the same checkpoint")
+        return 0
+    at = next((i for i, (a, b) in enumerate(zip(stock, text)) if a != b), min(len(stock), len(text)))
+    print(f"Matches stock mlx-lm: NO, the texts differ from character {at} on")
+    return 1
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -315,7 +335,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         return run(args)
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"golem-run: error: {e}", file=sys.stderr)
+        print(f"golem-run: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except ReadError as e:
         print(f"golem-run: read failed: {e}", file=sys.stderr)

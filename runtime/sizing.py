@@ -1,0 +1,204 @@
+"""How much of a model stays resident: from the sizing options (or the machine's memory) to a
+plan, slots per MoE layer and a warm start.
+
+Owns measuring the machine's memory (Metal's recommended working set, free CUDA device memory,
+available RAM) less a stated margin, the staging-buffer reserve a plan must leave, the plan
+itself (``golem.runtime.analysis.plan.make_plan``), the warm start (random, from traces or a
+profile, or the saved profile) and the one line that says what was chosen. Knows nothing of
+slot pools, I/O or generation; ``golem.runtime.loader`` applies what it returns.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from golem.runtime.config import ConfigError, RuntimeConfig, parse_nbytes, resolved_layers, staging_buffers
+
+MACHINE_MARGIN = 0.10  # of the machine's memory, left for the KV cache, activations and everything else
+MEMORY_LIMIT_ENV = "GOLEM_MEMORY_LIMIT"
+
+
+@dataclass(frozen=True)
+class MachineMemory:
+    """Memory golem may size to: ``nbytes`` measured from ``source``."""
+
+    nbytes: int
+    source: str
+
+    @property
+    def budget_nbytes(self) -> int:
+        return int(self.nbytes * (1.0 - MACHINE_MARGIN))
+
+
+def machine_memory(limit: Optional[int] = None) -> MachineMemory:
+    """The memory of the device MLX runs on: ``limit`` when given, else the
+    ``GOLEM_MEMORY_LIMIT`` environment variable, else Metal's recommended working set, free
+    CUDA device memory (total when MLX does not say), or the available RAM."""
+    if limit is not None:
+        return MachineMemory(int(limit), "memory_limit")
+    env = os.environ.get(MEMORY_LIMIT_ENV)
+    if env:
+        return MachineMemory(parse_nbytes(env, MEMORY_LIMIT_ENV), MEMORY_LIMIT_ENV)
+    import mlx.core as mx
+
+    try:
+        info = dict(mx.device_info())
+    except Exception:  # older MLX, or a backend without device information
+        info = {}
+    if mx.metal.is_available():
+        n = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if n:
+            return MachineMemory(int(n), "Metal recommended working set")
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        if info.get("free_memory"):
+            return MachineMemory(int(info["free_memory"]), "free CUDA device memory")
+        n = info.get("total_memory") or info.get("memory_size")
+        if n:
+            return MachineMemory(int(n), "CUDA device memory")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return MachineMemory(int(line.split()[1]) * 1024, "available RAM")
+    except OSError:
+        pass
+    try:
+        return MachineMemory(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available RAM")
+    except (ValueError, OSError, AttributeError):
+        return MachineMemory(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical RAM")
+
+
+@dataclass
+class Sizing:
+    """What the sizing options chose for one model.
+
+    Args:
+        capacities: slots per MoE layer, by the model's layer number.
+        plan: the plan (None when ``capacities`` were given outright).
+        warm: experts to load before the first token, by layer number (None: none).
+        note: one line saying what was chosen and why (None when flags fixed every layer).
+    """
+
+    capacities: Dict[int, int]
+    plan: object = None
+    warm: Optional[Dict[int, list]] = None
+    note: Optional[str] = None
+
+
+def profile_dir(model_path) -> Path:
+    """Where ``save_profile`` keeps ``model_path``'s profile (and ``warm_start='saved'`` finds it)."""
+    from golem.runtime.analysis.profile import profile_dir_for
+
+    return profile_dir_for(model_path)
+
+
+def load_warm_profile(config: RuntimeConfig, model_path):
+    """The profile ``config.warm_start`` names (None for none or a random seed)."""
+    ws = config.warm_start
+    if ws is None or not isinstance(ws, (str, os.PathLike)):
+        return None
+    from golem.runtime.analysis.profile import load_saved_profile, load_warm_source, profile_path
+
+    if str(ws) == "saved":
+        folder = profile_dir(model_path)
+        profile = load_saved_profile(folder)
+        if profile is None:
+            raise ConfigError(f"-W saved: no saved profile yet at {profile_path(folder)} (run once with --save-profile)")
+        return profile
+    return load_warm_source(ws)
+
+
+def reserve_nbytes(memory, depth: int) -> int:
+    """Bytes of the I/O scheduler's staging buffers (see ``staging_buffers``)."""
+    return staging_buffers(memory.top_k, depth) * max(memory.nbytes_of(i) for i in range(memory.num_layers))
+
+
+def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
+    """Slots per MoE layer, the plan and the warm start for ``opened``
+    (a ``golem.runtime.loader.OpenedCheckpoint``) under ``config``."""
+    memory = opened.memory()
+    moe = memory.ids
+    e = memory.num_experts
+    if config.capacities is not None:
+        caps = config.capacities
+        if callable(caps):
+            caps = caps(opened)
+        if isinstance(caps, int):
+            caps = {l: caps for l in moe}
+        caps = {int(l): min(int(caps.get(l, e)), e) for l in moe}
+        return Sizing(caps, None, _warm(config, profile, memory, [caps[l] for l in moe], [
+            i for i, l in enumerate(moe) if caps[l] >= e]), None)
+
+    from golem.runtime.analysis.plan import RoutingStats, make_plan
+    from golem.runtime.units import format_nbytes
+
+    pins, overrides = resolved_layers(config, opened.num_layers)
+    budget = config.memory_budget
+    machine = None
+    if config.sizes_to_machine:
+        machine = machine_memory(config.memory_limit)
+        budget = machine.budget_nbytes
+    stats = None
+    if profile is not None:
+        profile.check_shape(memory.num_layers, e, where=str(config.warm_start))
+        if budget is not None and (profile.stack_hist is not None or profile.curves):
+            stats = RoutingStats.from_profile(profile, policy=config.policy, source=str(config.warm_start))
+    options = dict(cache_size=config.cache_size, overrides=overrides, pin_layers=pins, stats=stats)
+    try:
+        plan = make_plan(memory, budget_nbytes=budget, **options)
+        if budget is not None and not all(lp.pinned for lp in plan.layers):
+            # Experts will stream: the scheduler's staging buffers come out of the budget too.
+            plan = make_plan(memory, budget_nbytes=budget, reserve_nbytes=reserve_nbytes(memory, config.prefetch_depth),
+                             **options)
+    except ValueError as err:
+        if machine is None:
+            raise ConfigError(str(err)) from None
+        raise ConfigError(
+            f"this machine's memory ({format_nbytes(machine.nbytes)} {machine.source}, "
+            f"{format_nbytes(budget)} after a {MACHINE_MARGIN:.0%} margin) is too small: "
+            f"{str(err).split(': ', 1)[-1]}; give -c/--cache-size or --memory-budget to run anyway"
+        ) from None
+    caps = {memory.ids[lp.layer]: lp.slots for lp in plan.layers}
+    pinned = [lp.layer for lp in plan.layers if lp.pinned]
+    note = None
+    if budget is not None:
+        where = (f"sized to this machine: {format_nbytes(machine.nbytes)} {machine.source} less a "
+                 f"{MACHINE_MARGIN:.0%} margin = {format_nbytes(budget)}" if machine is not None
+                 else f"--memory-budget {format_nbytes(budget)}")
+        everything = memory.non_expert_nbytes + memory.all_experts_nbytes
+        if len(pinned) == memory.num_layers:
+            what = f"the model ({format_nbytes(everything)}) fits: every expert resident"
+        else:
+            what = (f"the model ({format_nbytes(everything)}) does not fit: {plan_summary(plan)}, "
+                    "the other experts stream from disk")
+        note = f"{where}; {what}"
+    return Sizing(caps, plan, _warm(config, profile, memory, plan.capacities, pinned), note)
+
+
+def plan_summary(plan) -> str:
+    """``"2 of 8 MoE layers pinned, 96 of 256 expert slots (1.23 GB in all)"``."""
+    from golem.runtime.units import format_nbytes
+
+    m = plan.model
+    slots = sum(plan.capacities)
+    return (f"{len(plan.pinned_layers)} of {m.num_layers} MoE layers pinned, {slots} of "
+            f"{m.num_layers * m.num_experts} expert slots ({format_nbytes(plan.total_nbytes)} in all)")
+
+
+def _warm(config: RuntimeConfig, profile, memory, capacities: List[int], pinned: List[int]):
+    """Experts to load first, by the model's layer number."""
+    by_pos = None
+    if profile is not None:
+        by_pos = profile.warm_start(list(capacities), pinned)
+    elif config.warm_start is not None and not isinstance(config.warm_start, (str, os.PathLike)):
+        from golem.runtime.analysis.profile import random_warm_start
+
+        by_pos = random_warm_start(int(config.warm_start), memory.num_layers, memory.num_experts,
+                                   list(capacities), pinned)
+    if by_pos is None:
+        return None
+    return {memory.ids[pos]: experts for pos, experts in by_pos.items()}
