@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -171,17 +172,39 @@ def build_checkpoint(
             stream drifts from layer to layer).
         layers_per_shard: decoder layers per safetensors shard (default: two shards).
         overwrite: replace an existing folder.
+
+    The folder appears whole or not at all: it is written beside ``path`` under a unique name
+    and renamed into place, under a lock (``<path>.lock``) so that concurrent builders of one
+    folder build it once.
     """
+    from filelock import FileLock
+
     path = Path(path)
     if (path / "config.json").exists() and not overwrite:
         return path
-    if path.exists():
-        shutil.rmtree(path)
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent builders of one folder take turns; whoever comes second finds it built.
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        if (path / "config.json").exists() and not overwrite:
+            return path
+        for stale in path.parent.glob(path.name + ".partial-*"):  # left by a builder that died
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".partial-"))
+        try:
+            _write_checkpoint(family, tmp, size, seed, expert_scale, router_scale, residual_scale, layers_per_shard)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".partial-old-"))
+                os.replace(path, old / path.name)
+                shutil.rmtree(old)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path
 
+
+def _write_checkpoint(family: str, tmp: Path, size: Size, seed: int, expert_scale: float, router_scale: float,
+                      residual_scale: float, layers_per_shard: Optional[int]) -> None:
     config = family_config(family, size)
     quant = families.family(family).generated_quantization(size)
     config["quantization"] = dict(quant)
@@ -228,8 +251,6 @@ def build_checkpoint(
     vocab = json.loads((tmp / "tokenizer.json").read_text())["model"]["vocab"]
     config["eos_token_id"] = vocab["<|end|>"]
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    tmp.rename(path)
-    return path
 
 
 def as_hub_snapshot(folder: str | os.PathLike, hub_dir: str | os.PathLike, repo_id: str = "golem/synthetic",
