@@ -11,6 +11,9 @@ optional ``prefill`` bool (N,) marking prompt steps, and ``meta`` (JSON).
 from __future__ import annotations
 
 import json
+from numbers import Integral
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -97,63 +100,168 @@ class Trace:
         )
 
     def validate(self) -> None:
+        """Check meta, shapes, dtypes and ranges; ``TraceError`` names the file and the array."""
         where = self.path or "trace"
+        check_meta(self.meta, where)
         if self.experts.ndim != 3:
             raise TraceError(f"{where}: 'experts' must be (N, L, K), got shape {self.experts.shape}")
         n, l, k = self.experts.shape
+        if k < 1:
+            raise TraceError(f"{where}: 'experts' has no expert columns (K = 0)")
         if self.weights.shape != self.experts.shape:
             raise TraceError(f"{where}: 'weights' shape {self.weights.shape} != 'experts' shape {self.experts.shape}")
-        for key in ("num_layers", "num_experts", "top_k"):
-            if key not in self.meta:
-                raise TraceError(f"{where}: meta lacks '{key}'")
         if l != self.num_layers:
             raise TraceError(f"{where}: meta num_layers={self.num_layers} but 'experts' has {l} layers")
+        _check_kind(self.experts, "experts", "iu", where)
+        _check_kind(self.weights, "weights", "fiu", where)
+        _check_kind(self.seq_offsets, "seq_offsets", "iu", where)
         so = self.seq_offsets
         if so.ndim != 1 or len(so) < 1 or so[0] != 0 or so[-1] != n or np.any(np.diff(so) < 0):
             raise TraceError(f"{where}: 'seq_offsets' must rise from 0 to N={n}")
         if n and (self.experts.max() >= self.num_experts or self.experts.min() < -1):
-            raise TraceError(f"{where}: expert ids outside [-1, {self.num_experts})")
-        for name in ("token_ids", "prefill"):
+            raise TraceError(
+                f"{where}: 'experts' holds ids outside [-1, {self.num_experts}) "
+                f"(min {int(self.experts.min())}, max {int(self.experts.max())})"
+            )
+        if n and not np.isfinite(self.weights).all():
+            raise TraceError(f"{where}: 'weights' holds NaN or infinite values")
+        for name, kinds in (("token_ids", "iu"), ("prefill", "biu")):
             arr = getattr(self, name)
-            if arr is not None and arr.shape[0] != n:
-                raise TraceError(f"{where}: '{name}' has {arr.shape[0]} steps, expected {n}")
+            if arr is None:
+                continue
+            _check_kind(arr, name, kinds, where)
+            if arr.ndim != 1 or arr.shape[0] != n:
+                raise TraceError(f"{where}: '{name}' has shape {arr.shape}, expected ({n},)")
         for name in ("hidden", "hidden_layer_input"):
             arr = getattr(self, name)
-            if arr is not None and arr.shape[:2] != (n, l):
-                raise TraceError(f"{where}: '{name}' shape {arr.shape} does not start with ({n}, {l})")
+            if arr is None:
+                continue
+            _check_kind(arr, name, "f", where)
+            if arr.ndim != 3 or arr.shape[:2] != (n, l):
+                raise TraceError(f"{where}: '{name}' shape {arr.shape} is not ({n}, {l}, D)")
 
 
-def load_trace(path: str | Path) -> Trace:
-    """Read and validate one golem-trace/1 file."""
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such trace file")
+MAX_EXPERTS = int(np.iinfo(np.int16).max)  # expert ids are stored as int16
+
+
+def check_meta(meta, where: str) -> None:
+    """``meta`` is a JSON object whose shape fields are whole numbers in range."""
+    if not isinstance(meta, dict):
+        raise TraceError(f"{where}: 'meta' is not a JSON object (got {type(meta).__name__})")
+    for key in ("num_layers", "num_experts", "top_k"):
+        if key not in meta:
+            raise TraceError(f"{where}: meta lacks '{key}'")
+    limits = {"num_layers": (1, None), "num_experts": (1, MAX_EXPERTS), "top_k": (1, None), "expert_bytes": (0, None)}
+    for key, (lo, hi) in limits.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
+            raise TraceError(f"{where}: meta {key} must be a whole number, got {value!r}")
+        if value < lo or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"within [{lo}, {hi}]"
+            raise TraceError(f"{where}: meta {key}={value} must be {bound}")
+    if meta["top_k"] > meta["num_experts"]:
+        raise TraceError(f"{where}: meta top_k={meta['top_k']} exceeds num_experts={meta['num_experts']}")
+
+
+def _check_kind(arr: np.ndarray, name: str, kinds: str, where: str) -> None:
+    names = {"i": "integers", "u": "integers", "f": "floats", "b": "booleans"}
+    if arr.dtype.kind not in kinds:
+        want = " or ".join(dict.fromkeys(names[k] for k in kinds))
+        raise TraceError(f"{where}: '{name}' must hold {want}, got dtype {arr.dtype}")
+
+
+_NPZ_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+_ARRAYS = ("experts", "weights", "seq_offsets", "token_ids", "hidden", "prefill", "hidden_layer_input")
+
+
+def _read_arrays(path: Path) -> tuple[dict, dict]:
+    """The arrays of an .npz, uncast, and its meta, with numpy's and zipfile's errors
+    rephrased as ``TraceError`` naming the file and the array."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read trace: {e.strerror or e}") from None
+    if not head:
+        raise TraceError(f"{path}: empty file, not a golem-trace/1 .npz")
+    if head.startswith(_NPY_MAGIC):
+        raise TraceError(f"{path}: a single .npy array, not a golem-trace/1 .npz")
+    if not head.startswith(_NPZ_MAGIC):
+        raise TraceError(f"{path}: not a golem-trace/1 .npz file (no zip header; written by golem-run --trace-out?)")
+    arrays: dict = {}
+    name = None
     try:
         with np.load(path, allow_pickle=False) as z:
             files = set(z.files)
             missing = {"experts", "weights", "seq_offsets", "meta"} - files
             if missing:
                 raise TraceError(f"{path}: not a golem-trace/1 file, missing {sorted(missing)}")
-            meta = json.loads(str(z["meta"]))
-            trace = Trace(
-                experts=z["experts"].astype(np.int16, copy=False),
-                weights=z["weights"].astype(np.float32, copy=False),
-                seq_offsets=z["seq_offsets"].astype(np.int64, copy=False),
-                meta=meta,
-                token_ids=z["token_ids"] if "token_ids" in files else None,
-                hidden=z["hidden"] if "hidden" in files else None,
-                prefill=z["prefill"].astype(bool) if "prefill" in files else None,
-                hidden_layer_input=z["hidden_layer_input"] if "hidden_layer_input" in files else None,
-                path=str(path),
-            )
+            name = "meta"
+            raw_meta = z["meta"]
+            for name in _ARRAYS:
+                if name in files:
+                    arrays[name] = z[name]
     except TraceError:
         raise
-    except (OSError, ValueError, KeyError) as e:
-        raise TraceError(f"{path}: cannot read trace: {e}") from e
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise TraceError(f"{path}: array {name!r} holds Python objects, which a trace never does") from None
+        raise TraceError(f"{path}: cannot read {'array ' + repr(name) if name else 'trace'}: {e}") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        what = f"array {name!r}" if name else "the archive"
+        raise TraceError(f"{path}: truncated or damaged .npz, cannot read {what} ({type(e).__name__}: {e})") from None
+    if raw_meta.dtype.kind not in "US" or raw_meta.ndim != 0:
+        raise TraceError(f"{path}: 'meta' must be one JSON string, got dtype {raw_meta.dtype} shape {raw_meta.shape}")
+    try:
+        meta = json.loads(str(raw_meta))
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{path}: 'meta' is not valid JSON ({e})") from None
+    check_meta(meta, str(path))
+    return arrays, meta
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read and validate one golem-trace/1 file.
+
+    Raises ``TraceError`` naming the file (and the array) for anything that is not a valid
+    trace: a missing, empty, truncated or non-npz file, a ``meta`` that is not a JSON object
+    with whole-number shape fields, arrays of the wrong dtype or shape, expert ids outside
+    [-1, num_experts) (checked before they are narrowed to int16), NaN weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise TraceError(f"{path}: is a folder, not a trace file")
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file (golem-run --trace-out FILE records one)")
+    arrays, meta = _read_arrays(path)
     if meta.get("format", FORMAT) != FORMAT:
         raise TraceError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    trace.validate()
-    return trace
+    raw = Trace(
+        experts=arrays["experts"],
+        weights=arrays["weights"],
+        seq_offsets=arrays["seq_offsets"],
+        meta=meta,
+        token_ids=arrays.get("token_ids"),
+        hidden=arrays.get("hidden"),
+        prefill=arrays.get("prefill"),
+        hidden_layer_input=arrays.get("hidden_layer_input"),
+        path=str(path),
+    )
+    raw.validate()  # on the stored dtypes: an int64 id 65541 is refused, not wrapped to 5
+    return Trace(
+        experts=raw.experts.astype(np.int16, copy=False),
+        weights=raw.weights.astype(np.float32, copy=False),
+        seq_offsets=raw.seq_offsets.astype(np.int64, copy=False),
+        meta=meta,
+        token_ids=raw.token_ids,
+        hidden=raw.hidden,
+        prefill=None if raw.prefill is None else raw.prefill.astype(bool),
+        hidden_layer_input=raw.hidden_layer_input,
+        path=str(path),
+    )
 
 
 def load_traces(paths: Sequence[str | Path]) -> list[Trace]:

@@ -93,8 +93,8 @@ def parse_layer_ranges(
             raise ValueError(f"{what}: range {item!r} runs backwards")
         if hi >= bound:
             if num_layers is None:
-                raise ValueError(f"{what}: layer {hi} in {item!r} is beyond any model (layers are counted from 0)")
-            raise ValueError(f"{what}: layer {hi} in {item!r} does not exist (layers 0-{bound - 1})")
+                raise ValueError(f"{what}: layer {hi} is beyond any model (in {text!r}; layers count from 0)")
+            raise ValueError(f"{what}: layer {hi} does not exist (in {text!r}; the layers are 0-{bound - 1})")
         spans.append((lo, hi))
     out: set[int] = set()
     for lo, hi in spans:

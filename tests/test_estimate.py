@@ -331,3 +331,80 @@ def test_plot_writes_png_or_says_matplotlib_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(RuntimeError, match="pip install matplotlib"):
         plot_sweep(sweep, tmp_path / "y.png")
+
+
+# -------------------------------------------------------------- one sizing model, one planner
+
+
+def test_placement_is_the_planners_plan_for_the_same_budget():
+    """The estimator places experts exactly as golem-run --memory-budget would."""
+    from golem.runtime.analysis.plan import make_plan
+    from golem.runtime.analysis.placement import routing_stats_for
+
+    m, q = load_model_spec("qwen3-30b-a3b"), Quantization.parse("Q4_K")
+    memory = m.memory(q)
+    assert memory.layer_ids == m.moe_layers and memory.nbytes_of(0) == q.expert_nbytes(m)
+    assert memory.non_expert_nbytes == q.non_expert_nbytes(m)
+    trace = _synthetic_trace(layers=m.num_moe_layers, experts=m.num_experts, top_k=m.top_k, steps=300)
+    stats = routing_stats_for(m, [trace])
+    for budget in (int(10.5 * GiB), 14 * GiB, 30 * GiB):
+        mach = MachineSpec.from_dict({"tiers": [
+            {"kind": "ram", "size": budget + 2 * GiB, "reserve": 2 * GiB, "gb_per_s": 50},
+            {"kind": "ssd", "gb_per_s": 5}]})
+        for pins in ([], [0, 1, 2], [40, 47]):
+            planned = make_plan(memory, budget_nbytes=budget, pin_layers=pins)
+            placed = plan_placement(m, q, mach, pin_layers=pins)
+            assert list(placed.slots) == planned.capacities
+            assert placed.plan.capacities == planned.capacities
+            assert set(placed.cache_pinned) == set(planned.pinned_layers)
+            by_curves = plan_placement(m, q, mach, pin_layers=pins, stats=stats)
+            assert list(by_curves.slots) == make_plan(memory, budget_nbytes=budget, pin_layers=pins,
+                                                      stats=stats).capacities
+
+
+def test_pinned_ranges_name_decoder_layers():
+    m, q = load_model_spec("deepseek-v3"), Quantization.parse("Q4_K")  # layers 0-2 are dense
+    mach = load_machine("ddr5-96g-cpu").with_memory(400 * GiB)
+    pl = plan_placement(m, q, mach, pin_layers=[3, 4])
+    assert pl.cache_pinned[:2] == (0, 1) and pl.slots[0] == m.num_experts
+    with pytest.raises(ValueError, match="not an MoE layer"):
+        plan_placement(m, q, mach, pin_layers=[1])
+
+
+def test_below_top_k_budgets_are_marked():
+    m, q = _model(layers=4, experts=16, top_k=4), Quantization.parse("F16")
+    mach = _cpu_machine(q.non_expert_nbytes(m) + 4 * 2 * q.expert_nbytes(m))
+    pl = plan_placement(m, q, mach)
+    assert pl.below_top_k and pl.slots == (2,) * 4
+    assert not plan_placement(m, q, _cpu_machine(q.non_expert_nbytes(m) + 4 * 4 * q.expert_nbytes(m))).below_top_k
+
+
+def test_curves_of_another_model_are_mapped_by_share():
+    from golem.runtime.analysis.placement import routing_stats_for
+
+    trace = _synthetic_trace()  # 4 layers x 16 experts, top-2
+    big = _model(layers=8, experts=64, top_k=4)
+    stats = routing_stats_for(big, [trace])
+    assert stats.curves.shape == (8, 65)
+    # 36 of 64 slots stand for 9 of 16 traced slots; the traced miss ratio scales to top-4 requests
+    per_request = _lru_reads(trace.experts[:, :1], 9) / (trace.num_steps * 2)
+    assert stats.curves[0, 36] == pytest.approx(4 * per_request)
+    cold = _lru_reads(trace.experts[:, :1], 16) / (trace.num_steps * 2)  # first uses only
+    assert stats.curves[0, 64] == pytest.approx(4 * cold)
+
+
+def test_cli_curves_plan_and_pin_ranges(tmp_path, capsys):
+    path = tmp_path / "t.npz"
+    save_trace(path, _synthetic_trace())
+    rc = trace_main(["estimate", "--model", "olmoe-1b-7b", "--machine", "ddr5-96g-cpu", "--trace", str(path),
+                     "--ram", "8GiB", "--plan", "curves", "-f", "0-1", "--json"])
+    data = _last_json(capsys.readouterr().out)
+    assert rc == 0 and data["placement"]["cache_pinned_layers"].startswith("0-1")
+    assert data["traces"] == [str(path)]
+
+
+def test_cli_plot_without_matplotlib_fails(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc = trace_main(["estimate", "--model", "glm-5", "--machine", "rtx3090-128g", "--u", "5", "--d", "1",
+                     "--plot", str(tmp_path / "x.png")])
+    assert rc == 2 and "needs matplotlib" in capsys.readouterr().err

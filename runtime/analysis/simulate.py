@@ -306,6 +306,7 @@ def simulate(
     prefetch_recall: float = 0.0,
     seed: int = 0,
     decode_only: bool = True,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> SimResult:
     """Replay ``traces`` in order through one cache per MoE layer.
 
@@ -325,6 +326,7 @@ def simulate(
             counted as ``prefetched`` (the cache state is the same as for a demand read).
         seed: seeds the prefetch draws (one generator per layer).
         decode_only: leave out prefill steps (``trace.prefill``).
+        progress: called with 1 after each layer (e.g. a progress bar's ``update``).
     """
     if not 0.0 <= prefetch_recall <= 1.0:
         raise ValueError(f"prefetch_recall must be in [0, 1], got {prefetch_recall}")
@@ -338,11 +340,12 @@ def simulate(
     step_misses = np.zeros((n, num_layers), dtype=np.int32)
     step_prefetched = np.zeros((n, num_layers), dtype=np.int32)
     for layer in range(num_layers):
-        if layer in pinned_t:
-            continue
-        miss = _replay_layer(stream.layer_rows(layer), factory(), caps[layer], warm_lists.get(layer, []))
-        rng = np.random.default_rng([seed, layer])
-        step_misses[:, layer], step_prefetched[:, layer] = _split_prefetched(miss, prefetch_recall, rng)
+        if layer not in pinned_t:
+            miss = _replay_layer(stream.layer_rows(layer), factory(), caps[layer], warm_lists.get(layer, []))
+            rng = np.random.default_rng([seed, layer])
+            step_misses[:, layer], step_prefetched[:, layer] = _split_prefetched(miss, prefetch_recall, rng)
+        if progress is not None:
+            progress(1)
     return _result(name, stream, caps, pinned_t, step_misses, step_prefetched)
 
 
@@ -375,6 +378,7 @@ def belady(
     pinned: Sequence[int] = (),
     warm: Optional[Mapping[int, Sequence[int]]] = None,
     decode_only: bool = True,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> SimResult:
     """The offline optimum: on a miss in a full layer evict the resident expert whose next
     use is farthest (never one of the step's own experts). No policy, with the same
@@ -388,6 +392,8 @@ def belady(
     n = stream.steps.shape[0]
     step_misses = np.zeros((n, num_layers), dtype=np.int32)
     for layer in range(num_layers):
+        if progress is not None:
+            progress(1)
         if layer in pinned_t:
             continue
         cap = caps[layer]

@@ -2,7 +2,9 @@
 
 Each subcommand lives in ``golem.runtime.cli.trace_commands.<name>`` and exposes
 ``add_parser(subparsers)``, which registers its parser and sets ``func``. Every
-subcommand takes ``--json`` and then prints one JSON object as its last line.
+subcommand takes ``--json`` and then prints one JSON object as its last line. A user's
+mistake (a bad flag value, a damaged trace, an unwritable output) ends in one line on
+stderr and exit code 2; an internal error keeps its traceback.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (TraceError, ValueError, FileNotFoundError) as e:
-        print(f"golem-trace {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         return stdout_closed()
+    except (TraceError, ValueError, OSError) as e:  # user mistakes: one line, no traceback
+        print(f"golem-trace {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("golem-trace: interrupted", file=sys.stderr)
         return 130

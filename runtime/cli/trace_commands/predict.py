@@ -124,7 +124,7 @@ def run(args) -> int:
         raise ValueError(f"unknown predictor {args.predictor!r}; choose from: {' '.join(predictor_names())}")
     max_nbytes = None
     if args.max_bytes is not None:
-        from golem.runtime.analysis.estimate import parse_size
+        from golem.runtime.units import parse_size
 
         max_nbytes = parse_size(args.max_bytes, "--max-bytes")
 

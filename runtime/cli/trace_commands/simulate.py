@@ -12,11 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from golem.runtime.analysis.plan import ModelMemory, RoutingStats, make_plan, parse_layer_ranges, parse_override, parse_size
-from golem.runtime.policies import DEFAULT_POLICY, policy_names
+from golem.runtime.analysis.model_size import ModelMemory
+from golem.runtime.analysis.plan import RoutingStats, make_plan
 from golem.runtime.analysis.profile import Profile, load_warm_source, random_warm_start
 from golem.runtime.analysis.simulate import belady, simulate
+from golem.runtime.cli.progress import progress_bar
+from golem.runtime.policies import DEFAULT_POLICY, policy_names
 from golem.runtime.trace import load_traces
+from golem.runtime.units import parse_layer_ranges, parse_override, parse_size
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,6 +91,12 @@ def _stats(args, warm_profile, policy: str):
 
 def run(args) -> int:
     traces = load_traces(args.traces)
+    replayed = [t if args.include_prefill else t.decode_only() for t in traces]
+    steps = sum(t.num_steps for t in replayed)
+    if steps == 0:
+        prefill = sum(t.num_steps for t in traces)
+        raise ValueError(f"{', '.join(str(t.path) for t in traces)}: no decode steps to replay"
+                         + (f" ({prefill} prefill steps; --include-prefill replays them)" if prefill else ""))
     meta = traces[0].meta
     model = _model(args, meta)
     e, k = model.num_experts, model.top_k
@@ -101,10 +110,10 @@ def run(args) -> int:
         cache_size = max(k, e // 2)
     plan = make_plan(
         model,
-        budget_nbytes=parse_size(args.memory_budget) if args.memory_budget else None,
+        budget_nbytes=parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None,
         cache_size=cache_size,
-        overrides=[parse_override(v) for v in args.cache_size_override],
-        pin_layers=parse_layer_ranges(args.pin_layers) if args.pin_layers else [],
+        overrides=[parse_override(v, num_layers=model.num_layers) for v in args.cache_size_override],
+        pin_layers=[] if args.pin_layers is None else parse_layer_ranges(args.pin_layers, num_layers=model.num_layers),
         stats=_stats(args, warm_profile, args.policy),
     )
     caps, pinned = plan.capacities, plan.pinned_layers
@@ -114,9 +123,11 @@ def run(args) -> int:
     elif args.warm_random is not None:
         warm, warm_name = random_warm_start(args.warm_random, model.num_layers, e, caps, pinned), f"random:{args.warm_random}"
     kw = dict(pinned=pinned, warm=warm, decode_only=not args.include_prefill)
-    result = simulate(traces, policy=args.policy, capacity=caps, prefetch_recall=args.prefetch_recall,
-                      seed=args.seed, **kw)
-    bound = None if args.no_belady else belady(traces, caps, **kw)
+    layers = model.num_layers
+    with progress_bar(layers * (1 if args.no_belady else 2), "simulate", work=steps * layers) as bar:
+        result = simulate(traces, policy=args.policy, capacity=caps, prefetch_recall=args.prefetch_recall,
+                          seed=args.seed, progress=bar.update, **kw)
+        bound = None if args.no_belady else belady(traces, caps, progress=bar.update, **kw)
 
     if args.memory_budget is not None:
         print(plan.describe())
