@@ -1,0 +1,873 @@
+"""Does every bad input and fault get a clear answer, and does nothing lose data or hang?
+
+Runs a catalogue of mistakes and faults against golem-run, golem-trace and the library, each
+as a separate process with a timeout (and a memory watchdog), on tiny generated checkpoints
+and traces in a temporary folder: damaged checkpoints, bad flags and options, bad config.json
+fields, bad traces, unwritable output paths, faults mid-run (a shard truncated after load,
+Ctrl-C during a stalled read), and concurrent use (profile writers killed mid-way, first-time
+demo builds). Valid inputs ride along and must succeed.
+
+Each case gets a verdict:
+  clear error    non-zero exit, a one-line message on stderr, no traceback (due for a mistake)
+  ok             a valid input that succeeded (and, where checked, gave the right answer)
+  traceback      a Python traceback on stderr
+  hang           no answer within the timeout (or the memory watchdog fired; or Ctrl-C took
+                 more than 2 s)
+  silent accept  exit 0 where an error was due
+  data loss      an update lost, a file left unreadable
+  misleading     an error whose message blames the wrong thing
+  late error     an output-path error found only after generation
+  leak           a failed load() left threads or file handles behind
+  wrong output   a valid input that ran but whose text differs from mlx-lm's
+  refused        a valid input that failed
+  unclear        non-zero exit without a message, or a crash by signal
+
+    python benchmarks/check_reliability.py [--quick] [--jobs 2] [--timeout 180] [--only CLASS]
+
+Prints the table, then one JSON line with the counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+
+PASS = {"error": "clear error", "ok": "ok"}
+RSS_LIMIT_BYTES = 3 << 30  # a run that grows past this is a runaway, not an answer
+SIGINT_LIMIT_S = 2.0
+RUN = [sys.executable, "-m", "golem.runtime.cli.run"]
+TRACE = [sys.executable, "-m", "golem.runtime.cli.trace"]
+GEN = ["-p", "hi", "-m", "3"]
+
+
+@dataclass
+class Outcome:
+    rc: Optional[int]
+    seconds: float
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False
+    verdict: Optional[str] = None  # set by cases that judge more than the exit (loss, leak, output)
+    note: str = ""
+
+
+@dataclass
+class Case:
+    """One input or fault.
+
+    Args:
+        klass: the class of mistake (the table's first column).
+        name: what is tried.
+        expect: "error" (a mistake: a clear error is due) or "ok" (valid: must succeed).
+        argv: the command, run in the case's own folder; or ``run`` for cases that drive
+            processes themselves (signals, concurrency) and judge loss or output.
+        quick: part of ``--quick``.
+        mention: a regular expression the error message must match (else "misleading").
+        avoid: text the message must not contain (else "misleading").
+        before_generation: the error must come before any text is generated.
+        env: extra environment.
+    """
+
+    klass: str
+    name: str
+    expect: str
+    argv: Optional[Callable[["Ctx"], List[str]]] = None
+    run: Optional[Callable[["Ctx", "Case", float], Outcome]] = None
+    quick: bool = False
+    mention: Optional[str] = None
+    avoid: Optional[str] = None
+    before_generation: bool = False
+    env: Optional[Callable[["Ctx"], dict]] = None
+
+
+@dataclass
+class Ctx:
+    root: Path
+    model: Path
+    trace: Path
+    tmp_count: List[int] = field(default_factory=lambda: [0])
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fresh(self, name: str) -> Path:
+        """A new empty folder for one case."""
+        with self.lock:
+            self.tmp_count[0] += 1
+            path = self.root / "cases" / f"{self.tmp_count[0]:03d}-{re.sub(r'[^a-z0-9]+', '-', name.lower())[:40]}"
+        path.mkdir(parents=True)
+        return path
+
+    def variant(self, name: str, mutate: Callable[[Path], None]) -> Path:
+        """A copy of the model with ``mutate`` applied."""
+        path = self.fresh(name) / "model"
+        shutil.copytree(self.model, path)
+        mutate(path)
+        return path
+
+
+def base_env(ctx: Ctx) -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "GOLEM_CACHE": str(ctx.root / "cache"), "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_process(argv: List[str], *, env: dict, cwd: Path, timeout_s: float) -> Outcome:
+    """Run one command; kill its process group at the timeout or when it outgrows the watchdog."""
+    out_path, err_path = cwd / ".stdout", cwd / ".stderr"
+    t0 = time.monotonic()
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                             start_new_session=True)
+        timed_out, note = False, ""
+        while p.poll() is None:
+            if time.monotonic() - t0 > timeout_s:
+                timed_out, note = True, f"no answer in {timeout_s:.0f} s"
+            elif _rss_bytes(p.pid) > RSS_LIMIT_BYTES:
+                timed_out, note = True, f"grew past {RSS_LIMIT_BYTES >> 30} GB"
+            if timed_out:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                break
+            time.sleep(0.1)
+    seconds = time.monotonic() - t0
+    return Outcome(p.returncode, seconds, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"),
+                   timed_out, note=note)
+
+
+def judge(case: Case, out: Outcome) -> str:
+    if out.timed_out:
+        return "hang"
+    if out.verdict:
+        return out.verdict
+    traceback = "Traceback (most recent call last)" in out.stderr
+    if case.expect == "ok":
+        if out.rc == 0 and not traceback:
+            return "ok"
+        return "traceback" if traceback else "refused"
+    if out.rc == 0:
+        return "silent accept"
+    if traceback:
+        return "traceback"
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    if out.rc is None or out.rc < 0 or not lines or not re.search(r"error|interrupted|failed", lines[-1], re.I):
+        return "unclear"
+    if case.mention and not re.search(case.mention, out.stderr, re.I):
+        return "misleading"
+    if case.avoid and case.avoid in out.stderr:
+        return "misleading"
+    if case.before_generation and "=" * 10 in out.stdout:
+        return "late error"
+    return "clear error"
+
+
+def message(out: Outcome) -> str:
+    if out.note:
+        return out.note
+    lines = [l.strip() for l in out.stderr.splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+# ----------------------------------------------------------------------------------- fixtures
+
+
+def write_shard_json(path: Path, header: dict) -> None:
+    import struct
+
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+
+
+def shards(model: Path) -> List[Path]:
+    return sorted(model.glob("model-*.safetensors"))
+
+
+def edit_config(**changes):
+    def mutate(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (model / "config.json").write_text(json.dumps(config))
+
+    return mutate
+
+
+def trace_arrays(num_steps: int = 40, num_layers: int = 3, num_experts: int = 16, top_k: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    experts = np.stack([[rng.choice(num_experts, top_k, replace=False) for _ in range(num_layers)]
+                        for _ in range(num_steps)]).astype(np.int16) if num_steps else np.zeros((0, num_layers, top_k), np.int16)
+    weights = rng.random(experts.shape).astype(np.float32)
+    meta = {"format": "golem-trace/1", "num_layers": num_layers, "num_experts": num_experts, "top_k": top_k,
+            "expert_bytes": 4096, "model": "generated"}
+    return {"experts": experts, "weights": weights, "seq_offsets": np.array([0, num_steps], np.int64)}, meta
+
+
+def write_trace(path: Path, *, meta_override=None, meta_raw=None, **arrays_override) -> Path:
+    arrays, meta = trace_arrays(**{k: arrays_override.pop(k) for k in list(arrays_override)
+                                   if k in ("num_steps", "num_layers", "num_experts", "top_k")})
+    arrays.update(arrays_override)
+    if meta_override:
+        meta.update(meta_override)
+    np.savez(path, **arrays, meta=np.array(meta_raw if meta_raw is not None else json.dumps(meta)))
+    return path
+
+
+# ----------------------------------------------------------------------------------- library scripts
+
+LIBRARY = textwrap.dedent(
+    """
+    import sys
+    MODEL = sys.argv[1]
+    try:
+    {body}
+    except (ValueError, OSError) as e:  # golem's typed errors: ConfigError, ModelError, CheckpointError, ReadError...
+        print(f"error: {{type(e).__name__}}: {{e}}", file=sys.stderr)
+        sys.exit(2)
+    """
+)
+
+
+def library(body: str) -> Callable[[Ctx], List[str]]:
+    code = LIBRARY.format(body=textwrap.indent(textwrap.dedent(body).strip(), "    "))
+    return lambda ctx: [sys.executable, "-c", code, str(ctx.model)]
+
+
+LEAK = """
+import gc, os, threading
+from golem.runtime import load
+from golem.runtime.prefetch import PrefetchConfig
+def counts():
+    gc.collect()
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+def attempt():
+    try:
+        load(MODEL, capacities=4, prefetch=PrefetchConfig(depth=1), predictor="no-such-predictor").close()
+    except (ValueError, OSError) as e:
+        return e
+    return None
+first = attempt()  # imports and one-time pools settle
+before = counts()
+errors = [attempt() for _ in range(3)]
+after = counts()
+if after[0] > before[0] or after[1] > before[1]:
+    print(f"leak: {after[0] - before[0]} threads, {after[1] - before[1]} file handles after 3 failed loads", file=sys.stderr)
+    sys.exit(3)
+if first is None:
+    print("accepted")
+    sys.exit(0)
+raise first
+"""
+
+TRUNCATE_MID_RUN = """
+import os
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from golem.runtime import load
+with load(MODEL, capacities=4) as (model, tokenizer):
+    tokens = mx.array(tokenizer.encode("Once upon a time there was a computer"))
+    steps = generate_step(tokens, model, max_tokens=200, sampler=lambda x: mx.argmax(x, axis=-1))
+    for i, _ in zip(range(3), steps):
+        pass
+    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith("model-")):
+        path = os.path.join(MODEL, shard)
+        os.truncate(path, os.path.getsize(path) // 3)
+    for _ in steps:
+        pass
+print("generated past a truncated shard")
+"""
+
+
+def leak_case(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    out = run_process(library(LEAK)(ctx), env=base_env(ctx), cwd=ctx.fresh(case.name), timeout_s=timeout_s)
+    if out.rc == 3:
+        out.verdict = "leak"
+    return out
+
+
+def truncate_mid_run(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    model = ctx.variant(case.name, lambda m: None)
+    argv = library(TRUNCATE_MID_RUN)(ctx)
+    argv[-1] = str(model)
+    return run_process(argv, env=base_env(ctx), cwd=model.parent, timeout_s=timeout_s)
+
+
+# ----------------------------------------------------------------------------------- process-driving cases
+
+
+def sigint_during_stalled_read(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """Start a run whose reads crawl; once it prints its first line (generation begun), Ctrl-C."""
+    cwd = ctx.fresh(case.name)
+    argv = RUN + ["--model", str(ctx.model), "-c", "4", "--emulate-storage", "1e-6", *GEN]
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(ctx),
+                         cwd=cwd, start_new_session=True)
+    seen = threading.Event()
+    out_lines: List[str] = []
+
+    def read_stdout():
+        for line in p.stdout:
+            out_lines.append(line)
+            if line.startswith("=" * 10):
+                seen.set()
+        seen.set()  # ended without generating
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    if not seen.wait(timeout_s):
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return Outcome(None, time.monotonic() - t0, "".join(out_lines), p.stderr.read(), True,
+                       note=f"never started generating in {timeout_s:.0f} s")
+    if p.poll() is not None:
+        reader.join()
+        return Outcome(p.returncode, time.monotonic() - t0, "".join(out_lines), p.stderr.read(),
+                       verdict="refused" if p.returncode else "unclear", note="ended before the signal")
+    sent = time.monotonic()
+    os.kill(p.pid, signal.SIGINT)
+    try:
+        p.wait(10.0)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return Outcome(None, time.monotonic() - sent, "".join(out_lines), p.stderr.read(), True,
+                       note="still running 10 s after Ctrl-C")
+    reader.join()
+    waited = time.monotonic() - sent
+    out = Outcome(p.returncode, waited, "".join(out_lines), p.stderr.read(), note="")
+    if waited > SIGINT_LIMIT_S:
+        out.timed_out, out.note = True, f"Ctrl-C took {waited:.1f} s"
+    return out
+
+
+PROFILE_WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from golem.runtime.analysis.profile import record_run
+    folder, w, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    counts = np.zeros((2, 8))
+    counts[0, w] = 1
+    for _ in range(n):
+        record_run(folder, counts, top_k=1, num_steps=1, meta={"model": "m"})
+        print("ok", flush=True)
+    """
+)
+
+
+def profile_writers_killed(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """4 writers x 25 records into one profile, two of them SIGKILLed mid-way (after 5 and 12
+    records): the file must parse and count exactly what each writer reported (a killed one may
+    have landed one record more than it printed)."""
+    from golem.runtime.analysis.profile import PROFILE_FILENAME, ProfileError, load_profile
+
+    folder = ctx.fresh(case.name) / "store"
+    killed = {1: 5, 3: 12}
+    t0 = time.monotonic()
+    procs = {w: subprocess.Popen([sys.executable, "-c", PROFILE_WRITER, str(folder), str(w),
+                                  str(100_000 if w in killed else 25)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(ctx))
+             for w in range(4)}
+    oks = {w: 0 for w in procs}
+    unreadable = 0
+    for w, at in killed.items():
+        while oks[w] < at:
+            line = procs[w].stdout.readline()
+            if line != "ok\n":
+                break
+            oks[w] += 1
+            try:
+                load_profile(folder / PROFILE_FILENAME)
+            except ProfileError:
+                unreadable += 1
+        procs[w].send_signal(signal.SIGKILL)
+    errors = []
+    for w, p in procs.items():
+        rest = p.stdout.read()
+        err = p.stderr.read()
+        p.wait(timeout_s)
+        oks[w] += rest.count("ok\n")
+        if w not in killed and p.returncode != 0:
+            errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
+    seconds = time.monotonic() - t0
+    try:
+        profile = load_profile(folder / PROFILE_FILENAME)
+    except ProfileError as e:
+        return Outcome(0, seconds, verdict="data loss", note=f"file unreadable after the run: {e}")
+    landed = profile.counts[0, :4]
+    lost = [w for w in procs if not oks[w] <= landed[w] <= oks[w] + (w in killed)]
+    note = f"reported {sum(oks.values())}, file counts {int(landed.sum())} runs; {unreadable} unreadable reads"
+    if errors:
+        return Outcome(1, seconds, stderr="\n".join(errors), verdict="refused", note=errors[0])
+    bad = lost or unreadable or profile.runs != int(landed.sum())
+    return Outcome(0, seconds, verdict="data loss" if bad else "ok", note=note)
+
+
+def concurrent_demo_builds(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """Three first-time `golem-run --demo` runs at once, on an empty cache."""
+    cwd = ctx.fresh(case.name)
+    env = base_env(ctx)
+    env["GOLEM_CACHE"] = str(cwd / "cache")
+    results = []
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(run_process, RUN + ["--demo", "-m", "3"], env=env, cwd=_sub(cwd, i), timeout_s=timeout_s)
+                   for i in range(3)]
+        results = [f.result() for f in futures]
+    seconds = max(r.seconds for r in results)
+    bad = [r for r in results if r.rc != 0 or r.timed_out]
+    if not bad:
+        return Outcome(0, seconds, note="3 of 3 ran")
+    worst = bad[0]
+    return Outcome(worst.rc, seconds, worst.stdout, worst.stderr, worst.timed_out,
+                   note=f"{len(bad)} of 3 failed: {message(worst)}")
+
+
+def _sub(folder: Path, i: int) -> Path:
+    path = folder / str(i)
+    path.mkdir()
+    return path
+
+
+def concurrent_save_profile(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """Three `golem-run --save-profile` at once on one model: the profile counts 3 runs."""
+    from golem.runtime.analysis.profile import load_saved_profile, profile_dir_for
+
+    cwd = ctx.fresh(case.name)
+    env = base_env(ctx)
+    env["GOLEM_CACHE"] = str(cwd / "cache")
+    argv = RUN + ["--model", str(ctx.model), "-c", "4", "--save-profile", *GEN]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda i: run_process(argv, env=env, cwd=_sub(cwd, i), timeout_s=timeout_s), range(3)))
+    seconds = max(r.seconds for r in results)
+    bad = [r for r in results if r.rc != 0 or r.timed_out]
+    if bad:
+        return Outcome(bad[0].rc, seconds, bad[0].stdout, bad[0].stderr, bad[0].timed_out,
+                       note=f"{len(bad)} of 3 failed: {message(bad[0])}")
+    profile = load_saved_profile(profile_dir_for(ctx.model, cwd / "cache"))
+    runs = 0 if profile is None else profile.runs
+    return Outcome(0, seconds, verdict="ok" if runs == 3 else "data loss", note=f"profile counts {runs} of 3 runs")
+
+
+def damaged_profile_then_save(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """A garbled saved profile, then `--save-profile`: the run works and a new profile starts."""
+    from golem.runtime.analysis.profile import PROFILE_FILENAME, load_saved_profile, profile_dir_for
+
+    cwd = ctx.fresh(case.name)
+    env = base_env(ctx)
+    env["GOLEM_CACHE"] = str(cwd / "cache")
+    folder = profile_dir_for(ctx.model, cwd / "cache")
+    folder.mkdir(parents=True)
+    (folder / PROFILE_FILENAME).write_text('{"format": "golem-profile/1", "num_la')
+    out = run_process(RUN + ["--model", str(ctx.model), "-c", "4", "--save-profile", *GEN], env=env, cwd=cwd,
+                      timeout_s=timeout_s)
+    if out.rc == 0:
+        profile = load_saved_profile(folder)
+        if profile is None or profile.runs != 1:
+            out.verdict, out.note = "data loss", "no readable profile after the run"
+        else:
+            out.note = f"set aside: {sorted(p.name for p in folder.glob('*.damaged-*'))}"
+    return out
+
+
+def one_model_two_paths(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """`--save-profile` by a relative path, then by the absolute path: one profile of 2 runs."""
+    from golem.runtime.analysis.profile import load_saved_profile, profile_dir_for
+
+    cwd = ctx.fresh(case.name)
+    env = base_env(ctx)
+    env["GOLEM_CACHE"] = str(cwd / "cache")
+    rel = os.path.relpath(ctx.model, cwd)
+    total = 0.0
+    for path in (rel, str(ctx.model)):
+        out = run_process(RUN + ["--model", path, "-c", "4", "--save-profile", *GEN], env=env, cwd=cwd,
+                          timeout_s=timeout_s)
+        total += out.seconds
+        if out.rc != 0 or out.timed_out:
+            return out
+    profile = load_saved_profile(profile_dir_for(ctx.model, cwd / "cache"))
+    runs = 0 if profile is None else profile.runs
+    return Outcome(0, total, verdict="ok" if runs == 2 else "data loss", note=f"one profile counts {runs} of 2 runs")
+
+
+def hub_snapshot_like_mlx_lm(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """The model laid out as the Hugging Face cache keeps it: golem-run's text == mlx_lm's."""
+    from golem.runtime.synthetic import as_hub_snapshot
+
+    cwd = ctx.fresh(case.name)
+    snap = as_hub_snapshot(ctx.model, cwd / "hub", "org/tiny-moe")
+    common = ["--model", str(snap), "--temp", "0", "-m", "8", "-p", "Once upon a time"]
+    stock = run_process([sys.executable, "-m", "mlx_lm", "generate", *common], env=base_env(ctx), cwd=cwd,
+                        timeout_s=timeout_s)
+    out = run_process(RUN + [*common, "-c", "4"], env=base_env(ctx), cwd=cwd, timeout_s=timeout_s)
+    if out.rc == 0 and not out.timed_out:
+        if stock.rc != 0:
+            out.verdict, out.note = "refused", f"mlx_lm itself failed: {message(stock)}"
+        elif _text(out.stdout) != _text(stock.stdout):
+            out.verdict, out.note = "wrong output", "text differs from mlx_lm generate"
+        else:
+            out.note = "same text as mlx_lm generate"
+    return out
+
+
+def _text(stdout: str) -> Optional[str]:
+    parts = stdout.split("=" * 10)
+    return parts[1] if len(parts) >= 3 else None
+
+
+# ----------------------------------------------------------------------------------- catalogue
+
+
+def run_argv(*args, model: Optional[Callable[[Ctx], Path]] = None):
+    """golem-run on the model (or a variant) with ``args`` (callables get the context)."""
+    def build(ctx: Ctx) -> List[str]:
+        path = model(ctx) if model else ctx.model
+        return RUN + ["--model", str(path), *[a(ctx) if callable(a) else a for a in args]]
+
+    return build
+
+
+def on_variant(name: str, mutate: Callable[[Path], None]) -> Callable[[Ctx], Path]:
+    return lambda ctx: ctx.variant(name, mutate)
+
+
+def trace_argv(sub: str, *args, trace: Optional[Callable[[Ctx], Path]] = None):
+    def build(ctx: Ctx) -> List[str]:
+        path = trace(ctx) if trace else ctx.trace
+        return TRACE + [sub, *[a(ctx) if callable(a) else a for a in args], str(path)]
+
+    return build
+
+
+def bad_trace(name: str, **kw) -> Callable[[Ctx], Path]:
+    return lambda ctx: write_trace(ctx.fresh(name) / "t.npz", **kw)
+
+
+def file_with(name: str, filename: str, content: bytes) -> Callable[[Ctx], Path]:
+    def make(ctx: Ctx) -> Path:
+        path = ctx.fresh(name) / filename
+        path.write_bytes(content)
+        return path
+
+    return make
+
+
+def truncated_copy(ctx: Ctx) -> Path:
+    path = ctx.fresh("truncated npz") / "t.npz"
+    data = ctx.trace.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _truncate_shard(model: Path) -> None:
+    shard = shards(model)[-1]
+    os.truncate(shard, shard.stat().st_size // 2)
+
+
+def _corrupt_header(model: Path) -> None:
+    shard = shards(model)[0]
+    with open(shard, "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff\xfe garbage \x00" * 4)
+
+
+def _huge_header_size(model: Path) -> None:
+    with open(shards(model)[0], "r+b") as f:
+        f.write((1 << 62).to_bytes(8, "little"))
+
+
+def _escape(model: Path) -> None:
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    name = shards(model)[-1].name
+    shutil.copyfile(model / name, model.parent / "outside.safetensors")
+    index["weight_map"] = {k: ("../outside.safetensors" if v == name else v) for k, v in index["weight_map"].items()}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _index_folder(model: Path) -> None:
+    (model / "model.safetensors.index.json").unlink()
+    (model / "model.safetensors.index.json").mkdir()
+
+
+def _shard_loop(model: Path) -> None:
+    shard = shards(model)[-1]
+    shard.unlink()
+    shard.symlink_to(shard.name)
+
+
+def _unwritable_cache(ctx: Ctx) -> dict:
+    env = base_env(ctx)
+    env["GOLEM_CACHE"] = "/proc/golem-cache"
+    return env
+
+
+def _cache_under_file(ctx: Ctx) -> dict:
+    env = base_env(ctx)
+    f = ctx.fresh("cache under a file") / "file"
+    f.write_text("x")
+    env["GOLEM_CACHE"] = str(f / "cache")
+    return env
+
+
+def _file(ctx: Ctx, name: str) -> Path:
+    path = ctx.fresh(name) / "file"
+    path.write_text("x")
+    return path
+
+
+def catalogue() -> List[Case]:
+    R = "-f"
+    cases = [
+        # valid inputs: the baselines that must keep working
+        Case("valid", "golem-run -c 4", "ok", run_argv("-c", "4", *GEN), quick=True),
+        Case("valid", "golem-run --prefetch-depth 1", "ok", run_argv("-c", "4", "--prefetch-depth", "1", *GEN)),
+        Case("valid", "golem-trace stats", "ok", trace_argv("stats"), quick=True),
+        Case("valid", "golem-trace simulate -c 6", "ok", trace_argv("simulate", "-c", "6")),
+        Case("valid", "hub cache snapshot == mlx_lm", "ok", run=hub_snapshot_like_mlx_lm, quick=True),
+        # damaged checkpoints
+        Case("checkpoint", "truncated shard", "error", run_argv("-c", "4", *GEN, model=on_variant("trunc", _truncate_shard)),
+             quick=True, mention="truncated|past the end"),
+        Case("checkpoint", "corrupted header", "error", run_argv("-c", "4", *GEN, model=on_variant("hdr", _corrupt_header))),
+        Case("checkpoint", "header size 2^62", "error", run_argv("-c", "4", *GEN, model=on_variant("hsz", _huge_header_size))),
+        Case("checkpoint", "missing shard", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("miss", lambda m: shards(m)[-1].unlink())), mention="missing"),
+        Case("checkpoint", "zero-byte shard", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("zero", lambda m: os.truncate(shards(m)[0], 0)))),
+        Case("checkpoint", "index names ../outside", "error", run_argv("-c", "4", *GEN, model=on_variant("esc", _escape)),
+             quick=True, mention="outside the model folder"),
+        Case("checkpoint", "index is a folder", "error", run_argv("-c", "4", *GEN, model=on_variant("idx", _index_folder))),
+        Case("checkpoint", "shard is a symlink loop", "error", run_argv("-c", "4", *GEN, model=on_variant("loop", _shard_loop))),
+        Case("checkpoint", "model is a file", "error", lambda ctx: RUN + ["--model", str(_file(ctx, "model file")), *GEN]),
+        # config.json
+        Case("config", "config.json not JSON", "error",
+             run_argv(*GEN, model=on_variant("cfg", lambda m: (m / "config.json").write_text("{oops"))),
+             quick=True, mention="config.json"),
+        Case("config", "config.json binary", "error",
+             run_argv(*GEN, model=on_variant("cfgb", lambda m: (m / "config.json").write_bytes(b"\xff\xfe\x00\x01" * 8))),
+             mention="config.json"),
+        Case("config", "config.json a list", "error",
+             run_argv(*GEN, model=on_variant("cfgl", lambda m: (m / "config.json").write_text("[1, 2]"))), mention="config.json"),
+        Case("config", "config.json a folder", "error",
+             run_argv(*GEN, model=on_variant("cfgd", lambda m: ((m / "config.json").unlink(), (m / "config.json").mkdir())))),
+        Case("config", "no num_experts_per_tok", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("ktok", edit_config(num_experts_per_tok=None))),
+             quick=True, mention="num_experts_per_tok"),
+        Case("config", "no num_experts", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("nexp", edit_config(num_experts=None))), mention="num_experts"),
+        Case("config", "no hidden_size", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("hid", edit_config(hidden_size=None))), mention="hidden_size"),
+        Case("config", "no model_type", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("mt", edit_config(model_type=None))), mention="model_type"),
+        Case("config", "top-k '4' (a string)", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("kstr", edit_config(num_experts_per_tok="4"))),
+             mention="num_experts_per_tok"),
+        Case("config", "top-k 99 > experts", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("kbig", edit_config(num_experts_per_tok=99))),
+             avoid="--cache-size", mention="num_experts|top-k"),
+        Case("config", "top-k 0", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("k0", edit_config(num_experts_per_tok=0)))),
+        # layer ranges
+        Case("ranges", "-f 0-99999999999", "error", run_argv(R, "0-99999999999", *GEN), quick=True),
+        Case("ranges", "--cache-size-override 1-99999999999 8", "error",
+             run_argv("--cache-size-override", "1-99999999999", "8", *GEN)),
+        Case("ranges", "golem-trace simulate -f 0-99999999999", "error", trace_argv("simulate", R, "0-99999999999"), quick=True),
+        Case("ranges", "-f ''", "error", run_argv(R, "", *GEN)),
+        Case("ranges", "-f 3-1", "error", run_argv(R, "3-1", *GEN)),
+        Case("ranges", "-f 0-x", "error", run_argv(R, "0-x", *GEN)),
+        Case("ranges", "-f 7 (past the last layer)", "error", run_argv(R, "7", *GEN)),
+        Case("ranges", "--cache-size-override '' 8", "error", run_argv("--cache-size-override", "", "8", *GEN)),
+        # numbers: NaN, negative, absurd
+        Case("numbers", "--emulate-storage nan", "error", run_argv("-c", "4", "--emulate-storage", "nan", *GEN), quick=True),
+        Case("numbers", "--emulate-storage -2", "error", run_argv("-c", "4", "--emulate-storage", "-2", *GEN)),
+        Case("numbers", "--prefetch-cap-mb=-5", "error",
+             run_argv("-c", "4", "--prefetch-depth", "1", "--prefetch-cap-mb=-5", *GEN), quick=True),
+        Case("numbers", "--prefetch-cap-mb nan", "error",
+             run_argv("-c", "4", "--prefetch-depth", "1", "--prefetch-cap-mb", "nan", *GEN)),
+        Case("numbers", "--prefetch-cap-ms -1", "error",
+             run_argv("-c", "4", "--prefetch-depth", "1", "--prefetch-cap-ms", "-1", *GEN)),
+        Case("numbers", "--threshold nan", "error", run_argv("-c", "4", "--prefetch-depth", "1", "--threshold", "nan", *GEN)),
+        Case("numbers", "--threshold without --prefetch-depth", "error", run_argv("-c", "4", "--threshold", "0.5", *GEN)),
+        Case("numbers", "--predictor without --prefetch-depth", "error", run_argv("-c", "4", "--predictor", "frequency", *GEN)),
+        Case("numbers", "--memory-budget 1e400B", "error", run_argv("--memory-budget", "1e400B", *GEN), quick=True),
+        Case("numbers", "--memory-budget -5GB", "error", run_argv("--memory-budget", "-5GB", *GEN)),
+        Case("numbers", "--memory-budget abc", "error", run_argv("--memory-budget", "abc", *GEN)),
+        Case("numbers", "--max-tokens 0", "error", run_argv("-c", "4", "-m", "0")),
+        Case("numbers", "-c 0", "error", run_argv("-c", "0", *GEN)),
+        Case("numbers", "-c 2 < top-k", "error", run_argv("-c", "2", *GEN), mention="top-k"),
+        # resource limits
+        Case("limits", "--prefetch-depth 20000", "error", run_argv("-c", "4", "--prefetch-depth", "20000", *GEN), quick=True),
+        Case("limits", "--prefetch-depth 1000", "error", run_argv("-c", "4", "--prefetch-depth", "1000", *GEN)),
+        Case("limits", "--prefetch-depth -1", "error", run_argv("-c", "4", "--prefetch-depth", "-1", *GEN)),
+        Case("limits", "--io-parallelism 100000", "error", run_argv("-c", "4", "--io-parallelism", "100000", *GEN), quick=True),
+        Case("limits", "--io-parallelism 0", "error", run_argv("-c", "4", "--io-parallelism", "0", *GEN)),
+        Case("limits", "--io-parallelism -4", "error", run_argv("-c", "4", "--io-parallelism", "-4", *GEN)),
+        # output paths: refused before anything is generated
+        Case("output", "--trace-out under a file", "error",
+             run_argv("-c", "4", "--trace-out", lambda ctx: str(_file(ctx, "trace under file") / "t.npz"), *GEN),
+             quick=True, before_generation=True),
+        Case("output", "--trace-out onto a folder", "error",
+             run_argv("-c", "4", "--trace-out", lambda ctx: str(ctx.fresh("trace onto folder")), *GEN), before_generation=True),
+        Case("output", "--trace-out into a missing folder", "error",
+             run_argv("-c", "4", "--trace-out", lambda ctx: str(ctx.fresh("trace missing") / "no" / "t.npz"), *GEN),
+             before_generation=True),
+        Case("output", "--trace-out into a read-only place", "error",
+             run_argv("-c", "4", "--trace-out", "/proc/golem-trace.npz", *GEN), before_generation=True),
+        Case("output", "--save-profile, read-only cache", "error", run_argv("-c", "4", "--save-profile", *GEN),
+             env=_unwritable_cache, quick=True, before_generation=True),
+        Case("output", "--save-profile, cache under a file", "error", run_argv("-c", "4", "--save-profile", *GEN),
+             env=_cache_under_file, before_generation=True),
+        # traces and warm starts
+        Case("trace", "empty .npz", "error", trace_argv("stats", trace=file_with("empty", "t.npz", b"")), quick=True),
+        Case("trace", "truncated .npz", "error", trace_argv("stats", trace=truncated_copy)),
+        Case("trace", "text file as a trace", "error",
+             trace_argv("stats", trace=file_with("text", "t.txt", b"hello\n")), avoid="allow_pickle", quick=True),
+        Case("trace", "meta not an object", "error", trace_argv("stats", trace=bad_trace("meta", meta_raw="[1, 2]")),
+             mention="meta"),
+        Case("trace", "meta num_experts 10^9", "error",
+             trace_argv("simulate", trace=bad_trace("huge", meta_override={"num_experts": 10**9}))),
+        Case("trace", "int64 expert id 65541", "error",
+             trace_argv("simulate", trace=bad_trace("ids", experts=np.full((40, 3, 4), 65541, np.int64))), quick=True),
+        Case("trace", "zero steps", "error", trace_argv("simulate", trace=bad_trace("zero", num_steps=0)), quick=True),
+        Case("trace", "NaN weights", "error",
+             trace_argv("stats", trace=bad_trace("nan", weights=np.full((40, 3, 4), np.nan, np.float32)))),
+        Case("trace", "negative expert_bytes", "error",
+             trace_argv("simulate", trace=bad_trace("eb", meta_override={"expert_bytes": -5}))),
+        Case("trace", "golem-run -W text file", "error",
+             run_argv("-c", "4", "-W", lambda ctx: str(file_with("warm", "w.txt", b"hello\n")(ctx)), *GEN),
+             avoid="allow_pickle"),
+        Case("trace", "golem-run --predictor-trace empty", "error",
+             run_argv("-c", "4", "--prefetch-depth", "1", "--predictor", "oracle", "--predictor-trace",
+                      lambda ctx: str(file_with("pt", "t.npz", b"")(ctx)), *GEN)),
+        Case("trace", "-W saved, none yet", "error", run_argv("-c", "4", "-W", "saved", *GEN)),
+        # the library: typed errors, nothing left running
+        Case("library", "capacities={999: 8}", "error",
+             library("from golem.runtime import load\nload(MODEL, capacities={999: 8}).close()"), quick=True),
+        Case("library", "capacities={'1': 2}", "error", library("from golem.runtime import load\nload(MODEL, capacities={'1': 2}).close()")),
+        Case("library", "capacities={0: 8} (a dense layer)", "error",
+             library("from golem.runtime import load\nload(MODEL, capacities={0: 8}).close()")),
+        Case("library", "capacities=0", "error", library("from golem.runtime import load\nload(MODEL, capacities=0).close()")),
+        Case("library", "missing model folder", "error",
+             library("from golem.runtime import load\nload(MODEL + '-missing', capacities=4).close()")),
+        Case("library", "failed load leaves nothing running", "error", run=leak_case, quick=True),
+        # faults while running
+        Case("fault", "shard truncated after load", "error", run=truncate_mid_run, quick=True, mention="read|truncat|short"),
+        Case("fault", "Ctrl-C during a stalled read", "error", run=sigint_during_stalled_read, quick=True,
+             mention="interrupted"),
+        # concurrent use and the profile store
+        Case("concurrency", "profile: 4 writers x 25, 2 SIGKILLed", "ok", run=profile_writers_killed, quick=True),
+        Case("concurrency", "3 first --demo runs at once", "ok", run=concurrent_demo_builds, quick=True),
+        Case("concurrency", "3 --save-profile runs at once", "ok", run=concurrent_save_profile),
+        Case("profile", "damaged profile, then --save-profile", "ok", run=damaged_profile_then_save, quick=True),
+        Case("profile", "one model by relative and absolute path", "ok", run=one_model_two_paths),
+    ]
+    return cases
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def run_case(ctx: Ctx, case: Case, timeout_s: float) -> tuple:
+    try:
+        if case.run is not None:
+            out = case.run(ctx, case, timeout_s)
+        else:
+            env = case.env(ctx) if case.env else base_env(ctx)
+            argv = case.argv(ctx)
+            out = run_process(argv, env=env, cwd=ctx.fresh(case.name), timeout_s=timeout_s)
+    except Exception as e:  # the harness itself failed on this case: say so, go on
+        out = Outcome(None, 0.0, stderr=f"harness: {type(e).__name__}: {e}", verdict="unclear",
+                      note=f"harness: {type(e).__name__}: {e}")
+    return case, out, judge(case, out)
+
+
+def build_fixtures(root: Path) -> Ctx:
+    from golem.runtime.synthetic import build_checkpoint
+    from golem.runtime.trace import Trace, save_trace
+
+    model = build_checkpoint("qwen3_moe", root / "model")
+    arrays, meta = trace_arrays()
+    trace = root / "valid.npz"
+    save_trace(trace, Trace(arrays["experts"], arrays["weights"], arrays["seq_offsets"], meta))
+    return Ctx(root=root, model=model, trace=trace)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="One or two cases per class (a few minutes).")
+    ap.add_argument("--jobs", type=int, default=2, help="Cases run at once (default 2).")
+    ap.add_argument("--timeout", type=float, default=180.0, help="Seconds before a case counts as a hang.")
+    ap.add_argument("--only", default=None, help="Comma-separated classes to run.")
+    ap.add_argument("--dir", type=Path, default=None, help="Work folder (default: a new temporary one, removed).")
+    args = ap.parse_args()
+
+    root = args.dir or Path(tempfile.mkdtemp(prefix="golem-reliability-"))
+    root.mkdir(parents=True, exist_ok=True)
+    cases = [c for c in catalogue() if (c.quick or not args.quick)
+             and (args.only is None or c.klass in args.only.split(","))]
+    print(f"[check_reliability] {len(cases)} cases in {root}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    ctx = build_fixtures(root)
+    rows = []
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_case, ctx, c, args.timeout) for c in cases]
+        for i, f in enumerate(futures):
+            case, out, verdict = f.result()
+            rows.append((case, out, verdict))
+            print(f"[{i + 1}/{len(cases)}] {case.klass}: {case.name}: {verdict}", file=sys.stderr, flush=True)
+
+    head = f"{'class':<12} {'case':<42} {'exit':>5} {'s':>6}  {'verdict':<14} message"
+    print(head)
+    print("-" * len(head))
+    for case, out, verdict in rows:
+        rc = "-" if out.rc is None else str(out.rc)
+        flag = "" if verdict == PASS[case.expect] else " <-"
+        print(f"{case.klass:<12} {case.name[:42]:<42} {rc:>5} {out.seconds:>6.1f}  {verdict:<14} "
+              f"{message(out)[:110]}{flag}")
+    counts = {}
+    for _, _, verdict in rows:
+        counts[verdict] = counts.get(verdict, 0) + 1
+    failures = [f"{c.klass}: {c.name}: {v}" for c, _, v in rows if v != PASS[c.expect]]
+    print(json.dumps({
+        "cases": len(rows), "passed": len(rows) - len(failures), "quick": args.quick,
+        "clear_errors": counts.get("clear error", 0), "ok": counts.get("ok", 0),
+        "tracebacks": counts.get("traceback", 0), "hangs": counts.get("hang", 0),
+        "silent_accepts": counts.get("silent accept", 0), "data_losses": counts.get("data loss", 0),
+        "other": {k: v for k, v in counts.items()
+                  if k not in ("clear error", "ok", "traceback", "hang", "silent accept", "data loss")},
+        "failures": failures, "seconds": round(time.monotonic() - t0, 1),
+    }))
+    if args.dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
