@@ -8,6 +8,8 @@ module computes with the same computation over the slot pool.
 
 from __future__ import annotations
 
+import concurrent.futures
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -23,6 +25,10 @@ from golem.runtime.slots import LayerStats, SlotPool
 
 ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
 
+# The longest the engine's thread waits on a read without running Python bytecode: signal
+# handlers (Ctrl-C) run only between bytecodes of the main thread.
+WAIT_SLICE_S = 0.1
+
 
 class DiskReader:
     """Synchronous expert reads: the index's byte ranges into a packed buffer.
@@ -30,19 +36,18 @@ class DiskReader:
     Args:
         index: the expert index.
         direct: bypass the page cache (O_DIRECT) where the OS allows it.
-        throttle: optional storage emulator with ``acquire(nbytes)`` (a slower disk).
+        throttle: optional storage emulator (``golem.io.storage.Throttle``), attached to
+            this reader's ``FileHandles``: every read consults it.
     """
 
     def __init__(self, index: ExpertIndex, *, direct: bool = False, throttle=None):
         self.index = index
         self.direct = direct
         self.throttle = throttle
-        self.handles = FileHandles()
+        self.handles = FileHandles(throttle=throttle)
 
     def __call__(self, layer: int, expert: int, out: np.ndarray) -> int:
         ranges = self.index.ranges(layer, expert)
-        if self.throttle is not None:
-            self.throttle.acquire(sum(r.nbytes for r in ranges))
         return read_ranges(ranges, out, handles=self.handles, direct=self.direct, what=f"expert ({layer}, {expert})")
 
     def close(self) -> None:
@@ -51,7 +56,13 @@ class DiskReader:
 
 @dataclass
 class EngineStats:
-    """Totals over all layers, plus host syncs (reads of device values by the host)."""
+    """Totals over all layers, plus host syncs (reads of device values by the host).
+
+    Host time of the engine while decoding, in seconds: ``decode_sync_s`` in its host
+    syncs, ``decode_read_s`` waiting on reads, ``decode_write_s`` putting experts into
+    slots (the upload), ``decode_engine_s`` everything else it does in a layer that is not
+    fully resident (of which ``decode_miss_s`` on misses: requests, bookkeeping, buffers).
+    """
 
     host_syncs: int = 0
     forward_calls: int = 0
@@ -60,6 +71,11 @@ class EngineStats:
     decode_host_syncs: int = 0
     decode_read_s: float = 0.0
     decode_misses: int = 0  # demand reads while decoding (prefill's are left out)
+    decode_partial_layers: int = 0  # layer calls with a host sync while decoding
+    decode_sync_s: float = 0.0
+    decode_write_s: float = 0.0
+    decode_engine_s: float = 0.0
+    decode_miss_s: float = 0.0
     layers: Dict[int, LayerStats] = field(default_factory=dict)
 
     def total(self) -> LayerStats:
@@ -74,6 +90,25 @@ class EngineStats:
             t.evictions += s.evictions
         return t
 
+    def host_us(self) -> Dict[str, float]:
+        """Engine host microseconds per decode miss and per decode layer with a host sync."""
+        layers = max(self.decode_partial_layers, 1)
+        return {
+            "per_miss_us": 1e6 * self.decode_miss_s / max(self.decode_misses, 1),
+            "per_layer_us": 1e6 * self.decode_engine_s / layers,
+            "sync_per_layer_us": 1e6 * self.decode_sync_s / layers,
+            "write_per_miss_us": 1e6 * self.decode_write_s / max(self.decode_misses, 1),
+        }
+
+
+def wait_result(future, slice_s: float = WAIT_SLICE_S):
+    """``future.result()``, waking every ``slice_s`` so that Ctrl-C reaches the main thread."""
+    while True:
+        try:
+            return future.result(slice_s)
+        except concurrent.futures.TimeoutError:
+            continue
+
 
 class Engine:
     """Resolves expert ids to slots, loading what is missing, prefetching what comes next.
@@ -81,7 +116,13 @@ class Engine:
     Host syncs: a fully resident layer costs none (its ids index the pool directly). Any
     other layer costs one: its ids, the predictor's lazy outputs and the trace's weights
     are read back together in one ``mx.eval``. That sync is also the safe point where
-    completed prefetches are installed: nothing in flight can still read a pool then.
+    completed prefetches are installed: nothing in flight can still read a pool then
+    (and each pool checks it, see ``SlotPool``).
+
+    A decode step's layer with misses first queues its demand reads and the prefetches,
+    then (``overlap``) starts computing its resident experts, then waits for the reads,
+    writes them into their slots and computes the missing experts; the two results are
+    put back in routing order, so the output is the one computation would give.
 
     Args:
         index: per-expert byte ranges of every MoE layer.
@@ -93,19 +134,25 @@ class Engine:
         prefetcher: optional ``Prefetcher`` (needs ``scheduler``).
         hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
         clock: time source for stall accounting.
+        overlap: compute a decode step's resident experts while its misses load.
     """
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
-                 scheduler=None, prefetcher=None, hidden=None, clock=time.perf_counter):
+                 scheduler=None, prefetcher=None, hidden=None, clock=time.perf_counter,
+                 overlap: bool = True):
         self.index = index
         self.pools = pools
         self.reader = reader
         self.scheduler = scheduler
         self.prefetcher = prefetcher
+        if prefetcher is not None:
+            prefetcher.attach(scheduler)
         self.hidden = hidden or (lambda layer, x: x)
         self.clock = clock
+        self.overlap = overlap
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
+        self._policies = [p.policy for p in pools.values() if not p.fully_resident]
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
         self._decoding = False
@@ -123,20 +170,21 @@ class Engine:
             buf = self._staging[nbytes] = aligned_empty(nbytes)
         return buf
 
-    def _place(self, layer: int, expert: int, buf: np.ndarray, protected) -> bool:
-        """Install ``buf`` as ``expert`` of ``layer``; False when every slot is protected."""
-        pool = self.pools[layer]
-        try:
-            slot, victim = pool.claim(expert, protected)
-        except LookupError:
-            return False
-        self._evicted(layer, victim)
-        pool.install(expert, slot, buf, cold=True)
-        return True
+    def _write(self, pool: SlotPool, slot: int, buf: np.ndarray) -> None:
+        t0 = self.clock()
+        pool.write(slot, buf)
+        if self._decoding:
+            self.stats.decode_write_s += self.clock() - t0
+
+    def _flush(self, pool: SlotPool) -> None:
+        t0 = self.clock()
+        pool.flush()
+        if self._decoding:
+            self.stats.decode_write_s += self.clock() - t0
 
     def _evicted(self, layer: int, victim: int) -> None:
-        if victim >= 0 and self.prefetcher is not None and (layer, victim) in self.prefetcher.unused:
-            self.prefetcher.dropped(layer, victim, self.pools[layer].expert_nbytes)
+        if victim >= 0 and self.prefetcher is not None:
+            self.prefetcher.evicted(layer, victim, self.pools[layer].expert_nbytes)
 
     def load(self, layer: int, expert: int, protected=()) -> None:
         """Synchronously read ``expert`` into a slot of ``layer`` (a demand read)."""
@@ -147,53 +195,73 @@ class Engine:
         self._fetch(layer, [(expert, slot)])
 
     def _fetch(self, layer: int, todo, meanwhile=None) -> None:
-        """Read ``[(expert, slot), ...]`` (already assigned) and write them into their slots.
+        """Read ``[(expert, slot), ...]`` (already assigned), write them into their slots, flush.
 
         ``meanwhile()`` runs after the demand reads are queued and before waiting on them
-        (the engine issues its prefetches there, so they queue behind the demand reads).
-        On failure every expert not written is unassigned again, so a slot never maps an
-        expert whose bytes did not arrive.
+        (the engine issues its prefetches and starts computing resident experts there).
+        Each expert is written as it arrives and its staging buffer handed back at once;
+        the writer uploads the layer's batch at the flush. Waits wake every
+        ``WAIT_SLICE_S`` so that Ctrl-C ends a stalled read. On failure or interrupt every
+        expert not written is unassigned again (a slot never maps an expert whose bytes did
+        not arrive) and buffers still to come are handed back as they land.
         """
         pool = self.pools[layer]
         t0 = self.clock()
+        waited = aside = 0.0  # seconds waiting on reads; seconds in writes and in meanwhile()
         pending = dict(todo)
         try:
             if self.scheduler is None:
                 if meanwhile is not None:
+                    t = self.clock()
                     meanwhile()
+                    aside += self.clock() - t
                 buf = self._staging_for(layer)
                 for e, slot in todo:
+                    t = self.clock()
                     pool.stats.bytes_read += self.reader(layer, e, buf)
-                    pool.write(slot, buf)
+                    t1 = self.clock()
+                    self._write(pool, slot, buf)
+                    waited += t1 - t
+                    aside += self.clock() - t1
                     del pending[e]
             else:
-                futures = [(e, slot, self.scheduler.submit((layer, e), depth=0)) for e, slot in todo]
+                sched, pf = self.scheduler, self.prefetcher
+                futures = [(e, slot, sched.submit((layer, e), depth=0)) for e, slot in todo]
                 try:
                     if meanwhile is not None:
+                        t = self.clock()
                         meanwhile()
+                        aside += self.clock() - t
                     for e, slot, future in futures:
-                        buf = future.result()
+                        t = self.clock()
+                        buf = wait_result(future)
+                        t1 = self.clock()
+                        waited += t1 - t
                         try:
                             pool.stats.bytes_read += len(buf)
-                            if self.prefetcher is not None:
-                                self.prefetcher.late(layer, e)
-                            pool.write(slot, buf)
+                            if pf is not None:
+                                pf.late(layer, e)
+                            self._write(pool, slot, buf)
                             del pending[e]
                         finally:
-                            self.scheduler.release(buf)
+                            sched.release(buf)
+                        aside += self.clock() - t1
                 except BaseException:
                     for _, _, future in futures:  # the engine stops: hand back what still arrives
                         future.add_done_callback(self._release_result)
                     raise
+            t = self.clock()
+            self._flush(pool)
+            aside += self.clock() - t
         except BaseException:
             for e in pending:
                 pool.unassign(e)
             raise
         finally:
-            waited = self.clock() - t0
             pool.stats.read_s += waited
             if self._decoding:
                 self.stats.decode_read_s += waited
+                self.stats.decode_miss_s += self.clock() - t0 - waited - aside
 
     def _release_result(self, future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -224,104 +292,150 @@ class Engine:
             if pool is not None and not pool.fully_resident:
                 self.preload(layer, list(experts)[-pool.capacity:])
 
-    def _ensure(self, pool: SlotPool, needed: np.ndarray, meanwhile=None) -> None:
+    def _plan(self, pool: SlotPool, needed: np.ndarray):
+        """The pool's step protocol for ``needed``, with the counters; ``(hits, todo)``."""
         hits, todo, evicted = pool.plan(needed)
         for victim in evicted:
             self._evicted(pool.layer, victim)
         pool.stats.hits += len(hits)
         pool.stats.misses += len(todo)
-        self.stats.decode_misses += len(todo) if self._decoding else 0
-        if self.prefetcher is not None:
-            for e in hits:
-                if self.prefetcher.used(pool.layer, e, pool.expert_nbytes):
-                    pool.stats.prefetch_hits += 1
+        if self._decoding:
+            self.stats.decode_misses += len(todo)
+        if self.prefetcher is not None and hits:
+            pool.stats.prefetch_hits += self.prefetcher.used_all(pool.layer, hits, pool.expert_nbytes)
+        return hits, todo
+
+    def _ensure(self, pool: SlotPool, needed: np.ndarray, meanwhile=None) -> None:
+        _, todo = self._plan(pool, needed)
         if todo:
             self._fetch(pool.layer, todo, meanwhile)
         elif meanwhile is not None:
             meanwhile()
 
     # -- prefetch, at a safe point -----------------------------------------------
+    def _resident(self, layer: int) -> np.ndarray:
+        pool = self.pools[layer]
+        return np.ones(pool.num_experts, bool) if pool.fully_resident else pool.slot_of >= 0
+
     def _install_prefetched(self, layer: int, protected) -> None:
-        for (l, e), buf in self.scheduler.poll(0):
+        pf, touched = self.prefetcher, set()
+        for l, e, buf in pf.arrivals():
             try:
                 pool = self.pools[l]
                 if pool.is_resident(e):
-                    self.prefetcher.in_flight.pop((l, e), None)
+                    pf.not_needed(l, e)
                     continue
-                keep = protected if l == layer else self.prefetcher._predicted.get(self.prefetcher.position[l], ())
-                if self._place(l, e, buf, keep):
-                    pool.stats.bytes_read += len(buf)
-                    self.prefetcher.landed(l, e)
-                else:
-                    self.prefetcher.dropped(l, e, len(buf))
+                try:
+                    slot, victim = pool.claim(e, protected if l == layer else pf.keep(l))
+                except LookupError:  # every slot holds an expert in use or guessed
+                    pf.dropped(l, e, len(buf))
+                    continue
+                self._evicted(l, victim)
+                self._write(pool, slot, buf)
+                pool.assign(e, slot, cold=True)
+                touched.add(pool)
+                pool.stats.bytes_read += len(buf)
+                pf.landed(l, e)
             finally:
                 self.scheduler.release(buf)
-
-    def _prefetch(self, layer: int, ids: np.ndarray, proposals) -> None:
-        pf, sched = self.prefetcher, self.scheduler
-        here = pf.position[layer]
-        for (l, e) in [k for k in pf.in_flight if k[0] == layer]:
-            if e not in ids and sched.cancel((l, e)):
-                pf.dropped(l, e, self.pools[l].expert_nbytes)
-            elif sched.pending((l, e)) is None:
-                pf.in_flight.pop((l, e), None)
-        resident = lambda l: self.pools[l].slot_of >= 0 if not self.pools[l].fully_resident else np.ones(self.pools[l].num_experts, bool)
-        for proposal in proposals:
-            wanted = pf.candidates(proposal, resident)
-            # A nearer layer's guess supersedes a farther one's: drop queued reads it no longer names.
-            keep = {(l, e) for l, e, _ in wanted}
-            targets = {pf.moe_layers[t % len(pf.moe_layers)] for t in proposal.targets}
-            for key in [k for k in pf.in_flight if k[0] in targets and k not in keep]:
-                if pf.in_flight[key] != here and sched.pending(key) == "queued" and sched.cancel(key):
-                    pf.dropped(key[0], key[1], 0)
-            for l, e, score in wanted:
-                sched.submit((l, e), depth=pf.distance(here, l), score=score)
-                pf.issued(l, e, here)
+        for pool in touched:
+            self._flush(pool)
 
     # -- the experts module's computation ----------------------------------------
+    def _begin_call(self, indices: mx.array) -> None:
+        tokens = math.prod(indices.shape[:-1])
+        st, pf = self.stats, self.prefetcher
+        st.forward_calls += 1
+        st.tokens += tokens
+        for policy in self._policies:
+            policy.tick()
+        self._decoding = tokens == 1
+        st.decode_steps += self._decoding
+        if pf is not None:
+            if self._decoding:
+                pf.begin_step()
+            elif not self._prefilling:
+                pf.begin_sequence()  # a new prompt; its later prefill chunks continue it
+        self._prefilling = not self._decoding
+
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
-        pool = self.pools[layer]
-        tokens = int(np.prod(indices.shape[:-1]))
-        pf = self.prefetcher
         if layer == self.first_layer:
-            self.stats.forward_calls += 1
-            self.stats.tokens += tokens
-            for p in self.pools.values():
-                p.policy.tick()
-            self._decoding = tokens == 1
-            self.stats.decode_steps += self._decoding
-            if pf is not None:
-                if self._decoding:
-                    pf.begin_step()
-                elif not self._prefilling:
-                    pf.begin_sequence()  # a new prompt; its later prefill chunks continue it
-            self._prefilling = not self._decoding
-        proposals = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else []
-        if pool.fully_resident and self.trace is None and not proposals:
+            self._begin_call(indices)
+        pool, pf, trace = self.pools[layer], self.prefetcher, self.trace
+        proposals = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else ()
+        if pool.fully_resident and trace is None and not proposals:
             return glu(x, indices)
-        extra = self.trace.weights(layer, x) if self.trace is not None else []
-        weights = extra[:1] if self.trace is not None and self.trace.route is not None else None
+        t0 = self.clock()
+        extra = trace.weights(layer, x) if trace is not None else []
         mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays)])  # this layer's one host sync
+        t_sync = self.clock()
         self.stats.host_syncs += 1
         self.stats.decode_host_syncs += self._decoding
         ids = np.array(indices)
-        if self.trace is not None:
-            self.trace.record(layer, ids, [np.array(a) for a in extra])
-        prefetch = None
+        if trace is not None:
+            trace.record(layer, ids, [np.array(a) for a in extra])
+        issue = None
         if pf is not None:
             if self._decoding:
-                pf.observe(layer, ids, weights[0] if weights else None)
-                prefetch = lambda: self._prefetch(layer, ids, proposals)  # queued behind this layer's demand reads
-            self._install_prefetched(layer, set(int(e) for e in ids.reshape(-1)))
+                scores = extra[0] if trace is not None and trace.route is not None else None
+                pf.observe(layer, ids, scores)
+                issue = lambda: pf.issue(layer, ids, proposals, self._resident)  # queued behind the demand reads
+            self._install_prefetched(layer, set(ids.reshape(-1).tolist()))
         if pool.fully_resident:
-            if prefetch is not None:
-                prefetch()
-            return glu(x, indices)
-        needed = np.unique(ids)
-        if len(needed) <= pool.capacity:
-            self._ensure(pool, needed, prefetch)
-            return glu(x, mx.array(pool.slots(ids)))
-        return self._streamed(pool, glu, x, ids, needed)
+            if issue is not None:
+                issue()
+            y = glu(x, indices)
+        else:
+            needed = np.unique(ids)
+            if len(needed) > pool.capacity:
+                y = self._streamed(pool, glu, x, ids, needed)
+            else:
+                y = self._compute(pool, glu, x, ids, needed, issue)
+        if self._decoding:
+            st = self.stats
+            st.decode_partial_layers += 1
+            st.decode_sync_s += t_sync - t0
+            st.decode_engine_s += self.clock() - t_sync
+        return y
+
+    def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
+                 needed: np.ndarray, issue) -> mx.array:
+        """The layer's experts over its slots: hits at once, misses once read."""
+        hits, todo = self._plan(pool, needed)
+        if not todo:
+            if issue is not None:
+                issue()
+            slots = pool.slots(ids)
+            y = glu(x, mx.array(slots))
+            pool.reading(y, slots)
+            return y
+        if not (self.overlap and self._decoding and hits):
+            self._fetch(pool.layer, todo, issue)
+            slots = pool.slots(ids)
+            y = glu(x, mx.array(slots))
+            pool.reading(y, slots)
+            return y
+        # Decode: compute the resident experts while the misses load, then the missing ones;
+        # each (token, expert) pair is computed on its own, so splitting them changes no value.
+        flat = ids.reshape(-1)
+        resident = np.isin(flat, np.asarray(hits, dtype=flat.dtype))
+        first, second = np.flatnonzero(resident), np.flatnonzero(~resident)
+        lead = ids.shape[:-1]
+        hit_slots = pool.slots(flat[first])
+        y_hit = glu(x, mx.array(hit_slots.reshape(*lead, -1)))
+        pool.reading(y_hit, hit_slots)
+
+        def meanwhile():
+            if issue is not None:
+                issue()
+            mx.async_eval(y_hit)
+
+        self._fetch(pool.layer, todo, meanwhile)
+        miss_slots = pool.slots(flat[second])
+        y_miss = glu(x, mx.array(miss_slots.reshape(*lead, -1)))
+        pool.reading(y_miss, miss_slots)
+        order = np.argsort(np.concatenate([first, second]))
+        return mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2)
 
     def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: np.ndarray) -> mx.array:
         """More distinct experts than slots (prefill): compute them group by group.
@@ -342,8 +456,8 @@ class Engine:
             self._ensure(pool, group)
             rows = np.flatnonzero(np.isin(flat, group))
             xs = x2[mx.array(rows // k)]
-            slots = mx.array(pool.slots(flat[rows]))[:, None]
-            y = glu(xs, slots)[:, 0, :]
+            slots = pool.slots(flat[rows])
+            y = glu(xs, mx.array(slots)[:, None])[:, 0, :]
             mx.eval(y)
             self.stats.host_syncs += 1
             outputs.append(y)

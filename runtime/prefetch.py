@@ -3,14 +3,17 @@
 Owns, for the decode engine: asking the predictor at each MoE layer, the selection step
 (threshold, caps), which guesses become requests to the I/O scheduler, the per-layer recall
 that switches prefetching off for a layer that predicts poorly (and back on), and the
-useful / wasted accounting. It never touches slots or files: the engine installs what the
-scheduler delivers.
+useful / wasted accounting, and the life of every prefetch request: which reads to issue,
+which to cancel when a layer's true routing (or a nearer layer's guess) makes them stale,
+which arrivals to install and what an install must not evict. The engine asks and reports
+through the methods below and touches none of its state. It never touches slots or files:
+the engine installs what the scheduler delivers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -82,6 +85,12 @@ class PrefetchConfig:
 class Prefetcher:
     """The predictor-to-scheduler half of the decode engine.
 
+    Per decode step the engine calls ``begin_step``; per MoE layer ``propose`` (lazy
+    arrays, evaluated in the layer's one host sync), then ``observe`` (the true routing),
+    ``arrivals`` and ``keep`` (what to install and what the install must not evict), and
+    ``issue`` (cancel and request reads). It reports what happened with ``landed``,
+    ``not_needed``, ``dropped``, ``evicted``, ``late`` and ``used``. Engine thread only.
+
     Args:
         predictor: any ``golem.predictors`` predictor.
         config: depth, threshold, caps and the recall switch.
@@ -109,6 +118,11 @@ class Prefetcher:
         self._predicted_next: Dict[int, Set[int]] = {}  # the same, for the next token
         self.in_flight: Dict[Tuple[int, int], int] = {}  # (model layer, expert) -> position that last asked
         self.unused: Set[Tuple[int, int]] = set()  # prefetched, installed, not yet used
+        self.scheduler = None
+
+    def attach(self, scheduler) -> None:
+        """The I/O scheduler (``golem.io.scheduler.IOScheduler``) prefetches go through."""
+        self.scheduler = scheduler
 
     def begin_sequence(self) -> None:
         self.predictor.begin_sequence()
@@ -183,7 +197,48 @@ class Prefetcher:
         """MoE layers from position ``at`` to ``layer`` (wrapping into the next step)."""
         return (self.position[layer] - at) % len(self.moe_layers) or len(self.moe_layers)
 
-    # -- accounting, called by the engine -------------------------------------------------
+    # -- requests, asked for by the engine at a layer's sync point ------------------------
+    def issue(self, layer: int, ids: np.ndarray, proposals: Sequence[Proposal],
+              resident: Callable[[int], np.ndarray]) -> None:
+        """After ``layer``'s host sync: cancel what its routing ``ids`` made stale, request the rest.
+
+        Prefetches for ``layer`` that it does not use are cancelled; a nearer layer's guess
+        supersedes a farther one's (queued reads it no longer names are dropped); then the
+        candidates of ``proposals`` not yet ``resident(model_layer) -> bool (E,)`` are
+        submitted, nearest layers and best scores first.
+        """
+        sched, here = self.scheduler, self.position[layer]
+        used = set(ids.reshape(-1).tolist())
+        for key in [k for k in self.in_flight if k[0] == layer]:
+            if key[1] not in used and sched.cancel(key):
+                self.dropped(key[0], key[1], self.expert_nbytes[here])
+            elif sched.pending(key) is None:
+                self.in_flight.pop(key, None)
+        n = len(self.moe_layers)
+        for proposal in proposals:
+            wanted = self.candidates(proposal, resident)
+            keep = {(l, e) for l, e, _ in wanted}
+            targets = {self.moe_layers[t % n] for t in proposal.targets}
+            for key in [k for k in self.in_flight if k[0] in targets and k not in keep]:
+                if self.in_flight[key] != here and sched.pending(key) == "queued" and sched.cancel(key):
+                    self.dropped(key[0], key[1], 0)
+            for l, e, score in wanted:
+                sched.submit((l, e), depth=self.distance(here, l), score=score)
+                self.issued(l, e, here)
+
+    def arrivals(self) -> List[Tuple[int, int, np.ndarray]]:
+        """Prefetches read and not yet installed, as ``(layer, expert, buffer)``.
+
+        The caller owns each buffer until it hands it back to the scheduler (``release``),
+        and reports each with ``landed``, ``not_needed`` or ``dropped``.
+        """
+        return [(key[0], key[1], buf) for key, buf in self.scheduler.poll(0)]
+
+    def keep(self, layer: int) -> Set[int]:
+        """Experts of ``layer`` guessed for this step: installing a prefetch must not evict them."""
+        return self._predicted.get(self.position[layer], set())
+
+    # -- accounting, reported by the engine ------------------------------------------------
     def issued(self, layer: int, expert: int, at: int) -> None:
         """A prefetch of ``(layer, expert)`` was requested at MoE position ``at``."""
         if (layer, expert) not in self.in_flight:
@@ -198,6 +253,15 @@ class Prefetcher:
         """A demand read took over ``(layer, expert)``; count it if a prefetch had asked for it."""
         if self.in_flight.pop((layer, expert), None) is not None:
             self.stats[layer].late += 1
+
+    def not_needed(self, layer: int, expert: int) -> None:
+        """A prefetch arrived for an expert already resident (a demand read was faster)."""
+        self.in_flight.pop((layer, expert), None)
+
+    def evicted(self, layer: int, expert: int, nbytes: int) -> None:
+        """``(layer, expert)`` left its slot; a prefetch of it never used is wasted."""
+        if (layer, expert) in self.unused:
+            self.dropped(layer, expert, nbytes)
 
     def dropped(self, layer: int, expert: int, nbytes: int) -> None:
         """A prefetch cancelled, failed, or evicted before its first use."""
@@ -216,6 +280,12 @@ class Prefetcher:
             s.useful_nbytes += nbytes
             return True
         return False
+
+    def used_all(self, layer: int, experts: Sequence[int], nbytes: int) -> int:
+        """``used`` for each of ``experts``; how many came from prefetches."""
+        if not self.unused:
+            return 0
+        return sum(self.used(layer, e, nbytes) for e in experts)
 
     def totals(self) -> PrefetchLayerStats:
         t = PrefetchLayerStats()

@@ -16,6 +16,9 @@ import numpy as np
 from golem.io.index import StackedTensor
 
 from golem.runtime.policies import DEFAULT_POLICY, Policy, make_policy
+from golem.runtime.writers import SlotWriter, SlotWriters
+
+MAX_READERS = 4  # registered computations a pool keeps before it evaluates them all
 
 
 @dataclass
@@ -54,28 +57,16 @@ class PoolPart:
     attr: str
 
 
-def host_view(arr: mx.array) -> Optional[np.ndarray]:
-    """A writable uint8 view of an evaluated array's own memory, or None.
-
-    None where the buffer protocol gives no such view, or where a canary written through it
-    does not read back through MLX (a backend whose arrays live apart from host memory).
-    """
-    try:
-        view = np.frombuffer(memoryview(arr).cast("B"), dtype=np.uint8)
-    except (TypeError, ValueError, BufferError):
-        return None
-    if view.size != arr.nbytes or not view.flags.writeable or view.size == 0:
-        return None
-    old = (int(view[0]), int(view[-1]))
-    view[0], view[-1] = 0xA5, 0x5A
-    flat = arr.reshape(-1)
-    seen = np.array(mx.concatenate([flat[:1], flat[-1:]]).view(mx.uint8))
-    view[0], view[-1] = old
-    return view if seen[0] == 0xA5 and seen[-1] == 0x5A else None
-
-
 class SlotPool:
     """The slots of one MoE layer.
+
+    Slot safety: a slot is overwritten only when no computation that can read it is queued
+    or running. Every computation the engine builds over a partial pool is registered with
+    ``reading(out, slots)``; before a write, the pool evaluates those still registered that
+    read the slot (any of them when the writer replaces whole arrays: ``exclusive``). In
+    mlx-lm's decode loop they are already evaluated (the layer's host sync waited on them),
+    so this costs nothing there; it is what keeps a caller that holds two lazy forward
+    passes correct. A fully resident pool is written only while loading, before any reads.
 
     Args:
         layer: MoE layer index (the decoder layer number).
@@ -84,9 +75,12 @@ class SlotPool:
             (slot i holds expert i, no table, no eviction).
         parts: the layer's stacked tensors and the module attributes holding their pools.
         policy: eviction policy name.
+        writers: makes this pool's ``SlotWriter`` (default: the backend's, see
+            ``golem.runtime.writers.default_writer``).
     """
 
-    def __init__(self, layer: int, num_experts: int, capacity: int, parts: Sequence[PoolPart], policy: str = DEFAULT_POLICY):
+    def __init__(self, layer: int, num_experts: int, capacity: int, parts: Sequence[PoolPart],
+                 policy: str = DEFAULT_POLICY, writers: Optional[SlotWriters] = None):
         if capacity < 1 or capacity > num_experts:
             raise ValueError(f"layer {layer}: capacity {capacity} outside [1, {num_experts}]")
         self.layer = layer
@@ -100,12 +94,9 @@ class SlotPool:
         for p in self.parts:
             dtype = getattr(p.owner, p.attr).dtype
             setattr(p.owner, p.attr, mx.zeros((capacity, *p.spec.expert_shape), dtype=dtype))
-        pools = [getattr(p.owner, p.attr) for p in self.parts]
-        mx.eval(pools)
-        views = [host_view(a) for a in pools]
-        # Where the backend lets the host write an array's own memory (CPU, unified memory),
-        # slots are filled with one memcpy at a safe point; elsewhere by MLX slice updates.
-        self._views = [v.reshape(capacity, -1) for v in views] if all(v is not None for v in views) else None
+        mx.eval([getattr(p.owner, p.attr) for p in self.parts])
+        self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, capacity)
+        self._readers: List[Tuple[mx.array, np.ndarray]] = []  # computations that may still read slots
 
     @property
     def fully_resident(self) -> bool:
@@ -169,41 +160,51 @@ class SlotPool:
             self.slot_of[expert] = -1
             self.policy.evict(expert)
 
-    def write(self, slot: int, packed: np.ndarray) -> None:
-        """Copy one expert's packed bytes into ``slot``.
+    def reading(self, out: mx.array, slots: np.ndarray) -> None:
+        """``out`` (lazy) reads ``slots``: no write may touch them before it is evaluated."""
+        if len(self._readers) >= MAX_READERS:  # evaluated long since in a decode loop: cheap
+            mx.eval([r for r, _ in self._readers])
+            self._readers.clear()
+        self._readers.append((out, slots))
 
-        Only call at a safe point: no graph that can still read this layer's pool may be
-        in flight or pending (the engine writes right after a layer's host sync, when
-        everything built before has been evaluated).
-        """
-        if self._views is not None:
-            for p, view in zip(self.parts, self._views):
-                s = p.spec
-                view[slot] = packed[s.dest : s.dest + s.expert_nbytes]
+    def _before_write(self, slot: int) -> None:
+        if not self._readers:
             return
-        raw = mx.array(packed)
-        for p in self.parts:
-            pool = getattr(p.owner, p.attr)
-            s = p.spec
-            pool[slot] = raw[s.dest : s.dest + s.expert_nbytes].view(pool.dtype).reshape(s.expert_shape)
+        if self.writer.exclusive:
+            pending, self._readers = self._readers, []
+        else:
+            pending = [r for r in self._readers if slot in r[1]]
+            if pending:
+                self._readers = [r for r in self._readers if slot not in r[1]]
+        if pending:
+            mx.eval([out for out, _ in pending])
+
+    def write(self, slot: int, packed: np.ndarray) -> None:
+        """Put one expert's packed bytes into ``slot`` (``flush`` before computing on it).
+
+        Waits first for any registered computation that still reads the slot (see the
+        class docstring); ``packed`` may be reused once this returns.
+        """
+        self._before_write(slot)
+        self.writer.put(slot, packed)
+
+    def flush(self) -> None:
+        """Make the writes so far visible to computations built from now on."""
+        self.writer.flush()
 
     def install(self, expert: int, slot: int, packed: np.ndarray, *, cold: bool = False) -> None:
         self.write(slot, packed)
         self.assign(expert, slot, cold=cold)
 
     def settle(self) -> None:
-        """Evaluate pending slot writes (so the next writes stay in place)."""
-        mx.eval([getattr(p.owner, p.attr) for p in self.parts])
+        """Evaluate pending slot writes (loading ends with every pool evaluated)."""
+        self.writer.settle()
 
     def slots(self, experts: np.ndarray) -> np.ndarray:
         """Slot of every expert id in ``experts`` (all must be resident)."""
         if self.fully_resident:
             return experts
         return self.slot_of[experts]
-
-    def touch(self, experts: Iterable[int]) -> None:
-        for e in experts:
-            self.policy.hit(int(e))
 
     def plan(self, needed: Sequence[int]) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
         """One step's use of this layer, by the policy's step protocol.

@@ -73,19 +73,46 @@ def test_prefill_streams_more_experts_than_slots(checkpoints):
     assert got == expected
 
 
+@pytest.mark.parametrize("writer", ["host", "device", "device-load"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_every_slot_writer_identical(checkpoints, references, family, writer):
+    """Slots filled through a host view of the pool's memory, or by uploads and MLX slice updates."""
+    tokens, expected = references(family)
+    with load(str(checkpoints(family)), capacities=TOP_K, slot_writer=writer) as (model, _):
+        got = greedy_tokens(model, tokens)
+        pools = list(model.golem.engine.pools.values())
+        misses = model.golem.engine.stats.total().misses
+    assert got == expected
+    assert misses > 0
+    assert all(p.writer.name == writer for p in pools)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_both_slot_write_paths_identical(checkpoints, references, monkeypatch, direct):
-    """Slots filled through a host view of the pool's memory, or by MLX slice updates."""
-    import golem.runtime.slots as slots
+    """The backend's default writer: a host view where the backend gives one, else uploads."""
+    import golem.runtime.writers as writers
 
     if not direct:
-        monkeypatch.setattr(slots, "host_view", lambda arr: None)
+        monkeypatch.setattr(writers, "host_view", lambda arr: None)
     tokens, expected = references("gpt_oss")
     with load(str(checkpoints("gpt_oss")), capacities=TOP_K) as (model, _):
         got = greedy_tokens(model, tokens)
         pools = list(model.golem.engine.pools.values())
     assert got == expected
     if not direct:
-        assert all(p._views is None for p in pools)
+        assert all(p.writer.name == "device" for p in pools)
     elif mx.default_device() == mx.cpu:
-        assert all(p._views is not None for p in pools)  # the CPU backend shares host memory
+        assert all(p.writer.name == "host" for p in pools)  # the CPU backend shares host memory
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("writer", ["host", "device"])
+def test_resident_experts_computed_while_misses_load_identical(checkpoints, references, overlap, writer):
+    """Splitting a decode step's experts into resident and missing ones changes no token."""
+    tokens, expected = references("mixtral")
+    with load(str(checkpoints("mixtral")), capacities=TOP_K + 1, slot_writer=writer) as (model, _):
+        model.golem.engine.overlap = overlap
+        got = greedy_tokens(model, tokens)
+        stats = model.golem.engine.stats.total()
+    assert got == expected
+    assert stats.misses > 0 and stats.hits > 0
