@@ -110,10 +110,7 @@ def measure_read_gb_per_s(path: Path, args, repeats: int = 3) -> float:
     shards = sorted(path.glob("*.safetensors"))
     buf = aligned_empty(chunk)
     rates = []
-    with FileHandles() as handles:
-        throttle = _options(args, 0).get("throttle")
-        if throttle is not None:
-            handles.preadv = throttle.wrap(handles.preadv)
+    with FileHandles(throttle=_options(args, 0).get("throttle")) as handles:
         for _ in range(repeats):
             total, t0 = 0, time.perf_counter()
             for shard in shards:

@@ -297,10 +297,7 @@ def main(argv=None) -> None:
     target = int(args.gb * 1e9)
 
     def handles():
-        h = FileHandles()
-        if throttle is not None:
-            h.preadv = throttle.wrap(h.preadv)
-        return h
+        return FileHandles(throttle=throttle)
 
     with handles() as h:
         mode = h.mode(str(path), direct)

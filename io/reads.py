@@ -2,8 +2,10 @@
 
 Owns open file handles, ``os.preadv`` (releases the GIL), merging of adjacent ranges,
 direct I/O (aligned ``O_DIRECT``, into the destination itself when alignment allows) and
-page-cache eviction for benchmarks. Knows nothing of experts beyond labels for errors;
-does not schedule, prioritise or throttle (see ``scheduler`` and ``storage``)."""
+page-cache eviction for benchmarks. A storage emulator (``storage.Throttle``) is attached
+in one place, ``FileHandles(throttle=...)``: every read through those handles consults it.
+Knows nothing of experts beyond labels for errors; does not schedule or prioritise (see
+``scheduler``)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import mmap
 import os
 import sys
 import threading
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from golem.io.ranges import ByteRange
+
+if TYPE_CHECKING:
+    from golem.io.storage import Throttle
 
 ALIGN = 4096  # direct-I/O alignment: a page, a multiple of every common logical block size
 DIRECT_CHUNK_NBYTES = 8 << 20  # largest single direct read; bounds the bounce buffer per thread
@@ -87,21 +92,28 @@ class FileHandles:
 
     ``opener`` and ``preadv`` are patch points (like aiofiles' ``sync_open``): tests inject
     faults or count calls through them; every read in this module goes through
-    ``handles.preadv``. Use as a context manager, or call ``close()``.
+    ``handles.preadv``, and, with a ``throttle``, books its bytes on the emulated device
+    before the call and waits for the emulated time after it. Use as a context manager, or
+    call ``close()``.
 
     Args:
         opener: ``os.open``-compatible ``(path, flags) -> fd``.
         preadv: ``os.preadv``-compatible ``(fd, buffers, offset) -> int``.
+        throttle: emulate a slower device for every read (``golem.io.storage.Throttle``);
+            one throttle may be shared by several handles (one device).
     """
 
     def __init__(self, *, opener: Callable[..., int] = os.open,
-                 preadv: Callable[[int, Sequence[memoryview], int], int] = os.preadv):
+                 preadv: Callable[[int, Sequence[memoryview], int], int] = os.preadv,
+                 throttle: Optional["Throttle"] = None):
         self.opener = opener
         self.preadv = preadv
+        self.throttle = throttle
         self._fds: Dict[Tuple[str, bool], Tuple[int, str]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._bounce = threading.local()
+        self._discard = threading.local()
 
     def open(self, path: str, direct: bool = False) -> Tuple[int, str]:
         """Return ``(fd, mode)`` for ``path``; mode is one of the ``MODE_*`` strings."""
@@ -160,6 +172,13 @@ class FileHandles:
             self._bounce.buf = buf
         return memoryview(buf)[:nbytes]
 
+    def discard(self, nbytes: int) -> memoryview:
+        """A per-thread scratch buffer of ``nbytes`` for the gaps of a span read (never read)."""
+        buf = getattr(self._discard, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._discard.buf = bytearray(nbytes)
+        return memoryview(buf)[:nbytes]
+
     def close(self) -> None:
         with self._lock:
             fds, self._fds, self._closed = list(self._fds.values()), {}, True
@@ -197,8 +216,9 @@ def _byte_view(out) -> memoryview:
 class ReadRun:
     """Ranges adjacent in one file, read with one ``preadv`` scattering into their buffers.
 
-    ``segments`` are ``[buffer index, dest, nbytes]`` in file order; ``labels`` and
-    ``whats`` name the tensors and requesters for errors.
+    ``segments`` are ``[buffer index, dest, nbytes]`` in file order (buffer index
+    ``GAP``: bytes between two ranges, read into a scratch buffer and dropped); ``labels``
+    and ``whats`` name the tensors and requesters for errors.
     """
 
     __slots__ = ("path", "offset", "nbytes", "segments", "labels", "whats")
@@ -217,14 +237,20 @@ class ReadRun:
         return ", ".join(dict.fromkeys(w for w in self.whats if w))
 
 
+GAP = -1  # the buffer index of a segment that only skips bytes between two ranges
+
+
 def plan_reads(requests: Sequence[Tuple[Sequence[ByteRange], int, str]],
-               max_run_nbytes: Optional[int] = None) -> List[ReadRun]:
+               max_run_nbytes: Optional[int] = None, *, max_gap_nbytes: int = 0
+               ) -> List[ReadRun]:
     """Group ranges into runs adjacent in the file, each one ``preadv``.
 
     ``requests`` holds ``(ranges, buffer index, what)``. Within a run, ranges that are also
     adjacent in the same buffer merge into one segment; a run never holds more than IOV_MAX
     segments, nor (with ``max_run_nbytes``) more bytes than that, cut at ALIGN boundaries
-    of the file so that direct reads of neighbouring runs do not overlap.
+    of the file so that direct reads of neighbouring runs do not overlap. Ranges at most
+    ``max_gap_nbytes`` apart join one run too: the gap is read into a scratch segment
+    (buffer index ``GAP``) and dropped, one ``preadv`` instead of two.
     """
     items = sorted(((r, buf, what) for ranges, buf, what in requests for r in ranges
                     if r.nbytes), key=lambda item: (item[0].path, item[0].offset))
@@ -237,8 +263,11 @@ def plan_reads(requests: Sequence[Tuple[Sequence[ByteRange], int, str]],
         last = run.segments[-1] if run is not None else None
         merge = (last is not None and rng.path == run.path and rng.offset == run.end
                  and last[0] == buf and last[1] + last[2] == rng.dest)
-        if not merge and (run is None or rng.path != run.path or rng.offset != run.end
-                          or len(run.segments) >= _IOV_MAX):
+        gap = rng.offset - run.end if run is not None and rng.path == run.path else -1
+        if 0 < gap <= max_gap_nbytes and len(run.segments) < _IOV_MAX - 1:
+            run.segments.append([GAP, 0, gap])
+            run.nbytes += gap
+        elif not merge and (run is None or gap != 0 or len(run.segments) >= _IOV_MAX):
             run = ReadRun(rng.path, rng.offset)
             runs.append(run)
         if merge:
@@ -332,17 +361,21 @@ def read_into(requests: Sequence[Tuple[Sequence[ByteRange], object, str]], *,
 
 
 def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
-             direct: bool = False, retries: int = 3) -> int:
-    """Read one planned run into ``views`` (indexed by the run's buffer indices)."""
-    bufs = [views[buf][dest:dest + n] for buf, dest, n in run.segments]
+             direct: bool = False, retries: int = 3,
+             wake: Optional[threading.Event] = None) -> int:
+    """Read one planned run into ``views`` (indexed by the run's buffer indices).
+
+    ``wake``, once set, cuts short the throttle's wait (a closing scheduler)."""
+    bufs = [views[buf][dest:dest + n] if buf != GAP else handles.discard(n)
+            for buf, dest, n in run.segments]
     fd, mode = handles.open(run.path, direct)
     if mode == MODE_O_DIRECT:
         try:
-            _read_direct(handles, fd, run, bufs, retries)
+            _read_direct(handles, fd, run, bufs, retries, wake)
             return run.nbytes
         except _DirectRefused:
             fd, mode = handles._downgrade(run.path)
-    _read_run(handles, fd, run, bufs, run.offset, run.nbytes, retries)
+    _read_run(handles, fd, run, bufs, run.offset, run.nbytes, retries, wake=wake)
     if mode == MODE_FADVISE and hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, run.offset, run.nbytes, os.POSIX_FADV_DONTNEED)
     return run.nbytes
@@ -353,14 +386,24 @@ class _DirectRefused(Exception):
 
 
 def _read_run(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview], offset: int,
-              nbytes: int, retries: int, *, eof_ok: bool = False) -> int:
-    """``preadv`` until ``nbytes`` are in ``bufs``; resume short reads, retry transient errors."""
+              nbytes: int, retries: int, *, eof_ok: bool = False,
+              wake: Optional[threading.Event] = None) -> int:
+    """``preadv`` until ``nbytes`` are in ``bufs``; resume short reads, retry transient errors.
+
+    With ``handles.throttle``, each call books its bytes first and waits for the emulated
+    device after (``wake`` ends that wait early)."""
     done = 0
     failures = 0
     last_err: Optional[OSError] = None
+    throttle = handles.throttle
     while done < nbytes:
         try:
-            got = handles.preadv(fd, bufs, offset + done)
+            if throttle is None:
+                got = handles.preadv(fd, bufs, offset + done)
+            else:
+                deadline = throttle.reserve(sum(len(b) for b in bufs))
+                got = handles.preadv(fd, bufs, offset + done)
+                throttle.wait_until(deadline, wake=wake)
         except OSError as exc:
             if exc.errno == errno.EINVAL and eof_ok:
                 raise _DirectRefused() from exc
@@ -406,7 +449,7 @@ def _address(view: memoryview) -> int:
 
 
 def _read_direct(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview],
-                 retries: int) -> None:
+                 retries: int, wake: Optional[threading.Event] = None) -> None:
     """Direct reads of a run: straight into the destination where its address and the file
     offset share their alignment (the caller can arrange it, see ``IOScheduler``), else
     aligned superset reads into the per-thread bounce buffer, copied out to ``bufs``."""
@@ -423,7 +466,8 @@ def _read_direct(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryv
         iov = ([head] if first < inner[0] else []) \
             + [dest[inner[0] - run.offset:inner[1] - run.offset]] \
             + ([tail] if inner[1] < last else [])
-        got = _read_run(handles, fd, run, iov, first, last - first, retries, eof_ok=True)
+        got = _read_run(handles, fd, run, iov, first, last - first, retries, eof_ok=True,
+                        wake=wake)
         if got < run.end - first:
             _eof(run, first + got)
         if first < inner[0]:
@@ -431,7 +475,7 @@ def _read_direct(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryv
         if inner[1] < last:
             dest[inner[1] - run.offset:] = tail[:run.end - inner[1]]
         return
-    _read_bounced(handles, fd, run, bufs, run.offset, run.nbytes, retries)
+    _read_bounced(handles, fd, run, bufs, run.offset, run.nbytes, retries, wake)
 
 
 def _eof(run: ReadRun, offset: int) -> None:
@@ -441,7 +485,8 @@ def _eof(run: ReadRun, offset: int) -> None:
 
 
 def _read_bounced(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview],
-                  offset: int, nbytes: int, retries: int) -> None:
+                  offset: int, nbytes: int, retries: int,
+                  wake: Optional[threading.Event] = None) -> None:
     """``nbytes`` at ``offset`` through aligned superset reads of the bounce buffer."""
     pos = offset
     end = offset + nbytes
@@ -452,7 +497,7 @@ def _read_bounced(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memory
         stop_aligned = -(-stop // ALIGN) * ALIGN
         bounce = handles.bounce(stop_aligned - start)
         got = _read_run(handles, fd, run, [bounce], start, stop_aligned - start, retries,
-                        eof_ok=True)
+                        eof_ok=True, wake=wake)
         if got < stop - start:  # EOF inside the wanted bytes
             _eof(run, start + got)
         src = np.frombuffer(bounce, dtype=np.uint8)[pos - start:stop - start]
