@@ -170,3 +170,20 @@ def test_plot_numbers_without_matplotlib(traces):
     ov = expert_overlap(ta, ta, 5)
     assert ov["top_overlap"].tolist() == [1.0] * 3
     np.testing.assert_allclose(ov["distribution_overlap"], 1.0)
+
+
+def test_plot_defaults_to_golem_runs_policy_and_labels_every_chart(capsys, monkeypatch, tmp_path, traces):
+    pytest.importorskip("matplotlib")
+    from golem.runtime.cli.trace_commands import plot
+    from golem.runtime.policies import DEFAULT_POLICY
+
+    figures = []
+    draw = plot._figure
+    monkeypatch.setattr(plot, "_figure", lambda *a, **k: figures.append(draw(*a, **k)) or figures[-1])
+    rc, out, _ = run_cli(capsys, "plot", *traces, "--out", tmp_path / "charts", "-c", 5, "--json")
+    assert rc == 0 and last_json(out)["policy"] == DEFAULT_POLICY
+    assert len(figures) == 3
+    for fig in figures:
+        ax = fig.axes[0]
+        assert ax.get_xlabel() and ax.get_ylabel()
+        assert "a.npz" in ax.get_title() and "b.npz" in ax.get_title()

@@ -425,7 +425,7 @@ def plot_sweep(sweep: Sequence[tuple[int, Report]], path: Union[str, Path], titl
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
     kind = sweep[0][1].machine.cache_tier.kind if sweep else "memory"
     ax.set_xlabel(f"{'RAM' if kind == 'ram' else 'unified memory'} (GiB)")
-    ax.set_ylabel("tokens/s")
+    ax.set_ylabel("decode tokens/s")
     ax.set_title(title or "decode speed against memory")
     ax.grid(True, alpha=0.3)
     ax.legend()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from golem.runtime.policies import policy_names
+from golem.runtime.policies import DEFAULT_POLICY, policy_names
 from golem.runtime.analysis.profile import profile_from_traces, random_warm_start
 from golem.runtime.analysis.simulate import requests_per_step, simulate, simulate_sequences
 from golem.runtime.trace import load_traces
@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="golem-plots", help="Folder for the PNG files (created; default golem-plots).")
     p.add_argument("--charts", default=",".join(CHARTS),
                    help=f"Comma-separated charts to draw: {', '.join(CHARTS)} (default all; overlap needs 2 traces).")
-    p.add_argument("--policy", default="lru", help=f"Eviction policy ({', '.join(policy_names())}; default lru).")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"Eviction policy ({', '.join(policy_names())}; default {DEFAULT_POLICY}, as golem-run).")
     p.add_argument("-c", "--capacity", type=int, default=None, help="Slots per layer (default: half the experts).")
     p.add_argument("--window", type=int, default=128, help="Steps per point of the hit-rate chart (128).")
     p.add_argument("-W", "--warm-start", default=None, metavar="PATH",
@@ -99,6 +100,12 @@ def _figure(width=9.0, height=4.5):
     return fig
 
 
+def _whole_layers(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def run(args) -> int:
     try:
         import matplotlib  # noqa: F401
@@ -120,9 +127,13 @@ def run(args) -> int:
         charts.remove("overlap")
         print("overlap: skipped (needs two traces)")
     out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     layers = np.arange(first.num_layers)
+    names = [Path(t.path).name if t.path else f"trace {i}" for i, t in enumerate(traces)]
+    source = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
 
     if "hit-rate" in charts:
         rates = hit_rate_over_time(traces, policy=args.policy, capacity=capacity, window=args.window)
@@ -133,7 +144,9 @@ def run(args) -> int:
         fig.colorbar(im, ax=ax, label="hit rate")
         ax.set_xlabel("decode step")
         ax.set_ylabel("MoE layer")
-        ax.set_title(f"hit rate per {args.window} steps, {args.policy}, {capacity}/{first.num_experts} slots")
+        _whole_layers(ax.yaxis)
+        ax.set_title(f"{source}: hit rate per {args.window} steps, {args.policy}, "
+                     f"{capacity}/{first.num_experts} slots")
         path = out_dir / "hit_rate_over_time.png"
         fig.savefig(path)
         written.append({"chart": "hit-rate", "path": str(path), "mean_hit_rate": round(float(rates.mean()), 4)})
@@ -153,9 +166,11 @@ def run(args) -> int:
             label = name if name != "profile" else f"profile ({args.warm_start or 'these traces'})"
             ax.bar(layers + (i - (len(rates) - 1) / 2) * width, r, width, label=label)
         ax.set_xlabel("MoE layer")
+        _whole_layers(ax.xaxis)
         ax.set_ylabel("hit rate")
         ax.set_ylim(0, 1.15)
-        ax.set_title(f"hit rate by warm start (fresh cache per sequence), {args.policy}, {capacity} slots")
+        ax.set_title(f"{source}: hit rate by warm start (fresh cache per sequence), {args.policy}, "
+                     f"{capacity}/{first.num_experts} slots", fontsize="medium")
         ax.legend(loc="upper center", ncol=len(rates), fontsize="small")
         path = out_dir / "warm_start_by_layer.png"
         fig.savefig(path)
@@ -170,8 +185,9 @@ def run(args) -> int:
         ax.bar(layers - 0.2, ov["top_overlap"], 0.4, label=f"top-{capacity} experts in common")
         ax.bar(layers + 0.2, ov["distribution_overlap"], 0.4, label="routing distribution overlap")
         ax.set_xlabel("MoE layer")
+        _whole_layers(ax.xaxis)
+        ax.set_ylabel("share in common (1 = identical)")
         ax.set_ylim(0, 1.15)
-        names = [Path(t.path).name if t.path else f"trace {i}" for i, t in enumerate(traces[:2])]
         ax.set_title(f"expert overlap: {names[0]} vs {names[1]}")
         ax.legend(loc="upper center", ncol=2, fontsize="small")
         path = out_dir / "expert_overlap.png"
@@ -182,5 +198,6 @@ def run(args) -> int:
         print(f"overlap: {path} (top-{capacity} in common {100 * ov['top_overlap'].mean():.1f}%)")
 
     if args.json:
-        print(json.dumps({"out": str(out_dir), "capacity": capacity, "policy": args.policy, "charts": written}))
+        print(json.dumps({"out": str(out_dir), "traces": [t.path for t in traces], "capacity": capacity,
+                          "policy": args.policy, "charts": written}))
     return 0
