@@ -137,6 +137,20 @@ def _sampler(args, tokenizer):
     )
 
 
+def _plan_notes(plan, config) -> str:
+    """What the plan's totals leave out or set aside, in words."""
+    from golem.runtime.config import staging_buffers
+    from golem.runtime.units import format_nbytes
+
+    lines = []
+    if plan.reserve_nbytes:
+        n = staging_buffers(plan.model.top_k, config.prefetch_depth)
+        lines.append(f"reserved = {n} staging buffers of {format_nbytes(plan.reserve_nbytes // n)} "
+                     "(experts being read from disk)")
+    lines.append("not counted: the KV cache and activations, which grow with the prompt and the tokens generated")
+    return "\n".join(lines)
+
+
 def _check_unsupported(args) -> None:
     """mlx-lm flags golem cannot honour with offloaded experts."""
     if args.quantize_activations:
@@ -219,6 +233,7 @@ def run(args) -> int:
             print(sizing.note)
         if sizing.plan is not None:
             print(sizing.plan.describe())
+            print(_plan_notes(sizing.plan, config))
         return 0
 
     loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path)
@@ -261,7 +276,7 @@ def run(args) -> int:
         if input_embeddings is not None:
             options["input_embeddings"] = input_embeddings
         if args.demo:
-            text = _demo_generate(model, tokenizer, tokens, options, stream_generate, args.verbose)
+            text = _demo_generate(runtime, tokenizer, tokens, options, stream_generate, args.verbose)
         else:
             text = generate(model, tokenizer, tokens, verbose=args.verbose, **options)
             if not args.verbose:
@@ -283,12 +298,13 @@ def run(args) -> int:
     return 0
 
 
-def _demo_generate(model, tokenizer, tokens, options, stream_generate, verbose: bool) -> str:
+def _demo_generate(runtime, tokenizer, tokens, options, stream_generate, verbose: bool) -> str:
     """mlx-lm's ``generate`` layout, with only printable text shown."""
-    size = DEMO_SIZE
-    print(f"[golem] demo: a generated {size['layers']}-layer qwen3_moe with RANDOM weights "
-          f"({size['experts']} experts per layer, top-{size['top_k']}); the text is gibberish by design. "
-          "What matters: it must equal stock mlx-lm's, token for token.")
+    model = runtime.model
+    print(f"[golem] demo: a generated {runtime.config.get('model_type')} model with RANDOM weights "
+          f"({len(runtime.engine.pools)} MoE layers of {runtime.num_experts} experts, top-{runtime.top_k}), "
+          "so the text is gibberish by design (unprintable characters shown as \\x..). What matters: "
+          "it must equal stock mlx-lm's text, token for token.")
     text, response = "", None
     if verbose:
         print("=" * 10)

@@ -1,0 +1,236 @@
+"""RuntimeConfig and golem.runtime.load: one options object; every option checked at the
+door with a typed error naming it; load() sizes, plans and warms as golem-run does; a
+failed load leaves no thread or file behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import pytest
+
+from golem.runtime import ConfigError, RuntimeConfig, load
+from golem.runtime.config import staging_buffers
+from golem.runtime.prefetch import PrefetchConfig
+from golem.runtime.sizing import MACHINE_MARGIN, reserve_nbytes
+from helpers import greedy_tokens, prompt_tokens, stock
+
+
+def _open_fds() -> int:
+    gc.collect()  # lazily loaded arrays of a failed load close their files when collected
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"cache_size": 0}, ["--cache-size", "0"]),
+    ({"cache_size": "8"}, ["--cache-size", "'8'"]),
+    ({"pin_layers": ""}, ["-f/--pin-layers", "empty"]),
+    ({"pin_layers": "3-1"}, ["-f/--pin-layers", "backwards"]),
+    ({"cache_size_overrides": [("0-2", "x")]}, ["--cache-size-override", "x"]),
+    ({"memory_budget": "1e400B"}, ["--memory-budget", "1e400B"]),
+    ({"memory_budget": "lots"}, ["--memory-budget", "lots"]),
+    ({"memory_budget": 0}, ["--memory-budget"]),
+    ({"policy": "fifo"}, ["--policy", "fifo"]),
+    ({"io_parallelism": 100000}, ["--io-parallelism", "100000"]),
+    ({"io_parallelism": 0}, ["--io-parallelism", "0"]),
+    ({"emulate_storage": "nan"}, ["--emulate-storage", "nan"]),
+    ({"emulate_storage": "inf,80us"}, ["--emulate-storage", "inf"]),
+    ({"emulate_storage": "2.5,nanus"}, ["--emulate-storage"]),
+    ({"prefetch": PrefetchConfig(depth=2, speculative_nbytes=-5)}, ["--prefetch-cap-mb", "-5"]),
+    ({"prefetch": PrefetchConfig(depth=2, speculative_ms=float("nan"))}, ["--prefetch-cap-ms", "nan"]),
+    ({"prefetch": PrefetchConfig(depth=2), "predictor": "nope"}, ["--predictor", "nope"]),
+    ({"prefetch": PrefetchConfig(depth=2), "predictor": "oracle"}, ["oracle", "--predictor-trace"]),
+    ({"predictor_train": ["t.npz"]}, ["--predictor-train", "--prefetch-depth"]),
+    ({"warm_start": 1.5}, ["warm_start", "1.5"]),
+    ({"capacities": {"1": 2}}, ["capacities", "'1'"]),
+    ({"capacities": {1: 0}}, ["capacities", "layer 1"]),
+    ({"record_hidden": True}, ["--trace-hidden", "--trace-out"]),
+])
+def test_bad_options_are_typed_errors_naming_the_option(fields, words):
+    with pytest.raises(ConfigError) as err:
+        RuntimeConfig(**fields)
+    assert isinstance(err.value, ValueError)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_huge_layer_range_is_refused_at_once():
+    t0 = time.perf_counter()
+    for fields in ({"pin_layers": "0-99999999999"}, {"cache_size_overrides": [("1-99999999999", 8)]}):
+        with pytest.raises(ConfigError, match="99999999999"):
+            RuntimeConfig(**fields)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_sizes_read_every_way():
+    for text in ("48G", "48GB", "4.8e10", 48_000_000_000):
+        assert RuntimeConfig(memory_budget=text).memory_budget == 48_000_000_000
+    assert RuntimeConfig(memory_budget="48GiB").memory_budget == 48 * 2**30
+
+
+def test_unknown_option_is_refused_by_load(checkpoints):
+    with pytest.raises(ConfigError, match="unknown runtime option 'cache_sise'"):
+        load(str(checkpoints("olmoe")), cache_sise=4)
+
+
+@pytest.mark.parametrize("capacities, words", [
+    ({999: 8}, ["layer 999", "MoE layers"]),
+    ({0: 8}, ["layer 0", "not an MoE layer"]),  # qwen3_moe's layer 0 is dense
+    ({1: 2}, ["layer 1", "top-k (4)"]),
+])
+def test_capacities_naming_no_moe_layer_are_refused(checkpoints, capacities, words):
+    path = str(checkpoints("qwen3_moe"))
+    with pytest.raises(ConfigError):
+        load(path, capacities=capacities)  # the first call imports what later ones reuse
+    threads, fds = threading.active_count(), _open_fds()
+    with pytest.raises(ConfigError) as err:
+        load(path, capacities=capacities)
+    message = str(err.value)
+    del err
+    assert all(w in message for w in words), message
+    assert (threading.active_count(), _open_fds()) == (threads, fds)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"pin_layers": "0-99"}, ["-f/--pin-layers", "99", "does not exist"]),
+    ({"cache_size": 4, "prefetch": PrefetchConfig(depth=20000)}, ["--prefetch-depth 20000", "MoE layers"]),
+    ({"cache_size": 3}, ["--cache-size 3", "top-k (4)"]),
+])
+def test_options_checked_against_the_model(checkpoints, fields, words):
+    with pytest.raises(ConfigError) as err:
+        load(str(checkpoints("mixtral")), **fields)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_failed_load_closes_its_threads_and_files(checkpoints, monkeypatch):
+    """A load that fails after its I/O threads started leaves nothing running or open."""
+    import golem.predictors.registry as registry
+
+    path = str(checkpoints("olmoe"))
+    with load(path, capacities=4, prefetch=PrefetchConfig(depth=1)):
+        pass  # the first load imports and builds what later loads reuse
+    threads, fds = threading.active_count(), _open_fds()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("predictor construction failed")
+
+    monkeypatch.setattr(registry, "make_predictor", broken)
+    for _ in range(3):
+        try:
+            load(path, capacities=4, prefetch=PrefetchConfig(depth=1))
+        except RuntimeError as e:
+            assert "predictor construction failed" in str(e)
+        else:
+            raise AssertionError("the load did not fail")
+    assert threading.active_count() == threads
+    assert _open_fds() == fds
+
+
+def test_config_object_and_keywords_are_one_thing(checkpoints):
+    path = str(checkpoints("olmoe"))
+    config = RuntimeConfig(cache_size=4, policy="lru")
+    with load(path, config) as a, load(path, config, cache_size=6) as b:
+        assert {p.capacity for p in a.runtime.engine.pools.values()} == {4}
+        assert {p.capacity for p in b.runtime.engine.pools.values()} == {6}
+        assert a.runtime.options == config and b.runtime.options.policy == "lru"
+
+
+def test_staging_buffers_follow_depth_and_top_k(checkpoints):
+    path = str(checkpoints("olmoe"))
+    for depth in (0, 2):
+        prefetch = PrefetchConfig(depth=depth) if depth else None
+        with load(path, capacities=4, prefetch=prefetch) as (model, _):
+            assert len(model.golem.engine.scheduler._buffers) == staging_buffers(4, depth) == max(4, 2 * 4 * (depth + 1) + 2)
+
+
+def test_load_with_a_budget_picks_the_plan_golem_run_prints(checkpoints, capsys, tmp_path, monkeypatch):
+    from golem.runtime.cli.run import main as golem_run
+
+    monkeypatch.setenv("GOLEM_CACHE", str(tmp_path / "cache"))
+    path = str(checkpoints("deepseek_v3"))
+    for options, argv in [
+        ({"memory_budget": "1.5MB"}, ["--memory-budget", "1.5MB"]),
+        ({"memory_budget": "1.5MB", "pin_layers": "1"}, ["--memory-budget", "1.5MB", "-f", "1"]),
+        ({"memory_budget": "1.5MB", "warm_start": 7}, ["--memory-budget", "1.5MB", "-R", "7"]),
+        ({"cache_size": 5, "cache_size_overrides": [("2", 8)]}, ["-c", "5", "--cache-size-override", "2", "8"]),
+    ]:
+        with load(path, **options) as loaded:
+            plan = loaded.plan
+            caps = {l: p.capacity for l, p in loaded.runtime.engine.pools.items()}
+        assert golem_run(["--model", path, *argv, "--plan"]) == 0
+        printed = capsys.readouterr().out
+        assert plan.describe() in printed, (options, printed)
+        assert caps == {lp.layer_id: lp.slots for lp in plan.layers}
+
+
+def test_warm_start_fills_the_caches_before_the_first_token(checkpoints):
+    path = str(checkpoints("olmoe"))
+    with load(path, capacities=6, warm_start=3) as (model, _):
+        resident = {l: len(p.resident()) for l, p in model.golem.engine.pools.items()}
+    assert set(resident.values()) == {6}
+
+
+def test_sized_to_the_machine_when_nothing_sizes_it(checkpoints):
+    """No cache option: everything resident when it fits the machine, a plan when it does not."""
+    path = checkpoints("qwen3_moe")
+    tokens_model, tok = stock(path)
+    tokens = prompt_tokens(tok)
+    expected = greedy_tokens(tokens_model, tokens, 8)
+    with load(str(path)) as (model, _):
+        runtime = model.golem
+        assert all(p.fully_resident for p in runtime.engine.pools.values())
+        assert "fits: every expert resident" in runtime.sizing_note
+        everything = runtime.plan.total_nbytes
+        memory = runtime.plan.model
+    smallest = (memory.non_expert_nbytes + reserve_nbytes(memory, 0)
+                + sum(memory.top_k * memory.nbytes_of(i) for i in range(memory.num_layers)))
+    limit = int((smallest + everything) / 2 / (1 - MACHINE_MARGIN))  # between the smallest plan and all
+    with load(str(path), memory_limit=limit) as (model, _):
+        runtime = model.golem
+        assert not all(p.fully_resident for p in runtime.engine.pools.values())
+        assert "does not fit" in runtime.sizing_note and "GOLEM" not in runtime.sizing_note
+        assert runtime.plan.total_nbytes <= limit * (1 - MACHINE_MARGIN)
+        assert greedy_tokens(model, tokens, 8) == expected
+    with pytest.raises(ConfigError, match="too small"):
+        load(str(path), memory_limit=1000)
+
+
+def test_close_writes_the_trace_and_profile(checkpoints, tmp_path, monkeypatch):
+    from golem.runtime.trace import load_trace
+
+    monkeypatch.setenv("GOLEM_CACHE", str(tmp_path / "cache"))
+    path = checkpoints("olmoe")
+    out = tmp_path / "run.npz"
+    loaded = load(str(path), capacities=4, trace_out=str(out), save_profile=True)
+    with loaded as (model, tok):
+        greedy_tokens(model, prompt_tokens(tok), 4)
+        assert not out.exists()  # written when the run is over
+    assert load_trace(out).num_steps > 0
+    assert (tmp_path / "cache" / "profiles" / "olmoe" / "golem-profile.json").is_file()
+    with load(str(path), capacities=4, warm_start="saved") as (model, _):
+        assert all(len(p.resident()) == 4 for p in model.golem.engine.pools.values())
+
+
+@pytest.mark.parametrize("target, words", [
+    ("file/x.npz", ["--trace-out", "is a file, not a folder"]),
+    ("folder", ["--trace-out", "is a folder"]),
+    ("missing/x.npz", ["--trace-out", "does not exist"]),
+    ("/proc/golem-test.npz", ["--trace-out", "cannot write"]),
+])
+def test_output_paths_are_checked_before_loading(checkpoints, tmp_path, target, words):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    trace_out = target if target.startswith("/") else str(tmp_path / target)
+    threads = threading.active_count()
+    with pytest.raises(ConfigError) as err:
+        load(str(checkpoints("olmoe")), capacities=4, trace_out=trace_out)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert threading.active_count() == threads
+    assert not list((tmp_path / "folder").iterdir())
+
+
+def test_save_profile_into_an_unwritable_cache_is_refused_first(checkpoints, monkeypatch):
+    monkeypatch.setenv("GOLEM_CACHE", "/proc/golem-cache")
+    with pytest.raises(ConfigError, match="--save-profile.*cannot write"):
+        load(str(checkpoints("olmoe")), capacities=4, save_profile=True)
