@@ -2,15 +2,16 @@
 offloaded MoE model that mlx-lm's own generation code drives unchanged.
 
 ``golem.runtime.load(path, config=None, **options)`` returns ``(model, tokenizer)`` for mlx-lm;
-``RuntimeConfig`` holds the options, ``ConfigError`` says which one is wrong.
+``plan(path, ...)`` says what ``load`` would keep resident; ``RuntimeConfig`` holds the options,
+``ConfigError`` says which one is wrong.
 """
 
-__all__ = ["load", "Loaded", "RuntimeConfig", "ConfigError"]
+__all__ = ["load", "plan", "Loaded", "RuntimeConfig", "ConfigError"]
 
 
 def __getattr__(name):
     # Imported on first use: `golem-trace` and the trace tools need no MLX model code.
-    if name in ("load", "Loaded"):
+    if name in ("load", "plan", "Loaded"):
         from golem.runtime import api
 
         return getattr(api, name)

@@ -67,6 +67,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     g.add_argument("--io-parallelism", type=int, default=None, help="Expert reads in flight at once.")
     g.add_argument("--emulate-storage", default=None, metavar="GB_PER_S[,LATENCY]",
                    help="Throttle reads to a slower SSD, e.g. '2.5,80us'.")
+    g.add_argument("--slot-writer", default=None, choices=("auto", "host", "device", "device-load"),
+                   help="How experts get into slots: a host memcpy into the pool, or an upload and an "
+                        "in-place update on the device (default auto: host on CPU and Metal, device on CUDA).")
     g = parser.add_argument_group("traces (golem)")
     g.add_argument("--trace-out", default=None, help="Record routing to this golem-trace/1 file.")
     g.add_argument("--trace-hidden", action="store_true",
