@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from golem.predictors.families import config_num_experts_keys, config_top_k_keys
 from golem.runtime.analysis import catalog
 
 
@@ -209,8 +210,8 @@ class ModelSpec:
                 raise ValueError(f"{name}: config lacks {key!r}")
         hidden, layers = count("hidden_size"), count("num_hidden_layers")
         vocab, heads = count("vocab_size"), count("num_attention_heads")
-        experts = _first(cfg, "n_routed_experts", "num_experts", "num_local_experts")
-        top_k = _first(cfg, "num_experts_per_tok", "num_experts_per_token", "moe_topk")
+        experts = _first(cfg, *config_num_experts_keys(cfg))
+        top_k = _first(cfg, *config_top_k_keys(cfg))
         if not experts or not top_k:
             raise ValueError(f"{name}: not a mixture-of-experts config (no expert count or top-k)")
         experts, top_k = count("num_experts", experts), count("num_experts_per_tok", top_k)
