@@ -6,9 +6,16 @@ and returns at once, so every microsecond measured is host work around the read:
 queueing, thread hand-offs, bookkeeping. Rows: demand reads one at a time (the miss path:
 wall time from submit to result, and CPU time of all threads), a batch of prefetches
 (submit, poll, release), and the baseline of a plain synchronous ``read_ranges`` of the
-same ranges on the calling thread. Medians of --runs.
+same ranges on the calling thread. Voluntary context switches per read count the thread
+hand-offs, a figure that, unlike time, does not move with the load of a shared machine.
 
-    python benchmarks/bench_io_host.py          # a few seconds; last line is JSON
+Then real reads of a 256 MiB file (built once under --dir), O_DIRECT and from the page cache,
+one miss at a time and eight at once (a layer's misses): the stacked layout with each
+expert's pieces spread over readers (``min_job_nbytes`` 256 KiB) against one reader per
+expert; and experts whose 9 ranges lie 4 KiB or 64 KiB apart, read as 9 ``preadv`` against
+one span read (``max_gap_nbytes``). Medians of --runs.
+
+    python benchmarks/bench_io_host.py          # under a minute; last line is JSON
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from golem.io.ranges import ByteRange
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
-from golem.io.scheduler import IOScheduler
+from golem.io.scheduler import IOScheduler, wait_result
 
 LAYERS, EXPERTS, PARTS = 4, 64, 9
 PATH = "/golem-bench/experts.safetensors"  # never opened: the opener below returns /dev/null
@@ -63,9 +72,12 @@ def keys(count: int, seed: int):
 
 
 def timed(fn):
+    """(wall s, CPU s of every thread, voluntary context switches: thread hand-offs)."""
+    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return (time.perf_counter() - wall, time.process_time() - cpu,
+            resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches)
 
 
 def run_plain(layout: Layout, picks):
@@ -108,12 +120,107 @@ def run_prefetch(layout: Layout, picks, parallelism: int, batch: int = 8):
         return timed(go)
 
 
+FILE_NBYTES = 256 << 20
+
+
+def build_file(folder: Path) -> Path:
+    path = folder / "experts-256MiB.bin"
+    if path.exists() and path.stat().st_size == FILE_NBYTES:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    rng = np.random.default_rng(0)
+    with open(tmp, "wb") as f:
+        for _ in range(FILE_NBYTES // (32 << 20)):
+            f.write(rng.bytes(32 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class FileLayout:
+    """Experts of 9 ranges in a real file: ``gap_nbytes`` None = stacked (far apart, like
+    mlx-lm's switch_mlp tensors), else expert-major with that many bytes between ranges."""
+
+    def __init__(self, path: Path, expert_nbytes: int, gap_nbytes=None):
+        self.path = str(path)
+        self.part_nbytes = expert_nbytes // PARTS // 4096 * 4096
+        self.nbytes = self.part_nbytes * PARTS
+        self.gap = gap_nbytes
+        stride = PARTS * (self.part_nbytes + (gap_nbytes or 0))
+        self.num_experts = FILE_NBYTES // (stride if gap_nbytes is not None else self.nbytes)
+
+    def locate(self, key):
+        e = key[1]
+        if self.gap is None:
+            tensor = self.num_experts * self.part_nbytes
+            return [ByteRange(self.path, p * tensor + e * self.part_nbytes, self.part_nbytes,
+                              p * self.part_nbytes, p) for p in range(PARTS)]
+        base = e * PARTS * (self.part_nbytes + self.gap)
+        return [ByteRange(self.path, base + p * (self.part_nbytes + self.gap), self.part_nbytes,
+                          p * self.part_nbytes, p) for p in range(PARTS)]
+
+    def nbytes_of(self, key) -> int:
+        return self.nbytes
+
+
+def run_real(layout: FileLayout, direct: bool, at_once: int, seed: int, **options) -> tuple:
+    """(ms per miss, CPU ms per miss): groups of ``at_once`` demand reads, each group waited
+    for before the next, like a layer's misses."""
+    rng = np.random.default_rng(seed)
+    picks = [(0, int(e)) for e in rng.permutation(layout.num_experts)][:32 // at_once * at_once]
+    with FileHandles() as h, IOScheduler(layout.locate, layout.nbytes_of,
+                                         buffer_nbytes=layout.nbytes, num_buffers=at_once + 2,
+                                         direct=direct, handles=h, **options) as s:
+        def go():
+            for start in range(0, len(picks), at_once):
+                futures = [s.submit(key, depth=0) for key in picks[start:start + at_once]]
+                for future in futures:
+                    s.release(wait_result(future))
+        wall, cpu, _ = timed(go)
+    return wall / len(picks) * 1e3, cpu / len(picks) * 1e3
+
+
+REAL_ROWS = {  # name -> (gap_nbytes, scheduler options)
+    "stacked, pieces spread": (None, {"min_job_nbytes": 256 << 10}),
+    "stacked, one reader/expert": (None, {"min_job_nbytes": 64 << 20}),
+    "gaps 4K, 9 preadv": (4096, {"max_gap_nbytes": 0}),
+    "gaps 4K, one span": (4096, {"max_gap_nbytes": 4096}),
+    "gaps 64K, 9 preadv": (65536, {"max_gap_nbytes": 0}),
+    "gaps 64K, one span": (65536, {"max_gap_nbytes": 65536}),
+}
+
+
+def real_reads(folder: Path, expert_nbytes: int, runs: int) -> dict:
+    path = build_file(folder)
+    out = {}
+    for direct in (True, False):
+        if not direct:
+            with open(path, "rb") as f:  # into the page cache
+                while f.read(64 << 20):
+                    pass
+        for at_once in (1, 8):
+            samples = {name: [] for name in REAL_ROWS}
+            for run in range(runs):
+                for name, (gap, options) in REAL_ROWS.items():  # interleaved: they share drift
+                    layout = FileLayout(path, expert_nbytes, gap)
+                    samples[name].append(run_real(layout, direct, at_once, seed=run, **options))
+            for name, values in samples.items():
+                out[(direct, at_once, name)] = (statistics.median(v[0] for v in values),
+                                                statistics.median(v[1] for v in values))
+    return out
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5, help="Runs per row (median).")
     p.add_argument("--reads", type=int, default=400, help="Expert reads per run.")
     p.add_argument("--expert-mib", type=float, default=2.0, help="Expert size in MiB.")
     p.add_argument("--parallelism", type=int, default=16, help="Scheduler parallelism.")
+    p.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "golem" / "bench_io_host",
+                   help="Folder for the 256 MiB file of the real-read rows (reused).")
+    p.add_argument("--no-real", action="store_true", help="Skip the real-read rows.")
     return p
 
 
@@ -131,19 +238,32 @@ def main(argv=None) -> None:
     print(f"{layout.nbytes / 2**20:.2f} MiB experts of {PARTS} ranges, preadv returns at once, "
           f"parallelism {args.parallelism}, {args.reads} reads x {args.runs} runs, medians, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'row':<24} {'wall us/read':>13} {'cpu us/read':>12}")
+    print(f"{'row':<24} {'wall us/read':>13} {'cpu us/read':>12} {'switches/read':>14}")
     summary = {}
     for name, samples in rows.items():
-        wall = statistics.median(w for w, _ in samples) / args.reads * 1e6
-        cpu = statistics.median(c for _, c in samples) / args.reads * 1e6
-        summary[name] = {"wall_us_per_read": round(wall, 1), "cpu_us_per_read": round(cpu, 1)}
-        print(f"{name:<24} {wall:>13.1f} {cpu:>12.1f}")
+        wall = statistics.median(w for w, _, _ in samples) / args.reads * 1e6
+        cpu = statistics.median(c for _, c, _ in samples) / args.reads * 1e6
+        switches = statistics.median(n for _, _, n in samples) / args.reads
+        summary[name] = {"wall_us_per_read": round(wall, 1), "cpu_us_per_read": round(cpu, 1),
+                         "switches_per_read": round(switches, 2)}
+        print(f"{name:<24} {wall:>13.1f} {cpu:>12.1f} {switches:>14.2f}")
     base = summary["plain read_ranges"]["cpu_us_per_read"]
     demand = summary["scheduler demand"]
     print(f"scheduler demand over plain: {demand['cpu_us_per_read'] - base:.1f} CPU us per read")
+    real = {}
+    if not args.no_real:
+        found = real_reads(args.dir, layout.nbytes, args.runs)
+        print(f"\nreal reads, {FileLayout(Path('x'), layout.nbytes).nbytes / 2**20:.2f} MiB "
+              f"experts of {PARTS} ranges, scheduler defaults otherwise, medians")
+        print(f"{'row':<28} {'mode':>10} {'misses':>7} {'ms/miss':>9} {'cpu ms/miss':>12}")
+        for (direct, at_once, name), (ms, cpu_ms) in found.items():
+            mode = "o_direct" if direct else "cached"
+            print(f"{name:<28} {mode:>10} {at_once:>7} {ms:>9.3f} {cpu_ms:>12.3f}")
+            real[f"{name} | {mode} | {at_once}"] = {"ms_per_miss": round(ms, 4),
+                                                    "cpu_ms_per_miss": round(cpu_ms, 4)}
     print(json.dumps({"expert_nbytes": layout.nbytes, "ranges_per_expert": PARTS,
                       "parallelism": args.parallelism, "runs": args.runs, "reads": args.reads,
-                      "rows": summary,
+                      "rows": summary, "real": real,
                       "demand_wall_us_per_read": demand["wall_us_per_read"],
                       "demand_cpu_us_per_read": demand["cpu_us_per_read"],
                       "demand_cpu_us_over_plain": round(demand["cpu_us_per_read"] - base, 1)}))

@@ -1,9 +1,9 @@
 """The readers' side of the scheduler: batches of requests cut into pieces, and reading them.
 
 Owns ``Batch`` (requests read together, coalesced into runs adjacent in the file), the
-planning of a request's pieces and of a batch's, the queue of pieces waiting for a reader
-(demand batches first, ``min_job_nbytes`` per job) and the reading of a job, outside any
-lock. Knows nothing of priorities, caps or futures: the scheduler decides which requests
+planning of a request's pieces and of a batch's, their grouping into jobs (neighbouring
+pieces up to ``min_job_nbytes``, one reader each), the queue of jobs waiting for a reader
+(demand batches first) and the reading of a job, outside any lock. Knows nothing of priorities, caps or futures: the scheduler decides which requests
 become batches and what a finished batch means.
 """
 
@@ -20,14 +20,16 @@ from golem.io.requests import Request, describe
 class Batch:
     """Requests read together (coalesced), as pieces that run on several threads."""
 
-    __slots__ = ("requests", "demand", "runs", "next", "remaining", "views", "error", "started",
-                 "skipped")
+    __slots__ = ("requests", "demand", "runs", "jobs", "next", "next_job", "remaining", "views",
+                 "error", "started", "skipped")
 
     def __init__(self, requests: List[Request], demand: bool):
         self.requests = requests
         self.demand = demand
         self.runs: list = []
+        self.jobs: List[int] = []  # where each job's pieces end in ``runs``
         self.next = 0  # index of the next piece to start
+        self.next_job = 0  # index of the next job to start
         self.remaining = 0  # pieces not yet returned
         self.views: list = []
         self.error: Optional[BaseException] = None
@@ -40,28 +42,43 @@ class Batch:
         return all(r.cancelled or r.future.cancelled() for r in self.requests)
 
 
+def group_jobs(runs: list, min_job_nbytes: int) -> List[int]:
+    """Cut ``runs`` into jobs of neighbouring pieces holding ``min_job_nbytes`` (the last may
+    hold less); return where each job ends."""
+    ends, nbytes = [], 0
+    for i, run in enumerate(runs):
+        nbytes += run.nbytes if run is not None else 0
+        if nbytes >= min_job_nbytes or i == len(runs) - 1:
+            ends.append(i + 1)
+            nbytes = 0
+    return ends
+
+
 def plan_request(key: Hashable, ranges: Sequence[ByteRange], nbytes: int, piece_nbytes: int,
-                 max_gap_nbytes: int = 0) -> list:
-    """The key's pieces; rejects ranges that overlap or overflow its buffer (at submit)."""
+                 min_job_nbytes: int, max_gap_nbytes: int = 0) -> Tuple[list, List[int]]:
+    """The key's pieces and jobs; rejects ranges that overlap or overflow its buffer."""
     for r in ranges:
         if r.nbytes < 0 or r.offset < 0 or r.dest < 0 or r.dest + r.nbytes > nbytes:
             raise ValueError(f"{describe(key)}: range {r.label!s} of {r.path} (offset "
                              f"{r.offset}, dest {r.dest}, {r.nbytes} bytes) does not fit its "
                              f"{nbytes}-byte buffer")
     try:
-        return plan_reads([(ranges, 0, describe(key))], piece_nbytes,
-                          max_gap_nbytes=max_gap_nbytes)
+        runs = plan_reads([(ranges, 0, describe(key))], piece_nbytes,
+                          max_gap_nbytes=max_gap_nbytes) or [None]
     except ValueError as exc:
         raise ValueError(f"{describe(key)}: {exc}") from None
+    return runs, group_jobs(runs, min_job_nbytes)
 
 
-def plan_batch(batch: Batch, views: list, piece_nbytes: int, max_gap_nbytes: int) -> None:
-    """Give ``batch`` its views and runs: one request keeps the plan it got at submit;
-    several are planned together, so that ranges adjacent across them share a ``preadv``."""
+def plan_batch(batch: Batch, views: list, piece_nbytes: int, min_job_nbytes: int,
+               max_gap_nbytes: int) -> None:
+    """Give ``batch`` its views, runs and jobs: one request keeps the plan it got at
+    submit; several are planned together, so that ranges adjacent across them share a
+    ``preadv``."""
     requests = batch.requests
     batch.views = views
     if len(requests) == 1:
-        batch.runs = requests[0].plan
+        batch.runs, batch.jobs = requests[0].plan
     else:
         try:
             batch.runs = plan_reads([(r.ranges, i, describe(r.key))
@@ -71,30 +88,28 @@ def plan_batch(batch: Batch, views: list, piece_nbytes: int, max_gap_nbytes: int
             batch.runs = [run for i, r in enumerate(requests)
                           for run in plan_reads([(r.ranges, i, describe(r.key))], piece_nbytes,
                                                 max_gap_nbytes=max_gap_nbytes)]
-    batch.runs = batch.runs or [None]
+        batch.runs = batch.runs or [None]
+        batch.jobs = group_jobs(batch.runs, min_job_nbytes)
     batch.remaining = len(batch.runs)
 
 
 class PieceQueue:
-    """Batches with pieces not yet started, demand batches first; counts of pieces waiting
-    and running. Not thread-safe: the scheduler calls it with its lock held.
+    """Batches with jobs not yet started, demand batches first; counts of jobs waiting and
+    running (one reader each). Not thread-safe: the scheduler calls it with its lock held.
 
     Args:
-        min_job_nbytes: a reader takes neighbouring pieces of a batch until it has this many
-            bytes (small pieces cost more in bookkeeping than in reading).
-        clock: ``() -> seconds``, stamps a batch's first piece.
+        clock: ``() -> seconds``, stamps a batch's first job.
     """
 
-    def __init__(self, min_job_nbytes: int, clock: Callable[[], float]):
-        self.min_job_nbytes = min_job_nbytes
+    def __init__(self, clock: Callable[[], float]):
         self.clock = clock
         self.active: List[Batch] = []
-        self.waiting = 0  # pieces of active batches not yet started
-        self.running = 0  # pieces being read
+        self.waiting = 0  # jobs of active batches not yet started
+        self.running = 0  # jobs being read
         self.demand_batches = 0  # demand batches not finished
 
     def add(self, batch: Batch) -> None:
-        self.waiting += len(batch.runs)
+        self.waiting += len(batch.jobs)
         self.active.append(batch)
         if batch.demand:
             self.demand_batches += 1
@@ -131,16 +146,13 @@ class PieceQueue:
         return None
 
     def take(self, batch: Batch) -> Tuple[Batch, list]:
-        """The next pieces of ``batch`` for one reader: ``min_job_nbytes`` unless it ends."""
-        runs = []
-        nbytes = 0
-        while batch.next < len(batch.runs) and (not runs or nbytes < self.min_job_nbytes):
-            run = batch.runs[batch.next]
-            runs.append(run)
-            nbytes += run.nbytes if run is not None else 0
-            batch.next += 1
-        self.waiting -= len(runs)
-        if batch.next == len(batch.runs):
+        """The next job of ``batch``: its pieces, for one reader."""
+        stop = batch.jobs[batch.next_job]
+        runs = batch.runs[batch.next:stop]
+        batch.next = stop
+        batch.next_job += 1
+        self.waiting -= 1
+        if batch.next_job == len(batch.jobs):
             self.active.remove(batch)
         if batch.started is None:
             batch.started = self.clock()
@@ -151,7 +163,8 @@ class PieceQueue:
         skipped = len(batch.runs) - batch.next
         batch.skipped = batch.skipped or skipped > 0
         batch.next = len(batch.runs)
-        self.waiting -= skipped
+        self.waiting -= len(batch.jobs) - batch.next_job
+        batch.next_job = len(batch.jobs)
         batch.remaining -= skipped
         if batch in self.active:
             self.active.remove(batch)

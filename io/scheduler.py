@@ -56,7 +56,13 @@ DEFAULT_PARALLELISM = 16
 # stack, and up to DIRECT_CHUNK_NBYTES of bounce buffer for unaligned direct reads.
 MAX_PARALLELISM = 256
 DEFAULT_PIECE_NBYTES = 2 << 20
-MIN_JOB_NBYTES = 256 << 10  # a reader takes small neighbouring pieces together
+# A reader takes small neighbouring pieces together, up to this many bytes. Spreading an
+# expert over readers costs host time (bench_io_host, 2 MiB experts of 9 ranges, a preadv
+# that returns at once: ~22 thread switches and ~0.4-0.6 ms of CPU per demand read, against
+# ~3 and ~0.27 ms with one reader per expert) but it is what makes misses fast: real reads
+# on this 2-core VM, 2 MiB experts, ms per miss, one miss / eight at once: O_DIRECT 6.1 / 5.1
+# spread against 8.6 / 7.6 with one reader per expert, page cache 1.1 / 1.0 against 3.0 / 1.5.
+MIN_JOB_NBYTES = 256 << 10
 DEMAND_LANES = 1  # readers only demand reads may use: a miss never waits for a prefetch
 DEFAULT_MAX_GAP_NBYTES = 0  # see IOScheduler's "Coalescing"
 CLOSE_TIMEOUT_S = 1.0
@@ -113,9 +119,13 @@ class IOScheduler:
     Coalescing: the ranges of one expert that are adjacent in the file are one ``preadv``
     scattering into the expert's buffer; queued prefetches adjacent in the file join one
     read (``coalesce``). Ranges at most ``max_gap_nbytes`` apart are read as one span, the
-    gap into a scratch buffer (no copies). Default 0: bench_io_host's span rows measure
-    whether a span read beats separate reads on this machine (the layouts mlx-lm writes
-    stack each projection over the experts, so an expert's ranges are far apart anyway).
+    gap into a scratch buffer (no copies when buffered). Default 0, from measurement:
+    bench_io_host on this 2-core VM (2 MiB experts, 9 ranges 4 KiB apart, ms per miss,
+    one miss / eight at once) read them with O_DIRECT in 6.0 / 5.3 as nine reads against
+    9.8 / 6.0 as one span (a multi-segment direct read goes through the bounce buffer,
+    twice the CPU), and from the page cache in 1.3 / 1.4 against 0.6 / 1.9: no win worth
+    a default. The layouts mlx-lm writes stack each projection over the experts, so an
+    expert's ranges are far apart there anyway; adjacent ranges are one ``preadv`` always.
 
     Closing: ``close`` cancels what is queued, wakes readers waiting on a storage emulator,
     and waits up to ``close_timeout_s`` for reads already inside the kernel; a reader still
@@ -230,7 +240,8 @@ class IOScheduler:
         self._recorder = StatisticsRecorder(clock)
         self._stats = self._recorder.counts
         self._queue = RequestQueue(max_pending, self._stats)
-        self._pieces = PieceQueue(min_job_nbytes, clock)
+        self.min_job_nbytes = min_job_nbytes
+        self._pieces = PieceQueue(clock)
         self._plans: Dict[Hashable, tuple] = {}  # key -> (ranges, nbytes, plan, align)
         self._published: Deque[Request] = deque()
         self._spec_in_flight = 0
@@ -402,7 +413,8 @@ class IOScheduler:
         if nbytes > self.buffer_nbytes:
             raise ValueError(f"{describe(key)} needs {nbytes} bytes, more than the "
                              f"{self.buffer_nbytes}-byte staging buffers")
-        plan = plan_request(key, ranges, nbytes, self.piece_nbytes, self.max_gap_nbytes)
+        plan = plan_request(key, ranges, nbytes, self.piece_nbytes, self.min_job_nbytes,
+                            self.max_gap_nbytes)
         align = None
         if self.direct and ranges:  # the view starts at the file's alignment of the largest range
             big = max(ranges, key=lambda r: r.nbytes)
@@ -580,10 +592,10 @@ class IOScheduler:
             self._grow(requests)
         batch = Batch(requests, req.demand)
         if self._read is not None:
-            batch.runs, batch.remaining = [None], 1  # a custom reader reads the whole batch
+            batch.runs, batch.jobs, batch.remaining = [None], [1], 1  # it reads the whole batch
         else:
             plan_batch(batch, [memoryview(self._view(r)) for r in requests], self.piece_nbytes,
-                       self.max_gap_nbytes)
+                       self.min_job_nbytes, self.max_gap_nbytes)
         self._pieces.add(batch)
         return batch
 
@@ -625,18 +637,20 @@ class IOScheduler:
         pieces = self._pieces
         while True:
             with self._cond:
+                activated = False
                 while True:
                     if self._closed:
                         return
                     job = self._next_job()
                     if job is None and self._activate_ready():  # no hop to the loop
+                        activated = True
                         job = self._next_job()
                     if job is not None:
                         break
                     self._idle.wait()
                 pieces.running += 1
                 self._recorder.piece_started()
-                if pieces.waiting:
+                if activated and pieces.waiting:  # the rest of what this thread activated
                     self._idle.notify(pieces.waiting)
             batch, runs = job
             nbytes, error = read_job(batch, runs, read=self._read, handles=self.handles,
