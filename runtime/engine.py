@@ -8,7 +8,6 @@ module computes with the same computation over the slot pool.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,16 +17,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
 
 from golem.runtime.slots import LayerStats, SlotPool
 
 ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
-
-# The longest the engine's thread waits on a read without running Python bytecode: signal
-# handlers (Ctrl-C) run only between bytecodes of the main thread.
-WAIT_SLICE_S = 0.1
 
 
 class DiskReader:
@@ -99,15 +95,6 @@ class EngineStats:
             "sync_per_layer_us": 1e6 * self.decode_sync_s / layers,
             "write_per_miss_us": 1e6 * self.decode_write_s / max(self.decode_misses, 1),
         }
-
-
-def wait_result(future, slice_s: float = WAIT_SLICE_S):
-    """``future.result()``, waking every ``slice_s`` so that Ctrl-C reaches the main thread."""
-    while True:
-        try:
-            return future.result(slice_s)
-        except concurrent.futures.TimeoutError:
-            continue
 
 
 class Engine:
@@ -200,8 +187,8 @@ class Engine:
         ``meanwhile()`` runs after the demand reads are queued and before waiting on them
         (the engine issues its prefetches and starts computing resident experts there).
         Each expert is written as it arrives and its staging buffer handed back at once;
-        the writer uploads the layer's batch at the flush. Waits wake every
-        ``WAIT_SLICE_S`` so that Ctrl-C ends a stalled read. On failure or interrupt every
+        the writer uploads the layer's batch at the flush. Waits wake often enough
+        (``golem.io.futures.wait_result``) that Ctrl-C ends a stalled read. On failure or interrupt every
         expert not written is unassigned again (a slot never maps an expert whose bytes did
         not arrive) and buffers still to come are handed back as they land.
         """

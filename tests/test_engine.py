@@ -1,0 +1,126 @@
+"""The engine's contracts: it speaks to the prefetcher only through its interface, it counts
+its own host time, and Ctrl-C ends a run whose reads have stalled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from golem.runtime import load
+from golem.runtime.prefetch import PrefetchConfig
+from helpers import greedy_tokens, prompt_tokens, stock
+
+N = 12
+INTERFACE = ("attach", "begin_step", "begin_sequence", "propose", "observe", "issue", "arrivals",
+             "keep", "landed", "not_needed", "dropped", "evicted", "late", "used_all")
+
+
+class InterfaceOnly:
+    """Forwards the prefetcher's public interface; any other attribute is an error."""
+
+    def __init__(self, inner):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "calls", set())
+
+    def __getattr__(self, name):
+        if name not in INTERFACE:
+            raise AssertionError(f"the engine reached into the prefetcher: {name}")
+        self.calls.add(name)
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        raise AssertionError(f"the engine set prefetcher state: {name}")
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints):
+    model, tok = stock(checkpoints("olmoe"))
+    tokens = prompt_tokens(tok)
+    return tokens, greedy_tokens(model, tokens, N)
+
+
+def test_engine_uses_only_the_prefetcher_interface(checkpoints, expected):
+    tokens, want = expected
+    with load(str(checkpoints("olmoe")), capacities=4, prefetch=PrefetchConfig(depth=2, threshold=0.1)) as (model, _):
+        engine = model.golem.engine
+        inner = engine.prefetcher
+        engine.prefetcher = proxy = InterfaceOnly(inner)
+        assert greedy_tokens(model, tokens, N) == want
+        totals = inner.totals()
+    assert totals.issued > 0 and totals.useful + totals.wasted > 0
+    assert {"propose", "observe", "issue", "arrivals", "landed", "used_all"} <= proxy.calls
+
+
+def test_host_time_is_counted_per_miss_and_per_layer(checkpoints, expected):
+    tokens, want = expected
+    with load(str(checkpoints("olmoe")), capacities=4) as (model, _):
+        assert greedy_tokens(model, tokens, N) == want
+        st = model.golem.engine.stats
+    assert st.decode_misses > 0 and st.decode_partial_layers == st.decode_host_syncs
+    us = st.host_us()
+    assert us["per_miss_us"] > 0 and us["per_layer_us"] > 0 and us["write_per_miss_us"] > 0
+    # the parts never exceed the whole host time of those layers
+    assert st.decode_miss_s <= st.decode_engine_s
+
+
+def test_every_expert_resident_runs_no_engine_work_per_layer(checkpoints, expected):
+    tokens, want = expected
+    with load(str(checkpoints("olmoe"))) as (model, _):
+        assert greedy_tokens(model, tokens, N) == want
+        st = model.golem.engine.stats
+    assert st.host_syncs == 0 and st.decode_partial_layers == 0 and st.decode_engine_s == 0.0
+
+
+def _ready_for_sigint(pid: int, deadline_s: float = 30.0) -> None:
+    """Until ``pid`` catches SIGINT, neither ignoring nor blocking it. MLX's CPU backend
+    builds kernels through ``system()``, which ignores SIGINT in the caller while it runs: a
+    Ctrl-C in that window is dropped by the OS, whatever the program does."""
+    mask = 1 << (signal.SIGINT - 1)
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        fields = dict(line.split(":\t") for line in open(f"/proc/{pid}/status").read().splitlines()
+                      if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+        if int(fields["SigCgt"], 16) & mask and not (int(fields["SigIgn"], 16) | int(fields["SigBlk"], 16)) & mask:
+            return
+    pytest.fail("golem-run never became ready for SIGINT")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads signal state from /proc")
+def test_ctrl_c_ends_a_stalled_read_within_two_seconds(checkpoints):
+    """SIGINT while a demand read crawls at 10 kB/s: exit 130 at once, no traceback."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "golem.runtime.cli.run", "--model", str(checkpoints("qwen3_moe")),
+           "-c", "4", "-m", "32", "--emulate-storage", "1e-5", "-p", "hello there"]
+    # as from a terminal: a shell that starts jobs in the background leaves SIGINT ignored
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=restore)
+    try:
+        for line in proc.stdout:  # mlx-lm prints this rule as generation starts
+            if line.startswith("=========="):
+                break
+        else:
+            pytest.fail(f"golem-run ended before generating: {proc.wait()} {proc.stderr.read()}")
+        assert proc.poll() is None
+        _ready_for_sigint(proc.pid)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # hung: have faulthandler show every thread's stack
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail("golem-run still running 10 s after SIGINT:\n" + proc.communicate(timeout=10)[1][:3000])
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "interrupted" in err
+    assert took < 2.0, f"exit took {took:.2f} s after SIGINT"
