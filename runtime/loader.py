@@ -197,10 +197,11 @@ def read_model_config(path: Path) -> dict:
     model_type = config["model_type"]
     if not isinstance(model_type, str):
         raise ModelError(f"{file}: field 'model_type' must be a string, got {model_type!r}")
-    from mlx_lm.utils import MODEL_REMAPPING
+    import mlx_lm.utils
 
+    remap = getattr(mlx_lm.utils, "MODEL_REMAPPING", {})
     try:
-        arch = importlib.import_module(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+        arch = importlib.import_module(f"mlx_lm.models.{remap.get(model_type, model_type)}")
     except ImportError:
         raise ModelError(f"{file}: model_type {model_type!r} is not a model mlx-lm supports") from None
     args_class = getattr(arch, "ModelArgs", None)

@@ -16,6 +16,14 @@ from typing import Optional
 
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 
+# Neutral values of mlx_lm.generate flags that older mlx-lm releases do not have yet.
+MLX_LM_NEUTRAL = dict(
+    image=(), prefill_response=None, quantize_activations=False, chat_template_config=None,
+    xtc_probability=0.0, xtc_threshold=0.0, min_tokens_to_keep=1, min_p=0.0, top_k=0,
+    prefill_step_size=2048, max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=0,
+    draft_model=None, num_draft_tokens=3, prompt_cache_file=None, adapter_path=None,
+    trust_remote_code=False, extra_eos_token=(),
+)
 DEMO_SLOTS = 8
 DEMO_SIZE = dict(hidden=256, layers=8, experts=32, top_k=4, expert_hidden=256, vocab=384, group_size=64)
 
@@ -188,6 +196,9 @@ def run(args) -> int:
 
     from golem.runtime.api import load, plan
 
+    for name, value in MLX_LM_NEUTRAL.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
     _check_unsupported(args)
     if args.seed is not None:
         mx.random.seed(args.seed)
