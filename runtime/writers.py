@@ -7,7 +7,8 @@ one implementation per kind of backend memory, chosen at start-up:
   CPU and on Metal (shared memory) that view is the array itself: no upload at all.
 - ``device``: never takes a host view of a pool. The layer's pending experts are gathered
   in one host batch, uploaded as one ``mx.array``, and written with in-place slice updates
-  (``pool[slots] = x``) that MLX orders after every computation built before them.
+  (``pool[a:b] = x``, one per run of adjacent slots: a scatter would copy the pool) that
+  MLX orders after every computation built before them.
 - ``device-load``: as ``device``, but the batch is uploaded by ``mx.load`` from an
   in-memory ``.npy`` stream (on CUDA one host-to-device copy into device memory, where an
   ``mx.array`` lands in managed memory).
@@ -252,11 +253,23 @@ class DeviceWriter(SlotWriter):
             raw = mx.array(host)
         self._rows.clear()
         self.batch.holder = None
-        index = slots[0] if n == 1 else mx.array(slots, dtype=mx.int32)
+        runs = _runs(slots)  # slice updates over runs of adjacent slots stay in place (a scatter copies)
         for owner, attr, begin, end, dtype, shape in self._cuts:
             pool = getattr(owner, attr)
             x = raw[:, begin:end].view(dtype).reshape(n, *shape)
-            pool[index] = x[0] if n == 1 else x
+            for row, slot, count in runs:
+                pool[slot:slot + count] = x[row:row + count]
+
+
+def _runs(slots: Sequence[int]) -> List[tuple]:
+    """``[(first row, first slot, count)]``: rows whose slots follow one another."""
+    runs: List[list] = []
+    for row, slot in enumerate(slots):
+        if runs and runs[-1][1] + runs[-1][2] == slot:
+            runs[-1][2] += 1
+        else:
+            runs.append([row, slot, 1])
+    return [tuple(r) for r in runs]
 
 
 class SlotWriters:
