@@ -1,0 +1,51 @@
+"""golem-server: ``mlx_lm.server`` (the same OpenAI-compatible HTTP API, streaming, batching
+and prompt cache, with the same flags) serving a golem model, plus golem's runtime flags
+(expert cache, memory budget, prefetch, storage, traces).
+
+Knows nothing of HTTP: mlx-lm's main runs unchanged with golem's loader. The draft model
+(``--draft-model``) is dense and small, so it loads with stock mlx-lm. SIGTERM stops the
+server as Ctrl-C does, so the model is closed (and ``--trace-out`` written) either way.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Optional
+
+PROG = "golem-server"
+DESCRIPTION = ("Serve an MoE model whose experts stream from disk over mlx_lm.server's "
+               "OpenAI-compatible HTTP API (every mlx_lm.server flag works; golem's own flags follow).")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list] = None) -> int:
+    import mlx.core as mx
+    from mlx_lm import server
+
+    from golem.runtime.cli.stock import GolemLoads, check_model, run_stock_main
+
+    def on_args(args, config):
+        if mx.distributed.init().size() > 1:
+            raise ValueError("golem-server runs on one machine (no distributed group)")
+        check_model(args, config)
+        return GolemLoads(config, dense=[args.draft_model])
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_stock_main(server, PROG, DESCRIPTION, on_args, argv)
+    except (ValueError, FileNotFoundError) as e:  # ModelError, CheckpointError, ConfigError
+        print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

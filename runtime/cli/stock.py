@@ -1,0 +1,115 @@
+"""mlx-lm's own command lines (``mlx_lm.chat``, ``mlx_lm.server``) running golem models.
+
+``GolemLoads`` answers mlx-lm's ``load`` with golem models built from one ``RuntimeConfig``
+and closes them at the end; ``run_stock_main`` runs a stock module's ``main()`` with that
+loader and with golem's runtime flags on its parser. Prompts, sampling, prompt caches,
+streaming and HTTP stay mlx-lm's. Knows nothing of the chat or server protocols.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from typing import Callable, Iterable, List, Optional
+
+from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
+from golem.runtime.config import ConfigError, RuntimeConfig
+
+
+class GolemLoads:
+    """A stand-in for ``mlx_lm.utils.load`` (same arguments, same results) that loads with
+    ``golem.runtime.load``. mlx-lm's mains hold one model at a time: loading another closes
+    the one before. ``dense`` paths (a speculative-decoding draft model) load with stock
+    mlx-lm, as they have no experts to offload."""
+
+    def __init__(self, config: RuntimeConfig, dense: Iterable[str] = ()):
+        self.config = config
+        self.dense = {str(p) for p in dense if p}
+        self.loaded: List = []
+
+    def __call__(self, path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None,
+                 lazy=False, return_config=False, revision=None, trust_remote_code=False):
+        if str(path_or_hf_repo) in self.dense:
+            from mlx_lm.utils import load
+
+            return load(path_or_hf_repo, tokenizer_config=tokenizer_config, model_config=model_config,
+                        adapter_path=adapter_path, lazy=lazy, return_config=return_config,
+                        revision=revision, trust_remote_code=trust_remote_code)
+        if revision is not None:
+            raise ConfigError(f"{path_or_hf_repo}: golem loads a model's default revision only, "
+                              f"not {revision!r}")
+        import golem.runtime
+
+        self.close()
+        loaded = golem.runtime.load(str(path_or_hf_repo), self.config, tokenizer_config=tokenizer_config,
+                                    model_config=model_config, adapter_path=adapter_path)
+        self.loaded.append(loaded)
+        model, tokenizer = loaded
+        return (model, tokenizer, loaded.runtime.config) if return_config else (model, tokenizer)
+
+    def close(self) -> None:
+        """Close every golem model loaded (writing a ``--trace-out`` or ``--save-profile``)."""
+        while self.loaded:
+            self.loaded.pop().close()
+
+
+def run_stock_main(module: types.ModuleType, prog: str, description: str,
+                   on_args: Callable[[argparse.Namespace, RuntimeConfig], GolemLoads],
+                   argv: Optional[list] = None) -> None:
+    """Run ``module.main()`` (mlx_lm.chat or mlx_lm.server) as ``prog`` on golem models.
+
+    The stock parser gains golem's runtime flags (one ``--help``, one set of errors); once
+    it has parsed them, ``on_args(args, config)`` checks them against the model and returns
+    the loader the stock main then calls instead of mlx-lm's ``load``. The loader's models
+    are closed when ``main()`` ends, however it ends.
+    """
+    # The one place golem relies on mlx-lm internals: its chat and server mains take no
+    # loader and no extra flags, but build their parser through the module-level name
+    # ``argparse`` and load through the module-level name ``load``. Both names are swapped
+    # for the length of the run and restored after.
+    loads: List[GolemLoads] = []
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "prog": prog, "description": description})
+            self.golem_flags = False
+
+        def parse_known_args(self, args=None, namespace=None):
+            if not self.golem_flags:  # after the stock flags, so --help lists those first
+                add_runtime_arguments(self)
+                self.golem_flags = True
+            parsed, rest = super().parse_known_args(args, namespace)
+            try:
+                loads.append(on_args(parsed, runtime_config(parsed)))
+            except ValueError as e:  # ConfigError, ModelError, CheckpointError: one line
+                self.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return parsed, rest
+
+    def load(*args, **kwargs):
+        return loads[-1](*args, **kwargs)
+
+    golem_argparse = types.ModuleType("argparse")
+    golem_argparse.__dict__.update(argparse.__dict__)
+    golem_argparse.ArgumentParser = Parser
+    saved = module.argparse, module.load
+    saved_argv = sys.argv
+    module.argparse, module.load = golem_argparse, load
+    if argv is not None:
+        sys.argv = [prog, *argv]
+    try:
+        module.main()
+    finally:
+        module.argparse, module.load = saved
+        sys.argv = saved_argv
+        for loader in loads:
+            loader.close()
+
+
+def check_model(args: argparse.Namespace, config: RuntimeConfig) -> None:
+    """Check the runtime flags against ``args.model`` before any work (reads only its
+    headers): a bad flag or model fails here, as one line, rather than mid-run."""
+    if getattr(args, "model", None):
+        import golem.runtime
+
+        golem.runtime.plan(args.model, config)
