@@ -1,8 +1,9 @@
 """Does ``--memory-budget`` with routing statistics beat the uniform plan of the same bytes?
 
-On the OLMoE-1B-7B decode traces (../shared/traces/olmoe-1b-7b; expert size from the traces'
-meta expert_bytes, 12,582,912 bytes), for expert budgets equal to uniform 16, 24, 32, 40 and
-48 slots per layer (of 64), compares the simulated miss ratio of
+On two decode traces of one model (default: the OLMoE-1B-7B traces in
+../shared/traces/olmoe-1b-7b, general and coding; expert size from the traces' meta
+expert_bytes, 12,582,912 bytes), for expert budgets equal to uniform 1/4, 3/8, 1/2, 5/8 and
+3/4 of the experts per layer (16, 24, 32, 40 and 48 slots of 64), compares the simulated miss ratio of
   uniform   make_plan without statistics (the same slots in every layer, leftover to the first)
   budget    make_plan with RoutingStats (per-layer miss curves of the policy that runs)
 under each policy (plain LRU; golem's default policy), in three settings:
@@ -13,7 +14,7 @@ and, for the default policy, "LRU curves": planned with plain LRU's curves (the 
 a profile carries only stack distances, no curves of the policy that runs). Both plans spend
 the same bytes (checked); "change" = (budget - uniform) / uniform.
 
-    python benchmarks/bench_plan.py [--traces DIR]
+    python benchmarks/bench_plan.py [GENERAL.npz CODING.npz | --traces DIR]
 
 Prints tables, then one JSON object as the last line.
 """
@@ -22,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
+from trace_inputs import add_trace_arguments, load_two_traces
 
-from golem.runtime.analysis.plan import ModelMemory, RoutingStats, make_plan
-from golem.runtime.policies import DEFAULT_POLICY
+from golem.runtime.analysis.model_size import ModelMemory
+from golem.runtime.analysis.plan import RoutingStats, make_plan
 from golem.runtime.analysis.simulate import simulate
-from golem.runtime.trace import Trace, load_trace
+from golem.runtime.cli.progress import progress_bar
+from golem.runtime.policies import DEFAULT_POLICY
+from golem.runtime.trace import Trace
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-1b-7b"
-UNIFORM_SLOTS = (16, 24, 32, 40, 48)
+SHARES = (2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8)  # of the experts per layer: 16, 24, 32, 40, 48 of 64
 
 
 def half(trace: Trace, first: bool) -> Trace:
@@ -46,17 +48,21 @@ def half(trace: Trace, first: bool) -> Trace:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default=str(TRACES), help="Folder holding general.npz and coding.npz.")
+    add_trace_arguments(ap)
     args = ap.parse_args()
-    folder = Path(args.traces)
-    traces = {name: load_trace(folder / f"{name}.npz") for name in ("general", "coding")}
-    model = ModelMemory.from_trace_meta(traces["general"].meta)
+    traces = load_two_traces(args, "bench_plan")
+    names = list(traces)
+    try:
+        model = ModelMemory.from_trace_meta(traces[names[0]].meta)
+    except ValueError as e:
+        raise SystemExit(f"bench_plan: {traces[names[0]].path}: {e}") from None
+    uniform_slots = tuple(sorted({max(model.top_k, round(s * model.num_experts)) for s in SHARES}))
     policies = ("lru", DEFAULT_POLICY)
 
     # (trace replayed, statistics source) per setting
     settings = {}
     for name, t in traces.items():
-        other = traces["coding" if name == "general" else "general"]
+        other = traces[names[1] if name == names[0] else names[0]]
         settings[("held-out", name)] = (half(t, False), half(t, True))
         settings[("cross-domain", name)] = (t, other)
         settings[("in-sample", name)] = (t, t)
@@ -71,11 +77,15 @@ def main() -> int:
 
     rows = []
     variants = [(p, p) for p in policies] + [(DEFAULT_POLICY, "lru")]  # (replayed policy, curves policy)
+    t0 = traces[names[0]]
+    bar = progress_bar(len(settings) * len(variants), "plans",
+                       work=len(settings) * len(variants) * 2 * len(uniform_slots) * t0.num_steps * t0.num_layers)
     for (setting, name), (replay, source) in settings.items():
         for policy, curves in variants:
+            bar.update(1)
             stats = stats_for(source, curves)
             label = policy if curves == policy else f"{policy}, LRU curves"
-            for u in UNIFORM_SLOTS:
+            for u in uniform_slots:
                 budget = u * model.num_layers * model.nbytes_of(0)
                 uniform = make_plan(model, budget_nbytes=budget)
                 plan = make_plan(model, budget_nbytes=budget, stats=stats)
@@ -89,6 +99,7 @@ def main() -> int:
                     "change": round((mb - mu) / mu, 5),
                 })
 
+    bar.close()
     labels = [p for p in policies] + [f"{DEFAULT_POLICY}, LRU curves"]
     summary = {}
     for setting in ("held-out", "cross-domain", "in-sample"):
@@ -96,7 +107,7 @@ def main() -> int:
         print(f"{setting}: miss ratio uniform -> budget (change)")
         for label in labels:
             print(f"  {label}")
-            print(f"    {'trace':<9}" + "".join(f"{f'{u} slots':>27}" for u in UNIFORM_SLOTS))
+            print(f"    {'trace':<9}" + "".join(f"{f'{u} slots':>27}" for u in uniform_slots))
             for name in traces:
                 cells = [r for r in rows if (r["setting"], r["trace"], r["policy"]) == (setting, name, label)]
                 print(f"    {name:<9}" + "".join(
@@ -116,7 +127,7 @@ def main() -> int:
           f"cells, mean change {100 * head['mean_change']:+.2f}%")
     print(json.dumps({
         "expert_nbytes": model.nbytes_of(0),
-        "uniform_slots": list(UNIFORM_SLOTS),
+        "uniform_slots": list(uniform_slots),
         "default_policy": DEFAULT_POLICY,
         "summary": summary,
         "rows": rows,

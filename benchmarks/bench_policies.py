@@ -1,15 +1,16 @@
 """Which eviction policy misses least on real routing, and how far is each from the optimum?
 
-Replays the OLMoE-1B-7B decode traces (../shared/traces/olmoe-1b-7b: general and coding,
-12,800 steps each, 16 layers, top-8 of 64) through every policy of golem.runtime.policies at
-16, 32 and 48 slots per layer, caches persisting across the 100 prompts of a trace. Policy
+Replays two decode traces of one model (default: the OLMoE-1B-7B traces in
+../shared/traces/olmoe-1b-7b, general and coding, 12,800 steps each, 16 layers, top-8 of 64)
+through every policy of golem.runtime.policies at a quarter, half and three quarters of the
+experts per layer (16, 32 and 48 of 64), caches persisting across the prompts of a trace. Policy
 parameters (lfu-decay's decay, lru-k's k) are tuned on one trace (lowest mean miss ratio over
 the three capacities) and reported on the other, both ways. Baselines measured in the same
 run: plain LRU below, Belady (evict the expert used farthest in the future) as the bound.
 "gap closed" = (LRU - policy) / (LRU - Belady). Also times a full-trace replay (median of
 --repeats runs).
 
-    python benchmarks/bench_policies.py [--traces DIR] [--repeats 3]
+    python benchmarks/bench_policies.py [GENERAL.npz CODING.npz | --traces DIR] [--repeats 3]
 
 Prints tables, then one JSON object as the last line.
 """
@@ -20,14 +21,15 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
-from golem.runtime.policies import DEFAULT_POLICY
+from trace_inputs import add_trace_arguments, load_two_traces
+
 from golem.runtime.analysis.simulate import belady, simulate
-from golem.runtime.trace import load_trace
+from golem.runtime.cli.progress import progress_bar
+from golem.runtime.policies import DEFAULT_POLICY
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-1b-7b"
-CAPACITIES = (16, 32, 48)
+SHARES = (0.25, 0.5, 0.75)  # of the experts per layer: 16, 32, 48 of 64
+CAPACITIES: tuple = ()
 TUNABLE = {
     "lfu-decay": ("decay", (0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)),
     "lru-k": ("k", (2, 3, 4, 6, 8)),
@@ -39,25 +41,29 @@ def miss_ratio(trace, spec: str, capacity: int) -> float:
     return simulate(trace, policy=spec, capacity=capacity).miss_ratio
 
 
-def tune(trace, name: str) -> tuple[str, dict]:
+def tune(trace, name: str, progress=None) -> tuple[str, dict]:
     """The parameter value with the lowest mean miss ratio over CAPACITIES on ``trace``."""
     key, values = TUNABLE[name]
     scores = {}
     for v in values:
         scores[v] = statistics.fmean(miss_ratio(trace, f"{name}:{key}={v}", c) for c in CAPACITIES)
+        if progress is not None:
+            progress(len(CAPACITIES))
     best = min(scores, key=scores.get)
     return f"{name}:{key}={best}", {str(v): round(s, 5) for v, s in scores.items()}
 
 
 def main() -> int:
+    global CAPACITIES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default=str(TRACES), help="Folder holding general.npz and coding.npz.")
+    add_trace_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3, help="Timed full-trace LRU replays (median reported).")
     args = ap.parse_args()
-    folder = Path(args.traces)
-    traces = {name: load_trace(folder / f"{name}.npz") for name in ("general", "coding")}
-    first = traces["general"]
-    print(f"OLMoE traces: {', '.join(f'{n} {t.num_steps} steps' for n, t in traces.items())}; "
+    traces = load_two_traces(args, "bench_policies")
+    names = list(traces)
+    first = traces[names[0]]
+    CAPACITIES = tuple(sorted({max(first.top_k, round(s * first.num_experts)) for s in SHARES}))
+    print(f"traces: {', '.join(f'{n} {t.num_steps} steps' for n, t in traces.items())}; "
           f"{first.num_layers} layers, top-{first.top_k} of {first.num_experts}")
 
     times = []
@@ -70,12 +76,14 @@ def main() -> int:
           f"median {replay_s:.2f} s of {len(times)}")
 
     results, tuned = {}, {}
-    for tune_name, report_name in (("general", "coding"), ("coding", "general")):
+    replays = 2 * len(CAPACITIES) * (sum(len(v) for _, v in TUNABLE.values()) + len(FIXED) + len(TUNABLE) + 1)
+    bar = progress_bar(replays, "replays", work=replays * first.num_steps * first.num_layers)
+    for tune_name, report_name in ((names[0], names[1]), (names[1], names[0])):
         tune_on, report_on = traces[tune_name], traces[report_name]
         specs = list(FIXED)
         tuned[report_name] = {"tuned_on": tune_name}
         for name in TUNABLE:
-            spec, scores = tune(tune_on, name)
+            spec, scores = tune(tune_on, name, bar.update)
             specs.append(spec)
             tuned[report_name][name] = {"chosen": spec, "mean_miss_ratio_on_tuning_trace": scores}
         print()
@@ -86,6 +94,7 @@ def main() -> int:
             rows.setdefault("belady", {})[c] = belady(report_on, c).miss_ratio
             for spec in specs:
                 rows.setdefault(spec, {})[c] = miss_ratio(report_on, spec, c)
+            bar.update(1 + len(specs))
         lru = rows["lru"]
         for spec in specs + ["belady"]:
             cells = []
@@ -101,6 +110,7 @@ def main() -> int:
     def family(spec: str) -> str:
         return spec.split(":")[0]
 
+    bar.close()
     means = {}
     for report_name, rows in results.items():
         for spec, per in rows.items():

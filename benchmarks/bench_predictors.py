@@ -1,7 +1,8 @@
 """How well do golem's predictors guess the experts of the next layers?
 
 Two parts, in one run:
-  1. Real routing (OLMoE-1B-7B decode traces in ../shared/traces/olmoe-1b-7b): the history
+  1. Real routing (two decode traces of one model; default: the OLMoE-1B-7B traces in
+     ../shared/traces/olmoe-1b-7b, general and coding): the history
      predictors (previous, frequency as a static hot set, transition frozen and learning
      online, transition+previous), trained on one domain and evaluated on the other
      (general -> coding and coding -> general, counts pooled), between the baselines measured
@@ -14,7 +15,8 @@ Two parts, in one run:
 Both parts also report top-k recall (the k best-scored experts of layer l+d, as published
 figures count it). A score is a predictor's estimated probability that the expert is used.
 
-    python benchmarks/bench_predictors.py [--seeds 3] [--steps-per-domain 3200]   (12800: both whole traces)
+    python benchmarks/bench_predictors.py [GENERAL.npz CODING.npz | --traces DIR] [--seeds 3]
+        [--steps-per-domain 3200]   (12800: both whole OLMoE traces)
 
 Prints tables, then one JSON object keyed by part, predictor, depth and threshold.
 """
@@ -26,19 +28,20 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
 
+from trace_inputs import add_trace_arguments, load_two_traces
+
 from golem.predictors import PredictorOptions, RoutingShape, find_moe_blocks, make_predictor, merge_accuracies, replay
 from golem.predictors.metrics import Accuracy
-from golem.runtime.trace import Trace, load_trace
+from golem.runtime.cli.progress import progress_bar
+from golem.runtime.trace import Trace
 
 DEPTHS = (1, 2, 3)
 THRESHOLDS = (0.1, 0.3, 0.5)
 HISTORY = ("frequency/frozen", "previous", "transition/frozen", "transition", "transition+previous")
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-1b-7b"
 
 # Published figures for router lookahead (real checkpoints), quoted for comparison.
 REFERENCE = {
@@ -115,19 +118,23 @@ HEADER = (f"{'predictor':<24} {'depth':>5} {'thresh':>6} {'recall':>7} {'covered
 # ---------------------------------------------------------------- part 1: real routing
 
 
-def real_routing(traces: Path, steps: int) -> dict:
-    general = head(load_trace(traces / "general.npz"), steps)
-    coding = head(load_trace(traces / "coding.npz"), steps)
+def real_routing(traces: Dict[str, Trace], steps: int) -> dict:
+    (g_name, general), (c_name, coding) = ((n, head(t, steps)) for n, t in traces.items())
     shape = RoutingShape.of(general)
-    directions = [("general->coding", general, coding), ("coding->general", coding, general)]
-    print(f"\n== Part 1: REAL ROUTING of OLMoE-1B-7B ({traces}): {shape.num_layers} MoE layers, "
+    directions = [(f"{g_name}->{c_name}", general, coding), (f"{c_name}->{g_name}", coding, general)]
+    where = ", ".join(str(t.path) for t in traces.values())
+    print(f"\n== Part 1: REAL ROUTING ({where}): {shape.num_layers} MoE layers, "
           f"top-{shape.top_k} of {shape.num_experts}; {general.num_steps} + {coding.num_steps} decode steps ==")
     print("history predictors trained on one domain, evaluated on the other, learning online as they go "
           "(/frozen: only what the other domain taught them); counts pooled over both directions; "
           f"top{shape.top_k}: the {shape.top_k} best-scored experts of each target layer")
     results: Dict[str, dict] = {}
     table: List[str] = []
-    for name in ("random", *HISTORY, "oracle"):
+    names = ("random", *HISTORY, "oracle")
+    bar = progress_bar(len(names), "predictors",
+                       work=len(names) * (general.num_steps + coding.num_steps) * shape.num_layers * max(DEPTHS))
+    for name in names:
+        bar.update(1)
         t0 = time.perf_counter()
         per_dir, pooled_runs = {}, []
         seeds = (0, 1, 2) if name == "random" else (0,)
@@ -153,10 +160,11 @@ def real_routing(traces: Path, steps: int) -> dict:
         steps_total = general.num_steps + coding.num_steps
         print(f"  replayed {name:<20} {elapsed:6.1f} s ({elapsed / (steps_total * len(seeds) * shape.num_layers) * 1e6:.0f} us per layer-step)",
               file=sys.stderr)
-    print(HEADER + "   recall g->c  c->g")
+    bar.close()
+    print(HEADER + f"   recall {' '.join(label for label, _, _ in directions)}")
     print("\n".join(table))
 
-    return {"source": "real routing: OLMoE-1B-7B decode traces", "steps": general.num_steps + coding.num_steps,
+    return {"source": f"real routing: decode traces {where}", "steps": general.num_steps + coding.num_steps,
             "predictors": results}
 
 
@@ -217,17 +225,16 @@ def generated(family: str, seeds: Sequence[int], tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", type=Path, default=TRACES, help="Folder of the OLMoE traces (general.npz, coding.npz).")
+    add_trace_arguments(ap)
     ap.add_argument("--steps-per-domain", type=int, default=3200,
                     help="Decode steps of each OLMoE domain replayed (whole sequences; 12800 = all).")
     ap.add_argument("--seeds", type=int, default=3, help="Generated checkpoints (seeds) for part 2.")
     ap.add_argument("--family", default="olmoe", help="Family of the generated checkpoints (default olmoe).")
     ap.add_argument("--tokens", type=int, default=40, help="Decode tokens per prompt in part 2.")
     args = ap.parse_args()
-    if not (args.traces / "general.npz").is_file() or not (args.traces / "coding.npz").is_file():
-        sys.exit(f"bench_predictors: {args.traces} lacks general.npz / coding.npz (the real OLMoE traces)")
+    traces = load_two_traces(args, "bench_predictors")
     t0 = time.perf_counter()
-    real = real_routing(args.traces, args.steps_per_domain)
+    real = real_routing(traces, args.steps_per_domain)
     gen = generated(args.family, range(args.seeds), args.tokens)
     print("\n== Summary: covered recall (layers >= depth), [real] = OLMoE routing, [generated] = random-weight "
           "checkpoints, [published] = others' figures on real checkpoints, not measured here ==")

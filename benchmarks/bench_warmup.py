@@ -1,7 +1,7 @@
 """How much does a warm start save, and which one?
 
-Replays the OLMoE-1B-7B decode traces (../shared/traces/olmoe-1b-7b: general and coding, 100
-prompts of 128 decode steps each) prompt by prompt, each from a fresh cache of C slots per
+Replays two decode traces of one model (default: the OLMoE-1B-7B traces in
+../shared/traces/olmoe-1b-7b, general and coding, 100 prompts of 128 decode steps each) prompt by prompt, each from a fresh cache of C slots per
 layer, as separate golem runs would start, with these warm starts (rows):
 
   empty          the cache starts empty (the baseline, measured in the same run)
@@ -17,9 +17,9 @@ layer, as separate golem runs would start, with these warm starts (rows):
 
 Warm lists are inserted least used first, so the most used ends most recent (what
 ``Profile.warm_start`` does). Miss ratio = demand misses / expert requests over all prompts,
-for C = 16, 32, 48 of 64, with plain LRU (the study's cache) and golem's default policy.
+for C = a quarter, half and three quarters of the experts (16, 32, 48 of 64), with plain LRU (the study's cache) and golem's default policy.
 
-    python benchmarks/bench_warmup.py [--traces DIR] [--seeds 3]
+    python benchmarks/bench_warmup.py [GENERAL.npz CODING.npz | --traces DIR] [--seeds 3]
 
 Prints tables, then one JSON object as the last line.
 """
@@ -29,17 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import numpy as np
+from trace_inputs import add_trace_arguments, load_two_traces
 
-from golem.runtime.policies import DEFAULT_POLICY
 from golem.runtime.analysis.profile import profile_from_counts, random_warm_start
 from golem.runtime.analysis.simulate import simulate_sequences, split_sequences
-from golem.runtime.trace import load_trace
+from golem.runtime.cli.progress import progress_bar
+from golem.runtime.policies import DEFAULT_POLICY
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-1b-7b"
-CAPACITIES = (16, 32, 48)
+SHARES = (0.25, 0.5, 0.75)  # of the experts per layer: 16, 32, 48 of 64
 ROWS = ("empty", "random", "same prompt", "other prompt", "aggregated", "aggregated, other domain")
 
 
@@ -83,39 +82,46 @@ def table_for(trace, other, policy: str, capacity: int, seeds: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default=str(TRACES), help="Folder holding general.npz and coding.npz.")
+    add_trace_arguments(ap)
     ap.add_argument("--seeds", type=int, default=3, help="Random warm starts per cell (median reported).")
     args = ap.parse_args()
-    folder = Path(args.traces)
-    traces = {name: load_trace(folder / f"{name}.npz") for name in ("general", "coding")}
-    first = traces["general"]
+    traces = load_two_traces(args, "bench_warmup")
+    names = list(traces)
+    first = traces[names[0]]
+    capacities = tuple(sorted({max(first.top_k, round(s * first.num_experts)) for s in SHARES}))
     print(f"each prompt from a fresh cache; {first.num_layers} layers, top-{first.top_k} of {first.num_experts}; "
           f"random = median of {args.seeds} seeds")
     results = {}
+    bar = progress_bar(2 * 2 * len(capacities), "cells",
+                       work=4 * len(capacities) * (args.seeds + 5) * first.num_steps * first.num_layers)
     for policy in ("lru", DEFAULT_POLICY):
         results[policy] = {}
         for name, trace in traces.items():
-            other = traces["coding" if name == "general" else "general"]
-            cells = {c: table_for(trace.decode_only(), other, policy, c, args.seeds) for c in CAPACITIES}
-            results[policy][name] = {row: {str(c): round(cells[c][row], 6) for c in CAPACITIES} for row in ROWS}
+            other = traces[names[1] if name == names[0] else names[0]]
+            cells = {}
+            for c in capacities:
+                cells[c] = table_for(trace.decode_only(), other, policy, c, args.seeds)
+                bar.update(1)
+            results[policy][name] = {row: {str(c): round(cells[c][row], 6) for c in capacities} for row in ROWS}
             results[policy][name]["random_range"] = {
-                str(c): [round(cells[c]["random_min"], 6), round(cells[c]["random_max"], 6)] for c in CAPACITIES
+                str(c): [round(cells[c]["random_min"], 6), round(cells[c]["random_max"], 6)] for c in capacities
             }
             print()
             print(f"{name}, {policy}: miss ratio (change against empty)")
-            print(f"{'warm start':<26}" + "".join(f"{f'{c} slots':>20}" for c in CAPACITIES))
+            print(f"{'warm start':<26}" + "".join(f"{f'{c} slots':>20}" for c in capacities))
             for row in ROWS:
                 line = f"{row:<26}"
-                for c in CAPACITIES:
+                for c in capacities:
                     r, base = cells[c][row], cells[c]["empty"]
                     line += f"{100 * r:>10.2f}% {100 * (r - base) / base:>+7.1f}%"
                 print(line)
 
+    bar.close()
     # the best warm start one can have without having seen the prompt: mean over all cells
     usable = [r for r in ROWS if r != "same prompt"]
     means = {
         row: statistics.fmean(
-            results[p][t][row][str(c)] for p in results for t in traces for c in CAPACITIES
+            results[p][t][row][str(c)] for p in results for t in traces for c in capacities
         )
         for row in ROWS
     }
@@ -124,7 +130,7 @@ def main() -> int:
     print("mean over traces, policies and capacities: " + ", ".join(f"{r} {100 * means[r]:.2f}%" for r in ROWS))
     print(f"best warm start without knowing the prompt: {best}")
     print(json.dumps({
-        "capacities": list(CAPACITIES),
+        "capacities": list(capacities),
         "num_experts": first.num_experts,
         "rows": list(ROWS),
         "random_seeds": args.seeds,

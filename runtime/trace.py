@@ -279,6 +279,17 @@ def load_traces(paths: Sequence[str | Path]) -> list[Trace]:
     return out
 
 
+def require_steps(traces: Sequence[Trace], *, decode_only: bool = True) -> int:
+    """The decode (or all) steps of ``traces``; a ``TraceError`` naming them when there are none."""
+    steps = sum((t.decode_only() if decode_only else t).num_steps for t in traces)
+    if steps == 0:
+        names = ", ".join(str(t.path or "trace") for t in traces) or "no traces"
+        total = sum(t.num_steps for t in traces)
+        hint = f" (only {total} prefill steps)" if total else ""
+        raise TraceError(f"{names}: no {'decode ' if decode_only else ''}steps to replay{hint}")
+    return steps
+
+
 def save_trace(path: str | Path, trace: Trace) -> None:
     """Write ``trace`` as golem-trace/1 (validated first)."""
     trace.validate()

@@ -123,9 +123,11 @@ def test_a_zero_step_trace_has_no_steps_to_simulate(tmp_path, capsys):
     empty["seq_offsets"] = np.array([0], np.int64)
     path = _write(tmp_path / "zero.npz", **empty)
     assert load_trace(path).num_steps == 0
-    for command in ("simulate", "stats"):
-        assert main([command, str(path)]) == 2
-        assert "no decode steps" in capsys.readouterr().err
+    for argv in (["simulate", path], ["stats", path], ["predict", path], ["plot", path, "--out", tmp_path / "c"],
+                 ["estimate", "--model", "olmoe-1b-7b", "--machine", "ddr5-96g-cpu", "--trace", path]):
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{path}: no decode steps to replay" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_save_refuses_what_load_would_refuse(tmp_path):

@@ -30,7 +30,7 @@ from golem.runtime.analysis.machines import load_machine
 from golem.runtime.analysis.model_size import ModelSpec, Quantization, load_model_spec
 from golem.runtime.analysis.placement import routing_stats_for
 from golem.runtime.cli.progress import progress_bar
-from golem.runtime.trace import load_traces
+from golem.runtime.trace import load_traces, require_steps
 from golem.runtime.units import GiB, format_layer_ranges, parse_layer_ranges, parse_size
 
 
@@ -183,6 +183,7 @@ def run(args) -> int:
         routing = ChunkRouting(args.u, args.d, args.chunk, args.coverage, "given")
     if args.trace:
         traces = load_traces(args.trace)
+        require_steps(traces)
         if routing is None:
             stats = chunk_analysis(traces, chunk=args.chunk, coverages=(args.coverage,))
             if stats.num_chunks >= 2:

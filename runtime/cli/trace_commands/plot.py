@@ -18,7 +18,7 @@ import numpy as np
 from golem.runtime.policies import DEFAULT_POLICY, policy_names
 from golem.runtime.analysis.profile import profile_from_traces, random_warm_start
 from golem.runtime.analysis.simulate import requests_per_step, simulate, simulate_sequences
-from golem.runtime.trace import load_traces
+from golem.runtime.trace import load_traces, require_steps
 
 CHARTS = ("hit-rate", "warm-start", "overlap")
 MISSING_MATPLOTLIB = "golem-trace plot needs matplotlib: pip install 'golem[plot]' (or pip install matplotlib)"
@@ -119,6 +119,7 @@ def run(args) -> int:
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     traces = load_traces(args.traces)
+    require_steps(traces)
     first = traces[0]
     capacity = args.capacity if args.capacity is not None else max(first.top_k, first.num_experts // 2)
     if "overlap" in charts and len(traces) < 2:

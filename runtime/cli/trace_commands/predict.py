@@ -24,7 +24,8 @@ from golem.predictors.metrics import Accuracy, merge_accuracies, replay
 from golem.predictors.registry import TRAINABLE, PredictorOptions, make_predictor, predictor_names
 
 from golem.runtime.analysis.capture import LAYER_INPUT_ARRAY, load_extras
-from golem.runtime.trace import Trace, load_traces
+from golem.runtime.cli.progress import progress_bar
+from golem.runtime.trace import Trace, load_traces, require_steps
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -129,6 +130,7 @@ def run(args) -> int:
         max_nbytes = parse_size(args.max_bytes, "--max-bytes")
 
     tests = load_traces(args.traces)
+    require_steps(tests)
     train = [_for_training(t, args.hidden_kind, "probe" in parts) for t in load_traces(args.train)] if args.train else []
     blocks = _load_blocks(args.model) if "lookahead" in parts else None
     shape = RoutingShape.of(tests[0])
@@ -141,6 +143,8 @@ def run(args) -> int:
 
     depth, nearest = (0, 0) if args.depth == 0 else (args.depth, 1)
     results: List[List[Accuracy]] = []
+    work = sum(t.num_steps for t in tests) * shape.num_layers * max(1, args.depth)
+    bar = progress_bar(len(tests), "predict", work=work)
     for test in tests:
         decode = test.decode_only()
         options = PredictorOptions(
@@ -155,6 +159,8 @@ def run(args) -> int:
             replay(decode, predictor, depth=depth, nearest=nearest, thresholds=args.threshold, hidden=hidden,
                    max_experts=args.max_experts, max_nbytes=max_nbytes, expert_nbytes=nbytes, best=args.best)
         )
+        bar.update(1)
+    bar.close()
     rows = merge_accuracies(results)
 
     steps = rows[0].steps

@@ -18,7 +18,7 @@ from golem.runtime.analysis.profile import Profile, load_warm_source, random_war
 from golem.runtime.analysis.simulate import belady, simulate
 from golem.runtime.cli.progress import progress_bar
 from golem.runtime.policies import DEFAULT_POLICY, policy_names
-from golem.runtime.trace import load_traces
+from golem.runtime.trace import load_traces, require_steps
 from golem.runtime.units import parse_layer_ranges, parse_override, parse_size
 
 
@@ -91,12 +91,7 @@ def _stats(args, warm_profile, policy: str):
 
 def run(args) -> int:
     traces = load_traces(args.traces)
-    replayed = [t if args.include_prefill else t.decode_only() for t in traces]
-    steps = sum(t.num_steps for t in replayed)
-    if steps == 0:
-        prefill = sum(t.num_steps for t in traces)
-        raise ValueError(f"{', '.join(str(t.path) for t in traces)}: no decode steps to replay"
-                         + (f" ({prefill} prefill steps; --include-prefill replays them)" if prefill else ""))
+    steps = require_steps(traces, decode_only=not args.include_prefill)
     meta = traces[0].meta
     model = _model(args, meta)
     e, k = model.num_experts, model.top_k

@@ -16,7 +16,7 @@ import numpy as np
 from golem.runtime.analysis.chunks import DEFAULT_COVERAGES, chunk_analysis
 from golem.runtime.analysis.plan import distinct_per_window
 from golem.runtime.analysis.profile import profile_from_traces
-from golem.runtime.trace import load_traces
+from golem.runtime.trace import load_traces, require_steps
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,10 +77,7 @@ def run(args) -> int:
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     traces = load_traces(args.traces)
-    decode = [t.decode_only() for t in traces]
-    steps = sum(t.num_steps for t in decode)
-    if steps == 0:
-        raise ValueError("the traces hold no decode steps")
+    steps = require_steps(traces)
     first = traces[0]
     layers = layer_stats(traces, args.window)
     chunks = chunk_analysis(traces, chunk=args.chunk, coverages=_coverages(args.coverages),
