@@ -12,6 +12,9 @@ __all__ = ["load", "plan", "Loaded", "RuntimeConfig", "ConfigError"]
 def __getattr__(name):
     # Imported on first use: `golem-trace` and the trace tools need no MLX model code.
     if name in ("load", "plan", "Loaded"):
+        from golem.runtime.backend import require_backend
+
+        require_backend()  # Linux without mlx's backend extra: say which extras, not a loader error
         from golem.runtime import api
 
         return getattr(api, name)

@@ -71,6 +71,19 @@ def test_distribution_name_and_backend_extras_match_mlx():
         assert extra in importlib.metadata.metadata("mlx").get_all("Provides-Extra")
 
 
+def test_console_scripts():
+    scripts = project()["scripts"]
+    assert scripts == {
+        "golem-run": "golem.runtime.cli.run:main",
+        "golem-trace": "golem.runtime.cli.trace:main",
+        "golem-chat": "golem.runtime.cli.chat:main",
+        "golem-server": "golem.runtime.cli.server:main",
+    }
+    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
+                 if e.name.startswith("golem-")}
+    assert installed == scripts  # the editable install is current (pip install -e ".[cpu,test]")
+
+
 def test_lower_bounds_are_the_tested_ones():
     deps = {requirement_name(r): r for r in project()["dependencies"]}
     assert deps["mlx-lm"] == "mlx-lm>=0.30.7"  # qwen3_5_moe and has_chat_template arrive here
@@ -103,7 +116,8 @@ def test_mlx_without_backend_ends_in_one_line_naming_the_extras(tmp_path):
     shutil.copytree(real, fake, ignore=shutil.ignore_patterns("lib", "include", "share",
                                                                "__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    for script in ("golem.runtime.cli.run", "golem.runtime.cli.trace"):
+    for script in ("golem.runtime.cli.run", "golem.runtime.cli.trace", "golem.runtime.cli.chat",
+                   "golem.runtime.cli.server"):
         done = subprocess.run([sys.executable, "-m", script, "--help"], env=env,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 1, done.stderr
@@ -114,7 +128,7 @@ def test_mlx_without_backend_ends_in_one_line_naming_the_extras(tmp_path):
             assert f'pip install "golem-moe[{extra}]"' in lines[0]
         assert "libmlx" in lines[0]
     library = subprocess.run(
-        [sys.executable, "-c", "from golem.runtime.backend import require_backend as r; r()"],
+        [sys.executable, "-c", "import golem.runtime; golem.runtime.load"],
         env=env, capture_output=True, text=True, timeout=60)
     assert library.returncode == 1
     assert "BackendMissing" in library.stderr and "golem-moe[cpu]" in library.stderr

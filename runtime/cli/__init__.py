@@ -13,4 +13,3 @@ from golem.runtime.backend import missing_backend_message as _missing_backend_me
 if (_message := _missing_backend_message()) is not None:
     print(f"golem: error: {_message}", file=_sys.stderr)
     raise SystemExit(1)
-
