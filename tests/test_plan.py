@@ -222,3 +222,27 @@ def test_budget_plan_beats_uniform_on_olmoe_estimate(olmoe_traces):
     got = simulate(part, capacity=plan.capacities, pinned=plan.pinned_layers).total_misses
     assert got < simulate(part, capacity=uniform.capacities).total_misses
     assert "uniform plan of the same budget" in plan.describe()
+
+
+def test_weighted_plans_follow_the_weights_within_the_budget():
+    model = ModelMemory(4, 16, 2, 1000, non_expert_nbytes=500)
+    plan = make_plan(model, budget_nbytes=500 + 30 * 1000, weights=[4, 2, 1, 1])
+    assert plan.capacities == [15, 7, 4, 4] and plan.total_nbytes <= 500 + 30 * 1000
+    assert {lp.source for lp in plan.layers} == {"budget (weighted)"}
+    sized = ModelMemory(3, 16, 2, [1000, 2000, 3000])
+    for budget in (12_000, 40_000, 70_000, 96_000):
+        p = make_plan(sized, budget_nbytes=budget, weights=[1, 3, 9])
+        assert p.total_nbytes <= budget and all(2 <= s <= 16 for s in p.capacities)
+        assert p.capacities[0] <= p.capacities[2]
+    with pytest.raises(ValueError, match="weights: 2 values for 4"):
+        make_plan(model, budget_nbytes=10**6, weights=[1, 2])
+
+
+def test_min_slots_prices_budgets_below_top_k():
+    model = ModelMemory(4, 16, 4, 1000)
+    with pytest.raises(ValueError, match="short"):
+        make_plan(model, budget_nbytes=8 * 1000)
+    plan = make_plan(model, budget_nbytes=9 * 1000, min_slots=0)
+    assert plan.capacities == [3, 2, 2, 2]
+    with pytest.raises(ValueError, match="min_slots"):
+        make_plan(model, budget_nbytes=9 * 1000, min_slots=5)

@@ -187,3 +187,38 @@ def test_plot_defaults_to_golem_runs_policy_and_labels_every_chart(capsys, monke
         ax = fig.axes[0]
         assert ax.get_xlabel() and ax.get_ylabel()
         assert "a.npz" in ax.get_title() and "b.npz" in ax.get_title()
+
+
+def test_long_work_shows_progress_on_stderr_and_keeps_json_clean(capsys, monkeypatch, traces):
+    from golem.runtime.cli import progress
+
+    monkeypatch.setattr(progress, "LONG_WORK", 0)  # every replay counts as long
+    rc, out, err = run_cli(capsys, "simulate", *traces, "--capacity", 5, "--json")
+    assert rc == 0 and "simulate" in err and "/6" in err  # 3 layers replayed, then Belady's 3
+    got = last_json(out)
+    assert got["capacity"] == 5 and "simulate" not in out
+
+
+def test_short_work_off_a_terminal_stays_silent(capsys, traces):
+    rc, out, err = run_cli(capsys, "simulate", *traces, "--capacity", 5, "--json")
+    assert rc == 0 and err == ""
+
+
+def test_a_terminal_gets_a_bar():
+    import io
+
+    from golem.runtime.cli.progress import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    with progress_bar(4, "replays", stream=term) as bar:
+        for _ in range(4):
+            bar.update(1)
+    assert "replays" in term.getvalue()
+    quiet = io.StringIO()
+    with progress_bar(4, "replays", stream=quiet) as bar:
+        bar.update(4)
+    assert quiet.getvalue() == ""
