@@ -22,7 +22,7 @@ Each case gets a verdict:
   refused        a valid input that failed
   unclear        non-zero exit without a message, or a crash by signal
 
-    python benchmarks/check_reliability.py [--quick] [--jobs 2] [--timeout 180] [--only CLASS]
+    python benchmarks/check_reliability.py [--quick] [--jobs 2] [--timeout 180] [--only CLASS] [--match REGEX]
 
 Prints the table, then one JSON line with the counts.
 """
@@ -301,7 +301,10 @@ with load(MODEL, capacities=4) as (model, tokenizer):
         pass
     for shard in sorted(p for p in os.listdir(MODEL) if p.startswith("model-")):
         path = os.path.join(MODEL, shard)
-        os.truncate(path, os.path.getsize(path) // 3)
+        if DELETE:
+            os.unlink(path)
+        else:
+            os.truncate(path, os.path.getsize(path) // 3)
     for _ in steps:
         pass
 print("generated past a truncated shard")
@@ -315,9 +318,9 @@ def leak_case(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
     return out
 
 
-def truncate_mid_run(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+def truncate_mid_run(ctx: Ctx, case: Case, timeout_s: float, delete: bool = False) -> Outcome:
     model = ctx.variant(case.name, lambda m: None)
-    argv = library(TRUNCATE_MID_RUN)(ctx)
+    argv = library(f"DELETE = {delete}\n" + TRUNCATE_MID_RUN)(ctx)
     argv[-1] = str(model)
     return run_process(argv, env=base_env(ctx), cwd=model.parent, timeout_s=timeout_s)
 
@@ -325,10 +328,10 @@ def truncate_mid_run(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
 # ----------------------------------------------------------------------------------- process-driving cases
 
 
-def sigint_during_stalled_read(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+def sigint_during_stalled_read(ctx: Ctx, case: Case, timeout_s: float, *extra: str) -> Outcome:
     """Start a run whose reads crawl; once it prints its first line (generation begun), Ctrl-C."""
     cwd = ctx.fresh(case.name)
-    argv = RUN + ["--model", str(ctx.model), "-c", "4", "--emulate-storage", "1e-6", *GEN]
+    argv = RUN + ["--model", str(ctx.model), "-c", "4", "--emulate-storage", "1e-6", *extra, *GEN]
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(ctx),
                          cwd=cwd, start_new_session=True)
@@ -624,6 +627,68 @@ def _shard_loop(model: Path) -> None:
     shard.symlink_to(shard.name)
 
 
+def _absolute_name(model: Path) -> None:
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    name = shards(model)[-1].name
+    index["weight_map"] = {k: (str(model / v) if v == name else v) for k, v in index["weight_map"].items()}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _wrong_shape(model: Path) -> None:
+    """One expert tensor's header claims another shape (same byte count)."""
+    import struct
+
+    shard = shards(model)[-1]
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k.endswith("switch_mlp.up_proj.weight"))
+    shape = header[name]["shape"]
+    header[name]["shape"] = [shape[0] * 2, shape[1] // 2, shape[2]]
+    blob = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    shard.write_bytes(raw[:8] + blob + raw[8 + n:])
+
+
+def _hub(ctx: Ctx, name: str, *, drop_index: bool = False, drop_blob: bool = False) -> Path:
+    from golem.runtime.synthetic import as_hub_snapshot
+
+    folder = ctx.fresh(name)
+    src = ctx.variant(name + " src", lambda m: (m / "model.safetensors.index.json").unlink() if drop_index else None)
+    snap = as_hub_snapshot(src, folder / "hub", "org/tiny-moe")
+    if drop_blob:
+        (snap / os.readlink(snap / shards(src)[-1].name)).unlink()
+    return snap
+
+
+def _linked(ctx: Ctx) -> Path:
+    link = ctx.fresh("linked") / "model"
+    link.symlink_to(ctx.model)
+    return link
+
+
+def _profile(ctx: Ctx, name: str, *, layers: int = 3, nan: bool = False) -> Path:
+    from golem.runtime.analysis.profile import profile_from_counts, save_profile
+
+    path = save_profile(profile_from_counts(np.ones((layers, 16)), top_k=4, num_steps=1), ctx.fresh(name) / "p.json")
+    if nan:
+        path.write_text(path.read_text().replace('"counts":[1,', '"counts":[NaN,', 1))
+    return path
+
+
+def save_then_warm(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    cwd = ctx.fresh(case.name)
+    env = base_env(ctx)
+    env["GOLEM_CACHE"] = str(cwd / "cache")
+    first = run_process(RUN + ["--model", str(ctx.model), "-c", "4", "--save-profile", *GEN], env=env, cwd=cwd,
+                        timeout_s=timeout_s)
+    if first.rc != 0 or first.timed_out:
+        return first
+    second = run_process(RUN + ["--model", str(ctx.model), "-c", "4", "-W", "saved", *GEN], env=env, cwd=cwd,
+                         timeout_s=timeout_s)
+    second.seconds += first.seconds
+    return second
+
+
 def _unwritable_cache(ctx: Ctx) -> dict:
     env = base_env(ctx)
     env["GOLEM_CACHE"] = "/proc/golem-cache"
@@ -653,6 +718,13 @@ def catalogue() -> List[Case]:
         Case("valid", "golem-trace stats", "ok", trace_argv("stats"), quick=True),
         Case("valid", "golem-trace simulate -c 6", "ok", trace_argv("simulate", "-c", "6")),
         Case("valid", "hub cache snapshot == mlx_lm", "ok", run=hub_snapshot_like_mlx_lm, quick=True),
+        Case("valid", "hub snapshot without an index", "ok",
+             lambda ctx: RUN + ["--model", str(_hub(ctx, "no index", drop_index=True)), "-c", "4", *GEN]),
+        Case("valid", "model through a symlinked folder", "ok", lambda ctx: RUN + ["--model", str(_linked(ctx)), "-c", "4", *GEN]),
+        Case("valid", "--save-profile then -W saved", "ok", run=save_then_warm),
+        Case("valid", "golem-run --policy lfu-decay:decay=0.5", "ok", run_argv("-c", "4", "--policy", "lfu-decay:decay=0.5", *GEN)),
+        Case("valid", "golem-trace simulate --policy lfu-decay:decay=0.5", "ok",
+             trace_argv("simulate", "--policy", "lfu-decay:decay=0.5")),
         # damaged checkpoints
         Case("checkpoint", "truncated shard", "error", run_argv("-c", "4", *GEN, model=on_variant("trunc", _truncate_shard)),
              quick=True, mention="truncated|past the end"),
@@ -667,6 +739,15 @@ def catalogue() -> List[Case]:
         Case("checkpoint", "index is a folder", "error", run_argv("-c", "4", *GEN, model=on_variant("idx", _index_folder))),
         Case("checkpoint", "shard is a symlink loop", "error", run_argv("-c", "4", *GEN, model=on_variant("loop", _shard_loop))),
         Case("checkpoint", "model is a file", "error", lambda ctx: RUN + ["--model", str(_file(ctx, "model file")), *GEN]),
+        Case("checkpoint", "index names /absolute", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("abs", _absolute_name)), mention="outside the model folder"),
+        Case("checkpoint", "index weight_map not an object", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("wm", lambda m: (m / "model.safetensors.index.json").write_text(
+                 '{"weight_map": [1, 2]}')))),
+        Case("checkpoint", "hub snapshot, a blob gone", "error",
+             lambda ctx: RUN + ["--model", str(_hub(ctx, "blob gone", drop_blob=True)), "-c", "4", *GEN], mention="missing"),
+        Case("checkpoint", "tensor of the wrong shape", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("shape", _wrong_shape))),
         # config.json
         Case("config", "config.json not JSON", "error",
              run_argv(*GEN, model=on_variant("cfg", lambda m: (m / "config.json").write_text("{oops"))),
@@ -718,7 +799,30 @@ def catalogue() -> List[Case]:
         Case("numbers", "--threshold without --prefetch-depth", "error", run_argv("-c", "4", "--threshold", "0.5", *GEN)),
         Case("numbers", "--predictor without --prefetch-depth", "error", run_argv("-c", "4", "--predictor", "frequency", *GEN)),
         Case("numbers", "--memory-budget 1e400B", "error", run_argv("--memory-budget", "1e400B", *GEN), quick=True),
-        Case("numbers", "--memory-budget -5GB", "error", run_argv("--memory-budget", "-5GB", *GEN)),
+        Case("numbers", "--memory-budget=-5GB", "error", run_argv("--memory-budget=-5GB", *GEN)),
+        Case("numbers", "--memory-budget 1B (holds nothing)", "error", run_argv("--memory-budget", "1B", *GEN)),
+        Case("numbers", "--emulate-storage inf", "error", run_argv("-c", "4", "--emulate-storage", "inf", *GEN)),
+        Case("numbers", "--emulate-storage 1,abc", "error", run_argv("-c", "4", "--emulate-storage", "1,abc", *GEN)),
+        Case("numbers", "--cache-size-override 1-2 -3", "error", run_argv("--cache-size-override", "1-2", "-3", *GEN)),
+        Case("numbers", "--cache-size-override 1-2 nan", "error", run_argv("--cache-size-override", "1-2", "nan", *GEN)),
+        Case("numbers", "--policy no-such", "error", run_argv("-c", "4", "--policy", "no-such", *GEN)),
+        Case("numbers", "--policy lfu-decay:decay=nan", "error", run_argv("-c", "4", "--policy", "lfu-decay:decay=nan", *GEN),
+             avoid="unknown policy"),
+        Case("numbers", "--policy lfu-decay:decay=-1", "error", run_argv("-c", "4", "--policy", "lfu-decay:decay=-1", *GEN),
+             avoid="unknown policy"),
+        Case("numbers", "-c 1000 (> experts)", "error", run_argv("-c", "1000", *GEN)),
+        Case("numbers", "--seed -1", "error", run_argv("-c", "4", "--seed", "-1", *GEN)),
+        Case("numbers", "golem-trace simulate -c 0", "error", trace_argv("simulate", "-c", "0")),
+        Case("numbers", "golem-trace simulate -c 1000", "error", trace_argv("simulate", "-c", "1000")),
+        Case("numbers", "golem-trace simulate --policy lru-k:k=0", "error", trace_argv("simulate", "--policy", "lru-k:k=0")),
+        Case("numbers", "golem-trace stats --window 0", "error", trace_argv("stats", "--window", "0")),
+        Case("numbers", "golem-trace stats --coverages 1.5", "error", trace_argv("stats", "--coverages", "1.5")),
+        Case("numbers", "golem-trace predict --depth -1", "error", trace_argv("predict", "--depth", "-1")),
+        Case("numbers", "golem-trace predict --threshold nan", "error", trace_argv("predict", "--threshold=nan")),
+        Case("numbers", "golem-trace estimate --ram 1e400GB", "error",
+             lambda ctx: TRACE + ["estimate", "--model", "olmoe-1b-7b", "--machine", "m3-max-128g", "--ram", "1e400GB"]),
+        Case("numbers", "golem-trace estimate --ssd-gb-per-s nan", "error",
+             lambda ctx: TRACE + ["estimate", "--model", "olmoe-1b-7b", "--machine", "m3-max-128g", "--ssd-gb-per-s", "nan"]),
         Case("numbers", "--memory-budget abc", "error", run_argv("--memory-budget", "abc", *GEN)),
         Case("numbers", "--max-tokens 0", "error", run_argv("-c", "4", "-m", "0")),
         Case("numbers", "-c 0", "error", run_argv("-c", "0", *GEN)),
@@ -768,6 +872,21 @@ def catalogue() -> List[Case]:
              run_argv("-c", "4", "--prefetch-depth", "1", "--predictor", "oracle", "--predictor-trace",
                       lambda ctx: str(file_with("pt", "t.npz", b"")(ctx)), *GEN)),
         Case("trace", "-W saved, none yet", "error", run_argv("-c", "4", "-W", "saved", *GEN)),
+        Case("trace", "-W a profile of another shape", "error",
+             run_argv("-c", "4", "-W", lambda ctx: str(_profile(ctx, "shape", layers=7)), *GEN), mention="layers"),
+        Case("trace", "-W a profile with a NaN count", "error",
+             run_argv("-c", "4", "-W", lambda ctx: str(_profile(ctx, "nan", nan=True)), *GEN)),
+        Case("trace", "-W a folder with nothing", "error", run_argv("-c", "4", "-W", lambda ctx: str(ctx.fresh("empty warm")), *GEN)),
+        Case("trace", "golem-run -W trace of another model", "error",
+             run_argv("-c", "4", "-W", lambda ctx: str(bad_trace("other", num_layers=5, num_experts=8)(ctx)), *GEN)),
+        Case("trace", "--predictor-train text file", "error",
+             run_argv("-c", "4", "--prefetch-depth", "1", "--predictor", "frequency", "--predictor-train",
+                      lambda ctx: str(file_with("ptrain", "t.npz", b"hello")(ctx)), *GEN)),
+        Case("trace", "golem-trace a folder without traces", "error", trace_argv("stats", trace=lambda ctx: ctx.fresh("no traces"))),
+        Case("trace", "golem-trace predict on a text file", "error",
+             trace_argv("predict", trace=file_with("ptxt", "t.npz", b"hello")), avoid="allow_pickle"),
+        Case("trace", "golem-trace plot --out under a file", "error",
+             trace_argv("plot", "--out", lambda ctx: str(_file(ctx, "plot out") / "x"))),
         # the library: typed errors, nothing left running
         Case("library", "capacities={999: 8}", "error",
              library("from golem.runtime import load\nload(MODEL, capacities={999: 8}).close()"), quick=True),
@@ -778,10 +897,31 @@ def catalogue() -> List[Case]:
         Case("library", "missing model folder", "error",
              library("from golem.runtime import load\nload(MODEL + '-missing', capacities=4).close()")),
         Case("library", "failed load leaves nothing running", "error", run=leak_case, quick=True),
+        Case("library", "prefetch depth 20000", "error", library(
+            "from golem.runtime import load\nfrom golem.runtime.prefetch import PrefetchConfig\n"
+            "load(MODEL, capacities=4, prefetch=PrefetchConfig(depth=20000)).close()")),
+        Case("library", "io_parallelism=10**5", "error",
+             library("from golem.runtime import load\nload(MODEL, capacities=4, io_parallelism=10**5).close()")),
+        Case("library", "pin_layers='0-99999999999'", "error",
+             library("from golem.runtime import load\nload(MODEL, pin_layers='0-99999999999').close()")),
+        Case("library", "memory_budget='1e400B'", "error",
+             library("from golem.runtime import load\nload(MODEL, memory_budget='1e400B').close()")),
+        Case("library", "emulate_storage='nan'", "error",
+             library("from golem.runtime import load\nload(MODEL, capacities=4, emulate_storage='nan').close()")),
+        Case("library", "unknown option", "error",
+             library("from golem.runtime import load\nload(MODEL, capacity=4).close()")),
+        Case("library", "trace_out under a file", "error", lambda ctx: library(
+            f"from golem.runtime import load\nload(MODEL, capacities=4, trace_out={str(_file(ctx, 'lib trace') / 't.npz')!r}).close()")(ctx)),
         # faults while running
         Case("fault", "shard truncated after load", "error", run=truncate_mid_run, quick=True, mention="read|truncat|short"),
         Case("fault", "Ctrl-C during a stalled read", "error", run=sigint_during_stalled_read, quick=True,
              mention="interrupted"),
+        Case("fault", "Ctrl-C during stalled prefetch", "error", run=lambda ctx, case, t: sigint_during_stalled_read(
+            ctx, case, t, "--prefetch-depth", "1"), mention="interrupted"),
+        Case("fault", "Ctrl-C during a stalled --direct-io read", "error", run=lambda ctx, case, t: sigint_during_stalled_read(
+            ctx, case, t, "--direct-io"), mention="interrupted"),
+        Case("fault", "shard deleted after load (open files read on)", "ok",
+             run=lambda ctx, case, t: truncate_mid_run(ctx, case, t, delete=True)),
         # concurrent use and the profile store
         Case("concurrency", "profile: 4 writers x 25, 2 SIGKILLed", "ok", run=profile_writers_killed, quick=True),
         Case("concurrency", "3 first --demo runs at once", "ok", run=concurrent_demo_builds, quick=True),
@@ -826,13 +966,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="Cases run at once (default 2).")
     ap.add_argument("--timeout", type=float, default=180.0, help="Seconds before a case counts as a hang.")
     ap.add_argument("--only", default=None, help="Comma-separated classes to run.")
+    ap.add_argument("--match", default=None, help="Only the cases whose name matches this regular expression.")
     ap.add_argument("--dir", type=Path, default=None, help="Work folder (default: a new temporary one, removed).")
     args = ap.parse_args()
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="golem-reliability-"))
     root.mkdir(parents=True, exist_ok=True)
     cases = [c for c in catalogue() if (c.quick or not args.quick)
-             and (args.only is None or c.klass in args.only.split(","))]
+             and (args.only is None or c.klass in args.only.split(","))
+             and (args.match is None or re.search(args.match, c.name))]
     print(f"[check_reliability] {len(cases)} cases in {root}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     ctx = build_fixtures(root)
