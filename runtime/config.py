@@ -104,10 +104,12 @@ class RuntimeConfig:
         _check_capacities(self.capacities)
         if not isinstance(self.policy, str):
             raise ConfigError(f"--policy: expected a policy name, got {self.policy!r}")
-        from golem.runtime.policies import policy_names
+        from golem.runtime.policies import make_policy
 
-        if self.policy not in policy_names():
-            raise ConfigError(f"--policy {self.policy}: unknown policy (choose from {', '.join(policy_names())})")
+        try:
+            make_policy(self.policy)  # a name or a spec with parameters ("lfu-decay:decay=0.9")
+        except ValueError as e:
+            raise ConfigError(f"--policy {self.policy}: {e}") from None
         ws = self.warm_start
         if ws is not None and not isinstance(ws, (str, os.PathLike)) and not _is_int(ws):
             raise ConfigError(f"warm_start: expected a seed (int), a path or 'saved', got {ws!r}")

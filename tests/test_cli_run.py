@@ -149,6 +149,7 @@ def test_a_plain_run_sizes_itself_to_the_machine(checkpoints, capsys, monkeypatc
     (["-c", "4", "--prefetch-depth", "1", "--predictor", "nope"], ["--predictor", "nope"]),
     (["--memory-budget", "1e400B"], ["--memory-budget", "1e400B"]),
     (["--memory-budget", "48G", "-m", "0"], ["--max-tokens"]),
+    (["-c", "4", "--seed", "-1"], ["--seed", "-1"]),
 ])
 def test_bad_flags_answer_at_once_in_one_line(checkpoints, capsys, argv, words):
     import time

@@ -33,6 +33,7 @@ def _open_fds() -> int:
     ({"memory_budget": "lots"}, ["--memory-budget", "lots"]),
     ({"memory_budget": 0}, ["--memory-budget"]),
     ({"policy": "fifo"}, ["--policy", "fifo"]),
+    ({"policy": "lfu-decay:decay=nan"}, ["--policy", "decay", "nan"]),
     ({"io_parallelism": 100000}, ["--io-parallelism", "100000"]),
     ({"io_parallelism": 0}, ["--io-parallelism", "0"]),
     ({"emulate_storage": "nan"}, ["--emulate-storage", "nan"]),
@@ -61,6 +62,10 @@ def test_huge_layer_range_is_refused_at_once():
         with pytest.raises(ConfigError, match="99999999999"):
             RuntimeConfig(**fields)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_policy_specs_with_parameters_are_accepted():
+    assert RuntimeConfig(policy="lfu-decay:decay=0.8").policy == "lfu-decay:decay=0.8"
 
 
 def test_sizes_read_every_way():

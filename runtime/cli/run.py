@@ -164,6 +164,8 @@ def _check_unsupported(args) -> None:
     if args.quantize_activations:
         raise ValueError("--quantize-activations: golem's offloaded experts run on the checkpoint's weights "
                          "as stored and do not quantize activations; run without it")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be a whole number from 0 to 2^64-1, got {args.seed}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
 
