@@ -59,6 +59,17 @@ def find_experts_modules(model: nn.Module) -> List[ExpertsModule]:
     return found
 
 
+def _hub_allow_patterns() -> list:
+    """The files mlx-lm fetches of a hub model (public as a list since mlx-lm 0.32)."""
+    try:
+        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+        return list(DEFAULT_ALLOW_PATTERNS)
+    except ImportError:  # older mlx-lm: the same list, inside its loader
+        return ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken",
+                "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
+
+
 def resolve_model_path(model: str) -> Path:
     """A local folder as is; otherwise a Hugging Face repo id, fetched the way mlx-lm does."""
     path = Path(model).expanduser()
@@ -68,9 +79,8 @@ def resolve_model_path(model: str) -> Path:
         return path
     try:
         from huggingface_hub import snapshot_download
-        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-        return Path(snapshot_download(model, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        return Path(snapshot_download(model, allow_patterns=_hub_allow_patterns()))
     except Exception as e:  # the hub client raises many kinds when offline or unknown
         raise ModelError(
             f"--model {model}: not a local folder, and fetching it from the Hugging Face hub failed "
@@ -328,21 +338,27 @@ def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dic
 
 
 def _with_adapters(model: nn.Module, adapter_path: str) -> nn.Module:
-    """mlx-lm's LoRA adapters on the resident weights; adapters on experts are refused
-    (golem streams the checkpoint's expert bytes as they are)."""
+    """mlx-lm's adapters (LoRA, DoRA or full) on the resident weights; adapters that touch
+    experts are refused (golem streams the checkpoint's expert bytes as they are)."""
     from mlx_lm.utils import load_adapters
 
+    def expert_arrays():
+        return {(em.layer, name): id(arr) for em in find_experts_modules(model)
+                for name, arr in tree_flatten(em.module.parameters())}
+
+    before = expert_arrays()
     try:
         model = load_adapters(model, adapter_path)
     except FileNotFoundError as e:
-        raise ConfigError(f"--adapter-path {adapter_path}: {e}") from None
+        raise ConfigError(f"--adapter-path {adapter_path}: {e.strerror or e}"
+                          f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}") from None
     model.eval()
-    for em in find_experts_modules(model):
-        names = [n for n, _ in tree_flatten(em.module.parameters())]
-        if any("lora" in n for n in names):
-            raise ConfigError(f"--adapter-path {adapter_path}: the adapters change the experts of layer "
-                              f"{em.layer}, which golem streams from disk unchanged; train them without "
-                              "the experts (switch_mlp) as targets")
+    after = expert_arrays()
+    if after != before:
+        layer = min(l for l, _ in {k for k in {*after, *before} if after.get(k) != before.get(k)})
+        raise ConfigError(f"--adapter-path {adapter_path}: the adapters change the experts of layer {layer}, "
+                          "which golem streams from disk as stored; use adapters that leave the experts "
+                          "(switch_mlp) alone, or fuse them into the checkpoint with mlx_lm.fuse")
     return model
 
 

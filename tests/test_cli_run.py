@@ -220,3 +220,63 @@ def test_demo_explains_itself_and_matches_mlx_lm(capsys, monkeypatch, tmp_path):
     assert all(c == "\n" or c.isprintable() for c in out)
     assert "8 of 32" in out and "Hit rate" in out and "Stall" in out
     assert lines[-1].startswith("Matches stock mlx-lm: yes")
+
+
+def _adapters(path, out, keys, fine_tune_type="lora"):
+    """A LoRA adapter folder for ``path`` on the modules ``keys`` of its last two layers,
+    with non-zero weights (so it changes the text)."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm_load(str(path))
+    model.freeze()
+    params = {"rank": 4, "scale": 4.0, "dropout": 0.0, "keys": keys}
+    linear_to_lora_layers(model, 2, params)
+    mx.random.seed(0)
+    weights = {k: mx.random.normal(v.shape) * 0.5 for k, v in tree_flatten(model.trainable_parameters())}
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": fine_tune_type, "num_layers": 2, "lora_parameters": params}))
+    return out
+
+
+def test_adapters_on_resident_weights_give_mlx_lm_text(checkpoints, capsys, monkeypatch, tmp_path):
+    path = checkpoints("qwen3_moe")
+    adapters = _adapters(path, tmp_path / "attn", ["self_attn.q_proj", "self_attn.v_proj"])
+    argv = ["--model", str(path), *PROMPT]
+    plain = _stock(argv, capsys, monkeypatch)
+    stock = _stock([*argv, "--adapter-path", str(adapters)], capsys, monkeypatch)
+    assert stock.split("=" * 10)[1] != plain.split("=" * 10)[1]  # the adapters matter
+    out, _ = _golem([*argv, "-c", "5", "--adapter-path", str(adapters)], capsys)
+    assert out.split("=" * 10)[1] == stock.split("=" * 10)[1]
+
+
+def test_adapters_on_experts_are_refused(checkpoints, capsys, tmp_path):
+    path = checkpoints("qwen3_moe")
+    adapters = _adapters(path, tmp_path / "experts", ["mlp.switch_mlp.up_proj"])
+    assert golem_run(["--model", str(path), *PROMPT, "-c", "5", "--adapter-path", str(adapters)]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter-path" in err and "experts of layer" in err and "Traceback" not in err
+
+
+def test_prompt_cache_file_gives_mlx_lm_text(checkpoints, capsys, monkeypatch, tmp_path):
+    """A KV cache saved by mlx_lm.cache_prompt continues in golem as in mlx-lm."""
+    from mlx_lm.cache_prompt import main as cache_prompt
+
+    path = str(checkpoints("olmoe"))
+    cache = tmp_path / "prompt.safetensors"
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.cache_prompt", "--model", path, "--prompt",
+                                      "You are a terse assistant. Answer in five words.",
+                                      "--prompt-cache-file", str(cache)])
+    cache_prompt()
+    capsys.readouterr()
+    argv = ["--prompt-cache-file", str(cache), "-p", "Name a colour", "-m", "10"]
+    stock = _stock(argv, capsys, monkeypatch)
+    out, _ = _golem([*argv, "-c", "4"], capsys)
+    assert out.split("=" * 10)[1] == stock.split("=" * 10)[1] and stock.split("=" * 10)[1].strip()
+    assert "Prompt:" in out and "Experts: hit rate" in out
