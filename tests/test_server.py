@@ -5,6 +5,7 @@ with the same text, token for token (greedy), while golem streams experts from d
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import urllib.request
 import pytest
 
 MAX_TOKENS = 12
+REPO_ID = "golem-tests/tiny-moe"
 READY_DEADLINE_S = 120
 
 
@@ -27,12 +29,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list, log):
+    def __init__(self, name: str, cmd: list, log, env: dict):
         self.name = name
         self.port = free_port()
         self.log = log
         self.proc = subprocess.Popen([*cmd, "--port", str(self.port), "--max-tokens", str(MAX_TOKENS)],
-                                     stdout=log, stderr=subprocess.STDOUT)
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -73,15 +75,19 @@ class Server:
 @pytest.fixture(scope="module")
 def servers(checkpoints, tmp_path_factory):
     """golem-server (6 of 16 experts per layer, prefetch depth 1, a trace out) and stock
-    mlx_lm.server on one checkpoint, started together."""
-    model = str(checkpoints("qwen3_moe"))
+    mlx_lm.server on one checkpoint, started together, both given its hub repo id."""
+    from golem.runtime.synthetic import as_hub_snapshot
+
     tmp = tmp_path_factory.mktemp("server")
+    # Served by repo id from the Hugging Face cache, offline, as a user runs a hub model.
+    as_hub_snapshot(checkpoints("qwen3_moe"), tmp / "hub", REPO_ID)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp / "hub"), "HF_HUB_OFFLINE": "1"}
     trace = tmp / "served.npz"
-    golem_cmd = [sys.executable, "-m", "golem.runtime.cli.server", "--model", model, "-c", "6",
+    golem_cmd = [sys.executable, "-m", "golem.runtime.cli.server", "--model", REPO_ID, "-c", "6",
                  "--prefetch-depth", "1", "--trace-out", str(trace)]
-    stock_cmd = [sys.executable, "-c", "from mlx_lm.server import main; main()", "--model", model]
+    stock_cmd = [sys.executable, "-c", "from mlx_lm.server import main; main()", "--model", REPO_ID]
     logs = [open(tmp / "golem.log", "w+"), open(tmp / "stock.log", "w+")]
-    started = [Server("golem-server", golem_cmd, logs[0]), Server("mlx_lm.server", stock_cmd, logs[1])]
+    started = [Server("golem-server", golem_cmd, logs[0], env), Server("mlx_lm.server", stock_cmd, logs[1], env)]
     try:
         deadline = time.monotonic() + READY_DEADLINE_S
         for s in started:
