@@ -66,8 +66,11 @@ def test_layer_ranges_syntax():
     (["estimate", "--model", "glm-5", "--machine", "rtx3090-128g", "--u", "1", "--d", "1",
       "--ram", "nan"], "--ram: cannot read size 'nan'"),
     (["predict", "{t}", "--max-bytes=-1GB"], "--max-bytes: cannot read size"),
+    (["predict", "{t}", "--depth", "100000"], "--depth 100000: the traces have 3 MoE layers"),
+    (["estimate", "--model", "glm-5", "--machine", "rtx3090-128g", "--u", "1", "--d", "1", "--sweep",
+      "--points", "1000000000"], "--points must lie in [2, 1000]"),
 ])
-def test_commands_share_the_parsers(tmp_path, capsys, argv, message):
+def test_commands_share_the_parsers_and_bound_their_work(tmp_path, capsys, argv, message):
     from golem.runtime.trace import save_trace
     from trace_factory import random_trace
 

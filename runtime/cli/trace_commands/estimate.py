@@ -125,6 +125,9 @@ def _print_report(rep: Report) -> None:
             print(f"  {est.method}: {note}")
 
 
+MAX_POINTS = 1000
+
+
 def _pin_layers(text, model: ModelSpec) -> list[int]:
     if text is None:
         return []
@@ -163,8 +166,8 @@ def run(args) -> int:
         machine = machine.with_ssd(args.ssd_gb_per_s)
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
-    if args.points < 2:
-        raise ValueError(f"--points must be >= 2, got {args.points}")
+    if not 2 <= args.points <= MAX_POINTS:
+        raise ValueError(f"--points must lie in [2, {MAX_POINTS}], got {args.points}")
     if not 0.0 < args.coverage <= 1.0:
         raise ValueError(f"--coverage must lie in (0, 1], got {args.coverage}")
     if (args.u is None) != (args.d is None):

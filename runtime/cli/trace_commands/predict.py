@@ -134,6 +134,9 @@ def run(args) -> int:
     train = [_for_training(t, args.hidden_kind, "probe" in parts) for t in load_traces(args.train)] if args.train else []
     blocks = _load_blocks(args.model) if "lookahead" in parts else None
     shape = RoutingShape.of(tests[0])
+    if args.depth >= shape.num_layers:
+        raise ValueError(f"--depth {args.depth}: the traces have {shape.num_layers} MoE layers, "
+                         f"so a prediction reaches at most {shape.num_layers - 1} layers ahead")
     for t in [*tests[1:], *train]:
         if RoutingShape.of(t) != shape:
             raise ValueError(f"{t.path}: routing shape {RoutingShape.of(t)} differs from {tests[0].path}'s {shape}")
