@@ -3,8 +3,9 @@ the command lines build from their flags.
 
 Owns the option fields, their checks that need no model (types, signs, NaN, combinations)
 and the checks against a model's shape once its headers are read (layer numbers, depth,
-per-layer slots), each failing with a ``ConfigError`` that names the option and value.
-Knows nothing of argparse, files' contents or MLX; sizing lives in ``golem.runtime.sizing``.
+per-layer slots) and that every file the options will write can be written, each failing
+with a ``ConfigError`` that names the option and value. Knows nothing of argparse, files'
+contents or MLX; sizing lives in ``golem.runtime.sizing``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -317,6 +318,44 @@ def _check_prefetch(prefetch) -> None:
     ms = prefetch.speculative_ms
     if ms is not None and (not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0):
         raise ConfigError(f"--prefetch-cap-ms must be a finite number > 0, got {ms}")
+
+
+# -- files the options will write ----------------------------------------------------------
+
+
+def check_output_paths(config: RuntimeConfig, model_path) -> None:
+    """Every file the options will write, checked writable before any work starts."""
+    if config.trace_out is not None:
+        out = Path(config.trace_out).expanduser()
+        if out.is_dir():
+            raise ConfigError(f"--trace-out {config.trace_out}: is a folder; give a file name (e.g. run.npz)")
+        _check_folder(out.parent if str(out.parent) else Path("."), f"--trace-out {config.trace_out}", create=False)
+    if config.save_profile:
+        from golem.runtime.sizing import profile_dir
+
+        _check_folder(profile_dir(model_path), "--save-profile", create=True)
+
+
+def _check_folder(folder: Path, what: str, *, create: bool) -> None:
+    """``folder`` can take a new file (``create``: or can be made, in its first existing parent)."""
+    import tempfile
+
+    probe = folder
+    if create:
+        while not probe.exists() and probe.parent != probe:
+            if probe.is_symlink():
+                break
+            probe = probe.parent
+    if not probe.exists():
+        raise ConfigError(f"{what}: folder {probe} does not exist")
+    if not probe.is_dir():
+        raise ConfigError(f"{what}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".golem-write-check-")
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {probe} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 # -- checks against the model ------------------------------------------------------------

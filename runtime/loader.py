@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten
 
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
 
-from golem.runtime.config import ConfigError, RuntimeConfig, check_against_model, make_config, staging_buffers
+from golem.runtime.config import (ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config,
+                                  staging_buffers)
 from golem.runtime.engine import DiskReader, Engine, OffloadedExperts
 from golem.runtime.slots import PoolPart, SlotPool
 from golem.runtime.writers import SlotWriters
@@ -360,41 +361,6 @@ def _with_adapters(model: nn.Module, adapter_path: str) -> nn.Module:
                           "which golem streams from disk as stored; use adapters that leave the experts "
                           "(switch_mlp) alone, or fuse them into the checkpoint with mlx_lm.fuse")
     return model
-
-
-def check_output_paths(config: RuntimeConfig, model_path) -> None:
-    """Every file the options will write, checked writable before any work starts."""
-    if config.trace_out is not None:
-        out = Path(config.trace_out).expanduser()
-        if out.is_dir():
-            raise ConfigError(f"--trace-out {config.trace_out}: is a folder; give a file name (e.g. run.npz)")
-        _check_folder(out.parent if str(out.parent) else Path("."), f"--trace-out {config.trace_out}", create=False)
-    if config.save_profile:
-        from golem.runtime.sizing import profile_dir
-
-        _check_folder(profile_dir(model_path), "--save-profile", create=True)
-
-
-def _check_folder(folder: Path, what: str, *, create: bool) -> None:
-    """``folder`` can take a new file (``create``: or can be made, in its first existing parent)."""
-    import tempfile
-
-    probe = folder
-    if create:
-        while not probe.exists() and probe.parent != probe:
-            if probe.is_symlink():
-                break
-            probe = probe.parent
-    if not probe.exists():
-        raise ConfigError(f"{what}: folder {probe} does not exist")
-    if not probe.is_dir():
-        raise ConfigError(f"{what}: {probe} is a file, not a folder")
-    try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".golem-write-check-")
-    except OSError as e:
-        raise ConfigError(f"{what}: cannot write in {probe} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, **fields):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from golem.runtime.config import ConfigError, RuntimeConfig, parse_nbytes, resolved_layers, staging_buffers
 
