@@ -19,12 +19,13 @@ def main(argv: Optional[list] = None) -> int:
     import mlx.core as mx
     from mlx_lm import chat
 
+    from golem.io.reads import ReadError
     from golem.runtime.cli.stock import GolemLoads, check_model, run_stock_main
 
     def on_args(args, config):
         if mx.distributed.init().size() > 1:
             raise ValueError("golem-chat runs on one machine (no distributed group)")
-        if "--model" not in (argv if argv is not None else sys.argv[1:]) and args.model == chat.DEFAULT_MODEL:
+        if args.model == chat.DEFAULT_MODEL:  # mlx_lm.chat's default is a dense model
             raise ValueError("--model is required: an MoE model folder or Hugging Face repo id")
         check_model(args, config)
         return GolemLoads(config)
@@ -34,9 +35,14 @@ def main(argv: Optional[list] = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ModelError, CheckpointError, ConfigError
         print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, EOFError):
-        print(file=sys.stderr)
+    except ReadError as e:
+        print(f"{PROG}: read failed: {e}", file=sys.stderr)
+        return 1
+    except EOFError:  # stdin ended without 'q'
         return 0
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
