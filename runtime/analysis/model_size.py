@@ -4,8 +4,9 @@ Owns ``ModelMemory`` (the one description of sizes the planner, golem-run and th
 share: MoE layers, experts, top-k, bytes per expert, non-expert bytes), ``ModelSpec``
 (parameter counts by tensor kind from a Hugging Face config.json) and ``Quantization`` (bits
 per weight by tensor kind), which together give a ``ModelMemory`` for a model golem has not
-downloaded. Knows nothing of files beyond config.json, of machines or of MLX; a checkpoint's
-measured sizes come from ``golem.runtime.loader``.
+downloaded (its config keys of top-k and expert count are its family's, from
+``golem.predictors.families``). Knows nothing of files beyond config.json, of machines or of
+MLX; a checkpoint's measured sizes come from ``golem.runtime.loader``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from golem.predictors.families import config_num_experts_keys, config_top_k_keys
 from golem.predictors.families import config_num_experts_keys, config_top_k_keys
 from golem.runtime.analysis import catalog
 
