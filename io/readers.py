@@ -39,10 +39,11 @@ MAX_PARALLELISM = 256
 DEFAULT_PIECE_NBYTES = 2 << 20
 # A reader takes small neighbouring pieces together, up to this many bytes. Spreading an
 # expert over readers costs host time (bench_io_host, 2 MiB experts of 9 ranges, a preadv
-# that returns at once: ~22 thread switches and ~0.4-0.6 ms of CPU per demand read, against
+# that returns at once: ~9 thread switches and ~0.3-0.4 ms of CPU per demand read, against
 # ~3 and ~0.27 ms with one reader per expert) but it is what makes misses fast: real reads
-# on this 2-core VM, 2 MiB experts, ms per miss, one miss / eight at once: O_DIRECT 6.1 / 5.1
-# spread against 8.6 / 7.6 with one reader per expert, page cache 1.1 / 1.0 against 3.0 / 1.5.
+# on this 2-core VM, 2 MiB experts, ms per miss, one miss / eight at once, O_DIRECT: 5.5 / 4.2
+# spread against 8.5 / 6.0 with one reader per expert (two runs agree; from the page cache
+# the load of the shared machine drowned the difference).
 MIN_JOB_NBYTES = 256 << 10
 DEMAND_LANES = 1  # readers only demand reads may use: a miss never waits for a prefetch
 

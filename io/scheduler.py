@@ -198,7 +198,9 @@ class IOScheduler:
                                        allocate=allocate)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # poll() waits here for publications
-        self._idle = threading.Condition(self._lock)  # idle readers wait here for pieces
+        self._idle = threading.Condition(self._lock)  # idle readers wait here for jobs
+        self._sleeping = 0  # readers waiting on _idle
+        self._waking = 0  # of those, notified and not yet running
         self._recorder = StatisticsRecorder(clock)
         self._stats = self._recorder.counts
         self._queue = RequestQueue(max_pending, self._stats)
@@ -357,7 +359,7 @@ class IOScheduler:
                     if req.demand:  # start it from here: no hop through the loop thread
                         kick = False
                         if self._activate_ready():
-                            self._idle.notify(self._pieces.waiting)
+                            self._wake_readers(self._pieces.waiting)
                     else:
                         kick = self._has_idle_reader()
                     break
@@ -488,6 +490,15 @@ class IOScheduler:
         return self._queue.has_queued() \
             and self._pieces.running + self._pieces.waiting < self.parallelism
 
+    def _wake_readers(self, jobs: int) -> None:
+        """Wake enough sleeping readers for ``jobs`` waiting jobs, counting those already
+        woken and on their way: each wake-up costs a thread switch or two, and a reader
+        woken for nothing costs as much as one that reads."""
+        wanted = min(jobs, self._sleeping) - self._waking
+        if wanted > 0:
+            self._waking += wanted
+            self._idle.notify(wanted)
+
     def _kick(self) -> None:
         """No lock: have the loop thread activate requests soon."""
         loop = self._loop
@@ -501,7 +512,7 @@ class IOScheduler:
         """Loop thread, after engine events (submit, cancel, release): activate requests."""
         with self._lock:
             if not self._closed and self._activate_ready():
-                self._idle.notify(self._pieces.waiting)
+                self._wake_readers(self._pieces.waiting)
 
     def _activate_ready(self) -> bool:
         """Activate the requests that priorities, buffers and caps allow.
@@ -609,11 +620,15 @@ class IOScheduler:
                         job = self._next_job()
                     if job is not None:
                         break
+                    self._sleeping += 1
                     self._idle.wait()
+                    self._sleeping -= 1
+                    if self._waking:
+                        self._waking -= 1
                 pieces.running += 1
                 self._recorder.piece_started()
                 if activated and pieces.waiting:  # the rest of what this thread activated
-                    self._idle.notify(pieces.waiting)
+                    self._wake_readers(pieces.waiting)
             batch, runs = job
             nbytes, error = read_job(batch, runs, read=self._read, handles=self.handles,
                                      direct=self.direct, retries=self.retries,
@@ -637,7 +652,7 @@ class IOScheduler:
                 pieces.skip_rest(batch)
             resolve = self._finish(batch) if batch.remaining == 0 else []
             if pieces.waiting > 1:  # this thread takes one; a demand's end frees more
-                self._idle.notify(pieces.waiting - 1)
+                self._wake_readers(pieces.waiting - 1)
         for future, outcome in resolve:
             if isinstance(outcome, BaseException):
                 fail_future(future, outcome)
