@@ -1,10 +1,13 @@
 """The memory planner: which MoE layers stay fully resident (pinned) and how many expert slots
 every other layer gets, within ``--memory-budget``, ``-c``, ``--cache-size-override`` and ``-f``.
 
-Owns the allocation (exact dynamic programming over estimated
-per-layer miss curves when routing statistics are given, uniform otherwise) and the
-``golem-run --plan`` table. Knows nothing of files, MLX or slot pools; the runtime measures
-the byte sizes and hands them in.
+Owns the allocation (exact dynamic programming over estimated per-layer miss curves when
+routing statistics are given, proportional to per-layer weights, uniform otherwise) and the
+``golem-run --plan`` table. golem-run, the library and the speed estimator
+(``golem.runtime.analysis.placement``) all plan here, over a ``ModelMemory``
+(``golem.runtime.analysis.model_size``). Sizes and layer ranges are parsed by
+``golem.runtime.units``. Knows nothing of files, MLX or slot pools; the runtime measures the
+byte sizes and hands them in.
 """
 
 from __future__ import annotations
@@ -18,13 +21,7 @@ import numpy as np
 
 from golem.runtime.analysis.model_size import ModelMemory  # noqa: F401  (re-exported: the planner's input)
 from golem.runtime.analysis.simulate import Traces, as_trace_list, lru_misses, miss_curve
-from golem.runtime.units import (  # noqa: F401  (parse_* re-exported for the old import path)
-    format_layer_ranges,
-    format_nbytes,
-    parse_layer_ranges,
-    parse_override,
-    parse_size,
-)
+from golem.runtime.units import format_layer_ranges, format_nbytes
 
 @dataclass(frozen=True)
 class RoutingStats:
