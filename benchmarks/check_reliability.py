@@ -267,21 +267,22 @@ LEAK = """
 import gc, os, threading
 from golem.runtime import load
 from golem.runtime.prefetch import PrefetchConfig
+OPTIONS = dict(@OPTIONS@)
 def counts():
     gc.collect()
     return threading.active_count(), len(os.listdir("/proc/self/fd"))
 def attempt():
     try:
-        load(MODEL, capacities=4, prefetch=PrefetchConfig(depth=1), predictor="no-such-predictor").close()
+        load(MODEL, **OPTIONS).close()
     except (ValueError, OSError) as e:
         return e
     return None
 first = attempt()  # imports and one-time pools settle
 before = counts()
-errors = [attempt() for _ in range(3)]
+errors = [attempt() for _ in range(3)]  # kept, as a caller may: what load() did not close stays open
 after = counts()
 if after[0] > before[0] or after[1] > before[1]:
-    print(f"leak: {after[0] - before[0]} threads, {after[1] - before[1]} file handles after 3 failed loads", file=sys.stderr)
+    print(f"leak: {after[0] - before[0]} threads, {after[1] - before[1]} file handles left open by 3 failed loads", file=sys.stderr)
     sys.exit(3)
 if first is None:
     print("accepted")
@@ -311,11 +312,19 @@ print("generated past a truncated shard")
 """
 
 
-def leak_case(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
-    out = run_process(library(LEAK)(ctx), env=base_env(ctx), cwd=ctx.fresh(case.name), timeout_s=timeout_s)
-    if out.rc == 3:
-        out.verdict = "leak"
-    return out
+def leak_case(options: str, mutate: Optional[Callable[[Path], None]] = None):
+    """A load() that fails (after its I/O started, where ``mutate`` breaks the model late),
+    three times over: no thread or file handle may outlive it."""
+    def run(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+        model = ctx.variant(case.name, mutate) if mutate else ctx.model
+        argv = library(LEAK.replace("@OPTIONS@", options))(ctx)
+        argv[-1] = str(model)
+        out = run_process(argv, env=base_env(ctx), cwd=ctx.fresh(case.name), timeout_s=timeout_s)
+        if out.rc == 3:
+            out.verdict = "leak"
+        return out
+
+    return run
 
 
 def truncate_mid_run(ctx: Ctx, case: Case, timeout_s: float, delete: bool = False) -> Outcome:
@@ -746,6 +755,9 @@ def catalogue() -> List[Case]:
                  '{"weight_map": [1, 2]}')))),
         Case("checkpoint", "hub snapshot, a blob gone", "error",
              lambda ctx: RUN + ["--model", str(_hub(ctx, "blob gone", drop_blob=True)), "-c", "4", *GEN], mention="missing"),
+        Case("checkpoint", "tokenizer.json garbled", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("tok", lambda m: (m / "tokenizer.json").write_text("{garbage"))),
+             mention="tokenizer"),
         Case("checkpoint", "tensor of the wrong shape", "error",
              run_argv("-c", "4", *GEN, model=on_variant("shape", _wrong_shape))),
         # config.json
@@ -896,7 +908,13 @@ def catalogue() -> List[Case]:
         Case("library", "capacities=0", "error", library("from golem.runtime import load\nload(MODEL, capacities=0).close()")),
         Case("library", "missing model folder", "error",
              library("from golem.runtime import load\nload(MODEL + '-missing', capacities=4).close()")),
-        Case("library", "failed load leaves nothing running", "error", run=leak_case, quick=True),
+        Case("library", "failed load (unknown predictor) leaves nothing", "error",
+             run=leak_case("capacities=4, prefetch=PrefetchConfig(depth=1), predictor='no-such-predictor'"), quick=True),
+        Case("library", "failed load (bad tokenizer.json) leaves nothing", "error",
+             run=leak_case("capacities=4, prefetch=PrefetchConfig(depth=1)",
+                           lambda m: (m / "tokenizer.json").write_text("{garbage")), mention="tokenizer"),
+        Case("library", "failed load (bad -W trace) leaves nothing", "error",
+             run=leak_case("capacities=4, prefetch=PrefetchConfig(depth=1), warm_start=MODEL + '/config.json'")),
         Case("library", "prefetch depth 20000", "error", library(
             "from golem.runtime import load\nfrom golem.runtime.prefetch import PrefetchConfig\n"
             "load(MODEL, capacities=4, prefetch=PrefetchConfig(depth=20000)).close()")),
