@@ -72,6 +72,7 @@ class RequestQueue:
         self.counts = counts
         self.by_key: Dict[Hashable, Request] = {}
         self.prefetch_queued = 0
+        self.queued = 0  # requests in the queue (the heap also holds dead entries)
         self._heap: List[tuple] = []
         self._seq = itertools.count()
         self._starts: Dict[Tuple[str, int], Request] = {}
@@ -83,6 +84,7 @@ class RequestQueue:
     def add(self, req: Request) -> None:
         """A new request: live, queued, and findable by its file neighbours."""
         self.by_key[req.key] = req
+        self.queued += 1
         if not req.demand:
             self.prefetch_queued += 1
         self.push(req)
@@ -98,6 +100,7 @@ class RequestQueue:
     def dequeue(self, req: Request) -> None:
         """A queued request leaves the queue (to be read, or dropped); it stays live."""
         self.forget(req)
+        self.queued -= 1
         if not req.demand:
             self.prefetch_queued -= 1
 
@@ -116,7 +119,7 @@ class RequestQueue:
             del self.by_key[req.key]
 
     def has_queued(self) -> bool:
-        return bool(self._heap)
+        return self.queued > 0
 
     def top(self) -> Optional[Request]:
         """The queued request to read next; drops those whose caller cancelled the future."""
@@ -169,7 +172,7 @@ class RequestQueue:
                 if req.state == QUEUED:
                     self.forget(req)
         self._heap.clear()
-        self.prefetch_queued = 0
+        self.prefetch_queued = self.queued = 0
         return live
 
     def count(self, state: str) -> int:
