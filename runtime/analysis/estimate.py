@@ -200,10 +200,12 @@ class TraceReplay:
         seed: seeds the simulator's prefetch draws.
         warm: traced layer -> experts resident before the first step, oldest first (e.g.
             what the prompt left behind); used when the trace is of the estimated model.
+        progress: called with 1 after each layer a replay finishes (a progress bar's ``update``).
     """
 
     def __init__(self, traces: Sequence[Trace], *, policy: str = "lru", prefetch_recall: float = 0.0,
-                 seed: int = 0, warm: Optional[dict] = None) -> None:
+                 seed: int = 0, warm: Optional[dict] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> None:
         if not traces:
             raise ValueError("trace-driven estimate needs at least one trace")
         if not 0.0 <= prefetch_recall <= 1.0:
@@ -225,6 +227,7 @@ class TraceReplay:
         self.prefetch_recall = float(prefetch_recall)
         self.seed = seed
         self.warm = warm
+        self.progress = progress
         self._lru: Optional[np.ndarray] = None
         self._reads: dict[int, np.ndarray] = {}
 
@@ -242,7 +245,8 @@ class TraceReplay:
                     self._lru = sim.lru_misses(sim.stack_distance_histogram(self.traces))
                 reads = self._lru[:, capacity].astype(float)
             else:
-                res = sim.simulate(self.traces, policy=self.policy, capacity=capacity, seed=self.seed)
+                res = sim.simulate(self.traces, policy=self.policy, capacity=capacity, seed=self.seed,
+                                   progress=self.progress)
                 reads = (res.misses + res.prefetched).astype(float)
             self._reads[capacity] = reads
         return self._reads[capacity]
@@ -260,7 +264,7 @@ class TraceReplay:
                 return 0.0, 0.0, "every layer resident"
             caps = [max(int(s), self.need) for s in placement.slots]
             res = sim.simulate(self.traces, policy=self.policy, capacity=caps, pinned=sorted(pinned),
-                                     prefetch_recall=r, seed=self.seed, warm=self.warm)
+                               prefetch_recall=r, seed=self.seed, warm=self.warm, progress=self.progress)
             demand = res.misses.astype(float)
             ahead = res.prefetched.astype(float)
             starved = [i for i in cached if placement.slots[i] < self.need]

@@ -28,9 +28,9 @@ class _Silent:
         pass
 
 
-def progress_bar(total: int, desc: str, *, work: int = 0, stream: Optional[TextIO] = None):
-    """A context manager with ``update(n)``: a tqdm bar of ``total`` units on ``stream``
-    (stderr), or a silent stand-in when stderr is not a terminal and ``work`` (about
+def progress_bar(total: Optional[int], desc: str, *, work: int = 0, stream: Optional[TextIO] = None):
+    """A context manager with ``update(n)``: a tqdm bar of ``total`` units (None: a counter)
+    on ``stream`` (stderr), or a silent stand-in when stderr is not a terminal and ``work`` (about
     steps x layers) is below ``LONG_WORK``."""
     stream = sys.stderr if stream is None else stream
     try:

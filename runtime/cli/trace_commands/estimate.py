@@ -203,9 +203,10 @@ def run(args) -> int:
     kwargs = dict(routing=routing, replay=replay, pin_layers=pins, plan=args.plan,
                   layer_weights=weights, stats=curves)
     work = replay.num_steps * replay.num_layers if replay is not None else 0
-    with progress_bar(1, "estimate", work=work) as bar:
+    with progress_bar(None, "layers replayed", work=work) as bar:
+        if replay is not None:
+            replay.progress = bar.update
         report = estimate(model, quant, machine, **kwargs)
-        bar.update(1)
     _print_report(report)
     out = report.to_dict()
     out["traces"] = [t.path for t in traces]
@@ -214,7 +215,9 @@ def run(args) -> int:
 
     if args.sweep or args.plot:
         sizes = default_sweep_sizes(model, quant, machine, args.points)
-        with progress_bar(len(sizes), "sweep", work=work * len(sizes)) as bar:
+        with progress_bar(len(sizes), "memory sizes", work=work * len(sizes)) as bar:
+            if replay is not None:
+                replay.progress = None
             sweep = memory_sweep(model, quant, machine, sizes, progress=bar.update, **kwargs)
         kind = machine.cache_tier.kind
         print(f"\n{kind + ' GiB':>10}{'chunk tok/s':>13}{'trace tok/s':>13}{'chunk reads':>13}{'trace reads':>13}")
