@@ -33,7 +33,7 @@ import numpy as np
 
 from golem.io.ranges import ByteRange
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
-from golem.io.scheduler import IOScheduler, wait_result
+from golem.io.scheduler import IOScheduler
 
 LAYERS, EXPERTS, PARTS = 4, 64, 9
 PATH = "/golem-bench/experts.safetensors"  # never opened: the opener below returns /dev/null
@@ -168,6 +168,8 @@ class FileLayout:
 def run_real(layout: FileLayout, direct: bool, at_once: int, seed: int, **options) -> tuple:
     """(ms per miss, CPU ms per miss): groups of ``at_once`` demand reads, each group waited
     for before the next, like a layer's misses."""
+    from golem.io.futures import wait_result
+
     rng = np.random.default_rng(seed)
     picks = [(0, int(e)) for e in rng.permutation(layout.num_experts)][:32 // at_once * at_once]
     with FileHandles() as h, IOScheduler(layout.locate, layout.nbytes_of,
