@@ -190,7 +190,7 @@ def _read_arrays(path: Path) -> tuple[dict, dict]:
     if head.startswith(_NPY_MAGIC):
         raise TraceError(f"{path}: a single .npy array, not a golem-trace/1 .npz")
     if not head.startswith(_NPZ_MAGIC):
-        raise TraceError(f"{path}: not a golem-trace/1 .npz file (no zip header; written by golem-run --trace-out?)")
+        raise TraceError(f"{path}: not a golem-trace/1 .npz (not a zip archive; golem-run --trace-out FILE writes one)")
     arrays: dict = {}
     name = None
     try:
