@@ -353,3 +353,41 @@ def test_scheduler_reads_an_expert_across_gaps_in_one_preadv(expert_file, direct
             np.testing.assert_array_equal(buf, expected(data, locate((0, e))))
             s.release(buf)
     assert len(calls) == 2  # direct: one aligned superset read through the bounce buffer
+
+
+CHILD = """
+import sys
+from golem.io.ranges import ByteRange
+from golem.io.scheduler import IOScheduler, wait_result
+from golem.io.storage import Throttle
+
+path = sys.argv[1]
+with IOScheduler(lambda key: [ByteRange(path, 0, 1 << 20, 0, "w")], lambda key: 1 << 20,
+                 buffer_nbytes=1 << 20, throttle=Throttle(1e-5)) as s:  # 100 s per read
+    future = s.submit((0, 0), depth=0)
+    print("waiting", flush=True)
+    wait_result(future)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_during_a_stalled_read_ends_the_process_within_two_seconds(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "slow.bin"
+    path.write_bytes(bytes(1 << 20))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "waiting"
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        child.wait(WAIT_S)
+        elapsed = time.monotonic() - sent
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode != 0 and "KeyboardInterrupt" in child.stderr.read()
+    assert elapsed < 2.0
