@@ -685,7 +685,7 @@ class IOScheduler:
             else:
                 self._stats.useful_nbytes += req.nbytes
                 view = self._view(req)
-                self._buffers.hand_out(view, req.buffer)
+                self._buffers.hand_out(req.buffer, req.shift)
                 if req.demand:
                     req.state = DONE
                     self._recorder.demand_latencies.append(finished - req.submitted_at)

@@ -90,13 +90,13 @@ class StagingBuffers:
     def view(self, index: int, shift: int, nbytes: int) -> np.ndarray:
         return self.arrays[index][shift:shift + nbytes]
 
-    def hand_out(self, view: np.ndarray, index: int) -> None:
-        """``view`` of buffer ``index`` now belongs to the caller until ``take_back``."""
-        self._handed[int(view.ctypes.data)] = index
+    def hand_out(self, index: int, shift: int) -> None:
+        """The view of buffer ``index`` at ``shift`` is the caller's until ``take_back``."""
+        self._handed[self.addresses[index] + shift] = index
 
     def take_back(self, buffer) -> int:
         """The index of a handed-out ``buffer``, no longer handed out; ValueError otherwise."""
-        address = int(np.asarray(buffer).ctypes.data)
+        address = np.asarray(buffer).__array_interface__["data"][0]
         index = self._handed.pop(address, None)
         if index is None:
             if any(a <= address < a + len(b) for a, b in zip(self.addresses, self.arrays)):
