@@ -43,6 +43,34 @@ def missing_backend_message(platform: str = sys.platform) -> Optional[str]:
     return None
 
 
+BACKEND_DISTRIBUTIONS = {"mlx-cpu": "cpu", "mlx-cuda-12": "cuda12", "mlx-cuda-13": "cuda13"}
+
+
+def backend_conflict_message() -> Optional[str]:
+    """None unless several of mlx's Linux backends are installed at once.
+
+    Their wheels all ship ``mlx/lib/libmlx.so``: the one installed last wins, whatever
+    the user asked for, and uninstalling any one of them deletes the shared file.
+    """
+    import importlib.metadata
+
+    installed = []
+    for dist in BACKEND_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        installed.append(dist)
+    if len(installed) < 2:
+        return None
+    import mlx.core as mx
+
+    keep = next(BACKEND_DISTRIBUTIONS[d] for d in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cpu") if d in installed)
+    return (f"{' and '.join(installed)} are installed together and share mlx/lib/libmlx.so, so MLX runs "
+            f"on whichever came last (now {mx.default_device()}); keep one: "
+            f"pip uninstall -y {' '.join(installed)} && pip install \"{DISTRIBUTION}[{keep}]\"")
+
+
 def require_backend() -> None:
     """Raise ``BackendMissing`` with the install lines when MLX cannot run here."""
     message = missing_backend_message()

@@ -132,3 +132,33 @@ def test_mlx_without_backend_ends_in_one_line_naming_the_extras(tmp_path):
         env=env, capture_output=True, text=True, timeout=60)
     assert library.returncode == 1
     assert "BackendMissing" in library.stderr and "golem-moe[cpu]" in library.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mlx backends are Linux extras")
+def test_two_backends_at_once_are_named_with_the_way_to_keep_one(tmp_path):
+    # A second backend's metadata beside the installed one: what `pip install golem[cuda]`
+    # over mlx[cpu] used to leave (both wheels write mlx/lib/libmlx.so).
+    installed = {d for d in ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13") if _installed(d)}
+    extra = "mlx-cuda-13" if "mlx-cuda-13" not in installed else "mlx-cpu"
+    info = tmp_path / f"{extra.replace('-', '_')}-0.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {extra}\nVersion: 0.0.0\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "golem.runtime.cli.trace", "--help"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: golem-trace")
+    (warning,) = [line for line in done.stderr.splitlines() if line.startswith("golem: warning:")]
+    assert extra in warning and "libmlx.so" in warning and "pip uninstall -y" in warning
+    assert 'pip install "golem-moe[cuda13]"' in warning  # the GPU backend is the one kept
+    if len(installed) == 1:  # as installed here: one backend, no warning
+        clean = subprocess.run([sys.executable, "-m", "golem.runtime.cli.trace", "--help"],
+                               capture_output=True, text=True, timeout=60)
+        assert clean.returncode == 0 and "golem: warning" not in clean.stderr
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False

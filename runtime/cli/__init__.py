@@ -6,10 +6,14 @@
 
 import sys as _sys
 
+from golem.runtime.backend import backend_conflict_message as _backend_conflict_message
 from golem.runtime.backend import missing_backend_message as _missing_backend_message
 
 # Every command line starts here: an install without MLX's backend (Linux without an extra)
-# ends in one line naming the extras, not in a loader traceback.
+# ends in one line naming the extras, not in a loader traceback; two backends at once, which
+# overwrite each other's library, get a warning saying how to keep one.
 if (_message := _missing_backend_message()) is not None:
     print(f"golem: error: {_message}", file=_sys.stderr)
     raise SystemExit(1)
+if (_message := _backend_conflict_message()) is not None:
+    print(f"golem: warning: {_message}", file=_sys.stderr)
