@@ -1,6 +1,6 @@
 """golem-server against stock mlx_lm.server on the same generated checkpoint, over real HTTP
 on localhost: a completion, a streamed chat completion and two concurrent requests answer
-with the same text, token for token (greedy), while golem streams experts from disk."""
+with the same tokens and text (greedy), while golem streams experts from disk."""
 
 from __future__ import annotations
 
@@ -101,10 +101,12 @@ def servers(checkpoints, tmp_path_factory):
 
 
 def completion_text(server: Server, prompt: str) -> tuple:
+    """(token ids, text, finish reason, completion tokens) of a greedy text completion."""
     answer = json.loads(server.post("/v1/completions", {
-        "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0}))
+        "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": True}))
     choice = answer["choices"][0]
-    return choice["text"], choice["finish_reason"], answer["usage"]["completion_tokens"]
+    ids = [entry["id"] for entry in choice["logprobs"]["content"]]
+    return ids, choice["text"], choice["finish_reason"], answer["usage"]["completion_tokens"]
 
 
 def streamed_chat(server: Server, content: str) -> list:
@@ -152,7 +154,7 @@ def test_completion_equals_stock(servers):
     golem = completion_text(servers["golem"], "Once upon a time")
     stock = completion_text(servers["stock"], "Once upon a time")
     assert golem == stock
-    assert golem[2] == MAX_TOKENS and golem[1] == "length"
+    assert len(golem[0]) == golem[3] == MAX_TOKENS and golem[2] == "length"
 
 
 def test_streamed_chat_equals_stock(servers):
