@@ -87,7 +87,15 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
             return parsed, rest
 
     def load(*args, **kwargs):
+        if not loads:
+            raise RuntimeError(f"{module.__name__}.main loaded a model without parsing golem's flags: "
+                               "this mlx-lm is not one golem supports")
         return loads[-1](*args, **kwargs)
+
+    missing = [name for name in ("argparse", "load", "main") if not hasattr(module, name)]
+    if missing:
+        raise RuntimeError(f"{module.__name__} has no {', '.join(missing)}: this mlx-lm is not one "
+                           "golem supports")
 
     golem_argparse = types.ModuleType("argparse")
     golem_argparse.__dict__.update(argparse.__dict__)
