@@ -59,7 +59,7 @@ class Loaded(tuple):
 
 def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config: Optional[dict] = None,
          model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
-         **fields: Any) -> Loaded:
+         trust_remote_code: bool = False, **fields: Any) -> Loaded:
     """Load an MoE checkpoint with offloaded experts, sized and warmed as ``golem-run`` does.
 
     Args:
@@ -71,6 +71,7 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         tokenizer_config: passed to mlx-lm's tokenizer loader.
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
+        trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
 
     Raises:
         ConfigError: an option is wrong (named in the message); checked before any work.
@@ -79,7 +80,8 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
     from mlx_lm.utils import load_tokenizer
 
     config = make_config(config, **fields)
-    runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path)
+    runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
+                             trust_remote_code=trust_remote_code)
     try:
         tokenizer = load_tokenizer(runtime.path, tokenizer_config or {},
                                    eos_token_ids=runtime.config.get("eos_token_id", None))

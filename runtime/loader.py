@@ -186,7 +186,7 @@ def top_k_of(config: dict) -> int:
     raise ModelError("config.json does not say how many experts a token uses (num_experts_per_tok)")
 
 
-def read_model_config(path: Path) -> dict:
+def read_model_config(path: Path, *, trust_remote_code: bool = False) -> dict:
     """``path/config.json``, checked before mlx-lm builds the model: readable, a JSON object,
     a ``model_type`` mlx-lm knows, every field its ``ModelArgs`` requires, whole numbers where
     it expects them, and a whole top-k. Each failure is a ``ModelError`` naming the file and field."""
@@ -214,7 +214,9 @@ def read_model_config(path: Path) -> dict:
     try:
         arch = importlib.import_module(f"mlx_lm.models.{remap.get(model_type, model_type)}")
     except ImportError:
-        raise ModelError(f"{file}: model_type {model_type!r} is not a model mlx-lm supports") from None
+        if not trust_remote_code:  # with it, the model's own code may define the type
+            raise ModelError(f"{file}: model_type {model_type!r} is not a model mlx-lm supports") from None
+        arch = None
     args_class = getattr(arch, "ModelArgs", None)
     if args_class is not None and dataclasses.is_dataclass(args_class):
         for f in dataclasses.fields(args_class):
@@ -277,23 +279,25 @@ class OpenedCheckpoint:
 
 
 def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dict] = None,
-                    adapter_path: Optional[str] = None) -> OpenedCheckpoint:
+                    adapter_path: Optional[str] = None, trust_remote_code: bool = False) -> OpenedCheckpoint:
     """Validate the checkpoint's config and headers, load the model lazily, index its experts.
 
     Args:
         model_path: local model folder or Hugging Face repo id.
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters (as mlx-lm's ``load``); they must leave the experts alone.
+        trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
     """
     from mlx_lm.utils import load_model
 
     path = resolve_model_path(str(model_path))
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (is this an mlx-lm model folder?)")
-    read_model_config(path)
+    read_model_config(path, trust_remote_code=trust_remote_code)
     st_index = SafetensorsIndex(path)  # validates every header before anything runs
     try:
-        model, config = load_model(path, lazy=True, model_config=model_config or {})
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
+        model, config = load_model(path, lazy=True, model_config=model_config or {}, **remote)
     except ValueError as e:
         raise ModelError(f"{path}: mlx-lm cannot load this model: {e}") from None
     except KeyError as e:  # mlx-lm's quantization inference looks tensors up by name
@@ -380,7 +384,7 @@ def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
 
 def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, *,
                    model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
-                   **fields) -> OffloadedModel:
+                   trust_remote_code: bool = False, **fields) -> OffloadedModel:
     """Load ``model_path`` with every MoE layer's experts in a slot pool.
 
     Every option is checked before any work starts (the config's own checks, files it will
@@ -392,6 +396,7 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
         config: a ``RuntimeConfig`` (default: its defaults).
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
+        trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
         **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``capacities=4``).
     """
     from golem.runtime.sizing import load_warm_profile, size_model
@@ -399,7 +404,8 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     config = make_config(config, **fields)
     path = resolve_model_path(str(model_path))
     check_output_paths(config, model_path)
-    opened = open_checkpoint(path, model_config=model_config, adapter_path=adapter_path)
+    opened = open_checkpoint(path, model_config=model_config, adapter_path=adapter_path,
+                             trust_remote_code=trust_remote_code)
     model, mconfig, experts, index = opened.model, opened.config, opened.experts, opened.index
     st_index, layers, num_experts = index.index, opened.layers, opened.num_experts
     moe_layers = sorted(layers)

@@ -249,7 +249,8 @@ def run(args) -> int:
             print(_plan_notes(sizing.plan, config))
         return 0
 
-    loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path)
+    loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
+                  trust_remote_code=args.trust_remote_code)
     with loaded as (model, tokenizer):
         runtime = model.golem
         if runtime.sizing_note and args.verbose:
