@@ -73,8 +73,8 @@ def format_stats(runtime, generation_tokens: int = 0) -> str:
     engine = runtime.engine
     stats = engine.stats
     if _all_resident(runtime):
-        return (f"Experts: all resident ({len(engine.pools)} MoE layers x {runtime.num_experts} experts), "
-                "nothing read from disk")
+        return (f"Experts: all resident ({len(engine.pools)} MoE layers x {runtime.num_experts} experts, "
+                "read once at load), nothing read while generating")
     t = stats.total()
     gb = t.bytes_read / 1e9
     gbps = gb / t.read_s if t.read_s > 0 else 0.0
@@ -121,11 +121,11 @@ def explain(runtime) -> str:
     layers = len(engine.pools)
     caps = sorted({p.capacity for p in engine.pools.values()})
     slots = f"{caps[0]} of {e}" if len(caps) == 1 else f"{caps[0]}-{caps[-1]} of {e}"
+    if _all_resident(runtime):
+        return (f"Memory: each of the {layers} MoE layers keeps all {e} of its experts in memory (read once at "
+                "load), so nothing was read from disk while generating.")
     lines = [f"Memory: each of the {layers} MoE layers keeps slots for {slots} experts; "
              "the rest stay on disk until a token needs them."]
-    if _all_resident(runtime):
-        lines.append("Every expert fits in memory, so nothing was read from disk.")
-        return "\n".join(lines)
     t = engine.stats.total()
     steps = max(engine.stats.decode_steps, 1)
     lines.append(f"Hit rate {100 * t.hit_rate:.1f}%: of {t.requests} expert uses, {t.hits} found their expert "
