@@ -114,6 +114,7 @@ def test_a_plain_run_sizes_itself_to_the_machine(checkpoints, capsys, monkeypatc
     """No -c and no --memory-budget: a model larger than the memory limit is offloaded."""
     from golem.runtime import plan
 
+    monkeypatch.delenv("GOLEM_MEMORY_LIMIT", raising=False)
     path = str(checkpoints("qwen3_moe"))
     stock = _stock(["--model", path, *PROMPT], capsys, monkeypatch)
     everything = plan(path).plan.total_nbytes

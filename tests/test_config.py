@@ -176,8 +176,9 @@ def test_warm_start_fills_the_caches_before_the_first_token(checkpoints):
     assert set(resident.values()) == {6}
 
 
-def test_sized_to_the_machine_when_nothing_sizes_it(checkpoints):
+def test_sized_to_the_machine_when_nothing_sizes_it(checkpoints, monkeypatch):
     """No cache option: everything resident when it fits the machine, a plan when it does not."""
+    monkeypatch.delenv("GOLEM_MEMORY_LIMIT", raising=False)
     path = checkpoints("qwen3_moe")
     tokens_model, tok = stock(path)
     tokens = prompt_tokens(tok)
