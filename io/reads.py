@@ -172,12 +172,14 @@ class FileHandles:
             self._bounce.buf = buf
         return memoryview(buf)[:nbytes]
 
-    def discard(self, nbytes: int) -> memoryview:
-        """A per-thread scratch buffer of ``nbytes`` for the gaps of a span read (never read)."""
+    def discard(self, nbytes: int, shift: int = 0) -> memoryview:
+        """A per-thread scratch buffer of ``nbytes`` for the gaps of a span read (never
+        read), starting ``shift`` bytes past an ALIGN boundary (a direct read's file
+        alignment)."""
         buf = getattr(self._discard, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            buf = self._discard.buf = bytearray(nbytes)
-        return memoryview(buf)[:nbytes]
+        if buf is None or len(buf) < nbytes + shift:
+            buf = self._discard.buf = aligned_empty(max(nbytes + ALIGN, 64 << 10))
+        return memoryview(buf)[shift:shift + nbytes]
 
     def close(self) -> None:
         with self._lock:
@@ -366,8 +368,11 @@ def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
     """Read one planned run into ``views`` (indexed by the run's buffer indices).
 
     ``wake``, once set, cuts short the throttle's wait (a closing scheduler)."""
-    bufs = [views[buf][dest:dest + n] if buf != GAP else handles.discard(n)
-            for buf, dest, n in run.segments]
+    bufs = []
+    pos = run.offset
+    for buf, dest, n in run.segments:
+        bufs.append(views[buf][dest:dest + n] if buf != GAP else handles.discard(n, pos % ALIGN))
+        pos += n
     fd, mode = handles.open(run.path, direct)
     if mode == MODE_O_DIRECT:
         try:
@@ -450,32 +455,49 @@ def _address(view: memoryview) -> int:
 
 def _read_direct(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview],
                  retries: int, wake: Optional[threading.Event] = None) -> None:
-    """Direct reads of a run: straight into the destination where its address and the file
-    offset share their alignment (the caller can arrange it, see ``IOScheduler``), else
-    aligned superset reads into the per-thread bounce buffer, copied out to ``bufs``."""
+    """Direct reads of a run: straight into the destinations where each one's address and
+    its file offset share their alignment and the boundaries between them fall on aligned
+    file offsets (the caller can arrange it, see ``IOScheduler``), else aligned superset
+    reads into the per-thread bounce buffer, copied out to ``bufs``."""
     first = run.offset - run.offset % ALIGN  # the aligned blocks that cover the run
     last = -(-run.end // ALIGN) * ALIGN
     inner = -(-run.offset // ALIGN) * ALIGN, run.end - run.end % ALIGN  # whole blocks inside
-    if len(bufs) == 1 and inner[1] > inner[0] \
-            and _address(bufs[0]) % ALIGN == run.offset % ALIGN:
+    middle = _aligned_middle(run, bufs, inner) if inner[1] > inner[0] else None
+    if middle is not None:
         # One read: partial edge blocks into the bounce buffer, whole blocks into the
-        # destination itself (no copy of the bulk).
-        dest = bufs[0]
+        # destinations themselves (no copy of the bulk).
         bounce = handles.bounce(2 * ALIGN)
         head, tail = bounce[:ALIGN], bounce[ALIGN:]
-        iov = ([head] if first < inner[0] else []) \
-            + [dest[inner[0] - run.offset:inner[1] - run.offset]] \
+        iov = ([head] if first < inner[0] else []) + middle \
             + ([tail] if inner[1] < last else [])
         got = _read_run(handles, fd, run, iov, first, last - first, retries, eof_ok=True,
                         wake=wake)
         if got < run.end - first:
             _eof(run, first + got)
         if first < inner[0]:
-            dest[:inner[0] - run.offset] = head[run.offset - first:]
+            bufs[0][:inner[0] - run.offset] = head[run.offset - first:]
         if inner[1] < last:
-            dest[inner[1] - run.offset:] = tail[:run.end - inner[1]]
+            bufs[-1][len(bufs[-1]) - (run.end - inner[1]):] = tail[:run.end - inner[1]]
         return
     _read_bounced(handles, fd, run, bufs, run.offset, run.nbytes, retries, wake)
+
+
+def _aligned_middle(run: ReadRun, bufs: List[memoryview], inner: Tuple[int, int]
+                    ) -> Optional[List[memoryview]]:
+    """The parts of ``bufs`` covering the whole blocks ``inner`` of the run's file span, if
+    the device may write them directly: every buffer has its file offset's alignment and
+    every boundary between two buffers is an aligned file offset. None otherwise."""
+    middle = []
+    pos = run.offset
+    for i, buf in enumerate(bufs):
+        end = pos + len(buf)
+        if _address(buf) % ALIGN != pos % ALIGN or (i < len(bufs) - 1 and end % ALIGN):
+            return None
+        lo, hi = max(pos, inner[0]), min(end, inner[1])
+        if hi > lo:
+            middle.append(buf[lo - pos:hi - pos])
+        pos = end
+    return middle
 
 
 def _eof(run: ReadRun, offset: int) -> None:

@@ -296,3 +296,53 @@ def test_long_runs_are_cut_at_aligned_file_offsets(data_file):
     with FileHandles() as handles:
         assert read_into([(ranges, out, "x")], handles=handles, max_run_nbytes=4096) == 10_000
     np.testing.assert_array_equal(out, data[100:10_100])
+
+
+def test_direct_mode_scatters_straight_into_several_buffers(data_file):
+    """Two ranges adjacent at an aligned file offset, each into a buffer of its own with the
+    file's alignment: one read, and the device writes both buffers itself."""
+    path, data = data_file
+    a = ByteRange(path, 5 * 4096 + 123, 3 * 4096 - 123, 0, "a")
+    b = ByteRange(path, 8 * 4096, 2 * 4096 + 500, 0, "b")
+    raw_a, raw_b = reads.aligned_empty(4 * 4096), reads.aligned_empty(4 * 4096)
+    out_a, out_b = raw_a[123:123 + a.nbytes], raw_b[:b.nbytes]
+    seen, calls = [], []
+
+    def preadv(fd, bufs, at):
+        calls.append(at)
+        seen.extend(np.frombuffer(buf, np.uint8).ctypes.data for buf in bufs)
+        return os.preadv(fd, bufs, at)
+
+    with FileHandles(preadv=preadv) as handles:
+        if handles.mode(path, direct=True) != reads.MODE_O_DIRECT:
+            pytest.skip("O_DIRECT refused by this file system")
+        assert read_into([([a], out_a, "a"), ([b], out_b, "b")], handles=handles,
+                         direct=True) == a.nbytes + b.nbytes
+    np.testing.assert_array_equal(out_a, data[a.offset:a.end])
+    np.testing.assert_array_equal(out_b, data[b.offset:b.end])
+    assert calls == [5 * 4096]
+    for out in (out_a, out_b):
+        assert any(out.ctypes.data <= s < out.ctypes.data + len(out) for s in seen)
+
+
+def test_direct_mode_with_a_misaligned_boundary_still_reads_exact_bytes(data_file):
+    path, data = data_file
+    a = ByteRange(path, 4096 + 10, 5000, 0, "a")  # ends mid-block: the bounce path
+    b = ByteRange(path, a.end, 9000, 0, "b")
+    out_a, out_b = np.zeros(a.nbytes, np.uint8), np.zeros(b.nbytes, np.uint8)
+    with FileHandles() as handles:
+        read_into([([a], out_a, "a"), ([b], out_b, "b")], handles=handles, direct=True)
+    np.testing.assert_array_equal(out_a, data[a.offset:a.end])
+    np.testing.assert_array_equal(out_b, data[b.offset:b.end])
+
+
+def test_span_read_across_gaps_direct_and_buffered(data_file):
+    path, data = data_file
+    ranges = [ByteRange(path, 3 * 4096 + 100 + i * 6000, 4000, i * 4000, i) for i in range(5)]
+    for direct in (False, True):
+        out = np.zeros(5 * 4000, np.uint8)
+        with FileHandles() as handles:
+            runs = reads.plan_reads([(ranges, 0, "x")], max_gap_nbytes=2000)
+            assert len(runs) == 1
+            reads.read_run(runs[0], [memoryview(out)], handles=handles, direct=direct)
+        _check(out, ranges, data)
