@@ -240,3 +240,18 @@ def test_save_profile_into_an_unwritable_cache_is_refused_first(checkpoints, mon
     monkeypatch.setenv("GOLEM_CACHE", "/proc/golem-cache")
     with pytest.raises(ConfigError, match="--save-profile.*cannot write"):
         load(str(checkpoints("olmoe")), capacities=4, save_profile=True)
+
+
+def test_machine_memory_sources(monkeypatch):
+    from golem.runtime.sizing import machine_memory
+
+    monkeypatch.delenv("GOLEM_MEMORY_LIMIT", raising=False)
+    measured = machine_memory()
+    assert measured.nbytes > 0 and measured.source
+    assert measured.budget_nbytes == int(measured.nbytes * (1 - MACHINE_MARGIN))
+    monkeypatch.setenv("GOLEM_MEMORY_LIMIT", "3GiB")
+    assert machine_memory() == type(measured)(3 * 2**30, "GOLEM_MEMORY_LIMIT")
+    assert machine_memory(5_000).nbytes == 5_000  # the library option wins
+    monkeypatch.setenv("GOLEM_MEMORY_LIMIT", "lots")
+    with pytest.raises(ConfigError, match="GOLEM_MEMORY_LIMIT"):
+        machine_memory()
