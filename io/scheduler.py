@@ -81,13 +81,14 @@ class IOScheduler:
     Coalescing: the ranges of one expert that are adjacent in the file are one ``preadv``
     scattering into the expert's buffer; queued prefetches adjacent in the file join one
     read (``coalesce``). Ranges at most ``max_gap_nbytes`` apart are read as one span, the
-    gap into a scratch buffer (no copies when buffered). Default 0, from measurement:
-    bench_io_host on this 2-core VM (2 MiB experts, 9 ranges 4 KiB apart, ms per miss,
-    one miss / eight at once) read them with O_DIRECT in 6.0 / 5.3 as nine reads against
-    9.8 / 6.0 as one span (a multi-segment direct read goes through the bounce buffer,
-    twice the CPU), and from the page cache in 1.3 / 1.4 against 0.6 / 1.9: no win worth
-    a default. The layouts mlx-lm writes stack each projection over the experts, so an
-    expert's ranges are far apart there anyway; adjacent ranges are one ``preadv`` always.
+    gap into a scratch buffer (no copies; with O_DIRECT none either when the boundaries are
+    block-aligned). Default 0, from measurement: bench_io_host on this 2-core VM (2 MiB
+    experts, 9 ranges 4 KiB apart, one miss at a time) read them with O_DIRECT in 6.6 ms
+    per miss as nine reads spread over readers against 7.2 ms as one span (less CPU, 1.3
+    against 1.8 ms, but one reader instead of several); from the page cache the shared
+    machine's load drowned the difference (0.6 to 3 ms either way). The layouts mlx-lm
+    writes stack each projection over the experts, so an expert's ranges are far apart
+    there anyway; ranges adjacent in the file are always one ``preadv``.
 
     Closing: ``close`` cancels what is queued, wakes readers waiting on a storage emulator,
     and waits up to ``close_timeout_s`` for reads already inside the kernel; a reader still
