@@ -158,10 +158,23 @@ def test_save_leaves_no_temporary_and_keeps_the_old_file_on_failure(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ProfileError, match="p.json: cannot write the profile \\(No space left"):
         save_profile(profile_from_counts(np.ones((2, 3)) * 2, top_k=1, num_steps=1), path)
     assert path.read_bytes() == before
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["folder", "broken link"])
+def test_something_else_in_the_profiles_place_is_set_aside(tmp_path, kind):
+    path = tmp_path / PROFILE_FILENAME
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone")
+    assert load_saved_profile(tmp_path) is None
+    record_run(tmp_path, np.ones((2, 3)), top_k=1, num_steps=1)
+    assert load_profile(path).runs == 1
+    assert len(list(tmp_path.glob(PROFILE_FILENAME + ".damaged-*"))) == 1
 
 
 def test_a_folder_that_cannot_be_created_is_a_clear_error(tmp_path):

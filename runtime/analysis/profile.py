@@ -426,11 +426,13 @@ def _write_atomic(profile: Profile, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise ProfileError(f"{path}: cannot write the profile ({e.strerror or e})") from None
         raise
     try:  # the rename itself survives a power cut once the folder is synced
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -454,9 +456,11 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 def _load_or_set_aside(path: Path) -> Optional[Profile]:
     """Under the lock: the profile in ``path``, or ``None`` when absent or damaged (set aside)."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
+        if not path.is_file():
+            raise ProfileDamaged(f"{path}: not a regular file")
         return load_profile(path)
     except ProfileDamaged as e:
         aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
