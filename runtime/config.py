@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 from golem.runtime.policies import DEFAULT_POLICY
 from golem.runtime.prefetch import PrefetchConfig
 
-MAX_IO_PARALLELISM = 256
 
 
 class ConfigError(ValueError):
@@ -130,7 +129,10 @@ class RuntimeConfig:
             raise ConfigError(f"{what} needs a prefetch depth (--prefetch-depth N, N >= 1)")
         if self.predictor_options is not None and not isinstance(self.predictor_options, Mapping):
             raise ConfigError(f"predictor_options: expected a dict, got {type(self.predictor_options).__name__}")
-        _check_int(self.io_parallelism, "io_parallelism", "--io-parallelism", low=1, high=MAX_IO_PARALLELISM)
+        if self.io_parallelism is not None:
+            from golem.io.readers import MAX_PARALLELISM
+
+            _check_int(self.io_parallelism, "io_parallelism", "--io-parallelism", low=1, high=MAX_PARALLELISM)
         if self.slot_writer is not None:
             from golem.runtime.writers import resolve_writer
 
