@@ -139,7 +139,6 @@ class Engine:
         self.overlap = overlap
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
-        self._policies = [p.policy for p in pools.values() if not p.fully_resident]
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
         self._decoding = False
@@ -334,8 +333,9 @@ class Engine:
         st, pf = self.stats, self.prefetcher
         st.forward_calls += 1
         st.tokens += tokens
-        for policy in self._policies:
-            policy.tick()
+        for pool in self.pools.values():
+            if not pool.fully_resident:
+                pool.policy.tick()
         self._decoding = tokens == 1
         st.decode_steps += self._decoding
         if pf is not None:
@@ -387,20 +387,24 @@ class Engine:
 
     def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
                  needed: np.ndarray, issue) -> mx.array:
-        """The layer's experts over its slots: hits at once, misses once read."""
+        """The layer's experts over its slots: hits at once, misses once read.
+
+        A decode step's results are registered with the pool (``SlotPool.reading``). Those
+        of a multi-token call are not: the caller either evaluates them before its next
+        call (the last prefill step) or drops them unevaluated (mlx-lm's earlier prefill
+        chunks, whose last layer only the logits need), and evaluating them for the pool's
+        sake would compute what nobody reads.
+        """
         hits, todo = self._plan(pool, needed)
-        if not todo:
-            if issue is not None:
+        if not (todo and self.overlap and self._decoding and hits):
+            if todo:
+                self._fetch(pool.layer, todo, issue)
+            elif issue is not None:
                 issue()
             slots = pool.slots(ids)
             y = glu(x, mx.array(slots))
-            pool.reading(y, slots)
-            return y
-        if not (self.overlap and self._decoding and hits):
-            self._fetch(pool.layer, todo, issue)
-            slots = pool.slots(ids)
-            y = glu(x, mx.array(slots))
-            pool.reading(y, slots)
+            if self._decoding:
+                pool.reading(y, slots)
             return y
         # Decode: compute the resident experts while the misses load, then the missing ones;
         # each (token, expert) pair is computed on its own, so splitting them changes no value.

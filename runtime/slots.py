@@ -61,12 +61,16 @@ class SlotPool:
     """The slots of one MoE layer.
 
     Slot safety: a slot is overwritten only when no computation that can read it is queued
-    or running. Every computation the engine builds over a partial pool is registered with
-    ``reading(out, slots)``; before a write, the pool evaluates those still registered that
-    read the slot (any of them when the writer replaces whole arrays: ``exclusive``). In
-    mlx-lm's decode loop they are already evaluated (the layer's host sync waited on them),
-    so this costs nothing there; it is what keeps a caller that holds two lazy forward
-    passes correct. A fully resident pool is written only while loading, before any reads.
+    or running. The engine writes only at a layer's host sync, after ``mx.eval`` of the
+    layer's routing, which in mlx-lm's loop depends on everything the previous steps built
+    (so every kernel that read a pool before has finished). What the engine starts itself
+    (a decode step's resident experts, computed while its misses load) and every decode
+    step's result is registered with ``reading(out, slots)``; before a write, the pool
+    evaluates those still registered that read the slot (any of them when the writer
+    replaces whole arrays: ``exclusive``, where a computation holding the old array would
+    also force a copy of the pool). After a host sync they are done already, so this costs
+    nothing in a decode loop; it keeps a caller that holds several lazy decode steps right.
+    A fully resident pool is written only while loading, before any reads.
 
     Args:
         layer: MoE layer index (the decoder layer number).
@@ -95,12 +99,24 @@ class SlotPool:
             dtype = getattr(p.owner, p.attr).dtype
             setattr(p.owner, p.attr, mx.zeros((capacity, *p.spec.expert_shape), dtype=dtype))
         mx.eval([getattr(p.owner, p.attr) for p in self.parts])
+        self._identity = capacity == num_experts  # slot i holds expert i: no table
         self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, capacity)
         self._readers: List[Tuple[mx.array, np.ndarray]] = []  # computations that may still read slots
 
     @property
     def fully_resident(self) -> bool:
-        return self.capacity == self.num_experts
+        """Every expert in slot = expert id: no table, no eviction, no host sync."""
+        return self._identity
+
+    def use_table(self) -> None:
+        """Run a pool that holds every expert through the slot table, as a partial layer
+        (benchmarks: the hit path of a partial layer with every routed expert resident)."""
+        if not self._identity:
+            return
+        self._identity = False
+        for e in range(self.num_experts):
+            self.slot_of[e] = self.expert_in[e] = e
+            self.policy.insert(e)
 
     @property
     def expert_nbytes(self) -> int:

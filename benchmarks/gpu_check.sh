@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Every figure benchmarks/RESULTS.md needs from one machine, in one run: the machine card,
+# bench_upload, bench_decode --runs 3, a cProfile of a depth-0 decode, golem-run --demo, and
+# the test suite. On a lent GPU, from the repository root:
+#     OUT=/tmp/out ../shared/gpu/run.sh bash benchmarks/gpu_check.sh
+# On a CPU, to check the script itself in a few minutes:
+#     bash benchmarks/gpu_check.sh --small
+# Each step has its own time limit and a failed step does not stop the next; the exit status
+# is the number of failed steps.
+set -u
+cd "$(dirname "$0")/.."
+SMALL=0
+[ "${1:-}" = "--small" ] && SMALL=1
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || PY=python
+failed=0
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2
+  shift 2
+  echo
+  echo "=== $name ($(date -u +%H:%M:%S) UTC, limit ${limit}s)"
+  echo "\$ $*"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=10 "$limit" "$@"
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+echo "=== machine"
+date -u +"date: %Y-%m-%d %H:%M UTC"
+uname -srm
+nproc | sed 's/^/cpus: /'
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /'
+fi
+"$PY" - <<'EOF'
+import mlx.core as mx, mlx_lm, platform
+print("python", platform.python_version(), "| mlx", mx.__version__, "| mlx-lm", mlx_lm.__version__)
+print("default device", mx.default_device(), "| metal", mx.metal.is_available(),
+      "| cuda", mx.cuda.is_available() if hasattr(mx, "cuda") else "n/a")
+from golem.runtime.writers import default_writer
+print("default slot writer", default_writer())
+EOF
+git log -1 --format="commit %h %s" 2>/dev/null || true
+
+if [ $SMALL -eq 1 ]; then
+  step "bench_upload" 300 "$PY" benchmarks/bench_upload.py --runs 3 --sizes-mb 1 --batches 1 8 --slots 16
+  step "bench_decode" 900 "$PY" benchmarks/bench_decode.py --runs 1 --tokens 6
+  PROFILE_TOKENS=6
+  SUITE="tests/test_writers.py tests/test_engine.py"
+else
+  step "bench_upload" 300 "$PY" benchmarks/bench_upload.py --runs 7
+  step "bench_decode" 600 "$PY" benchmarks/bench_decode.py --runs 3
+  step "bench_decode, host slot writer" 300 "$PY" benchmarks/bench_decode.py --runs 1 --slot-writer host
+  PROFILE_TOKENS=24
+  SUITE="tests/test_writers.py tests/test_engine.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
+fi
+
+step "cProfile, depth 0, 12 slots, top 20 by own time" 300 "$PY" - "$PROFILE_TOKENS" <<'EOF'
+import cProfile, pstats, sys
+sys.path.insert(0, "benchmarks")
+from bench_decode import build, decode, prompt_ids
+from mlx_lm.utils import load_tokenizer
+from golem.runtime import load
+from golem.runtime.synthetic import default_cache_dir
+
+tokens = int(sys.argv[1])
+path = build(default_cache_dir(), 32)
+prompts = prompt_ids(load_tokenizer(path))
+with load(str(path), capacities=12) as (model, _):
+    decode(model, prompts[:1], 4)  # warm-up
+    profile = cProfile.Profile()
+    profile.enable()
+    seconds, n, _ = decode(model, prompts, tokens)
+    profile.disable()
+    st = model.golem.engine.stats
+    us = st.host_us()
+    print(f"{n / seconds:.2f} tok/s; misses/token {st.decode_misses / max(st.decode_steps, 1):.2f}; "
+          f"host us per miss {us['per_miss_us']:.0f}, upload us per miss {us['write_per_miss_us']:.0f}, "
+          f"engine us per layer {us['per_layer_us']:.0f}, sync us per layer {us['sync_per_layer_us']:.0f}")
+pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+EOF
+
+step "golem-run --demo" 300 golem-run --demo
+step "test suite ($SUITE)" 900 "$PY" -m pytest -q -x $SUITE
+
+echo
+echo "=== done: $failed failed step(s)"
+exit $failed
