@@ -151,6 +151,7 @@ def test_a_plain_run_sizes_itself_to_the_machine(checkpoints, capsys, monkeypatc
     (["--memory-budget", "1e400B"], ["--memory-budget", "1e400B"]),
     (["--memory-budget", "48G", "-m", "0"], ["--max-tokens"]),
     (["-c", "4", "--seed", "-1"], ["--seed", "-1"]),
+    (["-c", "4", "--prompt-cache-file", "/nonexistent/cache.safetensors"], ["--prompt-cache-file", "/nonexistent"]),
 ])
 def test_bad_flags_answer_at_once_in_one_line(checkpoints, capsys, argv, words):
     import time

@@ -215,7 +215,14 @@ def run(args) -> int:
 
     using_cache = args.prompt_cache_file is not None
     if using_cache:
-        prompt_cache, metadata = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
+        if args.demo:
+            raise ValueError("--demo compares its text with stock mlx-lm's from the same prompt: "
+                             "run it without --prompt-cache-file")
+        try:
+            prompt_cache, metadata = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
+        except (RuntimeError, OSError, KeyError) as e:  # MLX reports a missing or damaged file as RuntimeError
+            raise ValueError(f"--prompt-cache-file {args.prompt_cache_file}: cannot load a prompt cache "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if isinstance(prompt_cache[0], QuantizedKVCache):
             if args.kv_bits is not None and args.kv_bits != prompt_cache[0].bits:
                 raise ValueError("--kv-bits does not match the kv cache loaded from --prompt-cache-file.")
@@ -290,6 +297,7 @@ def run(args) -> int:
         if input_embeddings is not None:
             options["input_embeddings"] = input_embeddings
         if args.demo:
+            mx.random.seed(args.seed or 0)  # the stock run draws the same samples (see _compare_with_stock)
             text = _demo_generate(runtime, tokenizer, tokens, options, stream_generate, args.verbose)
         else:
             text = generate(model, tokenizer, tokens, verbose=args.verbose, **options)
@@ -308,7 +316,7 @@ def run(args) -> int:
             if "profile" in written:
                 print(f"Profile: {written['profile']}")
     if args.demo:
-        return _compare_with_stock(model_path, tokens, options, text or "")
+        return _compare_with_stock(model_path, tokens, options, text or "", args.seed or 0)
     return 0
 
 
@@ -340,12 +348,15 @@ def _demo_generate(runtime, tokenizer, tokens, options, stream_generate, verbose
     return text
 
 
-def _compare_with_stock(model_path: str, tokens, options, text: str) -> int:
-    """Run stock mlx-lm on the same checkpoint and prompt; say whether the text is the same."""
+def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int) -> int:
+    """Run stock mlx-lm on the same checkpoint, prompt, sampler and seed; say whether the text
+    is the same."""
+    import mlx.core as mx
     from mlx_lm import load as mlx_lm_load
     from mlx_lm.generate import stream_generate
 
     model, tokenizer = mlx_lm_load(model_path)
+    mx.random.seed(seed)
     stock = "".join(r.text for r in stream_generate(model, tokenizer, tokens, **{**options, "draft_model": None}))
     if stock == text:
         print(f"Matches stock mlx-lm: yes, the same text ({len(text)} characters) from the same checkpoint")
