@@ -104,6 +104,8 @@ def test_flags_golem_cannot_honour_are_clear_errors(checkpoints, capsys, tmp_pat
         (["--quantize-activations"], ["--quantize-activations"]),
         (["--adapter-path", str(tmp_path / "none")], ["--adapter-path", "none"]),
         (["--chat-template-config", "{oops"], ["--chat-template-config"]),
+        (["--chat-template-config", "[1]"], ["--chat-template-config", "JSON object"]),
+        (["--draft-model", str(tmp_path / "no-draft")], ["--draft-model", "no-draft"]),
     ]:
         assert golem_run(["--model", path, "-c", "4", "-m", "2", *argv]) == 2, argv
         err = capsys.readouterr().err

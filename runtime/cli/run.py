@@ -236,6 +236,9 @@ def run(args) -> int:
             template_kwargs = json.loads(args.chat_template_config)
         except ValueError as e:
             raise ValueError(f"--chat-template-config: not JSON ({e})") from None
+        if not isinstance(template_kwargs, dict):
+            raise ValueError(f"--chat-template-config: expected a JSON object of keyword arguments, "
+                             f"got {args.chat_template_config}")
 
     model_path = _demo_model() if args.demo else args.model
     if using_cache:
@@ -285,7 +288,11 @@ def run(args) -> int:
         if args.draft_model is not None:
             from mlx_lm import load as mlx_lm_load
 
-            draft_model, draft_tokenizer = mlx_lm_load(args.draft_model)
+            try:
+                draft_model, draft_tokenizer = mlx_lm_load(args.draft_model)
+            except Exception as e:  # mlx-lm and the hub client raise many kinds for a missing model
+                raise ValueError(f"--draft-model {args.draft_model}: cannot load it "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
             if draft_tokenizer.vocab_size != tokenizer.vocab_size:
                 raise ValueError("Draft model tokenizer does not match model tokenizer.")
         options = dict(
