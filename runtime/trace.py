@@ -35,7 +35,8 @@ class Trace:
         experts: int16 (N, L, K), expert ids, -1 where absent.
         weights: float32 (N, L, K), router scores of those experts.
         seq_offsets: int64 (S+1,), the step where each sequence starts; last = N.
-        meta: at least ``num_layers``, ``num_experts``, ``top_k``, ``expert_bytes``.
+        meta: at least ``num_layers``, ``num_experts``, ``top_k``, ``expert_bytes``; optional
+            ``moe_layers``, the model's layer number of each traced layer.
         token_ids: optional int32 (N,).
         hidden: optional (N, L, D) post-attention residual of each MoE layer.
         prefill: optional bool (N,), True for prompt-processing steps.
@@ -163,6 +164,12 @@ def check_meta(meta, where: str) -> None:
             raise TraceError(f"{where}: meta {key}={value} must be {bound}")
     if meta["top_k"] > meta["num_experts"]:
         raise TraceError(f"{where}: meta top_k={meta['top_k']} exceeds num_experts={meta['num_experts']}")
+    ids = meta.get("moe_layers")
+    if ids is not None:
+        ok = isinstance(ids, list) and all(isinstance(i, Integral) and not isinstance(i, bool) and i >= 0 for i in ids)
+        if not ok or len(ids) != meta["num_layers"] or any(b <= a for a, b in zip(ids, ids[1:])):
+            raise TraceError(f"{where}: meta moe_layers must list {meta['num_layers']} rising layer numbers, "
+                             f"got {str(ids)[:80]}")
 
 
 def _check_kind(arr: np.ndarray, name: str, kinds: str, where: str) -> None:

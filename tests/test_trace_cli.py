@@ -222,3 +222,18 @@ def test_a_terminal_gets_a_bar():
     with progress_bar(4, "replays", stream=quiet) as bar:
         bar.update(4)
     assert quiet.getvalue() == ""
+
+
+def test_simulate_pins_the_models_layer_numbers_when_the_trace_records_them(capsys, tmp_path):
+    t = random_trace(0, n=100, layers=3, num_experts=12, k=3)
+    t.meta = {**t.meta, "moe_layers": [1, 2, 3]}  # decoder layer 0 is dense
+    save_trace(tmp_path / "t.npz", t)
+    rc, out, _ = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "2-3", "-c", 4, "--json")
+    assert rc == 0 and last_json(out)["pinned_layers"] == [1, 2]
+    rc, _, err = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "0", "-c", 4)
+    assert rc == 2 and "names no MoE layer" in err
+    rc, _, err = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "4", "-c", 4)
+    assert rc == 2 and "layer 4 does not exist" in err
+    t.meta["moe_layers"] = [3, 2, 1]
+    with pytest.raises(ValueError, match="moe_layers must list 3 rising"):
+        save_trace(tmp_path / "bad.npz", t)

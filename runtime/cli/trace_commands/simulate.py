@@ -39,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-size-override", nargs=2, action="append", default=[], metavar=("RANGES", "N"),
                    help="N slots for the layers in RANGES (e.g. 0-3,12 48); repeatable, later ones win.")
     p.add_argument("-f", "--pin-layers", default=None, metavar="RANGES",
-                   help="Fully resident layers (no misses), e.g. 0-3,14-15.")
+                   help="Fully resident layers (no misses), e.g. 0-3,14-15: the model's layer numbers when the "
+                        "trace records them (meta moe_layers, as golem-run -f), else the traced layers.")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="Plan slots within SIZE (e.g. 8GB) for non-expert bytes plus expert slots.")
     p.add_argument("--non-expert-bytes", default="0", metavar="SIZE",
@@ -75,7 +76,8 @@ def _model(args, meta: dict) -> ModelMemory:
             raise ValueError("--memory-budget: the trace records no expert_bytes; give --expert-bytes SIZE")
         nbytes = 1  # only shown, never used for sizing
     return ModelMemory(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]), nbytes,
-                       parse_size(args.non_expert_bytes, what="--non-expert-bytes"))
+                       parse_size(args.non_expert_bytes, what="--non-expert-bytes"),
+                       layer_ids=meta.get("moe_layers"))  # -f and overrides name model layers, as golem-run
 
 
 def _stats(args, warm_profile, policy: str):
@@ -107,8 +109,8 @@ def run(args) -> int:
         model,
         budget_nbytes=parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None,
         cache_size=cache_size,
-        overrides=[parse_override(v, num_layers=model.num_layers) for v in args.cache_size_override],
-        pin_layers=[] if args.pin_layers is None else parse_layer_ranges(args.pin_layers, num_layers=model.num_layers),
+        overrides=[parse_override(v, num_layers=max(model.ids) + 1) for v in args.cache_size_override],
+        pin_layers=[] if args.pin_layers is None else parse_layer_ranges(args.pin_layers, num_layers=max(model.ids) + 1),
         stats=_stats(args, warm_profile, args.policy),
     )
     caps, pinned = plan.capacities, plan.pinned_layers
