@@ -373,8 +373,8 @@ def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     from golem.runtime.sizing import load_warm_profile, size_model
 
     config = make_config(config, **fields)
+    check_output_paths(config, model_path)  # before a repo id is fetched
     path = resolve_model_path(str(model_path))
-    check_output_paths(config, model_path)
     opened = open_checkpoint(path)
     moe_layers = sorted(opened.layers)
     check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
@@ -402,8 +402,8 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     from golem.runtime.sizing import load_warm_profile, size_model
 
     config = make_config(config, **fields)
+    check_output_paths(config, model_path)  # before a repo id is fetched
     path = resolve_model_path(str(model_path))
-    check_output_paths(config, model_path)
     opened = open_checkpoint(path, model_config=model_config, adapter_path=adapter_path,
                              trust_remote_code=trust_remote_code)
     model, mconfig, experts, index = opened.model, opened.config, opened.experts, opened.index
