@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     from golem.runtime.analysis.chunks import chunk_analysis
     from golem.runtime.analysis.estimate import ChunkRouting, TraceReplay
     from golem.runtime.analysis.model_size import Quantization, load_model_spec
+    from golem.runtime.cli.progress import LONG_WORK, progress_bar
     from golem.runtime.trace import load_trace
 
     caps = [int(c) for c in args.capacities.split(",")]
@@ -235,9 +236,13 @@ def main(argv=None) -> int:
     chunk_est: dict = {c: [] for c in [calib, *caps]}
     errors: dict = {c: [] for c in [calib, *caps]}
     profiles = []
+    bar = progress_bar(args.rounds * len(keys), "decode runs", work=LONG_WORK)  # minutes: always shown
     for r in range(args.rounds):
         order = keys[r % len(keys):] + keys[:r % len(keys)]
-        here = {k: decode_run(path, args, e_full if k == "all" else k) for k in order}
+        here = {}
+        for k in order:
+            here[k] = decode_run(path, args, e_full if k == "all" else k)
+            bar.update(1)
         read_s, nbytes = measure_demand_read_s(path, args, seed=r)
         assert nbytes == expert_nbytes, (nbytes, expert_nbytes)
         compute_s = here[calib]["s_per_token"] - here[calib]["stall_s_per_token"]
@@ -253,6 +258,7 @@ def main(argv=None) -> int:
             chunk_est[c].append(rep.chunk.tokens_per_s)
             errors[c].append(rep.trace.tokens_per_s / measured - 1.0)
 
+    bar.close()
     med = {k: {f: statistics.median(x[f] for x in rs) for f in rs[0]} for k, rs in runs.items()}
     compute_s = statistics.median(p["compute_s"] for p in profiles)
     read_s = statistics.median(p["read_s"] for p in profiles)
