@@ -382,6 +382,59 @@ def sigint_during_stalled_read(ctx: Ctx, case: Case, timeout_s: float, *extra: s
     return out
 
 
+def sigint_during_demo_build(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """Ctrl-C while the first --demo builds its checkpoint: a prompt exit, no half folder left,
+    and the next --demo builds it."""
+    cwd = ctx.fresh(case.name)
+    env = base_env(ctx)
+    env["GOLEM_CACHE"] = str(cwd / "cache")
+    t0 = time.monotonic()
+    p = subprocess.Popen(RUN + ["--demo", "-m", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=cwd, start_new_session=True)
+    err_lines: List[str] = []
+    seen = threading.Event()
+
+    def read_stderr():
+        for line in p.stderr:
+            err_lines.append(line)
+            if "building the demo" in line:
+                seen.set()
+        seen.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    if not seen.wait(timeout_s) or p.poll() is not None:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        reader.join()
+        return Outcome(p.returncode, time.monotonic() - t0, stderr="".join(err_lines), verdict="unclear",
+                       note="never said it was building")
+    sent = time.monotonic()
+    os.kill(p.pid, signal.SIGINT)
+    try:
+        p.wait(10.0)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        reader.join()
+        return Outcome(None, time.monotonic() - sent, stderr="".join(err_lines), timed_out=True,
+                       note="still running 10 s after Ctrl-C")
+    reader.join()
+    out = Outcome(p.returncode, time.monotonic() - sent, stderr="".join(err_lines))
+    left = sorted(q.name for q in (cwd / "cache").iterdir() if ".partial" in q.name) if (cwd / "cache").exists() else []
+    half = (cwd / "cache" / "demo-qwen3_moe").exists() and not (cwd / "cache" / "demo-qwen3_moe" / "config.json").exists()
+    if left or half:
+        out.verdict, out.note = "data loss", f"left behind: {left or 'a half-built folder'}"
+    elif out.seconds > SIGINT_LIMIT_S:
+        out.timed_out, out.note = True, f"Ctrl-C took {out.seconds:.1f} s"
+    else:
+        again = run_process(RUN + ["--demo", "-m", "3"], env=env, cwd=cwd, timeout_s=timeout_s)
+        if again.rc != 0:
+            out.verdict, out.note = "refused", f"the next --demo failed: {message(again)}"
+    return out
+
+
 PROFILE_WRITER = textwrap.dedent(
     """
     import sys
@@ -669,8 +722,8 @@ def _hub(ctx: Ctx, name: str, *, drop_index: bool = False, drop_blob: bool = Fal
     return snap
 
 
-def _linked(ctx: Ctx) -> Path:
-    link = ctx.fresh("linked") / "model"
+def _linked(ctx: Ctx, name: str = "model") -> Path:
+    link = ctx.fresh("linked") / name
     link.symlink_to(ctx.model)
     return link
 
@@ -730,6 +783,8 @@ def catalogue() -> List[Case]:
         Case("valid", "hub snapshot without an index", "ok",
              lambda ctx: RUN + ["--model", str(_hub(ctx, "no index", drop_index=True)), "-c", "4", *GEN]),
         Case("valid", "model through a symlinked folder", "ok", lambda ctx: RUN + ["--model", str(_linked(ctx)), "-c", "4", *GEN]),
+        Case("valid", "model folder named with spaces and accents", "ok",
+             lambda ctx: RUN + ["--model", str(_linked(ctx, "mödel dir ✓")), "-c", "4", *GEN]),
         Case("valid", "--save-profile then -W saved", "ok", run=save_then_warm),
         Case("valid", "golem-run --policy lfu-decay:decay=0.5", "ok", run_argv("-c", "4", "--policy", "lfu-decay:decay=0.5", *GEN)),
         Case("valid", "golem-trace simulate --policy lfu-decay:decay=0.5", "ok",
@@ -938,6 +993,8 @@ def catalogue() -> List[Case]:
             ctx, case, t, "--prefetch-depth", "1"), mention="interrupted"),
         Case("fault", "Ctrl-C during a stalled --direct-io read", "error", run=lambda ctx, case, t: sigint_during_stalled_read(
             ctx, case, t, "--direct-io"), mention="interrupted"),
+        Case("fault", "Ctrl-C while --demo builds its checkpoint", "error", run=sigint_during_demo_build,
+             mention="interrupted"),
         Case("fault", "shard deleted after load (open files read on)", "ok",
              run=lambda ctx, case, t: truncate_mid_run(ctx, case, t, delete=True)),
         # concurrent use and the profile store

@@ -237,7 +237,8 @@ def _write_checkpoint(family: str, tmp: Path, size: Size, seed: int, expert_scal
     for i, shard_id in enumerate(sorted(shards)):
         fname = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         tensors = shards[shard_id]
-        mx.eval(tensors)
+        for w in tensors.values():  # one tensor at a time: Ctrl-C is handled between them
+            mx.eval(w)
         mx.save_safetensors(str(tmp / fname), tensors, metadata={"format": "mlx"})
         for name, w in tensors.items():
             weight_map[name] = fname
