@@ -109,7 +109,10 @@ class Engine:
     A decode step's layer with misses first queues its demand reads and the prefetches,
     then (``overlap``) starts computing its resident experts, then waits for the reads,
     writes them into their slots and computes the missing experts; the two results are
-    put back in routing order, so the output is the one computation would give.
+    put back in routing order, so the output is the one computation would give. A writer
+    that replaces whole pool arrays (``device``) first waits for the resident experts'
+    computation (so the pool is updated in place, not copied): a wait for work already
+    under way, not a read-back.
 
     Args:
         index: per-expert byte ranges of every MoE layer.
@@ -417,9 +420,9 @@ class Engine:
         pool.reading(y_hit, hit_slots)
 
         def meanwhile():
+            mx.async_eval(y_hit)
             if issue is not None:
                 issue()
-            mx.async_eval(y_hit)
 
         self._fetch(pool.layer, todo, meanwhile)
         miss_slots = pool.slots(flat[second])

@@ -154,3 +154,94 @@ def test_trace_out_records_the_routing(checkpoints, reference, tmp_path):
     assert dec.num_steps in (8, 9) and dec.experts.shape[1:] == (t.num_layers, 4)
     assert (dec.experts >= 0).all() and (dec.weights > 0).all()
     assert t.hidden is not None and t.hidden.shape[:2] == (t.num_steps, t.num_layers)
+
+
+class _Guesses:
+    """A predictor whose scores are set by the test: ``table[target] = {expert: score}``."""
+
+    def __init__(self, num_layers, num_experts):
+        from golem.predictors.base import Predictor, RoutingShape
+
+        self.table = {}
+        outer = self
+
+        class Fixed(Predictor):
+            def predict(self, layer, targets):
+                out = np.zeros((len(targets), num_experts), np.float32)
+                for r, t in enumerate(targets):
+                    for e, s in outer.table.get(t, {}).items():
+                        out[r, e] = s
+                return out
+
+        self.predictor = Fixed(RoutingShape(num_layers, num_experts, 2))
+
+
+class _FakeScheduler:
+    """Records submits and cancels; ``state[key]`` is what ``pending`` answers."""
+
+    def __init__(self):
+        self.state, self.submits, self.cancels, self.published = {}, [], [], []
+
+    def submit(self, key, depth=0, score=0.0):
+        self.submits.append((key, depth))
+        self.state.setdefault(key, "queued")
+
+    def cancel(self, key):
+        if self.state.get(key) in ("queued", "running"):
+            self.cancels.append(key)
+            del self.state[key]
+            return True
+        return False
+
+    def pending(self, key):
+        return self.state.get(key)
+
+    def poll(self, timeout=0):
+        out, self.published = self.published, []
+        return out
+
+
+def test_prefetcher_owns_issue_cancel_supersede_and_accounting():
+    """Model layers 10, 20, 30 (positions 0..2); depth 2; top-2 of 8 experts."""
+    from golem.runtime.prefetch import Prefetcher
+
+    guesses = _Guesses(3, 8)
+    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
+                    [100, 100, 100], [True, True, True])
+    sched = _FakeScheduler()
+    pf.attach(sched)
+    nothing = lambda layer: np.zeros(8, bool)
+
+    pf.begin_sequence()
+    pf.begin_step()
+    guesses.table = {1: {3: 0.9, 4: 0.5}, 2: {6: 0.8, 7: 0.1}}
+    at10 = pf.propose(10, None)
+    pf.observe(10, np.array([[1, 2]]), None)
+    pf.issue(10, np.array([[1, 2]]), at10, nothing)
+    assert sched.submits == [((20, 3), 1), ((20, 4), 1), ((30, 6), 2)]  # nearest first, by score
+    assert pf.keep(20) == {3, 4} and pf.keep(30) == {6}
+
+    # Layer 20 routes to 3 and 5: the prefetch of 4 is stale and cancelled (wasted); a nearer
+    # guess for layer 30 names 7, not 6: the queued read of 6, asked for further back, is dropped.
+    sched.state[(20, 3)] = "running"
+    guesses.table = {2: {7: 0.9}}
+    at20 = pf.propose(20, None)
+    pf.observe(20, np.array([[3, 5]]), None)
+    pf.issue(20, np.array([[3, 5]]), at20, nothing)
+    assert set(sched.cancels) == {(20, 4), (30, 6)}
+    assert sched.submits[-1] == ((30, 7), 1)
+    assert pf.stats[20].wasted == 1 and pf.stats[30].wasted == 1
+    assert pf.stats[20].recall == 0.5  # of 3 and 5, it guessed 3
+
+    # The read of (20, 3) lands, is installed, then used: useful; one evicted unused: wasted.
+    buf = np.zeros(100, np.uint8)
+    sched.published = [((20, 3), buf), ((30, 7), buf)]
+    assert [(l, e) for l, e, _ in pf.arrivals()] == [(20, 3), (30, 7)]
+    pf.landed(20, 3)
+    pf.landed(30, 7)
+    assert pf.used_all(20, [3, 5], 100) == 1 and pf.stats[20].useful == 1
+    pf.evicted(30, 7, 100)
+    pf.evicted(30, 7, 100)  # evicted again (after a demand read): no second count
+    assert pf.stats[30].wasted == 2 and pf.stats[30].wasted_nbytes == 100
+    totals = pf.totals()
+    assert totals.issued == 4 and totals.useful == 1 and totals.wasted == 3
