@@ -224,15 +224,18 @@ def run(args) -> int:
         rows = []
         for size, rep in sweep:
             c, t = rep.chunk, rep.trace
+            below = rep.placement.below_top_k
             print(f"{size / GiB:>10.1f}{c.tokens_per_s if c else float('nan'):>13.2f}"
                   f"{t.tokens_per_s if t else float('nan'):>13.2f}{c.experts_read if c else float('nan'):>13.1f}"
-                  f"{t.experts_read if t else float('nan'):>13.1f}")
-            rows.append({"memory_nbytes": size,
+                  f"{t.experts_read if t else float('nan'):>13.1f}" + ("  *" if below else ""))
+            rows.append({"memory_nbytes": size, "below_top_k": below,
                          "chunk_tokens_per_s": round(c.tokens_per_s, 4) if c else None,
                          "trace_tokens_per_s": round(t.tokens_per_s, 4) if t else None,
                          "chunk_reads_per_token": c.experts_read if c else None,
                          "trace_reads_per_token": t.experts_read if t else None})
         out["sweep"] = rows
+        if any(r["below_top_k"] for r in rows):
+            print(f"* fewer than top-{model.top_k} slots per cached layer: golem-run refuses such a budget")
         if args.plot:
             names = [Path(t.path).name for t in traces if t.path]
             title = f"{model.name} on {machine.name}" + (f" (traces: {', '.join(names)})" if names else "")
