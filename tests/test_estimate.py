@@ -408,3 +408,9 @@ def test_cli_plot_without_matplotlib_fails(tmp_path, capsys, monkeypatch):
     rc = trace_main(["estimate", "--model", "glm-5", "--machine", "rtx3090-128g", "--u", "5", "--d", "1",
                      "--plot", str(tmp_path / "x.png")])
     assert rc == 2 and "needs matplotlib" in capsys.readouterr().err
+
+
+def test_pin_layers_is_never_a_count():
+    m, q = load_model_spec("glm-5"), MIXED
+    with pytest.raises(ValueError, match="not 4"):
+        estimate(m, q, load_machine("rtx3090-128g"), routing=STUDY, pin_layers=4)

@@ -117,6 +117,9 @@ def plan_placement(
     ``layer_weights``. A tier too small for top-k slots per layer gets fewer (uniform),
     marked ``below_top_k``.
     """
+    if isinstance(pin_layers, (int, str)):
+        raise ValueError(f"pin_layers takes decoder layer numbers (e.g. [3, 4, 5]; parse_layer_ranges reads "
+                         f"'3-5'), not {pin_layers!r}")
     memory = model.memory(quant)
     m, e = memory.num_layers, memory.num_experts
     expert_nbytes = memory.nbytes_of(0)
