@@ -306,9 +306,14 @@ class Engine:
         pool = self.pools[layer]
         return np.ones(pool.num_experts, bool) if pool.fully_resident else pool.slot_of >= 0
 
-    def _install_prefetched(self, layer: int, protected) -> None:
+    def _install_prefetched(self, layer: int, ids: np.ndarray) -> None:
+        """Install the prefetches that have landed, never evicting an expert ``ids`` uses."""
         pf, touched = self.prefetcher, set()
-        for l, e, buf in pf.arrivals():
+        arrivals = pf.arrivals()
+        if not arrivals:
+            return
+        protected = set(ids.reshape(-1).tolist())
+        for l, e, buf in arrivals:
             try:
                 pool = self.pools[l]
                 if pool.is_resident(e):
@@ -370,7 +375,7 @@ class Engine:
                 scores = extra[0] if trace is not None and trace.route is not None else None
                 pf.observe(layer, ids, scores)
                 issue = lambda: pf.issue(layer, ids, proposals, self._resident)  # queued behind the demand reads
-            self._install_prefetched(layer, set(ids.reshape(-1).tolist()))
+            self._install_prefetched(layer, ids)
         if pool.fully_resident:
             if issue is not None:
                 issue()

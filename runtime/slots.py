@@ -148,7 +148,8 @@ class SlotPool:
         slot = self.free_slot()
         victim = -1
         if slot is None:
-            victim = self.policy.victim(protected=set(protected))
+            keep = protected if isinstance(protected, (set, frozenset)) else set(protected)
+            victim = self.policy.victim(protected=keep)
             slot = int(self.slot_of[victim])
             self.policy.evict(victim)
             self.slot_of[victim] = -1
