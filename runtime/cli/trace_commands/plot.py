@@ -122,6 +122,9 @@ def run(args) -> int:
     require_steps(traces)
     first = traces[0]
     capacity = args.capacity if args.capacity is not None else max(first.top_k, first.num_experts // 2)
+    if not first.top_k <= capacity <= first.num_experts:
+        raise ValueError(f"-c/--capacity {capacity}: give {first.top_k} (top-k) to {first.num_experts} "
+                         "(every expert) slots per layer")
     if "overlap" in charts and len(traces) < 2:
         if args.charts != ",".join(CHARTS):
             raise ValueError("--charts overlap needs two traces")

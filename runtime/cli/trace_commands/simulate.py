@@ -102,6 +102,9 @@ def run(args) -> int:
         warm_profile = load_warm_source(args.warm_start)
         warm_profile.check_shape(model.num_layers, e, where=f"-W {args.warm_start}", other="the trace")
     cache_size = args.capacity
+    if cache_size is not None and cache_size > e:
+        raise ValueError(f"-c/--cache-size {cache_size}: the trace's layers have only {e} experts "
+                         f"(-c {e} keeps every expert resident)")
     sizing = (args.capacity, args.memory_budget, args.pin_layers, args.cache_size_override)
     if all(x in (None, []) for x in sizing):
         cache_size = max(k, e // 2)
