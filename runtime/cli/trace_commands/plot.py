@@ -107,11 +107,6 @@ def _whole_layers(axis) -> None:
 
 
 def run(args) -> int:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print(f"golem-trace plot: error: {MISSING_MATPLOTLIB}", file=sys.stderr)
-        return 2
     charts = [c.strip() for c in args.charts.split(",") if c.strip()]
     unknown = [c for c in charts if c not in CHARTS]
     if unknown or not charts:
@@ -130,6 +125,11 @@ def run(args) -> int:
             raise ValueError("--charts overlap needs two traces")
         charts.remove("overlap")
         print("overlap: skipped (needs two traces)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"golem-trace plot: error: {MISSING_MATPLOTLIB}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir}: is a file, not a folder")
