@@ -27,7 +27,7 @@ import numpy as np
 
 WRITERS = ("host", "device", "device-load")
 AUTO = "auto"
-MAX_BATCH_ROWS = 16  # a device batch is uploaded once it holds this many experts
+MAX_BATCH_ROWS = 8  # a device batch is uploaded once it holds this many experts (a decode step misses at most top-k per layer)
 
 
 def default_writer() -> str:
