@@ -10,6 +10,7 @@ import pytest
 
 from golem.runtime.cli.run import main as golem_run
 from golem.runtime.cli.run import printable, setup_arg_parser
+from test_config import unwritable_folder
 
 PROMPT = ["-p", "Once upon a time there was a small computer", "-m", "12"]
 
@@ -171,7 +172,7 @@ def test_bad_flags_answer_at_once_in_one_line(checkpoints, capsys, argv, words):
 def test_output_paths_are_checked_before_generation(checkpoints, capsys, tmp_path, where):
     (tmp_path / "file").write_text("x")
     target = {"under-file": tmp_path / "file" / "t.npz", "folder": tmp_path,
-              "missing": tmp_path / "no" / "t.npz", "unwritable": "/proc/golem-t.npz"}[where]
+              "missing": tmp_path / "no" / "t.npz", "unwritable": f"{unwritable_folder(tmp_path)}/t.npz"}[where]
     assert golem_run(["--model", str(checkpoints("olmoe")), "-c", "4", "-m", "2", "--trace-out", str(target)]) == 2
     captured = capsys.readouterr()
     assert "--trace-out" in captured.err and "Traceback" not in captured.err
@@ -179,8 +180,8 @@ def test_output_paths_are_checked_before_generation(checkpoints, capsys, tmp_pat
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_save_profile_into_a_read_only_cache_fails_before_generation(checkpoints, capsys, monkeypatch):
-    monkeypatch.setenv("GOLEM_CACHE", "/proc/golem-cache")
+def test_save_profile_into_a_read_only_cache_fails_before_generation(checkpoints, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("GOLEM_CACHE", f"{unwritable_folder(tmp_path)}/golem-cache")
     assert golem_run(["--model", str(checkpoints("olmoe")), "-c", "4", "-m", "2", "--save-profile"]) == 2
     captured = capsys.readouterr()
     assert "--save-profile" in captured.err and "Traceback" not in captured.err and "=" * 10 not in captured.out

@@ -20,7 +20,18 @@ from helpers import greedy_tokens, prompt_tokens, stock
 
 def _open_fds() -> int:
     gc.collect()  # lazily loaded arrays of a failed load close their files when collected
-    return len(os.listdir("/proc/self/fd"))
+    return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+
+def unwritable_folder(tmp_path) -> str:
+    """A folder no file can be created in: a read-only one, or (as root, who may write
+    anywhere) one on /proc."""
+    if os.geteuid() != 0 or not os.path.isdir("/proc"):
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return str(folder)
+    return "/proc"
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -222,12 +233,12 @@ def test_close_writes_the_trace_and_profile(checkpoints, tmp_path, monkeypatch):
     ("file/x.npz", ["--trace-out", "is a file, not a folder"]),
     ("folder", ["--trace-out", "is a folder"]),
     ("missing/x.npz", ["--trace-out", "does not exist"]),
-    ("/proc/golem-test.npz", ["--trace-out", "cannot write"]),
+    ("read-only", ["--trace-out", "cannot write"]),
 ])
 def test_output_paths_are_checked_before_loading(checkpoints, tmp_path, target, words):
     (tmp_path / "file").write_text("x")
     (tmp_path / "folder").mkdir()
-    trace_out = target if target.startswith("/") else str(tmp_path / target)
+    trace_out = (f"{unwritable_folder(tmp_path)}/t.npz" if target == "read-only" else str(tmp_path / target))
     threads = threading.active_count()
     with pytest.raises(ConfigError) as err:
         load(str(checkpoints("olmoe")), capacities=4, trace_out=trace_out)
@@ -236,8 +247,8 @@ def test_output_paths_are_checked_before_loading(checkpoints, tmp_path, target, 
     assert not list((tmp_path / "folder").iterdir())
 
 
-def test_save_profile_into_an_unwritable_cache_is_refused_first(checkpoints, monkeypatch):
-    monkeypatch.setenv("GOLEM_CACHE", "/proc/golem-cache")
+def test_save_profile_into_an_unwritable_cache_is_refused_first(checkpoints, monkeypatch, tmp_path):
+    monkeypatch.setenv("GOLEM_CACHE", f"{unwritable_folder(tmp_path)}/golem-cache")
     with pytest.raises(ConfigError, match="--save-profile.*cannot write"):
         load(str(checkpoints("olmoe")), capacities=4, save_profile=True)
 
