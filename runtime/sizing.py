@@ -49,6 +49,8 @@ def machine_memory(limit: Optional[int] = None) -> MachineMemory:
     except Exception:  # older MLX, or a backend without device information
         info = {}
     if mx.metal.is_available():
+        if not info and hasattr(mx.metal, "device_info"):  # MLX before mx.device_info
+            info = dict(mx.metal.device_info())
         n = info.get("max_recommended_working_set_size") or info.get("memory_size")
         if n:
             return MachineMemory(int(n), "Metal recommended working set")
