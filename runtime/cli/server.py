@@ -4,7 +4,8 @@ and prompt cache, with the same flags) serving a golem model, plus golem's runti
 
 Knows nothing of HTTP: mlx-lm's main runs unchanged with golem's loader. The draft model
 (``--draft-model``) is dense and small, so it loads with stock mlx-lm. SIGTERM stops the
-server as Ctrl-C does, so the model is closed (and ``--trace-out`` written) either way.
+server as Ctrl-C does, so the model is closed (and ``--trace-out`` written) either way, and
+the process then exits at once (see ``_end_process``).
 """
 
 from __future__ import annotations
@@ -37,14 +38,29 @@ def main(argv: Optional[list] = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_stock_main(server, PROG, DESCRIPTION, on_args, argv)
+        code = 0
     except (ValueError, FileNotFoundError) as e:  # ModelError, CheckpointError, ConfigError
         print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # before serving began
+        code = 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
+    _end_process(code)
+
+
+def _end_process(code: int) -> None:
+    """Exit now, skipping the interpreter's teardown: after mlx_lm.server has stopped, MLX's
+    C++ teardown can abort ("terminate called without an active exception"; stock
+    mlx_lm.server does so on most Ctrl-Cs). golem's model is closed by then (trace and
+    profile written); only output buffers are left to flush."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
