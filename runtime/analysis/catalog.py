@@ -2,8 +2,9 @@
 values, no weights), machines (memory tiers with sizes and sustained bandwidths) and the
 bits per weight of common quantization formats.
 
-Owns only data; ``golem.runtime.analysis.estimate`` parses and uses it. A machine entry has the same
-shape as the JSON file a user writes for their own machine (see ``estimate.load_machine``).
+Owns only data; ``model_size.load_model_spec``, ``model_size.parse_bpw`` and
+``machines.load_machine`` (in ``golem.runtime.analysis``) parse it. A machine entry has the same
+shape as the JSON file a user writes for their own machine (see ``machines.load_machine``).
 """
 
 from __future__ import annotations
