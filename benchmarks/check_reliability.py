@@ -270,7 +270,7 @@ from golem.runtime.prefetch import PrefetchConfig
 OPTIONS = dict(@OPTIONS@)
 def counts():
     gc.collect()
-    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+    return threading.active_count(), len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
 def attempt():
     try:
         load(MODEL, **OPTIONS).close()
