@@ -20,7 +20,7 @@ from golem.runtime.analysis import simulate as sim
 from golem.runtime.analysis.chunks import ChunkStats
 from golem.runtime.analysis.machines import MachineSpec
 from golem.runtime.analysis.model_size import ModelSpec, Quantization
-from golem.runtime.analysis.placement import Placement, plan_placement
+from golem.runtime.analysis.placement import DoesNotFit, Placement, plan_placement
 from golem.runtime.analysis.plan import RoutingStats
 from golem.runtime.trace import Trace
 from golem.runtime.units import GB, GiB
@@ -395,9 +395,8 @@ def memory_sweep(model: ModelSpec, quant: Quantization, machine: MachineSpec, si
     for size in sizes_nbytes:
         try:
             out.append((int(size), estimate(model, quant, machine.with_memory(size), **kwargs)))
-        except ValueError as e:
-            if "do not fit in" not in str(e):
-                raise
+        except DoesNotFit:
+            pass
         if progress is not None:
             progress(1)
     return out

@@ -17,9 +17,13 @@ import numpy as np
 
 from golem.runtime.analysis.machines import MachineSpec
 from golem.runtime.analysis.model_size import ModelMemory, ModelSpec, Quantization
-from golem.runtime.analysis.plan import Plan, RoutingStats, make_plan
+from golem.runtime.analysis.plan import BudgetTooSmall, Plan, RoutingStats, make_plan
 from golem.runtime.trace import Trace
 from golem.runtime.units import GiB, format_layer_ranges
+
+
+class DoesNotFit(ValueError):
+    """A machine whose tiers cannot hold the model's non-expert weights."""
 
 
 @dataclass(frozen=True)
@@ -111,17 +115,21 @@ def plan_placement(
     MoE layers are then pinned in a discrete GPU while they fit (a GPU holds whole layers,
     no cache), in ``pin_order`` (default: first MoE layers first, as they route most
     uniformly and cache worst). The other layers get ``make_plan``'s plan for a budget of
-    the cache tier's usable bytes (RAM, or unified memory, less its reserve): ``pin_layers`` (decoder
-    layer numbers, as ``-f``) fully resident, the rest uniform slots, or slots by ``stats``
-    (miss curves, as golem-run with a warm-start profile) or in proportion to
+    the cache tier's usable bytes (RAM, or unified memory, less its reserve): ``pin_layers``
+    (decoder layer numbers, as ``-f``) fully resident, the rest uniform slots, or slots by
+    ``stats`` (miss curves, as golem-run with a warm-start profile) or in proportion to
     ``layer_weights``. A tier too small for top-k slots per layer gets fewer (uniform),
-    marked ``below_top_k``.
+    marked ``below_top_k``. Raises ``DoesNotFit`` when no tier holds the non-expert weights.
     """
     if isinstance(pin_layers, (int, str)):
         raise ValueError(f"pin_layers takes decoder layer numbers (e.g. [3, 4, 5]; parse_layer_ranges reads "
                          f"'3-5'), not {pin_layers!r}")
     memory = model.memory(quant)
     m, e = memory.num_layers, memory.num_experts
+    unknown = [x for x in pin_layers if x not in set(memory.ids)]
+    if unknown:
+        raise ValueError(f"--pin-layers: layer {unknown[0]} is not an MoE layer of {model.name} "
+                         f"(MoE layers: {format_layer_ranges(memory.ids)})")
     expert_nbytes = memory.nbytes_of(0)
     layer_nbytes = e * expert_nbytes
     non_expert = memory.non_expert_nbytes
@@ -139,7 +147,7 @@ def plan_placement(
         if len(tiers) == 2 and tiers[0] is tiers[1]:
             tiers = tiers[:1]
         where = " or ".join(f"{t.kind} ({t.usable_nbytes / GiB:.1f} GiB usable)" for t in tiers)
-        raise ValueError(f"{machine.name}: non-expert weights of {model.name} ({non_expert / GiB:.1f} GiB) "
+        raise DoesNotFit(f"{machine.name}: non-expert weights of {model.name} ({non_expert / GiB:.1f} GiB) "
                          f"do not fit in {where}")
     fast_pinned: list[int] = []
     if fast is not None and fast is not cache:
@@ -155,10 +163,6 @@ def plan_placement(
     if rest:
         sub = _sub_model(memory, rest, non_expert if ne_tier == cache.kind else 0)
         ids = set(sub.ids)
-        unknown = [x for x in pin_layers if x not in set(memory.ids)]
-        if unknown:
-            raise ValueError(f"--pin-layers: layer {unknown[0]} is not an MoE layer of {model.name} "
-                             f"(MoE layers: {format_layer_ranges(memory.ids)})")
         kwargs = dict(
             budget_nbytes=cache.usable_nbytes,
             pin_layers=[x for x in pin_layers if x in ids],
@@ -167,13 +171,11 @@ def plan_placement(
         )
         try:
             plan = make_plan(sub, **kwargs)
-        except ValueError as err:
-            if "short" not in str(err):
-                raise
+        except BudgetTooSmall as err:
             try:
                 plan = make_plan(sub, **{**kwargs, "stats": None, "weights": None}, min_slots=0)
-            except ValueError:
-                raise ValueError(f"{machine.name}: {cache.kind}: {err}") from None
+            except BudgetTooSmall:
+                raise BudgetTooSmall(f"{machine.name}: {cache.kind}: {err}") from None
             below = any(lp.slots < memory.top_k for lp in plan.layers)
         for lp in plan.layers:
             slots[rest[lp.layer]] = lp.slots

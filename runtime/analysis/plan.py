@@ -23,6 +23,11 @@ from golem.runtime.analysis.model_size import ModelMemory  # noqa: F401  (re-exp
 from golem.runtime.analysis.simulate import Traces, as_trace_list, lru_misses, miss_curve
 from golem.runtime.units import format_layer_ranges, format_nbytes
 
+class BudgetTooSmall(ValueError):
+    """The budget cannot hold the non-expert weights, the reserve, the layers flags fix and
+    the fewest slots of every other layer; the message names the shortfall."""
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     """Per-layer routing statistics that steer the planner: each layer's estimated misses
@@ -336,7 +341,7 @@ def make_plan(
             if free:
                 what = f"top-k ({k})" if floor == k else f"{floor}"
                 parts.append(f"{what} slots x {len(free)} layers {format_nbytes(need - base)}")
-            raise ValueError(
+            raise BudgetTooSmall(
                 f"--memory-budget {format_nbytes(budget_nbytes)} is {format_nbytes(need - budget_nbytes)} short: "
                 f"the smallest plan needs {format_nbytes(need)} ({' + '.join(parts)})"
             )
