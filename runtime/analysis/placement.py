@@ -85,6 +85,7 @@ class Placement:
             "cache_slots_per_layer": [min(cache_slots), max(cache_slots)] if cache_slots else [0, 0],
             "cache_nbytes": (len(self.cache_pinned) * self.num_experts + int(sum(cache_slots))) * self.expert_nbytes,
             "below_top_k": self.below_top_k,
+            "slots": list(self.slots),
         }
         if model is not None:
             out["decoder_layers_of"] = {
