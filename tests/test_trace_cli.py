@@ -237,3 +237,16 @@ def test_simulate_pins_the_models_layer_numbers_when_the_trace_records_them(caps
     t.meta["moe_layers"] = [3, 2, 1]
     with pytest.raises(ValueError, match="moe_layers must list 3 rising"):
         save_trace(tmp_path / "bad.npz", t)
+
+
+@pytest.mark.parametrize("bench", ["bench_plan", "bench_policies", "bench_warmup", "bench_predictors"])
+def test_trace_benchmarks_say_how_to_record_a_missing_trace(tmp_path, bench):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{bench}.py"
+    missing = tmp_path / "general.npz"
+    proc = subprocess.run([sys.executable, str(script), str(missing), str(tmp_path / "coding.npz")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"no trace at {missing}" in proc.stderr and "golem-run --model MODEL" in proc.stderr
+    assert "--trace-out FILE" in proc.stderr
