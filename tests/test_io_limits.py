@@ -378,8 +378,10 @@ def test_ctrl_c_during_a_stalled_read_ends_the_process_within_two_seconds(tmp_pa
 
     path = tmp_path / "slow.bin"
     path.write_bytes(bytes(1 << 20))
+    # as from a terminal: a runner that starts jobs in the background leaves SIGINT ignored
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert child.stdout.readline().strip() == "waiting"
         sent = time.monotonic()
