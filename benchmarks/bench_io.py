@@ -6,7 +6,8 @@ same decode-like sets of experts (top-8 of each layer per step, in random order)
 golem's scheduler, with a plain sequential ``os.preadv`` loop, and measures a large
 sequential read of the file (``dd`` and Python, the ceiling). Reads bypass the page cache
 (O_DIRECT; ``--buffered`` evicts with posix_fadvise(DONTNEED) instead). Medians of --runs.
-Also: scheduler parallelism sweep, aiofiles vs os.preadv, demand latency idle vs loaded.
+Also: scheduler parallelism sweep, aiofiles vs os.preadv (skipped, with a note, without the
+``bench`` extra), demand latency idle vs loaded.
 
     python benchmarks/bench_io.py            # about two minutes; last line is JSON
 """
@@ -215,6 +216,40 @@ def run_aiofiles(experts: Experts, keys, parallelism: int) -> float:
     return len(keys) * experts.nbytes / (time.perf_counter() - t0) / 1e9
 
 
+AIOFILES_MISSING = 'aiofiles is not installed: pip install -e ".[bench]"'
+
+
+def compare_aiofiles(experts: Experts, path, target_nbytes: int, parallelism: int, runs: int, handles):
+    """aiofiles vs the scheduler's preadv readers on the same keys, buffered with the page cache
+    evicted: medians of GB/s and CPU s per GB, printed and returned, or None (after a note) when
+    aiofiles (the ``bench`` extra) is not installed."""
+    try:
+        import aiofiles  # noqa: F401
+    except ImportError:
+        print(f"\naiofiles vs preadv: skipped, {AIOFILES_MISSING}")
+        return None
+    aio, pre, aio_cpu, pre_cpu = [], [], [], []
+    for run in range(max(2, runs // 2)):
+        keys = experts.workload(target_nbytes, seed=2000 + run)
+        gb = len(keys) * experts.nbytes / 1e9
+        evict(path)
+        t0 = os.times()
+        aio.append(run_aiofiles(experts, keys, parallelism))
+        aio_cpu.append(cpu_s(t0) / gb)
+        evict(path)
+        t0 = os.times()
+        with handles() as h:
+            pre.append(run_scheduler(experts, keys, False, h, parallelism))
+        pre_cpu.append(cpu_s(t0) / gb)
+    out = {"aiofiles_gb_per_s": statistics.median(aio), "preadv_executor_gb_per_s": statistics.median(pre),
+           "aiofiles_cpu_s_per_gb": statistics.median(aio_cpu), "preadv_executor_cpu_s_per_gb": statistics.median(pre_cpu)}
+    print(f"\naiofiles (seek+readinto, {parallelism} tasks) {out['aiofiles_gb_per_s']:.2f} GB/s,"
+          f" {out['aiofiles_cpu_s_per_gb']:.2f} CPU s/GB vs the scheduler's preadv readers "
+          f"{out['preadv_executor_gb_per_s']:.2f} GB/s, {out['preadv_executor_cpu_s_per_gb']:.2f} CPU s/GB"
+          f" ({experts.nbytes / 2**20:.1f} MiB experts, buffered, cache evicted)")
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def verify(experts: Experts, direct: bool, parallelism: int, count: int = 32) -> None:
     """The oracle: the scheduler's buffers equal plain buffered reads of the same ranges."""
     keys = experts.workload(count * experts.nbytes, seed=99)[:count]
@@ -382,25 +417,7 @@ def main(argv=None) -> None:
               f"{ratio:>10.2f} {s_gb / p_gb:>11.2f}")
     ceiling = statistics.median(ceilings)
 
-    # aiofiles vs os.preadv in an executor: same keys, buffered with the cache evicted.
-    aio, pre, aio_cpu, pre_cpu = [], [], [], []
-    if throttle is None:
-        for run in range(max(2, args.runs // 2)):
-            keys = mid.workload(target // 3, seed=2000 + run)
-            gb = len(keys) * mid.nbytes / 1e9
-            evict(path)
-            t0 = os.times()
-            aio.append(run_aiofiles(mid, keys, parallelism))
-            aio_cpu.append(cpu_s(t0) / gb)
-            evict(path)
-            t0 = os.times()
-            with handles() as h:
-                pre.append(run_scheduler(mid, keys, False, h, parallelism))
-            pre_cpu.append(cpu_s(t0) / gb)
-        print(f"\naiofiles (seek+readinto, {parallelism} tasks) {statistics.median(aio):.2f} GB/s,"
-              f" {statistics.median(aio_cpu):.2f} CPU s/GB vs the scheduler's preadv readers "
-              f"{statistics.median(pre):.2f} GB/s, {statistics.median(pre_cpu):.2f} CPU s/GB"
-              f" ({mid.nbytes / 2**20:.1f} MiB experts, buffered, cache evicted)")
+    aio = compare_aiofiles(mid, path, target // 3, parallelism, args.runs, handles) if throttle is None else None
 
     # Demand latency: idle scheduler vs 64 prefetches queued ahead of it.
     samples = 10 * args.runs
@@ -430,10 +447,8 @@ def main(argv=None) -> None:
         "parallelism": parallelism,
         "parallelism_sweep_gb_per_s": {str(p): round(statistics.median(v), 3)
                                        for p, v in sweep.items()},
-        "aiofiles_gb_per_s": round(statistics.median(aio), 3) if aio else None,
-        "preadv_executor_gb_per_s": round(statistics.median(pre), 3) if pre else None,
-        "aiofiles_cpu_s_per_gb": round(statistics.median(aio_cpu), 3) if aio else None,
-        "preadv_executor_cpu_s_per_gb": round(statistics.median(pre_cpu), 3) if pre else None,
+        **(aio or dict.fromkeys(("aiofiles_gb_per_s", "preadv_executor_gb_per_s", "aiofiles_cpu_s_per_gb",
+                                 "preadv_executor_cpu_s_per_gb"))),
         "read_mode": mode,
         "throttle": args.throttle,
         "runs": args.runs,
