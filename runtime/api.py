@@ -6,10 +6,11 @@ Returns a model and tokenizer that mlx-lm's ``generate``, ``stream_generate`` an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from golem.runtime.config import ConfigError, RuntimeConfig, make_config
-from golem.runtime.loader import OffloadedModel, load_offloaded
+from golem.runtime.loader import ModelError, OffloadedModel, load_offloaded
 
 
 class Loaded(tuple):
@@ -75,21 +76,33 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
 
     Raises:
         ConfigError: an option is wrong (named in the message); checked before any work.
-        golem.runtime.loader.ModelError, golem.io.index.CheckpointError: the model cannot run.
+        golem.runtime.loader.ModelError, golem.io.index.CheckpointError: the model cannot run
+            (a tokenizer file it cannot read included).
     """
-    from mlx_lm.utils import load_tokenizer
-
     config = make_config(config, **fields)
     runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
                              trust_remote_code=trust_remote_code)
     try:
-        tokenizer = load_tokenizer(runtime.path, tokenizer_config or {},
-                                   eos_token_ids=runtime.config.get("eos_token_id", None))
+        tokenizer = _load_tokenizer(runtime.path, tokenizer_config, runtime.config.get("eos_token_id", None))
     except BaseException:
         runtime.close()
         raise
     runtime.model.golem = runtime
     return Loaded(runtime.model, tokenizer, runtime)
+
+
+def _load_tokenizer(path: Path, tokenizer_config: Optional[dict], eos_token_ids):
+    """mlx-lm's tokenizer of the model folder ``path``; a file it cannot read is a ``ModelError``
+    naming the folder and, where the message says which, the file."""
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        return load_tokenizer(path, tokenizer_config or {}, eos_token_ids=eos_token_ids)
+    except Exception as e:  # the tokenizer libraries raise many kinds for a damaged or missing file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        names = sorted((f.name for f in path.iterdir() if f.name in detail), key=len, reverse=True)
+        where = path / names[0] if names else path
+        raise ModelError(f"{where}: cannot load the model's tokenizer ({detail})") from None
 
 
 def plan(path: str, config: Optional[RuntimeConfig] = None, **fields: Any):

@@ -387,6 +387,24 @@ def resolved_layers(config: RuntimeConfig, num_layers: int) -> tuple[list[int], 
     return pins, overrides
 
 
+def check_cache_sizes(cache_size: Optional[int], overrides: Sequence[Tuple[LayerRanges, int]], num_experts: int,
+                      *, whose: str = "the model's MoE layers") -> None:
+    """``-c`` and each ``--cache-size-override RANGES N`` hold at most ``num_experts`` slots
+    (that many keeps every expert resident); golem-run, ``load()`` and golem-trace say so alike.
+
+    Args:
+        whose: what has ``num_experts`` experts, for the message ("the trace's layers").
+    """
+    if cache_size is not None and cache_size > num_experts:
+        raise ConfigError(f"-c/--cache-size {cache_size}: {whose} have only {num_experts} experts "
+                          f"(-c {num_experts} keeps every expert resident)")
+    for ranges, slots in overrides:
+        if slots > num_experts:
+            text = ranges if isinstance(ranges, str) else _ranges_text(ranges)
+            raise ConfigError(f"--cache-size-override {text} {slots}: {whose} have only {num_experts} experts "
+                              f"(--cache-size-override {text} {num_experts} keeps every expert resident)")
+
+
 def check_against_model(config: RuntimeConfig, *, moe_layers: Sequence[int], num_layers: int,
                         num_experts: int, top_k: int) -> None:
     """The checks that need the model's shape: slots per layer, depth, layer numbers.
@@ -402,6 +420,7 @@ def check_against_model(config: RuntimeConfig, *, moe_layers: Sequence[int], num
     if config.cache_size is not None and config.cache_size < top_k:
         raise ConfigError(f"--cache-size {config.cache_size} is smaller than the model's top-k ({top_k}): "
                           f"one token needs {top_k} experts resident")
+    check_cache_sizes(config.cache_size, config.cache_size_overrides, num_experts)
     caps = config.capacities
     if _is_int(caps) and caps < min(top_k, num_experts):
         raise ConfigError(f"capacities: {caps} slots is smaller than top-k ({top_k})")

@@ -102,6 +102,53 @@ def _replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
+def release_arrays(modules) -> None:
+    """Replace every array of ``modules`` (and their children) by an unread placeholder of the
+    same shape. mlx-lm's lazily loaded arrays keep the checkpoint's files open until they are
+    freed or evaluated; a failed load frees them here instead of leaving it to the collector."""
+    from mlx.utils import tree_map
+
+    for module in modules:
+        module.update(tree_map(lambda a: mx.zeros(a.shape, a.dtype), module.parameters()))
+
+
+class FreedOnFailure:
+    """A block that frees what it loaded when it fails: the arrays of the modules it was
+    given (``add``), and the locals of the frames the exception holds (a caller that keeps
+    the exception would otherwise keep the lazily loaded model, and its open files, alive).
+    The exception itself, its message and its traceback's lines, are unchanged."""
+
+    def __init__(self):
+        self.modules: list = []
+
+    def add(self, *modules: nn.Module) -> None:
+        self.modules.extend(modules)
+
+    def __enter__(self) -> "FreedOnFailure":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        modules, self.modules = self.modules, []
+        if exc is not None:
+            release_arrays(modules)
+            _clear_frames(exc)
+        return False
+
+
+def _clear_frames(exc: Optional[BaseException], seen: Optional[set] = None) -> None:
+    """Clear the finished frames of ``exc``'s traceback and of the exceptions it was raised
+    from or while handling (``traceback.clear_frames`` leaves frames still running alone)."""
+    import traceback
+
+    seen = set() if seen is None else seen
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    traceback.clear_frames(exc.__traceback__)
+    _clear_frames(exc.__cause__, seen)
+    _clear_frames(exc.__context__, seen)
+
+
 @dataclass
 class OffloadedModel:
     """What ``load_offloaded`` builds: the model, its engine, and where memory went.
@@ -145,7 +192,7 @@ class OffloadedModel:
 
     def save_profile(self) -> Path:
         """Merge this run's routing (decode steps) into the model's saved profile."""
-        from golem.runtime.analysis.profile import profile_from_traces, record_profile
+        from golem.runtime.analysis.profile import model_identity, profile_from_traces, record_profile
 
         from golem.runtime.sizing import profile_dir
 
@@ -154,7 +201,7 @@ class OffloadedModel:
         policy = self.options.policy if self.options else "lru"
         policies = [policy] if policy != "lru" else []  # LRU's curve comes from the stack histogram
         run = profile_from_traces([self.engine.trace.trace()], policies=policies)
-        run.meta["model"] = str(self.path)
+        run.meta["model"] = model_identity(self.path)
         return record_profile(profile_dir(self.model_path or self.path), run)
 
     def finish(self) -> dict:
@@ -288,13 +335,21 @@ def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dic
         adapter_path: LoRA adapters (as mlx-lm's ``load``); they must leave the experts alone.
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
     """
-    from mlx_lm.utils import load_model
-
     path = resolve_model_path(str(model_path))
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (is this an mlx-lm model folder?)")
     read_model_config(path, trust_remote_code=trust_remote_code)
     st_index = SafetensorsIndex(path)  # validates every header before anything runs
+    with FreedOnFailure() as freed:
+        return _open_lazily(path, st_index, freed, model_config=model_config, adapter_path=adapter_path,
+                            trust_remote_code=trust_remote_code)
+
+
+def _open_lazily(path: Path, st_index: SafetensorsIndex, freed: FreedOnFailure, *, model_config: Optional[dict],
+                 adapter_path: Optional[str], trust_remote_code: bool) -> OpenedCheckpoint:
+    """``open_checkpoint`` from mlx-lm's lazy load on; what it loads is handed to ``freed``."""
+    from mlx_lm.utils import load_model
+
     try:
         remote = {"trust_remote_code": True} if trust_remote_code else {}
         model, config = load_model(path, lazy=True, model_config=model_config or {}, **remote)
@@ -304,8 +359,10 @@ def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dic
         raise CheckpointError(f"{path}: tensor {e.args[0]!r} is missing from the checkpoint") from None
     except TypeError as e:  # a config value of the wrong kind reaching the model's constructor
         raise ModelError(f"{path / 'config.json'}: mlx-lm cannot build the model from it ({e})") from None
+    freed.add(model)
     if adapter_path is not None:
         model = _with_adapters(model, adapter_path)
+        freed.add(model)
     experts = find_experts_modules(model)
     if not experts:
         raise ModelError(
@@ -375,11 +432,14 @@ def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     config = make_config(config, **fields)
     check_output_paths(config, model_path)  # before a repo id is fetched
     path = resolve_model_path(str(model_path))
-    opened = open_checkpoint(path)
-    moe_layers = sorted(opened.layers)
-    check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
-                        num_experts=opened.num_experts[moe_layers[0]], top_k=top_k_of(opened.config))
-    return size_model(config, opened, profile=load_warm_profile(config, model_path))
+    profile = load_warm_profile(config, model_path)  # before any of the model's files is opened
+    with FreedOnFailure() as freed:
+        opened = open_checkpoint(path)
+        freed.add(opened.model)
+        moe_layers = sorted(opened.layers)
+        check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
+                            num_experts=opened.num_experts[moe_layers[0]], top_k=top_k_of(opened.config))
+        return size_model(config, opened, profile=profile)
 
 
 def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, *,
@@ -399,20 +459,40 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
         **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``capacities=4``).
     """
-    from golem.runtime.sizing import load_warm_profile, size_model
+    from golem.runtime.sizing import load_warm_profile
 
     config = make_config(config, **fields)
     check_output_paths(config, model_path)  # before a repo id is fetched
     path = resolve_model_path(str(model_path))
+    # Every file the options name is read before any of the model's: a bad one fails with nothing open.
+    profile = load_warm_profile(config, model_path)
+    truth = config.predictor_trace
+    if truth is not None and not hasattr(truth, "experts"):
+        from golem.runtime.trace import load_trace
+
+        truth = load_trace(truth).decode_only()
+    train = _traces(config.predictor_train)
+    with FreedOnFailure() as freed:
+        return _assemble(path, config, freed, profile=profile, truth=truth, train=train, model_path=str(model_path),
+                         model_config=model_config, adapter_path=adapter_path, trust_remote_code=trust_remote_code)
+
+
+def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profile, truth, train: list,
+              model_path: str, model_config: Optional[dict], adapter_path: Optional[str],
+              trust_remote_code: bool) -> OffloadedModel:
+    """``load_offloaded`` from opening the checkpoint on: the lazily loaded model is handed to
+    ``freed``, and every thread and file started here is closed if a later step fails."""
+    from golem.runtime.sizing import size_model
+
     opened = open_checkpoint(path, model_config=model_config, adapter_path=adapter_path,
                              trust_remote_code=trust_remote_code)
+    freed.add(opened.model, *(em.module for em in opened.experts))
     model, mconfig, experts, index = opened.model, opened.config, opened.experts, opened.index
     st_index, layers, num_experts = index.index, opened.layers, opened.num_experts
     moe_layers = sorted(layers)
     k = top_k_of(mconfig)
     check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
                         num_experts=num_experts[moe_layers[0]], top_k=k)
-    profile = load_warm_profile(config, model_path)
     sizing = size_model(config, opened, profile=profile)
     throttle = config.throttle
     if config.emulate_storage is not None:
@@ -420,12 +500,6 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
 
         throttle = parse_throttle(config.emulate_storage)
     prefetch = config.prefetch if config.prefetch_depth > 0 else None
-    truth = config.predictor_trace
-    if truth is not None and not hasattr(truth, "experts"):
-        from golem.runtime.trace import load_trace
-
-        truth = load_trace(truth).decode_only()
-    train = _traces(config.predictor_train)
 
     started: list = []  # what to close, last first, if anything below fails
     try:
@@ -530,7 +604,7 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
                 pass
         raise
     return OffloadedModel(model, mconfig, path, engine, index, experts, reader, non_expert_nbytes,
-                          options=config, plan=sizing.plan, sizing_note=sizing.note, model_path=str(model_path))
+                          options=config, plan=sizing.plan, sizing_note=sizing.note, model_path=model_path)
 
 
 def _traces(sources) -> list:

@@ -125,6 +125,8 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
     memory = opened.memory()
     moe = memory.ids
     e = memory.num_experts
+    if profile is not None:
+        profile.check_shape(memory.num_layers, e, where=str(config.warm_start))
     if config.capacities is not None:
         caps = config.capacities
         if callable(caps):
@@ -146,7 +148,6 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
         budget = machine.budget_nbytes
     stats = None
     if profile is not None:
-        profile.check_shape(memory.num_layers, e, where=str(config.warm_start))
         if budget is not None and (profile.stack_hist is not None or profile.curves):
             stats = RoutingStats.from_profile(profile, policy=config.policy, source=str(config.warm_start))
     options = dict(cache_size=config.cache_size, overrides=overrides, pin_layers=pins, stats=stats)

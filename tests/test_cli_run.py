@@ -155,6 +155,8 @@ def test_a_plain_run_sizes_itself_to_the_machine(checkpoints, capsys, monkeypatc
     (["--memory-budget", "48G", "-m", "0"], ["--max-tokens"]),
     (["-c", "4", "--seed", "-1"], ["--seed", "-1"]),
     (["-c", "4", "--prompt-cache-file", "/nonexistent/cache.safetensors"], ["--prompt-cache-file", "/nonexistent"]),
+    (["-c", "1000"], ["-c/--cache-size 1000", "only 16 experts", "-c 16 keeps every expert resident"]),
+    (["-c", "4", "--cache-size-override", "0-1", "17"], ["--cache-size-override 0-1 17", "only 16 experts"]),
 ])
 def test_bad_flags_answer_at_once_in_one_line(checkpoints, capsys, argv, words):
     import time
@@ -210,6 +212,30 @@ def test_config_json_mistakes_name_the_file_and_field(checkpoints, capsys, tmp_p
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--cache-size" not in err and "missing from the checkpoint" not in err
     assert all(w in err for w in words), err
+
+
+def test_image_without_pillow_names_the_vision_extra(checkpoints, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL -> ImportError, as without Pillow
+    argv = ["--model", str(checkpoints("olmoe")), "-c", "4", "-m", "2", "--image", str(tmp_path / "cat.png")]
+    assert golem_run(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert "--image" in lines[0] and 'pip install "golem-moe[vision]"' in lines[0]
+    assert "=" * 10 not in captured.out
+
+
+def test_a_garbled_tokenizer_names_the_model_folder_and_file(checkpoints, capsys, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(checkpoints("olmoe"), model)
+    (model / "tokenizer.json").write_text("{garbage")
+    assert golem_run(["--model", str(model), "-c", "4", "-m", "2"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"{model / 'tokenizer.json'}:" in lines[0] and "tokenizer" in lines[0]
 
 
 def test_printable_escapes_control_characters():

@@ -112,6 +112,9 @@ def test_capacities_naming_no_moe_layer_are_refused(checkpoints, capacities, wor
     ({"pin_layers": "0-99"}, ["-f/--pin-layers", "99", "does not exist"]),
     ({"cache_size": 4, "prefetch": PrefetchConfig(depth=20000)}, ["--prefetch-depth 20000", "MoE layers"]),
     ({"cache_size": 3}, ["--cache-size 3", "top-k (4)"]),
+    ({"cache_size": 1000}, ["-c/--cache-size 1000", "only 16 experts", "-c 16 keeps every expert resident"]),
+    ({"cache_size": 4, "cache_size_overrides": [("0-1", 17)]}, ["--cache-size-override 0-1 17", "only 16 experts"]),
+    ({"cache_size_overrides": [([2, 3], 1000)]}, ["--cache-size-override 2-3 1000", "only 16 experts"]),
 ])
 def test_options_checked_against_the_model(checkpoints, fields, words):
     with pytest.raises(ConfigError) as err:
@@ -141,6 +144,85 @@ def test_failed_load_closes_its_threads_and_files(checkpoints, monkeypatch):
             raise AssertionError("the load did not fail")
     assert threading.active_count() == threads
     assert _open_fds() == fds
+
+
+def _fds_now() -> int:
+    """Open file handles, counted without collecting garbage first."""
+    return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+
+@pytest.mark.parametrize("case", ["not a profile", "profile of another shape", "another shape, planned",
+                                  "predictor fails after I/O started", "top-k above the experts"])
+def test_failed_loads_close_their_files_while_the_caller_keeps_the_errors(checkpoints, tmp_path, monkeypatch, case):
+    """Lazily loaded arrays keep the checkpoint's files open: a failed load frees them itself,
+    though the kept exceptions hold its frames and the collector does not run."""
+    import numpy as np
+
+    import golem.predictors.registry as registry
+    from golem.runtime import plan
+    from golem.runtime.analysis.profile import profile_from_counts, save_profile
+
+    path = str(checkpoints("olmoe"))
+    other = save_profile(profile_from_counts(np.ones((2, 3)), top_k=1, num_steps=1), tmp_path / "other.json")
+    depth = PrefetchConfig(depth=1)
+    attempt = {
+        "not a profile": lambda: load(path, capacities=4, prefetch=depth, warm_start=path + "/config.json"),
+        "profile of another shape": lambda: load(path, capacities=4, prefetch=depth, warm_start=str(other)),
+        "another shape, planned": lambda: plan(path, memory_budget="30MB", warm_start=str(other)),
+        "predictor fails after I/O started": lambda: load(path, capacities=4, prefetch=depth),
+        "top-k above the experts": lambda: load(path, capacities=4, model_config={"num_experts_per_tok": 99}),
+    }[case]
+    if case.startswith("predictor"):
+        def broken(*args, **kwargs):
+            raise RuntimeError("predictor construction failed")
+
+        monkeypatch.setattr(registry, "make_predictor", broken)
+    with pytest.raises((ValueError, RuntimeError)):
+        attempt()  # the first call imports what later ones reuse
+    kept = []
+    gc.disable()
+    try:
+        threads, fds = threading.active_count(), _fds_now()
+        for _ in range(3):
+            with pytest.raises((ValueError, RuntimeError)) as err:
+                attempt()
+            kept.append(err.value)
+        after = (threading.active_count(), _fds_now())
+    finally:
+        gc.enable()
+    assert after == (threads, fds), f"{after[1] - fds} files, {after[0] - threads} threads left open"
+    if "shape" in case:
+        assert "made for 2 layers x 3 experts" in str(kept[0]), str(kept[0])
+
+
+def test_saved_profile_names_the_model_by_its_identity(checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    from golem.runtime.analysis.profile import load_profile, model_identity
+
+    monkeypatch.setenv("GOLEM_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(checkpoints("olmoe"), tmp_path / "olmoe")
+    monkeypatch.chdir(tmp_path)
+    with load("olmoe", capacities=4, save_profile=True) as (model, tok):  # a relative path
+        greedy_tokens(model, prompt_tokens(tok), 2)
+    saved = load_profile(tmp_path / "cache" / "profiles" / "olmoe" / "golem-profile.json")
+    assert saved.meta["model"] == model_identity("olmoe") == str((tmp_path / "olmoe").resolve())
+
+
+def test_a_garbled_tokenizer_is_a_model_error_naming_the_file(checkpoints, tmp_path):
+    import shutil
+
+    from golem.runtime.loader import ModelError
+
+    model = tmp_path / "m"
+    shutil.copytree(checkpoints("olmoe"), model)
+    (model / "tokenizer.json").write_text("{garbage")
+    threads = threading.active_count()
+    with pytest.raises(ModelError) as err:
+        load(str(model), capacities=4)
+    assert str(err.value).startswith(f"{model / 'tokenizer.json'}: cannot load the model's tokenizer"), str(err.value)
+    del err
+    assert threading.active_count() == threads
 
 
 def test_config_object_and_keywords_are_one_thing(checkpoints):

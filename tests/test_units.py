@@ -67,6 +67,8 @@ def test_layer_ranges_syntax():
       "--ram", "nan"], "--ram: cannot read size 'nan'"),
     (["predict", "{t}", "--max-bytes=-1GB"], "--max-bytes: cannot read size"),
     (["simulate", "{t}", "-c", "1000"], "-c/--cache-size 1000: the trace's layers have only 12 experts"),
+    (["simulate", "{t}", "--cache-size-override", "0-1", "13"],
+     "--cache-size-override 0-1 13: the trace's layers have only 12 experts"),
     (["plot", "{t}", "-c", "1000", "--out", "{t}.charts"], "-c/--capacity 1000: give 3 (top-k) to 12"),
     (["predict", "{t}", "--depth", "100000"], "--depth 100000: the traces have 3 MoE layers"),
     (["estimate", "--model", "glm-5", "--machine", "rtx3090-128g", "--u", "1", "--d", "1", "--sweep",

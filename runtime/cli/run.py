@@ -170,6 +170,15 @@ def _check_unsupported(args) -> None:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
 
 
+def _pil_image():
+    """Pillow's ``Image`` module, which ``--image`` needs (golem's ``vision`` extra)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError('--image needs Pillow, which is not installed: pip install "golem-moe[vision]"') from None
+    return Image
+
+
 def _prompt(args, tokenizer, using_cache: bool, template_kwargs: dict) -> tuple[str, bool]:
     """The prompt text exactly as mlx_lm.generate's main builds it."""
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
@@ -202,6 +211,8 @@ def run(args) -> int:
         if not hasattr(args, name):
             setattr(args, name, value)
     _check_unsupported(args)
+    if args.image:
+        _pil_image()  # before the model loads
     if args.seed is not None:
         mx.random.seed(args.seed)
     extra = {}
@@ -276,8 +287,8 @@ def run(args) -> int:
             if processor is None:
                 raise ValueError(f"The model {model_path} does not take images.")
             import numpy as np
-            from PIL import Image
 
+            Image = _pil_image()
             images = [np.asarray(Image.open(f).convert("RGB")) for f in args.image]
             prompt, pixel_values = processor(prompt, images=images)
         tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)

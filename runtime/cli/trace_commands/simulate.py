@@ -17,6 +17,7 @@ from golem.runtime.analysis.plan import RoutingStats, make_plan
 from golem.runtime.analysis.profile import Profile, load_warm_source, random_warm_start
 from golem.runtime.analysis.simulate import belady, simulate
 from golem.runtime.cli.progress import progress_bar
+from golem.runtime.config import check_cache_sizes
 from golem.runtime.policies import DEFAULT_POLICY, policy_names
 from golem.runtime.trace import load_traces, require_steps
 from golem.runtime.units import parse_layer_ranges, parse_override, parse_size
@@ -102,9 +103,8 @@ def run(args) -> int:
         warm_profile = load_warm_source(args.warm_start)
         warm_profile.check_shape(model.num_layers, e, where=f"-W {args.warm_start}", other="the trace")
     cache_size = args.capacity
-    if cache_size is not None and cache_size > e:
-        raise ValueError(f"-c/--cache-size {cache_size}: the trace's layers have only {e} experts "
-                         f"(-c {e} keeps every expert resident)")
+    overrides = [parse_override(v, num_layers=max(model.ids) + 1) for v in args.cache_size_override]
+    check_cache_sizes(cache_size, overrides, e, whose="the trace's layers")
     sizing = (args.capacity, args.memory_budget, args.pin_layers, args.cache_size_override)
     if all(x in (None, []) for x in sizing):
         cache_size = max(k, e // 2)
@@ -112,7 +112,7 @@ def run(args) -> int:
         model,
         budget_nbytes=parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None,
         cache_size=cache_size,
-        overrides=[parse_override(v, num_layers=max(model.ids) + 1) for v in args.cache_size_override],
+        overrides=overrides,
         pin_layers=[] if args.pin_layers is None else parse_layer_ranges(args.pin_layers, num_layers=max(model.ids) + 1),
         stats=_stats(args, warm_profile, args.policy),
     )
