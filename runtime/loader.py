@@ -448,8 +448,9 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     """Load ``model_path`` with every MoE layer's experts in a slot pool.
 
     Every option is checked before any work starts (the config's own checks, files it will
-    write, then the model's shape once its headers are read); a failure after I/O began
-    closes every thread and file it opened.
+    write, the warm start and predictor traces it reads, then the model's shape once its
+    headers are read); a failure after the model is opened closes every thread and file it
+    opened, explicitly, even while the caller keeps the exception.
 
     Args:
         model_path: local checkpoint folder or Hugging Face repo id.
