@@ -364,6 +364,7 @@ class Engine:
         extra = trace.weights(layer, x) if trace is not None else []
         mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays)])  # this layer's one host sync
         t_sync = self.clock()
+        waits_before = self.stats.decode_read_s + self.stats.decode_write_s
         self.stats.host_syncs += 1
         self.stats.decode_host_syncs += self._decoding
         ids = np.array(indices)
@@ -390,7 +391,7 @@ class Engine:
             st = self.stats
             st.decode_partial_layers += 1
             st.decode_sync_s += t_sync - t0
-            st.decode_engine_s += self.clock() - t_sync
+            st.decode_engine_s += self.clock() - t_sync - (st.decode_read_s + st.decode_write_s - waits_before)
         return y
 
     def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
