@@ -124,8 +124,9 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, **options):
                 row.update(recall=p.recall, useful=p.useful / steps, wasted=p.wasted / steps, late=p.late / steps)
             rows.append(row)
     med = {k: (statistics.median(r[k] for r in rows) if k != "writer" else rows[0][k]) for k in rows[0]}
-    print(f"  {options.get('prefetch') or ''} {options.get('predictor', '')} table={table}: "
-          f"{med['tps']:.2f} tok/s", file=sys.stderr)
+    depth = options["prefetch"].depth if options.get("prefetch") else 0
+    print(f"  row done: cache {options.get('capacities', 'all')}, depth {depth} {options.get('predictor', '')}"
+          f"{', slot tables' if table else ''}: {med['tps']:.2f} tok/s", file=sys.stderr)
     return med, outs
 
 
