@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -369,6 +369,30 @@ def ready_for_sigint(pid: int, deadline_s: float = SIGINT_READY_S) -> bool:
     return False
 
 
+def send_ctrl_c(p: subprocess.Popen, t0: float, reader: threading.Thread,
+                failure: Callable[[float, str], Outcome]) -> Tuple[Optional[Outcome], float]:
+    """SIGINT to ``p`` once it catches SIGINT, then wait for it to end.
+
+    Returns ``(None, seconds it took to end)``, or ``(failure(seconds, note), 0)`` when it never
+    became ready for the signal or was still running 10 s after it (then it is killed)."""
+    if not ready_for_sigint(p.pid) and p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        reader.join()
+        return failure(time.monotonic() - t0, f"SIGINT ignored or blocked for {SIGINT_READY_S:.0f} s"), 0.0
+    sent = time.monotonic()
+    os.kill(p.pid, signal.SIGINT)
+    try:
+        p.wait(10.0)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        reader.join()
+        return failure(time.monotonic() - sent, "still running 10 s after Ctrl-C"), 0.0
+    reader.join()
+    return None, time.monotonic() - sent
+
+
 def sigint_during_stalled_read(ctx: Ctx, case: Case, timeout_s: float, *extra: str) -> Outcome:
     """Start a run whose reads crawl; once it prints its first line (generation begun), Ctrl-C."""
     cwd = ctx.fresh(case.name)
@@ -397,22 +421,10 @@ def sigint_during_stalled_read(ctx: Ctx, case: Case, timeout_s: float, *extra: s
         reader.join()
         return Outcome(p.returncode, time.monotonic() - t0, "".join(out_lines), p.stderr.read(),
                        verdict="refused" if p.returncode else "unclear", note="ended before the signal")
-    if not ready_for_sigint(p.pid) and p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        return Outcome(None, time.monotonic() - t0, "".join(out_lines), p.stderr.read(), True,
-                       note=f"SIGINT ignored or blocked for {SIGINT_READY_S:.0f} s")
-    sent = time.monotonic()
-    os.kill(p.pid, signal.SIGINT)
-    try:
-        p.wait(10.0)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        return Outcome(None, time.monotonic() - sent, "".join(out_lines), p.stderr.read(), True,
-                       note="still running 10 s after Ctrl-C")
-    reader.join()
-    waited = time.monotonic() - sent
+    failed, waited = send_ctrl_c(p, t0, reader, lambda seconds, note: Outcome(
+        None, seconds, "".join(out_lines), p.stderr.read(), True, note=note))
+    if failed is not None:
+        return failed
     out = Outcome(p.returncode, waited, "".join(out_lines), p.stderr.read(), note="")
     if waited > SIGINT_LIMIT_S:
         out.timed_out, out.note = True, f"Ctrl-C took {waited:.1f} s"
@@ -447,24 +459,11 @@ def sigint_during_demo_build(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
         reader.join()
         return Outcome(p.returncode, time.monotonic() - t0, stderr="".join(err_lines), verdict="unclear",
                        note="never said it was building")
-    if not ready_for_sigint(p.pid) and p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        reader.join()
-        return Outcome(None, time.monotonic() - t0, stderr="".join(err_lines), timed_out=True,
-                       note=f"SIGINT ignored or blocked for {SIGINT_READY_S:.0f} s")
-    sent = time.monotonic()
-    os.kill(p.pid, signal.SIGINT)
-    try:
-        p.wait(10.0)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        reader.join()
-        return Outcome(None, time.monotonic() - sent, stderr="".join(err_lines), timed_out=True,
-                       note="still running 10 s after Ctrl-C")
-    reader.join()
-    out = Outcome(p.returncode, time.monotonic() - sent, stderr="".join(err_lines))
+    failed, waited = send_ctrl_c(p, t0, reader, lambda seconds, note: Outcome(
+        None, seconds, stderr="".join(err_lines), timed_out=True, note=note))
+    if failed is not None:
+        return failed
+    out = Outcome(p.returncode, waited, stderr="".join(err_lines))
     left = sorted(q.name for q in (cwd / "cache").iterdir() if ".partial" in q.name) if (cwd / "cache").exists() else []
     half = (cwd / "cache" / "demo-qwen3_moe").exists() and not (cwd / "cache" / "demo-qwen3_moe" / "config.json").exists()
     if left or half:

@@ -19,7 +19,6 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from golem.predictors.families import config_num_experts_keys, config_top_k_keys
-from golem.predictors.families import config_num_experts_keys, config_top_k_keys
 from golem.runtime.analysis import catalog
 
 

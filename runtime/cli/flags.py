@@ -132,10 +132,8 @@ def runtime_config(args: argparse.Namespace, **fields) -> RuntimeConfig:
         emulate_storage=args.emulate_storage,
         record_hidden=args.trace_hidden,
         trace_out=args.trace_out,
+        slot_writer=args.slot_writer,
     )
-    slot_writer = getattr(args, "slot_writer", None)
-    if slot_writer is not None and "slot_writer" in RuntimeConfig.field_names():
-        options["slot_writer"] = slot_writer
     options.update(fields)
     if options["record_hidden"] and options["trace_out"] is None:
         raise ConfigError("--trace-hidden needs --trace-out FILE")
