@@ -48,9 +48,14 @@ def third_party_imports(folders) -> dict:
     return found
 
 
+# Import names that differ from their distribution's, for optional extras not installed here.
+NOT_INSTALLED = {"PIL": "pillow"}
+
+
 def distribution_of(import_name: str) -> str:
     dists = importlib.metadata.packages_distributions().get(import_name)
-    assert dists, f"{import_name} is imported but no installed distribution provides it"
+    if not dists:  # an optional extra (uvloop, aiofiles, matplotlib, ...) absent from this install
+        return NOT_INSTALLED.get(import_name, import_name).lower().replace("_", "-")
     # mlx's Linux backends (mlx-cpu, mlx-cuda-*) also ship files under mlx/.
     names = sorted(d.lower().replace("_", "-") for d in dists)
     own = import_name.lower().replace("_", "-")
