@@ -134,7 +134,6 @@ def main() -> None:
     from golem.io.storage import Throttle
     from golem.runtime.prefetch import PrefetchConfig
     from golem.runtime.synthetic import default_cache_dir
-    from golem.runtime.trace import Trace
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)

@@ -79,7 +79,7 @@ def child(mode: str, path: Path, slots: int, tokens: int) -> dict:
 
 
 def main() -> None:
-    from golem.io.index import ExpertIndex, SafetensorsIndex
+    from golem.io.index import SafetensorsIndex
     from golem.runtime.synthetic import default_cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

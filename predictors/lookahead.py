@@ -230,13 +230,3 @@ class Probe(_RankCalibrated):
         rows = [x @ self.weights[t - layer - 1, layer] if 1 <= t - layer <= self.max_depth else nothing
                 for t in targets]
         return mx.concatenate(rows, axis=0)
-
-
-def hidden_for(kind: str, layer_input: Optional[np.ndarray], post_attn: Optional[np.ndarray]) -> np.ndarray:
-    """Pick the recorded residual of ``kind`` (for replays of traces with hidden states)."""
-    if kind not in HIDDEN_KINDS:
-        raise ValueError(f"hidden kind must be one of {', '.join(HIDDEN_KINDS)}, got {kind!r}")
-    arr = post_attn if kind == "post_attn" else layer_input
-    if arr is None:
-        raise ValueError(f"the trace records no {kind} hidden states")
-    return arr

@@ -7,7 +7,7 @@ each prompt. The engine hands it what it already read back; it adds no host sync
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -61,7 +61,7 @@ class TraceRecorder:
         if pos == 0:
             if t > 1 or not self._seq_starts:
                 self._seq_starts.append(self._rows)
-            L, K, E = len(self.moe_layers), self.top_k, self.num_experts
+            L, K = len(self.moe_layers), self.top_k
             self._experts.append(np.full((t, L, K), -1, np.int16))
             self._weights.append(np.zeros((t, L, K), np.float32))
             self._prefill.append(np.full(t, t > 1))

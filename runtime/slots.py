@@ -7,8 +7,8 @@ It never reads files: bytes arrive as packed expert buffers (see ``golem.io.inde
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -208,10 +208,6 @@ class SlotPool:
     def flush(self) -> None:
         """Make the writes so far visible to computations built from now on."""
         self.writer.flush()
-
-    def install(self, expert: int, slot: int, packed: np.ndarray, *, cold: bool = False) -> None:
-        self.write(slot, packed)
-        self.assign(expert, slot, cold=cold)
 
     def settle(self) -> None:
         """Evaluate pending slot writes (loading ends with every pool evaluated)."""

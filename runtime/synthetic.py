@@ -10,7 +10,6 @@ Used by the tests, the benchmarks and ``golem-run --demo``; never downloads anyt
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import shutil

@@ -18,10 +18,6 @@ DEFAULT_PREDICTOR = "lookahead"
 DEFAULT_PREFETCH_CAP_MS = 3.0
 
 
-def _bool_flag(text: str) -> bool:
-    return text.lower() not in ("false", "f", "0")
-
-
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add golem's runtime flags to ``parser`` in four groups; returns ``parser``."""
     g = parser.add_argument_group("expert cache (golem)")
