@@ -180,6 +180,19 @@ class OffloadedModel:
     def top_k(self) -> int:
         return top_k_of(self.config)
 
+    def stats(self):
+        """The expert figures since load (or ``reset_stats``): ``golem.runtime.report.ExpertStats``
+        (hits, misses, bytes read, stall, prefetch, residency; per layer and in total)."""
+        from golem.runtime.report import stats
+
+        return stats(self)
+
+    def reset_stats(self) -> None:
+        """Count ``stats()`` from zero again (the engine's counters keep running)."""
+        from golem.runtime.report import reset_stats
+
+        reset_stats(self)
+
     def save_trace(self, path=None) -> Optional[Path]:
         """Write the recorded routing to ``path`` (default: the ``trace_out`` option)."""
         path = path if path is not None else (self.options.trace_out if self.options else None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Optional
 
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
@@ -46,6 +47,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", action="store_true",
                    help="Print where the memory goes (layers, slots, bytes) and exit.")
     g.add_argument("--stats", action="store_true", help="Print a per-layer table after generation.")
+    g.add_argument("--json", action="store_true",
+                   help="Print one JSON object on stdout instead (text, token ids, timings, expert "
+                        "statistics per layer and in total); --stats then prints the table on stderr.")
     return parser
 
 
@@ -70,48 +74,15 @@ def _all_resident(runtime) -> bool:
 
 def format_stats(runtime, generation_tokens: int = 0) -> str:
     """golem's statistics lines, printed after mlx-lm's."""
-    engine = runtime.engine
-    stats = engine.stats
-    if _all_resident(runtime):
-        return (f"Experts: all resident ({len(engine.pools)} MoE layers x {runtime.num_experts} experts, "
-                "read once at load), nothing read while generating")
-    t = stats.total()
-    gb = t.bytes_read / 1e9
-    gbps = gb / t.read_s if t.read_s > 0 else 0.0
-    steps = max(stats.decode_steps, 1)
-    line = (
-        f"Experts: hit rate {100 * t.hit_rate:.1f}% of {t.requests} requests, "
-        f"{t.misses} read ({gb:.3f} GB, {gbps:.2f} GB/s), "
-        f"stall {1000 * stats.decode_read_s / steps:.2f} ms/token, "
-        f"host syncs {stats.decode_host_syncs / steps:.1f}/token"
-    )
-    if engine.prefetcher is not None:
-        p = engine.prefetcher.totals()
-        line += (
-            f"\nPrefetch: recall {100 * p.recall:.1f}%, {p.issued} issued, "
-            f"useful {p.useful} ({p.useful_nbytes / 1e9:.3f} GB), wasted {p.wasted} ({p.wasted_nbytes / 1e9:.3f} GB), "
-            f"late {p.late}"
-        )
-    return line
+    from golem.runtime.report import summary
+
+    return summary(runtime.stats(), runtime.num_experts)
 
 
 def format_layer_table(runtime) -> str:
-    pf = runtime.engine.prefetcher
-    e = runtime.num_experts
-    width = len(f"{e} of {e}")
-    head = f"{'layer':>5} {'slots':>{width}} {'hits':>8} {'misses':>8} {'hit rate':>8} {'MB read':>9}"
-    if pf is not None:
-        head += f" {'pf recall':>9} {'useful':>7} {'wasted':>7} {'late':>5} {'prefetch':>8}"
-    rows = [head]
-    for layer, s in sorted(runtime.engine.stats.layers.items()):
-        rate = f"{100 * s.hit_rate:>7.1f}%" if s.hits + s.misses else f"{'-':>8}"
-        row = (f"{layer:>5} {f'{s.capacity} of {e}':>{width}} {s.hits:>8} {s.misses:>8} {rate} "
-               f"{s.bytes_read / 1e6:>9.2f}")
-        if pf is not None:
-            p = pf.stats[layer]
-            row += f" {100 * p.recall:>8.1f}% {p.useful:>7} {p.wasted:>7} {p.late:>5} {'on' if p.enabled else 'off':>8}"
-        rows.append(row)
-    return "\n".join(rows)
+    from golem.runtime.report import layer_table
+
+    return layer_table(runtime.stats(), runtime.num_experts)
 
 
 def explain(runtime) -> str:
@@ -270,9 +241,11 @@ def run(args) -> int:
             print(_plan_notes(sizing.plan, config))
         return 0
 
+    started = time.perf_counter()
     loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
                   trust_remote_code=args.trust_remote_code)
     with loaded as (model, tokenizer):
+        load_s = time.perf_counter() - started
         runtime = model.golem
         if runtime.sizing_note and args.verbose:
             print(f"[golem] {runtime.sizing_note}", file=sys.stderr)
@@ -316,18 +289,34 @@ def run(args) -> int:
             options["input_embeddings"] = input_embeddings
         if args.demo:
             mx.random.seed(args.seed or 0)  # the stock run draws the same samples (see _compare_with_stock)
+        if args.json:
+            report = _json_generate(runtime, tokenizer, tokens, options, stream_generate)
+            report["load_s"] = round(load_s, 6)
+            text = report["text"]
+            if args.stats:
+                print(format_layer_table(runtime), file=sys.stderr)
+        elif args.demo:
             text = _demo_generate(runtime, tokenizer, tokens, options, stream_generate, args.verbose)
         else:
             text = generate(model, tokenizer, tokens, verbose=args.verbose, **options)
             if not args.verbose:
                 print(text)
-        if args.verbose:
-            print(format_stats(runtime))
+        if not args.json:
+            # mlx-lm's --verbose False prints the text alone: golem's figures go to stderr then.
+            out = sys.stdout if args.verbose else sys.stderr
+            print(format_stats(runtime), file=out)
             if args.stats:
-                print(format_layer_table(runtime))
-            if args.demo:
+                print(format_layer_table(runtime), file=out)
+            if args.demo and args.verbose:
                 print(explain(runtime))
         written = runtime.finish()
+        if args.json:
+            report.update({k: str(v) for k, v in written.items()})
+            if args.demo:
+                report["matches_stock"] = _compare_with_stock(model_path, tokens, options, text, args.seed or 0,
+                                                              quiet=True) == 0
+            print(json.dumps(report))
+            return 0 if report.get("matches_stock", True) else 1
         if args.verbose:
             if "trace" in written:
                 print(f"Trace: {written['trace']}")
@@ -366,9 +355,36 @@ def _demo_generate(runtime, tokenizer, tokens, options, stream_generate, verbose
     return text
 
 
-def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int) -> int:
+def _json_generate(runtime, tokenizer, tokens, options, stream_generate) -> dict:
+    """Generate as mlx-lm's ``generate`` does and return what ``--json`` prints (the expert
+    statistics are those of the table, ``golem.runtime.report``)."""
+    started = time.perf_counter()
+    text, ids, response = "", [], None
+    for response in stream_generate(runtime.model, tokenizer, tokens, **options):
+        text += response.text
+        ids.append(int(response.token))
+    wall_s = time.perf_counter() - started
+    r = response
+    return {
+        "model": str(runtime.model_path or runtime.path),
+        "text": text,
+        "tokens": ids,
+        "finish_reason": r.finish_reason if r is not None else None,
+        "prompt_tokens": r.prompt_tokens if r is not None else len(tokens),
+        "generation_tokens": r.generation_tokens if r is not None else 0,
+        "timings": {
+            "prompt_tps": r.prompt_tps if r is not None else 0.0,
+            "generation_tps": r.generation_tps if r is not None else 0.0,
+            "generate_s": round(wall_s, 6),
+            "peak_memory_gb": r.peak_memory if r is not None else 0.0,
+        },
+        "experts": runtime.stats().as_dict(),
+    }
+
+
+def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int, quiet: bool = False) -> int:
     """Run stock mlx-lm on the same checkpoint, prompt, sampler and seed; say whether the text
-    is the same."""
+    is the same (``quiet``: only return 0 when it is, 1 when not)."""
     import mlx.core as mx
     from mlx_lm import load as mlx_lm_load
     from mlx_lm.generate import stream_generate
@@ -376,6 +392,8 @@ def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int) 
     model, tokenizer = mlx_lm_load(model_path)
     mx.random.seed(seed)
     stock = "".join(r.text for r in stream_generate(model, tokenizer, tokens, **{**options, "draft_model": None}))
+    if quiet:
+        return 0 if stock == text else 1
     if stock == text:
         print(f"Matches stock mlx-lm: yes, the same text ({len(text)} characters) from the same checkpoint")
         return 0
