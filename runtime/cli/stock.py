@@ -56,13 +56,15 @@ class GolemLoads:
 
 def run_stock_main(module: types.ModuleType, prog: str, description: str,
                    on_args: Callable[[argparse.Namespace, RuntimeConfig], GolemLoads],
-                   argv: Optional[list] = None) -> None:
+                   argv: Optional[list] = None, replace: Optional[dict] = None) -> None:
     """Run ``module.main()`` (mlx_lm.chat or mlx_lm.server) as ``prog`` on golem models.
 
     The stock parser gains golem's runtime flags (one ``--help``, one set of errors); once
     it has parsed them, ``on_args(args, config)`` checks them against the model and returns
     the loader the stock main then calls instead of mlx-lm's ``load``. The loader's models
-    are closed when ``main()`` ends, however it ends.
+    are closed when ``main()`` ends, however it ends. ``replace`` maps more module-level
+    names of ``module`` to golem's versions for the run (golem-server's ``run`` and
+    ``ModelProvider``). Parse errors are one line (``prog: error: ...``), as golem-run's.
     """
     # The one place golem relies on mlx-lm internals: its chat and server mains take no
     # loader and no extra flags, but build their parser through the module-level name
@@ -74,6 +76,9 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "prog": prog, "description": description})
             self.golem_flags = False
+
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message.splitlines()[0] if message else 'bad arguments'}\n")
 
         def parse_known_args(self, args=None, namespace=None):
             if not self.golem_flags:  # after the stock flags, so --help lists those first
@@ -92,7 +97,8 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
                                "this mlx-lm is not one golem supports")
         return loads[-1](*args, **kwargs)
 
-    missing = [name for name in ("argparse", "load", "main") if not hasattr(module, name)]
+    replace = dict(replace or {})
+    missing = [name for name in ("argparse", "load", "main", *replace) if not hasattr(module, name)]
     if missing:
         raise RuntimeError(f"{module.__name__} has no {', '.join(missing)}: this mlx-lm is not one "
                            "golem supports")
@@ -100,15 +106,18 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
     golem_argparse = types.ModuleType("argparse")
     golem_argparse.__dict__.update(argparse.__dict__)
     golem_argparse.ArgumentParser = Parser
-    saved = module.argparse, module.load
+    replace.update(argparse=golem_argparse, load=load)
+    saved = {name: getattr(module, name) for name in replace}
     saved_argv = sys.argv
-    module.argparse, module.load = golem_argparse, load
+    for name, value in replace.items():
+        setattr(module, name, value)
     if argv is not None:
         sys.argv = [prog, *argv]
     try:
         module.main()
     finally:
-        module.argparse, module.load = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
         sys.argv = saved_argv
         for loader in loads:
             loader.close()
