@@ -172,6 +172,38 @@ def test_two_concurrent_requests_equal_stock(servers):
     assert golem[0] != golem[1]
 
 
+def test_openai_client_gets_the_answers_of_stock(servers):
+    openai = pytest.importorskip("openai")
+
+    def ask(server):
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key="none", timeout=120, max_retries=0)
+        chat = client.chat.completions.create(
+            model=REPO_ID, messages=[{"role": "user", "content": "Tell me about disks."}],
+            max_tokens=MAX_TOKENS, temperature=0.0)
+        text = client.completions.create(model=REPO_ID, prompt="Once upon a time", max_tokens=MAX_TOKENS,
+                                         temperature=0.0)
+        stream = client.chat.completions.create(
+            model=REPO_ID, messages=[{"role": "user", "content": "Hello there"}], max_tokens=MAX_TOKENS,
+            temperature=0.0, stream=True)
+        pieces = [c.choices[0].delta.content for c in stream if c.choices]
+        return (chat.choices[0].message.content, chat.choices[0].finish_reason, chat.usage.completion_tokens,
+                chat.usage.prompt_tokens, chat.object, text.choices[0].text, text.object, pieces)
+
+    assert ask(servers["golem"]) == ask(servers["stock"])
+
+
+def test_unknown_model_is_refused_and_keeps_the_model(servers):
+    golem = servers["golem"]
+    req = urllib.request.Request(golem.url("/v1/chat/completions"), data=json.dumps({
+        "model": "someone/other-model", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=60)
+    assert refused.value.code == 404 and "not served here" in refused.value.read().decode()
+    # The model was not unloaded: the next answer is still the stock one.
+    assert completion_text(golem, "Once upon a time") == completion_text(servers["stock"], "Once upon a time")
+
+
 def test_sigterm_closes_the_model_and_writes_its_trace(servers):
     from golem.runtime.trace import load_trace
 
@@ -180,8 +212,29 @@ def test_sigterm_closes_the_model_and_writes_its_trace(servers):
     assert golem.proc.wait(timeout=60) == 0, golem.output()
     assert "Traceback" not in golem.output()
     trace = load_trace(servers["trace"])
-    # Every generated token of the tests above went through golem's engine.
-    assert trace.num_steps >= 4 * MAX_TOKENS
+    # Every generated token of the tests above went through golem's engine, and the request
+    # for another model replaced none of them.
+    assert trace.num_steps >= 9 * MAX_TOKENS
+    assert "Traceback" not in golem.output()
+
+
+def test_sighup_writes_the_trace_of_what_ran(checkpoints, tmp_path):
+    from golem.runtime.trace import load_trace
+
+    trace = tmp_path / "hup.npz"
+    with open(tmp_path / "hup.log", "w+") as log:
+        server = Server("golem-server", [sys.executable, "-m", "golem.runtime.cli.server", "--model",
+                                         str(checkpoints("qwen3_moe")), "-c", "6", "--trace-out", str(trace)],
+                        log, dict(os.environ))
+        try:
+            server.wait_ready(time.monotonic() + READY_DEADLINE_S)
+            completion_text(server, "Once upon a time")
+            server.proc.send_signal(signal.SIGHUP)
+            assert server.proc.wait(timeout=60) == 0, server.output()
+        finally:
+            server.stop()
+        assert "Traceback" not in server.output()
+    assert load_trace(trace).num_steps >= MAX_TOKENS
 
 
 @pytest.mark.parametrize("flags, message", [

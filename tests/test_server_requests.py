@@ -245,27 +245,23 @@ def test_a_burst_of_32_clients_is_answered_as_a_sequential_run(served):
     assert after[2] < rss + 128e6, (rss, after[2])
 
 
-def test_a_busy_port_is_one_line_before_the_model_loads(checkpoints):
+def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path):
+    # The model named does not even exist: the port is what the one line is about, so it was
+    # checked before the model was looked at.
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "golem.runtime.cli.server", "--model",
-                               str(checkpoints("qwen3_moe")), "--port", str(port)],
+                               str(tmp_path / "no-model"), "--port", str(port)],
                               capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - started
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"--port {port}" in lines[0] and "golem-server: error:" in lines[0], done.stderr
-    # Importing mlx-lm's server is most of it: the check costs at most a second more (under
-    # 3 s in all on an idle machine).
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import mlx.core as mx; mx.distributed.init(); import mlx_lm.server; "
-                    "import golem.runtime.cli.stock, golem.runtime.cli.serving, golem.io.reads"],
-                   check=True, timeout=60)
-    imports = time.monotonic() - started
-    assert elapsed < imports + 1.5, (elapsed, imports)
+    assert "in use" in lines[0]
+    assert elapsed < 20  # mlx-lm's imports, then the bind (1.6 s on an idle 2-core machine)
 
 
 def test_parse_errors_are_one_line(capsys):
