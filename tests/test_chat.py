@@ -16,8 +16,10 @@ TIMING = re.compile(r"tok/s")  # the per-turn speed line differs run to run
 
 
 def conversation(stdout: str) -> list:
-    """stdout without the per-turn speed lines."""
-    return [line for line in stdout.splitlines() if not TIMING.search(line)]
+    """stdout without the per-turn speed lines and golem's line of help (its ``s`` command)."""
+    from golem.runtime.cli.chat import STATS_HELP
+
+    return [line for line in stdout.splitlines() if not TIMING.search(line) and line != STATS_HELP]
 
 
 def test_chat_equals_stock(checkpoints, tmp_path):
@@ -74,3 +76,21 @@ def test_bad_flag_is_one_line(checkpoints, capsys, flags, message):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "golem-chat: error:" in err and message in err and "Traceback" not in err
+
+
+def test_stats_command_and_exit_print_the_expert_figures(checkpoints):
+    done = subprocess.run(
+        [sys.executable, "-m", "golem.runtime.cli.chat", "--model", str(checkpoints("qwen3_moe")), "-m", "6",
+         "-c", "6", "--prefetch-depth", "1"],
+        input="Hello there\ns\nq\n", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    # On the command: the totals and one row per MoE layer, on stdout.
+    shown = [line for line in done.stdout.splitlines() if line.startswith(("Experts:", "Prefetch:"))]
+    assert len(shown) == 2 and "hit rate" in shown[0] and "recall" in shown[1]
+    rows = [line.split() for line in done.stdout.splitlines() if re.match(r"^\s+\d+\s+6 of 16\s", line)]
+    assert rows and sum(int(r[4]) + int(r[5]) for r in rows) == int(shown[0].split(" of ")[1].split()[0])
+    # At exit, on stderr: the same figures (nothing ran after the command).
+    at_exit = [line for line in done.stderr.splitlines() if line.startswith(("Experts:", "Prefetch:"))]
+    assert at_exit == shown

@@ -1,7 +1,9 @@
 """golem-chat: ``mlx_lm.chat`` (same flags, prompts and commands) on a golem model, plus
-golem's runtime flags (expert cache, memory budget, prefetch, storage, traces).
+golem's runtime flags (expert cache, memory budget, prefetch, storage, traces), and one
+command of its own: ``s`` prints the expert statistics (they are printed on stderr at exit too).
 
-Knows nothing of chat itself: mlx-lm's main runs unchanged with golem's loader.
+Knows nothing of chat itself: mlx-lm's main runs unchanged with golem's loader and a chat UI
+that answers ``s`` itself.
 """
 
 from __future__ import annotations
@@ -12,7 +14,52 @@ from typing import Optional
 PROG = "golem-chat"
 DESCRIPTION = ("Chat with an MoE model whose experts stream from disk, as mlx_lm.chat does "
                "(every mlx_lm.chat flag works; golem's own flags follow). Type 'q' to quit, "
-               "'r' to reset the conversation, 'h' for help.")
+               "'r' to reset the conversation, 's' for the expert statistics, 'h' for help.")
+STATS_COMMAND = "s"
+STATS_HELP = f"  {STATS_COMMAND} expert statistics (golem: hits, misses, bytes read, stall, prefetch, per layer)"
+
+
+def _stats_text(loads, table: bool) -> str:
+    from golem.runtime.report import layer_table, summary
+
+    if not loads.loaded:
+        return "Experts: no model loaded"
+    runtime = loads.loaded[-1].runtime
+    stats = runtime.stats()
+    text = summary(stats, runtime.num_experts)
+    if table and not stats.all_resident:
+        text += "\n" + layer_table(stats, runtime.num_experts)
+    return text
+
+
+def _chat_ui(base: type, holder: list) -> type:
+    """mlx-lm's ``ChatUI`` plus the ``s`` command (the figures and the per-layer table on
+    stdout) and the figures on stderr when the chat ends."""
+
+    class GolemChatUI(base):
+        def __enter__(self):
+            super().__enter__()
+            print(STATS_HELP)
+            return self
+
+        def prompt(self) -> str:
+            while True:
+                query = super().prompt()
+                if query.strip() != STATS_COMMAND:
+                    return query
+                print(_stats_text(holder[0], table=True), flush=True)
+
+        def say_help(self):
+            super().say_help()
+            print(STATS_HELP)
+
+        def __exit__(self, *exc):
+            if holder:
+                sys.stdout.flush()
+                print(_stats_text(holder[0], table=False), file=sys.stderr, flush=True)
+            return super().__exit__(*exc)
+
+    return GolemChatUI
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -28,10 +75,12 @@ def main(argv: Optional[list] = None) -> int:
         if args.model == chat.DEFAULT_MODEL:  # mlx_lm.chat's default is a dense model
             raise ValueError("--model is required: an MoE model folder or Hugging Face repo id")
         check_model(args, config)
-        return GolemLoads(config)
+        holder.append(GolemLoads(config))
+        return holder[-1]
 
+    holder: list = []
     try:
-        run_stock_main(chat, PROG, DESCRIPTION, on_args, argv)
+        run_stock_main(chat, PROG, DESCRIPTION, on_args, argv, replace={"ChatUI": _chat_ui(chat.ChatUI, holder)})
     except (ValueError, FileNotFoundError) as e:  # ModelError, CheckpointError, ConfigError
         print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
