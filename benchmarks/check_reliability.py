@@ -5,7 +5,9 @@ as a separate process with a timeout (and a memory watchdog), on tiny generated 
 and traces in a temporary folder: damaged checkpoints, bad flags and options, bad config.json
 fields, bad traces, unwritable output paths, faults mid-run (a shard truncated after load,
 Ctrl-C during a stalled read), and concurrent use (profile writers killed mid-way, first-time
-demo builds). Valid inputs ride along and must succeed.
+demo builds), and golem-server against hostile clients (malformed requests, clients that
+leave, a 32-client burst, a busy port, signals and the trace). Valid inputs ride along and
+must succeed.
 
 Each case gets a verdict:
   clear error    non-zero exit, a one-line message on stderr, no traceback (due for a mistake)
@@ -1051,6 +1053,282 @@ def catalogue() -> List[Case]:
     return cases
 
 
+# ----------------------------------------------------------------------------------- server
+# golem-server against hostile and careless clients. Self-contained: each case starts its own
+# server (port 0: the OS picks one, read back from the log) and judges it over real HTTP.
+
+SERVER = [sys.executable, "-m", "golem.runtime.cli.server"]
+SERVER_PORT = re.compile(r"Starting httpd at \S+ on port (\d+)")
+
+
+class _Served:
+    """One golem-server process of a case: its port (from its log), requests, its /proc figures."""
+
+    def __init__(self, ctx: Ctx, case: Case, timeout_s: float, *extra: str, env: Optional[dict] = None):
+        self.cwd = ctx.fresh(case.name)
+        self.log = self.cwd / "server.log"
+        self.timeout_s = timeout_s
+        self.t0 = time.monotonic()
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                SERVER + ["--model", str(ctx.model), "-c", "6", "--port", "0", "--max-tokens", "6", *extra],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.cwd,
+                env=env or base_env(ctx), start_new_session=True)
+        self.port = None
+        while self.port is None:
+            found = SERVER_PORT.search(self.text())
+            if found:
+                self.port = int(found.group(1))
+            elif self.proc.poll() is not None or time.monotonic() - self.t0 > timeout_s:
+                raise RuntimeError(f"golem-server did not start: {self.text()[-300:]}")
+            else:
+                time.sleep(0.05)
+        while self.request("GET", "/health", retry=True)[0] != 200:
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def request(self, method: str, path: str, body=None, raw: Optional[bytes] = None, headers=None,
+                retry: bool = False) -> Tuple[int, object]:
+        import http.client
+
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
+            try:
+                data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+                conn.request(method, path, body=data, headers=headers or {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                text = r.read().decode(errors="replace")
+                try:
+                    return r.status, json.loads(text)
+                except ValueError:
+                    return r.status, text
+            except (ConnectionError, OSError) as e:
+                if not retry or time.monotonic() - self.t0 > self.timeout_s:
+                    return 0, f"{type(e).__name__}: {e}"
+                time.sleep(0.05)
+            finally:
+                conn.close()
+
+    def completion(self, prompt: str, **extra) -> Tuple[int, object]:
+        status, answer = self.request("POST", "/v1/completions", {
+            "prompt": prompt, "max_tokens": 6, "temperature": 0.0, "logprobs": True, **extra})
+        if status != 200:
+            return status, answer
+        return status, [e["id"] for e in answer["choices"][0]["logprobs"]["content"]]
+
+    def metrics(self) -> dict:
+        status, text = self.request("GET", "/metrics")
+        if status != 200:
+            return {}
+        return {k: float(v) for k, _, v in (l.rpartition(" ") for l in text.splitlines() if l and l[0] != "#")}
+
+    def proc_figures(self) -> Tuple[int, int, int]:
+        """(threads, open files, resident bytes) of the server process."""
+        threads = len(os.listdir(f"/proc/{self.proc.pid}/task"))
+        fds = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return threads, fds, _rss_bytes(self.proc.pid)
+
+    def signal(self, signum: int) -> Optional[int]:
+        self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def outcome(self, rc: Optional[int], verdict: str, note: str) -> Outcome:
+        text = self.text()
+        if verdict in ("ok", "clear error") and "Traceback (most recent call last)" in text:
+            verdict, note = "traceback", "a traceback in the server's log"
+        return Outcome(rc, time.monotonic() - self.t0, stderr=text[-2000:], verdict=verdict, note=note)
+
+
+# Malformed requests, each due a 400 naming what is wrong (none of them the unit tests' own).
+SERVER_BAD = [
+    ({"stop": {"a": 1}}, "stop"), ({"stop": [""]}, "stop"), ({"seed": [1]}, "seed"), ({"seed": True}, "seed"),
+    ({"logit_bias": {"1.5": 2}}, "logit_bias"), ({"logit_bias": {"3": None}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(5000)}}, "logit_bias"), ({"top_logprobs": 50}, "top_logprobs"),
+    ({"max_tokens": -5}, "max_tokens"), ({"max_completion_tokens": 2.5}, "max_completion_tokens"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ({"presence_penalty": "high"}, "presence_penalty"), ({"repetition_context_size": -1}, "repetition_context_size"),
+    ({"top_k": 1.5}, "top_k"), ({"min_p": -0.1}, "min_p"), ({"xtc_probability": 7}, "xtc_probability"),
+    ({"prompt": None}, "prompt"), ({"prompt": {"text": "hi"}}, "prompt"), ({"num_draft_tokens": -2}, "num_draft_tokens"),
+]
+# Requests for what this server does not serve: a 404 naming it, nothing unloaded.
+SERVER_NOT_SERVED = [{"model": "some/other"}, {"draft_model": "some/other"}, {"adapters": "/tmp/other-adapter"}]
+SERVER_BAD_RAW = [
+    (b"\x1f\x8b\x08\x00binary gzip-ish", "UTF-8"), (b'"just a string"', "object"), (b"", "JSON"),
+    (b'{"prompt": "hi", "temperature": -Infinity}', "temperature"), (b"[" * 50_000 + b"]" * 50_000, "nested"),
+]
+
+
+def server_malformed(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    served = _Served(ctx, case, timeout_s)
+    try:
+        _, want = served.completion("Once upon a time")
+        wrong = []
+        for fields, word in SERVER_BAD:
+            status, answer = served.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3, **fields})
+            if status != 400 or word not in str(answer):
+                wrong.append(f"{sorted(fields)[0]}: {status} {str(answer)[:60]}")
+        for fields in SERVER_NOT_SERVED:
+            status, answer = served.request("POST", "/v1/completions", {"prompt": "hi", **fields})
+            if status != 404 or "golem-server" not in str(answer):
+                wrong.append(f"{sorted(fields)[0]}: {status} {str(answer)[:60]}")
+        for raw, word in SERVER_BAD_RAW:
+            status, answer = served.request("POST", "/v1/completions", raw=raw)
+            if status != 400 or word not in str(answer):
+                wrong.append(f"{raw[:12]!r}: {status} {str(answer)[:60]}")
+        status, models = served.request("GET", "/v1/models")
+        if status != 200 or not models.get("data"):
+            wrong.append(f"/v1/models: {status} {str(models)[:60]}")
+        status, again = served.completion("Once upon a time")
+        if wrong:
+            return served.outcome(1, "silent accept", f"{len(wrong)} not a 400 with a message: {wrong[0]}")
+        if status != 200 or again != want:
+            return served.outcome(1, "wrong output", f"after the bad requests: {status} {str(again)[:80]}")
+        return served.outcome(0, "ok", f"{len(SERVER_BAD) + len(SERVER_BAD_RAW)} bad requests: 400s, "
+                                       f"{len(SERVER_NOT_SERVED)} for other models: 404s; the same tokens after")
+    finally:
+        served.close()
+
+
+def server_disconnects(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """Two clients (one streaming) ask for 100,000 tokens and leave; their generations must stop."""
+    import socket as socket_
+
+    served = _Served(ctx, case, timeout_s)
+    try:
+        for stream in (False, True):
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100_000, "stream": stream}).encode()
+            before = served.metrics().get("golem_decode_steps_total", 0)
+            s = socket_.create_connection(("127.0.0.1", served.port), timeout=timeout_s)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.monotonic() + timeout_s
+            while served.metrics().get("golem_decode_steps_total", 0) < before + 5:
+                if time.monotonic() > deadline:
+                    return served.outcome(None, "hang", "the request never started generating")
+                time.sleep(0.05)
+            s.close()
+        # The generations stop: the step counter settles well short of 100,000.
+        last, settled_at = -1.0, time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() - settled_at < 2.0:
+            steps = served.metrics().get("golem_decode_steps_total", 0)
+            if steps != last:
+                last, settled_at = steps, time.monotonic()
+            if time.monotonic() > deadline:
+                return served.outcome(None, "hang", f"generation still running after the clients left ({steps:.0f} steps)")
+            time.sleep(0.1)
+        m = served.metrics()
+        gone = m.get("golem_client_disconnects_total", 0)
+        status, _ = served.completion("Once upon a time")
+        if gone != 2 or status != 200:
+            return served.outcome(1, "refused", f"disconnects counted {gone:.0f} of 2; next request {status}")
+        return served.outcome(0, "ok", f"both stopped ({last:.0f} decode steps in all); the next request served")
+    finally:
+        served.close()
+
+
+def server_burst(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """32 clients at once: all answered, the tokens of a sequential run, no thread or file left."""
+    served = _Served(ctx, case, timeout_s)
+    try:
+        prompts = [f"Burst client {i}: the disk {i % 3} reads expert {i}" for i in range(32)]
+        sequential = [served.completion(p) for p in prompts]
+        if any(status != 200 for status, _ in sequential):
+            return served.outcome(1, "refused", f"sequential run failed: {sequential[0]}")
+        baseline = served.proc_figures()
+        barrier = threading.Barrier(len(prompts))
+
+        def ask(p):
+            barrier.wait(timeout=timeout_s)
+            return served.completion(p)
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            burst = list(pool.map(ask, prompts))
+        failed = [a for a in burst if a[0] != 200]
+        if failed:
+            return served.outcome(1, "refused", f"{len(failed)} of 32 failed: {str(failed[0])[:80]}")
+        if burst != sequential:
+            differ = sum(a != b for a, b in zip(burst, sequential))
+            return served.outcome(1, "wrong output", f"{differ} of 32 answers differ from the sequential run")
+        deadline = time.monotonic() + timeout_s
+        while served.proc_figures()[:2] != baseline[:2] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = served.proc_figures()
+        note = (f"32 of 32, tokens as sequential; threads {baseline[0]}->{after[0]}, files {baseline[1]}->{after[1]}, "
+                f"RSS {baseline[2] / 1e6:.0f}->{after[2] / 1e6:.0f} MB")
+        if after[:2] != baseline[:2] or after[2] > baseline[2] * 1.25 + 64e6:
+            return served.outcome(0, "leak", note)
+        return served.outcome(0, "ok", note)
+    finally:
+        served.close()
+
+
+def server_busy_port(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    import socket as socket_
+
+    with socket_.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run_process(SERVER + ["--model", str(ctx.model), "--port", str(port)], env=base_env(ctx),
+                          cwd=ctx.fresh(case.name), timeout_s=timeout_s)
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    if out.rc == 2 and len(lines) > 1:
+        out.verdict, out.note = "unclear", f"{len(lines)} lines on stderr"
+    elif out.rc == 2:
+        out.note = f"{message(out)} ({out.seconds:.1f} s)"
+    return out
+
+
+def server_trace_kept(ctx: Ctx, case: Case, timeout_s: float, signum: int = signal.SIGHUP) -> Outcome:
+    """A request that ran, one naming an unknown model, one malformed: the trace written at
+    SIGHUP (or SIGTERM) holds the first request's steps."""
+    from golem.runtime.trace import load_trace
+
+    trace = ctx.fresh(case.name + "-out") / "served.npz"
+    served = _Served(ctx, case, timeout_s, "--trace-out", str(trace))
+    try:
+        status, tokens = served.completion("Once upon a time")
+        other, _ = served.request("POST", "/v1/completions", {"prompt": "hi", "model": "no/such-model"})
+        bad, _ = served.request("POST", "/v1/completions", {"prompt": "hi", "seed": "x"})
+        rc = served.signal(signum)
+        if rc is None:
+            return served.outcome(None, "hang", f"no exit in {timeout_s:.0f} s after the signal")
+        if status != 200 or other != 404 or bad != 400:
+            return served.outcome(rc, "refused", f"answers {status}, {other}, {bad} (due 200, 404, 400)")
+        if not trace.exists():
+            return served.outcome(rc, "data loss", "no trace written")
+        steps = load_trace(trace).num_steps
+        if steps < len(tokens):
+            return served.outcome(rc, "data loss", f"trace of {steps} steps for a request of {len(tokens)} tokens")
+        return served.outcome(rc, "ok" if rc == 0 else "unclear", f"exit {rc}; trace of {steps} steps kept")
+    finally:
+        served.close()
+
+
+def server_cases() -> List[Case]:
+    return [
+        Case("server", f"{len(SERVER_BAD) + len(SERVER_BAD_RAW) + len(SERVER_NOT_SERVED)} malformed or foreign "
+             "requests, then a valid one", "ok", run=server_malformed, quick=True),
+        Case("server", "clients leave mid-generation (stream and not)", "ok", run=server_disconnects, quick=True),
+        Case("server", "a burst of 32 concurrent clients", "ok", run=server_burst, quick=True),
+        Case("server", "second server on a busy port", "error", run=server_busy_port, mention="in use", quick=True),
+        Case("server", "unknown model, then SIGHUP: trace kept", "ok", run=server_trace_kept),
+        Case("server", "unknown model, then SIGTERM: trace kept", "ok",
+             run=lambda ctx, case, t: server_trace_kept(ctx, case, t, signal.SIGTERM)),
+    ]
+
+
 # ----------------------------------------------------------------------------------- main
 
 
@@ -1095,7 +1373,7 @@ def main() -> None:
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="golem-reliability-"))
     root.mkdir(parents=True, exist_ok=True)
-    cases = [c for c in catalogue() if (c.quick or not args.quick)
+    cases = [c for c in catalogue() + server_cases() if (c.quick or not args.quick)
              and (args.only is None or c.klass in args.only.split(","))
              and (args.match is None or re.search(args.match, c.name))]
     print(f"[check_reliability] {len(cases)} cases in {root}", file=sys.stderr, flush=True)

@@ -272,3 +272,12 @@ def test_parse_errors_are_one_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("golem-server: error:") and "--port" in err[0]
+
+
+def test_deeply_nested_and_infinite_values_are_400s(served):
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, answer = request(served, "POST", "/v1/chat/completions", raw=deep)
+    assert status == 400 and "nested" in answer["error"]
+    status, answer = request(served, "POST", "/v1/chat/completions",
+                             raw=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e309}')
+    assert status == 400 and "temperature" in answer["error"]

@@ -43,6 +43,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="Build a small generated checkpoint with random weights once (in the cache folder), "
                              "run it offloaded and check the text against stock mlx-lm's.")
     add_runtime_arguments(parser)
+    # One line, as every golem error (mlx-lm's parser prints its whole usage first).
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     g = parser.add_argument_group("golem output")
     g.add_argument("--plan", action="store_true",
                    help="Print where the memory goes (layers, slots, bytes) and exit.")

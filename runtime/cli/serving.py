@@ -346,6 +346,8 @@ def make_handler(base: type, state: ServerState) -> type:
                 self._answer(400, {"error": f"the request body is not UTF-8 text (byte {e.start})"})
             except ValueError as e:  # json.JSONDecodeError; also a number too long to convert
                 self._answer(400, {"error": f"Invalid JSON in request body: {e}"})
+            except RecursionError:
+                self._answer(400, {"error": "Invalid JSON in request body: nested too deeply"})
             return None
 
         def _vocab_size(self, body: dict) -> Optional[int]:
