@@ -1316,6 +1316,22 @@ def server_trace_kept(ctx: Ctx, case: Case, timeout_s: float, signum: int = sign
         served.close()
 
 
+def server_stopped_before_any_request(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """SIGTERM before the first request: exit 0, and a file already at --trace-out untouched."""
+    trace = ctx.fresh(case.name + "-out") / "kept.npz"
+    trace.write_bytes(b"an earlier run's trace")
+    served = _Served(ctx, case, timeout_s, "--trace-out", str(trace))
+    try:
+        rc = served.signal(signal.SIGTERM)
+        if rc is None:
+            return served.outcome(None, "hang", f"no exit in {timeout_s:.0f} s after SIGTERM")
+        if trace.read_bytes() != b"an earlier run's trace":
+            return served.outcome(rc, "data loss", "the file at --trace-out was replaced though nothing ran")
+        return served.outcome(rc, "ok" if rc == 0 else "unclear", f"exit {rc}; the earlier file kept")
+    finally:
+        served.close()
+
+
 def server_cases() -> List[Case]:
     return [
         Case("server", f"{len(SERVER_BAD) + len(SERVER_BAD_RAW) + len(SERVER_NOT_SERVED)} malformed or foreign "
@@ -1326,6 +1342,7 @@ def server_cases() -> List[Case]:
         Case("server", "unknown model, then SIGHUP: trace kept", "ok", run=server_trace_kept),
         Case("server", "unknown model, then SIGTERM: trace kept", "ok",
              run=lambda ctx, case, t: server_trace_kept(ctx, case, t, signal.SIGTERM)),
+        Case("server", "SIGTERM before any request", "ok", run=server_stopped_before_any_request),
     ]
 
 

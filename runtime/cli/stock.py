@@ -49,9 +49,17 @@ class GolemLoads:
         return (model, tokenizer, loaded.runtime.config) if return_config else (model, tokenizer)
 
     def close(self) -> None:
-        """Close every golem model loaded (writing a ``--trace-out`` or ``--save-profile``)."""
+        """Close every golem model loaded (writing a ``--trace-out`` or ``--save-profile``); a
+        model that ran no token (a server stopped before its first request) writes nothing,
+        so a file already at that path stays as it was."""
+        from golem.runtime.report import snapshot
+
         while self.loaded:
-            self.loaded.pop().close()
+            loaded = self.loaded.pop()
+            if snapshot(loaded.runtime).tokens == 0:
+                loaded.runtime.close()
+            else:
+                loaded.close()
 
 
 def run_stock_main(module: types.ModuleType, prog: str, description: str,
