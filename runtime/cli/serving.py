@@ -18,6 +18,7 @@ import json
 import logging
 import select
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -165,8 +166,8 @@ def make_model_provider(base: type, state: ServerState) -> type:
 
 class GolemHTTPServer(ThreadingHTTPServer):
     """mlx-lm's threading HTTP server with a deep backlog and at most ``max_handlers``
-    connections handled at once (the rest wait, accepted in turn). Handler threads are
-    daemons; ``server_close`` waits for those still running.
+    connections handled at once (the rest wait in the backlog, accepted in turn). Handler
+    threads are daemons: stopping the server does not wait for a client that is still reading.
 
     Args:
         address: ``(host, port)`` (the address family is chosen from the host, as mlx-lm does).
@@ -207,8 +208,6 @@ class GolemHTTPServer(ThreadingHTTPServer):
             self._slots.release()
 
     def handle_error(self, request, client_address):
-        import sys
-
         kind, error = sys.exc_info()[:2]
         if isinstance(error, (ConnectionError, TimeoutError)):
             logging.info(f"{client_address[0]}: connection closed ({kind.__name__})")
@@ -282,6 +281,7 @@ def make_handler(base: type, state: ServerState) -> type:
             path = self.path
             if path not in POST_PATHS:
                 return super().do_POST()  # mlx-lm's 404
+            self._status, self._tokens, self._gone = None, 0, False
             state.begin()
             started = time.perf_counter()
             before = _stats(state)
