@@ -94,3 +94,13 @@ def test_stats_command_and_exit_print_the_expert_figures(checkpoints):
     # At exit, on stderr: the same figures (nothing ran after the command).
     at_exit = [line for line in done.stderr.splitlines() if line.startswith(("Experts:", "Prefetch:"))]
     assert at_exit == shown
+
+
+def test_a_prompt_that_is_not_text_is_one_line(checkpoints):
+    done = subprocess.run(
+        [sys.executable, "-m", "golem.runtime.cli.chat", "--model", str(checkpoints("qwen3_moe")), "-m", "4",
+         "-c", "6"], input=b"\xff\xfe\x00abc\nq\n", capture_output=True, timeout=120)
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == ["golem-chat: error: stdin: the prompt is not UTF-8 text "
+                                        "(byte 0xff at character 0)"]

@@ -32,6 +32,17 @@ def _stats_text(loads, table: bool) -> str:
     return text
 
 
+def _check_text(query: str) -> None:
+    """A line of stdin that is not UTF-8 text (Python keeps its bytes as surrogates) is an
+    error naming the first bad byte, not a tokenizer traceback."""
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = query[e.start]
+        byte = ord(bad) - 0xDC00 if 0xDC80 <= ord(bad) <= 0xDCFF else ord(bad)
+        raise ValueError(f"stdin: the prompt is not UTF-8 text (byte 0x{byte:02x} at character {e.start})") from None
+
+
 def _chat_ui(base: type, holder: list) -> type:
     """mlx-lm's ``ChatUI`` plus the ``s`` command (the figures and the per-layer table on
     stdout) and the figures on stderr when the chat ends."""
@@ -45,6 +56,7 @@ def _chat_ui(base: type, holder: list) -> type:
         def prompt(self) -> str:
             while True:
                 query = super().prompt()
+                _check_text(query)
                 if query.strip() != STATS_COMMAND:
                     return query
                 print(_stats_text(holder[0], table=True), flush=True)
@@ -54,7 +66,7 @@ def _chat_ui(base: type, holder: list) -> type:
             print(STATS_HELP)
 
         def __exit__(self, *exc):
-            if holder:
+            if holder and (exc[0] is None or issubclass(exc[0], (EOFError, KeyboardInterrupt))):
                 sys.stdout.flush()
                 print(_stats_text(holder[0], table=False), file=sys.stderr, flush=True)
             return super().__exit__(*exc)
