@@ -281,3 +281,28 @@ def test_deeply_nested_and_infinite_values_are_400s(served):
     status, answer = request(served, "POST", "/v1/chat/completions",
                              raw=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e309}')
     assert status == 400 and "temperature" in answer["error"]
+
+
+def test_the_generation_thread_survives_a_failure(served, monkeypatch):
+    """A fault injected in the generation thread (where mlx-lm's thread would die and every
+    later request fail): the request it hit gets a 500, the next ones are served."""
+    generator = served.response_generator
+    want = chat(served, "Tell me about disks.")
+    failures = served.state.restarts
+    real = generator._make_state_machine
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "_make_state_machine", fail_once)
+    status, answer = request(served, "POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Tell me about disks."}], "max_tokens": MAX_TOKENS})
+    assert status == 500 and "injected fault" in answer["error"]
+    assert served.state.restarts == failures + 1
+    assert generator.generation_available()
+    assert chat(served, "Tell me about disks.") == want
+    assert metrics(served)["golem_generation_failures_total"] == failures + 1

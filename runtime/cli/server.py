@@ -74,10 +74,11 @@ class GolemServer:
         """mlx_lm.server's ``run`` (same arguments), on the socket ``listen`` bound."""
         from mlx_lm import server
 
-        from golem.runtime.cli.serving import make_handler
+        from golem.runtime.cli.serving import make_handler, make_response_generator
 
         prompt_cache = server.LRUPromptCache(model_provider.cli_args.prompt_cache_size)
-        self.response_generator = rg = server.ResponseGenerator(model_provider, prompt_cache)
+        generator = make_response_generator(server.ResponseGenerator, self.state)
+        self.response_generator = rg = generator(model_provider, prompt_cache)
         handler = make_handler(server.APIHandler, self.state)
         fingerprint = server.get_system_fingerprint()
         self.httpd.handler_factory = lambda *args, **kwargs: handler(rg, *args, system_fingerprint=fingerprint,

@@ -21,7 +21,9 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
+from queue import Empty, Queue
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,6 +34,8 @@ BACKLOG = 1024  # connections the kernel queues while every handler thread is bu
 MAX_BODY_BYTES = 64 << 20
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 DEFAULT_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model
+MAX_RESTARTS = 5  # generation thread failures within RESTART_WINDOW_S before giving up
+RESTART_WINDOW_S = 60.0
 
 
 class ClientGone(ConnectionError):
@@ -40,6 +44,14 @@ class ClientGone(ConnectionError):
 
 class UnknownModel(ValueError):
     """A request named a model this server does not serve."""
+
+
+class GenerationFailed(RuntimeError):
+    """The generation thread failed while this request was queued or running (it restarts)."""
+
+
+class _Answered(BaseException):
+    """The handler has answered already; passes through mlx-lm's ``except Exception``."""
 
 
 class ServerState:
@@ -64,6 +76,7 @@ class ServerState:
         self.requests: Counter = Counter()  # (path, status code) -> requests
         self.in_flight = 0
         self.disconnects = 0
+        self.restarts = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -105,6 +118,10 @@ class ServerState:
             self.completion_tokens += completion_tokens
             self.disconnects += gone
 
+    def restarted(self) -> None:
+        with self._lock:
+            self.restarts += 1
+
     def count(self, path: str, status: int) -> None:
         """Count a request that is not a completion (a GET); unknown paths count as ``other``."""
         known = path in ("/metrics", "/health") or path.startswith("/v1/models")
@@ -128,6 +145,10 @@ class ServerState:
                 "their generation was stopped.",
                 "# TYPE golem_client_disconnects_total counter",
                 f"golem_client_disconnects_total {self.disconnects}",
+                "# HELP golem_generation_failures_total Failures of the generation thread (each failed the "
+                "requests then queued or running; the thread started over).",
+                "# TYPE golem_generation_failures_total counter",
+                f"golem_generation_failures_total {self.restarts}",
                 "# HELP golem_prompt_tokens_total Prompt tokens of answered completion requests.",
                 "# TYPE golem_prompt_tokens_total counter",
                 f"golem_prompt_tokens_total {self.prompt_tokens}",
@@ -220,6 +241,62 @@ class GolemHTTPServer(ThreadingHTTPServer):
         super().server_close()
 
 
+class _TrackedQueue(Queue):
+    """mlx-lm's request queue, remembering the response queue of every request put on it
+    (weakly: a finished handler's queue goes with it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = weakref.WeakSet()
+
+    def put(self, item, block=True, timeout=None):
+        self.waiting.add(item[0])
+        super().put(item, block, timeout)
+
+
+def make_response_generator(base: type, state: ServerState, max_restarts: int = MAX_RESTARTS) -> type:
+    """A subclass of mlx-lm's ``ResponseGenerator`` whose generation thread survives a
+    failure: the requests queued or running then get an error (answered 500), the thread
+    starts over (the model stays loaded) and serving goes on. After ``max_restarts`` within
+    ``RESTART_WINDOW_S`` it gives up as mlx-lm does (``/health`` says 503)."""
+
+    class GolemResponseGenerator(base):
+        def __init__(self, *args, **kwargs):
+            self._failures: list = []
+            super().__init__(*args, **kwargs)
+            self.requests = _TrackedQueue()  # the thread reads the attribute on each get
+
+        def _run_generate(self):
+            while True:
+                try:
+                    self._generate()
+                    return
+                except Exception as e:
+                    now = time.monotonic()
+                    self._failures = [t for t in self._failures if now - t < RESTART_WINDOW_S] + [now]
+                    giving_up = self._stop or len(self._failures) > max_restarts
+                    logging.error(f"generation failed: {type(e).__name__}: {e}; the requests queued or running "
+                                  f"get an error{'' if giving_up else ', serving goes on'}")
+                    logging.debug("traceback", exc_info=True)
+                    self._fail_waiting(GenerationFailed(f"generation failed ({type(e).__name__}: {e})"))
+                    del e
+                    state.restarted()
+                    if giving_up:
+                        self._generation_failed = True
+                        return
+
+        def _fail_waiting(self, error: Exception) -> None:
+            while True:
+                try:
+                    self.requests.get_nowait()
+                except Empty:
+                    break
+            for queue in list(getattr(self.requests, "waiting", ())):
+                queue.put(error)
+
+    return GolemResponseGenerator
+
+
 def make_handler(base: type, state: ServerState) -> type:
     """A subclass of mlx-lm's ``APIHandler`` with golem's checks, endpoints and log line."""
 
@@ -304,6 +381,8 @@ def make_handler(base: type, state: ServerState) -> type:
                 self.rfile = io.BytesIO(raw)
                 super().do_POST()
                 prompt_tokens = self.response_generator.prompt_tokens
+            except _Answered:
+                pass
             except ClientGone:
                 self._gone = True
                 self.close_connection = True
@@ -314,7 +393,8 @@ def make_handler(base: type, state: ServerState) -> type:
                 logging.error(f"{path}: {type(e).__name__}: {e}")
                 logging.debug("traceback", exc_info=True)
                 self.close_connection = True
-                if self._status is None:
+                if self._status is None or getattr(self, "_headers_buffer", None):
+                    self._headers_buffer = []  # a non-streamed answer's headers, not sent yet
                     self._answer(500, {"error": f"{type(e).__name__}: {e}"})
             finally:
                 state.end(path, self._status or 0, prompt_tokens, self._tokens, self._gone)
@@ -409,7 +489,20 @@ class _Watched:
             if progress_callback is not None:
                 progress_callback(processed, total)
 
-        ctx, responses = self._inner.generate(request, args, progress_callback=progress)
+        try:
+            ctx, responses = self._inner.generate(request, args, progress_callback=progress)
+        except GenerationFailed as e:
+            handler._answer(500, {"error": str(e)})
+            raise _Answered from None
+        except UnknownModel as e:
+            handler._answer(404, {"error": str(e)})
+            raise _Answered from None
+        except Exception as e:  # the request could not be prepared (chat template, images, tool calls)
+            if not self._inner.generation_available():
+                handler._answer(503, {"error": f"generation unavailable: {e}"})
+            else:
+                handler._answer(400, {"error": f"{type(e).__name__}: {e}" if not str(e) else str(e)})
+            raise _Answered from None
         self.prompt_tokens = len(getattr(ctx, "prompt", ()) or ())
 
         def watched():
