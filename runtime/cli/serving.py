@@ -32,6 +32,7 @@ from golem.runtime.cli.server_requests import BadRequest, check_request
 
 BACKLOG = 1024  # connections the kernel queues while every handler thread is busy
 MAX_BODY_BYTES = 64 << 20
+IO_TIMEOUT_S = 300.0  # one socket read or write of a handler (not the generation, which has no limit)
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 DEFAULT_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model
 MAX_RESTARTS = 5  # generation thread failures within RESTART_WINDOW_S before giving up
@@ -301,6 +302,8 @@ def make_handler(base: type, state: ServerState) -> type:
     """A subclass of mlx-lm's ``APIHandler`` with golem's checks, endpoints and log line."""
 
     class GolemHandler(base):
+        timeout = IO_TIMEOUT_S  # a client that stalls a read or a write this long is gone
+
         def __init__(self, response_generator, *args, **kwargs):
             self._status = None
             self._tokens = 0
@@ -386,7 +389,7 @@ def make_handler(base: type, state: ServerState) -> type:
             except ClientGone:
                 self._gone = True
                 self.close_connection = True
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 self._gone = True
                 self.close_connection = True
             except Exception as e:  # a fault of the server, not of the request: answer it, keep serving
