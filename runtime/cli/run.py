@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Optional
 
+from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 
 # Neutral values of mlx_lm.generate flags that older mlx-lm releases do not have yet.
@@ -41,6 +42,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="Build a small generated checkpoint with random weights once (in the cache folder), "
                              "run it offloaded and check the text against stock mlx-lm's.")
+    add_version_flag(parser, "golem-run")
     add_runtime_arguments(parser)
     g = parser.add_argument_group("golem output")
     g.add_argument("--plan", action="store_true",

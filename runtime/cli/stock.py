@@ -13,6 +13,7 @@ import sys
 import types
 from typing import Callable, Iterable, List, Optional
 
+from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 from golem.runtime.config import ConfigError, RuntimeConfig
 
@@ -77,6 +78,7 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
 
         def parse_known_args(self, args=None, namespace=None):
             if not self.golem_flags:  # after the stock flags, so --help lists those first
+                add_version_flag(self, prog)
                 add_runtime_arguments(self)
                 self.golem_flags = True
             parsed, rest = super().parse_known_args(args, namespace)

@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 
+from golem.runtime.cli.about import add_version_flag
 from golem.runtime.trace import TraceError
 
 SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate")
@@ -21,6 +22,7 @@ SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate")
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="golem-trace", description="Inspect golem-trace/1 routing traces.")
+    add_version_flag(parser, "golem-trace")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         try:
