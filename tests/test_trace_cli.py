@@ -155,7 +155,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, traces)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     rc, out, err = run_cli(capsys, "plot", traces[0])
     assert rc == 2
-    assert "needs matplotlib: pip install 'golem[plot]'" in err and "Traceback" not in err
+    assert 'needs matplotlib: pip install "golem-moe[plot]"' in err and "Traceback" not in err
 
 
 def test_plot_numbers_without_matplotlib(traces):
@@ -164,7 +164,7 @@ def test_plot_numbers_without_matplotlib(traces):
     ta = load_trace(traces[0])
     rates = hit_rate_over_time([ta], policy="lru", capacity=5, window=50)
     assert rates.shape == (3, 4)
-    assert rates.mean() * 1.0 == pytest.approx(simulate(ta, capacity=5).hit_ratio, abs=1e-9)
+    assert rates.mean() * 1.0 == pytest.approx(simulate(ta, policy="lru", capacity=5).hit_ratio, abs=1e-9)
     by_start = warm_start_hit_rates([ta], policy="lru", capacity=5, seed=0)
     assert set(by_start) == {"empty", "random (seed 0)", "profile"}
     ov = expert_overlap(ta, ta, 5)

@@ -21,6 +21,15 @@ COMMANDS = {
 }
 
 
+def extra_hint(extra: str, package: str) -> str:
+    """How to install an optional extra, by the distribution's name (``golem`` on PyPI is
+    another project): ``pip install "golem-moe[plot]" (or pip install matplotlib)``."""
+    return f'pip install "{golem.DISTRIBUTION}[{extra}]" (or pip install {package})'
+
+
+PLOT_EXTRA_HINT = extra_hint("plot", "matplotlib")
+
+
 def _installed(dist: str) -> str:
     try:
         return version(dist)

@@ -3,7 +3,7 @@ by warm-start strategy, and the expert overlap between two traces.
 
 The numbers come from plain functions here (``hit_rate_over_time``, ``warm_start_hit_rates``,
 ``expert_overlap``) that need only numpy; drawing needs matplotlib, an optional extra
-(``pip install 'golem[plot]'``), imported only when a chart is drawn.
+(``pip install "golem-moe[plot]"``), imported only when a chart is drawn.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from golem.runtime.cli.about import PLOT_EXTRA_HINT
 from golem.runtime.policies import DEFAULT_POLICY, policy_names
 from golem.runtime.analysis.profile import profile_from_traces, random_warm_start
 from golem.runtime.analysis.simulate import requests_per_step, simulate, simulate_sequences
 from golem.runtime.trace import load_traces, require_steps
 
 CHARTS = ("hit-rate", "warm-start", "overlap")
-MISSING_MATPLOTLIB = "golem-trace plot needs matplotlib: pip install 'golem[plot]' (or pip install matplotlib)"
+MISSING_MATPLOTLIB = f"golem-trace plot needs matplotlib: {PLOT_EXTRA_HINT}"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -32,9 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "and the offline optimum (Belady: evict the expert used farthest in the future).",
     )
     p.add_argument("traces", nargs="+", metavar="TRACE", help="Trace files or folders of traces, replayed in order.")
-    p.add_argument("--policy", default="lru",
+    p.add_argument("--policy", default=DEFAULT_POLICY,
                    help=f"Eviction policy: {', '.join(policy_names())}, with parameters as name:key=value "
-                        f"(e.g. lfu-decay:decay=0.9). Default lru; golem-run's default is {DEFAULT_POLICY}.")
+                        f"(e.g. lfu-decay:decay=0.9). Default {DEFAULT_POLICY}, as golem-run.")
     p.add_argument("-c", "--capacity", "--cache-size", dest="capacity", type=int, default=None,
                    help="Slots per MoE layer (default: half the experts, unless another sizing flag is given).")
     p.add_argument("--cache-size-override", nargs=2, action="append", default=[], metavar=("RANGES", "N"),
