@@ -146,9 +146,10 @@ def run(args) -> int:
         s += f"  {100 * bmiss / req:>10.2f}%" if bound is not None else ""
         return s
 
+    numbers = model.ids  # the checkpoint's layer numbers (trace meta moe_layers), as golem-run's table
     for layer in range(result.num_layers):
         slots = "pinned" if layer in pinned else f"{caps[layer]}/{e}"
-        print(line(layer, slots, int(result.requests[layer]), int(result.hits[layer]), int(result.misses[layer]),
+        print(line(numbers[layer], slots, int(result.requests[layer]), int(result.hits[layer]), int(result.misses[layer]),
                    int(result.prefetched[layer]), int(bound.misses[layer]) if bound is not None else 0))
     print(line("all", sum(caps), result.total_requests, result.total_hits, result.total_misses,
                result.total_prefetched, bound.total_misses if bound is not None else 0))
@@ -156,6 +157,9 @@ def run(args) -> int:
           + (f" (Belady {bound.total_misses / max(bound.num_steps, 1):.2f})" if bound is not None else ""))
     if args.json:
         out = result.to_dict(per_layer=True)
+        out["pinned_layers"] = [numbers[i] for i in out["pinned_layers"]]
+        for row in out["per_layer"]:
+            row["layer"] = numbers[row["layer"]]
         out.update({
             "traces": [t.path for t in traces],
             "warm_start": warm_name,
