@@ -229,7 +229,9 @@ def test_simulate_pins_the_models_layer_numbers_when_the_trace_records_them(caps
     t.meta = {**t.meta, "moe_layers": [1, 2, 3]}  # decoder layer 0 is dense
     save_trace(tmp_path / "t.npz", t)
     rc, out, _ = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "2-3", "-c", 4, "--json")
-    assert rc == 0 and last_json(out)["pinned_layers"] == [1, 2]
+    got = last_json(out)  # reported by the numbers -f takes, as golem-run's table
+    assert rc == 0 and got["pinned_layers"] == [2, 3]
+    assert [(r["layer"], r["pinned"]) for r in got["per_layer"]] == [(1, False), (2, True), (3, True)]
     rc, _, err = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "0", "-c", 4)
     assert rc == 2 and "names no MoE layer" in err
     rc, _, err = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "4", "-c", 4)
