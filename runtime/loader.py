@@ -212,7 +212,8 @@ class OffloadedModel:
             self._finished = True
             if self.options.trace_out is not None:
                 out["trace"] = self.save_trace()
-            if self.options.save_profile:
+            recorded = self.engine.trace is None or self.engine.trace.num_steps > 0
+            if self.options.save_profile and recorded:  # loaded, nothing generated: nothing to merge
                 out["profile"] = self.save_profile()
         return out
 
