@@ -1,4 +1,5 @@
-"""golem-trace: read golem-trace/1 files and report on them.
+"""golem-trace: read golem-trace/1 files and report on them; ``cache`` lists (and removes) what
+golem keeps on disk.
 
 Each subcommand lives in ``golem.runtime.cli.trace_commands.<name>`` and exposes
 ``add_parser(subparsers)``, which registers its parser and sets ``func``. Every
@@ -17,11 +18,11 @@ import sys
 from golem.runtime.cli.about import add_version_flag
 from golem.runtime.trace import TraceError
 
-SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate")
+SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate", "cache")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="golem-trace", description="Inspect golem-trace/1 routing traces.")
+    parser = argparse.ArgumentParser(prog="golem-trace", description="Inspect golem-trace/1 routing traces; list or clear golem's cache folder.")
     add_version_flag(parser, "golem-trace")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
