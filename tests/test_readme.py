@@ -100,7 +100,10 @@ def _run_shell(block: Block, cache: Path) -> None:
                 collected = re.findall(r"^tests/\S+\.py: (\d+)$|(\d+) tests? collected", done.stdout, re.M)
                 assert collected and "test_readme.py" in done.stdout, done.stdout[-500:]
             else:
-                _run(["bash", "-c", command.strip()], cache)
+                done = _run(["bash", "-c", command.strip()], cache)
+                if "--demo" in words:  # a first run, not on a terminal: one summary line per stage
+                    assert done.stderr.count("[golem] built the demo checkpoint in") == 1, done.stderr
+                    assert done.stderr.count("[golem] loading ") == 1 and "\r" not in done.stderr
 
 
 def _run_python(block: Block, cache: Path, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -16,6 +16,8 @@ from typing import Optional
 
 from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
+from golem.runtime.cli.progress import StageProgress, show_library_warnings
+from golem.runtime.units import format_nbytes
 
 # Neutral values of mlx_lm.generate flags that older mlx-lm releases do not have yet.
 MLX_LM_NEUTRAL = dict(
@@ -55,9 +57,16 @@ def _demo_model() -> str:
     from golem.runtime.synthetic import Size, build_checkpoint, default_cache_dir
 
     path = default_cache_dir() / "demo-qwen3_moe"
-    if not (path / "config.json").exists():
-        print(f"[golem] building the demo checkpoint in {path} (once)", file=sys.stderr)
-    return str(build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE)))
+    if (path / "config.json").exists():
+        return str(path)
+    stage = f"building the demo checkpoint in {path} (once)"
+    with StageProgress() as progress:
+        built = build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE),
+                                 progress=lambda done, total: progress(stage, done, total))
+        if progress.stages:
+            (start, end, done, _), = progress.stages.values()
+            progress.close(f"[golem] built the demo checkpoint in {path}: {format_nbytes(done)} in {end - start:.2f} s")
+    return str(built)
 
 
 def printable(text: str) -> str:
@@ -272,8 +281,9 @@ def run(args) -> int:
             print(_plan_notes(sizing.plan, config))
         return 0
 
-    loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
-                  trust_remote_code=args.trust_remote_code)
+    with StageProgress() as progress:  # on a terminal a live line, else one summary line
+        loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
+                      trust_remote_code=args.trust_remote_code, progress=progress)
     with loaded as (model, tokenizer):
         runtime = model.golem
         if runtime.sizing_note and args.verbose:
@@ -388,6 +398,7 @@ def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int) 
 
 def main(argv: Optional[list] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    show_library_warnings()
     from golem.io.index import CheckpointError
     from golem.io.reads import ReadError
 

@@ -43,8 +43,11 @@ class GolemLoads:
         import golem.runtime
 
         self.close()
-        loaded = golem.runtime.load(str(path_or_hf_repo), self.config, tokenizer_config=tokenizer_config,
-                                    model_config=model_config, adapter_path=adapter_path)
+        from golem.runtime.cli.progress import StageProgress
+
+        with StageProgress() as progress:  # on a terminal a live line, else one summary line
+            loaded = golem.runtime.load(str(path_or_hf_repo), self.config, tokenizer_config=tokenizer_config,
+                                        model_config=model_config, adapter_path=adapter_path, progress=progress)
         self.loaded.append(loaded)
         model, tokenizer = loaded
         return (model, tokenizer, loaded.runtime.config) if return_config else (model, tokenizer)

@@ -16,6 +16,7 @@ import os
 import sys
 
 from golem.runtime.cli.about import add_version_flag
+from golem.runtime.cli.progress import show_library_warnings
 from golem.runtime.trace import TraceError
 
 SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate", "cache")
@@ -45,6 +46,7 @@ def stdout_closed() -> int:
 
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    show_library_warnings()
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
