@@ -10,6 +10,7 @@ traces and profiles are the library's (``golem.runtime.load``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Optional
@@ -281,7 +282,8 @@ def run(args) -> int:
             print(_plan_notes(sizing.plan, config))
         return 0
 
-    with StageProgress() as progress:  # on a terminal a live line, else one summary line
+    # On a terminal a live line, else one summary line; --verbose False prints the text alone, as mlx-lm.
+    with StageProgress() if args.verbose else contextlib.nullcontext() as progress:
         loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
                       trust_remote_code=args.trust_remote_code, progress=progress)
     with loaded as (model, tokenizer):
