@@ -252,3 +252,14 @@ def test_trace_benchmarks_say_how_to_record_a_missing_trace(tmp_path, bench):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"no trace at {missing}" in proc.stderr and "golem-run --model MODEL" in proc.stderr
     assert "--trace-out FILE" in proc.stderr
+
+
+def test_errors_are_one_line_in_the_commands_form(capsys, tmp_path):
+    from golem.runtime.cli import error_line
+
+    assert error_line("golem-run", ValueError("first\nsecond")) == "golem-run: error: first"
+    assert error_line("golem-trace stats", OSError()) == "golem-trace stats: error: OSError"
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    rc, out, err = run_cli(capsys, "stats", bad)
+    assert rc == 2 and not out and err.startswith("golem-trace stats: error: ") and err.count("\n") == 1

@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Optional
 
+from golem.runtime.cli import error_line
 from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 from golem.runtime.cli.progress import StageProgress, show_library_warnings
@@ -409,10 +410,10 @@ def main(argv: Optional[list] = None) -> int:
     try:
         return run(args)
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"golem-run: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(error_line("golem-run", e), file=sys.stderr)
         return 2
     except ReadError as e:
-        print(f"golem-run: read failed: {e}", file=sys.stderr)
+        print(error_line("golem-run", e, "read failed"), file=sys.stderr)
         return 1
     except BrokenPipeError:
         from golem.runtime.cli.trace import stdout_closed

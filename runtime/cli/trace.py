@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 
+from golem.runtime.cli import error_line
 from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.progress import show_library_warnings
 from golem.runtime.trace import TraceError
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         return stdout_closed()
     except (TraceError, ValueError, OSError) as e:  # user mistakes: one line, no traceback
-        print(f"golem-trace {args.command}: error: {e}", file=sys.stderr)
+        print(error_line(f"golem-trace {args.command}", e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("golem-trace: interrupted", file=sys.stderr)

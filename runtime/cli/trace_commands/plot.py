@@ -22,7 +22,7 @@ from golem.runtime.analysis.simulate import requests_per_step, simulate, simulat
 from golem.runtime.trace import load_traces, require_steps
 
 CHARTS = ("hit-rate", "warm-start", "overlap")
-MISSING_MATPLOTLIB = f"golem-trace plot needs matplotlib: {PLOT_EXTRA_HINT}"
+MISSING_MATPLOTLIB = f"drawing charts needs matplotlib: {PLOT_EXTRA_HINT}"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
