@@ -72,10 +72,13 @@ class StageProgress:
         stream: where to write (default: stderr).
         clock: a monotonic time source in seconds (tests give a fake one).
         interval_s: the least time between two redraws on a terminal.
+        finished: how the summary names a stage once done (default: the stage's own name),
+            e.g. ``{"building the demo checkpoint": "built the demo checkpoint:"}``.
     """
 
     def __init__(self, stream: Optional[TextIO] = None, *, clock: Callable[[], float] = time.monotonic,
-                 interval_s: float = 0.1) -> None:
+                 interval_s: float = 0.1, finished: Optional[Dict[str, str]] = None) -> None:
+        self.finished = dict(finished or {})
         self.stream = sys.stderr if stream is None else stream
         self.clock = clock
         self.interval_s = interval_s
@@ -98,15 +101,16 @@ class StageProgress:
         """``[golem] loading 1.23 GB in 2.10 s; ...``, or None before any stage began."""
         if not self.stages:
             return None
-        parts = [f"{stage} {_nbytes(done)} in {end - start:.2f} s" for stage, (start, end, done, _) in self.stages.items()]
+        parts = [f"{self.finished.get(stage, stage)} {_nbytes(done)} in {end - start:.2f} s"
+                 for stage, (start, end, done, _) in self.stages.items()]
         return "[golem] " + "; ".join(parts)
 
-    def close(self, summary: Optional[str] = None) -> None:
-        """Clear the live line (terminal) and write ``summary`` (default: ``summary()``)."""
+    def close(self) -> None:
+        """Clear the live line (terminal) and write the summary line."""
         if self._line:
             self._write("\r\x1b[K")
             self._line = False
-        line = summary if summary is not None else self.summary()
+        line = self.summary()
         if line:
             self._write(line + "\n")
         self.stages.clear()

@@ -19,7 +19,6 @@ from golem.runtime.cli import error_line
 from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 from golem.runtime.cli.progress import StageProgress, show_library_warnings
-from golem.runtime.units import format_nbytes
 
 # Neutral values of mlx_lm.generate flags that older mlx-lm releases do not have yet.
 MLX_LM_NEUTRAL = dict(
@@ -62,13 +61,9 @@ def _demo_model() -> str:
     if (path / "config.json").exists():
         return str(path)
     stage = f"building the demo checkpoint in {path} (once)"
-    with StageProgress() as progress:
-        built = build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE),
-                                 progress=lambda done, total: progress(stage, done, total))
-        if progress.stages:
-            (start, end, done, _), = progress.stages.values()
-            progress.close(f"[golem] built the demo checkpoint in {path}: {format_nbytes(done)} in {end - start:.2f} s")
-    return str(built)
+    with StageProgress(finished={stage: f"built the demo checkpoint in {path}:"}) as progress:
+        return str(build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE),
+                                    progress=lambda done, total: progress(stage, done, total)))
 
 
 def printable(text: str) -> str:
