@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from golem.runtime.cli.run import main as golem_run
 from golem.runtime.cli.trace import main as golem_trace
@@ -63,3 +64,15 @@ def test_traces_without_recorded_numbers_count_from_zero():
 
     t = make_trace(np.zeros((2, 3, 1), dtype=np.int16), num_experts=4)
     assert t.layer_numbers == [0, 1, 2]
+
+
+def test_chart_axes_are_labelled_with_layer_numbers():
+    pytest.importorskip("matplotlib")
+    from golem.runtime.cli.trace_commands.plot import _figure, _layer_ticks
+
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(3), [1, 2, 3])
+    _layer_ticks(ax.xaxis, [1, 5, 9])
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()] == ["1", "5", "9"]
