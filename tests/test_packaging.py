@@ -116,6 +116,8 @@ def test_license_classifiers_and_urls():
     assert text.startswith("MIT License") and "Copyright (c) 2026 the golem authors" in text
     assert "Programming Language :: Python :: 3" in meta["classifiers"]
     assert not any(c.startswith("License ::") for c in meta["classifiers"])  # the expression says it
+    known = pytest.importorskip("trove_classifiers").classifiers  # the list PyPI accepts
+    assert [c for c in meta["classifiers"] if c not in known] == []
     assert meta["urls"] and all(u.startswith("https://") for u in meta["urls"].values())
     installed = importlib.metadata.metadata("golem-moe")  # the editable install is current
     assert installed["License-Expression"] == "MIT"
