@@ -1,12 +1,14 @@
 """Packaging glue that pyproject.toml cannot say: the three source folders at the root install
-as subpackages of the namespace package ``golem`` (``io/`` -> ``golem.io``; a top-level ``io``
-would shadow Python's own), and every subfolder with an ``__init__.py`` is found, not listed."""
+as subpackages of the package ``golem`` (``io/`` -> ``golem.io``; a top-level ``io`` would
+shadow Python's own), and every subfolder with an ``__init__.py`` is found, not listed.
+``golem/`` itself holds only the version and ``python -m golem``; being a regular package (not
+a namespace), it is removed whole by ``pip uninstall``."""
 
 from pathlib import Path
 
 from setuptools import setup
 
-ROOTS = {"golem.io": "io", "golem.predictors": "predictors", "golem.runtime": "runtime"}
+ROOTS = {"golem": "golem", "golem.io": "io", "golem.predictors": "predictors", "golem.runtime": "runtime"}
 
 
 def packages():

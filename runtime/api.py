@@ -60,7 +60,7 @@ class Loaded(tuple):
 
 def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config: Optional[dict] = None,
          model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
-         trust_remote_code: bool = False, **fields: Any) -> Loaded:
+         trust_remote_code: bool = False, progress=None, **fields: Any) -> Loaded:
     """Load an MoE checkpoint with offloaded experts, sized and warmed as ``golem-run`` does.
 
     Args:
@@ -73,6 +73,8 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
+        progress: ``progress(stage, done_nbytes, total_nbytes)``, called while the weights load
+            and the warm start reads its experts (see ``golem.runtime.loader.load_offloaded``).
 
     Raises:
         ConfigError: an option is wrong (named in the message); checked before any work.
@@ -81,7 +83,7 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
     """
     config = make_config(config, **fields)
     runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, progress=progress)
     try:
         tokenizer = _load_tokenizer(runtime.path, tokenizer_config, runtime.config.get("eos_token_id", None))
     except BaseException:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -225,7 +225,8 @@ class OffloadedModel:
             self._finished = True
             if self.options.trace_out is not None:
                 out["trace"] = self.save_trace()
-            if self.options.save_profile:
+            recorded = self.engine.trace is None or self.engine.trace.num_steps > 0
+            if self.options.save_profile and recorded:  # loaded, nothing generated: nothing to merge
                 out["profile"] = self.save_profile()
         return out
 
@@ -457,7 +458,8 @@ def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
 
 def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, *,
                    model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
-                   trust_remote_code: bool = False, **fields) -> OffloadedModel:
+                   trust_remote_code: bool = False, progress: Optional[Progress] = None,
+                   **fields) -> OffloadedModel:
     """Load ``model_path`` with every MoE layer's experts in a slot pool.
 
     Every option is checked before any work starts (the config's own checks, files it will
@@ -471,6 +473,10 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
+        progress: called as ``progress(stage, done_nbytes, total_nbytes)`` while the weights
+            load (stage ``"loading"``: the resident weights and fully resident layers' experts)
+            and while the warm start reads its experts (``"warm start"``), first with 0 done;
+            on the loading thread (``golem.runtime.cli.progress.StageProgress`` draws it).
         **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``capacities=4``).
     """
     from golem.runtime.sizing import load_warm_profile
@@ -488,12 +494,13 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     train = _traces(config.predictor_train)
     with FreedOnFailure() as freed:
         return _assemble(path, config, freed, profile=profile, truth=truth, train=train, model_path=str(model_path),
-                         model_config=model_config, adapter_path=adapter_path, trust_remote_code=trust_remote_code)
+                         model_config=model_config, adapter_path=adapter_path, trust_remote_code=trust_remote_code,
+                         progress=progress)
 
 
 def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profile, truth, train: list,
               model_path: str, model_config: Optional[dict], adapter_path: Optional[str],
-              trust_remote_code: bool) -> OffloadedModel:
+              trust_remote_code: bool, progress: Optional[Progress] = None) -> OffloadedModel:
     """``load_offloaded`` from opening the checkpoint on: the lazily loaded model is handed to
     ``freed``, and every thread and file started here is closed if a later step fails."""
     from golem.runtime.sizing import size_model
@@ -603,13 +610,10 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
                 meta={"model_type": mconfig.get("model_type"), "model": str(path)},
             )
         expert_names = set(index.tensor_names())
-        mx.eval(model.parameters())  # reads the non-expert bytes only: pools are zeros
         non_expert_nbytes = st_index.nbytes(n for n in st_index.tensors if n not in expert_names)
-        for layer, pool in pools.items():
-            if pool.fully_resident:
-                engine.preload(layer, range(pool.num_experts))
+        _load_resident(model, engine, pools, progress)
         if sizing.warm:
-            engine.warm(sizing.warm)
+            _warm_start(engine, pools, sizing.warm, progress)
     except BaseException:
         for thing in reversed(started):
             try:
@@ -619,6 +623,56 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
         raise
     return OffloadedModel(model, mconfig, path, engine, index, experts, reader, non_expert_nbytes,
                           options=config, plan=sizing.plan, sizing_note=sizing.note, model_path=model_path)
+
+
+Progress = Callable[[str, int, int], None]  # (stage, done_nbytes, total_nbytes)
+EVAL_CHUNK_NBYTES = 64 << 20  # resident weights evaluated in groups of this size when progress is drawn
+
+
+def _load_resident(model, engine, pools, progress: Optional[Progress]) -> None:
+    """Read the resident weights (the non-expert ones: the pools are zeros until filled) and
+    the experts of fully resident layers; with ``progress``, in groups, reporting bytes."""
+    if progress is None:
+        mx.eval(model.parameters())
+        for layer, pool in pools.items():
+            if pool.fully_resident:
+                engine.preload(layer, range(pool.num_experts))
+        return
+    arrays = [a for _, a in tree_flatten(model.parameters())]
+    full = [l for l, p in pools.items() if p.fully_resident]
+    total = sum(a.nbytes for a in arrays) + sum(pools[l].expert_nbytes * pools[l].num_experts for l in full)
+    done = 0
+    progress("loading", 0, total)
+    batch, size = [], 0
+    for a in arrays + [None]:
+        if a is not None:
+            batch.append(a)
+            size += a.nbytes
+        if batch and (a is None or size >= EVAL_CHUNK_NBYTES):
+            mx.eval(batch)  # one sync per 64 MB at load time, none per token
+            done += size
+            progress("loading", done, total)
+            batch, size = [], 0
+    for layer in full:
+        pool = pools[layer]
+        engine.preload(layer, range(pool.num_experts))
+        done += pool.expert_nbytes * pool.num_experts
+        progress("loading", done, total)
+
+
+def _warm_start(engine, pools, warm: dict, progress: Optional[Progress]) -> None:
+    """``engine.warm(warm)``, a layer at a time when ``progress`` reports its bytes."""
+    if progress is None:
+        engine.warm(warm)
+        return
+    sizes = {l: pools[l].expert_nbytes * min(len(e), pools[l].capacity) for l, e in warm.items()
+             if l in pools and not pools[l].fully_resident}
+    total, done = sum(sizes.values()), 0
+    progress("warm start", 0, total)
+    for layer, experts in warm.items():
+        engine.warm({layer: experts})
+        done += sizes.get(layer, 0)
+        progress("warm start", done, total)
 
 
 def _traces(sources) -> list:

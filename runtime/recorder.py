@@ -45,6 +45,11 @@ class TraceRecorder:
         self._seq_starts: List[int] = []
         self._rows = 0
 
+    @property
+    def num_steps(self) -> int:
+        """Steps (tokens, prompt ones included) recorded so far."""
+        return self._rows
+
     def weights(self, layer: int, x: mx.array):
         """Lazy arrays to read back with the layer's ids: (weights, residual) as recorded."""
         parts = []

@@ -10,12 +10,16 @@ slot pools, I/O or generation; ``golem.runtime.loader`` applies what it returns.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from golem.runtime.config import ConfigError, RuntimeConfig, parse_nbytes, resolved_layers, staging_buffers
+
+log = logging.getLogger(__name__)
+_NOTED_NO_PROFILE: set = set()  # profile files whose absence was noted (one warning each)
 
 MACHINE_MARGIN = 0.10  # of the machine's memory, left for the KV cache, activations and everything else
 MEMORY_LIMIT_ENV = "GOLEM_MEMORY_LIMIT"
@@ -99,7 +103,11 @@ def profile_dir(model_path) -> Path:
 
 
 def load_warm_profile(config: RuntimeConfig, model_path):
-    """The profile ``config.warm_start`` names (None for none or a random seed)."""
+    """The profile ``config.warm_start`` names (None for none or a random seed).
+
+    ``"saved"`` before any profile was saved for the model (a first run) is no error: the
+    caches start empty and one warning says so, once per process and profile (``plan`` and
+    then ``load`` of one model, as golem-chat and golem-server do, note it once)."""
     ws = config.warm_start
     if ws is None or not isinstance(ws, (str, os.PathLike)):
         return None
@@ -108,8 +116,12 @@ def load_warm_profile(config: RuntimeConfig, model_path):
     if str(ws) == "saved":
         folder = profile_dir(model_path)
         profile = load_saved_profile(folder)
-        if profile is None:
-            raise ConfigError(f"-W saved: no saved profile yet at {profile_path(folder)} (run once with --save-profile)")
+        if profile is None and (where := profile_path(folder)) not in _NOTED_NO_PROFILE:
+            _NOTED_NO_PROFILE.add(where)
+            hint = ("this run saves one" if config.save_profile else
+                    "save_profile=True (golem-run --save-profile) saves one")
+            log.warning("warm start 'saved': no profile saved for this model yet (%s), so the expert "
+                        "caches start empty; %s", where, hint)
         return profile
     return load_warm_source(ws)
 

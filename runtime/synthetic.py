@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -157,6 +157,7 @@ def build_checkpoint(
     residual_scale: float = 1.0,
     layers_per_shard: Optional[int] = None,
     overwrite: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> Path:
     """Generate a checkpoint of ``family`` in ``path`` and return the path.
 
@@ -171,6 +172,8 @@ def build_checkpoint(
             stream drifts from layer to layer).
         layers_per_shard: decoder layers per safetensors shard (default: two shards).
         overwrite: replace an existing folder.
+        progress: called as ``progress(done_nbytes, total_nbytes)`` as the weights are made
+            and written (first with 0 done); not called when the folder exists already.
 
     The folder appears whole or not at all: it is written beside ``path`` under a unique name
     and renamed into place, under a lock (``<path>.lock``) so that concurrent builders of one
@@ -190,7 +193,8 @@ def build_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".partial-"))
         try:
-            _write_checkpoint(family, tmp, size, seed, expert_scale, router_scale, residual_scale, layers_per_shard)
+            _write_checkpoint(family, tmp, size, seed, expert_scale, router_scale, residual_scale, layers_per_shard,
+                              progress)
             if path.exists():
                 old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".partial-old-"))
                 os.replace(path, old / path.name)
@@ -203,7 +207,8 @@ def build_checkpoint(
 
 
 def _write_checkpoint(family: str, tmp: Path, size: Size, seed: int, expert_scale: float, router_scale: float,
-                      residual_scale: float, layers_per_shard: Optional[int]) -> None:
+                      residual_scale: float, layers_per_shard: Optional[int],
+                      progress: Optional[Callable[[int, int], None]] = None) -> None:
     config = family_config(family, size)
     quant = families.family(family).generated_quantization(size)
     config["quantization"] = dict(quant)
@@ -233,11 +238,16 @@ def _write_checkpoint(family: str, tmp: Path, size: Size, seed: int, expert_scal
     count = len(shards)
     weight_map = {}
     total = 0
+    report = progress or (lambda done, total: None)
+    all_nbytes, made = sum(w.nbytes for w in weights.values()), 0
+    report(0, all_nbytes)
     for i, shard_id in enumerate(sorted(shards)):
         fname = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         tensors = shards[shard_id]
         for w in tensors.values():  # one tensor at a time: Ctrl-C is handled between them
             mx.eval(w)
+            made += w.nbytes
+            report(made, all_nbytes)
         mx.save_safetensors(str(tmp / fname), tensors, metadata={"format": "mlx"})
         for name, w in tensors.items():
             weight_map[name] = fname

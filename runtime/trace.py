@@ -70,6 +70,14 @@ class Trace:
         return int(self.meta["top_k"])
 
     @property
+    def layer_numbers(self) -> list[int]:
+        """The checkpoint's decoder layer number of each traced MoE layer (meta ``moe_layers``;
+        0..L-1 for traces that do not record them). Every report names layers by these, as
+        golem-run's table and ``-f/--pin-layers`` do."""
+        ids = self.meta.get("moe_layers")
+        return [int(i) for i in ids] if ids is not None else list(range(self.num_layers))
+
+    @property
     def expert_bytes(self) -> int:
         return int(self.meta.get("expert_bytes", 0))
 

@@ -193,7 +193,7 @@ def test_trace_replay_matches_plain_lru_on_its_own_model():
     e = q.expert_nbytes(m)
     for slots in (2, 5, 9, 16):
         mach = _cpu_machine(q.non_expert_nbytes(m) + 4 * slots * e)
-        rep = estimate(m, q, mach, replay=TraceReplay([trace]))
+        rep = estimate(m, q, mach, replay=TraceReplay([trace], policy="lru"))
         assert rep.placement.slots == (slots,) * 4
         assert rep.trace.experts_read == pytest.approx(_lru_reads(trace.experts, slots) / trace.num_steps) \
             if slots < 16 else rep.trace.experts_read == 0
@@ -203,7 +203,7 @@ def test_trace_replay_maps_a_small_model_by_share_of_a_layer():
     trace = _synthetic_trace()
     small, big = _model(layers=4, experts=16), _model(layers=8, experts=64, top_k=4)
     q = Quantization.parse("F16")
-    replay = TraceReplay([trace])
+    replay = TraceReplay([trace], policy="lru")
     for slots in (16, 36):  # 16/64 and 36/64 of a layer -> 4 and 9 of 16 traced slots
         mach = _cpu_machine(q.non_expert_nbytes(big) + 8 * slots * q.expert_nbytes(big))
         rep = estimate(big, q, mach, replay=replay)
@@ -222,7 +222,7 @@ def test_trace_replay_maps_a_small_model_by_share_of_a_layer():
 def test_trace_replay_with_no_memory_reads_every_active_expert():
     m, q = load_model_spec("glm-5"), MIXED
     machine = load_machine("rtx3090-128g").with_memory(0)
-    rep = estimate(m, q, machine, routing=STUDY, replay=TraceReplay([_synthetic_trace(layers=4, experts=16)]))
+    rep = estimate(m, q, machine, routing=STUDY, replay=TraceReplay([_synthetic_trace(layers=4, experts=16)], policy="lru"))
     cached = m.num_moe_layers - len(rep.placement.fast_pinned)
     assert rep.trace.experts_read == pytest.approx(cached * m.top_k)
     assert rep.chunk.experts_read < rep.trace.experts_read  # the formula's optimism at 0 GB
@@ -232,12 +232,12 @@ def test_prefetch_overlaps_reads_with_compute():
     trace = _synthetic_trace()
     m, q = _model(), Quantization.parse("F16")
     mach = _cpu_machine(q.non_expert_nbytes(m) + 4 * 4 * q.expert_nbytes(m), ssd_gb_per_s=0.001)
-    cold = estimate(m, q, mach, replay=TraceReplay([trace])).trace
-    warm = estimate(m, q, mach, replay=TraceReplay([trace], prefetch_recall=0.8)).trace
+    cold = estimate(m, q, mach, replay=TraceReplay([trace], policy="lru")).trace
+    warm = estimate(m, q, mach, replay=TraceReplay([trace], policy="lru", prefetch_recall=0.8)).trace
     assert warm.experts_read == pytest.approx(cold.experts_read, rel=0.05)
     assert warm.time_s < cold.time_s
     with pytest.raises(ValueError, match="prefetch-recall"):
-        TraceReplay([trace], prefetch_recall=1.5)
+        TraceReplay([trace], policy="lru", prefetch_recall=1.5)
 
 
 @pytest.mark.skipif(not (TRACES / "general.npz").is_file(), reason="OLMoE traces not present")
@@ -249,7 +249,7 @@ def test_olmoe_traces_drive_a_glm5_sweep():
     stats = chunk_analysis(traces, coverages=(1.0,))
     routing = ChunkRouting.from_stats(stats, m)
     assert routing.u == pytest.approx(stats.u_mean[0] * m.total_experts / (16 * 64))
-    replay = TraceReplay(traces)
+    replay = TraceReplay(traces, policy="lru")
     machine = load_machine("rtx3090-128g")
     sweep = memory_sweep(m, MIXED, machine, [16 * GiB, 64 * GiB, 128 * GiB, 256 * GiB, 400 * GiB],
                          routing=routing, replay=replay)
@@ -329,7 +329,7 @@ def test_plot_writes_png_or_says_matplotlib_is_missing(tmp_path, monkeypatch):
         path = plot_sweep(sweep, tmp_path / "x.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(RuntimeError, match="pip install matplotlib"):
+    with pytest.raises(RuntimeError, match=r'pip install "golem-moe\[plot\]" \(or pip install matplotlib\)'):
         plot_sweep(sweep, tmp_path / "y.png")
 
 
@@ -407,7 +407,8 @@ def test_cli_plot_without_matplotlib_fails(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     rc = trace_main(["estimate", "--model", "glm-5", "--machine", "rtx3090-128g", "--u", "5", "--d", "1",
                      "--plot", str(tmp_path / "x.png")])
-    assert rc == 2 and "needs matplotlib" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and 'needs matplotlib: pip install "golem-moe[plot]"' in err
 
 
 def test_pin_layers_is_never_a_count():

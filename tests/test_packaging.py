@@ -83,16 +83,121 @@ def test_console_scripts():
         "golem-trace": "golem.runtime.cli.trace:main",
         "golem-chat": "golem.runtime.cli.chat:main",
         "golem-server": "golem.runtime.cli.server:main",
+        "golem": "golem.__main__:main",
     }
-    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
-                 if e.name.startswith("golem-")}
+    installed = {e.name: e.value for e in importlib.metadata.distribution("golem-moe").entry_points
+                 if e.group == "console_scripts"}
     assert installed == scripts  # the editable install is current (pip install -e ".[cpu,test]")
 
 
-def test_lower_bounds_are_the_tested_ones():
+def test_bounds_are_the_tested_ones():
     deps = {requirement_name(r): r for r in project()["dependencies"]}
-    assert deps["mlx-lm"] == "mlx-lm>=0.30.7"  # qwen3_5_moe and has_chat_template arrive here
+    # 0.30.7: qwen3_5_moe and has_chat_template arrive; < 0.33: golem-chat and golem-server
+    # swap names inside mlx_lm.chat and mlx_lm.server, tested up to the 0.32 series.
+    assert deps["mlx-lm"] == "mlx-lm>=0.30.7,<0.33"
     assert deps["mlx"] == "mlx>=0.30.4"  # what mlx-lm 0.30.7 asks for
+
+
+def test_installed_mlx_lm_is_one_golem_is_tested_with():
+    from packaging.requirements import Requirement
+
+    deps = {requirement_name(r): Requirement(r) for r in project()["dependencies"]}
+    for name in ("mlx-lm", "mlx"):
+        installed = importlib.metadata.version(name)
+        assert deps[name].specifier.contains(installed, prereleases=True), (
+            f"{name} {installed} is installed, outside {deps[name].specifier} (pyproject.toml): run "
+            "tests/test_chat.py and tests/test_server.py with it, then widen the range")
+
+
+def test_license_classifiers_and_urls():
+    meta = project()
+    assert meta["license"] == "MIT" and meta["license-files"] == ["LICENSE"]
+    text = (REPO / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "Copyright (c) 2026 the golem authors" in text
+    assert "Programming Language :: Python :: 3" in meta["classifiers"]
+    assert not any(c.startswith("License ::") for c in meta["classifiers"])  # the expression says it
+    known = pytest.importorskip("trove_classifiers").classifiers  # the list PyPI accepts
+    assert [c for c in meta["classifiers"] if c not in known] == []
+    assert meta["urls"] and all(u.startswith("https://") for u in meta["urls"].values())
+    installed = importlib.metadata.metadata("golem-moe")  # the editable install is current
+    assert installed["License-Expression"] == "MIT"
+
+
+def _version_line(args) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    return done.stdout.strip()
+
+
+def test_every_command_shows_one_version():
+    import golem
+
+    declared = project()["version"]
+    assert golem.__version__ == declared == importlib.metadata.version("golem-moe")
+    bindir = Path(sys.executable).parent
+    mlx, mlx_lm = importlib.metadata.version("mlx"), importlib.metadata.version("mlx-lm")
+    for prog in ("golem-run", "golem-trace", "golem-chat", "golem-server", "golem"):
+        line = _version_line([str(bindir / prog), "--version"])
+        assert line == f"{prog} {declared} (mlx {mlx}, mlx-lm {mlx_lm})"
+    printed = _version_line([sys.executable, "-c", "import golem; print(golem.__version__)"])
+    assert printed == declared
+
+
+def test_python_m_golem_lists_every_command():
+    listing = _version_line([sys.executable, "-m", "golem"])
+    assert listing.splitlines()[0].startswith(f"golem {project()['version']} (golem-moe)")
+    listed = [line.split()[0] for line in listing.splitlines() if line.startswith("  golem-")]
+    assert sorted(listed) == sorted(n for n in project()["scripts"] if n != "golem")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="venv layout checked on Linux")
+def test_wheel_carries_license_and_uninstalls_without_leftovers(tmp_path):
+    import zipfile
+
+    pytest.importorskip("setuptools", minversion="77")  # the test extra brings it
+    source = tmp_path / "src"
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        (source / name).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for folder in ("golem", *SOURCES):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
+                    str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("golem_moe-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        assert f"{info}/licenses/LICENSE" in names
+        assert z.read(f"{info}/licenses/LICENSE").decode() == (REPO / "LICENSE").read_text()
+        metadata = z.read(f"{info}/METADATA").decode()
+    assert "License-Expression: MIT" in metadata and "Project-URL: Homepage" in metadata
+    assert "golem/__init__.py" in names and "golem/__main__.py" in names
+    assert "golem/runtime/cli/run.py" in names and "golem/io/index.py" in names
+    assert not any(n.startswith(("io/", "runtime/", "predictors/", "tests/")) for n in names)
+
+    # Into a fresh virtual environment that sees this one's packages (mlx, mlx-lm) underneath.
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)],
+                   check=True, timeout=120)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    into = [*pip, "--python", str(python)]
+    subprocess.run([*into, "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    assert (site / "golem" / "__init__.py").is_file()
+    outside = tmp_path / "elsewhere"  # not the repository, whose folders would shadow the wheel's
+    outside.mkdir()
+    shown = subprocess.run([str(python), "-c", "import golem, golem.runtime.cli.about as a; "
+                            "print(golem.__version__, golem.__file__, a.__file__)"],
+                           cwd=outside, check=True, capture_output=True, text=True, timeout=120)
+    version, init, about = shown.stdout.split()
+    assert version == project()["version"]
+    assert Path(init).parent == site / "golem" and Path(about).is_relative_to(site / "golem")
+    subprocess.run([*into, "uninstall", "-y", "-q", "golem-moe"], check=True, capture_output=True, timeout=300)
+    assert not (site / "golem").exists()
+    assert not list(site.glob("golem_moe*"))
 
 
 def test_every_imported_package_is_declared_and_every_dependency_used():

@@ -180,8 +180,8 @@ def test_stats_give_room_to_the_layer_that_needs_it():
     assert plan.pinned_layers == [0]
     uniform = make_plan(model, budget_nbytes=100 * 20)
     assert uniform.capacities == [10, 10]
-    assert simulate(t, capacity=plan.capacities, pinned=plan.pinned_layers).total_misses < \
-        simulate(t, capacity=uniform.capacities).total_misses
+    assert simulate(t, policy="lru", capacity=plan.capacities, pinned=plan.pinned_layers).total_misses < \
+        simulate(t, policy="lru", capacity=uniform.capacities).total_misses
 
 
 def test_routing_stats_from_traces_and_profiles_agree():
@@ -190,7 +190,7 @@ def test_routing_stats_from_traces_and_profiles_agree():
     b = RoutingStats.from_profile(profile_from_traces(t))
     np.testing.assert_allclose(a.curves, b.curves)
     for c in (3, 6, 10):
-        np.testing.assert_allclose(a.curves[:, c] * t.num_steps, simulate(t, capacity=c).misses)
+        np.testing.assert_allclose(a.curves[:, c] * t.num_steps, simulate(t, policy="lru", capacity=c).misses)
     p = RoutingStats.from_traces(t, policy="lfu-decay", grid_step=2)
     for c in (3, 5, 7, 9, 10):
         np.testing.assert_allclose(p.curves[:, c] * t.num_steps, simulate(t, policy="lfu-decay", capacity=c).misses)
@@ -219,8 +219,8 @@ def test_budget_plan_beats_uniform_on_olmoe_estimate(olmoe_traces):
     plan = make_plan(model, budget_nbytes=budget, stats=stats)
     uniform = make_plan(model, budget_nbytes=budget)
     assert plan.total_nbytes <= budget and uniform.capacities == [32] * 16
-    got = simulate(part, capacity=plan.capacities, pinned=plan.pinned_layers).total_misses
-    assert got < simulate(part, capacity=uniform.capacities).total_misses
+    got = simulate(part, policy="lru", capacity=plan.capacities, pinned=plan.pinned_layers).total_misses
+    assert got < simulate(part, policy="lru", capacity=uniform.capacities).total_misses
     assert "uniform plan of the same budget" in plan.describe()
 
 

@@ -217,3 +217,30 @@ def test_hub_snapshots_and_repo_ids_share_a_profile(tmp_path):
     snap.mkdir(parents=True)
     assert model_identity(snap) == "org/tiny-moe" == model_identity("org/tiny-moe")
     assert profile_dir_for(snap, tmp_path) == profile_dir_for("org/tiny-moe", tmp_path) == tmp_path / "profiles" / "org--tiny-moe"
+
+
+def test_a_first_run_with_the_saved_warm_start_starts_cold_and_saves_one(checkpoints, tmp_path, monkeypatch,
+                                                                           caplog):
+    import mlx.core as mx
+    from mlx_lm import generate
+
+    import golem.runtime
+
+    monkeypatch.setenv("GOLEM_CACHE", str(tmp_path / "cache"))
+    model_path = checkpoints("qwen3_moe")
+    profile_file = profile_dir_for(model_path) / PROFILE_FILENAME
+    caplog.set_level(logging.WARNING, logger="golem.runtime.sizing")
+    options = dict(cache_size=4, warm_start="saved", save_profile=True)
+    golem.runtime.plan(model_path, **options)  # golem-chat and golem-server plan, then load
+    with golem.runtime.load(model_path, **options) as (model, tokenizer):
+        assert all(not p.resident() for p in model.golem.engine.pools.values())  # cold
+        mx.random.seed(0)
+        generate(model, tokenizer, "hello", max_tokens=4)
+    notes = [r.getMessage() for r in caplog.records if r.name == "golem.runtime.sizing"]
+    assert len(notes) == 1 and "no profile saved for this model yet" in notes[0]
+    assert str(profile_file) in notes[0] and "this run saves one" in notes[0]
+    assert profile_file.is_file()
+    caplog.clear()
+    with golem.runtime.load(model_path, **options) as (model, _):  # the second run starts warm
+        assert all(len(p.resident()) == 4 for p in model.golem.engine.pools.values())
+    assert not [r for r in caplog.records if r.name == "golem.runtime.sizing"]

@@ -84,7 +84,7 @@ def test_stack_distances_with_holes():
     t = random_trace(5, holes=True)
     curve = lru_misses(stack_distance_histogram(t))
     for capacity in range(3, 13):
-        np.testing.assert_array_equal(curve[:, capacity], simulate(t, capacity=capacity).misses)
+        np.testing.assert_array_equal(curve[:, capacity], simulate(t, policy="lru", capacity=capacity).misses)
 
 
 def _optimal_misses(experts: np.ndarray, capacity: int) -> int:
@@ -182,13 +182,13 @@ def test_every_policy_refuses_when_all_are_protected(name):
 
 def test_prefetch_recall_moves_misses_to_prefetched():
     t = random_trace(1)
-    base = simulate(t, capacity=5)
+    base = simulate(t, policy="lru", capacity=5)
     assert base.total_prefetched == 0
-    full = simulate(t, capacity=5, prefetch_recall=1.0)
+    full = simulate(t, policy="lru", capacity=5, prefetch_recall=1.0)
     assert full.total_misses == 0 and full.total_prefetched == base.total_misses
-    half = simulate(t, capacity=5, prefetch_recall=0.5, seed=3)
-    again = simulate(t, capacity=5, prefetch_recall=0.5, seed=3)
-    other = simulate(t, capacity=5, prefetch_recall=0.5, seed=4)
+    half = simulate(t, policy="lru", capacity=5, prefetch_recall=0.5, seed=3)
+    again = simulate(t, policy="lru", capacity=5, prefetch_recall=0.5, seed=3)
+    other = simulate(t, policy="lru", capacity=5, prefetch_recall=0.5, seed=4)
     assert half.total_misses + half.total_prefetched == base.total_misses
     np.testing.assert_array_equal(half.step_misses, again.step_misses)
     assert not np.array_equal(half.step_misses, other.step_misses)
@@ -207,7 +207,7 @@ def test_step_misses_add_up():
 
 def test_pinned_layers_never_miss_and_count_as_hits():
     t = random_trace(4)
-    r = simulate(t, capacity=3, pinned=[0, 2])
+    r = simulate(t, policy="lru", capacity=3, pinned=[0, 2])
     assert r.misses[0] == r.misses[2] == 0 and r.misses[1] > 0
     assert r.hits[0] == r.requests[0]
     assert r.capacities == (12, 3, 12)
@@ -216,15 +216,15 @@ def test_pinned_layers_never_miss_and_count_as_hits():
 
 def test_warm_start_is_inserted_in_order_and_cut_to_capacity():
     t = make_trace(np.array([[[2, 3]], [[0, 1]], [[4, 5]]]), 8)
-    assert simulate(t, capacity=2).step_misses[:, 0].tolist() == [2, 2, 2]
-    assert simulate(t, capacity=2, warm={0: [2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
+    assert simulate(t, policy="lru", capacity=2).step_misses[:, 0].tolist() == [2, 2, 2]
+    assert simulate(t, policy="lru", capacity=2, warm={0: [2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
     # only the last `capacity` entries stay
-    assert simulate(t, capacity=2, warm={0: [0, 1, 2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
-    assert simulate(t, capacity=2, warm={0: [2, 3, 0, 1]}).step_misses[:, 0].tolist() == [2, 2, 2]
+    assert simulate(t, policy="lru", capacity=2, warm={0: [0, 1, 2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
+    assert simulate(t, policy="lru", capacity=2, warm={0: [2, 3, 0, 1]}).step_misses[:, 0].tolist() == [2, 2, 2]
     # the last inserted is the most recent: LRU keeps 4 only when it came last
     t = make_trace(np.array([[[2, 3]], [[4, 5]]]), 8)
-    assert simulate(t, capacity=3, warm={0: [4, 6, 7]}).step_misses[:, 0].tolist() == [2, 2]
-    assert simulate(t, capacity=3, warm={0: [6, 7, 4]}).step_misses[:, 0].tolist() == [2, 1]
+    assert simulate(t, policy="lru", capacity=3, warm={0: [4, 6, 7]}).step_misses[:, 0].tolist() == [2, 2]
+    assert simulate(t, policy="lru", capacity=3, warm={0: [6, 7, 4]}).step_misses[:, 0].tolist() == [2, 1]
 
 
 def test_caches_persist_across_traces_and_sequences():
@@ -241,36 +241,36 @@ def test_caches_persist_across_traces_and_sequences():
 def test_decode_only_leaves_prefill_out():
     ex = np.array([[[0, 1]], [[2, 3]], [[0, 1]]])
     t = make_trace(ex, 4, prefill=[True, False, False])
-    assert simulate(t, capacity=2).total_requests == 4
-    assert simulate(t, capacity=2, decode_only=False).total_requests == 6
+    assert simulate(t, policy="lru", capacity=2).total_requests == 4
+    assert simulate(t, policy="lru", capacity=2, decode_only=False).total_requests == 6
 
 
 def test_per_layer_capacity():
     t = random_trace(6)
-    r = simulate(t, capacity=[3, 6, 12])
+    r = simulate(t, policy="lru", capacity=[3, 6, 12])
     for layer, capacity in enumerate((3, 6, 12)):
         alone = make_trace(t.experts[:, layer:layer + 1], 12)
-        assert r.misses[layer] == simulate(alone, capacity=capacity).total_misses
+        assert r.misses[layer] == simulate(alone, policy="lru", capacity=capacity).total_misses
     assert r.capacity == [3, 6, 12]
-    assert simulate(t, capacity=100).capacities == (12, 12, 12)
+    assert simulate(t, policy="lru", capacity=100).capacities == (12, 12, 12)
 
 
 def test_bad_arguments_are_named():
     t = random_trace(0)
     with pytest.raises(ValueError, match="capacity 2 of layer 0 is below the 3"):
-        simulate(t, capacity=2)
+        simulate(t, policy="lru", capacity=2)
     with pytest.raises(ValueError, match="2 per-layer values for 3 layers"):
-        simulate(t, capacity=[4, 4])
+        simulate(t, policy="lru", capacity=[4, 4])
     with pytest.raises(ValueError, match="unknown policy 'mru'"):
         simulate(t, policy="mru")
     with pytest.raises(ValueError, match="expert 99"):
-        simulate(t, capacity=4, warm={0: [99]})
+        simulate(t, policy="lru", capacity=4, warm={0: [99]})
     with pytest.raises(ValueError, match="layer 7"):
-        simulate(t, capacity=4, warm={7: [1]})
+        simulate(t, policy="lru", capacity=4, warm={7: [1]})
     with pytest.raises(ValueError, match="prefetch_recall"):
         simulate(t, prefetch_recall=1.5)
     with pytest.raises(ValueError, match="pinned layers"):
-        simulate(t, capacity=4, pinned=[3])
+        simulate(t, policy="lru", capacity=4, pinned=[3])
     other = make_trace(np.zeros((4, 2, 3), np.int16) + np.arange(3), 12)
     with pytest.raises(ValueError, match="layers"):
         simulate([t, other], capacity=4)

@@ -155,7 +155,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, traces)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     rc, out, err = run_cli(capsys, "plot", traces[0])
     assert rc == 2
-    assert "needs matplotlib: pip install 'golem[plot]'" in err and "Traceback" not in err
+    assert 'needs matplotlib: pip install "golem-moe[plot]"' in err and "Traceback" not in err
 
 
 def test_plot_numbers_without_matplotlib(traces):
@@ -164,7 +164,7 @@ def test_plot_numbers_without_matplotlib(traces):
     ta = load_trace(traces[0])
     rates = hit_rate_over_time([ta], policy="lru", capacity=5, window=50)
     assert rates.shape == (3, 4)
-    assert rates.mean() * 1.0 == pytest.approx(simulate(ta, capacity=5).hit_ratio, abs=1e-9)
+    assert rates.mean() * 1.0 == pytest.approx(simulate(ta, policy="lru", capacity=5).hit_ratio, abs=1e-9)
     by_start = warm_start_hit_rates([ta], policy="lru", capacity=5, seed=0)
     assert set(by_start) == {"empty", "random (seed 0)", "profile"}
     ov = expert_overlap(ta, ta, 5)
@@ -229,7 +229,9 @@ def test_simulate_pins_the_models_layer_numbers_when_the_trace_records_them(caps
     t.meta = {**t.meta, "moe_layers": [1, 2, 3]}  # decoder layer 0 is dense
     save_trace(tmp_path / "t.npz", t)
     rc, out, _ = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "2-3", "-c", 4, "--json")
-    assert rc == 0 and last_json(out)["pinned_layers"] == [1, 2]
+    got = last_json(out)  # reported by the numbers -f takes, as golem-run's table
+    assert rc == 0 and got["pinned_layers"] == [2, 3]
+    assert [(r["layer"], r["pinned"]) for r in got["per_layer"]] == [(1, False), (2, True), (3, True)]
     rc, _, err = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "0", "-c", 4)
     assert rc == 2 and "names no MoE layer" in err
     rc, _, err = run_cli(capsys, "simulate", tmp_path / "t.npz", "-f", "4", "-c", 4)
@@ -250,3 +252,14 @@ def test_trace_benchmarks_say_how_to_record_a_missing_trace(tmp_path, bench):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"no trace at {missing}" in proc.stderr and "golem-run --model MODEL" in proc.stderr
     assert "--trace-out FILE" in proc.stderr
+
+
+def test_errors_are_one_line_in_the_commands_form(capsys, tmp_path):
+    from golem.runtime.cli import error_line
+
+    assert error_line("golem-run", ValueError("first\nsecond")) == "golem-run: error: first"
+    assert error_line("golem-trace stats", OSError()) == "golem-trace stats: error: OSError"
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    rc, out, err = run_cli(capsys, "stats", bad)
+    assert rc == 2 and not out and err.startswith("golem-trace stats: error: ") and err.count("\n") == 1

@@ -22,6 +22,7 @@ from golem.runtime.analysis.machines import MachineSpec
 from golem.runtime.analysis.model_size import ModelSpec, Quantization
 from golem.runtime.analysis.placement import DoesNotFit, Placement, plan_placement
 from golem.runtime.analysis.plan import RoutingStats
+from golem.runtime.policies import DEFAULT_POLICY
 from golem.runtime.trace import Trace
 from golem.runtime.units import GB, GiB
 
@@ -194,8 +195,9 @@ class TraceReplay:
 
     Args:
         traces: decode traces (prefill steps are dropped), replayed in order.
-        policy: eviction policy spec for the simulator (``lru`` uses one stack-distance pass
-            for every capacity; other policies one replay per capacity).
+        policy: eviction policy spec for the simulator (default golem's, ``DEFAULT_POLICY``;
+            ``lru`` uses one stack-distance pass for every capacity, other policies one
+            replay per capacity).
         prefetch_recall: fraction of misses a predictor would have read ahead in time.
         seed: seeds the simulator's prefetch draws.
         warm: traced layer -> experts resident before the first step, oldest first (e.g.
@@ -203,7 +205,7 @@ class TraceReplay:
         progress: called with 1 after each layer a replay finishes (a progress bar's ``update``).
     """
 
-    def __init__(self, traces: Sequence[Trace], *, policy: str = "lru", prefetch_recall: float = 0.0,
+    def __init__(self, traces: Sequence[Trace], *, policy: str = DEFAULT_POLICY, prefetch_recall: float = 0.0,
                  seed: int = 0, warm: Optional[dict] = None,
                  progress: Optional[Callable[[int], None]] = None) -> None:
         if not traces:
@@ -417,7 +419,7 @@ def plot_sweep(sweep: Sequence[tuple[int, Report]], path: Union[str, Path], titl
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("the chart needs matplotlib: pip install matplotlib (or golem[plot])") from None
+        raise RuntimeError('the chart needs matplotlib: pip install "golem-moe[plot]" (or pip install matplotlib)') from None
     xs = [s / GiB for s, _ in sweep]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for method, style in (("chunk", "o-"), ("trace", "s-")):

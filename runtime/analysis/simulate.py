@@ -13,7 +13,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from golem.runtime.policies import Policy, make_policy
+from golem.runtime.policies import DEFAULT_POLICY, Policy, make_policy
 from golem.runtime.trace import Trace
 
 Traces = Union[Trace, Sequence[Trace]]
@@ -299,7 +299,7 @@ def _result(name, stream, caps, pinned, step_misses, step_prefetched) -> SimResu
 def simulate(
     traces: Traces,
     *,
-    policy: Union[str, Callable[[], Policy]] = "lru",
+    policy: Union[str, Callable[[], Policy]] = DEFAULT_POLICY,
     capacity: Capacity = 32,
     pinned: Sequence[int] = (),
     warm: Optional[Mapping[int, Sequence[int]]] = None,
@@ -316,7 +316,8 @@ def simulate(
 
     Args:
         traces: one trace or several, replayed in order.
-        policy: a policy spec (``"lru"``, ``"lfu-decay:decay=0.9"``) or a factory.
+        policy: a policy spec (``"lru"``, ``"lfu-decay:decay=0.9"``) or a factory; default
+            golem's (``DEFAULT_POLICY``), as the live slot pools.
         capacity: slots of every layer, or one value per layer; at least the distinct
             experts of one step (top-k); values above ``num_experts`` mean all of them.
         pinned: fully resident layers (no cache logic, no misses).

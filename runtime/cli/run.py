@@ -10,12 +10,16 @@ traces and profiles are the library's (``golem.runtime.load``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from typing import Optional
 
+from golem.runtime.cli import error_line
+from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
+from golem.runtime.cli.progress import StageProgress, show_library_warnings
 
 # Neutral values of mlx_lm.generate flags that older mlx-lm releases do not have yet.
 MLX_LM_NEUTRAL = dict(
@@ -42,6 +46,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="Build a small generated checkpoint with random weights once (in the cache folder), "
                              "run it offloaded and check the text against stock mlx-lm's.")
+    add_version_flag(parser, "golem-run")
     add_runtime_arguments(parser)
     # One line, as every golem error (mlx-lm's parser prints its whole usage first).
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
@@ -59,9 +64,12 @@ def _demo_model() -> str:
     from golem.runtime.synthetic import Size, build_checkpoint, default_cache_dir
 
     path = default_cache_dir() / "demo-qwen3_moe"
-    if not (path / "config.json").exists():
-        print(f"[golem] building the demo checkpoint in {path} (once)", file=sys.stderr)
-    return str(build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE)))
+    if (path / "config.json").exists():
+        return str(path)
+    stage = f"building the demo checkpoint in {path} (once)"
+    with StageProgress(finished={stage: f"built the demo checkpoint in {path}:"}) as progress:
+        return str(build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE),
+                                    progress=lambda done, total: progress(stage, done, total)))
 
 
 def printable(text: str) -> str:
@@ -244,8 +252,10 @@ def run(args) -> int:
         return 0
 
     started = time.perf_counter()
-    loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
-                  trust_remote_code=args.trust_remote_code)
+    # On a terminal a live line, else one summary line; --verbose False prints the text alone, as mlx-lm.
+    with StageProgress() if args.verbose else contextlib.nullcontext() as progress:
+        loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
+                      trust_remote_code=args.trust_remote_code, progress=progress)
     with loaded as (model, tokenizer):
         load_s = time.perf_counter() - started
         runtime = model.golem
@@ -406,6 +416,7 @@ def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int, 
 
 def main(argv: Optional[list] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    show_library_warnings()
     from golem.io.index import CheckpointError
     from golem.io.reads import ReadError
 
@@ -414,10 +425,10 @@ def main(argv: Optional[list] = None) -> int:
     try:
         return run(args)
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"golem-run: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(error_line("golem-run", e), file=sys.stderr)
         return 2
     except ReadError as e:
-        print(f"golem-run: read failed: {e}", file=sys.stderr)
+        print(error_line("golem-run", e, "read failed"), file=sys.stderr)
         return 1
     except BrokenPipeError:
         from golem.runtime.cli.trace import stdout_closed

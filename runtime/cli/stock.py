@@ -13,6 +13,7 @@ import sys
 import types
 from typing import Callable, Iterable, List, Optional
 
+from golem.runtime.cli.about import add_version_flag
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 from golem.runtime.config import ConfigError, RuntimeConfig
 
@@ -42,8 +43,11 @@ class GolemLoads:
         import golem.runtime
 
         self.close()
-        loaded = golem.runtime.load(str(path_or_hf_repo), self.config, tokenizer_config=tokenizer_config,
-                                    model_config=model_config, adapter_path=adapter_path)
+        from golem.runtime.cli.progress import StageProgress
+
+        with StageProgress() as progress:  # on a terminal a live line, else one summary line
+            loaded = golem.runtime.load(str(path_or_hf_repo), self.config, tokenizer_config=tokenizer_config,
+                                        model_config=model_config, adapter_path=adapter_path, progress=progress)
         self.loaded.append(loaded)
         model, tokenizer = loaded
         return (model, tokenizer, loaded.runtime.config) if return_config else (model, tokenizer)
@@ -90,6 +94,7 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
 
         def parse_known_args(self, args=None, namespace=None):
             if not self.golem_flags:  # after the stock flags, so --help lists those first
+                add_version_flag(self, prog)
                 add_runtime_arguments(self)
                 self.golem_flags = True
             parsed, rest = super().parse_known_args(args, namespace)

@@ -1,4 +1,5 @@
-"""golem-trace: read golem-trace/1 files and report on them.
+"""golem-trace: read golem-trace/1 files and report on them; ``cache`` lists (and removes) what
+golem keeps on disk.
 
 Each subcommand lives in ``golem.runtime.cli.trace_commands.<name>`` and exposes
 ``add_parser(subparsers)``, which registers its parser and sets ``func``. Every
@@ -14,13 +15,17 @@ import importlib
 import os
 import sys
 
+from golem.runtime.cli import error_line
+from golem.runtime.cli.about import add_version_flag
+from golem.runtime.cli.progress import show_library_warnings
 from golem.runtime.trace import TraceError
 
-SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate")
+SUBCOMMANDS = ("stats", "simulate", "plot", "predict", "estimate", "cache")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="golem-trace", description="Inspect golem-trace/1 routing traces.")
+    parser = argparse.ArgumentParser(prog="golem-trace", description="Inspect golem-trace/1 routing traces; list or clear golem's cache folder.")
+    add_version_flag(parser, "golem-trace")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         try:
@@ -42,12 +47,13 @@ def stdout_closed() -> int:
 
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    show_library_warnings()
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
         return stdout_closed()
     except (TraceError, ValueError, OSError) as e:  # user mistakes: one line, no traceback
-        print(f"golem-trace {args.command}: error: {e}", file=sys.stderr)
+        print(error_line(f"golem-trace {args.command}", e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("golem-trace: interrupted", file=sys.stderr)

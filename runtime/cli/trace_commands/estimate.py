@@ -30,6 +30,8 @@ from golem.runtime.analysis.machines import load_machine
 from golem.runtime.analysis.model_size import ModelSpec, Quantization, load_model_spec
 from golem.runtime.analysis.placement import routing_stats_for
 from golem.runtime.cli.progress import progress_bar
+from golem.runtime.cli.about import PLOT_EXTRA_HINT
+from golem.runtime.policies import DEFAULT_POLICY, policy_names
 from golem.runtime.trace import load_traces, require_steps
 from golem.runtime.units import GiB, format_layer_ranges, parse_layer_ranges, parse_size
 
@@ -64,7 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Cache slots per layer: evenly (golem-run --memory-budget), weighted by distinct experts "
                         "per chunk, or by the traces' miss curves (golem-run --memory-budget -W TRACE); the last "
                         "two need a trace.")
-    p.add_argument("--policy", default="lru", help="Eviction policy for the trace replay and --plan curves (default lru).")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"Eviction policy for the trace replay and --plan curves ({', '.join(policy_names())}; "
+                        f"default {DEFAULT_POLICY}, as golem-run; lru replays fastest).")
     p.add_argument("--prefetch-recall", type=float, default=0.0,
                    help="Fraction of misses a predictor reads ahead in time (trace replay).")
     p.add_argument("--sweep", action="store_true", help="Also estimate over memory sizes from 0 to all experts.")
@@ -146,7 +150,7 @@ def _check_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib (or golem[plot])") from None
+        raise ValueError(f"--plot needs matplotlib: {PLOT_EXTRA_HINT}") from None
 
 
 def run(args) -> int:

@@ -3,7 +3,7 @@ by warm-start strategy, and the expert overlap between two traces.
 
 The numbers come from plain functions here (``hit_rate_over_time``, ``warm_start_hit_rates``,
 ``expert_overlap``) that need only numpy; drawing needs matplotlib, an optional extra
-(``pip install 'golem[plot]'``), imported only when a chart is drawn.
+(``pip install "golem-moe[plot]"``), imported only when a chart is drawn.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from golem.runtime.cli.about import PLOT_EXTRA_HINT
 from golem.runtime.policies import DEFAULT_POLICY, policy_names
 from golem.runtime.analysis.profile import profile_from_traces, random_warm_start
 from golem.runtime.analysis.simulate import requests_per_step, simulate, simulate_sequences
 from golem.runtime.trace import load_traces, require_steps
 
 CHARTS = ("hit-rate", "warm-start", "overlap")
-MISSING_MATPLOTLIB = "golem-trace plot needs matplotlib: pip install 'golem[plot]' (or pip install matplotlib)"
+MISSING_MATPLOTLIB = f"drawing charts needs matplotlib: {PLOT_EXTRA_HINT}"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -100,10 +101,14 @@ def _figure(width=9.0, height=4.5):
     return fig
 
 
-def _whole_layers(axis) -> None:
-    from matplotlib.ticker import MaxNLocator
+def _layer_ticks(axis, numbers) -> None:
+    """Ticks at whole positions, labelled with the checkpoint's layer numbers (as golem-run's
+    table and the other golem-trace reports), at most about 16 of them."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_locator(MaxNLocator(integer=True, nbins=16))
+    axis.set_major_formatter(FuncFormatter(
+        lambda x, _: str(numbers[int(x)]) if float(x).is_integer() and 0 <= x < len(numbers) else ""))
 
 
 def run(args) -> int:
@@ -135,7 +140,8 @@ def run(args) -> int:
         raise ValueError(f"--out {out_dir}: is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    layers = np.arange(first.num_layers)
+    layers = np.arange(first.num_layers)  # bar positions; labelled with first.layer_numbers
+    numbers = first.layer_numbers
     names = [Path(t.path).name if t.path else f"trace {i}" for i, t in enumerate(traces)]
     source = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
 
@@ -147,8 +153,8 @@ def run(args) -> int:
                        extent=(0, rates.shape[1] * args.window, -0.5, first.num_layers - 0.5))
         fig.colorbar(im, ax=ax, label="hit rate")
         ax.set_xlabel("decode step")
-        ax.set_ylabel("MoE layer")
-        _whole_layers(ax.yaxis)
+        ax.set_ylabel("MoE layer (decoder layer number)")
+        _layer_ticks(ax.yaxis, numbers)
         ax.set_title(f"{source}: hit rate per {args.window} steps, {args.policy}, "
                      f"{capacity}/{first.num_experts} slots")
         path = out_dir / "hit_rate_over_time.png"
@@ -169,8 +175,8 @@ def run(args) -> int:
         for i, (name, r) in enumerate(rates.items()):
             label = name if name != "profile" else f"profile ({args.warm_start or 'these traces'})"
             ax.bar(layers + (i - (len(rates) - 1) / 2) * width, r, width, label=label)
-        ax.set_xlabel("MoE layer")
-        _whole_layers(ax.xaxis)
+        ax.set_xlabel("MoE layer (decoder layer number)")
+        _layer_ticks(ax.xaxis, numbers)
         ax.set_ylabel("hit rate")
         ax.set_ylim(0, 1.15)
         ax.set_title(f"{source}: hit rate by warm start (fresh cache per sequence), {args.policy}, "
@@ -188,8 +194,8 @@ def run(args) -> int:
         ax = fig.add_subplot(1, 1, 1)
         ax.bar(layers - 0.2, ov["top_overlap"], 0.4, label=f"top-{capacity} experts in common")
         ax.bar(layers + 0.2, ov["distribution_overlap"], 0.4, label="routing distribution overlap")
-        ax.set_xlabel("MoE layer")
-        _whole_layers(ax.xaxis)
+        ax.set_xlabel("MoE layer (decoder layer number)")
+        _layer_ticks(ax.xaxis, numbers)
         ax.set_ylabel("share in common (1 = identical)")
         ax.set_ylim(0, 1.15)
         ax.set_title(f"expert overlap: {names[0]} vs {names[1]}")

@@ -32,9 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "and the offline optimum (Belady: evict the expert used farthest in the future).",
     )
     p.add_argument("traces", nargs="+", metavar="TRACE", help="Trace files or folders of traces, replayed in order.")
-    p.add_argument("--policy", default="lru",
+    p.add_argument("--policy", default=DEFAULT_POLICY,
                    help=f"Eviction policy: {', '.join(policy_names())}, with parameters as name:key=value "
-                        f"(e.g. lfu-decay:decay=0.9). Default lru; golem-run's default is {DEFAULT_POLICY}.")
+                        f"(e.g. lfu-decay:decay=0.9). Default {DEFAULT_POLICY}, as golem-run.")
     p.add_argument("-c", "--capacity", "--cache-size", dest="capacity", type=int, default=None,
                    help="Slots per MoE layer (default: half the experts, unless another sizing flag is given).")
     p.add_argument("--cache-size-override", nargs=2, action="append", default=[], metavar=("RANGES", "N"),
@@ -146,9 +146,10 @@ def run(args) -> int:
         s += f"  {100 * bmiss / req:>10.2f}%" if bound is not None else ""
         return s
 
+    numbers = model.ids  # the checkpoint's layer numbers (trace meta moe_layers), as golem-run's table
     for layer in range(result.num_layers):
         slots = "pinned" if layer in pinned else f"{caps[layer]}/{e}"
-        print(line(layer, slots, int(result.requests[layer]), int(result.hits[layer]), int(result.misses[layer]),
+        print(line(numbers[layer], slots, int(result.requests[layer]), int(result.hits[layer]), int(result.misses[layer]),
                    int(result.prefetched[layer]), int(bound.misses[layer]) if bound is not None else 0))
     print(line("all", sum(caps), result.total_requests, result.total_hits, result.total_misses,
                result.total_prefetched, bound.total_misses if bound is not None else 0))
@@ -156,6 +157,9 @@ def run(args) -> int:
           + (f" (Belady {bound.total_misses / max(bound.num_steps, 1):.2f})" if bound is not None else ""))
     if args.json:
         out = result.to_dict(per_layer=True)
+        out["pinned_layers"] = [numbers[i] for i in out["pinned_layers"]]
+        for row in out["per_layer"]:
+            row["layer"] = numbers[row["layer"]]
         out.update({
             "traces": [t.path for t in traces],
             "warm_start": warm_name,

@@ -54,6 +54,7 @@ def layer_stats(traces, window: int) -> list[dict]:
     per_window = distinct_per_window(traces, window)
     e = profile.num_experts
     quarter = max(1, e // 4)
+    numbers = traces[0].layer_numbers
     out = []
     for layer in range(profile.num_layers):
         c = profile.counts[layer]
@@ -62,7 +63,7 @@ def layer_stats(traces, window: int) -> list[dict]:
         entropy = float(-(p * np.log2(p)).sum()) if len(p) else 0.0
         top = np.sort(c)[::-1][:quarter].sum() / total if total else 0.0
         out.append({
-            "layer": layer,
+            "layer": numbers[layer],
             "requests": int(total),
             "distinct": int((c > 0).sum()),
             "entropy_bits": round(entropy, 4),
