@@ -20,6 +20,17 @@ import numpy as np
 from golem.predictors.base import Predictor, Proposal, Selection
 
 
+
+class _Declared:
+    """A ``PrefetchConfig`` field left at this takes its option's declared default."""
+
+    def __repr__(self) -> str:
+        return "<declared default>"
+
+
+DECLARED = _Declared()
+
+
 @dataclass
 class PrefetchLayerStats:
     """Prefetch counters of one target layer.
@@ -48,38 +59,40 @@ class PrefetchLayerStats:
 
 @dataclass(frozen=True)
 class PrefetchConfig:
-    """How far ahead to look and how much to gamble.
+    """How far ahead to look and how much to gamble: the structured form of the prefetch
+    options of ``golem.runtime.options`` (whose defaults and checks these fields share).
 
     Args:
-        depth: MoE layers ahead (0 = no prefetch).
-        threshold: minimum predictor score (an estimated probability of use).
+        depth: MoE layers ahead (0 = no prefetch): ``--prefetch-depth``.
+        threshold: minimum predictor score (an estimated probability of use): ``--threshold``.
         max_experts_per_layer: most candidates per target layer (None: top-k; more than a
             layer uses can only be wasted).
-        speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x top-k experts).
+        speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x
+            top-k experts): ``--prefetch-cap-mb`` in bytes.
         speculative_ms: cap on prefetch bytes being read at once, in milliseconds of the
             storage's measured throughput: a miss's demand read waits behind at most about
-            this much speculation (None: no such cap).
+            this much speculation (None: no such cap): ``--prefetch-cap-ms``.
         recall_off: switch a layer's prefetching off when its recall average drops below this.
         recall_on: switch it back on when the average recovers above this.
         recall_decay: weight of history in the recall average (per token).
     """
 
-    depth: int = 2
-    threshold: float = 0.3
+    depth: int
+    threshold: float = DECLARED  # type: ignore[assignment]
     max_experts_per_layer: Optional[int] = None
     speculative_nbytes: Optional[int] = None
-    speculative_ms: Optional[float] = 3.0
+    speculative_ms: Optional[float] = DECLARED  # type: ignore[assignment]
     recall_off: float = 0.25
     recall_on: float = 0.4
     recall_decay: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.depth < 0:
-            raise ValueError(f"--prefetch-depth must be >= 0, got {self.depth}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"--threshold must be within [0, 1], got {self.threshold}")
-        if self.speculative_ms is not None and self.speculative_ms <= 0:
-            raise ValueError(f"--prefetch-cap-ms must be > 0, got {self.speculative_ms:g}")
+        from golem.runtime.options import option
+
+        # Checked where every option is: golem.runtime.config.RuntimeConfig (prefetch=...).
+        for name, declared in (("threshold", "threshold"), ("speculative_ms", "prefetch_cap_ms")):
+            if getattr(self, name) is DECLARED:
+                object.__setattr__(self, name, option(declared).default)
 
 
 class Prefetcher:
