@@ -169,7 +169,9 @@ def _check_combinations(values: Dict[str, Any], given: Mapping[str, Any]) -> Non
     if values["warm_random"] is not None and values["warm_start"] is not None:
         raise ConfigError("choose one of -R/--warm-random and -W/--warm-start")
     if values["prefetch_depth"] == 0:
-        from_prefetch = set(PREFETCH_FIELDS) if "prefetch" in given else set()
+        # prefetch=PrefetchConfig(depth=0) says "no prefetch" outright (a sweep's baseline):
+        # a predictor named with it is left unused, as before; traces to read still need a depth.
+        from_prefetch = {*PREFETCH_FIELDS, "predictor"} if "prefetch" in given else set()
         for o in declared():
             if o.needs_depth and o.name not in from_prefetch and values[o.name] != o.default:
                 raise ConfigError(f"{o.long_flag or o.name} needs a prefetch depth (--prefetch-depth N, N >= 1)")

@@ -137,8 +137,11 @@ def _number(value, o: Option, *, low: float, high: float = math.inf, low_open: b
     """A finite number in ``[low, high]`` (``(low, high]`` with ``low_open``; None with ``none``)."""
     if value is None and none:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or value < low or value > high or (low_open and value == low):
+    from numbers import Real
+
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise ConfigError(f"{o.label}: expected a number, got {value!r}")
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         if high < math.inf:
             raise ConfigError(f"{o.label} must be within [{low:g}, {high:g}], got {value}")
         if low_open and low == 0:
