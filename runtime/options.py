@@ -1,6 +1,7 @@
 """Every runtime option of golem, declared once: name, default, help, flags and check.
 
-Owns the declarations (``OPTIONS``) and the check of each single value, with the one message
+Owns the declarations (``OPTIONS``), ``PrefetchConfig`` (the structured form of the prefetch
+options, whose defaults are theirs) and the check of each single value, with the one message
 that the flags, ``RuntimeConfig`` and ``golem.runtime.load`` all give. Everything else is
 derived from them: the fields of ``golem.runtime.config.RuntimeConfig`` (and ``load()``'s
 keyword arguments), the flags of golem-run, golem-chat and golem-server
@@ -76,6 +77,52 @@ class Option:
         without importing what lists them)."""
         names = ", ".join(self.choices()) if self.choices is not None and choices else "see --help"
         return self.help.format(default=self.default, choices=names)
+
+
+class _Declared:
+    """A ``PrefetchConfig`` field left at this takes its option's declared default."""
+
+    def __repr__(self) -> str:
+        return "<declared default>"
+
+
+DECLARED = _Declared()
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """How far ahead to look and how much to gamble: the structured form of the prefetch
+    options of ``golem.runtime.options`` (whose defaults and checks these fields share).
+
+    Args:
+        depth: MoE layers ahead (0 = no prefetch): ``--prefetch-depth``.
+        threshold: minimum predictor score (an estimated probability of use): ``--threshold``.
+        max_experts_per_layer: most candidates per target layer (None: top-k; more than a
+            layer uses can only be wasted).
+        speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x
+            top-k experts): ``--prefetch-cap-mb`` in bytes.
+        speculative_ms: cap on prefetch bytes being read at once, in milliseconds of the
+            storage's measured throughput: a miss's demand read waits behind at most about
+            this much speculation (None: no such cap): ``--prefetch-cap-ms``.
+        recall_off: switch a layer's prefetching off when its recall average drops below this.
+        recall_on: switch it back on when the average recovers above this.
+        recall_decay: weight of history in the recall average (per token).
+    """
+
+    depth: int
+    threshold: float = DECLARED  # type: ignore[assignment]
+    max_experts_per_layer: Optional[int] = None
+    speculative_nbytes: Optional[int] = None
+    speculative_ms: Optional[float] = DECLARED  # type: ignore[assignment]
+    recall_off: float = 0.25
+    recall_on: float = 0.4
+    recall_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        # Checked where every option is: golem.runtime.config.RuntimeConfig (prefetch=...).
+        for name, declared_as in (("threshold", "threshold"), ("speculative_ms", "prefetch_cap_ms")):
+            if getattr(self, name) is DECLARED:
+                object.__setattr__(self, name, option(declared_as).default)
 
 
 # -- checks of one value -------------------------------------------------------------------
@@ -263,8 +310,6 @@ def _prefetch(value, o: Option):
     """A ``PrefetchConfig``, its fields checked as the flat options they stand for."""
     if value is None:
         return None
-    from golem.runtime.prefetch import PrefetchConfig
-
     if not isinstance(value, PrefetchConfig):
         raise ConfigError(f"prefetch: expected a PrefetchConfig, got {type(value).__name__}")
     for field_name, name in (("depth", "prefetch_depth"), ("threshold", "threshold"),

@@ -18,17 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from golem.predictors.base import Predictor, Proposal, Selection
-
-
-
-class _Declared:
-    """A ``PrefetchConfig`` field left at this takes its option's declared default."""
-
-    def __repr__(self) -> str:
-        return "<declared default>"
-
-
-DECLARED = _Declared()
+from golem.runtime.options import PrefetchConfig  # noqa: F401  (the structured form of the prefetch options)
 
 
 @dataclass
@@ -55,44 +45,6 @@ class PrefetchLayerStats:
     @property
     def recall(self) -> float:
         return self.predicted_true / self.true if self.true else 0.0
-
-
-@dataclass(frozen=True)
-class PrefetchConfig:
-    """How far ahead to look and how much to gamble: the structured form of the prefetch
-    options of ``golem.runtime.options`` (whose defaults and checks these fields share).
-
-    Args:
-        depth: MoE layers ahead (0 = no prefetch): ``--prefetch-depth``.
-        threshold: minimum predictor score (an estimated probability of use): ``--threshold``.
-        max_experts_per_layer: most candidates per target layer (None: top-k; more than a
-            layer uses can only be wasted).
-        speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x
-            top-k experts): ``--prefetch-cap-mb`` in bytes.
-        speculative_ms: cap on prefetch bytes being read at once, in milliseconds of the
-            storage's measured throughput: a miss's demand read waits behind at most about
-            this much speculation (None: no such cap): ``--prefetch-cap-ms``.
-        recall_off: switch a layer's prefetching off when its recall average drops below this.
-        recall_on: switch it back on when the average recovers above this.
-        recall_decay: weight of history in the recall average (per token).
-    """
-
-    depth: int
-    threshold: float = DECLARED  # type: ignore[assignment]
-    max_experts_per_layer: Optional[int] = None
-    speculative_nbytes: Optional[int] = None
-    speculative_ms: Optional[float] = DECLARED  # type: ignore[assignment]
-    recall_off: float = 0.25
-    recall_on: float = 0.4
-    recall_decay: float = 0.9
-
-    def __post_init__(self) -> None:
-        from golem.runtime.options import option
-
-        # Checked where every option is: golem.runtime.config.RuntimeConfig (prefetch=...).
-        for name, declared in (("threshold", "threshold"), ("speculative_ms", "prefetch_cap_ms")):
-            if getattr(self, name) is DECLARED:
-                object.__setattr__(self, name, option(declared).default)
 
 
 class Prefetcher:
