@@ -42,7 +42,7 @@ class Loaded(tuple):
 
     @property
     def plan(self):
-        """The memory plan golem chose (``golem.runtime.analysis.plan.Plan``)."""
+        """The memory plan golem chose (``golem.runtime.memplan.Plan``)."""
         return self.runtime.plan
 
     def close(self) -> None:

@@ -222,7 +222,7 @@ def check_output_paths(config: RuntimeConfig, model_path) -> None:
             raise ConfigError(f"--trace-out {config.trace_out}: is a folder; give a file name (e.g. run.npz)")
         _check_folder(out.parent if str(out.parent) else Path("."), f"--trace-out {config.trace_out}", create=False)
     if config.save_profile:
-        from golem.runtime.analysis.profile import profile_dir_for
+        from golem.runtime.profiles import profile_dir_for
 
         _check_folder(profile_dir_for(model_path), "--save-profile", create=True)
 

@@ -192,7 +192,7 @@ class OffloadedModel:
 
     def save_profile(self) -> Path:
         """Merge this run's routing (decode steps) into the model's saved profile."""
-        from golem.runtime.analysis.profile import model_identity, profile_from_traces, record_profile
+        from golem.runtime.profiles import model_identity, profile_from_traces, record_profile
 
         from golem.runtime.sizing import profile_dir
 
@@ -326,7 +326,7 @@ class OpenedCheckpoint:
 
     def memory(self):
         """What the memory planner needs: shapes and byte sizes, measured from the headers."""
-        from golem.runtime.analysis.plan import ModelMemory
+        from golem.runtime.memplan import ModelMemory
 
         moe = sorted(self.layers)
         expert_names = set(self.index.tensor_names())

@@ -197,6 +197,14 @@ def _number(value, o: Option, *, low: float, high: float = math.inf, low_open: b
     return float(value)
 
 
+def _threshold(value, o: Option):
+    return _number(value, o, low=0.0, high=1.0)
+
+
+def _positive_number(value, o: Option):
+    return _number(value, o, low=0.0, low_open=True, none=True)
+
+
 def parse_nbytes(value, what: str) -> int:
     """Bytes from a size option (``48GB``, ``48G``, ``4.8e10``, an int), or a ``ConfigError``."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) and not is_int(value):
@@ -441,7 +449,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("prefetch_depth", 0, "MoE layers ahead to prefetch (default {default}; 0 = none: the synchronous "
            "baseline).", _count, "int", ("--prefetch-depth",), PREFETCH, {"type": int}),
     Option("threshold", 0.3, "Prefetch experts whose predicted probability of use is at least this "
-           "(default {default}).", lambda v, o: _number(v, o, low=0.0, high=1.0), "float", ("--threshold",),
+           "(default {default}).", _threshold, "float", ("--threshold",),
            PREFETCH, {"type": float}, needs_depth=True),
     Option("predictor", "lookahead", "Who guesses the next experts (default {default}; golem-trace predict --list "
            "shows the names).", _name, "str", ("--predictor",), PREFETCH, needs_depth=True),
@@ -451,11 +459,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("predictor_trace", None, "Trace the oracle predictors replay (a golem-trace/1 file of this very run).",
            _trace_or_path, "Any", ("--predictor-trace",), PREFETCH, needs_depth=True),
     Option("prefetch_cap_mb", None, "Most speculative megabytes being read at once (default: 2 x depth x top-k "
-           "experts).", lambda v, o: _number(v, o, low=0.0, low_open=True, none=True), "Optional[float]",
+           "experts).", _positive_number, "Optional[float]",
            ("--prefetch-cap-mb",), PREFETCH, {"type": float}, needs_depth=True),
     Option("prefetch_cap_ms", 3.0, "Most speculative reads at once, in milliseconds of the storage's measured "
            "throughput: a miss waits behind at most about this much (default: {default:g}).",
-           lambda v, o: _number(v, o, low=0.0, low_open=True, none=True), "Optional[float]", ("--prefetch-cap-ms",), PREFETCH,
+           _positive_number, "Optional[float]", ("--prefetch-cap-ms",), PREFETCH,
            {"type": float}, needs_depth=True),
     Option("prefetch", None, "The structured form of the prefetch options: a golem.runtime.prefetch.PrefetchConfig "
            "(depth, threshold, caps and the recall switch).", _prefetch, "Optional[PrefetchConfig]"),

@@ -4,7 +4,7 @@ plan, slots per MoE layer, the I/O scheduler's staging buffers and a warm start.
 Owns measuring the machine's memory (Metal's recommended working set, free CUDA device memory,
 available RAM) less a stated margin, every derived size (the slot count ("capacity") of each
 MoE layer, the staging buffers and the speculative-read cap, computed here once), the plan
-itself (``golem.runtime.analysis.plan.make_plan``), the warm start (random, from traces or a
+itself (``golem.runtime.memplan.make_plan``), the warm start (random, from traces or a
 profile, or the saved profile) and the one line that says what was chosen. Knows nothing of
 slot pools, I/O or generation; ``golem.runtime.loader`` applies what it returns.
 """
@@ -118,7 +118,7 @@ class Sizing:
 
 def profile_dir(model_path) -> Path:
     """Where ``save_profile`` keeps ``model_path``'s profile (and ``warm_start='saved'`` finds it)."""
-    from golem.runtime.analysis.profile import profile_dir_for
+    from golem.runtime.profiles import profile_dir_for
 
     return profile_dir_for(model_path)
 
@@ -128,7 +128,7 @@ def load_warm_profile(config: RuntimeConfig, model_path):
     ws = config.warm_start
     if ws is None or not isinstance(ws, (str, os.PathLike)):
         return None
-    from golem.runtime.analysis.profile import load_saved_profile, load_warm_source, profile_path
+    from golem.runtime.profiles import load_saved_profile, load_warm_source, profile_path
 
     if str(ws) == "saved":
         folder = profile_dir(model_path)
@@ -147,7 +147,7 @@ def staging_buffers(top_k: int, depth: int) -> int:
 
 def staging_for(config: RuntimeConfig, memory) -> Staging:
     """The staging buffers and speculative caps of ``config`` on a model of ``memory``
-    (``golem.runtime.analysis.plan.ModelMemory``)."""
+    (``golem.runtime.memplan.ModelMemory``)."""
     depth = config.prefetch_depth
     biggest = max(memory.nbytes_of(i) for i in range(memory.num_layers))
     spec = spec_s = None
@@ -178,7 +178,7 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
         return Sizing(capacities, staging, None, _warm(config, profile, memory, [capacities[l] for l in moe], [
             i for i, l in enumerate(moe) if capacities[l] >= e]), None)
 
-    from golem.runtime.analysis.plan import RoutingStats, make_plan
+    from golem.runtime.memplan import RoutingStats, make_plan
     from golem.runtime.units import format_nbytes
 
     pins, overrides = resolved_layers(config, opened.num_layers)
@@ -239,7 +239,7 @@ def _warm(config: RuntimeConfig, profile, memory, capacities: List[int], pinned:
     if profile is not None:
         by_pos = profile.warm_start(list(capacities), pinned)
     elif config.warm_random is not None:
-        from golem.runtime.analysis.profile import random_warm_start
+        from golem.runtime.profiles import random_warm_start
 
         by_pos = random_warm_start(config.warm_random, memory.num_layers, memory.num_experts,
                                    list(capacities), pinned)

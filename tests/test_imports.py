@@ -110,3 +110,40 @@ def test_no_import_circle():
     cycles = _cycles(graph)
     detail = "; ".join(" <-> ".join(c) for c in cycles)
     assert not cycles, f"import circles: {detail}"
+
+
+LOADS = """
+import json, sys
+import golem.runtime
+
+path = sys.argv[1]
+seen = {}
+for name, options in [
+    ("plain", {}),
+    ("cache size", {"cache_size": 4}),
+    ("memory budget", {"memory_budget": "1.5MB"}),
+    ("random warm start", {"cache_size": 4, "warm_random": 3}),
+    ("saved profile", {"memory_budget": "1.5MB", "warm_start": "saved"}),
+    ("prefetch", {"cache_size": 4, "prefetch_depth": 2, "threshold": 0.1}),
+]:
+    with golem.runtime.load(path, **options):
+        seen[name] = sorted(m for m in sys.modules if m.startswith("golem.runtime.analysis"))
+print(json.dumps(seen))
+"""
+
+
+def test_loading_imports_nothing_of_the_offline_tools(checkpoints, tmp_path, monkeypatch):
+    import os
+
+    from golem.runtime import load
+    from helpers import greedy_tokens, prompt_tokens
+
+    monkeypatch.setenv("GOLEM_CACHE", str(tmp_path / "cache"))
+    path = str(checkpoints("deepseek_v3"))
+    with load(path, cache_size=4, save_profile=True) as (model, tokenizer):  # the profile "saved" reads
+        greedy_tokens(model, prompt_tokens(tokenizer), 4)
+    env = {**os.environ, "GOLEM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", LOADS, path], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(seen) == 6 and all(modules == [] for modules in seen.values()), seen
