@@ -87,6 +87,7 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
     """
     config = make_config(config, **fields)
     _check_path(path)
+    _check_load_arguments(tokenizer_config, model_config, adapter_path, trust_remote_code)
     runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
                              trust_remote_code=trust_remote_code)
     try:
@@ -106,6 +107,19 @@ def _check_path(path) -> None:
 
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ConfigError(f"path: expected a model folder or Hugging Face repo id, got {path!r}")
+
+
+def _check_load_arguments(tokenizer_config, model_config, adapter_path, trust_remote_code) -> None:
+    """``load()``'s arguments that are mlx-lm's, by type."""
+    import os
+
+    for name, value in (("tokenizer_config", tokenizer_config), ("model_config", model_config)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a dict, got {type(value).__name__} {value!r:.60}")
+    if adapter_path is not None and (not isinstance(adapter_path, (str, os.PathLike)) or not str(adapter_path)):
+        raise ConfigError(f"adapter_path (--adapter-path): expected a folder, got {adapter_path!r:.60}")
+    if not isinstance(trust_remote_code, bool):
+        raise ConfigError(f"trust_remote_code (--trust-remote-code): expected True or False, got {trust_remote_code!r:.60}")
 
 
 def _unwritten(config: RuntimeConfig) -> str:

@@ -11,7 +11,12 @@ in ``golem.runtime.config``; checks against a model's shape there too.
 Knows nothing of argparse, models, files' contents or MLX (a check that needs a runtime
 module imports it when it runs).
 
-Adding an option is one entry in ``OPTIONS``: its field, keyword and flag follow.
+Adding an option is one ``Option(...)`` entry in ``OPTIONS`` (name, default, help, check, and
+flags for the commands): ``RuntimeConfig`` gains the field, ``load()`` and ``plan()`` the
+keyword, golem-run, golem-chat and golem-server the flag and its ``--help`` line; the runtime
+reads ``config.<name>`` where the option acts. A check that relates it to other options goes
+in ``golem.runtime.config._check_combinations``, one against the model's shape in
+``check_against_model``, a size derived from it in ``golem.runtime.sizing``.
 """
 
 from __future__ import annotations

@@ -190,6 +190,10 @@ def test_library_and_flags_give_the_same_message(checkpoints, capsys, fields, ar
     ({"cache_size_override": "0-1 8"}, ["--cache-size-override", "pairs"]),
     ({"pin_layers": 3}, ["-f/--pin-layers", "3"]),
     ({"capacities": "4"}, ["capacities", "'4'"]),
+    ({"model_config": "num_experts_per_tok=2"}, ["model_config", "dict", "str"]),
+    ({"tokenizer_config": ["x"]}, ["tokenizer_config", "dict", "list"]),
+    ({"adapter_path": 3}, ["adapter_path", "3"]),
+    ({"trust_remote_code": "yes"}, ["trust_remote_code", "True or False", "'yes'"]),
 ])
 def test_library_arguments_are_checked_by_type_and_range(checkpoints, fields, words):
     threads = threading.active_count()
@@ -198,7 +202,7 @@ def test_library_arguments_are_checked_by_type_and_range(checkpoints, fields, wo
     message = str(err.value)
     assert "\n" not in message and all(w in message for w in words), message
     assert threading.active_count() == threads
-    if "config" not in fields:
+    if not {"config", "model_config", "tokenizer_config", "adapter_path", "trust_remote_code"} & set(fields):
         with pytest.raises(ConfigError, match=re.escape(message)):
             plan(str(checkpoints("olmoe")), **fields)
 
@@ -268,3 +272,10 @@ def test_close_never_raises_when_nothing_was_generated(checkpoints, tmp_path, mo
         loaded = load(path, capacities=4, record=True)
         loaded.close()
         loaded.close()  # twice is harmless
+
+
+@pytest.mark.parametrize("path", [None, 42, ""])
+def test_a_path_that_is_no_path_is_refused(path):
+    for function in (load, plan):
+        with pytest.raises(ConfigError, match="path: expected a model folder"):
+            function(path)

@@ -23,7 +23,11 @@ __all__ = ["BudgetTooSmall", "LayerPlan", "ModelMemory", "Plan", "RoutingStats",
 
 @dataclass(frozen=True)
 class RoutingStats(_ProfileStats):
-    """``golem.runtime.memplan.RoutingStats``, which can also be measured on traces."""
+    """``golem.runtime.memplan.RoutingStats``, which can also be measured on traces.
+
+    Args:
+        curves, policy, distinct_per_window, window, source: as ``golem.runtime.memplan.RoutingStats``.
+    """
 
     @classmethod
     def from_traces(
