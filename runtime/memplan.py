@@ -325,36 +325,10 @@ def make_plan(
             token needs; the speed estimator asks for fewer to price machines golem cannot
             run on, where every missing expert is read per token).
     """
-    model.validate()
-    e, k = model.num_experts, model.top_k
-    floor = k if min_slots is None else int(min_slots)
-    if not 0 <= floor <= k:
-        raise ValueError(f"min_slots must lie in [0, top-k={k}], got {min_slots}")
-    if weights is not None and len(weights) != model.num_layers:
-        raise ValueError(f"weights: {len(weights)} values for {model.num_layers} MoE layers")
-    if stats is not None and (stats.num_layers, stats.num_experts) != (model.num_layers, e):
-        raise ValueError(
-            f"routing statistics ({stats.source or 'given'}) describe {stats.num_layers} layers x "
-            f"{stats.num_experts} experts, the model has {model.num_layers} x {e}"
-        )
-    fixed: dict[int, tuple[int, str]] = {}
-    if cache_size is not None:
-        if cache_size < k:
-            raise ValueError(f"-c/--cache-size {cache_size} is smaller than top-k ({k}): one token needs {k} experts resident")
-        for i in range(model.num_layers):
-            fixed[i] = (min(cache_size, e), "-c")
-    for layers, slots in overrides:
-        if slots < k:
-            raise ValueError(
-                f"--cache-size-override {format_layer_ranges(layers)} {slots}: below top-k ({k}); "
-                f"one token needs {k} experts resident"
-            )
-        for i in _select(model, layers, "--cache-size-override"):
-            fixed[i] = (min(slots, e), "override")
-    for i in _select(model, pin_layers, "-f/--pin-layers"):
-        fixed[i] = (e, "-f")
+    floor = _check_inputs(model, stats, weights, min_slots)
+    e = model.num_experts
+    fixed = _fixed_by_flags(model, cache_size, overrides, pin_layers)
     free = [i for i in range(model.num_layers) if i not in fixed]
-
     fixed_nbytes = sum(s * model.nbytes_of(i) for i, (s, _) in fixed.items())
     base = model.non_expert_nbytes + reserve_nbytes + fixed_nbytes
     slots = {i: s for i, (s, _) in fixed.items()}
@@ -363,18 +337,7 @@ def make_plan(
     if budget_nbytes is not None:
         need = base + sum(floor * model.nbytes_of(i) for i in free)
         if need > budget_nbytes:
-            parts = [f"non-expert {format_nbytes(model.non_expert_nbytes)}"]
-            if reserve_nbytes:
-                parts.append(f"reserve {format_nbytes(reserve_nbytes)}")
-            if fixed:
-                parts.append(f"layers set by flags {format_nbytes(fixed_nbytes)}")
-            if free:
-                what = f"top-k ({k})" if floor == k else f"{floor}"
-                parts.append(f"{what} slots x {len(free)} layers {format_nbytes(need - base)}")
-            raise BudgetTooSmall(
-                f"--memory-budget {format_nbytes(budget_nbytes)} is {format_nbytes(need - budget_nbytes)} short: "
-                f"the smallest plan needs {format_nbytes(need)} ({' + '.join(parts)})"
-            )
+            raise _too_small(model, budget_nbytes, need, base, reserve_nbytes, fixed_nbytes, len(free), floor)
         if free:
             avail = budget_nbytes - base
             uniform = _uniform(model, free, avail, floor)
@@ -403,6 +366,63 @@ def make_plan(
     if budget_nbytes is not None and plan.total_nbytes > budget_nbytes:
         raise AssertionError(f"planner bug: {plan.total_nbytes} bytes over a {budget_nbytes} budget")
     return plan
+
+
+def _check_inputs(model: ModelMemory, stats: Optional[RoutingStats], weights, min_slots: Optional[int]) -> int:
+    """``make_plan``'s inputs agree with the model; returns the fewest slots a layer may get."""
+    model.validate()
+    e, k = model.num_experts, model.top_k
+    floor = k if min_slots is None else int(min_slots)
+    if not 0 <= floor <= k:
+        raise ValueError(f"min_slots must lie in [0, top-k={k}], got {min_slots}")
+    if weights is not None and len(weights) != model.num_layers:
+        raise ValueError(f"weights: {len(weights)} values for {model.num_layers} MoE layers")
+    if stats is not None and (stats.num_layers, stats.num_experts) != (model.num_layers, e):
+        raise ValueError(
+            f"routing statistics ({stats.source or 'given'}) describe {stats.num_layers} layers x "
+            f"{stats.num_experts} experts, the model has {model.num_layers} x {e}"
+        )
+    return floor
+
+
+def _fixed_by_flags(model: ModelMemory, cache_size: Optional[int], overrides: Sequence[tuple],
+                    pin_layers: Sequence[int]) -> dict[int, tuple[int, str]]:
+    """MoE layer -> (slots, which flag set them), for the layers the flags set."""
+    e, k = model.num_experts, model.top_k
+    fixed: dict[int, tuple[int, str]] = {}
+    if cache_size is not None:
+        if cache_size < k:
+            raise ValueError(f"-c/--cache-size {cache_size} is smaller than top-k ({k}): one token needs {k} experts resident")
+        for i in range(model.num_layers):
+            fixed[i] = (min(cache_size, e), "-c")
+    for layers, slots in overrides:
+        if slots < k:
+            raise ValueError(
+                f"--cache-size-override {format_layer_ranges(layers)} {slots}: below top-k ({k}); "
+                f"one token needs {k} experts resident"
+            )
+        for i in _select(model, layers, "--cache-size-override"):
+            fixed[i] = (min(slots, e), "override")
+    for i in _select(model, pin_layers, "-f/--pin-layers"):
+        fixed[i] = (e, "-f")
+    return fixed
+
+
+def _too_small(model: ModelMemory, budget_nbytes: int, need: int, base: int, reserve_nbytes: int,
+               fixed_nbytes: int, num_free: int, floor: int) -> BudgetTooSmall:
+    """The error of a budget below the smallest plan, naming what the plan needs."""
+    parts = [f"non-expert {format_nbytes(model.non_expert_nbytes)}"]
+    if reserve_nbytes:
+        parts.append(f"reserve {format_nbytes(reserve_nbytes)}")
+    if fixed_nbytes:
+        parts.append(f"layers set by flags {format_nbytes(fixed_nbytes)}")
+    if num_free:
+        what = f"top-k ({model.top_k})" if floor == model.top_k else f"{floor}"
+        parts.append(f"{what} slots x {num_free} layers {format_nbytes(need - base)}")
+    return BudgetTooSmall(
+        f"--memory-budget {format_nbytes(budget_nbytes)} is {format_nbytes(need - budget_nbytes)} short: "
+        f"the smallest plan needs {format_nbytes(need)} ({' + '.join(parts)})"
+    )
 
 
 def _uniform(model: ModelMemory, free: list[int], avail: int, k: int) -> dict[int, int]:
