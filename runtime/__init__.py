@@ -2,11 +2,12 @@
 offloaded MoE model that mlx-lm's own generation code drives unchanged.
 
 ``golem.runtime.load(path, config=None, **options)`` returns ``(model, tokenizer)`` for mlx-lm;
-``plan(path, ...)`` says what ``load`` would keep resident; ``RuntimeConfig`` holds the options,
-``ConfigError`` says which one is wrong.
+``plan(path, ...)`` says what ``load`` would keep resident; ``RuntimeConfig`` holds the options
+(declared in ``golem.runtime.options``), ``PrefetchConfig`` is the structured form of the
+prefetch ones, ``ConfigError`` says which one is wrong.
 """
 
-__all__ = ["load", "plan", "Loaded", "RuntimeConfig", "ConfigError"]
+__all__ = ["load", "plan", "Loaded", "RuntimeConfig", "PrefetchConfig", "ConfigError"]
 
 
 def __getattr__(name):
@@ -22,4 +23,8 @@ def __getattr__(name):
         from golem.runtime import config
 
         return getattr(config, name)
+    if name == "PrefetchConfig":
+        from golem.runtime.options import PrefetchConfig
+
+        return PrefetchConfig
     raise AttributeError(f"module 'golem.runtime' has no attribute {name!r}")

@@ -1,15 +1,20 @@
 """The library entry point: ``golem.runtime.load`` for other mlx apps.
 
 Returns a model and tokenizer that mlx-lm's ``generate``, ``stream_generate`` and
-``generate_step`` drive unchanged, and owns closing what the runtime started.
+``generate_step`` drive unchanged, and owns closing what the runtime started: on ``close()``,
+or, with a ``ResourceWarning``, when the model is dropped without it. ``load()`` and ``plan()``
+take every runtime option as a keyword (their signatures list the declared options).
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from inspect import Parameter, Signature
 from pathlib import Path
 from typing import Any, Optional
 
-from golem.runtime.config import ConfigError, RuntimeConfig, make_config
+from golem.runtime.config import ConfigError, RuntimeConfig, make_config, option_parameters
 from golem.runtime.loader import ModelError, OffloadedModel, load_offloaded
 
 
@@ -37,7 +42,7 @@ class Loaded(tuple):
 
     @property
     def plan(self):
-        """The memory plan golem chose (``golem.runtime.analysis.plan.Plan``)."""
+        """The memory plan golem chose (``golem.runtime.memplan.Plan``)."""
         return self.runtime.plan
 
     def close(self) -> None:
@@ -65,10 +70,11 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
 
     Args:
         path: local model folder or Hugging Face repo id.
-        config: a ``golem.runtime.config.RuntimeConfig``; or give its fields as keywords
-            (``memory_budget="48GB"``, ``pin_layers="0-3"``, ``warm_start="saved"``,
-            ``capacities=4``, ``prefetch=PrefetchConfig(depth=2)``, ``policy="lru"``, ...),
-            which change ``config`` when both are given.
+        config: a ``golem.runtime.config.RuntimeConfig``; or give its fields as keywords,
+            named as golem-run's flags (``memory_budget="48GB"``, ``pin_layers="0-3"``,
+            ``prefetch_depth=2, threshold=0.3``, ``warm_start="saved"``, ``capacities=4``,
+            ``policy="lru"``, ...; ``help(RuntimeConfig)`` lists them all), which change
+            ``config`` when both are given.
         tokenizer_config: passed to mlx-lm's tokenizer loader.
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
@@ -82,6 +88,8 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
             (a tokenizer file it cannot read included).
     """
     config = make_config(config, **fields)
+    _check_path(path)
+    _check_load_arguments(tokenizer_config, model_config, adapter_path, trust_remote_code)
     runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
                              trust_remote_code=trust_remote_code, progress=progress)
     try:
@@ -90,7 +98,50 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         runtime.close()
         raise
     runtime.model.golem = runtime
+    # The finalizer holds what it closes, never the model: the model's death is what it waits for.
+    runtime.release_on_drop(weakref.finalize(runtime.model, _dropped, runtime.engine, runtime.reader, str(path),
+                                             _unwritten(config)))
     return Loaded(runtime.model, tokenizer, runtime)
+
+
+def _check_path(path) -> None:
+    import os
+
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"path: expected a model folder or Hugging Face repo id, got {path!r}")
+
+
+def _check_load_arguments(tokenizer_config, model_config, adapter_path, trust_remote_code) -> None:
+    """``load()``'s arguments that are mlx-lm's, by type."""
+    import os
+
+    for name, value in (("tokenizer_config", tokenizer_config), ("model_config", model_config)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a dict, got {type(value).__name__} {value!r:.60}")
+    if adapter_path is not None and (not isinstance(adapter_path, (str, os.PathLike)) or not str(adapter_path)):
+        raise ConfigError(f"adapter_path (--adapter-path): expected a folder, got {adapter_path!r:.60}")
+    if not isinstance(trust_remote_code, bool):
+        raise ConfigError(f"trust_remote_code (--trust-remote-code): expected True or False, got {trust_remote_code!r:.60}")
+
+
+def _unwritten(config: RuntimeConfig) -> str:
+    """What a model dropped without ``close()`` does not write, in words."""
+    kept = [f"trace_out={str(config.trace_out)!r}" if config.trace_out is not None else "",
+            "save_profile" if config.save_profile else ""]
+    kept = [k for k in kept if k]
+    return f"; {' and '.join(kept)} not written" if kept else ""
+
+
+def _dropped(engine, reader, path: str, unwritten: str) -> None:
+    """A loaded model was garbage-collected (or the interpreter exits) without ``close()``:
+    stop its I/O threads and close its files, and say so."""
+    warnings.warn(f"golem: the model loaded from {path} was dropped without close(): its I/O threads and "
+                  f"files are released now{unwritten} (use `with golem.runtime.load(...)` or call close())",
+                  ResourceWarning, stacklevel=1)
+    try:
+        engine.close()
+    finally:
+        reader.close()
 
 
 def _load_tokenizer(path: Path, tokenizer_config: Optional[dict], eos_token_ids):
@@ -113,7 +164,21 @@ def plan(path: str, config: Optional[RuntimeConfig] = None, **fields: Any):
     ``.capacities``, ``.warm``, ``.note``."""
     from golem.runtime.loader import plan_offloaded
 
-    return plan_offloaded(path, make_config(config, **fields))
+    config = make_config(config, **fields)
+    _check_path(path)
+    return plan_offloaded(path, config)
+
+
+def _with_options(function, leading) -> None:
+    """``function``'s signature: ``leading`` parameters, then every declared option as a keyword."""
+    function.__signature__ = Signature([*leading, *option_parameters()])
+
+
+_PATH = Parameter("path", Parameter.POSITIONAL_OR_KEYWORD)
+_CONFIG = Parameter("config", Parameter.POSITIONAL_OR_KEYWORD, default=None)
+_with_options(load, [_PATH, _CONFIG, *(Parameter(name, Parameter.KEYWORD_ONLY, default=default) for name, default in (
+    ("tokenizer_config", None), ("model_config", None), ("adapter_path", None), ("trust_remote_code", False)))])
+_with_options(plan, [_PATH, _CONFIG])
 
 
 __all__ = ["ConfigError", "Loaded", "RuntimeConfig", "load", "plan"]

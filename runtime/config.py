@@ -1,296 +1,201 @@
-"""golem's runtime options: one frozen ``RuntimeConfig`` that ``golem.runtime.load`` takes and
-the command lines build from their flags.
+"""golem's runtime options as one frozen ``RuntimeConfig``, which ``golem.runtime.load`` takes
+and the command lines build from their flags.
 
-Owns the option fields, their checks that need no model (types, signs, NaN, combinations)
-and the checks against a model's shape once its headers are read (layer numbers, depth,
-per-layer slots) and that every file the options will write can be written, each failing
-with a ``ConfigError`` that names the option and value. Knows nothing of argparse, files'
-contents or MLX; sizing lives in ``golem.runtime.sizing``.
+Its fields are the options declared in ``golem.runtime.options`` (one field per option,
+named as its flag). Owns the checks that relate several options (prefetch given two ways, a
+flag that needs another, -R against -W), the checks against a model's shape once its
+headers are read (layer numbers, depth, slots per layer) and that every file the options
+will write can be written, each failing with a ``ConfigError`` that names the option and
+value. Knows nothing of argparse, files' contents or MLX; sizing lives in
+``golem.runtime.sizing``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 from dataclasses import dataclass
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from golem.runtime.policies import DEFAULT_POLICY
-from golem.runtime.prefetch import PrefetchConfig
+from golem.runtime.options import (ALIASES, ConfigError, check_int, check_storage_emulation, declared, is_int,
+                                   option, parse_nbytes)
 
-
-
-class ConfigError(ValueError):
-    """A runtime option is wrong; the message names the option (and flag) and the value."""
-
+__all__ = ["ConfigError", "RuntimeConfig", "make_config", "check_against_model", "check_output_paths",
+           "check_cache_sizes", "check_capacities", "resolved_layers", "parse_nbytes", "check_storage_emulation"]
 
 Size = Union[str, int]
 LayerRanges = Union[str, Sequence[int]]
+PREFETCH_FIELDS = ("prefetch_depth", "threshold", "prefetch_cap_mb", "prefetch_cap_ms")
 
 
-@dataclass(frozen=True)
+def _declared_fields(cls):
+    """Class decorator (before ``dataclass``): one annotated field per declared option, and
+    the option list in the docstring's ``Args:``."""
+    cls.__annotations__ = {o.name: o.annotation for o in declared()}
+    lines = [f"        {o.name}: {'``' + o.label + '``: ' if o.flags else 'library only: '}"
+             f"{o.help_text(choices=False)} Default: {o.default!r}." for o in declared()]
+    cls.__doc__ = (cls.__doc__ or "") + "\n    Args:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+@dataclass(frozen=True, init=False)
+@_declared_fields
 class RuntimeConfig:
-    """Every runtime option of golem; fields map 1:1 to golem-run's flags.
+    """Every runtime option of golem; fields map 1:1 to golem-run's flags (``prefetch_depth``
+    is ``--prefetch-depth``), and ``load(path, **fields)`` takes the same names.
 
     Sizing precedence: ``capacities`` (library: slots per MoE layer, given outright) >
-    ``pin_layers`` > ``cache_size_overrides`` > ``cache_size`` > ``memory_budget``. With none
+    ``pin_layers`` > ``cache_size_override`` > ``cache_size`` > ``memory_budget``. With none
     of them, golem sizes to the machine: everything resident when it fits the machine's
     memory (less a margin), otherwise a plan within it.
 
-    Args:
-        cache_size: ``-c``: expert slots of every MoE layer no other option sets.
-        cache_size_overrides: ``--cache-size-override``: ``(ranges, slots)`` pairs, later win.
-        pin_layers: ``-f``: layer ranges kept fully resident ("0-3,46-47" or a list).
-        memory_budget: ``--memory-budget``: bytes for weights, slots and staging ("48GB").
-        memory_limit: the machine memory to size to when nothing else sizes the caches
-            (default: measured; the ``GOLEM_MEMORY_LIMIT`` environment variable overrides).
-        capacities: library only: slots per MoE layer as an int, a dict layer -> slots, or
-            a callable ``(OpenedCheckpoint) -> dict``.
-        policy: ``--policy``: eviction policy name.
-        warm_start: ``-R SEED`` (an int: random experts), ``-W PATH`` (a trace, folder of
-            traces or profile) or ``"saved"`` (the profile ``save_profile`` keeps).
-        save_profile: ``--save-profile``: merge this run's routing into the saved profile
-            when the model is closed (or by ``OffloadedModel.save_profile``).
-        prefetch: depth, threshold and caps of speculative prefetch (None: none).
-        predictor: ``--predictor``: who guesses the next experts (with a prefetch depth).
-        predictor_options: fields of ``golem.predictors.registry.PredictorOptions``.
-        predictor_train: ``--predictor-train``: traces (or paths, folders) to learn from.
-        predictor_trace: ``--predictor-trace``: the trace the oracle predictors replay.
-        direct_io: ``--direct-io``: read experts with O_DIRECT.
-        io_parallelism: ``--io-parallelism``: expert reads in flight at once.
-        emulate_storage: ``--emulate-storage``: throttle reads, "GB_PER_S[,LATENCY]".
-        throttle: library only: a ``golem.io.storage.Throttle`` object instead.
-        record: keep a ``TraceRecorder`` of the routing (``engine.trace``).
-        record_hidden: ``--trace-hidden``: also record each MoE layer's residual.
-        trace_out: ``--trace-out``: write the recorded trace here when the model is closed.
-        slot_writer: ``--slot-writer``: how experts get into slots ("host", "device",
-            "device-load"; None or "auto": the backend's default, see ``golem.runtime.writers``).
+    The prefetch options may be given flat (``prefetch_depth=2, threshold=0.3``) or as one
+    ``prefetch=PrefetchConfig(depth=2, threshold=0.3)``; either way both forms are filled in
+    (``prefetch`` is None at depth 0). Options not given take the default declared in
+    ``golem.runtime.options``; an unknown name, a wrong type or a value out of range is a
+    ``ConfigError`` naming the option as its flag does.
     """
 
-    cache_size: Optional[int] = None
-    cache_size_overrides: Tuple[Tuple[LayerRanges, int], ...] = ()
-    pin_layers: Optional[LayerRanges] = None
-    memory_budget: Optional[Size] = None
-    memory_limit: Optional[Size] = None
-    capacities: Union[None, int, Mapping[int, int], Callable] = None
-    policy: str = DEFAULT_POLICY
-    warm_start: Union[None, int, str, os.PathLike] = None
-    save_profile: bool = False
-    prefetch: Optional[PrefetchConfig] = None
-    predictor: str = "lookahead"
-    predictor_options: Optional[Mapping[str, Any]] = None
-    predictor_train: Sequence = ()
-    predictor_trace: Any = None
-    direct_io: bool = False
-    io_parallelism: Optional[int] = None
-    emulate_storage: Optional[str] = None
-    throttle: Any = None
-    record: bool = False
-    record_hidden: bool = False
-    trace_out: Union[None, str, os.PathLike] = None
-    slot_writer: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        _check_int(self.cache_size, "cache_size", "-c/--cache-size", low=1)
-        object.__setattr__(self, "cache_size_overrides", tuple(_override(o) for o in self.cache_size_overrides))
-        if self.pin_layers is not None:
-            _check_ranges(self.pin_layers, "-f/--pin-layers")
-        for name, flag in (("memory_budget", "--memory-budget"), ("memory_limit", "memory_limit")):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, parse_nbytes(getattr(self, name), flag))
-        _check_capacities(self.capacities)
-        if not isinstance(self.policy, str):
-            raise ConfigError(f"--policy: expected a policy name, got {self.policy!r}")
-        from golem.runtime.policies import make_policy
-
-        try:
-            make_policy(self.policy)  # a name or a spec with parameters ("lfu-decay:decay=0.9")
-        except ValueError as e:
-            raise ConfigError(f"--policy {self.policy}: {e}") from None
-        ws = self.warm_start
-        if ws is not None and not isinstance(ws, (str, os.PathLike)) and not _is_int(ws):
-            raise ConfigError(f"warm_start: expected a seed (int), a path or 'saved', got {ws!r}")
-        if isinstance(ws, str) and not ws:
-            raise ConfigError("-W/--warm-start: empty path")
-        _check_prefetch(self.prefetch)
-        depth = self.prefetch.depth if self.prefetch is not None else 0
-        if not isinstance(self.predictor, str) or not self.predictor:
-            raise ConfigError(f"--predictor: expected a predictor name, got {self.predictor!r}")
-        if depth > 0:
-            _check_predictor(self.predictor, self.predictor_trace, self.predictor_options)
-        if isinstance(self.predictor_train, (str, os.PathLike)):
-            object.__setattr__(self, "predictor_train", (self.predictor_train,))
-        object.__setattr__(self, "predictor_train", tuple(self.predictor_train))
-        if depth == 0 and (self.predictor_train or self.predictor_trace is not None):
-            what = "--predictor-train" if self.predictor_train else "--predictor-trace"
-            raise ConfigError(f"{what} needs a prefetch depth (--prefetch-depth N, N >= 1)")
-        if self.predictor_options is not None and not isinstance(self.predictor_options, Mapping):
-            raise ConfigError(f"predictor_options: expected a dict, got {type(self.predictor_options).__name__}")
-        if self.io_parallelism is not None:
-            from golem.io.readers import MAX_PARALLELISM
-
-            _check_int(self.io_parallelism, "io_parallelism", "--io-parallelism", low=1, high=MAX_PARALLELISM)
-        if self.slot_writer is not None:
-            from golem.runtime.writers import resolve_writer
-
-            try:
-                resolve_writer(self.slot_writer)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        if self.emulate_storage is not None and self.throttle is not None:
-            raise ConfigError("give one of emulate_storage (--emulate-storage) and throttle")
-        if self.emulate_storage is not None:
-            check_storage_emulation(self.emulate_storage)
-        if self.record_hidden and not (self.record or self.trace_out is not None):
-            raise ConfigError("--trace-hidden needs --trace-out FILE")
-        if self.trace_out is not None:
-            if not str(self.trace_out):
-                raise ConfigError("--trace-out: empty path")
-            object.__setattr__(self, "record", True)
-        if self.save_profile:
-            object.__setattr__(self, "record", True)
+    def __init__(self, **options: Any):
+        for name, value in _resolve(options).items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
-    def replace(self, **fields) -> "RuntimeConfig":
-        """A copy with ``fields`` changed (unknown names are a ``ConfigError``)."""
-        unknown = sorted(set(fields) - set(self.field_names()))
-        if unknown:
-            raise ConfigError(f"unknown runtime option {unknown[0]!r} (options: {', '.join(self.field_names())})")
-        return dataclasses.replace(self, **fields)
+    def as_dict(self) -> Dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}
 
-    @property
-    def prefetch_depth(self) -> int:
-        return self.prefetch.depth if self.prefetch is not None else 0
+    def replace(self, **fields) -> "RuntimeConfig":
+        """A copy with ``fields`` changed (unknown names are a ``ConfigError``). Changing a flat
+        prefetch option keeps the tuning of a ``prefetch`` given before (its recall switch)."""
+        fields = _canonical(fields)
+        values = self.as_dict()
+        flat = set(fields) & set(PREFETCH_FIELDS)
+        if flat and "prefetch" not in fields:
+            values["prefetch"] = None
+        new = RuntimeConfig(**{**values, **fields})
+        if flat and "prefetch" not in fields and self.prefetch is not None and new.prefetch is not None:
+            kept = dataclasses.replace(self.prefetch, depth=new.prefetch.depth, threshold=new.prefetch.threshold,
+                                       speculative_nbytes=new.prefetch.speculative_nbytes,
+                                       speculative_ms=new.prefetch.speculative_ms)
+            object.__setattr__(new, "prefetch", kept)
+        return new
 
     @property
     def sizes_to_machine(self) -> bool:
         """No option sizes the caches: golem sizes them to the machine's memory."""
         return (self.capacities is None and self.cache_size is None and self.memory_budget is None
-                and not self.cache_size_overrides and self.pin_layers is None)
+                and not self.cache_size_override and self.pin_layers is None)
+
+    @property
+    def cache_size_overrides(self) -> Tuple:
+        """The older name of ``cache_size_override``."""
+        return self.cache_size_override
+
+    @property
+    def record_hidden(self) -> bool:
+        """The older name of ``trace_hidden``."""
+        return self.trace_hidden
+
+
+def option_parameters() -> list:
+    """``inspect.Parameter``s of every option (keyword-only, with its declared default), for
+    the signatures of ``RuntimeConfig``, ``load()`` and ``plan()``."""
+    return [Parameter(o.name, Parameter.KEYWORD_ONLY, default=o.default) for o in declared()]
+
+
+RuntimeConfig.__init__.__signature__ = Signature(
+    [Parameter("self", Parameter.POSITIONAL_OR_KEYWORD), *option_parameters()])
+
+
+def _canonical(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """``fields`` under their declared names; an unknown name, or one given twice (as itself
+    and as an alias), is a ``ConfigError``."""
+    names = {o.name for o in declared()}
+    out: Dict[str, Any] = {}
+    for name, value in fields.items():
+        canonical = ALIASES.get(name, name)
+        if canonical not in names:
+            raise ConfigError(f"unknown runtime option {name!r} (options: {', '.join(sorted(names))})")
+        if canonical in out:
+            raise ConfigError(f"{name} is another name of {canonical}: give one of them")
+        out[canonical] = value
+    return out
+
+
+def _resolve(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every option's value: given ones checked and normalised, the others their declared
+    defaults; then the checks that relate several options."""
+    given = _canonical(options)
+    values = {}
+    for o in declared():
+        values[o.name] = o.check(given[o.name], o) if o.name in given else o.default
+    _settle_prefetch(values, given)
+    _check_combinations(values, given)
+    return values
+
+
+def _settle_prefetch(values: Dict[str, Any], given: Mapping[str, Any]) -> None:
+    """Fill in both forms of the prefetch options from the one given."""
+    from golem.runtime.prefetch import PrefetchConfig
+
+    p = values["prefetch"]
+    if p is not None:
+        from_p = {"prefetch_depth": p.depth, "threshold": p.threshold, "prefetch_cap_ms": p.speculative_ms,
+                  "prefetch_cap_mb": None if p.speculative_nbytes is None else p.speculative_nbytes / 1e6}
+        for name in PREFETCH_FIELDS:
+            if name in given and values[name] != from_p[name]:
+                raise ConfigError(f"{option(name).label} {values[name]} and prefetch={p} disagree: "
+                                  "give the prefetch options one way")
+        values.update(from_p)
+        values["prefetch"] = p if p.depth > 0 else None
+    elif values["prefetch_depth"] > 0:
+        mb = values["prefetch_cap_mb"]
+        values["prefetch"] = PrefetchConfig(depth=values["prefetch_depth"], threshold=values["threshold"],
+                                            speculative_nbytes=None if mb is None else max(1, int(mb * 1e6)),
+                                            speculative_ms=values["prefetch_cap_ms"])
+
+
+def _check_combinations(values: Dict[str, Any], given: Mapping[str, Any]) -> None:
+    """The checks that relate several options; normalises ``warm_start``'s seed and ``record``."""
+    if is_int(values["warm_start"]):  # the library's older spelling of a random warm start
+        if values["warm_random"] is not None:
+            raise ConfigError("choose one of -R/--warm-random and -W/--warm-start")
+        values["warm_random"], values["warm_start"] = check_int(values["warm_start"], "warm_start", low=0), None
+    if values["warm_random"] is not None and values["warm_start"] is not None:
+        raise ConfigError("choose one of -R/--warm-random and -W/--warm-start")
+    if values["prefetch_depth"] == 0:
+        # prefetch=PrefetchConfig(depth=0) says "no prefetch" outright (a sweep's baseline):
+        # a predictor named with it is left unused, as before; traces to read still need a depth.
+        from_prefetch = {*PREFETCH_FIELDS, "predictor"} if "prefetch" in given else set()
+        for o in declared():
+            if o.needs_depth and o.name not in from_prefetch and values[o.name] != o.default:
+                raise ConfigError(f"{o.long_flag or o.name} needs a prefetch depth (--prefetch-depth N, N >= 1)")
+    else:
+        _check_predictor(values["predictor"], values["predictor_trace"], values["predictor_options"])
+    if values["emulate_storage"] is not None and values["throttle"] is not None:
+        raise ConfigError("give one of emulate_storage (--emulate-storage) and throttle")
+    if values["trace_hidden"] and not (values["record"] or values["trace_out"] is not None):
+        raise ConfigError("--trace-hidden needs --trace-out FILE")
+    if values["trace_out"] is not None or values["save_profile"]:
+        values["record"] = True
 
 
 def make_config(config: Optional[RuntimeConfig] = None, **fields) -> RuntimeConfig:
-    """``config`` with ``fields`` changed, or a new config of ``fields``."""
-    return (config or RuntimeConfig()).replace(**fields) if fields or config is None else config
-
-
-def staging_buffers(top_k: int, depth: int) -> int:
-    """Staging buffers of the I/O scheduler: room for a token's demand reads and ``depth``
-    layers of prefetch, twice over (one set landing while the other is installed)."""
-    return max(4, 2 * top_k * (depth + 1) + 2)
-
-
-def parse_nbytes(value: Size, what: str) -> int:
-    """Bytes from a size option (``48GB``, ``48G``, ``4.8e10``, an int), or a ``ConfigError``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size, got {value!r}")
-    if isinstance(value, float):
-        value = repr(value)
-    from golem.runtime.units import parse_size
-
-    try:
-        nbytes = parse_size(value, what=what)
-    except (OverflowError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(str(e) if what in str(e) else f"{what}: cannot read size {value!r}") from None
-    if nbytes <= 0:
-        raise ConfigError(f"{what}: size must be positive, got {value!r}")
-    if nbytes > 2**62:
-        raise ConfigError(f"{what}: {value!r} is more bytes than any machine holds")
-    return nbytes
-
-
-def check_storage_emulation(spec) -> None:
-    """``--emulate-storage``: readable, with a finite positive bandwidth and a finite latency."""
-    from golem.io.storage import parse_throttle
-
-    if not isinstance(spec, str):
-        raise ConfigError(f"--emulate-storage: expected 'GB_PER_S[,LATENCY]', got {spec!r}")
-    try:
-        t = parse_throttle(spec)
-    except ValueError as e:
-        raise ConfigError(f"--emulate-storage: {e}") from None
-    numbers = [float(x) for x in re.findall(r"[-+]?(?:nan|inf(?:inity)?|[0-9.]+(?:e[-+]?\d+)?)", spec.lower())]
-    gb = getattr(t, "gb_per_s", None)
-    lat = getattr(t, "latency_s", 0.0)
-    if (not numbers or any(not math.isfinite(x) or x < 0 for x in numbers)
-            or gb is None or not math.isfinite(gb) or gb <= 0 or not math.isfinite(lat) or lat < 0):
-        raise ConfigError(f"--emulate-storage {spec}: bandwidth and latency must be finite positive numbers, "
-                          "e.g. '2.5' or '2.5,80us'")
-
-
-def _is_int(x) -> bool:
-    import numpy as np
-
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check_int(value, name: str, flag: str, low: Optional[int] = None, high: Optional[int] = None) -> None:
-    if value is None:
-        return
-    if not _is_int(value):
-        raise ConfigError(f"{flag}: expected a whole number, got {value!r}")
-    if low is not None and value < low:
-        raise ConfigError(f"{flag} must be at least {low}, got {value}")
-    if high is not None and value > high:
-        raise ConfigError(f"{flag} must be at most {high}, got {value}")
-
-
-def _check_ranges(ranges: LayerRanges, flag: str) -> None:
-    """Layer ranges: the text of ``-f`` (checked against the model later) or layer numbers."""
-    if isinstance(ranges, str):
-        from golem.runtime.units import parse_layer_ranges
-
-        try:
-            parse_layer_ranges(ranges, what=flag)  # the syntax, and numbers below any model's bound
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        return
-    try:
-        items = list(ranges)
-    except TypeError:
-        raise ConfigError(f"{flag}: expected layer ranges like '0-3,46-47' or a list of layers, got {ranges!r}") from None
-    bad = [x for x in items if not _is_int(x) or x < 0]
-    if bad:
-        raise ConfigError(f"{flag}: {bad[0]!r} is not a layer number")
-
-
-def _override(pair) -> Tuple[LayerRanges, int]:
-    try:
-        ranges, slots = pair
-    except (TypeError, ValueError):
-        raise ConfigError(f"--cache-size-override: expected (RANGES, N) pairs, got {pair!r}") from None
-    _check_ranges(ranges, "--cache-size-override")
-    if isinstance(slots, str):
-        try:
-            slots = int(slots)
-        except ValueError:
-            raise ConfigError(f"--cache-size-override {ranges} {slots}: N must be a whole number of slots") from None
-    _check_int(slots, "cache_size_overrides", f"--cache-size-override {ranges}", low=1)
-    return (ranges if isinstance(ranges, str) else tuple(int(x) for x in ranges), int(slots))
-
-
-def _check_capacities(capacities) -> None:
-    if capacities is None or callable(capacities):
-        return
-    if _is_int(capacities):
-        if capacities < 1:
-            raise ConfigError(f"capacities: slots must be at least 1, got {capacities}")
-        return
-    if not isinstance(capacities, Mapping):
-        raise ConfigError(f"capacities: expected an int, a dict layer -> slots or a callable, got {capacities!r}")
-    for layer, slots in capacities.items():
-        if not _is_int(layer):
-            raise ConfigError(f"capacities: layer {layer!r} is not a layer number (an int)")
-        if not _is_int(slots) or slots < 1:
-            raise ConfigError(f"capacities: layer {layer}: slots must be a whole number >= 1, got {slots!r}")
+    """``config`` with ``fields`` changed, or a new config of ``fields``; anything but a
+    ``RuntimeConfig`` (or None) as ``config`` is a ``ConfigError``."""
+    if config is not None and not isinstance(config, RuntimeConfig):
+        shown = repr(config)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ConfigError(f"config: expected a golem.runtime.RuntimeConfig (or its fields as keywords, "
+                          f"load(path, cache_size=8, ...)), got {type(config).__name__} {shown}")
+    if config is None:
+        return RuntimeConfig(**fields)
+    return config.replace(**fields) if fields else config
 
 
 def _check_predictor(name: str, truth, options) -> None:
@@ -306,22 +211,6 @@ def _check_predictor(name: str, truth, options) -> None:
         raise ConfigError(f"--predictor {name}: {needs_truth[0]} replays a trace; give --predictor-trace FILE")
 
 
-def _check_prefetch(prefetch) -> None:
-    if prefetch is None:
-        return
-    if not isinstance(prefetch, PrefetchConfig):
-        raise ConfigError(f"prefetch: expected a PrefetchConfig, got {type(prefetch).__name__}")
-    _check_int(prefetch.depth, "prefetch.depth", "--prefetch-depth", low=0)
-    if not isinstance(prefetch.threshold, (int, float)) or not math.isfinite(prefetch.threshold):
-        raise ConfigError(f"--threshold must be within [0, 1], got {prefetch.threshold}")
-    nb = prefetch.speculative_nbytes
-    if nb is not None and (not _is_int(nb) or nb <= 0):
-        raise ConfigError(f"--prefetch-cap-mb must be a positive number, got {nb / 1e6 if _is_int(nb) else nb}")
-    ms = prefetch.speculative_ms
-    if ms is not None and (not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0):
-        raise ConfigError(f"--prefetch-cap-ms must be a finite number > 0, got {ms}")
-
-
 # -- files the options will write ----------------------------------------------------------
 
 
@@ -333,9 +222,9 @@ def check_output_paths(config: RuntimeConfig, model_path) -> None:
             raise ConfigError(f"--trace-out {config.trace_out}: is a folder; give a file name (e.g. run.npz)")
         _check_folder(out.parent if str(out.parent) else Path("."), f"--trace-out {config.trace_out}", create=False)
     if config.save_profile:
-        from golem.runtime.sizing import profile_dir
+        from golem.runtime.profiles import profile_dir_for
 
-        _check_folder(profile_dir(model_path), "--save-profile", create=True)
+        _check_folder(profile_dir_for(model_path), "--save-profile", create=True)
 
 
 def _check_folder(folder: Path, what: str, *, create: bool) -> None:
@@ -383,7 +272,7 @@ def resolved_layers(config: RuntimeConfig, num_layers: int) -> tuple[list[int], 
     """``(pinned layers, overrides)`` of ``config`` as model layer numbers, bounded by the
     model's ``num_layers`` decoder layers."""
     pins = [] if config.pin_layers is None else _bounded(config.pin_layers, "-f/--pin-layers", num_layers)
-    overrides = [(_bounded(r, "--cache-size-override", num_layers), n) for r, n in config.cache_size_overrides]
+    overrides = [(_bounded(r, "--cache-size-override", num_layers), n) for r, n in config.cache_size_override]
     return pins, overrides
 
 
@@ -416,24 +305,51 @@ def check_against_model(config: RuntimeConfig, *, moe_layers: Sequence[int], num
         top_k: experts per token.
     """
     resolved_layers(config, num_layers)
-    moe = set(moe_layers)
     if config.cache_size is not None and config.cache_size < top_k:
         raise ConfigError(f"--cache-size {config.cache_size} is smaller than the model's top-k ({top_k}): "
                           f"one token needs {top_k} experts resident")
-    check_cache_sizes(config.cache_size, config.cache_size_overrides, num_experts)
-    caps = config.capacities
-    if _is_int(caps) and caps < min(top_k, num_experts):
-        raise ConfigError(f"capacities: {caps} slots is smaller than top-k ({top_k})")
-    if isinstance(caps, Mapping):
-        for layer, slots in caps.items():
-            if layer not in moe:
-                raise ConfigError(f"capacities: layer {layer} is not an MoE layer of this model "
-                                  f"(MoE layers: {_ranges_text(moe_layers)})")
-            if slots < min(top_k, num_experts):
-                raise ConfigError(f"capacities: layer {layer}: cache of {slots} slots is smaller than top-k ({top_k})")
+    check_cache_sizes(config.cache_size, config.cache_size_override, num_experts)
+    if config.capacities is not None and not callable(config.capacities):
+        check_capacities(config.capacities, moe_layers=moe_layers, num_experts=num_experts, top_k=top_k)
     depth = config.prefetch_depth
     if depth > len(moe_layers):
         raise ConfigError(f"--prefetch-depth {depth}: the model has only {len(moe_layers)} MoE layers to look ahead to")
+
+
+def check_capacities(capacities, *, moe_layers: Sequence[int], num_experts: int, top_k: int) -> Dict[int, int]:
+    """The ``capacities`` option (an int or a mapping, or what its callable returned) as slots
+    per MoE layer: every layer named is an MoE layer, and holds at least top-k and at most
+    ``num_experts`` slots, as ``-c`` is checked. Layers not named keep every expert resident.
+
+    Args:
+        moe_layers: the model's layer numbers of its MoE layers.
+        num_experts: experts per MoE layer.
+        top_k: experts per token.
+    """
+    from golem.runtime.options import option
+
+    caps = option("capacities").check(capacities, option("capacities"))
+    if caps is None or callable(caps):
+        raise ConfigError(f"capacities: expected an int or a dict layer -> slots, got {capacities!r}")
+    low = min(top_k, num_experts)
+    if is_int(caps):
+        if caps < low:
+            raise ConfigError(f"capacities: {caps} slots is smaller than top-k ({top_k})")
+        if caps > num_experts:
+            raise ConfigError(f"capacities {caps}: the model's MoE layers have only {num_experts} experts "
+                              f"(capacities={num_experts} keeps every expert resident)")
+        return {layer: caps for layer in moe_layers}
+    moe = set(moe_layers)
+    for layer, slots in caps.items():
+        if layer not in moe:
+            raise ConfigError(f"capacities: layer {layer} is not an MoE layer of this model "
+                              f"(MoE layers: {_ranges_text(moe_layers)})")
+        if slots < low:
+            raise ConfigError(f"capacities: layer {layer}: cache of {slots} slots is smaller than top-k ({top_k})")
+        if slots > num_experts:
+            raise ConfigError(f"capacities: layer {layer}: {slots} slots, but the model's MoE layers have only "
+                              f"{num_experts} experts ({num_experts} keeps every expert resident)")
+    return {layer: int(caps.get(layer, num_experts)) for layer in moe_layers}
 
 
 def _ranges_text(layers) -> str:

@@ -18,8 +18,7 @@ from mlx.utils import tree_flatten
 
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
 
-from golem.runtime.config import (ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config,
-                                  staging_buffers)
+from golem.runtime.config import ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config
 from golem.runtime.engine import DiskReader, Engine, OffloadedExperts
 from golem.runtime.slots import PoolPart, SlotPool
 from golem.runtime.writers import SlotWriters
@@ -171,6 +170,7 @@ class OffloadedModel:
     model_path: Optional[str] = None
     _closed: bool = field(default=False, repr=False)
     _finished: bool = field(default=False, repr=False)
+    _finalizer: object = field(default=None, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -205,7 +205,7 @@ class OffloadedModel:
 
     def save_profile(self) -> Path:
         """Merge this run's routing (decode steps) into the model's saved profile."""
-        from golem.runtime.analysis.profile import model_identity, profile_from_traces, record_profile
+        from golem.runtime.profiles import model_identity, profile_from_traces, record_profile
 
         from golem.runtime.sizing import profile_dir
 
@@ -223,6 +223,15 @@ class OffloadedModel:
         out = {}
         if self.options is not None and not self._closed and not self._finished:
             self._finished = True
+            wanted = [what for what, on in (("trace_out", self.options.trace_out is not None),
+                                            ("save_profile", self.options.save_profile)) if on]
+            if wanted and (self.engine.trace is None or self.engine.trace.num_rows == 0):
+                import warnings
+
+                # A model that generated nothing is valid: there is nothing to keep, and no file is touched.
+                warnings.warn(f"golem: nothing was generated, so {' and '.join(wanted)} wrote nothing",
+                              RuntimeWarning, stacklevel=3)
+                return out
             if self.options.trace_out is not None:
                 out["trace"] = self.save_trace()
             recorded = self.engine.trace is None or self.engine.trace.num_steps > 0
@@ -230,10 +239,17 @@ class OffloadedModel:
                 out["profile"] = self.save_profile()
         return out
 
+    def release_on_drop(self, finalizer) -> None:
+        """``finalizer`` (a ``weakref.finalize``) releases the runtime if the model is dropped
+        unclosed; ``close`` detaches it."""
+        self._finalizer = finalizer
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self.engine.close()
         self.reader.close()
 
@@ -324,7 +340,7 @@ class OpenedCheckpoint:
 
     def memory(self):
         """What the memory planner needs: shapes and byte sizes, measured from the headers."""
-        from golem.runtime.analysis.plan import ModelMemory
+        from golem.runtime.memplan import ModelMemory
 
         moe = sorted(self.layers)
         expert_names = set(self.index.tensor_names())
@@ -520,7 +536,7 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
         from golem.io.storage import parse_throttle
 
         throttle = parse_throttle(config.emulate_storage)
-    prefetch = config.prefetch if config.prefetch_depth > 0 else None
+    prefetch = config.prefetch
 
     started: list = []  # what to close, last first, if anything below fails
     try:
@@ -534,28 +550,22 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
                 owner_path, _, attr = st.part.rpartition(".")
                 owner = _module_at(em.module, owner_path) if owner_path else em.module
                 parts.append(PoolPart(st, owner, attr))
-            cap = min(int(sizing.capacities.get(em.layer, num_experts[em.layer])), num_experts[em.layer])
-            pools[em.layer] = SlotPool(em.layer, num_experts[em.layer], cap, parts, policy=config.policy,
-                                       writers=writers)
+            pools[em.layer] = SlotPool(em.layer, num_experts[em.layer], sizing.capacities[em.layer], parts,
+                                       policy=config.policy, writers=writers)
 
         scheduler = None
         if any(not p.fully_resident for p in pools.values()):
             from golem.io.scheduler import IOScheduler
 
-            depth = prefetch.depth if prefetch is not None else 0
-            biggest = max(index.expert_nbytes(l) for l in layers)
+            staging = sizing.staging
             opts = {} if config.io_parallelism is None else {"parallelism": config.io_parallelism}
-            spec = spec_s = None
-            if prefetch is not None:
-                spec = prefetch.speculative_nbytes or 2 * depth * k * biggest
-                spec_s = None if prefetch.speculative_ms is None else prefetch.speculative_ms / 1000
             scheduler = IOScheduler(
                 lambda key: index.ranges(*key),
                 lambda key: index.expert_nbytes(key[0]),
-                buffer_nbytes=biggest,
-                num_buffers=staging_buffers(k, depth),
-                speculative_nbytes=spec,
-                speculative_s=spec_s,
+                buffer_nbytes=staging.buffer_nbytes,
+                num_buffers=staging.num_buffers,
+                speculative_nbytes=staging.speculative_nbytes,
+                speculative_s=staging.speculative_s,
                 handles=reader.handles,
                 direct=config.direct_io,
                 **opts,
@@ -606,7 +616,7 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
             engine.trace = TraceRecorder(
                 moe_layers, num_experts[moe_layers[0]], k, index.expert_nbytes(moe_layers[0]),
                 route=lambda layer, x: by_layer[layer].route(x)[1],
-                residual=(lambda layer: residuals[layer]) if config.record_hidden else None,
+                residual=(lambda layer: residuals[layer]) if config.trace_hidden else None,
                 meta={"model_type": mconfig.get("model_type"), "model": str(path)},
             )
         expert_names = set(index.tensor_names())

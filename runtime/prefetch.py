@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from golem.predictors.base import Predictor, Proposal, Selection
+from golem.runtime.options import PrefetchConfig  # noqa: F401  (the structured form of the prefetch options)
 
 
 @dataclass
@@ -44,42 +45,6 @@ class PrefetchLayerStats:
     @property
     def recall(self) -> float:
         return self.predicted_true / self.true if self.true else 0.0
-
-
-@dataclass(frozen=True)
-class PrefetchConfig:
-    """How far ahead to look and how much to gamble.
-
-    Args:
-        depth: MoE layers ahead (0 = no prefetch).
-        threshold: minimum predictor score (an estimated probability of use).
-        max_experts_per_layer: most candidates per target layer (None: top-k; more than a
-            layer uses can only be wasted).
-        speculative_nbytes: cap on prefetch bytes being read at once (None: 2 x depth x top-k experts).
-        speculative_ms: cap on prefetch bytes being read at once, in milliseconds of the
-            storage's measured throughput: a miss's demand read waits behind at most about
-            this much speculation (None: no such cap).
-        recall_off: switch a layer's prefetching off when its recall average drops below this.
-        recall_on: switch it back on when the average recovers above this.
-        recall_decay: weight of history in the recall average (per token).
-    """
-
-    depth: int = 2
-    threshold: float = 0.3
-    max_experts_per_layer: Optional[int] = None
-    speculative_nbytes: Optional[int] = None
-    speculative_ms: Optional[float] = 3.0
-    recall_off: float = 0.25
-    recall_on: float = 0.4
-    recall_decay: float = 0.9
-
-    def __post_init__(self) -> None:
-        if self.depth < 0:
-            raise ValueError(f"--prefetch-depth must be >= 0, got {self.depth}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"--threshold must be within [0, 1], got {self.threshold}")
-        if self.speculative_ms is not None and self.speculative_ms <= 0:
-            raise ValueError(f"--prefetch-cap-ms must be > 0, got {self.speculative_ms:g}")
 
 
 class Prefetcher:

@@ -88,6 +88,11 @@ class TraceRecorder:
                 self._hidden[-1] = np.zeros((t, len(self.moe_layers), h.shape[-1]), np.float32)
             self._hidden[-1][:, pos] = h[-t:]
 
+    @property
+    def num_rows(self) -> int:
+        """Rows recorded so far (prefill and decode tokens); 0 before the first token."""
+        return self._rows
+
     def trace(self, *, include_prefill: bool = True) -> Trace:
         if not self._experts:
             raise ValueError("nothing was recorded")

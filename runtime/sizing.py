@@ -1,9 +1,10 @@
 """How much of a model stays resident: from the sizing options (or the machine's memory) to a
-plan, slots per MoE layer and a warm start.
+plan, slots per MoE layer, the I/O scheduler's staging buffers and a warm start.
 
 Owns measuring the machine's memory (Metal's recommended working set, free CUDA device memory,
-available RAM) less a stated margin, the staging-buffer reserve a plan must leave, the plan
-itself (``golem.runtime.analysis.plan.make_plan``), the warm start (random, from traces or a
+available RAM) less a stated margin, every derived size (the slot count ("capacity") of each
+MoE layer, the staging buffers and the speculative-read cap, computed here once), the plan
+itself (``golem.runtime.memplan.make_plan``), the warm start (random, from traces or a
 profile, or the saved profile) and the one line that says what was chosen. Knows nothing of
 slot pools, I/O or generation; ``golem.runtime.loader`` applies what it returns.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from golem.runtime.config import ConfigError, RuntimeConfig, parse_nbytes, resolved_layers, staging_buffers
+from golem.runtime.config import ConfigError, RuntimeConfig, check_capacities, parse_nbytes, resolved_layers
 
 log = logging.getLogger(__name__)
 _NOTED_NO_PROFILE: set = set()  # profile files whose absence was noted (one warning each)
@@ -78,18 +79,42 @@ def machine_memory(limit: Optional[int] = None) -> MachineMemory:
         return MachineMemory(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical RAM")
 
 
+@dataclass(frozen=True)
+class Staging:
+    """The I/O scheduler's staging buffers and speculative-read caps, sized once.
+
+    Args:
+        num_buffers: staging buffers (see ``staging_buffers``).
+        buffer_nbytes: bytes of each: the biggest expert of any MoE layer.
+        speculative_nbytes: most prefetch bytes being read at once (None: no prefetch).
+        speculative_s: the same cap in seconds of measured throughput (None: none).
+    """
+
+    num_buffers: int
+    buffer_nbytes: int
+    speculative_nbytes: Optional[int] = None
+    speculative_s: Optional[float] = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_buffers * self.buffer_nbytes
+
+
 @dataclass
 class Sizing:
     """What the sizing options chose for one model.
 
     Args:
-        capacities: slots per MoE layer, by the model's layer number.
+        capacities: slots per MoE layer (each pool's capacity), by the model's layer
+            number, at most the layer's expert count.
+        staging: the I/O scheduler's staging buffers and speculative caps.
         plan: the plan (None when ``capacities`` were given outright).
         warm: experts to load before the first token, by layer number (None: none).
         note: one line saying what was chosen and why (None when flags fixed every layer).
     """
 
     capacities: Dict[int, int]
+    staging: Staging
     plan: object = None
     warm: Optional[Dict[int, list]] = None
     note: Optional[str] = None
@@ -97,7 +122,7 @@ class Sizing:
 
 def profile_dir(model_path) -> Path:
     """Where ``save_profile`` keeps ``model_path``'s profile (and ``warm_start='saved'`` finds it)."""
-    from golem.runtime.analysis.profile import profile_dir_for
+    from golem.runtime.profiles import profile_dir_for
 
     return profile_dir_for(model_path)
 
@@ -111,7 +136,7 @@ def load_warm_profile(config: RuntimeConfig, model_path):
     ws = config.warm_start
     if ws is None or not isinstance(ws, (str, os.PathLike)):
         return None
-    from golem.runtime.analysis.profile import load_saved_profile, load_warm_source, profile_path
+    from golem.runtime.profiles import load_saved_profile, load_warm_source, profile_path
 
     if str(ws) == "saved":
         folder = profile_dir(model_path)
@@ -124,6 +149,25 @@ def load_warm_profile(config: RuntimeConfig, model_path):
                         "caches start empty; %s", where, hint)
         return profile
     return load_warm_source(ws)
+
+
+def staging_buffers(top_k: int, depth: int) -> int:
+    """Staging buffers of the I/O scheduler: room for a token's demand reads and ``depth``
+    layers of prefetch, twice over (one set landing while the other is installed)."""
+    return max(4, 2 * top_k * (depth + 1) + 2)
+
+
+def staging_for(config: RuntimeConfig, memory) -> Staging:
+    """The staging buffers and speculative caps of ``config`` on a model of ``memory``
+    (``golem.runtime.memplan.ModelMemory``)."""
+    depth = config.prefetch_depth
+    biggest = max(memory.nbytes_of(i) for i in range(memory.num_layers))
+    spec = spec_s = None
+    if config.prefetch is not None:
+        spec = config.prefetch.speculative_nbytes or 2 * depth * memory.top_k * biggest
+        ms = config.prefetch.speculative_ms
+        spec_s = None if ms is None else ms / 1000
+    return Staging(staging_buffers(memory.top_k, depth), biggest, spec, spec_s)
 
 
 def reserve_nbytes(memory, depth: int) -> int:
@@ -139,17 +183,14 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
     e = memory.num_experts
     if profile is not None:
         profile.check_shape(memory.num_layers, e, where=str(config.warm_start))
+    staging = staging_for(config, memory)
     if config.capacities is not None:
-        caps = config.capacities
-        if callable(caps):
-            caps = caps(opened)
-        if isinstance(caps, int):
-            caps = {l: caps for l in moe}
-        caps = {int(l): min(int(caps.get(l, e)), e) for l in moe}
-        return Sizing(caps, None, _warm(config, profile, memory, [caps[l] for l in moe], [
-            i for i, l in enumerate(moe) if caps[l] >= e]), None)
+        given = config.capacities(opened) if callable(config.capacities) else config.capacities
+        capacities = check_capacities(given, moe_layers=moe, num_experts=e, top_k=memory.top_k)
+        return Sizing(capacities, staging, None, _warm(config, profile, memory, [capacities[l] for l in moe], [
+            i for i, l in enumerate(moe) if capacities[l] >= e]), None)
 
-    from golem.runtime.analysis.plan import RoutingStats, make_plan
+    from golem.runtime.memplan import RoutingStats, make_plan
     from golem.runtime.units import format_nbytes
 
     pins, overrides = resolved_layers(config, opened.num_layers)
@@ -167,7 +208,7 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
         plan = make_plan(memory, budget_nbytes=budget, **options)
         if budget is not None and not all(lp.pinned for lp in plan.layers):
             # Experts will stream: the scheduler's staging buffers come out of the budget too.
-            plan = make_plan(memory, budget_nbytes=budget, reserve_nbytes=reserve_nbytes(memory, config.prefetch_depth),
+            plan = make_plan(memory, budget_nbytes=budget, reserve_nbytes=staging.nbytes,
                              **options)
     except ValueError as err:
         if machine is None:
@@ -177,7 +218,7 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
             f"{format_nbytes(budget)} after a {MACHINE_MARGIN:.0%} margin) is too small: "
             f"{str(err).split(': ', 1)[-1]}; give -c/--cache-size or --memory-budget to run anyway"
         ) from None
-    caps = {memory.ids[lp.layer]: lp.slots for lp in plan.layers}
+    capacities = {memory.ids[lp.layer]: min(lp.slots, e) for lp in plan.layers}
     pinned = [lp.layer for lp in plan.layers if lp.pinned]
     note = None
     if budget is not None:
@@ -191,7 +232,7 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
             what = (f"the model ({format_nbytes(everything)}) does not fit: {plan_summary(plan)}, "
                     "the other experts stream from disk")
         note = f"{where}; {what}"
-    return Sizing(caps, plan, _warm(config, profile, memory, plan.capacities, pinned), note)
+    return Sizing(capacities, staging, plan, _warm(config, profile, memory, plan.capacities, pinned), note)
 
 
 def plan_summary(plan) -> str:
@@ -209,10 +250,10 @@ def _warm(config: RuntimeConfig, profile, memory, capacities: List[int], pinned:
     by_pos = None
     if profile is not None:
         by_pos = profile.warm_start(list(capacities), pinned)
-    elif config.warm_start is not None and not isinstance(config.warm_start, (str, os.PathLike)):
-        from golem.runtime.analysis.profile import random_warm_start
+    elif config.warm_random is not None:
+        from golem.runtime.profiles import random_warm_start
 
-        by_pos = random_warm_start(int(config.warm_start), memory.num_layers, memory.num_experts,
+        by_pos = random_warm_start(config.warm_random, memory.num_layers, memory.num_experts,
                                    list(capacities), pinned)
     if by_pos is None:
         return None

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from golem.runtime import ConfigError, RuntimeConfig, load
-from golem.runtime.config import staging_buffers
+from golem.runtime.sizing import staging_buffers
 from golem.runtime.prefetch import PrefetchConfig
 from golem.runtime.sizing import MACHINE_MARGIN, reserve_nbytes
 from helpers import greedy_tokens, prompt_tokens, stock

@@ -118,7 +118,7 @@ def test_a_damaged_profile_is_set_aside_and_the_next_record_works(tmp_path, capl
     with pytest.raises(ProfileDamaged):
         load_profile(path)
     counts = np.ones((2, NUM_EXPERTS))
-    with caplog.at_level(logging.WARNING, logger="golem.runtime.analysis.profile"):
+    with caplog.at_level(logging.WARNING, logger="golem.runtime.profiles"):
         assert record_run(tmp_path, counts, top_k=1, num_steps=3) == path
     aside = list(tmp_path.glob(PROFILE_FILENAME + ".damaged-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == garbage
@@ -131,7 +131,7 @@ def test_a_damaged_profile_is_set_aside_and_the_next_record_works(tmp_path, capl
 def test_reading_a_damaged_saved_profile_sets_it_aside(tmp_path, caplog):
     assert load_saved_profile(tmp_path) is None  # none yet
     (tmp_path / PROFILE_FILENAME).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="golem.runtime.analysis.profile"):
+    with caplog.at_level(logging.WARNING, logger="golem.runtime.profiles"):
         assert load_saved_profile(tmp_path) is None
     assert not (tmp_path / PROFILE_FILENAME).exists()
     assert len(list(tmp_path.glob(PROFILE_FILENAME + ".damaged-*"))) == 1

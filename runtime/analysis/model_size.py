@@ -1,7 +1,7 @@
 """What a model weighs: its shape and the bytes of its expert and non-expert weights.
 
-Owns ``ModelMemory`` (the one description of sizes the planner, golem-run and the estimator
-share: MoE layers, experts, top-k, bytes per expert, non-expert bytes), ``ModelSpec``
+Gives a ``ModelMemory`` (``golem.runtime.memplan``: the one description of sizes the planner,
+golem-run and the estimator share) for models golem has not opened. Owns ``ModelSpec``
 (parameter counts by tensor kind from a Hugging Face config.json) and ``Quantization`` (bits
 per weight by tensor kind), which together give a ``ModelMemory`` for a model golem has not
 downloaded (its config keys of top-k and expert count are its family's, from
@@ -14,67 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
-
-import numpy as np
+from typing import Optional, Union
 
 from golem.predictors.families import config_num_experts_keys, config_top_k_keys
 from golem.runtime.analysis import catalog
-
-
-@dataclass(frozen=True)
-class ModelMemory:
-    """What the planner needs to know of a model.
-
-    Args:
-        num_layers: MoE layers.
-        num_experts: experts per MoE layer.
-        top_k: experts per token (the fewest slots a layer can run with).
-        expert_nbytes: bytes of one expert, for all layers or one value per MoE layer.
-        non_expert_nbytes: bytes of everything always resident (attention, embeddings, ...).
-        layer_ids: the model's layer number of each MoE layer (what layer ranges on the
-            command line name); default 0..num_layers-1.
-    """
-
-    num_layers: int
-    num_experts: int
-    top_k: int
-    expert_nbytes: Union[int, Sequence[int]]
-    non_expert_nbytes: int = 0
-    layer_ids: Optional[Sequence[int]] = None
-
-    def nbytes_of(self, layer: int) -> int:
-        if isinstance(self.expert_nbytes, (int, np.integer)):
-            return int(self.expert_nbytes)
-        return int(self.expert_nbytes[layer])
-
-    @property
-    def ids(self) -> list[int]:
-        return list(range(self.num_layers)) if self.layer_ids is None else [int(i) for i in self.layer_ids]
-
-    @property
-    def all_experts_nbytes(self) -> int:
-        return sum(self.num_experts * self.nbytes_of(i) for i in range(self.num_layers))
-
-    def validate(self) -> None:
-        if self.num_layers < 1 or self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"model shape: {self.num_layers} layers, {self.num_experts} experts, top-k {self.top_k}"
-            )
-        if not isinstance(self.expert_nbytes, (int, np.integer)) and len(self.expert_nbytes) != self.num_layers:
-            raise ValueError(f"expert_nbytes: {len(self.expert_nbytes)} values for {self.num_layers} layers")
-        if any(self.nbytes_of(i) <= 0 for i in range(self.num_layers)):
-            raise ValueError("expert_nbytes must be positive")
-        if self.layer_ids is not None and len(self.layer_ids) != self.num_layers:
-            raise ValueError(f"layer_ids: {len(self.layer_ids)} ids for {self.num_layers} MoE layers")
-
-    @classmethod
-    def from_trace_meta(cls, meta: dict, non_expert_nbytes: int = 0) -> "ModelMemory":
-        """The shape a golem-trace/1 ``meta`` records (``expert_bytes`` as the expert size)."""
-        nbytes = int(meta.get("expert_bytes") or 0)
-        if nbytes <= 0:
-            raise ValueError("trace meta has no expert_bytes; give the expert size explicitly")
-        return cls(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]), nbytes, non_expert_nbytes)
+from golem.runtime.memplan import ModelMemory  # noqa: F401  (re-exported: sizes the planner reads)
 
 
 def parse_bpw(value: Union[str, float], what: str = "bits") -> float:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from golem.runtime.memplan import lru_misses  # noqa: F401  (re-exported: LRU at every capacity)
 from golem.runtime.policies import DEFAULT_POLICY, Policy, make_policy
 from golem.runtime.trace import Trace
 
@@ -449,14 +450,6 @@ def stack_distance_histogram(traces: Traces, *, decode_only: bool = True) -> np.
     flat = (np.broadcast_to(rows[None], steps.shape) * (e_count + 1) + dist)[valid]
     hist = np.bincount(flat, minlength=num_layers * (e_count + 1)).reshape(num_layers, e_count + 1)
     return hist
-
-
-def lru_misses(hist: np.ndarray) -> np.ndarray:
-    """Misses of plain LRU per layer at every capacity 0..E from a stack-distance histogram:
-    int64 (L, E+1). Meaningful for capacities >= the experts of one step."""
-    requests = hist.sum(axis=1, keepdims=True)
-    hits = np.concatenate([np.zeros((hist.shape[0], 1), dtype=np.int64), np.cumsum(hist[:, :-1], axis=1)], axis=1)
-    return requests - hits
 
 
 def requests_per_step(traces: Traces, *, decode_only: bool = True) -> np.ndarray:

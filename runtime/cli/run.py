@@ -126,15 +126,14 @@ def _sampler(args, tokenizer):
     )
 
 
-def _plan_notes(plan, config) -> str:
+def _plan_notes(sizing) -> str:
     """What the plan's totals leave out or set aside, in words."""
-    from golem.runtime.config import staging_buffers
     from golem.runtime.units import format_nbytes
 
     lines = []
-    if plan.reserve_nbytes:
-        n = staging_buffers(plan.model.top_k, config.prefetch_depth)
-        lines.append(f"reserved = {n} staging buffers of {format_nbytes(plan.reserve_nbytes // n)} "
+    if sizing.plan.reserve_nbytes:
+        staging = sizing.staging
+        lines.append(f"reserved = {staging.num_buffers} staging buffers of {format_nbytes(staging.buffer_nbytes)} "
                      "(experts being read from disk)")
     lines.append("not counted: the KV cache and activations, which grow with the prompt and the tokens generated")
     return "\n".join(lines)
@@ -248,7 +247,7 @@ def run(args) -> int:
             print(sizing.note)
         if sizing.plan is not None:
             print(sizing.plan.describe())
-            print(_plan_notes(sizing.plan, config))
+            print(_plan_notes(sizing))
         return 0
 
     started = time.perf_counter()
