@@ -60,7 +60,7 @@ class Loaded(tuple):
 
 def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config: Optional[dict] = None,
          model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
-         trust_remote_code: bool = False, **fields: Any) -> Loaded:
+         trust_remote_code: bool = False, pipeline=None, group=None, **fields: Any) -> Loaded:
     """Load an MoE checkpoint with offloaded experts, sized and warmed as ``golem-run`` does.
 
     Args:
@@ -73,21 +73,43 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
+        pipeline: under ``mlx.launch``, run only this rank's layers (pipeline parallel, as
+            mlx-lm's ``--pipeline``): ``True`` or ``"even"`` (mlx-lm's split: rank 0 the last
+            layers), ``"bytes"`` (balance the layers' bytes), or layers per rank in rank order
+            (``[10, 14]``). Every rank must then drive the model identically (same prompt,
+            same calls); ``memory_budget="8GB,16GB"`` gives each rank its own budget.
+            ``model.golem.pipeline`` says which layers this rank runs.
+        group: the ``mx.distributed`` group (default: the one ``mlx.launch`` set up).
 
     Raises:
         ConfigError: an option is wrong (named in the message); checked before any work.
         golem.runtime.loader.ModelError, golem.io.index.CheckpointError: the model cannot run
             (a tokenizer file it cannot read included).
     """
+    if pipeline is not None and pipeline is not False:
+        from golem.runtime import pipeline as stages
+
+        group = group if group is not None else stages.init_group()
+        if "memory_budget" in fields:
+            fields["memory_budget"] = stages.per_rank(fields["memory_budget"], group.rank(), group.size(),
+                                                      "--memory-budget")
     config = make_config(config, **fields)
     runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, pipeline=pipeline, group=group)
     try:
         tokenizer = _load_tokenizer(runtime.path, tokenizer_config, runtime.config.get("eos_token_id", None))
     except BaseException:
         runtime.close()
         raise
     runtime.model.golem = runtime
+    if runtime.pipeline is not None:
+        from golem.runtime.pipeline import barrier
+
+        try:
+            barrier(runtime.pipeline)  # a rank that failed to load stops the others here
+        except BaseException:
+            runtime.close()
+            raise
     return Loaded(runtime.model, tokenizer, runtime)
 
 
@@ -105,13 +127,13 @@ def _load_tokenizer(path: Path, tokenizer_config: Optional[dict], eos_token_ids)
         raise ModelError(f"{where}: cannot load the model's tokenizer ({detail})") from None
 
 
-def plan(path: str, config: Optional[RuntimeConfig] = None, **fields: Any):
+def plan(path: str, config: Optional[RuntimeConfig] = None, *, pipeline=None, group=None, **fields: Any):
     """The sizing ``load(path, config, **fields)`` would choose, reading only the checkpoint's
     headers: ``.plan`` (``Plan``; ``.describe()`` is golem-run's ``--plan`` table),
-    ``.capacities``, ``.warm``, ``.note``."""
+    ``.capacities``, ``.warm``, ``.note``; with ``pipeline`` (as ``load``), this rank's."""
     from golem.runtime.loader import plan_offloaded
 
-    return plan_offloaded(path, make_config(config, **fields))
+    return plan_offloaded(path, make_config(config, **fields), pipeline=pipeline, group=group)
 
 
 __all__ = ["ConfigError", "Loaded", "RuntimeConfig", "load", "plan"]
