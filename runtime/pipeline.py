@@ -230,12 +230,16 @@ def _family_has_pipeline(family: str) -> bool:
 
 
 def _backend_name() -> str:
-    for name in ("ring", "jaccl", "nccl", "mpi"):
-        try:
-            if mx.distributed.is_available(name):
-                return name
-        except TypeError:  # older mlx: is_available() takes no backend
-            break
+    """The backend ``mlx.launch`` set up, from the environment it leaves."""
+    env = os.environ
+    if "MLX_JACCL_COORDINATOR" in env or "MLX_IBV_DEVICES" in env:
+        return "jaccl"
+    if "MLX_HOSTFILE" in env:
+        return "ring"
+    if "MLX_WORLD_SIZE" in env:
+        return "nccl"
+    if any(k.startswith("OMPI_") for k in env):
+        return "mpi"
     return "distributed"
 
 
@@ -433,3 +437,53 @@ def peer_lost_line(exc: BaseException) -> str:
         return str(exc)
     group = init_group()
     return lost_message(group.rank(), group.size(), exc)
+
+
+# -- ranks on this machine (tests, benchmarks) ----------------------------------------------
+def free_ports(n: int) -> List[int]:
+    """``n`` TCP ports of localhost nobody listens on now (as ``mlx.launch --starting-port``
+    would use them, but not necessarily consecutive)."""
+    import socket
+
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def launch_local(n: int, argv: Sequence[str], *, hostfile_dir, env: Optional[dict] = None, **popen):
+    """Start ``argv`` as ``n`` ranks of a ring over localhost, as ``mlx.launch --backend ring
+    -n N`` does (one process per rank; ``MLX_RANK`` and ``MLX_HOSTFILE`` set); returns the
+    ``subprocess.Popen`` of each rank, by rank. The caller waits for them (with a timeout).
+
+    Args:
+        n: ranks.
+        argv: the command, its interpreter named (``[sys.executable, "script.py"]``).
+        hostfile_dir: folder for the hostfile.
+        env: the ranks' environment (default: this process's).
+        **popen: passed to ``subprocess.Popen`` (``stdout=subprocess.PIPE`` ...).
+    """
+    import json
+    import subprocess
+    from pathlib import Path
+
+    hostfile = Path(hostfile_dir) / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    base = dict(os.environ if env is None else env)
+    procs = []
+    try:
+        for rank in range(n):
+            procs.append(subprocess.Popen(list(argv), env={**base, "MLX_RANK": str(rank),
+                                                           "MLX_HOSTFILE": str(hostfile)}, **popen))
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    return procs

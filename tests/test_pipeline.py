@@ -1,0 +1,218 @@
+"""Pipeline-parallel offload over mx.distributed: the split, the errors, and 2 and 3 local
+ranks of the ring backend giving stock mlx-lm's greedy tokens; a killed rank ends every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from golem.runtime.pipeline import (Pipeline, PipelineError, balanced_partition, launch_local, parse_split,
+                                    per_rank, plan_split)
+from golem.runtime.synthetic import Size, build_checkpoint
+
+from helpers import prompt_tokens, stock
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "pipeline_worker.py"
+FAMILIES = ("qwen3_moe", "deepseek_v3", "glm4_moe", "qwen3_next")  # mlx-lm's families with `pipeline`
+SIX = Size(layers=6)  # 3 ranks of 2 layers: every rank holds an MoE layer (layer 0 is dense)
+TIMEOUT_S = 300
+
+ring = pytest.mark.skipif(not mx.distributed.is_available("ring"), reason="MLX's ring backend is unavailable")
+
+
+class _Group:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+# -- the split --------------------------------------------------------------------------
+def test_even_split_is_mlx_lms():
+    assert plan_split(True, 4, 3) == (2, 1, 1)
+    assert plan_split("even", 6, 3) == (2, 2, 2)
+    p = Pipeline(_Group(0, 3), (2, 1, 1), 4)
+    assert [p.layers_of(r) for r in range(3)] == [range(2, 4), range(1, 2), range(0, 1)]
+
+
+def test_explicit_and_byte_splits():
+    assert plan_split("1,3", 4, 2) == (1, 3)
+    assert plan_split([3, 1], 4, 2) == (3, 1)
+    # The heavy last layer gets a rank of its own (rank 0 runs the last layers).
+    assert plan_split("bytes", 5, 2, [1, 1, 1, 1, 10]) == (1, 4)
+    assert balanced_partition([1, 2, 3, 4, 5], 3) == [3, 1, 1]
+    assert balanced_partition([5, 1, 1, 1, 1, 1], 2) == [1, 5]
+
+
+@pytest.mark.parametrize("spec, n, size, message", [
+    ("1,2", 4, 2, "add up to 3, the model has 4"),
+    ("4", 4, 2, "1 entries for 2 ranks"),
+    ("0,4", 4, 2, "whole number >= 1"),
+    ("fast", 4, 2, "expected 'even', 'bytes'"),
+    (True, 2, 3, "3 ranks for a model of 2 layers"),
+])
+def test_bad_splits_are_one_line_errors(spec, n, size, message):
+    with pytest.raises(PipelineError, match=message):
+        plan_split(spec, n, size, [1] * n)
+
+
+def test_per_rank_values_and_tensor_ownership():
+    assert per_rank("8GB,16GB", 1, 2, "--memory-budget") == "16GB"
+    assert per_rank("8GB", 1, 2, "--memory-budget") == "8GB"
+    with pytest.raises(PipelineError, match="--memory-budget 1GB,2GB,3GB: 3 values for 2 ranks"):
+        per_rank("1GB,2GB,3GB", 0, 2, "--memory-budget")
+    p = Pipeline(_Group(1, 2), (2, 2), 4)
+    assert p.owns_tensor("model.layers.1.mlp.switch_mlp.gate_proj.weight")
+    assert not p.owns_tensor("model.layers.2.self_attn.q_proj.weight")
+    assert p.owns_tensor("model.embed_tokens.weight") and p.owns_tensor("lm_head.weight")
+    assert parse_split(None) == "even"
+
+
+# -- one process: a group of one ----------------------------------------------------------
+def test_family_without_pipeline_is_a_clear_error(checkpoints):
+    import golem.runtime
+    from golem.runtime.loader import ModelError
+
+    with pytest.raises(ModelError, match=r"model_type 'mixtral' has no pipeline split in mlx-lm \(families with "
+                                         r"one: deepseek_v3, glm4_moe, qwen3_moe, qwen3_next\)"):
+        golem.runtime.load(checkpoints("mixtral"), cache_size=4, pipeline=True)
+
+
+def test_group_of_one_is_the_whole_model(checkpoints):
+    """Outside mlx.launch, ``pipeline=True`` is a one-stage pipeline: every layer, stock's tokens."""
+    import golem.runtime
+    from helpers import greedy_tokens
+
+    path = checkpoints("qwen3_moe")
+    model, tokenizer = stock(path)
+    want = greedy_tokens(model, prompt_tokens(tokenizer), 12)
+    with golem.runtime.load(path, cache_size=4, pipeline=True) as (m, tok):
+        assert m.golem.pipeline.split == (4,)
+        assert greedy_tokens(m, prompt_tokens(tok), 12) == want
+
+
+# -- several ranks over localhost ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def six_layer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return {f: build_checkpoint(f, root / f, size=SIX) for f in FAMILIES}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _ranks(n: int, specs: list, tmp_path: Path, timeout_s: float = TIMEOUT_S):
+    """Run the worker as ``n`` ranks; every rank's JSON lines, by rank."""
+    procs = launch_local(n, [sys.executable, str(WORKER), json.dumps(specs)], hostfile_dir=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout_s)
+            assert p.returncode == 0, err[-3000:]
+            outs.append([json.loads(line) for line in out.splitlines() if line.startswith("{")])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return outs
+
+
+_SINGLE: dict = {}
+
+
+def _single(path: Path, depth: int, n: int = 20, prefill: int = 8):
+    """Stock mlx-lm's and single-process golem's greedy tokens, and golem's reads (once per
+    checkpoint and depth)."""
+    key = (str(path), depth, n, prefill)
+    if key not in _SINGLE:
+        _SINGLE[key] = _single_run(path, depth, n, prefill)
+    return _SINGLE[key]
+
+
+def _single_run(path: Path, depth: int, n: int, prefill: int):
+    from mlx_lm.generate import generate_step
+
+    import golem.runtime
+    from golem.runtime.prefetch import PrefetchConfig
+
+    def greedy(model, tokenizer):
+        prompt = mx.array(prompt_tokens(tokenizer, "Once upon a time " * 3))
+        return [int(t) for t, _ in generate_step(prompt, model, max_tokens=n, prefill_step_size=prefill,
+                                                 sampler=lambda x: mx.argmax(x, axis=-1))]
+
+    want = greedy(*stock(path))
+    options = {"prefetch": PrefetchConfig(depth=depth, threshold=0.1)} if depth else {}
+    with golem.runtime.load(path, cache_size=4, **options) as (model, tokenizer):
+        got = greedy(model, tokenizer)
+        t = model.golem.engine.stats.total()
+        return want, got, t.misses, t.bytes_read
+
+
+@ring
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_give_stock_tokens(six_layer, tmp_path, ranks):
+    """Every family with a pipeline split, a cache of 4 of 16 experts, depth 0 and 2, prefill
+    in chunks of 8: each rank's tokens are stock mlx-lm's and single-process golem's; at
+    depth 0 the ranks' reads add up to the single process's."""
+    specs = [dict(path=str(six_layer[f]), depth=d, cache=4, tokens=20, prefill=8) for f in FAMILIES for d in (0, 2)]
+    outs = _ranks(ranks, specs, tmp_path)
+    assert all(len(o) == len(specs) for o in outs)
+    for i, spec in enumerate(specs):
+        want, single, misses, nbytes = _single(Path(spec["path"]), spec["depth"])
+        assert single == want
+        runs = [o[i] for o in outs]
+        for run in runs:
+            assert run["tokens"] == want, (spec, run["rank"])
+        layers = sorted(l for run in runs for l in run["layers"])
+        assert len(layers) == len(set(layers))  # each MoE layer on one rank
+        assert runs[0]["rows"] == runs[-1]["rows"]  # one gathered table on every rank
+        assert [r["misses"] for r in runs[0]["rows"]] == [run["misses"] for run in runs]
+        if spec["depth"] == 0:
+            assert sum(run["misses"] for run in runs) == misses
+            assert sum(run["bytes_read"] for run in runs) == nbytes
+
+
+@ring
+def test_killed_rank_ends_every_rank(six_layer, tmp_path):
+    """SIGKILL of rank 1 while decoding: rank 0 (and rank 2) stop within 10 s, rank 0 with
+    one clear line."""
+    spec = [dict(path=str(six_layer["qwen3_moe"]), forever=True, storage="0.05")]  # reads slowed: decoding lasts
+    procs = launch_local(3, [sys.executable, str(WORKER), json.dumps(spec)], hostfile_dir=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = procs[0].stdout.readline()  # blocks until rank 0 decodes (or dies: empty)
+        assert json.loads(line) == {"decoding": 0}
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        for r in (0, 2):
+            procs[r].wait(timeout=10)
+        elapsed = time.monotonic() - t0
+        err = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert elapsed < 10
+    assert procs[0].returncode == 1 and procs[2].returncode == 1
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert lines and "rank 0 of 3: lost the connection to another rank" in lines[0], err[-2000:]
+    assert "Traceback" not in err
