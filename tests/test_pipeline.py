@@ -216,3 +216,52 @@ def test_killed_rank_ends_every_rank(six_layer, tmp_path):
     lines = [l for l in err.splitlines() if l.startswith("error:")]
     assert lines and "rank 0 of 3: lost the connection to another rank" in lines[0], err[-2000:]
     assert "Traceback" not in err
+
+
+@ring
+def test_golem_run_pipeline_prints_on_rank_zero_only(six_layer, tmp_path):
+    """``golem-run --pipeline`` as 2 ranks: rank 0 prints single-process golem-run's text,
+    rank 1 prints nothing; with --verbose, one table with a column per rank."""
+    path = str(six_layer["qwen3_moe"])
+    argv = [sys.executable, "-m", "golem.runtime.cli.run", "--model", path, "-c", "4", "-m", "16",
+            "-p", "the quick brown fox", "--prefill-step-size", "4", "--verbose", "False"]
+    single = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, env=_env())
+    assert single.returncode == 0, single.stderr
+    procs = launch_local(2, argv + ["--pipeline"], hostfile_dir=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert outs[0][0] == single.stdout and single.stdout.strip()
+    assert outs[1][0] == ""
+    procs = launch_local(2, argv[:-2] + ["--pipeline", "--verbose", "True"], hostfile_dir=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert outs[1][0] == ""
+    text = outs[0][0]
+    assert "Pipeline: 2 ranks (ring): rank 1 layers 0-2, rank 0 layers 3-5" in text
+    head = next(l for l in text.splitlines() if "rank 0" in l and "rank 1" in l and "all" in l)
+    assert head.split() == ["rank", "0", "rank", "1", "all"]
+
+
+def test_golem_run_pipeline_errors(checkpoints, capsys):
+    from golem.runtime.cli.run import main
+
+    assert main(["--model", str(checkpoints("mixtral")), "-c", "4", "--pipeline", "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("golem-run: error: ") and "model_type 'mixtral' has no pipeline split" in err
+    assert main(["--model", str(checkpoints("qwen3_moe")), "--pipeline", "1,x", "-p", "hi"]) == 2
+    assert "--pipeline 1,x: expected 'even', 'bytes' or layers per rank" in capsys.readouterr().err
+    assert main(["--model", str(checkpoints("qwen3_moe")), "--pipeline", "3,3", "-c", "4", "-p", "hi"]) == 2
+    assert "2 entries for 1 ranks" in capsys.readouterr().err
