@@ -24,7 +24,11 @@ def run(spec: dict) -> dict:
     from helpers import prompt_tokens
 
     depth = spec.get("depth", 0)
-    options = dict(cache_size=spec.get("cache", 4), emulate_storage=spec.get("storage"))
+    options = dict(emulate_storage=spec.get("storage"))
+    if spec.get("budget"):
+        options["memory_budget"] = spec["budget"]
+    else:
+        options["cache_size"] = spec.get("cache", 4)
     if depth:
         options["prefetch"] = PrefetchConfig(depth=depth, threshold=0.1)
     with golem.runtime.load(spec["path"], pipeline=spec.get("split", True), **options) as (model, tokenizer):
@@ -41,7 +45,14 @@ def run(spec: dict) -> dict:
 
         rows = gather_statistics(runtime)
         t = runtime.engine.stats.total()
-        return dict(rank=runtime.pipeline.rank, layers=sorted(runtime.engine.pools), tokens=out, misses=t.misses,
+        from mlx.utils import tree_flatten
+
+        from golem.runtime.pipeline import LAYER_OF_TENSOR
+
+        held = sorted({int(m.group(1)) for name, _ in tree_flatten(model.parameters())
+                       if (m := LAYER_OF_TENSOR.search(name))})
+        return dict(rank=runtime.pipeline.rank, layers=sorted(runtime.engine.pools), held=held,
+                    split=list(runtime.pipeline.split), tokens=out, misses=t.misses,
                     bytes_read=t.bytes_read, rows=rows, path=spec["path"], depth=depth)
 
 

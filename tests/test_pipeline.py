@@ -265,3 +265,18 @@ def test_golem_run_pipeline_errors(checkpoints, capsys):
     assert "--pipeline 1,x: expected 'even', 'bytes' or layers per rank" in capsys.readouterr().err
     assert main(["--model", str(checkpoints("qwen3_moe")), "--pipeline", "3,3", "-c", "4", "-p", "hi"]) == 2
     assert "2 entries for 1 ranks" in capsys.readouterr().err
+
+
+@ring
+def test_each_rank_holds_its_layers_within_its_budget(six_layer, tmp_path):
+    """``memory_budget="1MB,0.7MB"``: rank 0 fits its layers' experts, rank 1 streams; each
+    rank holds only its layers' weights and its resident bytes stay within its own budget."""
+    path = six_layer["qwen3_moe"]
+    outs = _ranks(2, [dict(path=str(path), budget="1MB,0.7MB", tokens=20, prefill=8)], tmp_path)
+    want, *_ = _single(path, 0)
+    rows = outs[0][0]["rows"]
+    for rank, (run,) in enumerate(outs):
+        assert run["tokens"] == want
+        assert run["held"] == list(range(3 * (1 - rank), 3 * (1 - rank) + 3))  # rank 0: layers 3-5
+        assert rows[rank]["resident_nbytes"] <= rows[rank]["budget_nbytes"] == [1_000_000, 700_000][rank]
+    assert rows[0]["misses"] == 0 and rows[1]["misses"] > 0
