@@ -76,7 +76,8 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         pipeline: under ``mlx.launch``, run only this rank's layers (pipeline parallel, as
             mlx-lm's ``--pipeline``): ``True`` or ``"even"`` (mlx-lm's split: rank 0 the last
             layers), ``"bytes"`` (balance the layers' bytes), or layers per rank in rank order
-            (``[10, 14]``). Every rank must then drive the model identically (same prompt,
+            (``[10, 14]``), or a ``golem.runtime.pipeline.PipelineConfig`` (the split, and
+            whether to prefetch across ranks). Every rank must then drive the model identically (same prompt,
             same calls); ``memory_budget="8GB,16GB"`` gives each rank its own budget.
             ``model.golem.pipeline`` says which layers this rank runs.
         group: the ``mx.distributed`` group (default: the one ``mlx.launch`` set up).

@@ -506,7 +506,8 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
         adapter_path: LoRA adapters for the resident weights (as mlx-lm's ``load``).
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
         pipeline: run only this rank's layers of a pipeline over ``group`` (``True`` or
-            ``"even"``: mlx-lm's split; ``"bytes"``; or layers per rank in rank order).
+            ``"even"``: mlx-lm's split; ``"bytes"``; layers per rank in rank order; or a
+            ``golem.runtime.pipeline.PipelineConfig``).
         group: the ``mx.distributed`` group (default: the one ``mlx.launch`` set up).
         **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``capacities=4``).
     """
@@ -627,6 +628,10 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
         engine = Engine(index, pools, reader, scheduler=scheduler, prefetcher=prefetcher,
                         hidden=lambda layer, x: residuals.get(layer))
         started.append(engine)
+        if opened.pipeline is not None and config.prefetch_depth > 0:
+            from golem.runtime.pipeline import connect_boundaries
+
+            connect_boundaries(opened.pipeline, engine, can_send=blocks is not None)
         for em in experts:
             _replace_module(model, em.path, OffloadedExperts(em.module, em.layer, engine))
         if config.record:

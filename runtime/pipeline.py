@@ -36,6 +36,30 @@ class PeerLostError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """How to split a model across ranks; ``load(..., pipeline=...)`` takes one (or its
+    ``split`` alone).
+
+    Args:
+        split: ``"even"`` (mlx-lm's split: rank 0 the last layers), ``"bytes"`` (balance the
+            layers' bytes), or layers per rank in rank order (``(10, 14)``).
+        boundary_prefetch: send each rank's last residual to the next rank, which guesses
+            and reads its first layers' experts early (with a prefetch depth).
+    """
+
+    split: Union[str, Tuple[int, ...]] = "even"
+    boundary_prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "split", parse_split(self.split))
+
+
+def pipeline_config(spec) -> PipelineConfig:
+    """``spec`` as a ``PipelineConfig`` (``True``, a split, or one already)."""
+    return spec if isinstance(spec, PipelineConfig) else PipelineConfig(split=parse_split(spec))
+
+
+@dataclass(frozen=True)
 class Pipeline:
     """This process's place in a pipeline-parallel run.
 
@@ -50,6 +74,7 @@ class Pipeline:
     split: Tuple[int, ...]
     num_layers: int
     backend: str = "ring"
+    config: PipelineConfig = PipelineConfig()
 
     @property
     def rank(self) -> int:
@@ -94,6 +119,8 @@ def _range_text(r: range) -> str:
 def parse_split(spec) -> Union[str, Tuple[int, ...]]:
     """``--pipeline``'s value: ``True``/``"even"`` (mlx-lm's split), ``"bytes"`` (balance the
     layers' bytes), or layers per rank in rank order (``"10,14"``, ``[10, 14]``)."""
+    if isinstance(spec, PipelineConfig):
+        return spec.split
     if spec is True or spec is None or spec == "" or spec == "even":
         return "even"
     if isinstance(spec, str):
@@ -200,7 +227,8 @@ def apply(model, spec, *, group=None, tensors=None, model_type: Optional[str] = 
         tensors: ``{name: info}`` of the checkpoint, for a split by bytes.
         model_type: for messages.
     """
-    mode = parse_split(spec)
+    options = pipeline_config(spec)
+    mode = options.split
     if not supports_pipeline(model):
         from golem.runtime.synthetic import FAMILIES
 
@@ -213,7 +241,7 @@ def apply(model, spec, *, group=None, tensors=None, model_type: Optional[str] = 
     sizes = layer_nbytes(tensors, num_layers) if mode == "bytes" and tensors is not None else None
     split = plan_split(mode, num_layers, group.size(), sizes)
     inner.pipeline(group, list(split))
-    return Pipeline(group, split, num_layers, backend=_backend_name())
+    return Pipeline(group, split, num_layers, backend=_backend_name(), config=options)
 
 
 def _family_has_pipeline(family: str) -> bool:
@@ -487,3 +515,85 @@ def launch_local(n: int, argv: Sequence[str], *, hostfile_dir, env: Optional[dic
             p.kill()
         raise
     return procs
+
+
+# -- prefetch across the boundary between two ranks -----------------------------------------
+class Boundary:
+    """Prefetch across pipeline ranks: the rank before sends the residual its last MoE layer
+    saw, the rank after guesses its first layers' experts from it and reads them while the
+    rank before is still computing.
+
+    Decode steps only (both ranks tell them apart alike: one token per call). The sending
+    rank adds one ``send`` of the last token's residual (float32, ``(1, D)``) to the host
+    sync its last MoE layer already makes; the receiving rank, when its step starts (before
+    its own layers can run, since they wait for the hidden state), receives it, evaluates
+    the predictor's guesses (one host sync, which waits only for that early message) and
+    issues the reads. The residual travels before the hidden state on the same link, and
+    both ranks evaluate the two in that order, so the messages pair up.
+
+    Args:
+        pipeline: this rank's place.
+        send_to: the rank after this one (that runs the next layers) when it wants the
+            residual, else None.
+        recv_from: the rank before this one when it sends, else None.
+        last_layer: this rank's last MoE layer (where the residual is sent from).
+    """
+
+    def __init__(self, pipeline: Pipeline, *, send_to: Optional[int], recv_from: Optional[int], last_layer: int):
+        self.pipeline = pipeline
+        self.send_to = send_to
+        self.recv_from = recv_from
+        self.last_layer = last_layer
+        self.received = 0
+        self.sent = 0
+
+    def outgoing(self, engine, layer: int, x: mx.array) -> list:
+        """Arrays the layer's host sync evaluates: the send, at this rank's last MoE layer."""
+        if self.send_to is None or layer != self.last_layer:
+            return []
+        h = engine.hidden(layer, x)
+        row = h.reshape(-1, h.shape[-1])[-1:].astype(mx.float32)
+        self.sent += 1
+        return [mx.distributed.send(row, self.send_to, group=self.pipeline.group)]
+
+    def incoming(self, engine, x: mx.array) -> None:
+        """At this rank's first MoE layer of a decode step: receive, guess, request reads."""
+        if self.recv_from is None:
+            return
+        h = mx.distributed.recv((1, x.shape[-1]), mx.float32, self.recv_from, group=self.pipeline.group)
+        pf = engine.prefetcher
+        proposals = pf.propose_boundary(h) if pf is not None else []
+        # The one extra host sync of a receiving rank's step: it waits for the residual alone
+        # (sent at the previous rank's last MoE layer), not for this rank's layers.
+        mx.eval([h, *(a for p in proposals for a in p.arrays)])
+        engine.stats.host_syncs += 1
+        engine.stats.decode_host_syncs += 1
+        self.received += 1
+        if proposals:
+            pf.issue_boundary(proposals, engine._resident)
+
+
+def connect_boundaries(pipeline: Pipeline, engine, *, can_send: bool) -> Optional[Boundary]:
+    """Agree with the neighbours which boundaries carry a residual (a collective: every rank
+    calls it once, after building its engine) and attach a ``Boundary`` to ``engine``.
+
+    A rank receives when it has a previous rank and a prefetcher with work for its first
+    layers; a rank sends when it can (``can_send``: its residual is tapped) and the next
+    rank receives.
+    """
+    if pipeline.size == 1 or not pipeline.config.boundary_prefetch:
+        return None  # every rank has the same options: none exchanges a residual
+    pf = engine.prefetcher
+    wants = int(pf is not None and pf.config.depth > 0 and pipeline.rank < pipeline.size - 1
+                and any(pf.wanted[:pf.config.depth]))
+    flags = gather(pipeline, [wants, int(can_send)])
+    r = pipeline.rank
+    send_to = r - 1 if r > 0 and flags[r - 1][0] and can_send else None
+    recv_from = r + 1 if wants and flags[r + 1][1] else None
+    if send_to is None and recv_from is None:
+        return None
+    boundary = Boundary(pipeline, send_to=send_to, recv_from=recv_from, last_layer=max(engine.pools))
+    engine.boundary = boundary
+    if recv_from is not None:
+        pf.wrap = False
+    return boundary

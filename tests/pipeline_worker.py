@@ -31,7 +31,10 @@ def run(spec: dict) -> dict:
         options["cache_size"] = spec.get("cache", 4)
     if depth:
         options["prefetch"] = PrefetchConfig(depth=depth, threshold=0.1)
-    with golem.runtime.load(spec["path"], pipeline=spec.get("split", True), **options) as (model, tokenizer):
+    from golem.runtime.pipeline import PipelineConfig
+
+    pipeline = PipelineConfig(split=spec.get("split", "even"), boundary_prefetch=spec.get("boundary", True))
+    with golem.runtime.load(spec["path"], pipeline=pipeline, **options) as (model, tokenizer):
         runtime = model.golem
         prompt = mx.array(prompt_tokens(tokenizer, spec.get("prompt", "Once upon a time " * 3)))
         n = 10**9 if spec.get("forever") else spec.get("tokens", 20)

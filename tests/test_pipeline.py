@@ -163,7 +163,9 @@ def _single_run(path: Path, depth: int, n: int, prefill: int):
     with golem.runtime.load(path, cache_size=4, **options) as (model, tokenizer):
         got = greedy(model, tokenizer)
         t = model.golem.engine.stats.total()
-        return want, got, t.misses, t.bytes_read
+        pf = model.golem.engine.prefetcher
+        recall = {l: (s.true, s.predicted_true) for l, s in pf.stats.items()} if pf is not None else {}
+        return want, got, t.misses, t.bytes_read, recall
 
 
 @ring
@@ -176,7 +178,7 @@ def test_ranks_give_stock_tokens(six_layer, tmp_path, ranks):
     outs = _ranks(ranks, specs, tmp_path)
     assert all(len(o) == len(specs) for o in outs)
     for i, spec in enumerate(specs):
-        want, single, misses, nbytes = _single(Path(spec["path"]), spec["depth"])
+        want, single, misses, nbytes, recall = _single(Path(spec["path"]), spec["depth"])
         assert single == want
         runs = [o[i] for o in outs]
         for run in runs:
@@ -188,6 +190,12 @@ def test_ranks_give_stock_tokens(six_layer, tmp_path, ranks):
         if spec["depth"] == 0:
             assert sum(run["misses"] for run in runs) == misses
             assert sum(run["bytes_read"] for run in runs) == nbytes
+        else:  # boundary prefetch: a rank's first MoE layer is guessed as well as on one machine
+            for row in runs[0]["rows"][:-1]:
+                first = min(l for run in runs if run["rank"] == runs[0]["rows"].index(row) for l in run["layers"])
+                true, hit = recall[first]
+                assert row["first_true"] > 0
+                assert row["first_predicted"] / row["first_true"] >= hit / true - 0.05
 
 
 @ring
