@@ -18,7 +18,7 @@ import contextlib
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -74,7 +74,7 @@ class Pipeline:
     split: Tuple[int, ...]
     num_layers: int
     backend: str = "ring"
-    config: PipelineConfig = PipelineConfig()
+    config: PipelineConfig = field(default_factory=lambda: PipelineConfig())
 
     @property
     def rank(self) -> int:
