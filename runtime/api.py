@@ -55,7 +55,7 @@ class Loaded(tuple):
         if exc_type is None:
             self.close()
         else:  # a failed run keeps nothing
-            self.runtime.close()
+            self.runtime.close(failed=True)
 
 
 def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config: Optional[dict] = None,
@@ -104,12 +104,13 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         raise
     runtime.model.golem = runtime
     if runtime.pipeline is not None:
-        from golem.runtime.pipeline import barrier
+        from golem.runtime.pipeline import barrier, start_watchdog
 
         try:
             barrier(runtime.pipeline)  # a rank that failed to load stops the others here
+            runtime.watchdog = start_watchdog(runtime.pipeline)
         except BaseException:
-            runtime.close()
+            runtime.close(failed=True)
             raise
     return Loaded(runtime.model, tokenizer, runtime)
 

@@ -170,6 +170,7 @@ class OffloadedModel:
     sizing_note: Optional[str] = None
     model_path: Optional[str] = None
     pipeline: object = None  # golem.runtime.pipeline.Pipeline when this process is one stage
+    watchdog: object = None  # golem.runtime.pipeline.Watchdog: a lost rank ends this one
     _closed: bool = field(default=False, repr=False)
     _finished: bool = field(default=False, repr=False)
 
@@ -217,10 +218,14 @@ class OffloadedModel:
                 out["profile"] = self.save_profile()
         return out
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """Stop the I/O threads and close the files; with a pipeline, also tell the other
+        ranks this one finished (unless ``failed``: its silence then ends them)."""
         if self._closed:
             return
         self._closed = True
+        if self.watchdog is not None:
+            self.watchdog.close(failed=failed)
         self.engine.close()
         self.reader.close()
 
