@@ -288,3 +288,58 @@ def test_each_rank_holds_its_layers_within_its_budget(six_layer, tmp_path):
         assert run["held"] == list(range(3 * (1 - rank), 3 * (1 - rank) + 3))  # rank 0: layers 3-5
         assert rows[rank]["resident_nbytes"] <= rows[rank]["budget_nbytes"] == [1_000_000, 700_000][rank]
     assert rows[0]["misses"] == 0 and rows[1]["misses"] > 0
+
+
+# -- golem-trace estimate --machines N ---------------------------------------------------------
+def test_stage_models_add_up_to_the_model():
+    from golem.runtime.analysis.model_size import load_model_spec
+    from golem.runtime.analysis.stages import stage_model
+
+    model = load_model_spec("glm-4.6")
+    parts = [stage_model(model, r) for r in (range(0, 30), range(30, 61), range(61, model.num_layers))]
+    assert sum(p.num_moe_layers for p in parts) == model.num_moe_layers
+    shared = model.embedding_params + model.lm_head_params  # every stage keeps them
+    total = sum(p.total_params for p in parts) - 2 * shared
+    assert abs(total - model.total_params) / model.total_params < 1e-6
+
+
+def test_link_and_split_estimates():
+    from golem.runtime.analysis.estimate import ChunkRouting
+    from golem.runtime.analysis.machines import load_machine
+    from golem.runtime.analysis.model_size import Quantization, load_model_spec
+    from golem.runtime.analysis.stages import (Link, best_split, estimate_split, even_split, hidden_size,
+                                               link_seconds, parse_link)
+
+    assert parse_link("5,100us").latency_s == pytest.approx(100e-6) and parse_link("5,1ms").gb_per_s == 5.0
+    assert parse_link("2.5") == Link(2.5, 50e-6)
+    with pytest.raises(ValueError, match=r"--link 5,fast: latency 'fast' is not a time"):
+        parse_link("5,fast")
+    model = load_model_spec("glm-5")
+    assert hidden_size(model) == 6144
+    link = Link(10.0, 50e-6)
+    assert link_seconds(model, link, 3) == pytest.approx(4 * (50e-6 + 6144 * 2 / 10e9))
+    quant = Quantization.parse("IQ4_XS", None, None)
+    machines = [load_machine("m3-max-128g").with_memory(96 * 2**30)] * 3
+    routing = ChunkRouting(4000, 600)
+    even = estimate_split(model, quant, machines, even_split(model.num_layers, 3), link, routing=routing)
+    parts = sum(s.time_s for s in even.stages) - 2 * even.head_s + even.link_s
+    assert even.time_s == pytest.approx(parts)
+    best = best_split(model, quant, machines, link, routing=routing)
+    assert sum(best.split) == model.num_layers and best.time_s <= even.time_s
+    with pytest.raises(ValueError, match="3 ranks must share 78 layers"):
+        estimate_split(model, quant, machines, (10, 10, 10), link, routing=routing)
+
+
+def test_golem_trace_estimate_machines(capsys):
+    from golem.runtime.cli.trace import main
+
+    assert main(["estimate", "--model", "qwen3-235b-a22b", "--machine", "m3-max-128g", "--u", "2000", "--d", "300",
+                 "--machines", "2", "--link", "5,100us", "--split", "40,54", "--json"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out.strip().splitlines()[-1])
+    assert data["split"] == [40, 54] and data["machines"] == 2
+    assert [s["layers"] for s in data["stages"]] == [[54, 93], [0, 53]]
+    assert "split (layers per rank, rank 0 first): 40,54" in out
+    assert main(["estimate", "--model", "qwen3-235b-a22b", "--machine", "m3-max-128g", "--u", "2000", "--d", "300",
+                 "--machines", "2", "--split", "40,50"]) == 2
+    assert "split 40,50: 2 ranks must share 94 layers" in capsys.readouterr().err
