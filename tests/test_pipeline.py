@@ -343,3 +343,62 @@ def test_golem_trace_estimate_machines(capsys):
     assert main(["estimate", "--model", "qwen3-235b-a22b", "--machine", "m3-max-128g", "--u", "2000", "--d", "300",
                  "--machines", "2", "--split", "40,50"]) == 2
     assert "split 40,50: 2 ranks must share 94 layers" in capsys.readouterr().err
+
+
+# -- golem-server --pipeline: rank 0 serves --------------------------------------------------
+def _post(port: int, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _wait_health(port: int, procs, deadline_s: float = 120) -> None:
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead, f"a server rank exited with {dead[0].returncode}"
+        time.sleep(0.05)  # a poll interval, not a wait for readiness
+    raise AssertionError("golem-server not ready")
+
+
+@ring
+def test_golem_server_pipeline_answers_from_rank_zero(six_layer, tmp_path):
+    """2 ranks of ``golem-server --pipeline``: rank 0 answers over HTTP with the text
+    single-process golem-server gives (greedy)."""
+    from golem.runtime.pipeline import free_ports
+
+    path = str(six_layer["qwen3_moe"])
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
+    texts = []
+    for ranks in (1, 2):
+        port = free_ports(1)[0]
+        argv = [sys.executable, "-m", "golem.runtime.cli.server", "--model", path, "-c", "4", "--port", str(port),
+                "--max-tokens", "12"]
+        log = open(tmp_path / f"server{ranks}.log", "w")
+        if ranks == 1:
+            procs = [subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env())]
+        else:
+            procs = launch_local(2, argv + ["--pipeline"], hostfile_dir=tmp_path, env=_env(), stdout=log,
+                                 stderr=subprocess.STDOUT)
+        try:
+            _wait_health(port, procs)
+            texts.append(_post(port, body)["choices"][0]["text"])
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            log.close()
+    assert texts[0] and texts[1] == texts[0]
+

@@ -24,14 +24,11 @@ def _interrupt(signum, frame):
 
 
 def main(argv: Optional[list] = None) -> int:
-    import mlx.core as mx
     from mlx_lm import server
 
     from golem.runtime.cli.stock import GolemLoads, check_model, run_stock_main
 
     def on_args(args, config):
-        if mx.distributed.init().size() > 1:
-            raise ValueError("golem-server runs on one machine (no distributed group)")
         check_model(args, config)
         return GolemLoads(config, dense=[args.draft_model])
 
