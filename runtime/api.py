@@ -95,6 +95,8 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
             fields["memory_budget"] = stages.per_rank(fields["memory_budget"], group.rank(), group.size(),
                                                       "--memory-budget")
     config = make_config(config, **fields)
+    if group is not None and group.size() > 1:
+        _check_pipeline_options(config)
     runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
                              trust_remote_code=trust_remote_code, pipeline=pipeline, group=group)
     try:
@@ -113,6 +115,19 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
             runtime.close(failed=True)
             raise
     return Loaded(runtime.model, tokenizer, runtime)
+
+
+def _check_pipeline_options(config: RuntimeConfig) -> None:
+    """Options that speak of the whole model's routing, which no rank of a pipeline sees."""
+    import os
+
+    if config.trace_out is not None or config.save_profile:
+        what = "--trace-out" if config.trace_out is not None else "--save-profile"
+        raise ConfigError(f"{what} with --pipeline: each rank sees only its own layers' routing; "
+                          "record traces and profiles on one machine")
+    if isinstance(config.warm_start, (str, os.PathLike)):
+        raise ConfigError(f"-W/--warm-start {config.warm_start} with --pipeline: traces and profiles describe the "
+                          "whole model, not one rank's layers; use -R SEED or none")
 
 
 def _load_tokenizer(path: Path, tokenizer_config: Optional[dict], eos_token_ids):

@@ -402,3 +402,27 @@ def test_golem_server_pipeline_answers_from_rank_zero(six_layer, tmp_path):
             log.close()
     assert texts[0] and texts[1] == texts[0]
 
+
+
+@ring
+@pytest.mark.parametrize("flags, message", [
+    (["--pipeline", "--trace-out", "t.npz"], "--trace-out with --pipeline: each rank sees only its own layers"),
+    ([], "under mlx.launch, give --pipeline"),
+])
+def test_options_of_the_whole_model_are_refused_on_ranks(six_layer, tmp_path, flags, message):
+    """Under 2 ranks, ``--trace-out`` (or no ``--pipeline``): one clear line on every rank,
+    exit 2, no rank hangs."""
+    argv = [sys.executable, "-m", "golem.runtime.cli.run", "--model", str(six_layer["qwen3_moe"]), "-c", "4",
+            "-m", "4", "-p", "hi", *[str(tmp_path / f) if f.endswith(".npz") else f for f in flags]]
+    procs = launch_local(2, argv, hostfile_dir=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2
+        assert err.strip().splitlines()[-1].startswith(f"golem-run: error: {message}")

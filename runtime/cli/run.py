@@ -227,6 +227,9 @@ def run(args) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     group = None
+    if args.pipeline is None and mx.distributed.init().size() > 1:
+        raise ValueError("under mlx.launch, give --pipeline: golem splits the model's layers across the ranks "
+                         "(without it every rank would run the whole model and print)")
     if args.pipeline is not None:
         from golem.runtime.pipeline import init_group, parse_split, per_rank
 
