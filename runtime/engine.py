@@ -125,6 +125,10 @@ class Engine:
         hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
         clock: time source for stall accounting.
         overlap: compute a decode step's resident experts while its misses load.
+
+    ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a
+    decode step, one ``send`` to the last MoE layer's host sync and, before the first MoE
+    layer's, one host sync that waits only for the previous rank's residual.
     """
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
