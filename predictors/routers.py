@@ -109,8 +109,11 @@ def find_moe_blocks(model: nn.Module) -> List[MoEBlock]:
     fam = _routed_family(model_type_of(model))
     adapter = fam.router
     layers: Sequence[nn.Module] = model.layers
+    # A pipeline stage's ``model.layers`` are its own layers only (mlx-lm's ``pipeline``):
+    # number them as the decoder layers they are.
+    first = getattr(getattr(model, "model", None), "start_idx", 0) or 0
     blocks: List[MoEBlock] = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers, start=first):
         block = getattr(layer, adapter.block_attr, None)
         if block is None or not isinstance(block, nn.Module) or adapter.experts_attr not in block:
             continue

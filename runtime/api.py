@@ -60,12 +60,12 @@ class Loaded(tuple):
         if exc_type is None:
             self.close()
         else:  # a failed run keeps nothing
-            self.runtime.close()
+            self.runtime.close(failed=True)
 
 
 def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config: Optional[dict] = None,
          model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
-         trust_remote_code: bool = False, progress=None, **fields: Any) -> Loaded:
+         trust_remote_code: bool = False, progress=None, pipeline=None, group=None, **fields: Any) -> Loaded:
     """Load an MoE checkpoint with offloaded experts, sized and warmed as ``golem-run`` does.
 
     Args:
@@ -81,23 +81,49 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
         progress: ``progress(stage, done_nbytes, total_nbytes)``, called while the weights load
             and the warm start reads its experts (see ``golem.runtime.loader.load_offloaded``).
+        pipeline: under ``mlx.launch``, run only this rank's layers (pipeline parallel, as
+            mlx-lm's ``--pipeline``): ``True`` or ``"even"`` (mlx-lm's split: rank 0 the last
+            layers), ``"bytes"`` (balance the layers' bytes), or layers per rank in rank order
+            (``[10, 14]``), or a ``golem.runtime.pipeline.PipelineConfig`` (the split, and
+            whether to prefetch across ranks). Every rank must then drive the model identically (same prompt,
+            same calls); ``memory_budget="8GB,16GB"`` gives each rank its own budget.
+            ``model.golem.pipeline`` says which layers this rank runs.
+        group: the ``mx.distributed`` group (default: the one ``mlx.launch`` set up).
 
     Raises:
         ConfigError: an option is wrong (named in the message); checked before any work.
         golem.runtime.loader.ModelError, golem.io.index.CheckpointError: the model cannot run
             (a tokenizer file it cannot read included).
     """
+    if pipeline is not None and pipeline is not False:
+        from golem.runtime import pipeline as stages
+
+        group = group if group is not None else stages.init_group()
+        if "memory_budget" in fields:
+            fields["memory_budget"] = stages.per_rank(fields["memory_budget"], group.rank(), group.size(),
+                                                      "--memory-budget")
     config = make_config(config, **fields)
+    if group is not None and group.size() > 1:
+        _check_pipeline_options(config)
     _check_path(path)
     _check_load_arguments(tokenizer_config, model_config, adapter_path, trust_remote_code)
     runtime = load_offloaded(path, config, model_config=model_config, adapter_path=adapter_path,
-                             trust_remote_code=trust_remote_code, progress=progress)
+                             trust_remote_code=trust_remote_code, progress=progress, pipeline=pipeline, group=group)
     try:
         tokenizer = _load_tokenizer(runtime.path, tokenizer_config, runtime.config.get("eos_token_id", None))
     except BaseException:
         runtime.close()
         raise
     runtime.model.golem = runtime
+    if runtime.pipeline is not None:
+        from golem.runtime.pipeline import barrier, start_watchdog
+
+        try:
+            barrier(runtime.pipeline)  # a rank that failed to load stops the others here
+            runtime.watchdog = start_watchdog(runtime.pipeline)
+        except BaseException:
+            runtime.close(failed=True)
+            raise
     # The finalizer holds what it closes, never the model: the model's death is what it waits for.
     runtime.release_on_drop(weakref.finalize(runtime.model, _dropped, runtime.engine, runtime.reader, str(path),
                                              _unwritten(config)))
@@ -144,6 +170,19 @@ def _dropped(engine, reader, path: str, unwritten: str) -> None:
         reader.close()
 
 
+def _check_pipeline_options(config: RuntimeConfig) -> None:
+    """Options that speak of the whole model's routing, which no rank of a pipeline sees."""
+    import os
+
+    if config.trace_out is not None or config.save_profile:
+        what = "--trace-out" if config.trace_out is not None else "--save-profile"
+        raise ConfigError(f"{what} with --pipeline: each rank sees only its own layers' routing; "
+                          "record traces and profiles on one machine")
+    if isinstance(config.warm_start, (str, os.PathLike)):
+        raise ConfigError(f"-W/--warm-start {config.warm_start} with --pipeline: traces and profiles describe the "
+                          "whole model, not one rank's layers; use -R SEED or none")
+
+
 def _load_tokenizer(path: Path, tokenizer_config: Optional[dict], eos_token_ids):
     """mlx-lm's tokenizer of the model folder ``path``; a file it cannot read is a ``ModelError``
     naming the folder and, where the message says which, the file."""
@@ -158,15 +197,15 @@ def _load_tokenizer(path: Path, tokenizer_config: Optional[dict], eos_token_ids)
         raise ModelError(f"{where}: cannot load the model's tokenizer ({detail})") from None
 
 
-def plan(path: str, config: Optional[RuntimeConfig] = None, **fields: Any):
+def plan(path: str, config: Optional[RuntimeConfig] = None, *, pipeline=None, group=None, **fields: Any):
     """The sizing ``load(path, config, **fields)`` would choose, reading only the checkpoint's
     headers: ``.plan`` (``Plan``; ``.describe()`` is golem-run's ``--plan`` table),
-    ``.capacities``, ``.warm``, ``.note``."""
+    ``.capacities``, ``.warm``, ``.note``; with ``pipeline`` (as ``load``), this rank's."""
     from golem.runtime.loader import plan_offloaded
 
     config = make_config(config, **fields)
     _check_path(path)
-    return plan_offloaded(path, config)
+    return plan_offloaded(path, config, pipeline=pipeline, group=group)
 
 
 def _with_options(function, leading) -> None:
@@ -176,9 +215,11 @@ def _with_options(function, leading) -> None:
 
 _PATH = Parameter("path", Parameter.POSITIONAL_OR_KEYWORD)
 _CONFIG = Parameter("config", Parameter.POSITIONAL_OR_KEYWORD, default=None)
+_DISTRIBUTED = [Parameter(name, Parameter.KEYWORD_ONLY, default=None) for name in ("pipeline", "group")]
 _with_options(load, [_PATH, _CONFIG, *(Parameter(name, Parameter.KEYWORD_ONLY, default=default) for name, default in (
-    ("tokenizer_config", None), ("model_config", None), ("adapter_path", None), ("trust_remote_code", False)))])
-_with_options(plan, [_PATH, _CONFIG])
+    ("tokenizer_config", None), ("model_config", None), ("adapter_path", None), ("trust_remote_code", False),
+    ("progress", None))), *_DISTRIBUTED])
+_with_options(plan, [_PATH, _CONFIG, *_DISTRIBUTED])
 
 
 __all__ = ["ConfigError", "Loaded", "RuntimeConfig", "load", "plan"]

@@ -125,6 +125,10 @@ class Engine:
         hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
         clock: time source for stall accounting.
         overlap: compute a decode step's resident experts while its misses load.
+
+    ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a
+    decode step, one ``send`` to the last MoE layer's host sync and, before the first MoE
+    layer's, one host sync that waits only for the previous rank's residual.
     """
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
@@ -144,6 +148,7 @@ class Engine:
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
+        self.boundary = None  # optional golem.runtime.pipeline.Boundary: prefetch across pipeline ranks
         self._decoding = False
         self._prefilling = False  # a prompt arrives in one or more multi-token calls
 
@@ -356,13 +361,16 @@ class Engine:
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         if layer == self.first_layer:
             self._begin_call(indices)
+            if self.boundary is not None and self._decoding:
+                self.boundary.incoming(self, x)  # the previous rank's residual: reads before compute
         pool, pf, trace = self.pools[layer], self.prefetcher, self.trace
         proposals = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else ()
-        if pool.fully_resident and trace is None and not proposals:
+        outgoing = self.boundary.outgoing(self, layer, x) if self.boundary is not None and self._decoding else ()
+        if pool.fully_resident and trace is None and not proposals and not outgoing:
             return glu(x, indices)
         t0 = self.clock()
         extra = trace.weights(layer, x) if trace is not None else []
-        mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays)])  # this layer's one host sync
+        mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays), *outgoing])  # this layer's one host sync
         t_sync = self.clock()
         waits_before = self.stats.decode_read_s + self.stats.decode_write_s
         self.stats.host_syncs += 1

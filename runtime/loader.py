@@ -168,6 +168,8 @@ class OffloadedModel:
     plan: object = None
     sizing_note: Optional[str] = None
     model_path: Optional[str] = None
+    pipeline: object = None  # golem.runtime.pipeline.Pipeline when this process is one stage
+    watchdog: object = None  # golem.runtime.pipeline.Watchdog: a lost rank ends this one
     _closed: bool = field(default=False, repr=False)
     _finished: bool = field(default=False, repr=False)
     _finalizer: object = field(default=None, repr=False)
@@ -244,12 +246,16 @@ class OffloadedModel:
         unclosed; ``close`` detaches it."""
         self._finalizer = finalizer
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """Stop the I/O threads and close the files; with a pipeline, also tell the other
+        ranks this one finished (unless ``failed``: its silence then ends them)."""
         if self._closed:
             return
         self._closed = True
         if self._finalizer is not None:
             self._finalizer.detach()
+        if self.watchdog is not None:
+            self.watchdog.close(failed=failed)
         self.engine.close()
         self.reader.close()
 
@@ -328,6 +334,15 @@ class OpenedCheckpoint:
     index: ExpertIndex
     layers: Dict[int, Dict[str, str]]
     num_experts: Dict[int, int]
+    pipeline: object = None  # golem.runtime.pipeline.Pipeline: this rank's layers only
+
+    def non_expert_nbytes(self) -> int:
+        """Bytes of the resident (non-expert) tensors this process loads: with a pipeline,
+        its own layers' and the ones every rank keeps (embeddings, final norm, head)."""
+        expert_names = set(self.index.tensor_names())
+        st = self.index.index
+        owns = self.pipeline.owns_tensor if self.pipeline is not None else (lambda name: True)
+        return st.nbytes(n for n in st.tensors if n not in expert_names and owns(n))
 
     @property
     def num_layers(self) -> int:
@@ -343,20 +358,19 @@ class OpenedCheckpoint:
         from golem.runtime.memplan import ModelMemory
 
         moe = sorted(self.layers)
-        expert_names = set(self.index.tensor_names())
-        st = self.index.index
         return ModelMemory(
             num_layers=len(moe),
             num_experts=self.num_experts[moe[0]],
             top_k=top_k_of(self.config),
             expert_nbytes=[sum(t.expert_nbytes for t in self.index.parts(l)) for l in moe],
-            non_expert_nbytes=st.nbytes(n for n in st.tensors if n not in expert_names),
+            non_expert_nbytes=self.non_expert_nbytes(),
             layer_ids=moe,
         )
 
 
 def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dict] = None,
-                    adapter_path: Optional[str] = None, trust_remote_code: bool = False) -> OpenedCheckpoint:
+                    adapter_path: Optional[str] = None, trust_remote_code: bool = False,
+                    pipeline=None, group=None) -> OpenedCheckpoint:
     """Validate the checkpoint's config and headers, load the model lazily, index its experts.
 
     Args:
@@ -364,6 +378,9 @@ def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dic
         model_config: fields that override config.json (as mlx-lm's ``load``).
         adapter_path: LoRA adapters (as mlx-lm's ``load``); they must leave the experts alone.
         trust_remote_code: let mlx-lm run model code shipped with the checkpoint.
+        pipeline: split the layers across the ranks of ``group`` (see
+            ``golem.runtime.pipeline.parse_split``); this process keeps only its layers.
+        group: the ``mx.distributed`` group (default: the one ``mlx.launch`` set up).
     """
     path = resolve_model_path(str(model_path))
     if not (path / "config.json").is_file():
@@ -372,11 +389,12 @@ def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dic
     st_index = SafetensorsIndex(path)  # validates every header before anything runs
     with FreedOnFailure() as freed:
         return _open_lazily(path, st_index, freed, model_config=model_config, adapter_path=adapter_path,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, pipeline=pipeline, group=group)
 
 
 def _open_lazily(path: Path, st_index: SafetensorsIndex, freed: FreedOnFailure, *, model_config: Optional[dict],
-                 adapter_path: Optional[str], trust_remote_code: bool) -> OpenedCheckpoint:
+                 adapter_path: Optional[str], trust_remote_code: bool, pipeline=None,
+                 group=None) -> OpenedCheckpoint:
     """``open_checkpoint`` from mlx-lm's lazy load on; what it loads is handed to ``freed``."""
     from mlx_lm.utils import load_model
 
@@ -393,7 +411,21 @@ def _open_lazily(path: Path, st_index: SafetensorsIndex, freed: FreedOnFailure, 
     if adapter_path is not None:
         model = _with_adapters(model, adapter_path)
         freed.add(model)
+    stage = None
+    if pipeline is not None and pipeline is not False:
+        from golem.runtime.pipeline import PipelineError, apply
+
+        try:
+            stage = apply(model, pipeline, group=group, tensors=st_index.tensors, model_type=config.get("model_type"))
+        except PipelineError as e:
+            raise ModelError(str(e)) from None
     experts = find_experts_modules(model)
+    if not experts and stage is not None:
+        raise ModelError(
+            f"{path}: --pipeline: rank {stage.rank} runs layers {stage.describe_rank()}, which hold no MoE "
+            f"experts ({stage.describe()}); give every rank an MoE layer with an explicit split "
+            "(--pipeline N0,N1,...: layers per rank, rank 0 the last ones)"
+        )
     if not experts:
         raise ModelError(
             f"{path}: model type {config.get('model_type')!r} has no MoE layers with stacked experts "
@@ -426,7 +458,7 @@ def _open_lazily(path: Path, st_index: SafetensorsIndex, freed: FreedOnFailure, 
         raise ModelError(f"{path / 'config.json'}: top-k {k} (experts per token) is more than the "
                          f"{e} experts of each MoE layer")
     index = ExpertIndex(st_index, layers, num_experts)
-    return OpenedCheckpoint(model, config, path, experts, index, layers, num_experts)
+    return OpenedCheckpoint(model, config, path, experts, index, layers, num_experts, pipeline=stage)
 
 
 def _with_adapters(model: nn.Module, adapter_path: str) -> nn.Module:
@@ -454,9 +486,11 @@ def _with_adapters(model: nn.Module, adapter_path: str) -> nn.Module:
     return model
 
 
-def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, **fields):
+def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, *, pipeline=None,
+                   group=None, **fields):
     """What ``load_offloaded`` would choose, with every check it makes, reading only headers:
-    a ``golem.runtime.sizing.Sizing`` (slots per layer, plan, warm start, the sizing line)."""
+    a ``golem.runtime.sizing.Sizing`` (slots per layer, plan, warm start, the sizing line);
+    with ``pipeline``, this rank's."""
     from golem.runtime.sizing import load_warm_profile, size_model
 
     config = make_config(config, **fields)
@@ -464,18 +498,36 @@ def plan_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     path = resolve_model_path(str(model_path))
     profile = load_warm_profile(config, model_path)  # before any of the model's files is opened
     with FreedOnFailure() as freed:
-        opened = open_checkpoint(path)
+        opened = open_checkpoint(path, pipeline=pipeline, group=group)
         freed.add(opened.model)
-        moe_layers = sorted(opened.layers)
-        check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
-                            num_experts=opened.num_experts[moe_layers[0]], top_k=top_k_of(opened.config))
+        config = _checked_against(config, opened)
         return size_model(config, opened, profile=profile)
+
+
+def _checked_against(config: RuntimeConfig, opened: OpenedCheckpoint) -> RuntimeConfig:
+    """``config`` checked against the model's shape; with a pipeline, the depth and layer
+    numbers against the whole model, then narrowed to this rank's layers
+    (``golem.runtime.pipeline.local_config``)."""
+    import dataclasses
+
+    moe_layers = sorted(opened.layers)
+    k, e = top_k_of(opened.config), opened.num_experts[moe_layers[0]]
+    if opened.pipeline is None:
+        check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers, num_experts=e, top_k=k)
+        return config
+    from golem.runtime.pipeline import local_config
+
+    local = local_config(config, opened.pipeline, moe_layers)
+    check_against_model(dataclasses.replace(local, capacities=None, prefetch=config.prefetch), moe_layers=range(opened.num_layers),
+                        num_layers=opened.num_layers, num_experts=e, top_k=k)
+    check_against_model(local, moe_layers=moe_layers, num_layers=opened.num_layers, num_experts=e, top_k=k)
+    return local
 
 
 def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig] = None, *,
                    model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
                    trust_remote_code: bool = False, progress: Optional[Progress] = None,
-                   **fields) -> OffloadedModel:
+                   pipeline=None, group=None, **fields) -> OffloadedModel:
     """Load ``model_path`` with every MoE layer's experts in a slot pool.
 
     Every option is checked before any work starts (the config's own checks, files it will
@@ -493,6 +545,10 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
             load (stage ``"loading"``: the resident weights and fully resident layers' experts)
             and while the warm start reads its experts (``"warm start"``), first with 0 done;
             on the loading thread (``golem.runtime.cli.progress.StageProgress`` draws it).
+        pipeline: run only this rank's layers of a pipeline over ``group`` (``True`` or
+            ``"even"``: mlx-lm's split; ``"bytes"``; layers per rank in rank order; or a
+            ``golem.runtime.pipeline.PipelineConfig``).
+        group: the ``mx.distributed`` group (default: the one ``mlx.launch`` set up).
         **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``capacities=4``).
     """
     from golem.runtime.sizing import load_warm_profile
@@ -511,25 +567,25 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     with FreedOnFailure() as freed:
         return _assemble(path, config, freed, profile=profile, truth=truth, train=train, model_path=str(model_path),
                          model_config=model_config, adapter_path=adapter_path, trust_remote_code=trust_remote_code,
-                         progress=progress)
+                         progress=progress, pipeline=pipeline, group=group)
 
 
 def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profile, truth, train: list,
               model_path: str, model_config: Optional[dict], adapter_path: Optional[str],
-              trust_remote_code: bool, progress: Optional[Progress] = None) -> OffloadedModel:
+              trust_remote_code: bool, progress: Optional[Progress] = None, pipeline=None,
+              group=None) -> OffloadedModel:
     """``load_offloaded`` from opening the checkpoint on: the lazily loaded model is handed to
     ``freed``, and every thread and file started here is closed if a later step fails."""
     from golem.runtime.sizing import size_model
 
     opened = open_checkpoint(path, model_config=model_config, adapter_path=adapter_path,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, pipeline=pipeline, group=group)
     freed.add(opened.model, *(em.module for em in opened.experts))
     model, mconfig, experts, index = opened.model, opened.config, opened.experts, opened.index
     st_index, layers, num_experts = index.index, opened.layers, opened.num_experts
     moe_layers = sorted(layers)
     k = top_k_of(mconfig)
-    check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers,
-                        num_experts=num_experts[moe_layers[0]], top_k=k)
+    config = _checked_against(config, opened)
     sizing = size_model(config, opened, profile=profile)
     throttle = config.throttle
     if config.emulate_storage is not None:
@@ -607,6 +663,10 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
         engine = Engine(index, pools, reader, scheduler=scheduler, prefetcher=prefetcher,
                         hidden=lambda layer, x: residuals.get(layer))
         started.append(engine)
+        if opened.pipeline is not None and config.prefetch_depth > 0:
+            from golem.runtime.pipeline import connect_boundaries
+
+            connect_boundaries(opened.pipeline, engine, can_send=blocks is not None)
         for em in experts:
             _replace_module(model, em.path, OffloadedExperts(em.module, em.layer, engine))
         if config.record:
@@ -619,9 +679,8 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
                 residual=(lambda layer: residuals[layer]) if config.trace_hidden else None,
                 meta={"model_type": mconfig.get("model_type"), "model": str(path)},
             )
-        expert_names = set(index.tensor_names())
-        non_expert_nbytes = st_index.nbytes(n for n in st_index.tensors if n not in expert_names)
-        _load_resident(model, engine, pools, progress)
+        non_expert_nbytes = opened.non_expert_nbytes()  # this rank's, with a pipeline
+        _load_resident(model, engine, pools, progress)  # the pools are zeros until filled
         if sizing.warm:
             _warm_start(engine, pools, sizing.warm, progress)
     except BaseException:
@@ -632,7 +691,8 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
                 pass
         raise
     return OffloadedModel(model, mconfig, path, engine, index, experts, reader, non_expert_nbytes,
-                          options=config, plan=sizing.plan, sizing_note=sizing.note, model_path=model_path)
+                          options=config, plan=sizing.plan, sizing_note=sizing.note, model_path=model_path,
+                          pipeline=opened.pipeline)
 
 
 Progress = Callable[[str, int, int], None]  # (stage, done_nbytes, total_nbytes)

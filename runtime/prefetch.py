@@ -84,6 +84,8 @@ class Prefetcher:
         self.in_flight: Dict[Tuple[int, int], int] = {}  # (model layer, expert) -> position that last asked
         self.unused: Set[Tuple[int, int]] = set()  # prefetched, installed, not yet used
         self.scheduler = None
+        self.wrap = True  # guess the next step's first layers at the last ones (off on a pipeline rank
+        # whose first layers follow another rank's: ``propose_boundary`` guesses them)
 
     def attach(self, scheduler) -> None:
         """The I/O scheduler (``golem.io.scheduler.IOScheduler``) prefetches go through."""
@@ -106,7 +108,7 @@ class Prefetcher:
         out = []
         if any(self.wanted[p] for p in range(pos + 1, min(pos + depth, n - 1) + 1)):
             out.append(self.predictor.propose(pos, depth, hidden))
-        if pos + depth >= n and any(self.wanted[p] for p in range(0, min(pos + depth - n + 1, n))):
+        if self.wrap and pos + depth >= n and any(self.wanted[p] for p in range(0, min(pos + depth - n + 1, n))):
             nxt = self.predictor.propose_next(pos, depth, hidden)
             if nxt is not None:
                 out.append(nxt)
@@ -190,6 +192,22 @@ class Prefetcher:
             for l, e, score in wanted:
                 sched.submit((l, e), depth=self.distance(here, l), score=score)
                 self.issued(l, e, here)
+
+    def propose_boundary(self, hidden) -> List[Proposal]:
+        """Guesses for this step's first ``depth`` MoE layers from ``hidden``, the residual at
+        the previous pipeline rank's last MoE layer (lazy, like ``propose``): targets from
+        position 0, their offsets counted from 0 (their own calibration row)."""
+        depth = self.config.depth
+        if depth == 0 or not any(self.wanted[:depth]):
+            return []
+        return [self.predictor.propose(0, depth - 1, hidden, nearest=0)]
+
+    def issue_boundary(self, proposals: Sequence[Proposal], resident: Callable[[int], np.ndarray]) -> None:
+        """Request the candidates of ``propose_boundary``'s proposals (evaluated), nearest first."""
+        for proposal in proposals:
+            for l, e, score in self.candidates(proposal, resident):
+                self.scheduler.submit((l, e), depth=self.position[l] + 1, score=score)
+                self.issued(l, e, -1)
 
     def arrivals(self) -> List[Tuple[int, int, np.ndarray]]:
         """Prefetches read and not yet installed, as ``(layer, expert, buffer)``.

@@ -75,15 +75,12 @@ def _chat_ui(base: type, holder: list) -> type:
 
 
 def main(argv: Optional[list] = None) -> int:
-    import mlx.core as mx
     from mlx_lm import chat
 
     from golem.io.reads import ReadError
     from golem.runtime.cli.stock import GolemLoads, check_model, run_stock_main
 
     def on_args(args, config):
-        if mx.distributed.init().size() > 1:
-            raise ValueError("golem-chat runs on one machine (no distributed group)")
         if args.model == chat.DEFAULT_MODEL:  # mlx_lm.chat's default is a dense model
             raise ValueError("--model is required: an MoE model folder or Hugging Face repo id")
         check_model(args, config)

@@ -57,7 +57,18 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="Print one JSON object on stdout instead (text, token ids, timings, expert "
                         "statistics per layer and in total); --stats then prints the table on stderr.")
+    add_pipeline_argument(parser)
     return parser
+
+
+def add_pipeline_argument(parser: argparse.ArgumentParser) -> None:
+    """``--pipeline [SPLIT]``: golem-run, golem-chat and golem-server under ``mlx.launch``."""
+    parser.add_argument(
+        "--pipeline", nargs="?", const="even", default=None, metavar="SPLIT",
+        help="Under mlx.launch: split the layers across the ranks (pipeline parallel, as mlx-lm's --pipeline); "
+             "each rank reads and offloads only its layers' experts and only rank 0 prints. SPLIT: 'even' "
+             "(the default: mlx-lm's split, rank 0 the last layers), 'bytes' (balance the layers' bytes), or "
+             "layers per rank in rank order (e.g. 10,14). --memory-budget A,B gives each rank its own budget.")
 
 
 def _demo_model() -> str:
@@ -195,6 +206,18 @@ def run(args) -> int:
         _pil_image()  # before the model loads
     if args.seed is not None:
         mx.random.seed(args.seed)
+    group = None
+    if args.pipeline is None and mx.distributed.init().size() > 1:
+        raise ValueError("under mlx.launch, give --pipeline: golem splits the model's layers across the ranks "
+                         "(without it every rank would run the whole model and print)")
+    if args.pipeline is not None:
+        from golem.runtime.pipeline import init_group, parse_split, per_rank
+
+        if args.demo:
+            raise ValueError("--demo compares one machine's text with stock mlx-lm's: run it without --pipeline")
+        parse_split(args.pipeline)  # a bad split is an error before any work
+        group = init_group()
+        args.memory_budget = per_rank(args.memory_budget, group.rank(), group.size(), "--memory-budget")
     extra = {}
     if args.demo:
         args.stats = True  # the demo shows where the experts came from, layer by layer
@@ -242,7 +265,9 @@ def run(args) -> int:
         raise ValueError("--model is required (or --demo for a generated one)")
 
     if args.plan:
-        sizing = plan(model_path, config)
+        sizing = plan(model_path, config, pipeline=args.pipeline, group=group)
+        if group is not None and group.rank() != 0:
+            return 0  # rank 0 prints its plan
         if sizing.note:
             print(sizing.note)
         if sizing.plan is not None:
@@ -254,10 +279,17 @@ def run(args) -> int:
     # On a terminal a live line, else one summary line; --verbose False prints the text alone, as mlx-lm.
     with StageProgress() if args.verbose else contextlib.nullcontext() as progress:
         loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
-                      trust_remote_code=args.trust_remote_code, progress=progress)
-    with loaded as (model, tokenizer):
+                      trust_remote_code=args.trust_remote_code, progress=progress, pipeline=args.pipeline,
+                      group=group)
+    from golem.runtime.pipeline import rank_zero_stdout
+
+    with loaded as (model, tokenizer), rank_zero_stdout(loaded.runtime.pipeline):
         load_s = time.perf_counter() - started
         runtime = model.golem
+        if runtime.pipeline is not None and runtime.pipeline.size > 1:
+            from golem.runtime.pipeline import common_seed
+
+            mx.random.seed(common_seed(runtime.pipeline, args.seed))  # every rank samples alike
         if runtime.sizing_note and args.verbose:
             print(f"[golem] {runtime.sizing_note}", file=sys.stderr)
         for eos_token in args.extra_eos_token:
@@ -312,10 +344,18 @@ def run(args) -> int:
             text = generate(model, tokenizer, tokens, verbose=args.verbose, **options)
             if not args.verbose:
                 print(text)
-        if not args.json:
-            # mlx-lm's --verbose False prints the text alone: golem's figures go to stderr then.
-            out = sys.stdout if args.verbose else sys.stderr
+        # mlx-lm's --verbose False prints the text alone: golem's figures go to stderr then.
+        out = sys.stdout if args.verbose else sys.stderr
+        if runtime.pipeline is not None:
+            from golem.runtime.pipeline import format_rank_table, gather_statistics
+
+            rows = gather_statistics(runtime)  # every rank takes part
+            if not args.json:
+                print(f"Pipeline: {runtime.pipeline.describe()}", file=out)
+                print(format_rank_table(rows), file=out)
+        elif not args.json:
             print(format_stats(runtime), file=out)
+        if not args.json:
             if args.stats:
                 print(format_layer_table(runtime), file=out)
             if args.demo and args.verbose:
@@ -436,6 +476,13 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print("\ngolem-run: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from golem.runtime.pipeline import is_peer_loss, peer_lost_line
+
+        if not is_peer_loss(e):
+            raise
+        print(f"golem-run: error: {peer_lost_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ class GolemServer:
         prompt_cache = server.LRUPromptCache(model_provider.cli_args.prompt_cache_size)
         generator = make_response_generator(server.ResponseGenerator, self.state)
         self.response_generator = rg = generator(model_provider, prompt_cache)
+        if self.httpd is None:  # a pipeline rank other than 0: it follows rank 0's generation
+            rg.join()
+            return
         handler = make_handler(server.APIHandler, self.state)
         fingerprint = server.get_system_fingerprint()
         self.httpd.handler_factory = lambda *args, **kwargs: handler(rg, *args, system_fingerprint=fingerprint,
@@ -117,9 +120,8 @@ def serve_main(argv: Optional[list] = None, on_ready=None) -> int:
     stock_provider = server.ModelProvider
 
     def on_args(args, config):
-        if mx.distributed.init().size() > 1:
-            raise ValueError("golem-server runs on one machine (no distributed group)")
-        run.listen(args.host, args.port, max_handlers=max(64, 2 * args.decode_concurrency))
+        if mx.distributed.init().rank() == 0:  # under mlx.launch --pipeline, rank 0 serves
+            run.listen(args.host, args.port, max_handlers=max(64, 2 * args.decode_concurrency))
         check_model(args, config)
         run.state = ServerState(args.model, args.adapter_path, args.draft_model)
         run.loads = GolemLoads(config, dense=[args.draft_model])

@@ -30,7 +30,8 @@ class GolemLoads:
         self.loaded: List = []
 
     def __call__(self, path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None,
-                 lazy=False, return_config=False, revision=None, trust_remote_code=False):
+                 lazy=False, return_config=False, revision=None, trust_remote_code=False, pipeline=None,
+                 group=None):
         if str(path_or_hf_repo) in self.dense:
             from mlx_lm.utils import load
 
@@ -47,7 +48,8 @@ class GolemLoads:
 
         with StageProgress() as progress:  # on a terminal a live line, else one summary line
             loaded = golem.runtime.load(str(path_or_hf_repo), self.config, tokenizer_config=tokenizer_config,
-                                        model_config=model_config, adapter_path=adapter_path, progress=progress)
+                                        model_config=model_config, adapter_path=adapter_path, progress=progress,
+                                        pipeline=pipeline, group=group)
         self.loaded.append(loaded)
         model, tokenizer = loaded
         return (model, tokenizer, loaded.runtime.config) if return_config else (model, tokenizer)
@@ -99,6 +101,7 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
                 self.golem_flags = True
             parsed, rest = super().parse_known_args(args, namespace)
             try:
+                distributed_flags(parsed)
                 loads.append(on_args(parsed, runtime_config(parsed)))
             except ValueError as e:  # ConfigError, ModelError, CheckpointError: one line
                 self.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -110,6 +113,15 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
                                "this mlx-lm is not one golem supports")
         return loads[-1](*args, **kwargs)
 
+    def sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=False, *, tokenizer_config=None,
+                     trust_remote_code=False):
+        """mlx-lm's distributed load (under mlx.launch): golem's pipeline; tensor parallel is refused."""
+        if tensor_group is not None or pipeline_group is None:
+            raise ConfigError(f"{prog} across several ranks needs --pipeline (golem splits the layers; "
+                              "tensor parallelism is not supported)")
+        return load(repo, tokenizer_config=tokenizer_config, return_config=return_config,
+                    trust_remote_code=trust_remote_code, pipeline=True, group=pipeline_group)
+
     replace = dict(replace or {})
     missing = [name for name in ("argparse", "load", "main", *replace) if not hasattr(module, name)]
     if missing:
@@ -120,6 +132,8 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
     golem_argparse.__dict__.update(argparse.__dict__)
     golem_argparse.ArgumentParser = Parser
     replace.update(argparse=golem_argparse, load=load)
+    if hasattr(module, "sharded_load"):
+        replace["sharded_load"] = sharded_load
     saved = {name: getattr(module, name) for name in replace}
     saved_argv = sys.argv
     for name, value in replace.items():
@@ -136,10 +150,33 @@ def run_stock_main(module: types.ModuleType, prog: str, description: str,
             loader.close()
 
 
+def distributed_flags(args: argparse.Namespace) -> None:
+    """Under mlx.launch (more than one rank): ``--pipeline`` is required (mlx-lm's chat and
+    server would otherwise split tensors, which golem does not), and per-rank values
+    (``--memory-budget A,B``) become this rank's."""
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return
+    if not getattr(args, "pipeline", False):
+        raise ConfigError("under mlx.launch, give --pipeline: golem splits the model's layers across the ranks "
+                          "(tensor parallelism is not supported)")
+    from golem.runtime.pipeline import per_rank
+
+    args.memory_budget = per_rank(args.memory_budget, group.rank(), group.size(), "--memory-budget")
+
+
 def check_model(args: argparse.Namespace, config: RuntimeConfig) -> None:
     """Check the runtime flags against ``args.model`` before any work (reads only its
-    headers): a bad flag or model fails here, as one line, rather than mid-run."""
+    headers): a bad flag or model fails here, as one line, rather than mid-run. Under
+    mlx.launch with ``--pipeline``, this rank's share is checked."""
     if getattr(args, "model", None):
+        import mlx.core as mx
+
         import golem.runtime
 
-        golem.runtime.plan(args.model, config)
+        group = mx.distributed.init()
+        distributed = group.size() > 1 and getattr(args, "pipeline", False)
+        golem.runtime.plan(args.model, config, pipeline=True if distributed else None,
+                           group=group if distributed else None)

@@ -75,6 +75,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=17, help="Memory sizes in the sweep (default 17).")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="Write the sweep as a PNG chart (implies --sweep; needs matplotlib).")
+    p.add_argument("--machines", type=int, default=1, metavar="N",
+                   help="Split the model across N such machines (golem-run --pipeline): the time of each stage, "
+                        "the link, and the split with the least time per token.")
+    p.add_argument("--link", default="10,50us", metavar="GB_PER_S[,LATENCY]",
+                   help="The network between the machines (default 10,50us: 10 GB/s, 50 us a message).")
+    p.add_argument("--split", default="best", metavar="SPLIT",
+                   help="With --machines: 'best' (default: search for the fastest), 'even' (mlx-lm's), or layers "
+                        "per rank in rank order (rank 0 runs the last layers), e.g. 40,52.")
     p.add_argument("--json", action="store_true", help="Print one JSON object as the last line.")
     p.set_defaults(func=run)
     return p
@@ -182,6 +190,18 @@ def run(args) -> int:
         raise ValueError("give routing statistics: --trace FILE... or --u U --d D")
     if args.plan != "uniform" and not args.trace:
         raise ValueError(f"--plan {args.plan} needs --trace")
+    link = None
+    if args.machines != 1:
+        from golem.runtime.analysis.stages import parse_link
+
+        if not 2 <= args.machines <= model.num_layers:
+            raise ValueError(f"--machines must lie in [1, {model.num_layers}] (one layer each at least), "
+                             f"got {args.machines}")
+        if pins:
+            raise ValueError("--pin-layers with --machines: each machine plans its own layers; run without -f")
+        if args.sweep or args.plot:
+            raise ValueError("--sweep/--plot estimate one machine: run them without --machines")
+        link = parse_link(args.link)
 
     routing = replay = weights = curves = None
     stats = None
@@ -204,6 +224,8 @@ def run(args) -> int:
             weights = distinct_per_layer(traces, model, args.chunk)
         elif args.plan == "curves":
             curves = routing_stats_for(model, traces, args.policy)
+    if link is not None:
+        return _run_pipeline(args, model, quant, machine, link, routing, replay, traces)
     kwargs = dict(routing=routing, replay=replay, pin_layers=pins, plan=args.plan,
                   layer_weights=weights, stats=curves)
     work = replay.num_steps * replay.num_layers if replay is not None else 0
@@ -247,5 +269,33 @@ def run(args) -> int:
             print(f"chart written to {path}")
             out["plot"] = str(path)
     if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def _run_pipeline(args, model, quant, machine, link, routing, replay, traces) -> int:
+    """``--machines N``: the stages, the link and the split (found, mlx-lm's or given)."""
+    from golem.runtime.analysis.stages import best_split, estimate_split, even_split
+    from golem.runtime.pipeline import parse_split
+
+    if args.plan not in ("uniform", "weighted"):
+        raise ValueError(f"--plan {args.plan} with --machines: each machine plans its slots uniformly; "
+                         "use --plan uniform")
+    machines = [machine] * args.machines
+    kwargs = dict(routing=routing, replay=replay, plan="uniform")
+    if args.split == "best":
+        result = best_split(model, quant, machines, link, **kwargs)
+    else:
+        split = parse_split(args.split)
+        split = even_split(model.num_layers, args.machines) if split == "even" else split
+        if split == "bytes":
+            raise ValueError("--split bytes is golem-run's; here use best, even or layers per rank")
+        result = estimate_split(model, quant, machines, split, link, **kwargs)
+    print(f"{model.name} on {args.machines} x {machine.name}, link {link.gb_per_s:g} GB/s, "
+          f"{1e6 * link.latency_s:g} us ({quant.describe() if hasattr(quant, 'describe') else args.bits})")
+    print(result.describe())
+    if args.json:
+        out = result.to_dict()
+        out["traces"] = [t.path for t in traces]
         print(json.dumps(out))
     return 0
