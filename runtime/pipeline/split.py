@@ -217,9 +217,9 @@ def apply(model, spec, *, group=None, tensors=None, model_type: Optional[str] = 
         raise PipelineError(f"--pipeline: model_type {model_type!r} has no pipeline split in mlx-lm "
                             f"(families with one: {', '.join(families)}); run it on one machine")
     if group is None:
-        from golem.runtime.pipeline.collectives import init_group
+        import mlx.core as mx
 
-        group = init_group()
+        group = mx.distributed.init()  # the group mlx.launch set up (one process otherwise)
     inner = model.model
     num_layers = len(inner.layers)
     sizes = layer_nbytes(tensors, num_layers) if mode == "bytes" and tensors is not None else None
