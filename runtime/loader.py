@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
+from golem.io.outputs import check_output
 
 from golem.runtime.config import (ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config,
                                   staging_buffers)
@@ -187,7 +188,7 @@ class OffloadedModel:
             return None
         if self.engine.trace is None:
             raise ConfigError("no trace recorded: load with record=True or trace_out=PATH")
-        self.engine.trace.save(path)
+        self.engine.trace.save(path, what="--trace-out", protected=[self.path])
         return Path(path)
 
     def save_profile(self) -> Path:
@@ -465,6 +466,8 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     config = make_config(config, **fields)
     check_output_paths(config, model_path)  # before a repo id is fetched
     path = resolve_model_path(str(model_path))
+    if config.trace_out is not None:  # never a file of the model, nor a link, device or folder
+        check_output(config.trace_out, what="--trace-out", protected=[path])
     # Every file the options name is read before any of the model's: a bad one fails with nothing open.
     profile = load_warm_profile(config, model_path)
     truth = config.predictor_trace

@@ -20,6 +20,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from golem.io.outputs import write_output
+
 FORMAT = "golem-trace/1"
 
 
@@ -297,8 +299,11 @@ def require_steps(traces: Sequence[Trace], *, decode_only: bool = True) -> int:
     return steps
 
 
-def save_trace(path: str | Path, trace: Trace) -> None:
-    """Write ``trace`` as golem-trace/1 (validated first)."""
+def save_trace(path: str | Path, trace: Trace, *, what: str = "", protected: Sequence = (),
+               extras: Optional[dict] = None) -> Path:
+    """Write ``trace`` as golem-trace/1 (validated first), atomically (``golem.io.outputs``):
+    ``what`` names the flag for errors, ``protected`` the folders never written into,
+    ``extras`` more arrays for the same archive (one per step; a format array is refused)."""
     trace.validate()
     meta = dict(trace.meta)
     meta["format"] = FORMAT
@@ -316,7 +321,10 @@ def save_trace(path: str | Path, trace: Trace) -> None:
         arrays["prefill"] = trace.prefill.astype(bool)
     if trace.hidden_layer_input is not None:
         arrays["hidden_layer_input"] = trace.hidden_layer_input
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    for name, arr in (extras or {}).items():
+        if name in arrays or name in _ARRAYS:
+            raise TraceError(f"{path}: extra array {name!r} would replace a golem-trace/1 array")
+        if arr.shape[:1] != (trace.num_steps,):
+            raise TraceError(f"{path}: extra array {name!r} has {arr.shape[:1]} steps, expected {trace.num_steps}")
+        arrays[name] = arr
+    return write_output(path, lambda f: np.savez_compressed(f, **arrays), what=what, protected=protected)

@@ -156,8 +156,9 @@ def run(args) -> int:
     pins = _pin_layers(args.pin_layers, model)
     if args.plot:
         _check_matplotlib()
-        if Path(args.plot).is_dir():
-            raise ValueError(f"--plot {args.plot}: is a folder; give a .png file name")
+        from golem.io.outputs import check_output
+
+        check_output(args.plot, what="--plot")  # before the sweep runs
     if args.ram is not None:
         machine = machine.with_memory(parse_size(args.ram, "--ram"))
     if args.ssd_gb_per_s is not None:
