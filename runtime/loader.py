@@ -507,8 +507,9 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
 
     started: list = []  # what to close, last first, if anything below fails
     try:
-        reader = DiskReader(index, direct=config.direct_io, throttle=throttle)
+        reader = DiskReader(index, direct=config.direct_io, throttle=throttle, identities=st_index.identities)
         started.append(reader)
+        reader.handles.pin(config.direct_io)  # every shard opened once, as indexed; read only through these
         pools: Dict[int, SlotPool] = {}
         writers = SlotWriters(config.slot_writer)
         for em in experts:
@@ -600,6 +601,7 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
                 engine.preload(layer, range(pool.num_experts))
         if sizing.warm:
             engine.warm(sizing.warm)
+        reader.handles.check_all()  # mlx-lm read the resident weights by path: still the files indexed?
     except BaseException:
         for thing in reversed(started):
             try:
