@@ -211,6 +211,17 @@ class FileHandles:
             if change:
                 raise FileChangedError(path, change)
 
+    def check_runs(self, runs: Iterable["ReadRun"], direct: bool = False) -> None:
+        """After ``runs`` were read: each pinned file among them checked once (``check``).
+        A byte rewritten before it was read changed the file's mtime before the read
+        returned, so a check after the reads catches every changed byte they delivered."""
+        if not self.identities:
+            return
+        for path in dict.fromkeys(run.path for run in runs):
+            found = self._fds.get((path, bool(direct)))
+            if found is not None:
+                self.check(path, found[0])
+
     def check(self, path: str, fd: int) -> None:
         """After a read of ``path`` through ``fd``: a pinned file must still be the one
         indexed (see ``identities``); others are not checked."""
@@ -487,8 +498,10 @@ def read_into(requests: Sequence[Tuple[Sequence[ByteRange], object, str]], *,
     views = destination_views(requests)
     plan = plan_reads([(ranges, i, what) for i, (ranges, _, what) in enumerate(requests)],
                       max_run_nbytes)
-    return sum(read_run(run, views, handles=handles, direct=direct, retries=retries)
-               for run in plan)
+    nbytes = sum(read_run(run, views, handles=handles, direct=direct, retries=retries)
+                 for run in plan)
+    handles.check_runs(plan, direct)
+    return nbytes
 
 
 def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
@@ -496,7 +509,8 @@ def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
              wake: Optional[threading.Event] = None) -> int:
     """Read one planned run into ``views`` (indexed by the run's buffer indices).
 
-    ``wake``, once set, cuts short the throttle's wait (a closing scheduler)."""
+    ``wake``, once set, cuts short the throttle's wait (a closing scheduler). The caller
+    checks pinned files once its runs are read (``FileHandles.check_runs``)."""
     bufs = []
     pos = run.offset
     for buf, dest, n in run.segments:
@@ -506,14 +520,12 @@ def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
     if mode == MODE_O_DIRECT:
         try:
             _read_direct(handles, fd, run, bufs, retries, wake)
-            handles.check(run.path, fd)  # the bytes just read are the pinned file's
             return run.nbytes
         except _DirectRefused:
             fd, mode = handles._downgrade(run.path)
     _read_run(handles, fd, run, bufs, run.offset, run.nbytes, retries, wake=wake)
     if mode == MODE_FADVISE and hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, run.offset, run.nbytes, os.POSIX_FADV_DONTNEED)
-    handles.check(run.path, fd)  # the bytes just read are the pinned file's
     return run.nbytes
 
 
