@@ -242,13 +242,22 @@ def read_model_config(path: Path, *, trust_remote_code: bool = False) -> dict:
     import importlib
     import json
 
+    from golem.runtime.model_config import MAX_CONFIG_NBYTES, check_sizes
+
     file = path / "config.json"
     try:
-        config = json.loads(file.read_text())
+        with open(file, "rb") as f:
+            raw = f.read(MAX_CONFIG_NBYTES + 1)
     except OSError as e:
         raise ModelError(f"{file}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_NBYTES:
+        raise ModelError(f"{file}: more than {MAX_CONFIG_NBYTES >> 20} MiB, not a model's config.json")
+    try:
+        config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelError(f"{file}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise ModelError(f"{file}: not a JSON object (got {type(config).__name__})")
     if "model_type" not in config:
@@ -274,6 +283,7 @@ def read_model_config(path: Path, *, trust_remote_code: bool = False) -> dict:
             value = config.get(f.name)
             if f.name in config and f.type in (int, "int") and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ModelError(f"{file}: field {f.name!r} must be a whole number, got {value!r}")
+    check_sizes(config, file, ModelError)  # before anything is sized or divided by them
     from golem.predictors.families import config_top_k_keys
 
     c = config.get("text_config", config)
@@ -339,8 +349,11 @@ def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dic
     path = resolve_model_path(str(model_path))
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (is this an mlx-lm model folder?)")
-    read_model_config(path, trust_remote_code=trust_remote_code)
+    config = read_model_config(path, trust_remote_code=trust_remote_code)
     st_index = SafetensorsIndex(path)  # validates every header before anything runs
+    from golem.runtime.model_config import check_against_tensors
+
+    check_against_tensors(config, st_index.tensors, path / "config.json", ModelError)
     with FreedOnFailure() as freed:
         return _open_lazily(path, st_index, freed, model_config=model_config, adapter_path=adapter_path,
                             trust_remote_code=trust_remote_code)
