@@ -30,6 +30,11 @@ def main(argv: Optional[list] = None) -> int:
         check_model(args, config)
         return GolemLoads(config)
 
+    from golem.runtime.cli.stdin import TextLines
+
+    stdin = sys.stdin
+    if stdin is not None and hasattr(stdin, "buffer") and not stdin.isatty():
+        sys.stdin = TextLines(stdin.buffer)  # piped prompts: text or a one-line error
     try:
         run_stock_main(chat, PROG, DESCRIPTION, on_args, argv)
     except (ValueError, FileNotFoundError) as e:  # ModelError, CheckpointError, ConfigError
@@ -43,6 +48,8 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdin = stdin
     return 0
 
 
