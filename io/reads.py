@@ -237,12 +237,15 @@ class FileHandles:
             self.check_path(path)
 
     def check_path(self, path: str) -> None:
-        """The file now at ``path`` must be the pinned one (``FileChangedError`` if not)."""
+        """The file now at ``path`` must be the pinned one (``FileChangedError`` if not); a
+        file deleted (and not replaced) passes, its held handle reading on."""
         expected = self.identities.get(path)
         if expected is None:
             return
         try:
             st = os.stat(path)
+        except FileNotFoundError:
+            return  # deleted, not replaced: the held handle still reads the bytes indexed
         except OSError as e:
             raise FileChangedError(path, f"no longer readable: {e.strerror or e}") from None
         change = expected.differences(FileIdentity.of(st))

@@ -217,7 +217,25 @@ def _check_kind(arr: np.ndarray, name: str, kinds: str, where: str) -> None:
 # compressed size (a zip bomb), and the arrays' shapes against each other and the meta.
 MAX_TRACE_NBYTES = int(os.environ.get("GOLEM_TRACE_MAX_BYTES", 16 << 30))  # all arrays, expanded
 MAX_TRACE_CELLS = 1 << 32  # steps x layers x K of 'experts'
-MAX_EXPANSION = 1100  # deflate cannot expand beyond ~1032:1; anything more is not deflate's output
+# Routing ids and router scores compress 1-5x; a large member expanding 100x or more holds
+# no routing (zeros, a zip bomb). Small members (seq_offsets, a prefill mask) may.
+MAX_EXPANSION = 100
+EXPANSION_FLOOR_NBYTES = 16 << 20
+
+
+def _available_nbytes() -> int:
+    """Memory the system can still give (MemAvailable), or all of it where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return MAX_TRACE_NBYTES
 MAX_META_NBYTES = 1 << 20
 
 _NPZ_MAGIC = b"PK\x03\x04"
@@ -287,15 +305,17 @@ def _check_archive(path: Path) -> dict:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             total = 0
+            cap = min(MAX_TRACE_NBYTES, _available_nbytes() // 2)
             for info in infos:
                 name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 total += info.file_size
-                if total > MAX_TRACE_NBYTES:
-                    raise TraceError(f"{path}: its arrays expand to more than {MAX_TRACE_NBYTES / 2**30:.0f} GiB "
-                                     f"(GOLEM_TRACE_MAX_BYTES raises the cap)")
-                if info.file_size > (1 << 20) and info.file_size > MAX_EXPANSION * max(info.compress_size, 1):
-                    raise TraceError(f"{path}: array {name!r} claims {info.file_size} bytes from "
-                                     f"{info.compress_size} compressed, more than compression can give "
+                if total > cap:
+                    raise TraceError(f"{path}: its arrays expand to more than {cap / 2**30:.1f} GiB, over half "
+                                     f"the memory available (or GOLEM_TRACE_MAX_BYTES); give a shorter trace")
+                if (info.file_size > EXPANSION_FLOOR_NBYTES
+                        and info.file_size > MAX_EXPANSION * max(info.compress_size, 1)):
+                    raise TraceError(f"{path}: array {name!r} expands {info.compress_size} compressed bytes to "
+                                     f"{info.file_size}, more than routing data ever compresses "
                                      "(a damaged or hostile archive)")
                 if name == "meta" and info.file_size > MAX_META_NBYTES:
                     raise TraceError(f"{path}: 'meta' is {info.file_size} bytes, more than {MAX_META_NBYTES}")
