@@ -91,9 +91,10 @@ class Trace:
             return self
         keep = ~self.prefill
         new_index = np.cumsum(np.concatenate([[0], keep.astype(np.int64)]))
+        unread = self.weights.ndim and not any(self.weights.strides)  # ``unread_weights``
         return Trace(
             experts=self.experts[keep],
-            weights=self.weights[keep],
+            weights=unread_weights((int(keep.sum()), *self.weights.shape[1:])) if unread else self.weights[keep],
             seq_offsets=new_index[self.seq_offsets],
             meta=dict(self.meta),
             token_ids=None if self.token_ids is None else self.token_ids[keep],
@@ -376,20 +377,70 @@ def _check_shapes(path: Path, headers: dict, meta: dict) -> None:
                 raise TraceError(f"{path}: '{name}' shape {hs} is not ({n}, {l}, D)")
 
 
-def load_trace(path: str | Path, *, hidden: bool = True) -> Trace:
+def _scan_weights(path: Path, experts: np.ndarray) -> None:
+    """Check the stored ``weights`` (finite, no negative score on an expert present) a block
+    of steps at a time, straight from the archive, keeping none of it: for replays, which
+    never read the scores, of traces whose weights would double their memory."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("weights.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f, max_header_size=10000)
+            if fortran or dtype.kind not in "fiu" or tuple(shape) != experts.shape:
+                raise TraceError(f"{path}: 'weights' must be floats shaped like 'experts' {experts.shape}, "
+                                 f"got {dtype} {tuple(shape)}{' (Fortran order)' if fortran else ''}")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            block = max(1, _CHECK_STEPS)
+            for start in range(0, shape[0], block):
+                steps = min(block, shape[0] - start)
+                data = f.read(steps * row)
+                if len(data) != steps * row:
+                    raise TraceError(f"{path}: 'weights' is cut short (truncated archive)")
+                w = np.frombuffer(data, dtype=dtype).reshape((steps, *shape[1:]))
+                present = experts[start:start + steps] >= 0
+                if not np.isfinite(w).all():
+                    raise TraceError(f"{path}: 'weights' holds NaN or infinite values")
+                bad = present & (w < 0)
+                if bad.any():
+                    t, l, _ = (int(v[0]) for v in np.nonzero(bad))
+                    raise TraceError(f"{path}: 'weights' holds a negative router score at step {start + t}, "
+                                     f"layer {l} ({float(w[bad][0])})")
+    except TraceError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise TraceError(f"{path}: truncated or damaged .npz, cannot read array 'weights' "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def unread_weights(shape) -> np.ndarray:
+    """What a trace loaded with ``weights=False`` holds for its scores: ones, zero strides
+    (no memory), read-only."""
+    return np.broadcast_to(np.float32(1.0), tuple(shape))
+
+
+def load_trace(path: str | Path, *, hidden: bool = True, weights: bool = True) -> Trace:
     """Read and validate one golem-trace/1 file.
 
     Raises ``TraceError`` naming the file (and the array) for anything that is not a valid
     trace: a missing, empty, truncated or non-npz file, a ``meta`` that is not a JSON object
     with whole-number shape fields, arrays of the wrong dtype or shape, expert ids outside
     [-1, num_experts) (checked before they are narrowed to int16), NaN weights.
+
+    ``hidden=False`` leaves the hidden states unread; ``weights=False`` checks the router
+    scores a block at a time and keeps ones in their place (``unread_weights``): replays
+    (simulate, stats, plans) read only the expert ids.
     """
     path = Path(path)
     if path.is_dir():
         raise TraceError(f"{path}: is a folder, not a trace file")
     if not path.is_file():
         raise TraceError(f"{path}: no such trace file (golem-run --trace-out FILE records one)")
-    arrays, meta = _read_arrays(path, None if hidden else _HIDDEN)
+    skip = (frozenset() if hidden else _HIDDEN) | (frozenset() if weights else {"weights"})
+    arrays, meta = _read_arrays(path, skip or None)
+    if not weights:
+        _check_kind(arrays["experts"], "experts", "iu", str(path))
+        _scan_weights(path, arrays["experts"])
+        arrays["weights"] = unread_weights(arrays["experts"].shape)
     if meta.get("format", FORMAT) != FORMAT:
         raise TraceError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     raw = Trace(
@@ -417,9 +468,9 @@ def load_trace(path: str | Path, *, hidden: bool = True) -> Trace:
     )
 
 
-def load_traces(paths: Sequence[str | Path], *, hidden: bool = True) -> list[Trace]:
+def load_traces(paths: Sequence[str | Path], *, hidden: bool = True, weights: bool = True) -> list[Trace]:
     """Load several traces; a folder stands for every ``*.npz`` inside it, sorted.
-    ``hidden=False`` leaves the hidden-state arrays unread (replays need only the routing)."""
+    ``hidden`` and ``weights`` as in ``load_trace`` (replays need only the routing)."""
     out: list[Trace] = []
     for p in paths:
         p = Path(p)
@@ -427,9 +478,9 @@ def load_traces(paths: Sequence[str | Path], *, hidden: bool = True) -> list[Tra
             files = sorted(p.glob("*.npz"))
             if not files:
                 raise TraceError(f"{p}: folder holds no .npz traces")
-            out.extend(load_trace(f, hidden=hidden) for f in files)
+            out.extend(load_trace(f, hidden=hidden, weights=weights) for f in files)
         else:
-            out.append(load_trace(p, hidden=hidden))
+            out.append(load_trace(p, hidden=hidden, weights=weights))
     return out
 
 

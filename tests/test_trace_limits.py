@@ -133,3 +133,24 @@ def test_belady_on_a_long_trace_keeps_its_scratch_memory_per_layer():
     assert peak < 6 * trace_nbytes + (32 << 20)
     lru = simulate(t, policy="lru", capacity=8)
     assert result.total_misses <= lru.total_misses
+
+
+def test_replays_check_the_weights_without_keeping_them(tmp_path):
+    t = random_trace(1, n=300)
+    path = tmp_path / "t.npz"
+    save_trace(path, t)
+    got = load_trace(path, weights=False, hidden=False)
+    assert np.array_equal(got.experts, t.experts) and got.weights.shape == t.weights.shape
+    assert not any(got.weights.strides)  # no memory behind them
+    members = _valid_members()
+    w = np.ones((20, 3, 3), np.float32)
+    w[7, 2, 1] = np.nan
+    members["weights"] = _npy(w)
+    _zip(tmp_path / "nan.npz", members)
+    with pytest.raises(TraceError, match="NaN"):
+        load_trace(tmp_path / "nan.npz", weights=False)
+    w[7, 2, 1] = -3
+    members["weights"] = _npy(w)
+    _zip(tmp_path / "neg.npz", members)
+    with pytest.raises(TraceError, match="negative router score at step 7, layer 2"):
+        load_trace(tmp_path / "neg.npz", weights=False)

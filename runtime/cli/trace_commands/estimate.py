@@ -186,7 +186,7 @@ def run(args) -> int:
     if args.u is not None:
         routing = ChunkRouting(args.u, args.d, args.chunk, args.coverage, "given")
     if args.trace:
-        traces = load_traces(args.trace, hidden=False)
+        traces = load_traces(args.trace, hidden=False, weights=False)
         require_steps(traces)
         if routing is None:
             stats = chunk_analysis(traces, chunk=args.chunk, coverages=(args.coverage,))

@@ -113,7 +113,7 @@ def run(args) -> int:
         raise ValueError(f"--charts: unknown chart(s) {unknown}; choose from {', '.join(CHARTS)}")
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
-    traces = load_traces(args.traces, hidden=False)
+    traces = load_traces(args.traces, hidden=False, weights=False)
     require_steps(traces)
     first = traces[0]
     capacity = args.capacity if args.capacity is not None else max(first.top_k, first.num_experts // 2)
