@@ -80,7 +80,25 @@ def check_output(path: PathLike, *, what: str = "", protected: Iterable[PathLike
     parent = p.parent
     if not parent.is_dir():
         raise OutputError(f"{label}: folder {parent} does not exist")
-    target = parent.resolve() / p.name
+    target = check_outside(p, what=what, protected=protected)
+    for root in protected:
+        r = Path(os.fspath(root)).expanduser()
+        if st is not None and r.is_dir() and (st.st_dev, st.st_ino) in _inodes(r):
+            raise OutputError(f"{label}: is a file of the model folder {root} (a link to it); "
+                              "golem never writes there")
+    return target
+
+
+def check_outside(path: PathLike, *, what: str = "", protected: Iterable[PathLike] = ()) -> Path:
+    """``path`` with its symlinks resolved as far as it exists, after refusing one inside a
+    ``protected`` folder (``OutputError``). The path need not exist yet (a folder golem
+    would create): check it before creating anything."""
+    label = _label(path, what)
+    p = Path(os.path.abspath(Path(os.fspath(path)).expanduser()))
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    target = existing.resolve() / p.relative_to(existing)
     for root in protected:
         r = Path(os.fspath(root)).expanduser()
         if not r.is_dir():
@@ -88,9 +106,6 @@ def check_output(path: PathLike, *, what: str = "", protected: Iterable[PathLike
         resolved = r.resolve()
         if resolved == target or resolved in target.parents:
             raise OutputError(f"{label}: is inside the model folder {root}; golem never writes there")
-        if st is not None and (st.st_dev, st.st_ino) in _inodes(r):
-            raise OutputError(f"{label}: is a file of the model folder {root} (a link to it); "
-                              "golem never writes there")
     return target
 
 

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
-from golem.io.outputs import check_output
+from golem.io.outputs import check_output, check_outside
 
 from golem.runtime.config import (ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config,
                                   staging_buffers)
@@ -477,6 +477,10 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     from golem.runtime.sizing import load_warm_profile
 
     config = make_config(config, **fields)
+    if config.save_profile and os.path.isdir(model_path):  # before its folder is made
+        from golem.runtime.sizing import profile_dir
+
+        check_outside(profile_dir(model_path), what="--save-profile (golem's cache)", protected=[model_path])
     check_output_paths(config, model_path)  # before a repo id is fetched
     path = resolve_model_path(str(model_path))
     if config.trace_out is not None:  # never a file of the model, nor a link, device or folder
