@@ -124,7 +124,8 @@ def _check_relations(c: Mapping, prefix: str, file: Path, error) -> None:
     experts = next((get(k) for k in ("num_experts", "n_routed_experts", "num_local_experts") if get(k)), None)
     top_k = get("num_experts_per_tok")
     if experts and top_k and top_k > experts:
-        raise error(f"{file}: field '{prefix}num_experts_per_tok' = {top_k} is more than the {experts} experts")
+        raise error(f"{file}: field '{prefix}num_experts_per_tok': top-k {top_k} (experts per token) is more than "
+                    f"the {experts} experts of each MoE layer")
     groups, top_groups = get("n_group"), get("topk_group")
     if groups and top_groups and top_groups > groups:
         raise error(f"{file}: field '{prefix}topk_group' = {top_groups} is more than "
