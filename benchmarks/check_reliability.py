@@ -1050,6 +1050,7 @@ def catalogue() -> List[Case]:
         Case("profile", "damaged profile, then --save-profile", "ok", run=damaged_profile_then_save, quick=True),
         Case("profile", "one model by relative and absolute path", "ok", run=one_model_two_paths),
     ]
+    cases += integrity_cases()
     return cases
 
 
@@ -1343,6 +1344,440 @@ def server_cases() -> List[Case]:
         Case("server", "unknown model, then SIGTERM: trace kept", "ok",
              run=lambda ctx, case, t: server_trace_kept(ctx, case, t, signal.SIGTERM)),
         Case("server", "SIGTERM before any request", "ok", run=server_stopped_before_any_request),
+    ]
+
+
+# ----------------------------------------------------------------------------------- integrity (issue 21)
+# Outputs that must not destroy what was there, a checkpoint changed under a running model,
+# traces too big or inconsistent, config.json sizes out of range, prompts on stdin that are
+# not text. Each case brings its own fixtures; "data loss" when a file it guards changed.
+
+
+def _snapshot(paths: List[Path]) -> list:
+    """What each guarded path is: its kind, its link target or bytes, a folder's listing."""
+    import stat as _stat
+
+    out = []
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            out.append(("absent", None))
+            continue
+        if _stat.S_ISLNK(st.st_mode):
+            out.append(("link", os.readlink(p)))
+        elif _stat.S_ISDIR(st.st_mode):
+            out.append(("dir", sorted(os.listdir(p))))
+        elif _stat.S_ISREG(st.st_mode):
+            out.append(("file", p.read_bytes()))
+        else:  # a pipe or device: never opened (a pipe would block), judged by what it is
+            out.append(("special", _stat.S_IFMT(st.st_mode), st.st_ino))
+    return out
+
+
+def guarded(prepare: Callable[[Ctx, Path], Tuple[List[str], List[Path]]], *, env=None, stdin: Optional[bytes] = None):
+    """``prepare(ctx, folder) -> (argv, guarded paths)``; the guarded paths must be as they
+    were after the run (else "data loss"), whatever the verdict on the exit."""
+    def run(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+        folder = ctx.fresh(case.name)
+        argv, keep = prepare(ctx, folder)
+        before = _snapshot(keep)
+        e = base_env(ctx)
+        if env:
+            e.update(env(ctx, folder))
+        if stdin is None:
+            out = run_process(argv, env=e, cwd=folder, timeout_s=timeout_s)
+        else:
+            out = _run_with_stdin(argv, stdin, env=e, cwd=folder, timeout_s=timeout_s)
+        changed = [str(p) for p, a, b in zip(keep, before, _snapshot(keep)) if a != b]
+        if changed:
+            out.verdict, out.note = "data loss", f"changed: {', '.join(changed)[:100]}"
+        return out
+
+    return run
+
+
+def _run_with_stdin(argv: List[str], data: bytes, *, env: dict, cwd: Path, timeout_s: float) -> Outcome:
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(argv, input=data, capture_output=True, env=env, cwd=cwd, timeout=timeout_s,
+                           start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return Outcome(None, time.monotonic() - t0, timed_out=True, note=f"no answer in {timeout_s:.0f} s")
+    return Outcome(p.returncode, time.monotonic() - t0, p.stdout.decode(errors="replace"),
+                   p.stderr.decode(errors="replace"))
+
+
+def _private_model(ctx: Ctx, folder: Path) -> Path:
+    model = folder / "model"
+    shutil.copytree(ctx.model, model)
+    return model
+
+
+def _out_onto_shard_via_link(ctx: Ctx, folder: Path):
+    model = _private_model(ctx, folder)
+    (folder / "elsewhere").symlink_to(model)
+    shard = shards(model)[0]
+    return RUN + ["--model", str(model), "-c", "4", *GEN, "--trace-out", f"elsewhere/{shard.name}"], [shard, model]
+
+
+def _out_onto_hardlinked_config(ctx: Ctx, folder: Path):
+    model = _private_model(ctx, folder)
+    os.link(model / "config.json", folder / "run.npz")
+    return RUN + ["--model", str(model), "-c", "4", *GEN, "--trace-out", "run.npz"], [model / "config.json", model]
+
+
+def _out_into_model_by_dots(ctx: Ctx, folder: Path):
+    model = _private_model(ctx, folder)
+    (folder / "sub").mkdir()
+    return RUN + ["--model", str(model), "-c", "4", *GEN, "--trace-out", "sub/../model/run.npz"], [model]
+
+
+def _out_onto_symlink(ctx: Ctx, folder: Path):
+    notes = folder / "notes.txt"
+    notes.write_text("three weeks of notes\n")
+    (folder / "run.npz").symlink_to(notes)
+    return RUN + ["--model", str(ctx.model), "-c", "4", *GEN, "--trace-out", "run.npz"], [notes, folder / "run.npz"]
+
+
+def _out_onto_fifo(ctx: Ctx, folder: Path):
+    os.mkfifo(folder / "pipe")
+    return RUN + ["--model", str(ctx.model), "-c", "4", *GEN, "--trace-out", "pipe"], [folder / "pipe"]
+
+
+def _profile_into_model(ctx: Ctx, folder: Path):
+    model = _private_model(ctx, folder)
+    return RUN + ["--model", str(model), "-c", "4", *GEN, "--save-profile"], [model]
+
+
+FULL_DISK_AT_SAVE = """
+import os, resource
+from mlx_lm import generate
+from golem.runtime import load
+from golem.runtime.trace import load_trace
+OUT = os.path.abspath("run.npz")
+with load(MODEL, capacities=4, trace_out=OUT) as (model, tokenizer):
+    generate(model, tokenizer, "hello", max_tokens=3)
+generate_ok = load_trace(OUT).num_steps
+try:
+    with load(MODEL, capacities=4, trace_out=OUT) as (model, tokenizer):
+        generate(model, tokenizer, "a longer prompt, so that this trace is larger than the first", max_tokens=40)
+        HARD = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, HARD))  # the disk fills up just as the trace is saved
+finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.getrlimit(resource.RLIMIT_FSIZE)[1],) * 2)
+    assert load_trace(OUT).num_steps == generate_ok, "the first trace was damaged"
+    assert sorted(os.listdir(".")) in (["run.npz"], [".stderr", ".stdout", "run.npz"]), sorted(os.listdir("."))
+"""
+
+
+def full_disk_at_save(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    folder = ctx.fresh(case.name)
+    out = run_process(library(FULL_DISK_AT_SAVE)(ctx), env=base_env(ctx), cwd=folder, timeout_s=timeout_s)
+    if "the first trace was damaged" in out.stderr:
+        out.verdict, out.note = "data loss", "the trace that was there is damaged"
+    return out
+
+
+def concurrent_trace_out(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+    """Three golem-runs writing one --trace-out at once: all finish, one of their traces is
+    left, whole, and no temporary file."""
+    folder = ctx.fresh(case.name)
+    procs = []
+    t0 = time.monotonic()
+    for i in range(3):
+        sub = folder / f"r{i}"
+        sub.mkdir()
+        procs.append(subprocess.Popen(RUN + ["--model", str(ctx.model), "-c", "4", "-p", f"story {i}", "-m", "4",
+                                             "--trace-out", str(folder / "shared.npz")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=base_env(ctx), cwd=sub))
+    errs = []
+    try:
+        for p in procs:
+            errs.append(p.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - t0)))[1].decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        return Outcome(None, time.monotonic() - t0, timed_out=True, note=f"no answer in {timeout_s:.0f} s")
+    seconds = time.monotonic() - t0
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        return Outcome(1, seconds, stderr=errs[failed[0]], verdict="refused", note=f"writer {failed[0]} failed")
+    from golem.runtime.trace import TraceError, load_trace
+
+    try:
+        steps = load_trace(folder / "shared.npz").num_steps
+    except TraceError as e:
+        return Outcome(0, seconds, verdict="data loss", note=f"the trace left is unreadable: {e}")
+    left = sorted(n for n in os.listdir(folder) if not n.startswith("r") and n != ".stdout" and n != ".stderr")
+    if left != ["shared.npz"]:
+        return Outcome(0, seconds, verdict="data loss", note=f"left behind: {left}")
+    return Outcome(0, seconds, note=f"3 writers finished; the trace left has {steps} steps")
+
+
+CHANGE_MID_RUN = """
+import os, shutil
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from golem.runtime import load
+from golem.io.reads import ReadError
+with load(MODEL, capacities=4) as (model, tokenizer):
+    tokens = mx.array(tokenizer.encode("Once upon a time there was a computer"))
+    steps = generate_step(tokens, model, max_tokens=120, sampler=lambda x: mx.argmax(x, axis=-1))
+    first = [int(t) for _, (t, _) in zip(range(3), steps)]
+    model.golem.reader.handles.check_interval_s = 0  # (the default checks a path at most every 0.25 s)
+    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith("model-")):
+        path = os.path.join(MODEL, shard)
+        if HOW == "in place":  # same file, same size, other bytes
+            with open(path, "r+b") as f:
+                f.seek(os.path.getsize(path) // 2)
+                f.write(os.urandom(1 << 16))
+        elif HOW == "re-saved":  # new files under the same names, other bytes
+            with open(path + ".new", "wb") as f, open(path, "rb") as g:
+                data = bytearray(g.read())
+                data[len(data) // 2:len(data) // 2 + 4096] = os.urandom(4096)
+                f.write(data)
+            os.replace(path + ".new", path)
+        else:  # the same bytes, copied over: still not the file indexed
+            shutil.copyfile(path, path + ".new")
+            os.replace(path + ".new", path)
+    for _ in steps:
+        pass
+print("generated past a changed checkpoint")
+"""
+
+
+def change_mid_run(how: str):
+    def run(ctx: Ctx, case: Case, timeout_s: float) -> Outcome:
+        folder = ctx.fresh(case.name)
+        model = _private_model(ctx, folder)
+        code = CHANGE_MID_RUN.replace("HOW ==", f"{how!r} ==")
+        argv = library(code)(ctx)
+        argv[-1] = str(model)
+        out = run_process(argv, env=base_env(ctx), cwd=folder, timeout_s=timeout_s)
+        if out.rc == 0 and "generated past" in out.stdout:
+            out.verdict, out.note = "silent accept", "generation went on over a changed checkpoint"
+        return out
+
+    return run
+
+
+def _npz_members(path: Path, members: dict, compression=None) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED if compression is None else compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name + ".npy", data)
+    return path
+
+
+def _npy_bytes(arr) -> bytes:
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _members(**changes) -> dict:
+    arrays, meta = trace_arrays()
+    meta.update(changes.pop("meta", {}))
+    out = {name: _npy_bytes(a) for name, a in arrays.items()}
+    out["meta"] = _npy_bytes(np.array(changes.pop("meta_raw", None) or json.dumps(meta)))
+    for name, value in changes.items():
+        out[name] = value if isinstance(value, bytes) else _npy_bytes(value)
+    return out
+
+
+def _zip_bomb(ctx: Ctx) -> Path:
+    """'experts' of 3 G int16 zeros (6 GB) in a few MB: never to be expanded."""
+    import zlib
+
+    path = ctx.fresh("zip bomb") / "t.npz"
+    n = 1 << 28
+    header = _npy_bytes(np.zeros((0, 3, 4), np.int16))
+    header_buf = __import__("io").BytesIO()
+    np.lib.format.write_array_header_1_0(header_buf, {"descr": "<i2", "fortran_order": False, "shape": (n, 3, 4)})
+    head = header_buf.getvalue()
+    del header
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = bytes(1 << 24)
+    body = [comp.compress(head)]
+    crc = zlib.crc32(head)
+    for _ in range((n * 3 * 4 * 2) // len(chunk)):
+        body.append(comp.compress(chunk))
+        crc = zlib.crc32(chunk, crc)
+    body.append(comp.flush())
+    data = b"".join(body)
+    size = len(head) + n * 3 * 4 * 2
+    members = _members()
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ("weights", "seq_offsets", "meta"):
+            zf.writestr(name + ".npy", members[name])
+        info = zipfile.ZipInfo("experts.npy")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.file_size, info.compress_size, info.CRC = size, len(data), crc
+        # a raw deflate stream written as the member's bytes: what a hostile archive holds
+        zf.fp.seek(zf.start_dir)
+        info.header_offset = zf.fp.tell()
+        info.flag_bits = 0
+        zf.fp.write(info.FileHeader(zip64=size > 0xFFFFFFFF))
+        zf.fp.write(data)
+        zf.start_dir = zf.fp.tell()
+        zf.filelist.append(info)
+        zf.NameToInfo[info.filename] = info
+        zf._didModify = True
+    return path
+
+
+def _lying_header(ctx: Ctx) -> Path:
+    buf = __import__("io").BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<i2", "fortran_order": False, "shape": (10 ** 9, 3, 4)})
+    experts = buf.getvalue() + trace_arrays()[0]["experts"].tobytes()
+    import zipfile
+
+    return _npz_members(ctx.fresh("lying header") / "t.npz", _members(experts=experts), zipfile.ZIP_STORED)
+
+
+def _bad_routing(name: str, **changes) -> Callable[[Ctx], Path]:
+    def make(ctx: Ctx) -> Path:
+        arrays, _ = trace_arrays()
+        resolved = {k: (v(arrays) if callable(v) else v) for k, v in changes.items()}
+        return _npz_members(ctx.fresh(name) / "t.npz", _members(**resolved))
+
+    return make
+
+
+def _dup(arrays):
+    e = arrays["experts"].copy()
+    e[11, 2, 3] = e[11, 2, 0]
+    return e
+
+
+def _negative(arrays):
+    w = arrays["weights"].copy()
+    w[30, 1, 2] = -0.25
+    return w
+
+
+def _nan_late(arrays):
+    w = arrays["weights"].copy()
+    w[39, 0, 0] = np.nan
+    return w
+
+
+def _long_trace(ctx: Ctx) -> Path:
+    from golem.runtime.trace import Trace, save_trace
+
+    path = ctx.fresh("long trace") / "long.npz"
+    rng = np.random.default_rng(5)
+    n, layers, experts, k = 200_000, 4, 32, 4
+    logits = rng.gumbel(size=(n, layers, experts)).astype(np.float32) - np.log(np.arange(1, experts + 1, dtype=np.float32))
+    ids = np.argpartition(logits, -k, axis=2)[:, :, -k:].astype(np.int16)
+    save_trace(path, Trace(ids, rng.random(ids.shape, dtype=np.float32), np.array([0, n]),
+                           {"num_layers": layers, "num_experts": experts, "top_k": k, "expert_bytes": 1 << 20}))
+    return path
+
+
+def _deep_meta(ctx: Ctx) -> Path:
+    raw = '{"format": "golem-trace/1", "num_layers": 3, "num_experts": 16, "top_k": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    return _npz_members(ctx.fresh("deep meta") / "t.npz", _members(meta_raw=raw))
+
+
+def _deep_config(model: Path) -> None:
+    text = (model / "config.json").read_text().rstrip()
+    (model / "config.json").write_text(text[:-1] + ', "extra": ' + "{\"a\": " * 50_000 + "1" + "}" * 50_000 + "}")
+
+
+def integrity_cases() -> List[Case]:
+    """Outputs, checkpoint identity, trace limits, config.json ranges, stdin."""
+    return [
+        # outputs never destroy what was there
+        Case("outputs", "--trace-out: a shard, through a link to the model", "error",
+             run=guarded(_out_onto_shard_via_link), quick=True, mention="model folder"),
+        Case("outputs", "--trace-out: a hard link of config.json", "error",
+             run=guarded(_out_onto_hardlinked_config), mention="model folder"),
+        Case("outputs", "--trace-out: sub/../model/run.npz", "error",
+             run=guarded(_out_into_model_by_dots), mention="model folder"),
+        Case("outputs", "--trace-out: a symlink to the user's notes", "error",
+             run=guarded(_out_onto_symlink), mention="symbolic link"),
+        Case("outputs", "--trace-out: a named pipe", "error", run=guarded(_out_onto_fifo), mention="regular file"),
+        Case("outputs", "--trace-out: /dev/null", "error", run_argv("-c", "4", *GEN, "--trace-out", "/dev/null"),
+             mention="regular file", before_generation=True),
+        Case("outputs", "--save-profile, golem's cache inside the model", "error",
+             run=guarded(_profile_into_model, env=lambda ctx, folder: {"GOLEM_CACHE": str(folder / "model" / ".cache")}),
+             mention="model folder"),
+        Case("outputs", "disk full as the trace is saved (library)", "error", run=full_disk_at_save, quick=True,
+             mention="cannot write .*old file is left"),
+        Case("outputs", "3 golem-runs, one --trace-out, at once", "ok", run=concurrent_trace_out),
+        # a checkpoint changed under a running model
+        Case("checkpoint", "shards rewritten in place mid-run", "error", run=change_mid_run("in place"), quick=True,
+             mention="changed on disk"),
+        Case("checkpoint", "model re-saved mid-run (new files)", "error", run=change_mid_run("re-saved"),
+             mention="changed on disk"),
+        Case("checkpoint", "shards replaced by identical copies", "error", run=change_mid_run("copied"),
+             mention="replaced by another file"),
+        # traces too big or inconsistent
+        Case("trace-limits", "zip bomb: 6 GB of ids in a few MB", "error", trace_argv("simulate", trace=_zip_bomb),
+             quick=True, mention="compress"),
+        Case("trace-limits", ".npy header claiming 10^9 steps", "error", trace_argv("stats", trace=_lying_header),
+             mention="declares"),
+        Case("trace-limits", "an expert twice in one step", "error",
+             trace_argv("simulate", trace=_bad_routing("dup", experts=_dup)), mention="twice"),
+        Case("trace-limits", "a negative router score", "error",
+             trace_argv("predict", "--predictor", "frequency", trace=_bad_routing("neg", weights=_negative)),
+             mention="negative"),
+        Case("trace-limits", "NaN score on the last step (simulate)", "error",
+             trace_argv("simulate", trace=_bad_routing("nan", weights=_nan_late)), mention="NaN"),
+        Case("trace-limits", "meta top_k 6 over 4 columns", "error",
+             trace_argv("stats", trace=_bad_routing("topk", meta={"top_k": 6})), mention="top_k"),
+        Case("trace-limits", "meta top_k 2, four ids a step", "error",
+             trace_argv("simulate", trace=_bad_routing("topk2", meta={"top_k": 2})), mention="top_k"),
+        Case("trace-limits", "meta nested 100,000 deep", "error", trace_argv("stats", trace=_deep_meta),
+             mention="meta"),
+        Case("trace-limits", "200k-step trace: simulate in bounded memory", "ok",
+             trace_argv("simulate", "-c", "8", trace=_long_trace)),
+        # config.json sizes
+        Case("config-range", "num_attention_heads 0", "error",
+             run_argv(*GEN, model=on_variant("heads0", edit_config(num_attention_heads=0))),
+             quick=True, mention="num_attention_heads"),
+        Case("config-range", "decoder_sparse_step 0", "error",
+             run_argv(*GEN, model=on_variant("sparse0", edit_config(decoder_sparse_step=0))), mention="decoder_sparse_step"),
+        Case("config-range", "vocab_size 10^12", "error",
+             run_argv(*GEN, model=on_variant("vocab", edit_config(vocab_size=10 ** 12))), mention="vocab_size"),
+        Case("config-range", "num_hidden_layers 100,000", "error",
+             run_argv(*GEN, model=on_variant("layers", edit_config(num_hidden_layers=100_000))), mention="num_hidden_layers"),
+        Case("config-range", "num_hidden_layers 9 (4 stored)", "error",
+             run_argv(*GEN, model=on_variant("layers9", edit_config(num_hidden_layers=9))), mention="stores"),
+        Case("config-range", "rms_norm_eps 0", "error",
+             run_argv(*GEN, model=on_variant("eps", edit_config(rms_norm_eps=0))), mention="rms_norm_eps"),
+        Case("config-range", "heads 4, kv heads 3", "error",
+             run_argv(*GEN, model=on_variant("kv3", edit_config(num_attention_heads=4, num_key_value_heads=3))),
+             mention="multiple"),
+        Case("config-range", "config.json nested 50,000 deep", "error",
+             run_argv(*GEN, model=on_variant("deep", _deep_config)), mention="nested"),
+        Case("config-range", "golem-trace estimate --model, heads 0", "error",
+             lambda ctx: TRACE + ["estimate", "--model", str(ctx.variant("est", edit_config(num_attention_heads=0))),
+                                  "--machine", "m3-max-128g"], mention="num_attention_heads"),
+        # prompts on stdin that are not text
+        Case("stdin", "golem-run -p - with a PNG on stdin", "error",
+             run=guarded(lambda ctx, folder: (RUN + ["--model", str(ctx.model), "-c", "4", "-p", "-", "-m", "3"], []),
+                         stdin=b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8), quick=True, mention="not UTF-8 text"),
+        Case("stdin", "golem-run -p - with UTF-16 text", "error",
+             run=guarded(lambda ctx, folder: (RUN + ["--model", str(ctx.model), "-c", "4", "-p", "-", "-m", "3"], []),
+                         stdin="hello".encode("utf-16")), mention="not UTF-8 text"),
+        Case("stdin", "golem-run -p - with NUL bytes", "error",
+             run=guarded(lambda ctx, folder: (RUN + ["--model", str(ctx.model), "-c", "4", "-p", "-", "-m", "3"], []),
+                         stdin=b"hi\x00\x00\x00"), mention="NUL"),
+        Case("stdin", "golem-chat, a binary second prompt", "error",
+             run=guarded(lambda ctx, folder: ([sys.executable, "-m", "golem.runtime.cli.chat", "--model", str(ctx.model),
+                                               "-c", "4", "--max-tokens", "3"], []),
+                         stdin=b"hello\n\xff\xfe\xfd\x00binary\nq\n"), mention="not UTF-8 text"),
+        Case("stdin", "golem-run -p - with UTF-8 text", "ok",
+             run=guarded(lambda ctx, folder: (RUN + ["--model", str(ctx.model), "-c", "4", "-p", "-", "-m", "3"], []),
+                         stdin="Grüße, ☃\n".encode())),
     ]
 
 

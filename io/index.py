@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Tuple
 
 from .ranges import ByteRange
+from .reads import FileIdentity
 
 # Bytes per element of every safetensors dtype.
 DTYPE_NBYTES = {
@@ -53,18 +54,19 @@ class TensorInfo:
     nbytes: int
 
 
-def _read_header(path: Path) -> Dict[str, TensorInfo]:
+def _read_header(path: Path) -> Tuple[Dict[str, TensorInfo], FileIdentity]:
     try:
         return _parse_header(path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the shard ({e.strerror or e})") from None
 
 
-def _parse_header(path: Path) -> Dict[str, TensorInfo]:
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
+def _parse_header(path: Path) -> Tuple[Dict[str, TensorInfo], FileIdentity]:
     with open(path, "rb") as f:
+        identity = FileIdentity.of(os.fstat(f.fileno()))  # what the offsets below are valid for
+        size = identity.size
+        if size < 8:
+            raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
         (header_nbytes,) = struct.unpack("<Q", f.read(8))
         if header_nbytes <= 0 or header_nbytes > MAX_HEADER_NBYTES:
             raise CheckpointError(f"{path}: header size {header_nbytes} is not sane (corrupted file?)")
@@ -110,7 +112,7 @@ def _parse_header(path: Path) -> Dict[str, TensorInfo]:
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{e0})")
-    return tensors
+    return tensors, identity
 
 
 def _inside(root: Path, name: str) -> Path:
@@ -129,6 +131,9 @@ class SafetensorsIndex:
         model_dir: the checkpoint folder (``model*.safetensors``, optionally an index JSON).
             Shards are named relative to it; symlinked shards are followed wherever they
             point, with or without an index, as mlx-lm does.
+
+    ``identities`` holds each shard's ``FileIdentity`` when its header was read: the
+    offsets are valid for that file only (pin it with ``FileHandles(identities=...)``).
     """
 
     def __init__(self, model_dir: str | os.PathLike):
@@ -136,8 +141,10 @@ class SafetensorsIndex:
         if not self.model_dir.is_dir():
             raise CheckpointError(f"{model_dir}: not a folder")
         self.tensors: Dict[str, TensorInfo] = {}
+        self.identities: Dict[str, FileIdentity] = {}  # each shard as its header was read
         for shard in self._shards():
-            for name, info in _read_header(shard).items():
+            tensors, self.identities[str(shard)] = _read_header(shard)
+            for name, info in tensors.items():
                 if name in self.tensors:
                     raise CheckpointError(f"{shard}: tensor {name!r} also appears in {self.tensors[name].path}")
                 self.tensors[name] = info

@@ -229,6 +229,8 @@ def read_job(batch: Batch, runs: list, *, read: Optional[Callable], handles: Fil
             elif run is not None:
                 nbytes += read_run(run, batch.views, handles=handles, direct=direct,
                                    retries=retries, wake=wake)
+        if read is None:
+            handles.check_runs([run for run in runs if run is not None], direct)  # pinned files unchanged
     except BaseException as exc:  # surfaces on the futures, never kills the reader
         return nbytes, exc
     return nbytes, None

@@ -4,17 +4,22 @@ Owns open file handles, ``os.preadv`` (releases the GIL), merging of adjacent ra
 direct I/O (aligned ``O_DIRECT``, into the destination itself when alignment allows) and
 page-cache eviction for benchmarks. A storage emulator (``storage.Throttle``) is attached
 in one place, ``FileHandles(throttle=...)``: every read through those handles consults it.
+Pinned files (``FileHandles(identities=...)``) are read only through the handles opened for
+them, and every read checks that the file is still the one pinned (``FileIdentity``).
 Knows nothing of experts beyond labels for errors; does not schedule or prioritise (see
 ``scheduler``)."""
 
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,14 +82,66 @@ class ReadError(OSError):
         return self.args[0]
 
     def __reduce__(self):
-        return (_rebuild_read_error, (self.args[0], self.__dict__.copy()))
+        return (_rebuild_read_error, (type(self), self.args[0], self.__dict__.copy()))
 
 
-def _rebuild_read_error(text, state):
-    error = ReadError.__new__(ReadError)
+def _rebuild_read_error(cls, text, state):
+    error = cls.__new__(cls)
     OSError.__init__(error, text)
     error.__dict__.update(state)
     return error
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What says a file is still the one that was indexed: its device and inode (a file
+    replaced under the same name has another), its size and its modification time (a file
+    rewritten in place has another; the kernel sets it before the new bytes can be read).
+
+    Args:
+        dev: ``st_dev``.
+        ino: ``st_ino``.
+        size: ``st_size`` in bytes.
+        mtime_ns: ``st_mtime_ns``.
+    """
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def differences(self, other: "FileIdentity") -> str:
+        """What differs, in words ("" when nothing does)."""
+        out = []
+        if (self.dev, self.ino) != (other.dev, other.ino):
+            out.append("replaced by another file")
+        if self.size != other.size:
+            out.append(f"size {self.size} -> {other.size} bytes")
+        if self.mtime_ns != other.mtime_ns:
+            out.append("modified")
+        return ", ".join(out)
+
+
+class FileChangedError(ReadError):
+    """A pinned file that is no longer the one indexed: the run stops rather than read
+    bytes other than the model's.
+
+    Args:
+        path: the file.
+        change: what differs (``FileIdentity.differences``).
+    """
+
+    def __init__(self, path: str, change: str):
+        text = (f"{path}: the file changed on disk while the model was in use ({change}); "
+                "stopped rather than read other bytes. Load the model again.")
+        OSError.__init__(self, text)
+        self.path, self.offset, self.nbytes, self.what = path, 0, 0, ""
+        self.labels, self.attempts = (), 0
+        self.errno, self.strerror, self.filename = errno.ESTALE, text, path
 
 
 class FileHandles:
@@ -101,14 +158,28 @@ class FileHandles:
         preadv: ``os.preadv``-compatible ``(fd, buffers, offset) -> int``.
         throttle: emulate a slower device for every read (``golem.io.storage.Throttle``);
             one throttle may be shared by several handles (one device).
+        identities: pinned files, ``{path: FileIdentity}`` as indexed. Opening one checks
+            the new handle's identity; every read of one checks its handle afterwards
+            (``fstat``, ~1 us, on the reading thread) and, at most once per
+            ``check_interval_s`` per file, its path too (``stat``: a file replaced under
+            the same name). A difference raises ``FileChangedError``.
+        check_interval_s: least time between two checks of one pinned path.
+
+    Pinned or not, a file is opened once per ``(path, direct)`` and kept open until
+    ``close()``: a file replaced under its name still reads as the one opened.
     """
 
     def __init__(self, *, opener: Callable[..., int] = os.open,
                  preadv: Callable[[int, Sequence[memoryview], int], int] = os.preadv,
-                 throttle: Optional["Throttle"] = None):
+                 throttle: Optional["Throttle"] = None,
+                 identities: Optional[Mapping[str, FileIdentity]] = None,
+                 check_interval_s: float = 0.25):
         self.opener = opener
         self.preadv = preadv
         self.throttle = throttle
+        self.identities: Dict[str, FileIdentity] = dict(identities or {})
+        self.check_interval_s = check_interval_s
+        self._path_checked: Dict[str, float] = {}  # path -> time.monotonic() of its last check
         self._fds: Dict[Tuple[str, bool], Tuple[int, str]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -125,8 +196,75 @@ class FileHandles:
             if found is not None:
                 return found
             found = self._open(path, bool(direct))
+            try:
+                self._check_fd(path, found[0])
+            except BaseException:
+                os.close(found[0])
+                raise
             self._fds[key] = found
             return found
+
+    def _check_fd(self, path: str, fd: int) -> None:
+        expected = self.identities.get(path)
+        if expected is not None:
+            change = expected.differences(FileIdentity.of(os.fstat(fd)))
+            if change:
+                raise FileChangedError(path, change)
+
+    def check_runs(self, runs: Iterable["ReadRun"], direct: bool = False) -> None:
+        """After ``runs`` were read: each pinned file among them checked once (``check``).
+        A byte rewritten before it was read changed the file's mtime before the read
+        returned, so a check after the reads catches every changed byte they delivered."""
+        if not self.identities:
+            return
+        for path in dict.fromkeys(run.path for run in runs):
+            found = self._fds.get((path, bool(direct)))
+            if found is not None:
+                self.check(path, found[0])
+
+    def check(self, path: str, fd: int) -> None:
+        """After a read of ``path`` through ``fd``: a pinned file must still be the one
+        indexed (see ``identities``); others are not checked."""
+        expected = self.identities.get(path)
+        if expected is None:
+            return
+        st = os.fstat(fd)
+        if st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns:
+            raise FileChangedError(path, expected.differences(FileIdentity.of(st)))
+        now = time.monotonic()
+        if now - self._path_checked.get(path, -math.inf) >= self.check_interval_s:
+            self._path_checked[path] = now
+            self.check_path(path)
+
+    def check_path(self, path: str) -> None:
+        """The file now at ``path`` must be the pinned one (``FileChangedError`` if not); a
+        file deleted (and not replaced) passes, its held handle reading on."""
+        expected = self.identities.get(path)
+        if expected is None:
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return  # deleted, not replaced: the held handle still reads the bytes indexed
+        except OSError as e:
+            raise FileChangedError(path, f"no longer readable: {e.strerror or e}") from None
+        change = expected.differences(FileIdentity.of(st))
+        if change:
+            raise FileChangedError(path, change)
+
+    def check_all(self) -> None:
+        """Every pinned path and every open handle, now (e.g. once loading is done)."""
+        for path in self.identities:
+            self.check_path(path)
+        with self._lock:
+            held = list(self._fds.items())
+        for (path, _), (fd, _) in held:
+            self._check_fd(path, fd)
+
+    def pin(self, direct: bool = False) -> None:
+        """Open every pinned file now (``open``), so that later reads use these handles."""
+        for path in self.identities:
+            self.open(path, direct)
 
     def fd(self, path: str, direct: bool = False) -> int:
         return self.open(path, direct)[0]
@@ -157,6 +295,11 @@ class FileHandles:
         """O_DIRECT opened but reads are refused (EINVAL): reopen as the buffered fallback."""
         with self._lock:
             fd = self.opener(path, os.O_RDONLY)
+            try:
+                self._check_fd(path, fd)
+            except BaseException:
+                os.close(fd)
+                raise
             old = self._fds.get((path, True))
             self._fds[(path, True)] = (fd, MODE_FADVISE)
         if old is not None and old[0] != fd:
@@ -358,8 +501,10 @@ def read_into(requests: Sequence[Tuple[Sequence[ByteRange], object, str]], *,
     views = destination_views(requests)
     plan = plan_reads([(ranges, i, what) for i, (ranges, _, what) in enumerate(requests)],
                       max_run_nbytes)
-    return sum(read_run(run, views, handles=handles, direct=direct, retries=retries)
-               for run in plan)
+    nbytes = sum(read_run(run, views, handles=handles, direct=direct, retries=retries)
+                 for run in plan)
+    handles.check_runs(plan, direct)
+    return nbytes
 
 
 def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
@@ -367,7 +512,8 @@ def read_run(run: ReadRun, views: Sequence[memoryview], *, handles: FileHandles,
              wake: Optional[threading.Event] = None) -> int:
     """Read one planned run into ``views`` (indexed by the run's buffer indices).
 
-    ``wake``, once set, cuts short the throttle's wait (a closing scheduler)."""
+    ``wake``, once set, cuts short the throttle's wait (a closing scheduler). The caller
+    checks pinned files once its runs are read (``FileHandles.check_runs``)."""
     bufs = []
     pos = run.offset
     for buf, dest, n in run.segments:

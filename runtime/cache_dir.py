@@ -183,7 +183,7 @@ def _profiles(folder: Path) -> List[CacheEntry]:
             out.append(_entry("lock", path))
         elif name.startswith(PROFILE_FILENAME + ".damaged-"):
             out.append(_entry("damaged profile", path, "set aside: unreadable", guard=guard))
-        elif name.startswith(PROFILE_FILENAME + ".") and name.endswith(".tmp"):
+        elif name.startswith((PROFILE_FILENAME + ".", "." + PROFILE_FILENAME + ".")) and name.endswith(".tmp"):
             out.append(_entry("temporary", path, "left by a writer that did not finish", guard=guard))
         else:
             out.append(_entry("other", path, "not golem's: left alone"))

@@ -34,13 +34,15 @@ class DiskReader:
         direct: bypass the page cache (O_DIRECT) where the OS allows it.
         throttle: optional storage emulator (``golem.io.storage.Throttle``), attached to
             this reader's ``FileHandles``: every read consults it.
+        identities: the shards' ``FileIdentity`` as indexed (``SafetensorsIndex.identities``):
+            they are pinned (``FileHandles``), so a shard changed on disk stops the run.
     """
 
-    def __init__(self, index: ExpertIndex, *, direct: bool = False, throttle=None):
+    def __init__(self, index: ExpertIndex, *, direct: bool = False, throttle=None, identities=None):
         self.index = index
         self.direct = direct
         self.throttle = throttle
-        self.handles = FileHandles(throttle=throttle)
+        self.handles = FileHandles(throttle=throttle, identities=identities)
 
     def __call__(self, layer: int, expert: int, out: np.ndarray) -> int:
         ranges = self.index.ranges(layer, expert)

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
+from golem.io.outputs import check_output, check_outside
 
 from golem.runtime.config import ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config
 from golem.runtime.engine import DiskReader, Engine, OffloadedExperts
@@ -202,7 +203,7 @@ class OffloadedModel:
             return None
         if self.engine.trace is None:
             raise ConfigError("no trace recorded: load with record=True or trace_out=PATH")
-        self.engine.trace.save(path)
+        self.engine.trace.save(path, what="--trace-out", protected=[self.path])
         return Path(path)
 
     def save_profile(self) -> Path:
@@ -277,13 +278,22 @@ def read_model_config(path: Path, *, trust_remote_code: bool = False) -> dict:
     import importlib
     import json
 
+    from golem.runtime.model_config import MAX_CONFIG_NBYTES, check_sizes
+
     file = path / "config.json"
     try:
-        config = json.loads(file.read_text())
+        with open(file, "rb") as f:
+            raw = f.read(MAX_CONFIG_NBYTES + 1)
     except OSError as e:
         raise ModelError(f"{file}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_NBYTES:
+        raise ModelError(f"{file}: more than {MAX_CONFIG_NBYTES >> 20} MiB, not a model's config.json")
+    try:
+        config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelError(f"{file}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise ModelError(f"{file}: not a JSON object (got {type(config).__name__})")
     if "model_type" not in config:
@@ -309,6 +319,7 @@ def read_model_config(path: Path, *, trust_remote_code: bool = False) -> dict:
             value = config.get(f.name)
             if f.name in config and f.type in (int, "int") and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ModelError(f"{file}: field {f.name!r} must be a whole number, got {value!r}")
+    check_sizes(config, file, ModelError)  # before anything is sized or divided by them
     from golem.predictors.families import config_top_k_keys
 
     c = config.get("text_config", config)
@@ -385,8 +396,11 @@ def open_checkpoint(model_path: str | os.PathLike, *, model_config: Optional[dic
     path = resolve_model_path(str(model_path))
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (is this an mlx-lm model folder?)")
-    read_model_config(path, trust_remote_code=trust_remote_code)
+    config = read_model_config(path, trust_remote_code=trust_remote_code)
     st_index = SafetensorsIndex(path)  # validates every header before anything runs
+    from golem.runtime.model_config import check_against_tensors
+
+    check_against_tensors(config, st_index.tensors, path / "config.json", ModelError)
     with FreedOnFailure() as freed:
         return _open_lazily(path, st_index, freed, model_config=model_config, adapter_path=adapter_path,
                             trust_remote_code=trust_remote_code, pipeline=pipeline, group=group)
@@ -554,8 +568,14 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
     from golem.runtime.sizing import load_warm_profile
 
     config = make_config(config, **fields)
+    if config.save_profile and os.path.isdir(model_path):  # before its folder is made
+        from golem.runtime.sizing import profile_dir
+
+        check_outside(profile_dir(model_path), what="--save-profile (golem's cache)", protected=[model_path])
     check_output_paths(config, model_path)  # before a repo id is fetched
     path = resolve_model_path(str(model_path))
+    if config.trace_out is not None:  # never a file of the model, nor a link, device or folder
+        check_output(config.trace_out, what="--trace-out", protected=[path])
     # Every file the options name is read before any of the model's: a bad one fails with nothing open.
     profile = load_warm_profile(config, model_path)
     truth = config.predictor_trace
@@ -596,8 +616,9 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
 
     started: list = []  # what to close, last first, if anything below fails
     try:
-        reader = DiskReader(index, direct=config.direct_io, throttle=throttle)
+        reader = DiskReader(index, direct=config.direct_io, throttle=throttle, identities=st_index.identities)
         started.append(reader)
+        reader.handles.pin(config.direct_io)  # every shard opened once, as indexed; read only through these
         pools: Dict[int, SlotPool] = {}
         writers = SlotWriters(config.slot_writer)
         for em in experts:
@@ -683,6 +704,7 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
         _load_resident(model, engine, pools, progress)  # the pools are zeros until filled
         if sizing.warm:
             _warm_start(engine, pools, sizing.warm, progress)
+        reader.handles.check_all()  # mlx-lm read the resident weights by path: still the files indexed?
     except BaseException:
         for thing in reversed(started):
             try:

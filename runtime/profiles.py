@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -420,40 +419,23 @@ def _locked(path: Path):
 
 
 def _write_atomic(profile: Profile, path: Path) -> None:
-    """Write into a unique temporary file beside ``path``, fsync it, rename it over ``path``."""
+    """Write into a unique temporary file beside ``path``, fsync it, rename it over ``path``
+    (``golem.io.outputs``); never into the profiled model's own folder."""
+    from golem.io.outputs import OutputError, write_output
+
     text = json.dumps(profile.to_json(), separators=(",", ":")) + "\n"
+    model = profile.meta.get("model")
+    protected = [model] if isinstance(model, str) and os.path.isabs(model) else []
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    except OSError as e:
-        raise ProfileError(f"{path.parent}: cannot write a profile there ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise ProfileError(f"{path}: cannot write the profile ({e.strerror or e})") from None
-        raise
-    try:  # the rename itself survives a power cut once the folder is synced
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+        write_output(path, lambda f: f.write(text.encode()), what="--save-profile", protected=protected)
+    except OutputError as e:
+        raise ProfileError(str(e)) from None
 
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Temporary files of writers that died mid-write (only called under the lock, when no
     other writer can be writing one)."""
-    for tmp in path.parent.glob(path.name + ".*.tmp"):
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         try:
             tmp.unlink()
         except OSError:

@@ -114,5 +114,6 @@ class TraceRecorder:
         trace = Trace(experts, weights, offsets, meta, hidden=hidden, prefill=prefill if prefill.any() else None)
         return trace if include_prefill else trace.decode_only()
 
-    def save(self, path) -> None:
-        save_trace(path, self.trace())
+    def save(self, path, *, what: str = "", protected=()) -> None:
+        """Write the trace recorded so far (``golem.runtime.trace.save_trace``)."""
+        save_trace(path, self.trace(), what=what, protected=protected)

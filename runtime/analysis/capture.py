@@ -247,22 +247,9 @@ def record_generation(
 
 
 def save_capture(path: str | Path, trace: Trace, extras: Optional[Dict[str, np.ndarray]] = None) -> None:
-    """Write ``trace`` as golem-trace/1 plus the ``extras`` arrays in the same ``.npz``."""
-    save_trace(path, trace)
-    if not extras:
-        return
-    path = Path(path)
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {name: z[name] for name in z.files}
-    for name, arr in extras.items():
-        if name in arrays:
-            raise TraceError(f"{path}: extra array {name!r} would replace a golem-trace/1 array")
-        if arr.shape[0] != trace.num_steps:
-            raise TraceError(f"{path}: extra array {name!r} has {arr.shape[0]} steps, expected {trace.num_steps}")
-        arrays[name] = arr
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    """Write ``trace`` as golem-trace/1 plus the ``extras`` arrays in the same ``.npz``
+    (one atomic write, ``golem.io.outputs``)."""
+    save_trace(path, trace, extras=extras)
 
 
 def load_extras(path: str | Path, names: Sequence[str] = (LAYER_INPUT_ARRAY,)) -> Dict[str, np.ndarray]:

@@ -435,7 +435,10 @@ def plot_sweep(sweep: Sequence[tuple[int, Report]], path: Union[str, Path], titl
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    from golem.io.outputs import write_output
+
+    try:
+        path = write_output(path, lambda f: fig.savefig(f, format="png"), what="--plot")
+    finally:
+        plt.close(fig)
     return path

@@ -224,10 +224,23 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     if not path.is_file():
         known = ", ".join(sorted(catalog.MODELS))
         raise ValueError(f"--model: {name_or_path!r} is neither a built-in model ({known}) nor a config.json")
+    from golem.runtime.model_config import MAX_CONFIG_NBYTES, check_sizes
+
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_NBYTES + 1)
+        if len(raw) > MAX_CONFIG_NBYTES:
+            raise ValueError(f"{path}: more than {MAX_CONFIG_NBYTES >> 20} MiB, not a model's config.json")
+        config = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read config: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read config: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot read config: JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object (got {type(config).__name__})")
+    check_sizes(config, path)  # before any size is multiplied or divided by
     return ModelSpec.from_config(config, name=path.parent.name or str(path))
 
 

@@ -146,12 +146,27 @@ class _Stream:
     def num_layers(self) -> int:
         return int(self.steps.shape[1])
 
-    def layer_rows(self, layer: int) -> list:
-        col = self.steps[:, layer, :]
+    def layer_rows(self, layer: int, start: int = 0, stop: Optional[int] = None) -> list:
+        col = self.steps[start:stop, layer, :]
         rows = col.tolist()
         if (col < 0).any():
             rows = [[e for e in r if e >= 0] for r in rows]
         return rows
+
+
+class _Rows:
+    """One layer's steps as lists of expert ids, made a block of steps at a time (a
+    million-step layer as one list of lists would take gigabytes)."""
+
+    def __init__(self, stream: _Stream, layer: int):
+        self.stream, self.layer = stream, layer
+
+    def __len__(self) -> int:
+        return int(self.stream.steps.shape[0])
+
+    def __iter__(self):
+        for start in range(0, len(self), _ROWS_PER_BLOCK):
+            yield from self.stream.layer_rows(self.layer, start, start + _ROWS_PER_BLOCK)
 
 
 def as_trace_list(traces: Traces) -> list[Trace]:
@@ -241,8 +256,9 @@ def _policy_factory(policy) -> tuple[str, Callable[[], Policy]]:
 # -- replay ---------------------------------------------------------------------------------
 
 
-def _replay_layer(rows: list, policy: Policy, capacity: int, warm: list) -> np.ndarray:
-    """Run the step protocol over one layer; returns int32 (N,) misses per step."""
+def _replay_layer(rows, policy: Policy, capacity: int, warm: list) -> np.ndarray:
+    """Run the step protocol over one layer (``rows``: a list, or a ``_Rows``); returns int32
+    (N,) misses per step."""
     resident = set()
     for e in warm:
         policy.insert(e)
@@ -343,7 +359,7 @@ def simulate(
     step_prefetched = np.zeros((n, num_layers), dtype=np.int32)
     for layer in range(num_layers):
         if layer not in pinned_t:
-            miss = _replay_layer(stream.layer_rows(layer), factory(), caps[layer], warm_lists.get(layer, []))
+            miss = _replay_layer(_Rows(stream, layer), factory(), caps[layer], warm_lists.get(layer, []))
             rng = np.random.default_rng([seed, layer])
             step_misses[:, layer], step_prefetched[:, layer] = _split_prefetched(miss, prefetch_recall, rng)
         if progress is not None:
@@ -352,25 +368,30 @@ def simulate(
 
 
 def _next_use(steps: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """For every (step, layer, slot) the next step using that expert in that layer (N if
-    none), and for every (layer, expert) its first step (N if none)."""
-    n, num_layers, k = steps.shape
-    nxt = np.full(steps.shape, n, dtype=np.int64)
-    first = np.full((num_layers, num_experts), n, dtype=np.int64)
-    t_idx, l_idx, k_idx = np.nonzero(steps >= 0)
-    if len(t_idx) == 0:
+    """For one layer's steps (N, K): for every (step, slot) the next step using that expert
+    (N if none), int32, and for every expert its first step (N if none). Scratch memory
+    is a few times one layer's column, never the whole trace's."""
+    n, k = steps.shape
+    nxt = np.full(steps.shape, n, dtype=np.int32)
+    first = np.full(num_experts, n, dtype=np.int32)
+    flat = steps.reshape(-1)
+    pos = np.flatnonzero(flat >= 0).astype(np.int64)  # step-major: t = pos // k
+    if len(pos) == 0:
         return nxt, first
-    key = l_idx.astype(np.int64) * num_experts + steps[t_idx, l_idx, k_idx]
-    order = np.lexsort((t_idx, key))  # by (layer, expert), then step
-    key_s, t_s = key[order], t_idx[order]
-    same = key_s[1:] == key_s[:-1]
-    nxt_s = np.full(len(order), n, dtype=np.int64)
-    nxt_s[:-1][same] = t_s[1:][same]
-    nxt[t_idx[order], l_idx[order], k_idx[order]] = nxt_s
+    order = pos[np.argsort(flat[pos], kind="stable")]  # by expert, then step
+    key = flat[order]
+    t = (order // k).astype(np.int32)
+    same = key[1:] == key[:-1]
+    out = np.full(len(order), n, dtype=np.int32)
+    out[:-1][same] = t[1:][same]
+    nxt.reshape(-1)[order] = out
     starts = np.ones(len(order), dtype=bool)
     starts[1:] = ~same
-    first.reshape(-1)[key_s[starts]] = t_s[starts]
+    first[key[starts]] = t[starts]
     return nxt, first
+
+
+_ROWS_PER_BLOCK = 1 << 16  # steps turned into Python lists at once
 
 
 def belady(
@@ -390,7 +411,6 @@ def belady(
     pinned_t = _pinned(pinned, num_layers)
     caps = _capacities(capacity, num_layers, num_experts, stream.max_step, pinned_t)
     warm_lists = _warm(warm, num_layers, num_experts, caps)
-    nxt, first = _next_use(stream.steps, num_experts)
     n = stream.steps.shape[0]
     step_misses = np.zeros((n, num_layers), dtype=np.int32)
     for layer in range(num_layers):
@@ -399,27 +419,35 @@ def belady(
         if layer in pinned_t:
             continue
         cap = caps[layer]
-        rows = stream.layer_rows(layer)
-        nrows = nxt[:, layer, :].tolist()
-        next_of: Dict[int, int] = {int(e): int(first[layer, e]) for e in warm_lists.get(layer, [])}
-        col = step_misses[:, layer]
-        for t, step in enumerate(rows):
-            m = 0
-            for e in step:
-                if e not in next_of:
-                    m += 1
-                    if len(next_of) >= cap:
-                        victim, far = -1, -1
-                        for r, nu in next_of.items():
-                            if nu > far and r not in step:
-                                victim, far = r, nu
-                        del next_of[victim]
-                    next_of[e] = t  # placeholder until the step's next uses are written
-            for e, nu in zip(step, nrows[t]):
-                next_of[e] = nu
-            if m:
-                col[t] = m
+        nxt, first = _next_use(stream.steps[:, layer, :], num_experts)
+        next_of: Dict[int, int] = {int(e): int(first[e]) for e in warm_lists.get(layer, [])}
+        for block in range(0, n, _ROWS_PER_BLOCK):
+            stop = min(n, block + _ROWS_PER_BLOCK)
+            _belady_block(stream.layer_rows(layer, block, stop), nxt[block:stop].tolist(), next_of, cap,
+                          step_misses[block:stop, layer], block)
     return _result("belady", stream, caps, pinned_t, step_misses, np.zeros_like(step_misses))
+
+
+def _belady_block(rows: list, nrows: list, next_of: Dict[int, int], cap: int, col: np.ndarray, base: int) -> None:
+    """Belady over one block of a layer's steps; ``next_of`` (resident expert -> next use)
+    carries over from block to block."""
+    for i, step in enumerate(rows):
+        t = base + i
+        m = 0
+        for e in step:
+            if e not in next_of:
+                m += 1
+                if len(next_of) >= cap:
+                    victim, far = -1, -1
+                    for r, nu in next_of.items():
+                        if nu > far and r not in step:
+                            victim, far = r, nu
+                    del next_of[victim]
+                next_of[e] = t  # placeholder until the step's next uses are written
+        for e, nu in zip(step, nrows[i]):
+            next_of[e] = nu
+        if m:
+            col[i] = m
 
 
 def stack_distance_histogram(traces: Traces, *, decode_only: bool = True) -> np.ndarray:

@@ -33,8 +33,9 @@ def _stats_text(loads, table: bool) -> str:
 
 
 def _check_text(query: str) -> None:
-    """A line of stdin that is not UTF-8 text (Python keeps its bytes as surrogates) is an
-    error naming the first bad byte, not a tokenizer traceback."""
+    """A line typed at a terminal that is not UTF-8 text (Python keeps its bytes as
+    surrogates) is an error naming the first bad byte, not a tokenizer traceback (piped
+    prompts are checked as they are read: ``golem.runtime.cli.stdin.TextLines``)."""
     try:
         query.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -88,6 +89,11 @@ def main(argv: Optional[list] = None) -> int:
         return holder[-1]
 
     holder: list = []
+    from golem.runtime.cli.stdin import TextLines
+
+    stdin = sys.stdin
+    if stdin is not None and hasattr(stdin, "buffer") and not stdin.isatty():
+        sys.stdin = TextLines(stdin.buffer)  # piped prompts: text or a one-line error
     try:
         run_stock_main(chat, PROG, DESCRIPTION, on_args, argv, replace={"ChatUI": _chat_ui(chat.ChatUI, holder)})
     except (ValueError, FileNotFoundError) as e:  # ModelError, CheckpointError, ConfigError
@@ -101,6 +107,8 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdin = stdin
     return 0
 
 

@@ -173,7 +173,7 @@ def _pil_image():
 def _prompt(args, tokenizer, using_cache: bool, template_kwargs: dict) -> tuple[str, bool]:
     """The prompt text exactly as mlx_lm.generate's main builds it."""
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    prompt = sys.stdin.read() if prompt == "-" else prompt
+    prompt = args.stdin_prompt if prompt == "-" else prompt
     use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
     if use_chat_template:
         messages = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
@@ -202,6 +202,10 @@ def run(args) -> int:
         if not hasattr(args, name):
             setattr(args, name, value)
     _check_unsupported(args)
+    if args.prompt == "-":  # before the model loads: a prompt that is not text is refused at once
+        from golem.runtime.cli.stdin import read_stdin_text
+
+        args.stdin_prompt = read_stdin_text()
     if args.image:
         _pil_image()  # before the model loads
     if args.seed is not None:

@@ -168,8 +168,9 @@ def run(args) -> int:
     pins = _pin_layers(args.pin_layers, model)
     if args.plot:
         _check_matplotlib()
-        if Path(args.plot).is_dir():
-            raise ValueError(f"--plot {args.plot}: is a folder; give a .png file name")
+        from golem.io.outputs import check_output
+
+        check_output(args.plot, what="--plot")  # before the sweep runs
     if args.ram is not None:
         machine = machine.with_memory(parse_size(args.ram, "--ram"))
     if args.ssd_gb_per_s is not None:
@@ -209,7 +210,7 @@ def run(args) -> int:
     if args.u is not None:
         routing = ChunkRouting(args.u, args.d, args.chunk, args.coverage, "given")
     if args.trace:
-        traces = load_traces(args.trace)
+        traces = load_traces(args.trace, hidden=False, weights=False)
         require_steps(traces)
         if routing is None:
             stats = chunk_analysis(traces, chunk=args.chunk, coverages=(args.coverage,))

@@ -118,7 +118,7 @@ def run(args) -> int:
         raise ValueError(f"--charts: unknown chart(s) {unknown}; choose from {', '.join(CHARTS)}")
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
-    traces = load_traces(args.traces)
+    traces = load_traces(args.traces, hidden=False, weights=False)
     require_steps(traces)
     first = traces[0]
     capacity = args.capacity if args.capacity is not None else max(first.top_k, first.num_experts // 2)
@@ -158,7 +158,7 @@ def run(args) -> int:
         ax.set_title(f"{source}: hit rate per {args.window} steps, {args.policy}, "
                      f"{capacity}/{first.num_experts} slots")
         path = out_dir / "hit_rate_over_time.png"
-        fig.savefig(path)
+        _save(fig, path)
         written.append({"chart": "hit-rate", "path": str(path), "mean_hit_rate": round(float(rates.mean()), 4)})
         print(f"hit-rate: {path} (mean hit rate {100 * rates.mean():.1f}%)")
 
@@ -183,7 +183,7 @@ def run(args) -> int:
                      f"{capacity}/{first.num_experts} slots", fontsize="medium")
         ax.legend(loc="upper center", ncol=len(rates), fontsize="small")
         path = out_dir / "warm_start_by_layer.png"
-        fig.savefig(path)
+        _save(fig, path)
         summary = {name: round(float(r.mean()), 4) for name, r in rates.items()}
         written.append({"chart": "warm-start", "path": str(path), "mean_hit_rate": summary})
         print(f"warm-start: {path} ({', '.join(f'{k} {100 * v:.1f}%' for k, v in summary.items())})")
@@ -201,7 +201,7 @@ def run(args) -> int:
         ax.set_title(f"expert overlap: {names[0]} vs {names[1]}")
         ax.legend(loc="upper center", ncol=2, fontsize="small")
         path = out_dir / "expert_overlap.png"
-        fig.savefig(path)
+        _save(fig, path)
         written.append({"chart": "overlap", "path": str(path),
                         "mean_top_overlap": round(float(ov["top_overlap"].mean()), 4),
                         "mean_distribution_overlap": round(float(ov["distribution_overlap"].mean()), 4)})
@@ -211,3 +211,10 @@ def run(args) -> int:
         print(json.dumps({"out": str(out_dir), "traces": [t.path for t in traces], "capacity": capacity,
                           "policy": args.policy, "charts": written}))
     return 0
+
+
+def _save(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (``golem.io.outputs``)."""
+    from golem.io.outputs import write_output
+
+    write_output(path, lambda f: fig.savefig(f, format="png"), what="--out")

@@ -129,7 +129,7 @@ def run(args) -> int:
 
         max_nbytes = parse_size(args.max_bytes, "--max-bytes")
 
-    tests = load_traces(args.traces)
+    tests = load_traces(args.traces, hidden=any(p in ("lookahead", "probe") for p in parts))
     require_steps(tests)
     train = [_for_training(t, args.hidden_kind, "probe" in parts) for t in load_traces(args.train)] if args.train else []
     blocks = _load_blocks(args.model) if "lookahead" in parts else None

@@ -87,13 +87,13 @@ def _stats(args, warm_profile, policy: str):
         return None
     path = Path(source)
     if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
-        return RoutingStats.from_traces(load_traces([path]), policy=policy)
+        return RoutingStats.from_traces(load_traces([path], hidden=False, weights=False), policy=policy)
     profile = warm_profile if source == args.warm_start and warm_profile is not None else load_warm_source(path)
     return RoutingStats.from_profile(profile, policy=policy, source=str(source))
 
 
 def run(args) -> int:
-    traces = load_traces(args.traces)
+    traces = load_traces(args.traces, hidden=False, weights=False)
     steps = require_steps(traces, decode_only=not args.include_prefill)
     meta = traces[0].meta
     model = _model(args, meta)

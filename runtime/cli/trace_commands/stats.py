@@ -77,7 +77,7 @@ def layer_stats(traces, window: int) -> list[dict]:
 def run(args) -> int:
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
-    traces = load_traces(args.traces)
+    traces = load_traces(args.traces, hidden=False, weights=False)
     steps = require_steps(traces)
     first = traces[0]
     layers = layer_stats(traces, args.window)
