@@ -33,7 +33,7 @@ import numpy as np
 
 from golem.io.ranges import ByteRange
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
-from golem.io.scheduler import IOScheduler
+from golem.io.scheduler import IOScheduler, SchedulerSettings
 
 LAYERS, EXPERTS, PARTS = 4, 64, 9
 PATH = "/golem-bench/experts.safetensors"  # never opened: the opener below returns /dev/null
@@ -91,8 +91,9 @@ def run_plain(layout: Layout, picks):
 
 def run_demand(layout: Layout, picks, parallelism: int):
     with handles() as h, IOScheduler(layout.locate, layout.nbytes_of,
-                                     buffer_nbytes=layout.nbytes, num_buffers=8,
-                                     parallelism=parallelism, handles=h) as s:
+                                     SchedulerSettings(buffer_nbytes=layout.nbytes, num_buffers=8,
+                                                       parallelism=parallelism),
+                                     handles=h) as s:
         for key in picks[:8]:  # warm-up: threads started, code paths run once
             s.release(s.submit(key, depth=0).result())
 
@@ -104,9 +105,11 @@ def run_demand(layout: Layout, picks, parallelism: int):
 
 def run_prefetch(layout: Layout, picks, parallelism: int, batch: int = 8):
     with handles() as h, IOScheduler(layout.locate, layout.nbytes_of,
-                                     buffer_nbytes=layout.nbytes, num_buffers=2 * batch + 2,
-                                     parallelism=parallelism, handles=h,
-                                     max_pending=len(picks)) as s:
+                                     SchedulerSettings(buffer_nbytes=layout.nbytes,
+                                                       num_buffers=2 * batch + 2,
+                                                       parallelism=parallelism,
+                                                       max_pending=len(picks)),
+                                     handles=h) as s:
         def go():
             for start in range(0, len(picks), batch):
                 group = list(dict.fromkeys(picks[start:start + batch]))
@@ -172,9 +175,10 @@ def run_real(layout: FileLayout, direct: bool, at_once: int, seed: int, **option
 
     rng = np.random.default_rng(seed)
     picks = [(0, int(e)) for e in rng.permutation(layout.num_experts)][:32 // at_once * at_once]
-    with FileHandles() as h, IOScheduler(layout.locate, layout.nbytes_of,
-                                         buffer_nbytes=layout.nbytes, num_buffers=at_once + 2,
-                                         direct=direct, handles=h, **options) as s:
+    settings = SchedulerSettings(buffer_nbytes=layout.nbytes, num_buffers=at_once + 2,
+                                 direct=direct, **options)
+    with FileHandles() as h, IOScheduler(layout.locate, layout.nbytes_of, settings,
+                                         handles=h) as s:
         def go():
             for start in range(0, len(picks), at_once):
                 futures = [s.submit(key, depth=0) for key in picks[start:start + at_once]]
