@@ -6,6 +6,7 @@ Gated with events and fake clocks; nothing sleeps."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import signal
 import threading
@@ -233,6 +234,37 @@ def test_caps_and_options_refuse_nonsense(expert_file, option, value):
     with pytest.raises(ValueError, match=option):
         IOScheduler(locate, lambda k: EXPERT_NBYTES,
                     SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, **{option: value}))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"buffer_nbytes": 0}, "buffer_nbytes > 0"), ({"num_buffers": 0}, "num_buffers >= 1"),
+    ({"reserved_for_demand": 4}, "reserved_for_demand must be in [0, num_buffers), got 4 "
+                                 "with 4 buffers"),
+    ({"reserved_for_demand": -1}, "reserved_for_demand"),
+    ({"max_batch_nbytes": 0}, "max_batch_nbytes must be >= 1, got 0"),
+    ({"speculative_s": 0.0}, "speculative_s must be > 0 and finite, got 0.0"),
+    ({"close_timeout_s": -1}, "close_timeout_s must be >= 0, got -1")])
+def test_settings_are_checked_when_made_with_one_line_naming_the_setting(changes, words):
+    with pytest.raises(ValueError) as info:
+        SchedulerSettings(**{"buffer_nbytes": EXPERT_NBYTES, "num_buffers": 4, **changes})
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_settings_are_frozen_and_a_changed_copy_is_checked_again():
+    settings = SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=np.int64(8))
+    assert settings.parallelism == 8 and type(settings.parallelism) is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.num_buffers = 2
+    assert settings.but(num_buffers=2).num_buffers == 2 and settings.num_buffers == 16
+    with pytest.raises(ValueError, match="num_buffers"):
+        settings.but(num_buffers=0)
+    assert settings == SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=8)
+
+
+def test_scheduler_refuses_anything_but_settings(expert_file):
+    locate, _ = expert_file
+    with pytest.raises(TypeError, match="SchedulerSettings"):
+        IOScheduler(locate, lambda k: EXPERT_NBYTES, {"buffer_nbytes": EXPERT_NBYTES})
 
 
 def test_staging_memory_beyond_the_machine_is_refused_before_allocation(expert_file):
