@@ -30,7 +30,7 @@ import numpy as np
 
 from golem.io.ranges import ByteRange
 from golem.io.reads import FileHandles, aligned_empty, evict_from_page_cache, read_ranges
-from golem.io.scheduler import DEFAULT_PARALLELISM, IOScheduler
+from golem.io.scheduler import DEFAULT_PARALLELISM, IOScheduler, SchedulerSettings
 from golem.io.storage import parse_throttle
 
 LAYERS, EXPERTS, TOP_K = 3, 64, 8
@@ -137,8 +137,9 @@ def run_plain(experts: Experts, keys, direct, handles) -> float:
 
 def run_scheduler(experts: Experts, keys, direct, handles, parallelism, num_buffers=16) -> float:
     window = 2 * num_buffers
-    with IOScheduler(experts.locate, experts.nbytes_of, buffer_nbytes=experts.nbytes,
-                     num_buffers=num_buffers, parallelism=parallelism, direct=direct,
+    with IOScheduler(experts.locate, experts.nbytes_of,
+                     SchedulerSettings(buffer_nbytes=experts.nbytes, num_buffers=num_buffers,
+                                       parallelism=parallelism, direct=direct),
                      handles=handles) as s:
         t0 = time.perf_counter()
         submitted = done = 0
@@ -255,8 +256,10 @@ def verify(experts: Experts, direct: bool, parallelism: int, count: int = 32) ->
     keys = experts.workload(count * experts.nbytes, seed=99)[:count]
     want = aligned_empty(experts.nbytes)
     with FileHandles() as plain, FileHandles() as h, \
-            IOScheduler(experts.locate, experts.nbytes_of, buffer_nbytes=experts.nbytes,
-                        parallelism=parallelism, direct=direct, handles=h) as s:
+            IOScheduler(experts.locate, experts.nbytes_of,
+                        SchedulerSettings(buffer_nbytes=experts.nbytes, parallelism=parallelism,
+                                          direct=direct),
+                        handles=h) as s:
         demand = s.submit(keys[0], depth=0).result()
         check(experts, keys[0], demand, want, plain)
         s.release(demand)
@@ -280,9 +283,11 @@ def demand_latency(experts: Experts, direct, handles, parallelism, samples, queu
     """Median seconds from submit to buffer of a demand read, with ``queued`` prefetches ahead."""
     rng = np.random.default_rng(seed)
     out = []
-    with IOScheduler(experts.locate, experts.nbytes_of, buffer_nbytes=experts.nbytes,
-                     num_buffers=16, parallelism=parallelism, direct=direct,
-                     handles=handles, max_pending=max(256, queued)) as s:
+    with IOScheduler(experts.locate, experts.nbytes_of,
+                     SchedulerSettings(buffer_nbytes=experts.nbytes, num_buffers=16,
+                                       parallelism=parallelism, direct=direct,
+                                       max_pending=max(256, queued)),
+                     handles=handles) as s:
         for _ in range(samples):
             picks = rng.choice(LAYERS * experts.num_experts, queued + 1, replace=False)
             keys = [(int(p) // experts.num_experts, int(p) % experts.num_experts) for p in picks]

@@ -15,17 +15,28 @@ expert's pieces spread over readers (``min_job_nbytes`` 256 KiB) against one rea
 expert; and experts whose 9 ranges lie 4 KiB or 64 KiB apart, read as 9 ``preadv`` against
 one span read (``max_gap_nbytes``). Medians of --runs.
 
+The row "loop-scheduled demand" (with no-op reads, and again on page-cache reads of 36 KiB
+experts) is the other shape a scheduler could have: each request a task on an asyncio loop
+that awaits its read in an executor thread (``LoopShape``, the least such a scheduler does).
+"scheduler demand, 1 reader" is the scheduler with each expert on one reader too
+(``min_job_nbytes`` past the expert), the fair comparison: both do the same reads and differ
+in the thread hand-offs around them.
+
     python benchmarks/bench_io_host.py          # under a minute; last line is JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
+import functools
 import json
 import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +44,7 @@ import numpy as np
 
 from golem.io.ranges import ByteRange
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
-from golem.io.scheduler import IOScheduler
+from golem.io.scheduler import IOScheduler, SchedulerSettings
 
 LAYERS, EXPERTS, PARTS = 4, 64, 9
 PATH = "/golem-bench/experts.safetensors"  # never opened: the opener below returns /dev/null
@@ -80,19 +91,24 @@ def timed(fn):
             resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches)
 
 
-def run_plain(layout: Layout, picks):
+def run_plain(layout, picks, make_handles=handles):
     out = aligned_empty(layout.nbytes)
-    with handles() as h:
+    with make_handles() as h:
         def go():
             for key in picks:
                 read_ranges(layout.locate(key), out, handles=h, what=str(key))
         return timed(go)
 
 
-def run_demand(layout: Layout, picks, parallelism: int):
-    with handles() as h, IOScheduler(layout.locate, layout.nbytes_of,
-                                     buffer_nbytes=layout.nbytes, num_buffers=8,
-                                     parallelism=parallelism, handles=h) as s:
+def make_scheduler(layout, handles: FileHandles, **settings) -> IOScheduler:
+    return IOScheduler(layout.locate, layout.nbytes_of,
+                       SchedulerSettings(buffer_nbytes=layout.nbytes, **settings), handles=handles)
+
+
+def run_demand(layout, picks, parallelism: int, make_handles=handles, **settings):
+    """Demand reads one at a time through the scheduler: submit -> result -> release."""
+    with make_handles() as h, make_scheduler(layout, h, num_buffers=8, parallelism=parallelism,
+                                             **settings) as s:
         for key in picks[:8]:  # warm-up: threads started, code paths run once
             s.release(s.submit(key, depth=0).result())
 
@@ -103,10 +119,8 @@ def run_demand(layout: Layout, picks, parallelism: int):
 
 
 def run_prefetch(layout: Layout, picks, parallelism: int, batch: int = 8):
-    with handles() as h, IOScheduler(layout.locate, layout.nbytes_of,
-                                     buffer_nbytes=layout.nbytes, num_buffers=2 * batch + 2,
-                                     parallelism=parallelism, handles=h,
-                                     max_pending=len(picks)) as s:
+    with handles() as h, make_scheduler(layout, h, num_buffers=2 * batch + 2,
+                                        parallelism=parallelism, max_pending=len(picks)) as s:
         def go():
             for start in range(0, len(picks), batch):
                 group = list(dict.fromkeys(picks[start:start + batch]))
@@ -118,6 +132,57 @@ def run_prefetch(layout: Layout, picks, parallelism: int, batch: int = 8):
                         s.release(buf)
                         done += 1
         return timed(go)
+
+
+class LoopShape:
+    """The least a scheduler whose event loop makes every decision would do per request: a
+    task on the loop (uvloop when installed) that awaits the read in an executor thread.
+    No queue, no priorities, no locks: a lower bound on that shape's host cost.
+
+    Args:
+        layout: where each key's ranges are.
+        handles: open files (and the ``preadv`` patch point).
+        threads: executor threads.
+    """
+
+    def __init__(self, layout, handles: FileHandles, threads: int):
+        self.layout, self.handles = layout, handles
+        try:
+            import uvloop
+            self.loop = uvloop.new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.out = aligned_empty(layout.nbytes)
+
+    async def _read(self, key):
+        read = functools.partial(read_ranges, self.layout.locate(key), self.out,
+                                 handles=self.handles, what=str(key))
+        await self.loop.run_in_executor(self.pool, read)
+        return self.out
+
+    def submit(self, key) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self._read(key), self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+        self.pool.shutdown()
+
+
+def run_loop_shape(layout, picks, parallelism: int, make_handles=handles):
+    """Demand reads one at a time through ``LoopShape``: submit -> result."""
+    with make_handles() as h:
+        shape = LoopShape(layout, h, parallelism)
+        try:
+            for key in picks[:8]:
+                shape.submit(key).result()
+            return timed(lambda: [shape.submit(key).result() for key in picks])
+        finally:
+            shape.close()
 
 
 FILE_NBYTES = 256 << 20
@@ -172,9 +237,8 @@ def run_real(layout: FileLayout, direct: bool, at_once: int, seed: int, **option
 
     rng = np.random.default_rng(seed)
     picks = [(0, int(e)) for e in rng.permutation(layout.num_experts)][:32 // at_once * at_once]
-    with FileHandles() as h, IOScheduler(layout.locate, layout.nbytes_of,
-                                         buffer_nbytes=layout.nbytes, num_buffers=at_once + 2,
-                                         direct=direct, handles=h, **options) as s:
+    with FileHandles() as h, make_scheduler(layout, h, num_buffers=at_once + 2, direct=direct,
+                                            **options) as s:
         def go():
             for start in range(0, len(picks), at_once):
                 futures = [s.submit(key, depth=0) for key in picks[start:start + at_once]]
@@ -214,6 +278,46 @@ def real_reads(folder: Path, expert_nbytes: int, runs: int) -> dict:
     return out
 
 
+SMALL_EXPERT_NBYTES = PARTS * 4096
+ONE_READER = 64 << 20  # min_job_nbytes: each expert read by one reader, as LoopShape does
+
+
+def page_cache_requests(folder: Path, runs: int, reads: int, parallelism: int) -> dict:
+    """Host cost per request on page-cache reads of small experts (9 ranges of 4 KiB,
+    stacked): demand reads one at a time, submit -> result, plain reads as the baseline."""
+    path = build_file(folder)
+    with open(path, "rb") as f:  # into the page cache
+        while f.read(64 << 20):
+            pass
+    layout = FileLayout(path, SMALL_EXPERT_NBYTES)
+    rows = {"plain read_ranges": [], "scheduler demand": [], "scheduler demand, 1 reader": [],
+            "loop-scheduled demand": []}
+    for run in range(runs):
+        rng = np.random.default_rng(run)
+        picks = [(0, int(e)) for e in rng.integers(layout.num_experts, size=reads)]
+        rows["plain read_ranges"].append(run_plain(layout, picks, FileHandles))
+        rows["scheduler demand"].append(run_demand(layout, picks, parallelism, FileHandles))
+        rows["scheduler demand, 1 reader"].append(
+            run_demand(layout, picks, parallelism, FileHandles, min_job_nbytes=ONE_READER))
+        rows["loop-scheduled demand"].append(run_loop_shape(layout, picks, parallelism,
+                                                            FileHandles))
+    return rows
+
+
+def summarise(rows: dict, reads: int) -> dict:
+    """Print the medians of each row (per read) and return them."""
+    print(f"{'row':<28} {'wall us/read':>13} {'cpu us/read':>12} {'switches/read':>14}")
+    summary = {}
+    for name, samples in rows.items():
+        wall = statistics.median(w for w, _, _ in samples) / reads * 1e6
+        cpu = statistics.median(c for _, c, _ in samples) / reads * 1e6
+        switches = statistics.median(n for _, _, n in samples) / reads
+        summary[name] = {"wall_us_per_read": round(wall, 1), "cpu_us_per_read": round(cpu, 1),
+                         "switches_per_read": round(switches, 2)}
+        print(f"{name:<28} {wall:>13.1f} {cpu:>12.1f} {switches:>14.2f}")
+    return summary
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5, help="Runs per row (median).")
@@ -231,27 +335,29 @@ def main(argv=None) -> None:
     if args.runs < 1 or args.reads < 1 or args.expert_mib <= 0:
         sys.exit("bench_io_host: --runs and --reads must be >= 1, --expert-mib > 0")
     layout = Layout(int(args.expert_mib * 2**20))
-    rows = {"plain read_ranges": [], "scheduler demand": [], "scheduler prefetch x8": []}
-    for run in range(args.runs):
+    rows = {"plain read_ranges": [], "scheduler demand": [], "scheduler demand, 1 reader": [],
+            "loop-scheduled demand": [], "scheduler prefetch x8": []}
+    for run in range(args.runs):  # interleaved: the rows share the machine's drift
         picks = keys(args.reads, seed=run)
         rows["plain read_ranges"].append(run_plain(layout, picks))
         rows["scheduler demand"].append(run_demand(layout, picks, args.parallelism))
+        rows["scheduler demand, 1 reader"].append(run_demand(layout, picks, args.parallelism,
+                                                             min_job_nbytes=ONE_READER))
+        rows["loop-scheduled demand"].append(run_loop_shape(layout, picks, args.parallelism))
         rows["scheduler prefetch x8"].append(run_prefetch(layout, picks, args.parallelism))
     print(f"{layout.nbytes / 2**20:.2f} MiB experts of {PARTS} ranges, preadv returns at once, "
           f"parallelism {args.parallelism}, {args.reads} reads x {args.runs} runs, medians, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'row':<24} {'wall us/read':>13} {'cpu us/read':>12} {'switches/read':>14}")
-    summary = {}
-    for name, samples in rows.items():
-        wall = statistics.median(w for w, _, _ in samples) / args.reads * 1e6
-        cpu = statistics.median(c for _, c, _ in samples) / args.reads * 1e6
-        switches = statistics.median(n for _, _, n in samples) / args.reads
-        summary[name] = {"wall_us_per_read": round(wall, 1), "cpu_us_per_read": round(cpu, 1),
-                         "switches_per_read": round(switches, 2)}
-        print(f"{name:<24} {wall:>13.1f} {cpu:>12.1f} {switches:>14.2f}")
+    summary = summarise(rows, args.reads)
     base = summary["plain read_ranges"]["cpu_us_per_read"]
     demand = summary["scheduler demand"]
     print(f"scheduler demand over plain: {demand['cpu_us_per_read'] - base:.1f} CPU us per read")
+    cached = {}
+    if not args.no_real:
+        print(f"\npage-cache reads, {SMALL_EXPERT_NBYTES // 1024} KiB experts of {PARTS} ranges, "
+              f"one demand at a time, submit -> result, medians")
+        cached = summarise(page_cache_requests(args.dir, args.runs, args.reads,
+                                               args.parallelism), args.reads)
     real = {}
     if not args.no_real:
         found = real_reads(args.dir, layout.nbytes, args.runs)
@@ -265,10 +371,12 @@ def main(argv=None) -> None:
                                                     "cpu_ms_per_miss": round(cpu_ms, 4)}
     print(json.dumps({"expert_nbytes": layout.nbytes, "ranges_per_expert": PARTS,
                       "parallelism": args.parallelism, "runs": args.runs, "reads": args.reads,
-                      "rows": summary, "real": real,
+                      "rows": summary, "page_cache": cached, "real": real,
                       "demand_wall_us_per_read": demand["wall_us_per_read"],
                       "demand_cpu_us_per_read": demand["cpu_us_per_read"],
-                      "demand_cpu_us_over_plain": round(demand["cpu_us_per_read"] - base, 1)}))
+                      "demand_cpu_us_over_plain": round(demand["cpu_us_per_read"] - base, 1),
+                      "page_cache_demand_wall_us_per_read":
+                          cached.get("scheduler demand", {}).get("wall_us_per_read")}))
 
 
 if __name__ == "__main__":

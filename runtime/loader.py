@@ -632,21 +632,21 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
 
         scheduler = None
         if any(not p.fully_resident for p in pools.values()):
-            from golem.io.scheduler import IOScheduler
+            from golem.io.scheduler import IOScheduler, SchedulerSettings
 
             staging = sizing.staging
             opts = {} if config.io_parallelism is None else {"parallelism": config.io_parallelism}
-            scheduler = IOScheduler(
-                lambda key: index.ranges(*key),
-                lambda key: index.expert_nbytes(key[0]),
+            settings = SchedulerSettings(
                 buffer_nbytes=staging.buffer_nbytes,
                 num_buffers=staging.num_buffers,
                 speculative_nbytes=staging.speculative_nbytes,
                 speculative_s=staging.speculative_s,
-                handles=reader.handles,
                 direct=config.direct_io,
                 **opts,
             )
+            scheduler = IOScheduler(lambda key: index.ranges(*key),
+                                    lambda key: index.expert_nbytes(key[0]), settings,
+                                    handles=reader.handles)
             started.append(scheduler)
             scheduler.start()
 

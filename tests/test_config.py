@@ -239,7 +239,7 @@ def test_staging_buffers_follow_depth_and_top_k(checkpoints):
     for depth in (0, 2):
         prefetch = PrefetchConfig(depth=depth) if depth else None
         with load(path, capacities=4, prefetch=prefetch) as (model, _):
-            assert len(model.golem.engine.scheduler._buffers) == staging_buffers(4, depth) == max(4, 2 * 4 * (depth + 1) + 2)
+            assert model.golem.engine.scheduler.settings.num_buffers == staging_buffers(4, depth) == max(4, 2 * 4 * (depth + 1) + 2)
 
 
 def test_load_with_a_budget_picks_the_plan_golem_run_prints(checkpoints, capsys, tmp_path, monkeypatch):

@@ -109,7 +109,7 @@ def test_changing_a_declared_default_changes_help_and_load(checkpoints, capsys, 
         runtime = loaded.runtime
         assert runtime.options.threshold == 0.55 and runtime.options.prefetch.threshold == 0.55
         assert runtime.engine.prefetcher.selection.threshold == 0.55
-        assert runtime.engine.scheduler.speculative_s == pytest.approx(0.0075)
+        assert runtime.engine.scheduler.settings.speculative_s == pytest.approx(0.0075)
         assert {type(p.policy).__name__ for p in runtime.engine.pools.values()} == {"LRUPolicy"}
     assert RuntimeConfig().policy == "lru"
 

@@ -6,6 +6,7 @@ Gated with events and fake clocks; nothing sleeps."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import signal
 import threading
@@ -16,7 +17,8 @@ import pytest
 from golem.io.futures import wait_result
 from golem.io.ranges import ByteRange
 from golem.io.reads import GAP, FileHandles, plan_reads, read_into
-from golem.io.scheduler import MAX_PARALLELISM, IOScheduler, SchedulerClosed, check_parallelism
+from golem.io.scheduler import (MAX_PARALLELISM, IOScheduler, SchedulerClosed, SchedulerSettings,
+                                check_parallelism)
 from golem.io.storage import FakeClock, Throttle, parse_throttle
 
 WAIT_S = 10  # a safety net against hangs on failure, never a sleep
@@ -65,8 +67,9 @@ def test_close_wakes_a_reader_stalled_on_the_throttle(expert_file):
     locate, _ = expert_file
     clock = StallingClock()
     throttle = Throttle(1e-5, clock=clock.now, sleep=clock.sleep)  # 10 kB/s
-    s = IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                    throttle=throttle, parallelism=2).start()
+    s = IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                    SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=2),
+                    throttle=throttle).start()
     demand = s.submit((0, 1), depth=0)
     prefetch = s.submit((0, 3), depth=1)
     assert clock.stalled.wait(WAIT_S)
@@ -94,8 +97,10 @@ def test_close_gives_up_on_a_read_stuck_in_the_kernel(expert_file):
     locate, _ = expert_file
     preadv = StuckPreadv()
     with FileHandles(preadv=preadv) as handles:
-        s = IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        handles=handles, parallelism=1, close_timeout_s=0).start()
+        s = IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=1,
+                                          close_timeout_s=0),
+                        handles=handles).start()
         demand = s.submit((0, 2), depth=0)
         assert preadv.entered.wait(WAIT_S)
         s.close()  # returns although a reader is still inside preadv
@@ -111,8 +116,9 @@ def test_close_gives_up_on_a_read_stuck_in_the_kernel(expert_file):
 def test_close_leaves_its_own_handles_open_while_a_reader_is_stuck(expert_file):
     locate, _ = expert_file
     preadv = StuckPreadv()
-    s = IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                    parallelism=1, close_timeout_s=0)
+    s = IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                    SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=1,
+                                      close_timeout_s=0))
     s.handles.preadv = preadv
     s.start()
     s.submit((0, 2), depth=0)
@@ -127,7 +133,8 @@ def test_close_leaves_its_own_handles_open_while_a_reader_is_stuck(expert_file):
 
 def test_poll_without_timeout_returns_when_closed(expert_file):
     locate, _ = expert_file
-    s = IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES).start()
+    s = IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                    SchedulerSettings(buffer_nbytes=EXPERT_NBYTES)).start()
     got = []
     waiter = threading.Thread(target=lambda: got.append(s.poll(timeout=None)))
     waiter.start()
@@ -211,8 +218,8 @@ def test_parallelism_is_bounded_at_once(expert_file):
     for bad in (0, -3, MAX_PARALLELISM + 1, 100000, 2.5, "8", True):
         with pytest.raises(ValueError, match=f"I/O parallelism must be an integer from 1 to "
                                              f"{MAX_PARALLELISM}"):
-            IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        parallelism=bad)
+            IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=bad))
     assert check_parallelism(np.int64(8)) == 8 and check_parallelism(MAX_PARALLELISM) == 256
 
 
@@ -225,14 +232,46 @@ def test_parallelism_is_bounded_at_once(expert_file):
 def test_caps_and_options_refuse_nonsense(expert_file, option, value):
     locate, _ = expert_file
     with pytest.raises(ValueError, match=option):
-        IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                    **{option: value})
+        IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                    SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, **{option: value}))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"buffer_nbytes": 0}, "buffer_nbytes > 0"), ({"num_buffers": 0}, "num_buffers >= 1"),
+    ({"reserved_for_demand": 4}, "reserved_for_demand must be in [0, num_buffers), got 4 "
+                                 "with 4 buffers"),
+    ({"reserved_for_demand": -1}, "reserved_for_demand"),
+    ({"max_batch_nbytes": 0}, "max_batch_nbytes must be >= 1, got 0"),
+    ({"speculative_s": 0.0}, "speculative_s must be > 0 and finite, got 0.0"),
+    ({"close_timeout_s": -1}, "close_timeout_s must be >= 0, got -1")])
+def test_settings_are_checked_when_made_with_one_line_naming_the_setting(changes, words):
+    with pytest.raises(ValueError) as info:
+        SchedulerSettings(**{"buffer_nbytes": EXPERT_NBYTES, "num_buffers": 4, **changes})
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_settings_are_frozen_and_a_changed_copy_is_checked_again():
+    settings = SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=np.int64(8))
+    assert settings.parallelism == 8 and type(settings.parallelism) is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.num_buffers = 2
+    assert settings.but(num_buffers=2).num_buffers == 2 and settings.num_buffers == 16
+    with pytest.raises(ValueError, match="num_buffers"):
+        settings.but(num_buffers=0)
+    assert settings == SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=8)
+
+
+def test_scheduler_refuses_anything_but_settings(expert_file):
+    locate, _ = expert_file
+    with pytest.raises(TypeError, match="SchedulerSettings"):
+        IOScheduler(locate, lambda k: EXPERT_NBYTES, {"buffer_nbytes": EXPERT_NBYTES})
 
 
 def test_staging_memory_beyond_the_machine_is_refused_before_allocation(expert_file):
     locate, _ = expert_file
     with pytest.raises(ValueError, match="staging buffers: .* more than this machine's"):
-        IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=1 << 40, num_buffers=1000)
+        IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                    SchedulerSettings(buffer_nbytes=1 << 40, num_buffers=1000))
 
 
 @pytest.mark.parametrize("spec", ["nan", "inf", "-inf", "NaN,1ms", "-1", "0", "1e400",
@@ -280,8 +319,9 @@ def test_throttle_attached_to_handles_paces_every_read(expert_file):
 def test_scheduler_refuses_a_second_throttle_beside_handles(expert_file):
     locate, _ = expert_file
     with FileHandles() as handles, pytest.raises(ValueError, match="FileHandles"):
-        IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                    handles=handles, throttle=Throttle(1.0))
+        IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                    SchedulerSettings(buffer_nbytes=EXPERT_NBYTES), handles=handles,
+                    throttle=Throttle(1.0))
 
 
 # -- staging buffers from the caller's allocator ------------------------------------------------
@@ -297,8 +337,9 @@ def test_reads_land_in_the_callers_memory(expert_file, direct):
         asked.append(nbytes)
         return arena[start:start + nbytes]
 
-    with IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                     num_buffers=4, allocate=allocate, direct=direct) as s:
+    with IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                     SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, num_buffers=4, direct=direct),
+                     allocate=allocate) as s:
         assert asked == [EXPERT_NBYTES + (4096 if direct else 0)] * 4
         demand = wait_result(s.submit((0, 5), depth=0))
         assert np.shares_memory(demand, arena)
@@ -320,8 +361,8 @@ def test_reads_land_in_the_callers_memory(expert_file, direct):
 def test_a_bad_allocator_is_named(expert_file, bad, error):
     locate, _ = expert_file
     with pytest.raises((TypeError, ValueError), match=f"allocator .*{error}"):
-        IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                    num_buffers=2, allocate=bad)
+        IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                    SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, num_buffers=2), allocate=bad)
 
 
 # -- span reads across small gaps -------------------------------------------------------------
@@ -346,8 +387,10 @@ def test_scheduler_reads_an_expert_across_gaps_in_one_preadv(expert_file, direct
         return os.preadv(fd, bufs, offset)
 
     with FileHandles(preadv=preadv) as handles, \
-            IOScheduler(locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        handles=handles, max_gap_nbytes=4096, direct=direct) as s:
+            IOScheduler(locate, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, max_gap_nbytes=4096,
+                                          direct=direct),
+                        handles=handles) as s:
         for e in (2, 9):
             buf = wait_result(s.submit((0, e), depth=0))
             np.testing.assert_array_equal(buf, expected(data, locate((0, e))))
@@ -358,12 +401,12 @@ def test_scheduler_reads_an_expert_across_gaps_in_one_preadv(expert_file, direct
 CHILD = """
 import sys
 from golem.io.ranges import ByteRange
-from golem.io.scheduler import IOScheduler, wait_result
+from golem.io.scheduler import IOScheduler, SchedulerSettings, wait_result
 from golem.io.storage import Throttle
 
 path = sys.argv[1]
 with IOScheduler(lambda key: [ByteRange(path, 0, 1 << 20, 0, "w")], lambda key: 1 << 20,
-                 buffer_nbytes=1 << 20, throttle=Throttle(1e-5)) as s:  # 100 s per read
+                 SchedulerSettings(buffer_nbytes=1 << 20), throttle=Throttle(1e-5)) as s:  # 100 s per read
     future = s.submit((0, 0), depth=0)
     print("waiting", flush=True)
     wait_result(future)

@@ -80,7 +80,8 @@ def test_budget_is_never_exceeded(checkpoints, capsys):
         with load(model, memory_budget=budget) as (m, _):
             runtime = m.golem
             scheduler = runtime.engine.scheduler
-            staging = 0 if scheduler is None else len(scheduler._buffers) * scheduler.buffer_nbytes
+            settings = None if scheduler is None else scheduler.settings
+            staging = 0 if settings is None else settings.num_buffers * settings.buffer_nbytes
             used = runtime.non_expert_nbytes + sum(p.nbytes for p in runtime.engine.pools.values()) + staging
             plan = runtime.plan
         assert used <= parse_size(budget), (budget, used)

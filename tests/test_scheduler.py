@@ -13,7 +13,7 @@ import pytest
 
 from golem.io.ranges import ByteRange
 from golem.io.reads import FileHandles, ReadError
-from golem.io.scheduler import IOScheduler, SchedulerClosed, describe
+from golem.io.scheduler import IOScheduler, SchedulerClosed, SchedulerSettings, describe
 from golem.io.storage import FakeClock, Throttle, parse_throttle
 
 EXPERT_NBYTES = 256
@@ -92,11 +92,12 @@ class GatedReader:
         return [what for call in self.calls for what in call]
 
 
-def scheduler(reader, **kwargs):
-    kwargs.setdefault("buffer_nbytes", EXPERT_NBYTES)
-    kwargs.setdefault("num_buffers", 8)
-    return IOScheduler(kwargs.pop("locate", sparse_locate), lambda key: EXPERT_NBYTES,
-                       read=reader, **kwargs)
+def scheduler(reader, *, locate=sparse_locate, clock=None, **settings):
+    settings.setdefault("buffer_nbytes", EXPERT_NBYTES)
+    settings.setdefault("num_buffers", 8)
+    extra = {} if clock is None else {"clock": clock}
+    return IOScheduler(locate, lambda key: EXPERT_NBYTES, SchedulerSettings(**settings),
+                       read=reader, **extra)
 
 
 def result(future):
@@ -449,9 +450,10 @@ def test_pieces_of_a_demand_read_go_first_and_prefetch_pieces_wait(expert_file):
     a1, a2, a3, a4 = (r.offset + d for r in real_locate((0, 0)) for d in (0, 64))
     d1, d2, d3, d4 = (r.offset + d for r in real_locate((0, 5)) for d in (0, 64))
     with FileHandles(preadv=preadv) as handles, \
-            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        handles=handles, parallelism=2, piece_nbytes=64,
-                        min_job_nbytes=0) as s:
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=2,
+                                          piece_nbytes=64, min_job_nbytes=0),
+                        handles=handles) as s:
         prefetch = s.submit((0, 0), depth=1)
         assert sorted(preadv.wait(2)) == [a1, a2]
         demand = s.submit((0, 5), depth=0)
@@ -482,9 +484,10 @@ def test_cancelled_read_stops_early_and_a_new_request_reads_it_whole(expert_file
     a1, a2, a3, a4 = (r.offset + d for r in real_locate((0, 0)) for d in (0, 64))
     c1 = real_locate((0, 9))[0].offset
     with FileHandles(preadv=preadv) as handles, \
-            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        handles=handles, parallelism=2, piece_nbytes=64,
-                        min_job_nbytes=0) as s:
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=2,
+                                          piece_nbytes=64, min_job_nbytes=0),
+                        handles=handles) as s:
         first = s.submit((0, 0), depth=1)
         assert sorted(preadv.wait(2)) == [a1, a2]
         later = s.submit((0, 9), depth=2)
@@ -512,9 +515,10 @@ def test_large_runs_are_cut_into_pieces_read_in_parallel(expert_file):
 
     preadv = GatedPreadv()
     with FileHandles(preadv=preadv) as handles, \
-            IOScheduler(one_range, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        handles=handles, parallelism=4, piece_nbytes=64,
-                        min_job_nbytes=0) as s:
+            IOScheduler(one_range, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=4,
+                                          piece_nbytes=64, min_job_nbytes=0),
+                        handles=handles) as s:
         demand = s.submit((0, 0), depth=0)
         assert sorted(preadv.wait(4)) == [0, 64, 128, 192]
         for offset in (0, 64, 128, 192):
@@ -526,8 +530,9 @@ def test_real_reads_retry_short_reads_and_transient_errors(expert_file):
     real_locate, data = expert_file
     preadv = FlakyPreadv(failures=2, short=True)
     with FileHandles(preadv=preadv) as handles, \
-            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        handles=handles, retries=3) as s:
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES,
+                                          retries=3), handles=handles) as s:
         demand = s.submit((1, 5), depth=0)
         np.testing.assert_array_equal(result(demand), expected_bytes(data, real_locate((1, 5))))
         assert preadv.calls == 2 + 2 * -(-(EXPERT_NBYTES // 2) // 3)  # two failures, 3-byte reads
@@ -535,7 +540,8 @@ def test_real_reads_retry_short_reads_and_transient_errors(expert_file):
 
 def test_statistics_of_real_reads(expert_file):
     real_locate, data = expert_file
-    with IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES) as s:
+    with IOScheduler(real_locate, lambda k: EXPERT_NBYTES,
+                     SchedulerSettings(buffer_nbytes=EXPERT_NBYTES)) as s:
         s.release(result(s.submit((0, 1), depth=0)))
         for e in (4, 6):
             result(s.submit((0, e), depth=1))
@@ -554,8 +560,10 @@ def test_read_error_fails_the_future_naming_file_and_expert(expert_file):
     real_locate, data = expert_file
     preadv = FlakyPreadv(failures=10**6)
     with FileHandles(preadv=preadv) as handles, \
-            IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                        num_buffers=2, handles=handles, retries=2, min_job_nbytes=0) as s:
+            IOScheduler(real_locate, lambda k: EXPERT_NBYTES,
+                        SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, num_buffers=2, retries=2,
+                                          min_job_nbytes=0),
+                        handles=handles) as s:
         demand = s.submit((1, 17), depth=0)
         error = demand.exception(timeout=WAIT_S)
         assert isinstance(error, ReadError)
@@ -666,8 +674,9 @@ def test_scheduler_reads_through_an_injected_throttle(expert_file):
     real_locate, data = expert_file
     clock = FakeClock()
     throttle = Throttle(1e-3, latency_s=0.5, clock=clock.now, sleep=clock.sleep)  # 1 MB/s
-    with IOScheduler(real_locate, lambda k: EXPERT_NBYTES, buffer_nbytes=EXPERT_NBYTES,
-                     throttle=throttle, parallelism=1) as s:
+    with IOScheduler(real_locate, lambda k: EXPERT_NBYTES,
+                     SchedulerSettings(buffer_nbytes=EXPERT_NBYTES, parallelism=1),
+                     throttle=throttle) as s:
         buffer = result(s.submit((0, 3), depth=1))  # one piece at a time: latencies add up
         np.testing.assert_array_equal(buffer, expected_bytes(data, real_locate((0, 3))))
     assert throttle.reads == 2 and throttle.nbytes == EXPERT_NBYTES

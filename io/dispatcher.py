@@ -1,0 +1,347 @@
+"""The scheduler's dispatcher: which requests start, when, with which neighbours, and what a
+finished read means.
+
+Owns the state behind the scheduler's lock: the request queue (``requests``), the jobs
+waiting for a reader (``readers.PieceQueue``), the staging buffers, the statistics, the
+per-key read plans, the published prefetches and the speculative bytes in flight. It
+decides: a demand starts at once on the next free buffer; a prefetch only when a reader
+would otherwise idle, a buffer beyond the reserve is free and the speculative caps allow;
+queued neighbours in the file join a read. Not thread-safe: every method but ``prepare``
+is called with the scheduler's lock held. Knows nothing of threads or how bytes are read.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import deque
+from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from golem.io.ranges import ByteRange
+from golem.io.readers import DEMAND_LANES, Batch, PieceQueue, plan_batch, plan_request
+from golem.io.reads import ALIGN
+from golem.io.requests import DONE, PUBLISHED, QUEUED, RUNNING, Request, RequestQueue, describe
+from golem.io.settings import SchedulerSettings
+from golem.io.staging import StagingBuffers
+from golem.io.statistics import SchedulerStatistics, StatisticsRecorder
+
+
+class Dispatcher:
+    """Queue, buffers and caps of one scheduler; call with its lock held.
+
+    Args:
+        settings: the scheduler's settings.
+        locate: ``key -> [ByteRange]``.
+        nbytes_of: ``key -> int``, the size of the key's buffer.
+        buffers: the staging buffers reads land in.
+        clock: ``() -> seconds``.
+        whole_batches: a replacement reader reads each batch as one piece (no planning).
+        on_publish: called (lock held) when prefetches wait to be polled.
+    """
+
+    def __init__(self, settings: SchedulerSettings,
+                 locate: Callable[[Hashable], Sequence[ByteRange]],
+                 nbytes_of: Callable[[Hashable], int], buffers: StagingBuffers,
+                 clock: Callable[[], float], *, whole_batches: bool,
+                 on_publish: Callable[[], None]):
+        self.settings = settings
+        self.locate = locate
+        self.nbytes_of = nbytes_of
+        self.buffers = buffers
+        self.clock = clock
+        self.whole_batches = whole_batches
+        self.on_publish = on_publish
+        self.recorder = StatisticsRecorder(clock)
+        self.stats = self.recorder.counts
+        self.queue = RequestQueue(settings.max_pending, self.stats)
+        self.pieces = PieceQueue(clock)
+        self.plans: Dict[Hashable, tuple] = {}  # key -> (ranges, nbytes, plan, align)
+        self.published: Deque[Request] = deque()
+        self.spec_in_flight = 0
+
+    # -- requests in ------------------------------------------------------------------------
+
+    def prepare(self, key: Hashable) -> tuple:
+        """No lock: ``(ranges, nbytes, pieces, align)`` of a new key, kept; bad ranges raise
+        ValueError."""
+        s = self.settings
+        ranges = tuple(self.locate(key))
+        nbytes = int(self.nbytes_of(key))
+        if nbytes > s.buffer_nbytes:
+            raise ValueError(f"{describe(key)} needs {nbytes} bytes, more than the "
+                             f"{s.buffer_nbytes}-byte staging buffers")
+        plan = plan_request(key, ranges, nbytes, s.piece_nbytes, s.min_job_nbytes,
+                            s.max_gap_nbytes)
+        align = None
+        if s.direct and ranges:  # the view starts at the file's alignment of the largest range
+            big = max(ranges, key=lambda r: r.nbytes)
+            align = (big.offset - big.dest) % ALIGN
+        prepared = (ranges, nbytes, plan, align)
+        self.plans[key] = prepared
+        return prepared
+
+    def live(self, key: Hashable) -> Optional[Request]:
+        """The key's request, unless a cut-short cancelled read makes it unrevivable."""
+        req = self.queue.get(key)
+        if req is not None and req.cancelled and req.batch is not None and req.batch.skipped:
+            return None
+        return req
+
+    def submit(self, key: Hashable, depth: int, score: float, prepared: tuple
+               ) -> Tuple[Request, List[concurrent.futures.Future]]:
+        """Queue a new request, or re-rank the key's live one; return it and the futures of
+        the prefetches dropped past ``max_pending`` (to cancel outside the lock)."""
+        self.recorder.submitted(depth)
+        req = self.live(key)
+        if req is not None:
+            self._resubmit(req, depth, score)
+            return req, []
+        req = Request(key, depth, score, *prepared, self.clock())
+        self.queue.add(req)
+        return req, self.queue.trim()
+
+    def _resubmit(self, req: Request, depth: int, score: float) -> None:
+        self.stats.deduped += 1
+        if req.state == RUNNING and req.cancelled:  # revive: the bytes are coming anyway
+            req.cancelled = False
+            req.future = concurrent.futures.Future()
+        if depth == 0 and not req.demand:
+            self.stats.upgraded += 1
+            req.upgraded = True
+            if req.state == PUBLISHED:  # hand it over through the future (already set)
+                self.published.remove(req)
+                req.state = DONE
+                self.queue.remove(req)
+        if (depth, -score) < (req.depth, -req.score):
+            was_demand = req.demand
+            req.depth, req.score = depth, score
+            if req.state == QUEUED:
+                if not was_demand and req.demand:
+                    self.queue.prefetch_queued -= 1
+                self.queue.push(req)
+            elif req.state == RUNNING and req.demand and not was_demand:
+                self.spec_in_flight -= req.nbytes
+                if req.batch is not None:
+                    self.pieces.promote(req.batch)
+
+    def cancel(self, key: Hashable) -> Optional[Request]:
+        """Mark ``key``'s queued or running prefetch cancelled; the request, or None."""
+        req = self.queue.get(key)
+        if req is None or req.demand or req.cancelled or req.state not in (QUEUED, RUNNING):
+            return None
+        req.cancelled = True
+        self.stats.cancelled += 1
+        if req.state == QUEUED:
+            self.queue.dequeue(req)
+            self.queue.remove(req)
+        return req
+
+    # -- activation -------------------------------------------------------------------------
+
+    def has_idle_reader(self) -> bool:
+        """Could a reader start a prefetch now? (Busy readers activate on their own.)"""
+        return self.queue.has_queued() \
+            and self.pieces.running + self.pieces.waiting < self.settings.parallelism
+
+    def activate_ready(self) -> bool:
+        """Activate the requests that priorities, buffers and caps allow.
+
+        Demand requests are activated at once. A prefetch is activated only when a reader
+        would otherwise be idle (its pieces plus those waiting fit the free readers), so
+        few experts are in flight at once, each finishes as early as the device allows,
+        and a request submitted later with a higher priority still goes first.
+        """
+        activated = False
+        pieces, s = self.pieces, self.settings
+        while True:
+            top = self.queue.top()
+            if top is None or not self.buffers.free:
+                break
+            if not top.demand:
+                idle = s.parallelism - pieces.running - pieces.waiting
+                if idle <= 0 or (s.yield_to_demand and pieces.demand_batches) \
+                        or not self._can_start(top):
+                    break
+            self._activate(top)
+            activated = True
+        return activated
+
+    def _can_start(self, req: Request) -> bool:
+        free = len(self.buffers.free)
+        if req.demand:
+            return free > 0
+        if free <= self.settings.reserved_for_demand:
+            return False
+        if self.spec_in_flight == 0:
+            return True
+        cap = self.speculative_cap()
+        return cap is None or self.spec_in_flight + req.nbytes <= cap
+
+    def speculative_cap(self) -> Optional[int]:
+        """Prefetch bytes allowed in flight now: the tighter of the two caps."""
+        cap = self.settings.speculative_nbytes
+        rate = self.recorder.throughput_bytes_per_s()
+        if self.settings.speculative_s is not None and rate is not None:
+            timed = int(rate * self.settings.speculative_s)
+            cap = timed if cap is None else min(cap, timed)
+        return cap
+
+    def _activate(self, req: Request) -> Batch:
+        requests = [req]
+        self._take(req)
+        if self.settings.coalesce:
+            self._grow(requests)
+        batch = Batch(requests, req.demand)
+        if self.whole_batches:
+            batch.runs, batch.jobs, batch.remaining = [None], [1], 1  # it reads the whole batch
+        else:
+            s = self.settings
+            plan_batch(batch, [memoryview(self.view(r)) for r in requests], s.piece_nbytes,
+                       s.min_job_nbytes, s.max_gap_nbytes)
+        self.pieces.add(batch)
+        return batch
+
+    def _take(self, req: Request) -> None:
+        """A queued request starts: it leaves the queue and takes a buffer."""
+        self.queue.dequeue(req)
+        req.state = RUNNING
+        req.buffer = self.buffers.take()
+        if req.align is not None:
+            req.shift = self.buffers.shift_for(req.buffer, req.align)
+        wait = self.clock() - req.queued_at
+        if req.demand:
+            self.recorder.queue_waits["demand"].append(wait)
+        else:
+            self.spec_in_flight += req.nbytes
+            self.recorder.queue_waits["prefetch"].append(wait)
+
+    def _grow(self, batch: List[Request]) -> None:
+        """Add queued requests of the same class whose ranges touch the batch's in the file."""
+        demand = batch[0].demand
+        total = sum(r.nbytes for r in batch)
+        frontier = list(batch)
+        while frontier:
+            for other in list(self.queue.neighbours(frontier.pop())):
+                if other.state != QUEUED or other.demand != demand \
+                        or total + other.nbytes > self.settings.max_batch_nbytes \
+                        or other.future.cancelled() or not self._can_start(other):
+                    continue
+                self._take(other)
+                batch.append(other)
+                frontier.append(other)
+                total += other.nbytes
+
+    def view(self, req: Request) -> np.ndarray:
+        return self.buffers.view(req.buffer, req.shift, req.nbytes)
+
+    # -- jobs for readers, and their return -------------------------------------------------
+
+    @property
+    def jobs_waiting(self) -> int:
+        return self.pieces.waiting
+
+    def next_job(self) -> Tuple[Optional[Tuple[Batch, list]], bool]:
+        """A job for a reader (demand first), activating requests if none waits (no hop to
+        the loop), and whether it activated any; the reader counts as running the job."""
+        job = self._next_job()
+        activated = False
+        if job is None and self.activate_ready():
+            activated = True
+            job = self._next_job()
+        if job is not None:
+            self.pieces.running += 1
+            self.recorder.piece_started()
+        return job, activated
+
+    def _next_job(self):
+        s = self.settings
+        return self.pieces.next_job(s.parallelism, DEMAND_LANES, s.yield_to_demand, self.finish)
+
+    def returned(self, batch: Batch, runs: list, nbytes: int,
+                 error: Optional[BaseException]) -> list:
+        """A reader is done with a job; the batch's last job publishes it. Returns the
+        ``(future, buffer or error)`` pairs to resolve outside the lock."""
+        pieces = self.pieces
+        pieces.running -= 1
+        self.recorder.pieces_returned(len(runs), nbytes, pieces.running)
+        batch.remaining -= len(runs)
+        if error is not None and batch.error is None:
+            batch.error = error
+            pieces.skip_rest(batch)
+        return self.finish(batch) if batch.remaining == 0 else []
+
+    def finish(self, batch: Batch) -> list:
+        """Publish a batch whose pieces have all returned; return the futures to set."""
+        finished = self.clock()
+        self.pieces.finished(batch)
+        self.recorder.read_latencies.append(finished - (batch.started or finished))
+        self.stats.reads += 1
+        self.stats.coalesced_reads += len(batch.requests) > 1
+        resolve = []
+        for req in batch.requests:
+            if not req.demand:
+                self.spec_in_flight -= req.nbytes
+            self.queue.remove(req)
+            outcome = self._outcome(req, batch, finished)
+            if outcome is not None:
+                resolve.append((req.future, outcome))
+        if self.published:
+            self.on_publish()
+        return resolve
+
+    def _outcome(self, req: Request, batch: Batch, finished: float):
+        """What ``req``'s future gets once its batch is read: its buffer, the batch's error,
+        or nothing (cancelled: the buffer goes back)."""
+        if batch.error is not None:
+            self.stats.failed += 1
+            self._free_buffer(req)
+            req.state = DONE
+            return None if req.cancelled else batch.error
+        if req.cancelled or req.future.cancelled() or batch.skipped:
+            self.stats.cancelled_nbytes += req.nbytes
+            self._free_buffer(req)
+            req.state = DONE
+            return None
+        self.stats.useful_nbytes += req.nbytes
+        view = self.view(req)
+        self.buffers.hand_out(req.buffer, req.shift)
+        if req.demand:
+            req.state = DONE
+            self.recorder.demand_latencies.append(finished - req.submitted_at)
+        else:
+            req.state = PUBLISHED
+            self.published.append(req)
+            self.queue.by_key[req.key] = req
+        return view
+
+    def _free_buffer(self, req: Request) -> None:
+        if req.buffer is not None:
+            self.buffers.give_back(req.buffer)
+            req.buffer = None
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    def take_published(self) -> List[Tuple[Hashable, np.ndarray]]:
+        """Every published prefetch as ``(key, buffer)``, now the caller's."""
+        out = []
+        while self.published:
+            req = self.published.popleft()
+            req.state = DONE
+            self.queue.remove(req)
+            out.append((req.key, self.view(req)))
+        return out
+
+    def release(self, buffer: np.ndarray) -> None:
+        self.buffers.give_back(self.buffers.take_back(buffer))
+
+    def statistics(self) -> tuple:
+        """A snapshot for ``StatisticsRecorder.finish`` (no lock needed there)."""
+        snapshot = self.recorder.snapshot()
+        s: SchedulerStatistics = snapshot[0]
+        s.queued = self.queue.count(QUEUED)
+        s.running = self.queue.count(RUNNING)
+        s.published = len(self.published)
+        s.free_buffers = len(self.buffers.free)
+        s.speculative_nbytes_in_flight = self.spec_in_flight
+        return snapshot
