@@ -21,6 +21,7 @@ from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
 
+from golem.runtime.phases import PhaseClock, PhaseTimes
 from golem.runtime.slots import LayerStats, SlotPool
 
 ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
@@ -54,10 +55,12 @@ class DiskReader:
 class EngineStats:
     """Totals over all layers, plus host syncs (reads of device values by the host).
 
-    Host time of the engine while decoding, in seconds: ``decode_sync_s`` in its host
-    syncs, ``decode_read_s`` waiting on reads, ``decode_write_s`` putting experts into
-    slots (the upload), ``decode_engine_s`` everything else it does in a layer that is not
-    fully resident (of which ``decode_miss_s`` on misses: requests, bookkeeping, buffers).
+    Host time of the engine while decoding, in layers that are not fully resident, is split
+    by phase in ``phases`` (wall and thread CPU seconds, see ``golem.runtime.phases``). The
+    ``decode_*_s`` properties are its wall-time sums: ``decode_sync_s`` in the host syncs,
+    ``decode_read_s`` waiting on reads, ``decode_write_s`` putting experts into slots (the
+    upload), ``decode_engine_s`` everything else (of which ``decode_miss_s`` handling the
+    demand reads of misses: requests, results, buffers).
     """
 
     host_syncs: int = 0
@@ -65,14 +68,34 @@ class EngineStats:
     tokens: int = 0
     decode_steps: int = 0
     decode_host_syncs: int = 0
-    decode_read_s: float = 0.0
     decode_misses: int = 0  # demand reads while decoding (prefill's are left out)
-    decode_partial_layers: int = 0  # layer calls with a host sync while decoding
-    decode_sync_s: float = 0.0
-    decode_write_s: float = 0.0
-    decode_engine_s: float = 0.0
-    decode_miss_s: float = 0.0
+    phases: PhaseTimes = field(default_factory=PhaseTimes)
     layers: Dict[int, LayerStats] = field(default_factory=dict)
+
+    @property
+    def decode_partial_layers(self) -> int:
+        """Layer calls with a host sync while decoding."""
+        return self.phases.layers
+
+    @property
+    def decode_read_s(self) -> float:
+        return self.phases.wall_s["wait"]
+
+    @property
+    def decode_write_s(self) -> float:
+        return self.phases.wall_s["write"]
+
+    @property
+    def decode_sync_s(self) -> float:
+        return self.phases.wall_s["sync"]
+
+    @property
+    def decode_engine_s(self) -> float:
+        return self.phases.engine_s()
+
+    @property
+    def decode_miss_s(self) -> float:
+        return self.phases.wall_s["request"]
 
     def total(self) -> LayerStats:
         t = LayerStats()
@@ -87,13 +110,17 @@ class EngineStats:
         return t
 
     def host_us(self) -> Dict[str, float]:
-        """Engine host microseconds per decode miss and per decode layer with a host sync."""
+        """Engine host microseconds per decode miss and per decode layer with a host sync
+        (wall time; ``cpu_per_layer_us``: the engine thread's CPU time)."""
         layers = max(self.decode_partial_layers, 1)
+        misses = max(self.decode_misses, 1)
         return {
-            "per_miss_us": 1e6 * self.decode_miss_s / max(self.decode_misses, 1),
+            "per_miss_us": 1e6 * self.decode_miss_s / misses,
             "per_layer_us": 1e6 * self.decode_engine_s / layers,
+            "cpu_per_layer_us": 1e6 * self.phases.engine_s(cpu=True) / layers,
+            "cpu_per_miss_us": 1e6 * self.phases.cpu_s["request"] / misses,
             "sync_per_layer_us": 1e6 * self.decode_sync_s / layers,
-            "write_per_miss_us": 1e6 * self.decode_write_s / max(self.decode_misses, 1),
+            "write_per_miss_us": 1e6 * self.decode_write_s / misses,
         }
 
 
@@ -123,13 +150,14 @@ class Engine:
             demand reads then go through it too, overtaking its prefetch queue.
         prefetcher: optional ``Prefetcher`` (needs ``scheduler``).
         hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
-        clock: time source for stall accounting.
+        clock: wall-clock time source for stall and host-time accounting.
+        cpu_clock: the engine thread's CPU clock (host time by phase).
         overlap: compute a decode step's resident experts while its misses load.
     """
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, clock=time.perf_counter,
-                 overlap: bool = True):
+                 cpu_clock=time.thread_time, overlap: bool = True):
         self.index = index
         self.pools = pools
         self.reader = reader
@@ -142,6 +170,7 @@ class Engine:
         self.overlap = overlap
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
+        self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
         self._decoding = False
@@ -160,16 +189,12 @@ class Engine:
         return buf
 
     def _write(self, pool: SlotPool, slot: int, buf: np.ndarray) -> None:
-        t0 = self.clock()
         pool.write(slot, buf)
-        if self._decoding:
-            self.stats.decode_write_s += self.clock() - t0
+        self._phase.lap("write")
 
     def _flush(self, pool: SlotPool) -> None:
-        t0 = self.clock()
         pool.flush()
-        if self._decoding:
-            self.stats.decode_write_s += self.clock() - t0
+        self._phase.lap("write")
 
     def _evicted(self, layer: int, victim: int) -> None:
         if victim >= 0 and self.prefetcher is not None:
@@ -194,63 +219,54 @@ class Engine:
         expert not written is unassigned again (a slot never maps an expert whose bytes did
         not arrive) and buffers still to come are handed back as they land.
         """
-        pool = self.pools[layer]
-        t0 = self.clock()
-        waited = aside = 0.0  # seconds waiting on reads; seconds in writes and in meanwhile()
+        pool, ph, clock = self.pools[layer], self._phase, self.clock
+        waited = 0.0  # seconds waiting on reads
         pending = dict(todo)
         try:
             if self.scheduler is None:
                 if meanwhile is not None:
-                    t = self.clock()
                     meanwhile()
-                    aside += self.clock() - t
                 buf = self._staging_for(layer)
                 for e, slot in todo:
-                    t = self.clock()
+                    t = clock()
                     pool.stats.bytes_read += self.reader(layer, e, buf)
-                    t1 = self.clock()
+                    waited += clock() - t
+                    ph.lap("wait")
                     self._write(pool, slot, buf)
-                    waited += t1 - t
-                    aside += self.clock() - t1
                     del pending[e]
             else:
                 sched, pf = self.scheduler, self.prefetcher
                 futures = [(e, slot, sched.submit((layer, e), depth=0)) for e, slot in todo]
+                ph.lap("request")
                 try:
                     if meanwhile is not None:
-                        t = self.clock()
                         meanwhile()
-                        aside += self.clock() - t
                     for e, slot, future in futures:
-                        t = self.clock()
+                        t = clock()
                         buf = wait_result(future)
-                        t1 = self.clock()
-                        waited += t1 - t
+                        waited += clock() - t
+                        ph.lap("wait")
                         try:
                             pool.stats.bytes_read += len(buf)
                             if pf is not None:
                                 pf.late(layer, e)
+                            ph.lap("request")
                             self._write(pool, slot, buf)
                             del pending[e]
                         finally:
                             sched.release(buf)
-                        aside += self.clock() - t1
+                        ph.lap("request")
                 except BaseException:
                     for _, _, future in futures:  # the engine stops: hand back what still arrives
                         future.add_done_callback(self._release_result)
                     raise
-            t = self.clock()
             self._flush(pool)
-            aside += self.clock() - t
         except BaseException:
             for e in pending:
                 pool.unassign(e)
             raise
         finally:
             pool.stats.read_s += waited
-            if self._decoding:
-                self.stats.decode_read_s += waited
-                self.stats.decode_miss_s += self.clock() - t0 - waited - aside
 
     def _release_result(self, future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -308,7 +324,7 @@ class Engine:
 
     def _install_prefetched(self, layer: int, ids: np.ndarray) -> None:
         """Install the prefetches that have landed, never evicting an expert ``ids`` uses."""
-        pf, touched = self.prefetcher, set()
+        pf, touched, ph = self.prefetcher, set(), self._phase
         arrivals = pf.arrivals()
         if not arrivals:
             return
@@ -325,6 +341,7 @@ class Engine:
                     pf.dropped(l, e, len(buf))
                     continue
                 self._evicted(l, victim)
+                ph.lap("install")
                 self._write(pool, slot, buf)
                 pool.assign(e, slot, cold=True)
                 touched.add(pool)
@@ -332,6 +349,7 @@ class Engine:
                 pf.landed(l, e)
             finally:
                 self.scheduler.release(buf)
+        ph.lap("install")
         for pool in touched:
             self._flush(pool)
 
@@ -340,6 +358,7 @@ class Engine:
         tokens = math.prod(indices.shape[:-1])
         st, pf = self.stats, self.prefetcher
         st.forward_calls += 1
+        self._phase.on = False  # a layer that raised left it running
         st.tokens += tokens
         for pool in self.pools.values():
             if not pool.fully_resident:
@@ -356,26 +375,33 @@ class Engine:
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         if layer == self.first_layer:
             self._begin_call(indices)
-        pool, pf, trace = self.pools[layer], self.prefetcher, self.trace
+        pool, pf, trace, ph = self.pools[layer], self.prefetcher, self.trace, self._phase
+        if self._decoding:
+            ph.start()
         proposals = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else ()
         if pool.fully_resident and trace is None and not proposals:
+            ph.discard()
             return glu(x, indices)
-        t0 = self.clock()
+        ph.lap("predict")
         extra = trace.weights(layer, x) if trace is not None else []
         mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays)])  # this layer's one host sync
-        t_sync = self.clock()
-        waits_before = self.stats.decode_read_s + self.stats.decode_write_s
+        ph.lap("sync")
         self.stats.host_syncs += 1
         self.stats.decode_host_syncs += self._decoding
         ids = np.array(indices)
         if trace is not None:
             trace.record(layer, ids, [np.array(a) for a in extra])
+        ph.lap("ids")
         issue = None
         if pf is not None:
             if self._decoding:
                 scores = extra[0] if trace is not None and trace.route is not None else None
                 pf.observe(layer, ids, scores)
-                issue = lambda: pf.issue(layer, ids, proposals, self._resident)  # queued behind the demand reads
+                ph.lap("predict")
+
+                def issue():  # queued behind the demand reads
+                    pf.issue(layer, ids, proposals, self._resident)
+                    ph.lap("issue")
             self._install_prefetched(layer, ids)
         if pool.fully_resident:
             if issue is not None:
@@ -383,15 +409,12 @@ class Engine:
             y = glu(x, indices)
         else:
             needed = np.unique(ids)
+            ph.lap("ids")
             if len(needed) > pool.capacity:
                 y = self._streamed(pool, glu, x, ids, needed)
             else:
                 y = self._compute(pool, glu, x, ids, needed, issue)
-        if self._decoding:
-            st = self.stats
-            st.decode_partial_layers += 1
-            st.decode_sync_s += t_sync - t0
-            st.decode_engine_s += self.clock() - t_sync - (st.decode_read_s + st.decode_write_s - waits_before)
+        ph.stop("graph")
         return y
 
     def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
@@ -404,7 +427,9 @@ class Engine:
         chunks, whose last layer only the logits need), and evaluating them for the pool's
         sake would compute what nobody reads.
         """
+        ph = self._phase
         hits, todo = self._plan(pool, needed)
+        ph.lap("pool")
         if not (todo and self.overlap and self._decoding and hits):
             if todo:
                 self._fetch(pool.layer, todo, issue)
@@ -412,8 +437,10 @@ class Engine:
                 issue()
             slots = pool.slots(ids)
             y = glu(x, mx.array(slots))
+            ph.lap("graph")
             if self._decoding:
                 pool.reading(y, slots)
+                ph.lap("pool")
             return y
         # Decode: compute the resident experts while the misses load, then the missing ones;
         # each (token, expert) pair is computed on its own, so splitting them changes no value.
@@ -423,17 +450,22 @@ class Engine:
         lead = ids.shape[:-1]
         hit_slots = pool.slots(flat[first])
         y_hit = glu(x, mx.array(hit_slots.reshape(*lead, -1)))
+        ph.lap("graph")
         pool.reading(y_hit, hit_slots)
+        ph.lap("pool")
 
         def meanwhile():
             mx.async_eval(y_hit)
+            ph.lap("launch")
             if issue is not None:
                 issue()
 
         self._fetch(pool.layer, todo, meanwhile)
         miss_slots = pool.slots(flat[second])
         y_miss = glu(x, mx.array(miss_slots.reshape(*lead, -1)))
+        ph.lap("graph")
         pool.reading(y_miss, miss_slots)
+        ph.lap("pool")
         order = np.argsort(np.concatenate([first, second]))
         return mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2)
 
