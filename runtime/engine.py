@@ -297,7 +297,7 @@ class Engine:
             if pool is not None and not pool.fully_resident:
                 self.preload(layer, list(experts)[-pool.capacity:])
 
-    def _plan(self, pool: SlotPool, needed: np.ndarray):
+    def _plan(self, pool: SlotPool, needed: list):
         """The pool's step protocol for ``needed``, with the counters; ``(hits, todo)``."""
         hits, todo, evicted = pool.plan(needed)
         for victim in evicted:
@@ -310,7 +310,7 @@ class Engine:
             pool.stats.prefetch_hits += self.prefetcher.used_all(pool.layer, hits, pool.expert_nbytes)
         return hits, todo
 
-    def _ensure(self, pool: SlotPool, needed: np.ndarray, meanwhile=None) -> None:
+    def _ensure(self, pool: SlotPool, needed: list, meanwhile=None) -> None:
         _, todo = self._plan(pool, needed)
         if todo:
             self._fetch(pool.layer, todo, meanwhile)
@@ -408,20 +408,22 @@ class Engine:
                 issue()
             y = glu(x, indices)
         else:
-            needed = np.unique(ids)
+            flat = ids.reshape(-1).tolist()
+            needed = sorted(set(flat))
             ph.lap("ids")
             if len(needed) > pool.capacity:
                 y = self._streamed(pool, glu, x, ids, needed)
             else:
-                y = self._compute(pool, glu, x, ids, needed, issue)
+                y = self._compute(pool, glu, x, ids, flat, needed, issue)
         ph.stop("graph")
         return y
 
-    def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
-                 needed: np.ndarray, issue) -> mx.array:
+    def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, flat: list,
+                 needed: list, issue) -> mx.array:
         """The layer's experts over its slots: hits at once, misses once read.
 
-        A decode step's results are registered with the pool (``SlotPool.reading``). Those
+        ``flat``: ``ids`` as a flat list; ``needed``: its distinct values, ascending. A
+        decode step's results are registered with the pool (``SlotPool.reading``). Those
         of a multi-token call are not: the caller either evaluates them before its next
         call (the last prefill step) or drops them unevaluated (mlx-lm's earlier prefill
         chunks, whose last layer only the logits need), and evaluating them for the pool's
@@ -429,13 +431,13 @@ class Engine:
         """
         ph = self._phase
         hits, todo = self._plan(pool, needed)
+        slots = pool.slots(ids)  # misses are assigned their slots already
         ph.lap("pool")
         if not (todo and self.overlap and self._decoding and hits):
             if todo:
                 self._fetch(pool.layer, todo, issue)
             elif issue is not None:
                 issue()
-            slots = pool.slots(ids)
             y = glu(x, mx.array(slots))
             ph.lap("graph")
             if self._decoding:
@@ -444,12 +446,13 @@ class Engine:
             return y
         # Decode: compute the resident experts while the misses load, then the missing ones;
         # each (token, expert) pair is computed on its own, so splitting them changes no value.
-        flat = ids.reshape(-1)
-        resident = np.isin(flat, np.asarray(hits, dtype=flat.dtype))
-        first, second = np.flatnonzero(resident), np.flatnonzero(~resident)
+        missing = {e for e, _ in todo}
+        first = [i for i, e in enumerate(flat) if e not in missing]
+        second = [i for i, e in enumerate(flat) if e in missing]
         lead = ids.shape[:-1]
-        hit_slots = pool.slots(flat[first])
-        y_hit = glu(x, mx.array(hit_slots.reshape(*lead, -1)))
+        flat_slots = slots.reshape(-1)
+        hit_slots = flat_slots[first]
+        y_hit = glu(x, mx.array(hit_slots).reshape(*lead, -1))
         ph.lap("graph")
         pool.reading(y_hit, hit_slots)
         ph.lap("pool")
@@ -461,15 +464,17 @@ class Engine:
                 issue()
 
         self._fetch(pool.layer, todo, meanwhile)
-        miss_slots = pool.slots(flat[second])
-        y_miss = glu(x, mx.array(miss_slots.reshape(*lead, -1)))
+        miss_slots = flat_slots[second]
+        y_miss = glu(x, mx.array(miss_slots).reshape(*lead, -1))
         ph.lap("graph")
         pool.reading(y_miss, miss_slots)
         ph.lap("pool")
-        order = np.argsort(np.concatenate([first, second]))
+        order = [0] * len(flat)
+        for pos, i in enumerate(first + second):
+            order[i] = pos
         return mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2)
 
-    def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: np.ndarray) -> mx.array:
+    def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: list) -> mx.array:
         """More distinct experts than slots (prefill): compute them group by group.
 
         Each group's result is evaluated before the next group overwrites slots, so a
@@ -478,13 +483,13 @@ class Engine:
         *lead, k = ids.shape
         flat = ids.reshape(-1)
         x2 = x.reshape(-1, x.shape[-1])
-        resident = [int(e) for e in needed if pool.is_resident(int(e))]
-        missing = [int(e) for e in needed if not pool.is_resident(int(e))]
+        resident = [e for e in needed if pool.is_resident(e)]
+        missing = [e for e in needed if not pool.is_resident(e)]
         order = resident + missing
         cap = pool.capacity
         outputs, rows_all = [], []
         for start in range(0, len(order), cap):
-            group = np.array(order[start : start + cap], dtype=flat.dtype)
+            group = sorted(order[start : start + cap])
             self._ensure(pool, group)
             rows = np.flatnonzero(np.isin(flat, group))
             xs = x2[mx.array(rows // k)]

@@ -100,6 +100,7 @@ class SlotPool:
             setattr(p.owner, p.attr, mx.zeros((capacity, *p.spec.expert_shape), dtype=dtype))
         mx.eval([getattr(p.owner, p.attr) for p in self.parts])
         self._identity = capacity == num_experts  # slot i holds expert i: no table
+        self._full = False  # no free slot: claims evict without looking for one
         self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, capacity)
         self._readers: List[Tuple[mx.array, np.ndarray]] = []  # computations that may still read slots
 
@@ -133,8 +134,13 @@ class SlotPool:
         return self.slot_of[expert] >= 0
 
     def free_slot(self) -> Optional[int]:
+        if self._full:
+            return None
         free = np.flatnonzero(self.expert_in < 0)
-        return int(free[0]) if len(free) else None
+        if not len(free):
+            self._full = True  # until a slot is given up (unassign)
+            return None
+        return int(free[0])
 
     def claim(self, expert: int, protected: Iterable[int] = ()) -> Tuple[int, int]:
         """Pick the slot ``expert`` will occupy: a free one, else the policy's victim.
@@ -147,7 +153,7 @@ class SlotPool:
             return expert, -1
         slot = self.free_slot()
         victim = -1
-        if slot is None:
+        if slot is None:  # (a claimed victim's slot is assigned at once by the caller)
             keep = protected if isinstance(protected, (set, frozenset)) else set(protected)
             victim = self.policy.victim(protected=keep)
             slot = int(self.slot_of[victim])
@@ -176,6 +182,7 @@ class SlotPool:
             self.expert_in[self.slot_of[expert]] = -1
             self.slot_of[expert] = -1
             self.policy.evict(expert)
+            self._full = False
 
     def reading(self, out: mx.array, slots: np.ndarray) -> None:
         """``out`` (lazy) reads ``slots``: no write may touch them before it is evaluated."""
@@ -222,15 +229,23 @@ class SlotPool:
     def plan(self, needed: Sequence[int]) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
         """One step's use of this layer, by the policy's step protocol.
 
-        Walks ``needed`` in ascending id order: a resident expert is a hit, a missing one
-        claims a slot (evicting, never one of ``needed``) and is assigned to it at once.
-        Returns ``(hits, [(expert, slot), ...] to read, evicted experts)``.
+        ``needed``: the step's distinct expert ids (Python ints), ascending. A resident
+        expert is a hit, a missing one claims a slot (evicting, never one of ``needed``)
+        and is assigned to it at once. Returns ``(hits, [(expert, slot), ...] to read,
+        evicted experts)``. When every expert is resident (the common case) this is one
+        table lookup and the policy's hits.
         """
-        protected = set(int(e) for e in needed)
+        policy = self.policy
+        slots = self.slot_of[needed].tolist()
+        if min(slots) >= 0:
+            for e in needed:
+                policy.hit(e)
+            return list(needed), [], []
+        protected = set(needed)
         hits, misses, evicted = [], [], []
-        for e in sorted(protected):
-            if self.is_resident(e):
-                self.policy.hit(e)
+        for e, slot in zip(needed, slots):
+            if slot >= 0:
+                policy.hit(e)
                 hits.append(e)
             else:
                 slot, victim = self.claim(e, protected)
