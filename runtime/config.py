@@ -432,7 +432,7 @@ def check_against_model(config: RuntimeConfig, *, moe_layers: Sequence[int], num
             if slots < min(top_k, num_experts):
                 raise ConfigError(f"capacities: layer {layer}: cache of {slots} slots is smaller than top-k ({top_k})")
     depth = config.prefetch_depth
-    if depth > len(moe_layers):
+    if depth > len(moe_layers) and not config.prefetch.auto:
         raise ConfigError(f"--prefetch-depth {depth}: the model has only {len(moe_layers)} MoE layers to look ahead to")
 
 

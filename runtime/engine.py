@@ -21,6 +21,7 @@ from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
 
+from golem.runtime.governor import TokenOutcome
 from golem.runtime.phases import PhaseClock, PhaseTimes
 from golem.runtime.slots import LayerStats, SlotPool
 
@@ -171,6 +172,7 @@ class Engine:
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
+        self._last_outcome = (0.0, 0, 0.0)
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
         self._decoding = False
@@ -367,10 +369,17 @@ class Engine:
         st.decode_steps += self._decoding
         if pf is not None:
             if self._decoding:
-                pf.begin_step()
+                pf.begin_step(self._outcome())
             elif not self._prefilling:
                 pf.begin_sequence()  # a new prompt; its later prefill chunks continue it
         self._prefilling = not self._decoding
+
+    def _outcome(self) -> TokenOutcome:
+        """What the last decode step cost in stalls and prefetch host time (for the governor)."""
+        wall, st = self.stats.phases.wall_s, self.stats
+        now = (wall["wait"], st.decode_misses, wall["predict"] + wall["issue"] + wall["install"])
+        last, self._last_outcome = self._last_outcome, now
+        return TokenOutcome(stall_s=now[0] - last[0], misses=now[1] - last[1], prefetch_host_s=now[2] - last[2])
 
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         if layer == self.first_layer:

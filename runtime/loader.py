@@ -500,7 +500,7 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
         from golem.io.storage import parse_throttle
 
         throttle = parse_throttle(config.emulate_storage)
-    prefetch = config.prefetch if config.prefetch_depth > 0 else None
+    prefetch = config.prefetch.for_layers(len(moe_layers)) if config.prefetch_depth > 0 else None
 
     started: list = []  # what to close, last first, if anything below fails
     try:

@@ -19,6 +19,10 @@ import numpy as np
 
 from golem.predictors.base import Predictor, Proposal, Selection
 
+from golem.runtime.governor import Governor, TokenOutcome
+
+AUTO_DEPTH = 3  # the most ``--prefetch-depth auto`` lets the governor use (fewer on a shallower model)
+
 
 @dataclass
 class PrefetchLayerStats:
@@ -62,6 +66,10 @@ class PrefetchConfig:
         recall_off: switch a layer's prefetching off when its recall average drops below this.
         recall_on: switch it back on when the average recovers above this.
         recall_decay: weight of history in the recall average (per token).
+        governor: let ``golem.runtime.governor.Governor`` choose the depth per token, up to
+            ``depth`` (False: always ``depth``, to measure a fixed depth).
+        auto: ``depth`` is ``--prefetch-depth auto``'s ceiling, not the user's: a model with
+            fewer MoE layers gets less, not an error (``PrefetchConfig.auto()``).
     """
 
     depth: int = 2
@@ -72,6 +80,22 @@ class PrefetchConfig:
     recall_off: float = 0.25
     recall_on: float = 0.4
     recall_decay: float = 0.9
+    governor: bool = True
+    auto: bool = False
+
+    @classmethod
+    def auto_depth(cls, **fields) -> "PrefetchConfig":
+        """``--prefetch-depth auto``: governed, up to ``AUTO_DEPTH`` layers ahead (the default
+        of golem's command lines whenever experts are offloaded)."""
+        return cls(depth=AUTO_DEPTH, auto=True, **fields)
+
+    def for_layers(self, moe_layers: int) -> "PrefetchConfig":
+        """This config on a model with ``moe_layers`` MoE layers (auto's ceiling capped)."""
+        if self.auto and self.depth > max(moe_layers - 1, 1):
+            import dataclasses
+
+            return dataclasses.replace(self, depth=max(moe_layers - 1, 1))
+        return self
 
     def __post_init__(self) -> None:
         if self.depth < 0:
@@ -119,6 +143,10 @@ class Prefetcher:
         self.in_flight: Dict[Tuple[int, int], int] = {}  # (model layer, expert) -> position that last asked
         self.unused: Set[Tuple[int, int]] = set()  # prefetched, installed, not yet used
         self.scheduler = None
+        self.governor = Governor(config.depth) if config.governor and config.depth > 0 else None
+        self.depth = config.depth  # this step's depth (the governor's choice)
+        self._useful = self._wasted = 0  # running totals, for the governor's per-token deltas
+        self._seen = (0, 0)
 
     def attach(self, scheduler) -> None:
         """The I/O scheduler (``golem.io.scheduler.IOScheduler``) prefetches go through."""
@@ -127,17 +155,23 @@ class Prefetcher:
     def begin_sequence(self) -> None:
         self.predictor.begin_sequence()
 
-    def begin_step(self) -> None:
+    def begin_step(self, outcome: Optional[TokenOutcome] = None) -> None:
+        """A decode step starts; ``outcome``: what the engine measured over the last one
+        (the governor sets this step's depth from it)."""
         self._predicted, self._predicted_next = self._predicted_next, {}
         self.predictor.begin_step()
+        if self.governor is not None and outcome is not None:
+            useful, wasted = self._useful - self._seen[0], self._wasted - self._seen[1]
+            self._seen = (self._useful, self._wasted)
+            self.depth = self.governor.step(outcome, useful, wasted)
 
     def propose(self, layer: int, hidden) -> List[Proposal]:
         """The predictor's lazy proposals at ``layer``: for the layers ahead in this step and,
         when the depth runs past the last layer and the predictor can say, for the next
         step's first layers. Empty when nothing ahead needs a prefetch."""
-        if self.config.depth == 0:
+        if self.depth == 0:
             return []
-        pos, depth, n = self.position[layer], self.config.depth, len(self.moe_layers)
+        pos, depth, n = self.position[layer], self.depth, len(self.moe_layers)
         out = []
         if any(self.wanted[p] for p in range(pos + 1, min(pos + depth, n - 1) + 1)):
             out.append(self.predictor.propose(pos, depth, hidden))
@@ -270,6 +304,7 @@ class Prefetcher:
         s = self.stats[layer]
         s.wasted += 1
         s.wasted_nbytes += nbytes
+        self._wasted += 1
 
     def used(self, layer: int, expert: int, nbytes: int) -> bool:
         """A resident expert is used; True if it came from a prefetch not used before."""
@@ -278,6 +313,7 @@ class Prefetcher:
             s = self.stats[layer]
             s.useful += 1
             s.useful_nbytes += nbytes
+            self._useful += 1
             return True
         return False
 

@@ -41,8 +41,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                    help=f"Eviction policy: {', '.join(policy_names())} (default {DEFAULT_POLICY}, "
                         "the best on the OLMoE traces; see benchmarks/bench_policies.py).")
     g = parser.add_argument_group("prefetch (golem)")
-    g.add_argument("--prefetch-depth", type=int, default=0,
-                   help="MoE layers ahead to prefetch (0 = none: the synchronous baseline).")
+    g.add_argument("--prefetch-depth", type=_prefetch_depth, default="auto",
+                   help="MoE layers ahead to prefetch: 'auto' (the default: a governor picks 0 to 3 per token "
+                        "from what prefetching saves and costs), N (at most N, governed), 0 (none: the synchronous "
+                        "baseline).")
+    g.add_argument("--no-prefetch-governor", action="store_true",
+                   help="Prefetch exactly --prefetch-depth layers ahead, whatever it costs (to measure a fixed depth).")
     g.add_argument("--threshold", type=float, default=None,
                    help=f"Prefetch experts whose predicted probability of use is at least this "
                         f"(default {DEFAULT_THRESHOLD}).")
@@ -73,6 +77,16 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def _prefetch_depth(text: str):
+    """``--prefetch-depth``: ``auto`` or a whole number (checked later, with the model)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
+
+
 def runtime_config(args: argparse.Namespace, **fields) -> RuntimeConfig:
     """The ``RuntimeConfig`` of parsed flags (``fields`` override); a flag given without
     what it needs, or a bad value, is a ``ConfigError`` naming the flag."""
@@ -83,13 +97,18 @@ def runtime_config(args: argparse.Namespace, **fields) -> RuntimeConfig:
     if args.warm_random is not None and args.warm_start is not None:
         raise ConfigError("choose one of -R/--warm-random and -W/--warm-start")
     depth = args.prefetch_depth
-    if depth is not None and depth < 0:
+    auto = depth == "auto"
+    fixed = getattr(args, "no_prefetch_governor", False)
+    if auto and fixed:
+        raise ConfigError("--no-prefetch-governor needs a fixed --prefetch-depth N")
+    if depth is not None and not auto and depth < 0:
         raise ConfigError(f"--prefetch-depth must be >= 0, got {depth}")
     if not depth:
         given = [flag for flag, value in (
             ("--threshold", args.threshold), ("--predictor", args.predictor),
             ("--prefetch-cap-mb", args.prefetch_cap_mb), ("--prefetch-cap-ms", args.prefetch_cap_ms),
             ("--predictor-train", args.predictor_train or None), ("--predictor-trace", args.predictor_trace),
+            ("--no-prefetch-governor", fixed or None),
         ) if value is not None]
         if given:
             raise ConfigError(f"{given[0]} needs a prefetch depth (--prefetch-depth N, N >= 1)")
@@ -107,7 +126,9 @@ def runtime_config(args: argparse.Namespace, **fields) -> RuntimeConfig:
                 raise ConfigError(f"--prefetch-cap-mb must be a positive number, got {args.prefetch_cap_mb:g}")
             cap = max(1, int(args.prefetch_cap_mb * 1e6))
         try:
-            prefetch = PrefetchConfig(depth=depth, threshold=threshold, speculative_nbytes=cap, speculative_ms=cap_ms)
+            opts = dict(threshold=threshold, speculative_nbytes=cap, speculative_ms=cap_ms)
+            prefetch = (PrefetchConfig.auto_depth(**opts) if auto else
+                        PrefetchConfig(depth=depth, governor=not fixed, **opts))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     warm = args.warm_random if args.warm_random is not None else args.warm_start

@@ -92,6 +92,9 @@ def format_stats(runtime, generation_tokens: int = 0) -> str:
             f"useful {p.useful} ({p.useful_nbytes / 1e9:.3f} GB), wasted {p.wasted} ({p.wasted_nbytes / 1e9:.3f} GB), "
             f"late {p.late}"
         )
+        gov = engine.prefetcher.governor
+        line += (f"\nPrefetch depth: governed, at most {gov.max_depth}: {gov.stats.describe()}" if gov is not None
+                 else f"\nPrefetch depth: fixed at {engine.prefetcher.depth} (--no-prefetch-governor)")
     return line
 
 
