@@ -5,11 +5,14 @@ expert cache for every row, in one run:
   stock mlx-lm with everything resident; golem with every expert resident (cache = E);
   golem with every expert resident but every layer run through its slot table, as a layer
   that is not fully resident is (the hit path: one host sync per layer, no reads);
-  golem at depth 0 (demand reads only) and depth 2 with router lookahead, on the real disk;
+  golem at depth 0 (demand reads only), fixed depth 2 (governor off), governed depth 2 and
+  the default (``--prefetch-depth auto``) with router lookahead, on the real disk (page cache);
   then with the storage emulator set so that depth 0 spends about half of each token
-  waiting on reads: depth 0, depth 1/2/3 with router lookahead, a noisy oracle (each look
+  waiting on reads: depth 0, fixed depth 1/2/3 with router lookahead, a noisy oracle (each look
   names a true expert with the probability published for lookahead, 0.72, and names no
-  wrong one; at depth 2 a layer gets two looks), and the oracle (the true future).
+  wrong one; at depth 2 a layer gets two looks), the oracle (the true future), governed
+  depth 2 and the default. Row names are the JSON keys' prefixes (``disk_`` = page cache).
+--shape qwen3-30b-a3b runs the same rows on a slice of a Qwen3-30B-A3B-shaped model.
 It first prints a static card (compute-only time per token, expert bytes per token, storage
 GB/s and the ideal time per token they imply), then the table (median of --runs runs), then
 one JSON line.
@@ -19,11 +22,14 @@ engine adds its own reads of routed ids (0 when every expert is resident, one pe
 whose experts may be missing). The table reports 1 + the engine's count.
 useful / wasted / late: prefetched experts per token that were used, that were evicted or
 dropped unused, and that were still being read when their layer needed them.
-us/miss, us/layer: the engine's own host microseconds per decode miss (requests, bookkeeping,
-buffers; not the read, not the upload) and per decode layer with a host sync (not the sync,
-the reads nor the uploads); upl us: microseconds per miss putting it into its slot.
+us/miss, us/layer: the engine's own host microseconds (wall) per decode miss (requests,
+results, buffers; not the read, not the upload) and per decode layer with a host sync (not the
+sync, the reads nor the uploads); cpu us/l: the same per layer in the engine thread's CPU
+time; upl us: microseconds per miss putting it into its slot. profile_decode.py splits them
+by phase.
 
-    python benchmarks/bench_decode.py [--runs 3] [--tokens 24] [--capacity 12] [--slot-writer auto]
+    python benchmarks/bench_decode.py [--shape small|qwen3-30b-a3b] [--runs 3] [--tokens 24] [--capacity N]
+                                      [--slot-writer auto]
 """
 
 from __future__ import annotations
@@ -220,12 +226,16 @@ class Setup:
         from golem.runtime.prefetch import PrefetchConfig
 
         cap, th, W = self.capacity, self.threshold, self.W
-        fixed = lambda d: PrefetchConfig(depth=d, threshold=th)  # noqa: E731
+        fixed = lambda d: PrefetchConfig(depth=d, threshold=th, governor=False)  # noqa: E731
+        governed = PrefetchConfig(depth=2, threshold=th)
+        auto = PrefetchConfig.auto_depth(threshold=th)  # golem-run's default with experts offloaded
         out = {
             "full_cache": dict(W),
             "warm_resident": dict(W, table=True),
             "disk_depth0": dict(W, capacities=cap),
             "disk_depth2": dict(W, capacities=cap, prefetch=fixed(2)),
+            "disk_governed2": dict(W, capacities=cap, prefetch=governed),
+            "disk_default": dict(W, capacities=cap, prefetch=auto),
         }
         if self.gb_per_s is not None:
             emu = dict(W, capacities=cap, throttle_gb_per_s=self.gb_per_s)
@@ -235,6 +245,8 @@ class Setup:
             out["noisy_oracle"] = dict(emu, prefetch=fixed(2), predictor="noisy-oracle",
                                        predictor_options={"truth": self.truth, "recall": 0.72})
             out["oracle"] = dict(emu, prefetch=fixed(2), predictor="oracle", predictor_options={"truth": self.truth})
+            out["governed2"] = dict(emu, prefetch=governed)
+            out["default"] = dict(emu, prefetch=auto)
         return {k: v for k, v in out.items() if names is None or k in names}
 
     def run(self, name: str, options: dict, runs: int):
@@ -269,7 +281,8 @@ def main() -> None:
     results, outputs = {}, {}
 
     results["stock"], outputs["stock"] = run_stock(setup.path, setup.prompts, N, R)
-    for name, options in setup.rows(["full_cache", "warm_resident", "disk_depth0", "disk_depth2"]).items():
+    for name, options in setup.rows(["full_cache", "warm_resident", "disk_depth0", "disk_depth2", "disk_governed2",
+                                      "disk_default"]).items():
         results[name], outputs[name] = setup.run(name, options, R)
     setup.calibrate(1.0 / results["full_cache"]["tps"])
     for name, options in setup.rows().items():
@@ -310,7 +323,12 @@ def main() -> None:
           f"warm, every routed expert resident, / stock: {warm_x:.3f}; "
           f"oracle / ideal: {results['oracle']['tps'] * ideal_s:.3f} (target >= 0.92); "
           f"depth 0 emulated / ideal: {results['depth0']['tps'] * ideal_s:.3f}")
-    print(f"depth 2 / depth 0, page cache: {disk_x:.3f}; emulated: {d2_x:.3f} (target for a fixed depth 2 >= 1.3)")
+    print(f"fixed depth 2 / depth 0, page cache: {disk_x:.3f}; emulated: {d2_x:.3f} (target >= 1.3)")
+    best = max(results[f"depth{d}"]["tps"] for d in (0, 1, 2, 3))
+    print(f"page cache, / depth 0: governed depth 2 {results['disk_governed2']['tps'] / results['disk_depth0']['tps']:.3f}, "
+          f"default {results['disk_default']['tps'] / results['disk_depth0']['tps']:.3f} (target >= 1.0); "
+          f"emulated, / best fixed depth: governed depth 2 {results['governed2']['tps'] / best:.3f}, "
+          f"default {results['default']['tps'] / best:.3f} (target >= 0.95)")
     summary = {
         "shape": args.shape,
         "resident_tps": results["stock"]["tps"],

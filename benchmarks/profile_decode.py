@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_decode  # noqa: E402
 
-DEFAULT_ROWS = ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2", "oracle")
+DEFAULT_ROWS = ("warm_resident", "disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default")
 
 
 def main() -> None:

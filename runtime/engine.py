@@ -22,6 +22,7 @@ from golem.io.index import ExpertIndex
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
 
 from golem.runtime.governor import TokenOutcome
+from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED
 from golem.runtime.phases import PhaseClock, PhaseTimes
 from golem.runtime.slots import LayerStats, SlotPool
 
@@ -176,7 +177,7 @@ class Engine:
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
         self._decoding = False
-        self._prefilling = False  # a prompt arrives in one or more multi-token calls
+        self._events: list = []  # what happened to prefetched experts in this layer, for the prefetcher
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -200,7 +201,14 @@ class Engine:
 
     def _evicted(self, layer: int, victim: int) -> None:
         if victim >= 0 and self.prefetcher is not None:
-            self.prefetcher.evicted(layer, victim, self.pools[layer].expert_nbytes)
+            self._events.append((EVICTED, layer, victim, self.pools[layer].expert_nbytes))
+
+    def _report(self) -> None:
+        """Tell the prefetcher, once, what happened to prefetched experts and slots."""
+        if self._events:
+            events, self._events = self._events, []
+            for layer, n in self.prefetcher.report(events).items():
+                self.pools[layer].stats.prefetch_hits += n
 
     def load(self, layer: int, expert: int, protected=()) -> None:
         """Synchronously read ``expert`` into a slot of ``layer`` (a demand read)."""
@@ -208,7 +216,11 @@ class Engine:
         slot, victim = pool.claim(expert, protected)
         self._evicted(layer, victim)
         pool.assign(expert, slot)
-        self._fetch(layer, [(expert, slot)])
+        try:
+            self._fetch(layer, [(expert, slot)])
+        finally:
+            if self.prefetcher is not None:
+                self._report()
 
     def _fetch(self, layer: int, todo, meanwhile=None) -> None:
         """Read ``[(expert, slot), ...]`` (already assigned), write them into their slots, flush.
@@ -251,7 +263,7 @@ class Engine:
                         try:
                             pool.stats.bytes_read += len(buf)
                             if pf is not None:
-                                pf.late(layer, e)
+                                self._events.append((LATE, layer, e, 0))
                             ph.lap("request")
                             self._write(pool, slot, buf)
                             del pending[e]
@@ -309,7 +321,7 @@ class Engine:
         if self._decoding:
             self.stats.decode_misses += len(todo)
         if self.prefetcher is not None and hits:
-            pool.stats.prefetch_hits += self.prefetcher.used_all(pool.layer, hits, pool.expert_nbytes)
+            self._events.append((USED, pool.layer, hits, pool.expert_nbytes))
         return hits, todo
 
     def _ensure(self, pool: SlotPool, needed: list, meanwhile=None) -> None:
@@ -324,23 +336,23 @@ class Engine:
         pool = self.pools[layer]
         return np.ones(pool.num_experts, bool) if pool.fully_resident else pool.slot_of >= 0
 
-    def _install_prefetched(self, layer: int, ids: np.ndarray) -> None:
-        """Install the prefetches that have landed, never evicting an expert ``ids`` uses."""
-        pf, touched, ph = self.prefetcher, set(), self._phase
-        arrivals = pf.arrivals()
-        if not arrivals:
+    def _install(self, layer: int, ids: np.ndarray, plan) -> None:
+        """Install the prefetches that have landed, never evicting an expert ``ids`` uses
+        (nor, in another layer, one the prefetcher guessed for it)."""
+        if not plan.installs:
             return
+        ph, touched, events = self._phase, set(), self._events
         protected = set(ids.reshape(-1).tolist())
-        for l, e, buf in arrivals:
+        for l, e, buf in plan.installs:
             try:
                 pool = self.pools[l]
                 if pool.is_resident(e):
-                    pf.not_needed(l, e)
+                    events.append((NOT_NEEDED, l, e, 0))
                     continue
                 try:
-                    slot, victim = pool.claim(e, protected if l == layer else pf.keep(l))
+                    slot, victim = pool.claim(e, protected if l == layer else plan.keep(l))
                 except LookupError:  # every slot holds an expert in use or guessed
-                    pf.dropped(l, e, len(buf))
+                    events.append((NO_SLOT, l, e, len(buf)))
                     continue
                 self._evicted(l, victim)
                 ph.lap("install")
@@ -348,7 +360,7 @@ class Engine:
                 pool.assign(e, slot, cold=True)
                 touched.add(pool)
                 pool.stats.bytes_read += len(buf)
-                pf.landed(l, e)
+                events.append((INSTALLED, l, e, 0))
             finally:
                 self.scheduler.release(buf)
         ph.lap("install")
@@ -368,11 +380,7 @@ class Engine:
         self._decoding = tokens == 1
         st.decode_steps += self._decoding
         if pf is not None:
-            if self._decoding:
-                pf.begin_step(self._outcome())
-            elif not self._prefilling:
-                pf.begin_sequence()  # a new prompt; its later prefill chunks continue it
-        self._prefilling = not self._decoding
+            pf.begin(self._decoding, self._outcome() if self._decoding else None)
 
     def _outcome(self) -> TokenOutcome:
         """What the last decode step cost in stalls and prefetch host time (for the governor)."""
@@ -403,15 +411,16 @@ class Engine:
         ph.lap("ids")
         issue = None
         if pf is not None:
-            if self._decoding:
-                scores = extra[0] if trace is not None and trace.route is not None else None
-                pf.observe(layer, ids, scores)
-                ph.lap("predict")
-
+            if self._events:  # a layer that raised left them
+                self._report()
+            scores = extra[0] if trace is not None and trace.route is not None else None
+            plan = pf.step(layer, ids, scores, proposals, self._decoding)
+            ph.lap("predict")
+            if plan.issue is not None:
                 def issue():  # queued behind the demand reads
-                    pf.issue(layer, ids, proposals, self._resident)
+                    plan.issue(self._resident)
                     ph.lap("issue")
-            self._install_prefetched(layer, ids)
+            self._install(layer, ids, plan)
         if pool.fully_resident:
             if issue is not None:
                 issue()
@@ -424,7 +433,12 @@ class Engine:
                 y = self._streamed(pool, glu, x, ids, needed)
             else:
                 y = self._compute(pool, glu, x, ids, flat, needed, issue)
-        ph.stop("graph")
+        if pf is not None:
+            ph.lap("graph")
+            self._report()
+            ph.stop("predict")
+        else:
+            ph.stop("graph")
         return y
 
     def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, flat: list,

@@ -5,9 +5,9 @@ Owns, for the decode engine: asking the predictor at each MoE layer, the selecti
 that switches prefetching off for a layer that predicts poorly (and back on), and the
 useful / wasted accounting, and the life of every prefetch request: which reads to issue,
 which to cancel when a layer's true routing (or a nearer layer's guess) makes them stale,
-which arrivals to install and what an install must not evict. The engine asks and reports
-through the methods below and touches none of its state. It never touches slots or files:
-the engine installs what the scheduler delivers.
+which arrivals to install and what an install must not evict. The engine speaks to it through
+one contract (``begin``, ``propose``, ``step``, ``report``) and touches none of its state. It
+never touches slots or files: the engine installs what the scheduler delivers.
 """
 
 from __future__ import annotations
@@ -106,14 +106,39 @@ class PrefetchConfig:
             raise ValueError(f"--prefetch-cap-ms must be > 0, got {self.speculative_ms:g}")
 
 
+@dataclass
+class LayerPlan:
+    """What the prefetcher wants done at one MoE layer, after its host sync.
+
+    Args:
+        installs: prefetches read and not yet installed, ``(layer, expert, buffer)``; the
+            engine owns each buffer until it hands it back to the scheduler.
+        keep: ``keep(layer)`` -> experts an install into ``layer`` must not evict.
+        issue: ``issue(resident)`` cancels the reads this layer's routing made stale and
+            submits the new ones; the engine calls it once, after queueing its demand reads
+            (``resident(model_layer) -> bool (E,)`` marks experts needing no read). None at
+            a prefill call.
+    """
+
+    installs: List[Tuple[int, int, np.ndarray]]
+    keep: Callable[[int], Set[int]]
+    issue: Optional[Callable[[Callable[[int], np.ndarray]], None]] = None
+
+
+# What the engine reports at the end of a layer (``Prefetcher.report``): ``(kind, layer,
+# expert, nbytes)`` in the order it happened (for USED, ``expert`` is the list of experts used).
+INSTALLED, NOT_NEEDED, NO_SLOT, EVICTED, LATE, USED = "installed", "not_needed", "no_slot", "evicted", "late", "used"
+
+
 class Prefetcher:
     """The predictor-to-scheduler half of the decode engine.
 
-    Per decode step the engine calls ``begin_step``; per MoE layer ``propose`` (lazy
-    arrays, evaluated in the layer's one host sync), then ``observe`` (the true routing),
-    ``arrivals`` and ``keep`` (what to install and what the install must not evict), and
-    ``issue`` (cancel and request reads). It reports what happened with ``landed``,
-    ``not_needed``, ``dropped``, ``evicted``, ``late`` and ``used``. Engine thread only.
+    The contract with the engine (engine thread only): ``begin(decoding, outcome)`` at
+    every forward call (``outcome``: the last decode step's stall and prefetch host time,
+    for the governor); per MoE layer ``propose`` before the layer's host sync (lazy arrays,
+    evaluated in that sync), then ``step`` (the true routing in, one ``LayerPlan`` out),
+    then ``report`` once, with everything that happened to prefetched experts and slots in
+    that layer. The other public methods are its parts, for tests and tools.
 
     Args:
         predictor: any ``golem.predictors`` predictor.
@@ -147,7 +172,51 @@ class Prefetcher:
         self.depth = config.depth  # this step's depth (the governor's choice)
         self._useful = self._wasted = 0  # running totals, for the governor's per-token deltas
         self._seen = (0, 0)
+        self._prefilling = False  # a prompt arrives in one or more multi-token calls
 
+    # -- the engine's contract ------------------------------------------------------------
+    def begin(self, decoding: bool, outcome: Optional[TokenOutcome] = None) -> None:
+        """A forward call starts: a decode step, or a prompt chunk (the first of a prompt
+        starts a new sequence; later chunks continue it)."""
+        if decoding:
+            self.begin_step(outcome)
+        elif not self._prefilling:
+            self.begin_sequence()
+        self._prefilling = not decoding
+
+    def step(self, layer: int, ids: np.ndarray, scores: Optional[np.ndarray], proposals: Sequence[Proposal],
+             decoding: bool) -> LayerPlan:
+        """``layer``'s true routing ``ids`` (and router ``scores`` when known) after its host
+        sync: scores the guesses made for it and returns what to install and to issue."""
+        if decoding:
+            self.observe(layer, ids, scores)
+        issue = (lambda resident: self.issue(layer, ids, proposals, resident)) if decoding else None
+        return LayerPlan(self.arrivals(), self.keep, issue)
+
+    def report(self, events) -> Dict[int, int]:
+        """What happened in the layer, ``[(kind, layer, expert, nbytes), ...]`` in order;
+        returns, per layer, how many used experts came from prefetches."""
+        used: Dict[int, int] = {}
+        for kind, layer, expert, nbytes in events:
+            if kind == USED:  # expert: the list of the layer's experts used
+                n = self.used_all(layer, expert, nbytes)
+                if n:
+                    used[layer] = used.get(layer, 0) + n
+            elif kind == EVICTED:
+                self.evicted(layer, expert, nbytes)
+            elif kind == INSTALLED:
+                self.landed(layer, expert)
+            elif kind == LATE:
+                self.late(layer, expert)
+            elif kind == NOT_NEEDED:
+                self.not_needed(layer, expert)
+            elif kind == NO_SLOT:
+                self.dropped(layer, expert, nbytes)
+            else:
+                raise ValueError(f"unknown prefetch event {kind!r}")
+        return used
+
+    # -- its parts ---------------------------------------------------------------------------
     def attach(self, scheduler) -> None:
         """The I/O scheduler (``golem.io.scheduler.IOScheduler``) prefetches go through."""
         self.scheduler = scheduler
