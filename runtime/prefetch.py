@@ -254,7 +254,8 @@ class Prefetcher:
         """Layer ``layer``'s true routing for this token: score the guesses made for it."""
         pos = self.position[layer]
         self.predictor.observe(pos, ids, scores)
-        true = set(int(e) for e in np.unique(ids) if e >= 0)
+        true = set(ids.reshape(-1).tolist())
+        true.discard(-1)
         guessed = self._predicted.get(pos)
         s = self.stats[layer]
         if guessed is None:
@@ -287,7 +288,10 @@ class Prefetcher:
         keep = self.selection.mask(scores, None)
         for r, t in enumerate(targets):
             guessed = self._predicted if t < n else self._predicted_next
-            guessed.setdefault(t % n, set()).update(int(e) for e in np.flatnonzero(keep[r]))
+            guessed.setdefault(t % n, set()).update(np.flatnonzero(keep[r]).tolist())
+        th = self.selection.threshold
+        if not ((scores >= th) & (scores > 0) & ~exclude).any():  # nothing to read (Selection's own test)
+            return []
         out = []
         for cand in self.selection.select(scores, targets, exclude):
             layer = self.moe_layers[cand.layer % n]

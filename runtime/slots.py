@@ -101,8 +101,9 @@ class SlotPool:
         mx.eval([getattr(p.owner, p.attr) for p in self.parts])
         self._identity = capacity == num_experts  # slot i holds expert i: no table
         self._full = False  # no free slot: claims evict without looking for one
+        self._expert_nbytes = sum(p.spec.expert_nbytes for p in self.parts)
         self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, capacity)
-        self._readers: List[Tuple[mx.array, np.ndarray]] = []  # computations that may still read slots
+        self._readers: List[Tuple[mx.array, frozenset]] = []  # computations that may still read slots
 
     @property
     def fully_resident(self) -> bool:
@@ -121,7 +122,7 @@ class SlotPool:
 
     @property
     def expert_nbytes(self) -> int:
-        return sum(p.spec.expert_nbytes for p in self.parts)
+        return self._expert_nbytes
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +190,7 @@ class SlotPool:
         if len(self._readers) >= MAX_READERS:  # evaluated long since in a decode loop: cheap
             mx.eval([r for r, _ in self._readers])
             self._readers.clear()
-        self._readers.append((out, slots))
+        self._readers.append((out, frozenset(np.asarray(slots).reshape(-1).tolist())))
 
     def _before_write(self, slot: int) -> None:
         if not self._readers:
