@@ -222,7 +222,6 @@ class Setup:
 
     def rows(self, names=None):
         """``{row: options for run_golem}``, in the table's order (``names``: only those)."""
-        from golem.io.storage import Throttle
         from golem.runtime.prefetch import PrefetchConfig
 
         cap, th, W = self.capacity, self.threshold, self.W
