@@ -63,12 +63,14 @@ class Governor:
         window: tokens per decision.
         probe_tokens: tokens off before the first probe.
         max_probe_tokens: longest wait between probes.
-        waste_weight: a wasted prefetch's cost in demand stalls.
+        waste_weight: a wasted prefetch's cost in demand stalls (small: speculative reads
+            start only on an idle reader, under a cap, and the demand reads they delay show
+            up in the measured stall per miss already).
         start_depth: where it starts (default ``max_depth``).
     """
 
     def __init__(self, max_depth: int, *, window: int = 8, probe_tokens: int = 16, max_probe_tokens: int = 512,
-                 waste_weight: float = 0.5, start_depth: Optional[int] = None):
+                 waste_weight: float = 0.25, start_depth: Optional[int] = None):
         if max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {max_depth}")
         self.max_depth = max_depth
