@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every figure benchmarks/RESULTS.md needs from one machine, in one run: the machine card,
-# bench_upload, bench_decode --runs 3, a cProfile of a depth-0 decode, golem-run --demo, and
-# the test suite. On a lent GPU, from the repository root:
+# bench_upload, bench_decode --runs 3 at both shapes, profile_decode (host time by phase), a
+# cProfile of a depth-0 decode, golem-run --demo, and the test suite. On a lent GPU, from the repository root:
 #     OUT=/tmp/out ../shared/gpu/run.sh bash benchmarks/gpu_check.sh
 # On a CPU, to check the script itself in a few minutes:
 #     bash benchmarks/gpu_check.sh --small
@@ -48,14 +48,18 @@ git log -1 --format="commit %h %s" 2>/dev/null || true
 if [ $SMALL -eq 1 ]; then
   step "bench_upload" 300 "$PY" benchmarks/bench_upload.py --runs 3 --sizes-mb 1 --batches 1 8 --slots 16
   step "bench_decode" 900 "$PY" benchmarks/bench_decode.py --runs 1 --tokens 6
+  step "profile_decode" 600 "$PY" benchmarks/profile_decode.py --runs 1 --tokens 6 --rows disk_depth0,depth2,default
   PROFILE_TOKENS=6
   SUITE="tests/test_writers.py tests/test_engine.py"
 else
   step "bench_upload" 300 "$PY" benchmarks/bench_upload.py --runs 7
   step "bench_decode" 600 "$PY" benchmarks/bench_decode.py --runs 3
   step "bench_decode, host slot writer" 300 "$PY" benchmarks/bench_decode.py --runs 1 --slot-writer host
+  step "bench_decode, Qwen3-30B-A3B slice" 600 "$PY" benchmarks/bench_decode.py --shape qwen3-30b-a3b --runs 3
+  step "profile_decode" 400 "$PY" benchmarks/profile_decode.py --runs 3
+  step "profile_decode, Qwen3-30B-A3B slice" 500 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b --runs 1
   PROFILE_TOKENS=24
-  SUITE="tests/test_writers.py tests/test_engine.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
+  SUITE="tests/test_writers.py tests/test_engine.py tests/test_governor.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
 fi
 
 step "cProfile, depth 0, 12 slots, top 20 by own time" 300 "$PY" - "$PROFILE_TOKENS" <<'EOF'
@@ -67,7 +71,7 @@ from golem.runtime import load
 from golem.runtime.synthetic import default_cache_dir
 
 tokens = int(sys.argv[1])
-path = build(default_cache_dir(), 32)
+path = build(default_cache_dir(), "small")
 prompts = prompt_ids(load_tokenizer(path))
 with load(str(path), capacities=12) as (model, _):
     decode(model, prompts[:1], 4)  # warm-up

@@ -27,7 +27,7 @@ __all__ = ["ConfigError", "RuntimeConfig", "make_config", "check_against_model",
 
 Size = Union[str, int]
 LayerRanges = Union[str, Sequence[int]]
-PREFETCH_FIELDS = ("prefetch_depth", "threshold", "prefetch_cap_mb", "prefetch_cap_ms")
+PREFETCH_FIELDS = ("prefetch_depth", "threshold", "prefetch_cap_mb", "prefetch_cap_ms", "prefetch_governor")
 
 
 def _declared_fields(cls):
@@ -145,7 +145,8 @@ def _settle_prefetch(values: Dict[str, Any], given: Mapping[str, Any]) -> None:
 
     p = values["prefetch"]
     if p is not None:
-        from_p = {"prefetch_depth": p.depth, "threshold": p.threshold, "prefetch_cap_ms": p.speculative_ms,
+        from_p = {"prefetch_depth": "auto" if p.auto else p.depth, "threshold": p.threshold,
+                  "prefetch_cap_ms": p.speculative_ms, "prefetch_governor": p.governor,
                   "prefetch_cap_mb": None if p.speculative_nbytes is None else p.speculative_nbytes / 1e6}
         for name in PREFETCH_FIELDS:
             if name in given and values[name] != from_p[name]:
@@ -153,11 +154,17 @@ def _settle_prefetch(values: Dict[str, Any], given: Mapping[str, Any]) -> None:
                                   "give the prefetch options one way")
         values.update(from_p)
         values["prefetch"] = p if p.depth > 0 else None
-    elif values["prefetch_depth"] > 0:
+    elif values["prefetch_depth"] != 0:
         mb = values["prefetch_cap_mb"]
-        values["prefetch"] = PrefetchConfig(depth=values["prefetch_depth"], threshold=values["threshold"],
-                                            speculative_nbytes=None if mb is None else max(1, int(mb * 1e6)),
-                                            speculative_ms=values["prefetch_cap_ms"])
+        fields = dict(threshold=values["threshold"], speculative_ms=values["prefetch_cap_ms"],
+                      speculative_nbytes=None if mb is None else max(1, int(mb * 1e6)))
+        if values["prefetch_depth"] == "auto":
+            if not values["prefetch_governor"]:
+                raise ConfigError("--no-prefetch-governor needs a fixed --prefetch-depth N")
+            values["prefetch"] = PrefetchConfig.auto_depth(**fields)
+        else:
+            values["prefetch"] = PrefetchConfig(depth=values["prefetch_depth"], governor=values["prefetch_governor"],
+                                                **fields)
 
 
 def _check_combinations(values: Dict[str, Any], given: Mapping[str, Any]) -> None:
@@ -311,9 +318,9 @@ def check_against_model(config: RuntimeConfig, *, moe_layers: Sequence[int], num
     check_cache_sizes(config.cache_size, config.cache_size_override, num_experts)
     if config.capacities is not None and not callable(config.capacities):
         check_capacities(config.capacities, moe_layers=moe_layers, num_experts=num_experts, top_k=top_k)
-    depth = config.prefetch_depth
-    if depth > len(moe_layers):
-        raise ConfigError(f"--prefetch-depth {depth}: the model has only {len(moe_layers)} MoE layers to look ahead to")
+    p = config.prefetch
+    if p is not None and not p.auto and p.depth > len(moe_layers):
+        raise ConfigError(f"--prefetch-depth {p.depth}: the model has only {len(moe_layers)} MoE layers to look ahead to")
 
 
 def check_capacities(capacities, *, moe_layers: Sequence[int], num_experts: int, top_k: int) -> Dict[int, int]:

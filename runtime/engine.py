@@ -21,6 +21,9 @@ from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
 from golem.io.reads import FileHandles, aligned_empty, read_ranges
 
+from golem.runtime.governor import TokenOutcome
+from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED
+from golem.runtime.phases import PhaseClock, PhaseTimes
 from golem.runtime.slots import LayerStats, SlotPool
 
 ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
@@ -56,10 +59,12 @@ class DiskReader:
 class EngineStats:
     """Totals over all layers, plus host syncs (reads of device values by the host).
 
-    Host time of the engine while decoding, in seconds: ``decode_sync_s`` in its host
-    syncs, ``decode_read_s`` waiting on reads, ``decode_write_s`` putting experts into
-    slots (the upload), ``decode_engine_s`` everything else it does in a layer that is not
-    fully resident (of which ``decode_miss_s`` on misses: requests, bookkeeping, buffers).
+    Host time of the engine while decoding, in layers that are not fully resident, is split
+    by phase in ``phases`` (wall and thread CPU seconds, see ``golem.runtime.phases``). The
+    ``decode_*_s`` properties are its wall-time sums: ``decode_sync_s`` in the host syncs,
+    ``decode_read_s`` waiting on reads, ``decode_write_s`` putting experts into slots (the
+    upload), ``decode_engine_s`` everything else (of which ``decode_miss_s`` handling the
+    demand reads of misses: requests, results, buffers).
     """
 
     host_syncs: int = 0
@@ -67,14 +72,34 @@ class EngineStats:
     tokens: int = 0
     decode_steps: int = 0
     decode_host_syncs: int = 0
-    decode_read_s: float = 0.0
     decode_misses: int = 0  # demand reads while decoding (prefill's are left out)
-    decode_partial_layers: int = 0  # layer calls with a host sync while decoding
-    decode_sync_s: float = 0.0
-    decode_write_s: float = 0.0
-    decode_engine_s: float = 0.0
-    decode_miss_s: float = 0.0
+    phases: PhaseTimes = field(default_factory=PhaseTimes)
     layers: Dict[int, LayerStats] = field(default_factory=dict)
+
+    @property
+    def decode_partial_layers(self) -> int:
+        """Layer calls with a host sync while decoding."""
+        return self.phases.layers
+
+    @property
+    def decode_read_s(self) -> float:
+        return self.phases.wall_s["wait"]
+
+    @property
+    def decode_write_s(self) -> float:
+        return self.phases.wall_s["write"]
+
+    @property
+    def decode_sync_s(self) -> float:
+        return self.phases.wall_s["sync"]
+
+    @property
+    def decode_engine_s(self) -> float:
+        return self.phases.engine_s()
+
+    @property
+    def decode_miss_s(self) -> float:
+        return self.phases.wall_s["request"]
 
     def total(self) -> LayerStats:
         t = LayerStats()
@@ -89,13 +114,17 @@ class EngineStats:
         return t
 
     def host_us(self) -> Dict[str, float]:
-        """Engine host microseconds per decode miss and per decode layer with a host sync."""
+        """Engine host microseconds per decode miss and per decode layer with a host sync
+        (wall time; ``cpu_per_layer_us``: the engine thread's CPU time)."""
         layers = max(self.decode_partial_layers, 1)
+        misses = max(self.decode_misses, 1)
         return {
-            "per_miss_us": 1e6 * self.decode_miss_s / max(self.decode_misses, 1),
+            "per_miss_us": 1e6 * self.decode_miss_s / misses,
             "per_layer_us": 1e6 * self.decode_engine_s / layers,
+            "cpu_per_layer_us": 1e6 * self.phases.engine_s(cpu=True) / layers,
+            "cpu_per_miss_us": 1e6 * self.phases.cpu_s["request"] / misses,
             "sync_per_layer_us": 1e6 * self.decode_sync_s / layers,
-            "write_per_miss_us": 1e6 * self.decode_write_s / max(self.decode_misses, 1),
+            "write_per_miss_us": 1e6 * self.decode_write_s / misses,
         }
 
 
@@ -125,7 +154,8 @@ class Engine:
             demand reads then go through it too, overtaking its prefetch queue.
         prefetcher: optional ``Prefetcher`` (needs ``scheduler``).
         hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
-        clock: time source for stall accounting.
+        clock: wall-clock time source for stall and host-time accounting.
+        cpu_clock: the engine thread's CPU clock (host time by phase).
         overlap: compute a decode step's resident experts while its misses load.
 
     ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a
@@ -135,7 +165,7 @@ class Engine:
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, clock=time.perf_counter,
-                 overlap: bool = True):
+                 cpu_clock=time.thread_time, overlap: bool = True):
         self.index = index
         self.pools = pools
         self.reader = reader
@@ -148,11 +178,13 @@ class Engine:
         self.overlap = overlap
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
+        self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
+        self._last_outcome = (0.0, 0, 0.0)
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
         self.boundary = None  # optional golem.runtime.pipeline.Boundary: prefetch across pipeline ranks
         self._decoding = False
-        self._prefilling = False  # a prompt arrives in one or more multi-token calls
+        self._events: list = []  # what happened to prefetched experts in this layer, for the prefetcher
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -167,20 +199,23 @@ class Engine:
         return buf
 
     def _write(self, pool: SlotPool, slot: int, buf: np.ndarray) -> None:
-        t0 = self.clock()
         pool.write(slot, buf)
-        if self._decoding:
-            self.stats.decode_write_s += self.clock() - t0
+        self._phase.lap("write")
 
     def _flush(self, pool: SlotPool) -> None:
-        t0 = self.clock()
         pool.flush()
-        if self._decoding:
-            self.stats.decode_write_s += self.clock() - t0
+        self._phase.lap("write")
 
     def _evicted(self, layer: int, victim: int) -> None:
         if victim >= 0 and self.prefetcher is not None:
-            self.prefetcher.evicted(layer, victim, self.pools[layer].expert_nbytes)
+            self._events.append((EVICTED, layer, victim, self.pools[layer].expert_nbytes))
+
+    def _report(self) -> None:
+        """Tell the prefetcher, once, what happened to prefetched experts and slots."""
+        if self._events:
+            events, self._events = self._events, []
+            for layer, n in self.prefetcher.report(events).items():
+                self.pools[layer].stats.prefetch_hits += n
 
     def load(self, layer: int, expert: int, protected=()) -> None:
         """Synchronously read ``expert`` into a slot of ``layer`` (a demand read)."""
@@ -188,7 +223,11 @@ class Engine:
         slot, victim = pool.claim(expert, protected)
         self._evicted(layer, victim)
         pool.assign(expert, slot)
-        self._fetch(layer, [(expert, slot)])
+        try:
+            self._fetch(layer, [(expert, slot)])
+        finally:
+            if self.prefetcher is not None:
+                self._report()
 
     def _fetch(self, layer: int, todo, meanwhile=None) -> None:
         """Read ``[(expert, slot), ...]`` (already assigned), write them into their slots, flush.
@@ -201,63 +240,54 @@ class Engine:
         expert not written is unassigned again (a slot never maps an expert whose bytes did
         not arrive) and buffers still to come are handed back as they land.
         """
-        pool = self.pools[layer]
-        t0 = self.clock()
-        waited = aside = 0.0  # seconds waiting on reads; seconds in writes and in meanwhile()
+        pool, ph, clock = self.pools[layer], self._phase, self.clock
+        waited = 0.0  # seconds waiting on reads
         pending = dict(todo)
         try:
             if self.scheduler is None:
                 if meanwhile is not None:
-                    t = self.clock()
                     meanwhile()
-                    aside += self.clock() - t
                 buf = self._staging_for(layer)
                 for e, slot in todo:
-                    t = self.clock()
+                    t = clock()
                     pool.stats.bytes_read += self.reader(layer, e, buf)
-                    t1 = self.clock()
+                    waited += clock() - t
+                    ph.lap("wait")
                     self._write(pool, slot, buf)
-                    waited += t1 - t
-                    aside += self.clock() - t1
                     del pending[e]
             else:
                 sched, pf = self.scheduler, self.prefetcher
                 futures = [(e, slot, sched.submit((layer, e), depth=0)) for e, slot in todo]
+                ph.lap("request")
                 try:
                     if meanwhile is not None:
-                        t = self.clock()
                         meanwhile()
-                        aside += self.clock() - t
                     for e, slot, future in futures:
-                        t = self.clock()
+                        t = clock()
                         buf = wait_result(future)
-                        t1 = self.clock()
-                        waited += t1 - t
+                        waited += clock() - t
+                        ph.lap("wait")
                         try:
                             pool.stats.bytes_read += len(buf)
                             if pf is not None:
-                                pf.late(layer, e)
+                                self._events.append((LATE, layer, e, 0))
+                            ph.lap("request")
                             self._write(pool, slot, buf)
                             del pending[e]
                         finally:
                             sched.release(buf)
-                        aside += self.clock() - t1
+                        ph.lap("request")
                 except BaseException:
                     for _, _, future in futures:  # the engine stops: hand back what still arrives
                         future.add_done_callback(self._release_result)
                     raise
-            t = self.clock()
             self._flush(pool)
-            aside += self.clock() - t
         except BaseException:
             for e in pending:
                 pool.unassign(e)
             raise
         finally:
             pool.stats.read_s += waited
-            if self._decoding:
-                self.stats.decode_read_s += waited
-                self.stats.decode_miss_s += self.clock() - t0 - waited - aside
 
     def _release_result(self, future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -288,7 +318,7 @@ class Engine:
             if pool is not None and not pool.fully_resident:
                 self.preload(layer, list(experts)[-pool.capacity:])
 
-    def _plan(self, pool: SlotPool, needed: np.ndarray):
+    def _plan(self, pool: SlotPool, needed: list):
         """The pool's step protocol for ``needed``, with the counters; ``(hits, todo)``."""
         hits, todo, evicted = pool.plan(needed)
         for victim in evicted:
@@ -298,10 +328,10 @@ class Engine:
         if self._decoding:
             self.stats.decode_misses += len(todo)
         if self.prefetcher is not None and hits:
-            pool.stats.prefetch_hits += self.prefetcher.used_all(pool.layer, hits, pool.expert_nbytes)
+            self._events.append((USED, pool.layer, hits, pool.expert_nbytes))
         return hits, todo
 
-    def _ensure(self, pool: SlotPool, needed: np.ndarray, meanwhile=None) -> None:
+    def _ensure(self, pool: SlotPool, needed: list, meanwhile=None) -> None:
         _, todo = self._plan(pool, needed)
         if todo:
             self._fetch(pool.layer, todo, meanwhile)
@@ -313,32 +343,34 @@ class Engine:
         pool = self.pools[layer]
         return np.ones(pool.num_experts, bool) if pool.fully_resident else pool.slot_of >= 0
 
-    def _install_prefetched(self, layer: int, ids: np.ndarray) -> None:
-        """Install the prefetches that have landed, never evicting an expert ``ids`` uses."""
-        pf, touched = self.prefetcher, set()
-        arrivals = pf.arrivals()
-        if not arrivals:
+    def _install(self, layer: int, ids: np.ndarray, plan) -> None:
+        """Install the prefetches that have landed, never evicting an expert ``ids`` uses
+        (nor, in another layer, one the prefetcher guessed for it)."""
+        if not plan.installs:
             return
+        ph, touched, events = self._phase, set(), self._events
         protected = set(ids.reshape(-1).tolist())
-        for l, e, buf in arrivals:
+        for l, e, buf in plan.installs:
             try:
                 pool = self.pools[l]
                 if pool.is_resident(e):
-                    pf.not_needed(l, e)
+                    events.append((NOT_NEEDED, l, e, 0))
                     continue
                 try:
-                    slot, victim = pool.claim(e, protected if l == layer else pf.keep(l))
+                    slot, victim = pool.claim(e, protected if l == layer else plan.keep(l))
                 except LookupError:  # every slot holds an expert in use or guessed
-                    pf.dropped(l, e, len(buf))
+                    events.append((NO_SLOT, l, e, len(buf)))
                     continue
                 self._evicted(l, victim)
+                ph.lap("install")
                 self._write(pool, slot, buf)
                 pool.assign(e, slot, cold=True)
                 touched.add(pool)
                 pool.stats.bytes_read += len(buf)
-                pf.landed(l, e)
+                events.append((INSTALLED, l, e, 0))
             finally:
                 self.scheduler.release(buf)
+        ph.lap("install")
         for pool in touched:
             self._flush(pool)
 
@@ -347,6 +379,7 @@ class Engine:
         tokens = math.prod(indices.shape[:-1])
         st, pf = self.stats, self.prefetcher
         st.forward_calls += 1
+        self._phase.on = False  # a layer that raised left it running
         st.tokens += tokens
         for pool in self.pools.values():
             if not pool.fully_resident:
@@ -354,100 +387,127 @@ class Engine:
         self._decoding = tokens == 1
         st.decode_steps += self._decoding
         if pf is not None:
-            if self._decoding:
-                pf.begin_step()
-            elif not self._prefilling:
-                pf.begin_sequence()  # a new prompt; its later prefill chunks continue it
-        self._prefilling = not self._decoding
+            pf.begin(self._decoding, self._outcome() if self._decoding else None)
+
+    def _outcome(self) -> TokenOutcome:
+        """What the last decode step cost in stalls and prefetch host time (for the governor)."""
+        wall, st = self.stats.phases.wall_s, self.stats
+        now = (wall["wait"], st.decode_misses, wall["predict"] + wall["issue"] + wall["install"])
+        last, self._last_outcome = self._last_outcome, now
+        return TokenOutcome(stall_s=now[0] - last[0], misses=now[1] - last[1], prefetch_host_s=now[2] - last[2])
 
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         if layer == self.first_layer:
             self._begin_call(indices)
             if self.boundary is not None and self._decoding:
                 self.boundary.incoming(self, x)  # the previous rank's residual: reads before compute
-        pool, pf, trace = self.pools[layer], self.prefetcher, self.trace
+        pool, pf, trace, ph = self.pools[layer], self.prefetcher, self.trace, self._phase
+        if self._decoding:
+            ph.start()
         proposals = pf.propose(layer, self.hidden(layer, x)) if pf is not None and self._decoding else ()
         outgoing = self.boundary.outgoing(self, layer, x) if self.boundary is not None and self._decoding else ()
         if pool.fully_resident and trace is None and not proposals and not outgoing:
+            ph.discard()
             return glu(x, indices)
-        t0 = self.clock()
+        ph.lap("predict")
         extra = trace.weights(layer, x) if trace is not None else []
         mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays), *outgoing])  # this layer's one host sync
-        t_sync = self.clock()
-        waits_before = self.stats.decode_read_s + self.stats.decode_write_s
+        ph.lap("sync")
         self.stats.host_syncs += 1
         self.stats.decode_host_syncs += self._decoding
         ids = np.array(indices)
         if trace is not None:
             trace.record(layer, ids, [np.array(a) for a in extra])
+        ph.lap("ids")
         issue = None
         if pf is not None:
-            if self._decoding:
-                scores = extra[0] if trace is not None and trace.route is not None else None
-                pf.observe(layer, ids, scores)
-                issue = lambda: pf.issue(layer, ids, proposals, self._resident)  # queued behind the demand reads
-            self._install_prefetched(layer, ids)
+            if self._events:  # a layer that raised left them
+                self._report()
+            scores = extra[0] if trace is not None and trace.route is not None else None
+            plan = pf.step(layer, ids, scores, proposals, self._decoding)
+            ph.lap("predict")
+            if plan.issue is not None:
+                def issue():  # queued behind the demand reads
+                    plan.issue(self._resident)
+                    ph.lap("issue")
+            self._install(layer, ids, plan)
         if pool.fully_resident:
             if issue is not None:
                 issue()
             y = glu(x, indices)
         else:
-            needed = np.unique(ids)
+            flat = ids.reshape(-1).tolist()
+            needed = sorted(set(flat))
+            ph.lap("ids")
             if len(needed) > pool.capacity:
                 y = self._streamed(pool, glu, x, ids, needed)
             else:
-                y = self._compute(pool, glu, x, ids, needed, issue)
-        if self._decoding:
-            st = self.stats
-            st.decode_partial_layers += 1
-            st.decode_sync_s += t_sync - t0
-            st.decode_engine_s += self.clock() - t_sync - (st.decode_read_s + st.decode_write_s - waits_before)
+                y = self._compute(pool, glu, x, ids, flat, needed, issue)
+        if pf is not None:
+            ph.lap("graph")
+            self._report()
+            ph.stop("predict")
+        else:
+            ph.stop("graph")
         return y
 
-    def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
-                 needed: np.ndarray, issue) -> mx.array:
+    def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, flat: list,
+                 needed: list, issue) -> mx.array:
         """The layer's experts over its slots: hits at once, misses once read.
 
-        A decode step's results are registered with the pool (``SlotPool.reading``). Those
+        ``flat``: ``ids`` as a flat list; ``needed``: its distinct values, ascending. A
+        decode step's results are registered with the pool (``SlotPool.reading``). Those
         of a multi-token call are not: the caller either evaluates them before its next
         call (the last prefill step) or drops them unevaluated (mlx-lm's earlier prefill
         chunks, whose last layer only the logits need), and evaluating them for the pool's
         sake would compute what nobody reads.
         """
+        ph = self._phase
         hits, todo = self._plan(pool, needed)
+        slots = pool.slots(ids)  # misses are assigned their slots already
+        ph.lap("pool")
         if not (todo and self.overlap and self._decoding and hits):
             if todo:
                 self._fetch(pool.layer, todo, issue)
             elif issue is not None:
                 issue()
-            slots = pool.slots(ids)
             y = glu(x, mx.array(slots))
+            ph.lap("graph")
             if self._decoding:
                 pool.reading(y, slots)
+                ph.lap("pool")
             return y
         # Decode: compute the resident experts while the misses load, then the missing ones;
         # each (token, expert) pair is computed on its own, so splitting them changes no value.
-        flat = ids.reshape(-1)
-        resident = np.isin(flat, np.asarray(hits, dtype=flat.dtype))
-        first, second = np.flatnonzero(resident), np.flatnonzero(~resident)
+        missing = {e for e, _ in todo}
+        first = [i for i, e in enumerate(flat) if e not in missing]
+        second = [i for i, e in enumerate(flat) if e in missing]
         lead = ids.shape[:-1]
-        hit_slots = pool.slots(flat[first])
-        y_hit = glu(x, mx.array(hit_slots.reshape(*lead, -1)))
+        flat_slots = slots.reshape(-1)
+        hit_slots = flat_slots[first]
+        y_hit = glu(x, mx.array(hit_slots).reshape(*lead, -1))
+        ph.lap("graph")
         pool.reading(y_hit, hit_slots)
+        ph.lap("pool")
 
         def meanwhile():
             mx.async_eval(y_hit)
+            ph.lap("launch")
             if issue is not None:
                 issue()
 
         self._fetch(pool.layer, todo, meanwhile)
-        miss_slots = pool.slots(flat[second])
-        y_miss = glu(x, mx.array(miss_slots.reshape(*lead, -1)))
+        miss_slots = flat_slots[second]
+        y_miss = glu(x, mx.array(miss_slots).reshape(*lead, -1))
+        ph.lap("graph")
         pool.reading(y_miss, miss_slots)
-        order = np.argsort(np.concatenate([first, second]))
+        ph.lap("pool")
+        order = [0] * len(flat)
+        for pos, i in enumerate(first + second):
+            order[i] = pos
         return mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2)
 
-    def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: np.ndarray) -> mx.array:
+    def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: list) -> mx.array:
         """More distinct experts than slots (prefill): compute them group by group.
 
         Each group's result is evaluated before the next group overwrites slots, so a
@@ -456,13 +516,13 @@ class Engine:
         *lead, k = ids.shape
         flat = ids.reshape(-1)
         x2 = x.reshape(-1, x.shape[-1])
-        resident = [int(e) for e in needed if pool.is_resident(int(e))]
-        missing = [int(e) for e in needed if not pool.is_resident(int(e))]
+        resident = [e for e in needed if pool.is_resident(e)]
+        missing = [e for e in needed if not pool.is_resident(e)]
         order = resident + missing
         cap = pool.capacity
         outputs, rows_all = [], []
         for start in range(0, len(order), cap):
-            group = np.array(order[start : start + cap], dtype=flat.dtype)
+            group = sorted(order[start : start + cap])
             self._ensure(pool, group)
             rows = np.flatnonzero(np.isin(flat, group))
             xs = x2[mx.array(rows // k)]

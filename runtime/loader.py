@@ -526,6 +526,8 @@ def _checked_against(config: RuntimeConfig, opened: OpenedCheckpoint) -> Runtime
 
     moe_layers = sorted(opened.layers)
     k, e = top_k_of(opened.config), opened.num_experts[moe_layers[0]]
+    if config.prefetch is not None and config.prefetch.auto:  # auto's ceiling, within the model's layers
+        config = dataclasses.replace(config, prefetch=config.prefetch.for_layers(len(moe_layers)))
     if opened.pipeline is None:
         check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers, num_experts=e, top_k=k)
         return config
@@ -613,6 +615,8 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
 
         throttle = parse_throttle(config.emulate_storage)
     prefetch = config.prefetch
+    if prefetch is not None and prefetch.auto and all(c >= num_experts[l] for l, c in sizing.capacities.items()):
+        prefetch = None  # every expert resident: nothing to prefetch
 
     started: list = []  # what to close, last first, if anything below fails
     try:
@@ -684,7 +688,7 @@ def _assemble(path: Path, config: RuntimeConfig, freed: FreedOnFailure, *, profi
         engine = Engine(index, pools, reader, scheduler=scheduler, prefetcher=prefetcher,
                         hidden=lambda layer, x: residuals.get(layer))
         started.append(engine)
-        if opened.pipeline is not None and config.prefetch_depth > 0:
+        if opened.pipeline is not None and prefetch is not None:
             from golem.runtime.pipeline import connect_boundaries
 
             connect_boundaries(opened.pipeline, engine, can_send=blocks is not None)

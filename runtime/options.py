@@ -84,6 +84,9 @@ class Option:
         return self.help.format(default=self.default, choices=names)
 
 
+AUTO_DEPTH = 3  # the most ``prefetch_depth="auto"`` lets the governor use (fewer on a shallower model)
+
+
 class _Declared:
     """A ``PrefetchConfig`` field left at this takes its option's declared default."""
 
@@ -112,6 +115,10 @@ class PrefetchConfig:
         recall_off: switch a layer's prefetching off when its recall average drops below this.
         recall_on: switch it back on when the average recovers above this.
         recall_decay: weight of history in the recall average (per token).
+        governor: let ``golem.runtime.governor.Governor`` choose the depth per token, up to
+            ``depth`` (False: always ``depth``, to measure a fixed depth): ``--prefetch-governor``.
+        auto: ``depth`` is ``--prefetch-depth auto``'s ceiling, not the user's: a model with
+            fewer MoE layers gets less, not an error (``PrefetchConfig.auto_depth()``).
     """
 
     depth: int
@@ -122,6 +129,21 @@ class PrefetchConfig:
     recall_off: float = 0.25
     recall_on: float = 0.4
     recall_decay: float = 0.9
+    governor: bool = True
+    auto: bool = False
+
+    @classmethod
+    def auto_depth(cls, **fields) -> "PrefetchConfig":
+        """``--prefetch-depth auto``: governed, up to ``AUTO_DEPTH`` layers ahead."""
+        return cls(depth=AUTO_DEPTH, auto=True, **fields)
+
+    def for_layers(self, moe_layers: int) -> "PrefetchConfig":
+        """This config on a model with ``moe_layers`` MoE layers (auto's ceiling capped)."""
+        if self.auto and self.depth > max(moe_layers - 1, 1):
+            import dataclasses
+
+            return dataclasses.replace(self, depth=max(moe_layers - 1, 1))
+        return self
 
     def __post_init__(self) -> None:
         # Checked where every option is: golem.runtime.config.RuntimeConfig (prefetch=...).
@@ -157,6 +179,19 @@ def _positive_int(value, o: Option):
 
 
 def _count(value, o: Option):
+    return check_int(value, o.label, low=0)
+
+
+def prefetch_depth(text: str):
+    """``--prefetch-depth``'s text: ``auto`` or a whole number (a ``ValueError`` otherwise)."""
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
+def _depth(value, o: Option):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) or not is_int(value):
+        raise ConfigError(f"{o.label}: expected 'auto' or a whole number, got {value!r}")
     return check_int(value, o.label, low=0)
 
 
@@ -451,8 +486,13 @@ OPTIONS: Tuple[Option, ...] = (
            _bool, "bool", ("--save-profile",), CACHE, {"action": "store_true"}),
     Option("policy", DEFAULT_POLICY, "Eviction policy: {choices} (default {default}, the best on the OLMoE traces; "
            "see benchmarks/bench_policies.py).", _policy, "str", ("--policy",), CACHE, choices=_policy_names),
-    Option("prefetch_depth", 0, "MoE layers ahead to prefetch (default {default}; 0 = none: the synchronous "
-           "baseline).", _count, "int", ("--prefetch-depth",), PREFETCH, {"type": int}),
+    Option("prefetch_depth", "auto", "MoE layers ahead to prefetch: 'auto' (the default: a governor picks 0 to "
+           f"{AUTO_DEPTH} per token from what prefetching saves and costs, wherever experts are offloaded), N (at "
+           "most N, governed), 0 (none: the synchronous baseline).", _depth, "Union[int, str]",
+           ("--prefetch-depth",), PREFETCH, {"type": prefetch_depth}),
+    Option("prefetch_governor", True, "Let the governor lower the depth when prefetching does not pay "
+           "(--no-prefetch-governor: exactly --prefetch-depth layers ahead, to measure a fixed depth).",
+           _bool, "bool", ("--prefetch-governor",), PREFETCH, {"action": "negatable"}, needs_depth=True),
     Option("threshold", 0.3, "Prefetch experts whose predicted probability of use is at least this "
            "(default {default}).", _threshold, "float", ("--threshold",),
            PREFETCH, {"type": float}, needs_depth=True),

@@ -5,9 +5,9 @@ Owns, for the decode engine: asking the predictor at each MoE layer, the selecti
 that switches prefetching off for a layer that predicts poorly (and back on), and the
 useful / wasted accounting, and the life of every prefetch request: which reads to issue,
 which to cancel when a layer's true routing (or a nearer layer's guess) makes them stale,
-which arrivals to install and what an install must not evict. The engine asks and reports
-through the methods below and touches none of its state. It never touches slots or files:
-the engine installs what the scheduler delivers.
+which arrivals to install and what an install must not evict. The engine speaks to it through
+one contract (``begin``, ``propose``, ``step``, ``report``) and touches none of its state. It
+never touches slots or files: the engine installs what the scheduler delivers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from golem.predictors.base import Predictor, Proposal, Selection
-from golem.runtime.options import PrefetchConfig  # noqa: F401  (the structured form of the prefetch options)
+from golem.runtime.governor import Governor, TokenOutcome
+from golem.runtime.options import AUTO_DEPTH, PrefetchConfig  # noqa: F401  (the structured form of the prefetch options)
 
 
 @dataclass
@@ -47,14 +48,39 @@ class PrefetchLayerStats:
         return self.predicted_true / self.true if self.true else 0.0
 
 
+@dataclass
+class LayerPlan:
+    """What the prefetcher wants done at one MoE layer, after its host sync.
+
+    Args:
+        installs: prefetches read and not yet installed, ``(layer, expert, buffer)``; the
+            engine owns each buffer until it hands it back to the scheduler.
+        keep: ``keep(layer)`` -> experts an install into ``layer`` must not evict.
+        issue: ``issue(resident)`` cancels the reads this layer's routing made stale and
+            submits the new ones; the engine calls it once, after queueing its demand reads
+            (``resident(model_layer) -> bool (E,)`` marks experts needing no read). None at
+            a prefill call.
+    """
+
+    installs: List[Tuple[int, int, np.ndarray]]
+    keep: Callable[[int], Set[int]]
+    issue: Optional[Callable[[Callable[[int], np.ndarray]], None]] = None
+
+
+# What the engine reports at the end of a layer (``Prefetcher.report``): ``(kind, layer,
+# expert, nbytes)`` in the order it happened (for USED, ``expert`` is the list of experts used).
+INSTALLED, NOT_NEEDED, NO_SLOT, EVICTED, LATE, USED = "installed", "not_needed", "no_slot", "evicted", "late", "used"
+
+
 class Prefetcher:
     """The predictor-to-scheduler half of the decode engine.
 
-    Per decode step the engine calls ``begin_step``; per MoE layer ``propose`` (lazy
-    arrays, evaluated in the layer's one host sync), then ``observe`` (the true routing),
-    ``arrivals`` and ``keep`` (what to install and what the install must not evict), and
-    ``issue`` (cancel and request reads). It reports what happened with ``landed``,
-    ``not_needed``, ``dropped``, ``evicted``, ``late`` and ``used``. Engine thread only.
+    The contract with the engine (engine thread only): ``begin(decoding, outcome)`` at
+    every forward call (``outcome``: the last decode step's stall and prefetch host time,
+    for the governor); per MoE layer ``propose`` before the layer's host sync (lazy arrays,
+    evaluated in that sync), then ``step`` (the true routing in, one ``LayerPlan`` out),
+    then ``report`` once, with everything that happened to prefetched experts and slots in
+    that layer. The other public methods are its parts, for tests and tools.
 
     Args:
         predictor: any ``golem.predictors`` predictor.
@@ -86,7 +112,55 @@ class Prefetcher:
         self.scheduler = None
         self.wrap = True  # guess the next step's first layers at the last ones (off on a pipeline rank
         # whose first layers follow another rank's: ``propose_boundary`` guesses them)
+        self.governor = Governor(config.depth) if config.governor and config.depth > 0 else None
+        self.depth = config.depth  # this step's depth (the governor's choice)
+        self._useful = self._wasted = 0  # running totals, for the governor's per-token deltas
+        self._seen = (0, 0)
+        self._prefilling = False  # a prompt arrives in one or more multi-token calls
 
+    # -- the engine's contract ------------------------------------------------------------
+    def begin(self, decoding: bool, outcome: Optional[TokenOutcome] = None) -> None:
+        """A forward call starts: a decode step, or a prompt chunk (the first of a prompt
+        starts a new sequence; later chunks continue it)."""
+        if decoding:
+            self.begin_step(outcome)
+        elif not self._prefilling:
+            self.begin_sequence()
+        self._prefilling = not decoding
+
+    def step(self, layer: int, ids: np.ndarray, scores: Optional[np.ndarray], proposals: Sequence[Proposal],
+             decoding: bool) -> LayerPlan:
+        """``layer``'s true routing ``ids`` (and router ``scores`` when known) after its host
+        sync: scores the guesses made for it and returns what to install and to issue."""
+        if decoding:
+            self.observe(layer, ids, scores)
+        issue = (lambda resident: self.issue(layer, ids, proposals, resident)) if decoding else None
+        return LayerPlan(self.arrivals(), self.keep, issue)
+
+    def report(self, events) -> Dict[int, int]:
+        """What happened in the layer, ``[(kind, layer, expert, nbytes), ...]`` in order;
+        returns, per layer, how many used experts came from prefetches."""
+        used: Dict[int, int] = {}
+        for kind, layer, expert, nbytes in events:
+            if kind == USED:  # expert: the list of the layer's experts used
+                n = self.used_all(layer, expert, nbytes)
+                if n:
+                    used[layer] = used.get(layer, 0) + n
+            elif kind == EVICTED:
+                self.evicted(layer, expert, nbytes)
+            elif kind == INSTALLED:
+                self.landed(layer, expert)
+            elif kind == LATE:
+                self.late(layer, expert)
+            elif kind == NOT_NEEDED:
+                self.not_needed(layer, expert)
+            elif kind == NO_SLOT:
+                self.dropped(layer, expert, nbytes)
+            else:
+                raise ValueError(f"unknown prefetch event {kind!r}")
+        return used
+
+    # -- its parts ---------------------------------------------------------------------------
     def attach(self, scheduler) -> None:
         """The I/O scheduler (``golem.io.scheduler.IOScheduler``) prefetches go through."""
         self.scheduler = scheduler
@@ -94,17 +168,23 @@ class Prefetcher:
     def begin_sequence(self) -> None:
         self.predictor.begin_sequence()
 
-    def begin_step(self) -> None:
+    def begin_step(self, outcome: Optional[TokenOutcome] = None) -> None:
+        """A decode step starts; ``outcome``: what the engine measured over the last one
+        (the governor sets this step's depth from it)."""
         self._predicted, self._predicted_next = self._predicted_next, {}
         self.predictor.begin_step()
+        if self.governor is not None and outcome is not None:
+            useful, wasted = self._useful - self._seen[0], self._wasted - self._seen[1]
+            self._seen = (self._useful, self._wasted)
+            self.depth = self.governor.step(outcome, useful, wasted)
 
     def propose(self, layer: int, hidden) -> List[Proposal]:
         """The predictor's lazy proposals at ``layer``: for the layers ahead in this step and,
         when the depth runs past the last layer and the predictor can say, for the next
         step's first layers. Empty when nothing ahead needs a prefetch."""
-        if self.config.depth == 0:
+        if self.depth == 0:
             return []
-        pos, depth, n = self.position[layer], self.config.depth, len(self.moe_layers)
+        pos, depth, n = self.position[layer], self.depth, len(self.moe_layers)
         out = []
         if any(self.wanted[p] for p in range(pos + 1, min(pos + depth, n - 1) + 1)):
             out.append(self.predictor.propose(pos, depth, hidden))
@@ -118,7 +198,8 @@ class Prefetcher:
         """Layer ``layer``'s true routing for this token: score the guesses made for it."""
         pos = self.position[layer]
         self.predictor.observe(pos, ids, scores)
-        true = set(int(e) for e in np.unique(ids) if e >= 0)
+        true = set(ids.reshape(-1).tolist())
+        true.discard(-1)
         guessed = self._predicted.get(pos)
         s = self.stats[layer]
         if guessed is None:
@@ -151,7 +232,10 @@ class Prefetcher:
         keep = self.selection.mask(scores, None)
         for r, t in enumerate(targets):
             guessed = self._predicted if t < n else self._predicted_next
-            guessed.setdefault(t % n, set()).update(int(e) for e in np.flatnonzero(keep[r]))
+            guessed.setdefault(t % n, set()).update(np.flatnonzero(keep[r]).tolist())
+        th = self.selection.threshold
+        if not ((scores >= th) & (scores > 0) & ~exclude).any():  # nothing to read (Selection's own test)
+            return []
         out = []
         for cand in self.selection.select(scores, targets, exclude):
             layer = self.moe_layers[cand.layer % n]
@@ -253,6 +337,7 @@ class Prefetcher:
         s = self.stats[layer]
         s.wasted += 1
         s.wasted_nbytes += nbytes
+        self._wasted += 1
 
     def used(self, layer: int, expert: int, nbytes: int) -> bool:
         """A resident expert is used; True if it came from a prefetch not used before."""
@@ -261,6 +346,7 @@ class Prefetcher:
             s = self.stats[layer]
             s.useful += 1
             s.useful_nbytes += nbytes
+            self._useful += 1
             return True
         return False
 

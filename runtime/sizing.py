@@ -160,7 +160,7 @@ def staging_buffers(top_k: int, depth: int) -> int:
 def staging_for(config: RuntimeConfig, memory) -> Staging:
     """The staging buffers and speculative caps of ``config`` on a model of ``memory``
     (``golem.runtime.memplan.ModelMemory``)."""
-    depth = config.prefetch_depth
+    depth = config.prefetch.depth if config.prefetch is not None else 0
     biggest = max(memory.nbytes_of(i) for i in range(memory.num_layers))
     spec = spec_s = None
     if config.prefetch is not None:

@@ -100,8 +100,10 @@ class SlotPool:
             setattr(p.owner, p.attr, mx.zeros((capacity, *p.spec.expert_shape), dtype=dtype))
         mx.eval([getattr(p.owner, p.attr) for p in self.parts])
         self._identity = capacity == num_experts  # slot i holds expert i: no table
+        self._full = False  # no free slot: claims evict without looking for one
+        self._expert_nbytes = sum(p.spec.expert_nbytes for p in self.parts)
         self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, capacity)
-        self._readers: List[Tuple[mx.array, np.ndarray]] = []  # computations that may still read slots
+        self._readers: List[Tuple[mx.array, frozenset]] = []  # computations that may still read slots
 
     @property
     def fully_resident(self) -> bool:
@@ -120,7 +122,7 @@ class SlotPool:
 
     @property
     def expert_nbytes(self) -> int:
-        return sum(p.spec.expert_nbytes for p in self.parts)
+        return self._expert_nbytes
 
     @property
     def nbytes(self) -> int:
@@ -133,8 +135,13 @@ class SlotPool:
         return self.slot_of[expert] >= 0
 
     def free_slot(self) -> Optional[int]:
+        if self._full:
+            return None
         free = np.flatnonzero(self.expert_in < 0)
-        return int(free[0]) if len(free) else None
+        if not len(free):
+            self._full = True  # until a slot is given up (unassign)
+            return None
+        return int(free[0])
 
     def claim(self, expert: int, protected: Iterable[int] = ()) -> Tuple[int, int]:
         """Pick the slot ``expert`` will occupy: a free one, else the policy's victim.
@@ -147,7 +154,7 @@ class SlotPool:
             return expert, -1
         slot = self.free_slot()
         victim = -1
-        if slot is None:
+        if slot is None:  # (a claimed victim's slot is assigned at once by the caller)
             keep = protected if isinstance(protected, (set, frozenset)) else set(protected)
             victim = self.policy.victim(protected=keep)
             slot = int(self.slot_of[victim])
@@ -176,13 +183,14 @@ class SlotPool:
             self.expert_in[self.slot_of[expert]] = -1
             self.slot_of[expert] = -1
             self.policy.evict(expert)
+            self._full = False
 
     def reading(self, out: mx.array, slots: np.ndarray) -> None:
         """``out`` (lazy) reads ``slots``: no write may touch them before it is evaluated."""
         if len(self._readers) >= MAX_READERS:  # evaluated long since in a decode loop: cheap
             mx.eval([r for r, _ in self._readers])
             self._readers.clear()
-        self._readers.append((out, slots))
+        self._readers.append((out, frozenset(np.asarray(slots).reshape(-1).tolist())))
 
     def _before_write(self, slot: int) -> None:
         if not self._readers:
@@ -222,15 +230,23 @@ class SlotPool:
     def plan(self, needed: Sequence[int]) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
         """One step's use of this layer, by the policy's step protocol.
 
-        Walks ``needed`` in ascending id order: a resident expert is a hit, a missing one
-        claims a slot (evicting, never one of ``needed``) and is assigned to it at once.
-        Returns ``(hits, [(expert, slot), ...] to read, evicted experts)``.
+        ``needed``: the step's distinct expert ids (Python ints), ascending. A resident
+        expert is a hit, a missing one claims a slot (evicting, never one of ``needed``)
+        and is assigned to it at once. Returns ``(hits, [(expert, slot), ...] to read,
+        evicted experts)``. When every expert is resident (the common case) this is one
+        table lookup and the policy's hits.
         """
-        protected = set(int(e) for e in needed)
+        policy = self.policy
+        slots = self.slot_of[needed].tolist()
+        if min(slots) >= 0:
+            for e in needed:
+                policy.hit(e)
+            return list(needed), [], []
+        protected = set(needed)
         hits, misses, evicted = [], [], []
-        for e in sorted(protected):
-            if self.is_resident(e):
-                self.policy.hit(e)
+        for e, slot in zip(needed, slots):
+            if slot >= 0:
+                policy.hit(e)
                 hits.append(e)
             else:
                 slot, victim = self.claim(e, protected)

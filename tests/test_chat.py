@@ -66,7 +66,7 @@ def test_model_is_required(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["-c", "2"], "top-k"),  # fewer slots than the model's top-k (4)
-    (["--threshold", "0.5"], "--threshold needs a prefetch depth"),
+    (["--prefetch-depth", "0", "--threshold", "0.5"], "--threshold needs a prefetch depth"),
 ])
 def test_bad_flag_is_one_line(checkpoints, capsys, flags, message):
     from golem.runtime.cli.chat import main

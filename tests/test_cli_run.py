@@ -124,12 +124,13 @@ def test_a_plain_run_sizes_itself_to_the_machine(checkpoints, capsys, monkeypatc
     out, err = _golem(["--model", path, *PROMPT], capsys)
     assert "every expert resident" in err and "Experts: all resident" in out and "hit rate" not in out
     monkeypatch.setenv("GOLEM_MEMORY_LIMIT", str(int(everything * 0.95)))
-    out, err = _golem(["--model", path, *PROMPT], capsys)
+    # depth 0: the staging buffers of the default governed prefetch would be a third of this tiny model
+    out, err = _golem(["--model", path, *PROMPT, "--prefetch-depth", "0"], capsys)
     line = [l for l in err.splitlines() if "sized to this machine" in l]
     assert len(line) == 1 and "GOLEM_MEMORY_LIMIT" in line[0] and "does not fit" in line[0], err
     assert out.split("=" * 10)[1] == stock.split("=" * 10)[1]
     assert "Experts: hit rate" in out and int(out.split("Experts:")[1].split(" read (")[0].rsplit(" ", 1)[-1]) > 0
-    assert golem_run(["--model", path, "--plan"]) == 0
+    assert golem_run(["--model", path, "--plan", "--prefetch-depth", "0"]) == 0
     printed = capsys.readouterr().out
     assert "sized to this machine" in printed and "non-expert bytes" in printed and "staging buffers" in printed
     monkeypatch.setenv("GOLEM_MEMORY_LIMIT", "1KB")
@@ -148,8 +149,9 @@ def test_a_plain_run_sizes_itself_to_the_machine(checkpoints, capsys, monkeypatc
     (["-c", "4", "--emulate-storage", "nan"], ["--emulate-storage", "nan"]),
     (["-c", "4", "--prefetch-depth", "2", "--prefetch-cap-mb=-5"], ["--prefetch-cap-mb", "-5"]),
     (["-c", "4", "--prefetch-depth", "2", "--prefetch-cap-ms", "inf"], ["--prefetch-cap-ms", "inf"]),
-    (["-c", "4", "--threshold", "0.5"], ["--threshold", "--prefetch-depth"]),
-    (["-c", "4", "--predictor", "transition"], ["--predictor", "--prefetch-depth"]),
+    (["-c", "4", "--prefetch-depth", "0", "--threshold", "0.5"], ["--threshold", "--prefetch-depth"]),
+    (["-c", "4", "--prefetch-depth", "0", "--predictor", "transition"], ["--predictor", "--prefetch-depth"]),
+    (["-c", "4", "--no-prefetch-governor"], ["--no-prefetch-governor", "--prefetch-depth"]),
     (["-c", "4", "--prefetch-depth", "1", "--predictor", "nope"], ["--predictor", "nope"]),
     (["--memory-budget", "1e400B"], ["--memory-budget", "1e400B"]),
     (["--memory-budget", "48G", "-m", "0"], ["--max-tokens"]),

@@ -37,7 +37,7 @@ def golem_text(argv, capsys):
     ["-c", "5"],
     ["-c", "4", "--cache-size-override", "1-2", "8", "--cache-size-override", "2", "12"],
     ["-c", "4", "-f", "0,3"],
-    ["--memory-budget", "1.05MB"],
+    ["--memory-budget", "1.05MB", "--prefetch-depth", "0"],  # (auto's staging buffers would not fit beside it)
     ["-c", "6", "-R", "7"],
     ["-c", "4", "--policy", "lfu"],
     ["-c", "4", "--policy", "lfu-decay"],

@@ -28,7 +28,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
             continue
         if o.group not in groups:
             groups[o.group] = parser.add_argument_group(o.group)
-        groups[o.group].add_argument(*o.flags, dest=o.name, default=None, help=o.help_text(), **o.cli)
+        cli = dict(o.cli)
+        if cli.get("action") == "negatable":  # --x and --no-x
+            cli["action"] = argparse.BooleanOptionalAction
+        groups[o.group].add_argument(*o.flags, dest=o.name, default=None, help=o.help_text(), **cli)
     return parser
 
 

@@ -97,7 +97,13 @@ def format_stats(runtime, generation_tokens: int = 0) -> str:
     """golem's statistics lines, printed after mlx-lm's."""
     from golem.runtime.report import summary
 
-    return summary(runtime.stats(), runtime.num_experts)
+    text = summary(runtime.stats(), runtime.num_experts)
+    pf = runtime.engine.prefetcher
+    if pf is not None:
+        gov = pf.governor
+        text += (f"\nPrefetch depth: governed, at most {gov.max_depth}: {gov.stats.describe()}" if gov is not None
+                 else f"\nPrefetch depth: fixed at {pf.depth} (--no-prefetch-governor)")
+    return text
 
 
 def format_layer_table(runtime) -> str:

@@ -1,0 +1,89 @@
+"""Where does the engine's host time go, per partial layer, in each row of bench_decode?
+
+Runs bench_decode's rows (same checkpoint, prompts, cache and emulated storage; the storage
+speed is calibrated on a full-cache run first) and prints, per row, the engine's host time
+per decode layer that is not fully resident, split by phase (``golem.runtime.phases``), as
+wall microseconds and as the engine thread's CPU microseconds (a busy machine inflates wall
+time, not CPU time). "measured" is the whole time of those layer calls timed from outside
+the engine: the phases must add up to it. "engine" is the host time the issue's budget is
+about (every phase but the sync, the read waits and the slot writes), with its share per
+miss. Median of --runs runs per row, then one JSON line.
+
+    python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b] [--runs 3] [--rows depth0,depth2,oracle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_decode  # noqa: E402
+
+DEFAULT_ROWS = ("warm_resident", "disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default")
+
+
+def main() -> None:
+    from golem.runtime.phases import EXCLUDED, PHASES
+    from golem.runtime.synthetic import default_cache_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="small", choices=tuple(bench_decode.SHAPES))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--capacity", type=int, default=None)
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="bench_decode rows, comma-separated")
+    ap.add_argument("--dir", type=Path, default=default_cache_dir())
+    args = ap.parse_args()
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+
+    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, args.capacity)
+    full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
+    setup.calibrate(1.0 / full["tps"])
+    rows = setup.rows()
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        sys.exit(f"profile_decode.py: unknown row(s) {', '.join(unknown)}; choose from {', '.join(rows)}")
+    results = {}
+    for name in names:
+        results[name], outs = setup.run(name, rows[name], args.runs)
+        results[name]["identical"] = outs == setup.truth_outputs
+    results = {k: r for k, r in results.items() if "phase_sync" in r}
+
+    print(f"{setup.path.name}: cache {setup.capacity} slots/layer, {len(setup.prompts)} prompts x {args.tokens} tokens, "
+          f"median of {args.runs} runs; compute {1e6 * setup.compute_s / (bench_decode.SHAPES[args.shape][0]['layers'] - 1):.0f} us "
+          f"per MoE layer (full cache)")
+    print("host microseconds per partial decode layer, wall / engine-thread CPU; * = left out of 'engine'")
+    width = 15
+    print(f"{'phase':<10}" + "".join(f"{n:>{width}}" for n in results))
+    for ph in PHASES:
+        cells = "".join(f"{r['phase_' + ph]:>7.0f} /{r['phase_cpu_' + ph]:>6.0f}" for r in results.values())
+        print(f"{ph + ('*' if ph in EXCLUDED else ''):<10}" + cells)
+    line = lambda label, key: print(f"{label:<10}" + "".join(f"{r.get(key, float('nan')):>{width}.0f}" for r in results.values()))  # noqa: E731
+    line("sum", "phase_sum_us")
+    line("measured", "measured_us")
+    print(f"{'engine':<10}" + "".join(f"{r['us_per_layer']:>7.0f} /{r['cpu_us_per_layer']:>6.0f}" for r in results.values()))
+    print(f"{'per miss':<10}" + "".join(
+        f"{r.get('us_per_miss', float('nan')):>7.0f} /{r.get('cpu_us_per_miss', float('nan')):>6.0f}" for r in results.values()))
+    print(f"{'tok/s':<10}" + "".join(f"{r['tps']:>{width}.2f}" for r in results.values()))
+    print(f"{'identical':<10}" + "".join(f"{str(r['identical']):>{width}}" for r in results.values()))
+    worst = max(abs(r["phase_sum_us"] / r["measured_us"] - 1) for r in results.values())
+    print(f"phases vs measured: worst gap {100 * worst:.1f}% (target <= 10%)")
+    out = {"shape": args.shape, "runs": args.runs, "compute_us_per_moe_layer":
+           1e6 * setup.compute_s / (bench_decode.SHAPES[args.shape][0]["layers"] - 1), "phase_gap": worst}
+    for name, r in results.items():
+        out[f"{name}_us_per_layer"] = r["us_per_layer"]
+        out[f"{name}_cpu_us_per_layer"] = r["cpu_us_per_layer"]
+        out[f"{name}_us_per_miss"] = r.get("us_per_miss")
+        out[f"{name}_measured_us"] = r["measured_us"]
+        out[f"{name}_identical"] = r["identical"]
+        out[f"{name}_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The prefetch governor: how deep speculation may go for the next tokens, from what it paid.
+
+Owns one decision: the prefetch depth of each decode step, between 0 (off) and the most the
+user allowed. It weighs, over windows of tokens, what speculation saved (prefetches used,
+each a demand read that did not stall, at the stall a demand read is measured to cost now)
+against what it cost (the engine's host time proposing, issuing and installing prefetches,
+and prefetches wasted, each a read and a slot given to nothing). Below zero it steps down,
+down to off; while off it probes depth 1 now and then, less often after each probe that lost.
+Knows nothing of slots, files or predictors: the prefetcher feeds it numbers once per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass(frozen=True)
+class TokenOutcome:
+    """What the engine measured over one decode step (seconds are wall time).
+
+    Args:
+        stall_s: waiting on demand reads.
+        misses: demand reads.
+        prefetch_host_s: host time spent on prefetch (predictor proposals and observation,
+            issuing and cancelling reads, installing arrivals).
+    """
+
+    stall_s: float = 0.0
+    misses: int = 0
+    prefetch_host_s: float = 0.0
+
+
+@dataclass
+class GovernorStats:
+    """What the governor saw and did: tokens per depth, steps down and up, probes."""
+
+    tokens_at: Dict[int, int] = field(default_factory=dict)
+    downs: int = 0
+    ups: int = 0
+    probes: int = 0
+    history: List[int] = field(default_factory=list)  # depth at each decision
+
+    def describe(self) -> str:
+        """One line: decode steps per depth, and the governor's moves."""
+        at = ", ".join(f"{d}: {n}" for d, n in sorted(self.tokens_at.items()))
+        return f"steps at each depth {{{at}}}, {self.downs} steps down, {self.ups} up, {self.probes} probes"
+
+
+class Governor:
+    """Chooses the prefetch depth per token from measured savings and costs.
+
+    Per window of ``window`` tokens at depth d > 0: saved = useful prefetches x the demand
+    stall per miss (a running average over every token, prefetching or not); cost =
+    prefetch host time + wasted prefetches x ``waste_weight`` x the stall per miss. A window
+    with saved < cost steps one layer shallower (at 0 prefetch is off); a window that paid,
+    at a depth below ``max_depth`` whose deeper neighbour has not been measured since the
+    last probe (or did worse), steps one deeper. Off, it probes depth 1 after ``probe_tokens``
+    tokens, doubled after each probe that lost, up to ``max_probe_tokens``.
+
+    Args:
+        max_depth: the deepest it may go (the user's depth).
+        window: tokens per decision.
+        probe_tokens: tokens off before the first probe.
+        max_probe_tokens: longest wait between probes.
+        waste_weight: a wasted prefetch's cost in demand stalls (small: speculative reads
+            start only on an idle reader, under a cap, and the demand reads they delay show
+            up in the measured stall per miss already).
+        start_depth: where it starts (default ``max_depth``).
+    """
+
+    def __init__(self, max_depth: int, *, window: int = 8, probe_tokens: int = 16, max_probe_tokens: int = 512,
+                 waste_weight: float = 0.25, start_depth: Optional[int] = None):
+        if max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+        self.max_depth = max_depth
+        self.window = window
+        self.probe_tokens = probe_tokens
+        self.max_probe_tokens = max_probe_tokens
+        self.waste_weight = waste_weight
+        self.depth = max_depth if start_depth is None else min(start_depth, max_depth)
+        self.stats = GovernorStats()
+        self.stall_per_miss_s: Optional[float] = None
+        self._net: Dict[int, float] = {}  # net seconds saved per token, last window at each depth (since off)
+        self._saved = self._cost = 0.0
+        self._tokens = 0
+        self._off_for = 0
+        self._backoff = probe_tokens
+        self._probing = False  # at depth 1 on a probe that has not paid yet
+
+    def step(self, outcome: TokenOutcome, useful: int, wasted: int) -> int:
+        """One decoded token's outcome (``useful`` / ``wasted``: prefetches that turned out
+        used or wasted during it); returns the depth for the next token."""
+        if outcome.misses:
+            per = outcome.stall_s / outcome.misses
+            self.stall_per_miss_s = per if self.stall_per_miss_s is None else 0.8 * self.stall_per_miss_s + 0.2 * per
+        self.stats.tokens_at[self.depth] = self.stats.tokens_at.get(self.depth, 0) + 1
+        if self.depth == 0:
+            self._off_for += 1
+            if self.max_depth > 0 and self._off_for >= self._backoff:
+                self.depth, self._off_for = 1, 0
+                self.stats.probes += 1
+                self._probing = True
+                self._net.clear()  # what deeper depths did before going off is stale now
+                self._start_window()
+            return self.depth
+        stall = self.stall_per_miss_s or 0.0
+        self._saved += useful * stall
+        self._cost += outcome.prefetch_host_s + wasted * self.waste_weight * stall
+        self._tokens += 1
+        if self._tokens >= self.window:
+            self._decide()
+        return self.depth
+
+    def _start_window(self) -> None:
+        self._saved = self._cost = 0.0
+        self._tokens = 0
+
+    def _decide(self) -> None:
+        d = self.depth
+        net = (self._saved - self._cost) / self._tokens
+        self._net[d] = net
+        self.stats.history.append(d)
+        if net < 0:
+            self.depth = d - 1
+            self.stats.downs += 1
+            if self.depth == 0:
+                self._off_for = 0
+                self._backoff = min(2 * self._backoff, self.max_probe_tokens) if self._probing else self.probe_tokens
+            self._probing = False
+            self._start_window()
+            return
+        self._probing = False
+        if d < self.max_depth and self._net.get(d + 1, float("inf")) > net:
+            self.depth = d + 1
+            self.stats.ups += 1
+        self._start_window()

@@ -1,0 +1,100 @@
+"""Host time of the decode engine, split by phase: wall time and the engine thread's CPU time.
+
+Owns the phase names and the lap clock that charges the time since its last lap to one
+phase, so the phases of a layer add up to the layer's whole host time by construction.
+Knows nothing of pools, reads or models: the engine says where a phase ends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict
+
+# In the order a layer with misses meets them.
+PHASES = (
+    "predict",   # the predictor's lazy proposals and its observation of the true routing
+    "sync",      # the layer's one host sync (mx.eval of ids and lazy predictor outputs)
+    "ids",       # reading the ids back, the trace, the miss check
+    "pool",      # slot table and eviction policy: hits, claims, assignments, readers
+    "install",   # installing prefetches that have landed (claims; their writes are "write")
+    "issue",     # choosing, cancelling and submitting prefetch reads
+    "request",   # demand reads: submitting, taking results, handing buffers back
+    "graph",     # building the expert computation (ids to slots, gather, reorder)
+    "launch",    # starting the resident experts' computation while misses load
+    "wait",      # blocked on reads
+    "write",     # putting experts into slots (the upload)
+)
+# What "engine host time" leaves out: device work and I/O the engine only waits for.
+EXCLUDED = ("sync", "wait", "write")
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds per phase (``PHASES``) while decoding, in layers that are not fully resident.
+
+    ``wall_s`` is elapsed time, ``cpu_s`` the engine thread's CPU time
+    (``time.thread_time``): on a busy machine, wall time also holds time the thread spent
+    descheduled, CPU time does not. ``layers`` counts the layers timed.
+    """
+
+    wall_s: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    cpu_s: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    layers: int = 0
+
+    def engine_s(self, cpu: bool = False) -> float:
+        """Engine host seconds: every phase but the sync, the read waits and the writes."""
+        src = self.cpu_s if cpu else self.wall_s
+        return sum(v for k, v in src.items() if k not in EXCLUDED)
+
+    def total_s(self, cpu: bool = False) -> float:
+        return sum((self.cpu_s if cpu else self.wall_s).values())
+
+    def per_layer_us(self, cpu: bool = False) -> Dict[str, float]:
+        src = self.cpu_s if cpu else self.wall_s
+        n = max(self.layers, 1)
+        return {k: 1e6 * v / n for k, v in src.items()}
+
+
+class PhaseClock:
+    """Charges elapsed time to phases: ``start()``, then ``lap(phase)`` at each phase's end.
+
+    Off (every call a no-op) until ``start``; ``stop(phase)`` charges the last stretch and
+    turns it off. Engine thread only.
+
+    Args:
+        times: where the seconds go.
+        clock: wall clock.
+        cpu_clock: the calling thread's CPU clock.
+    """
+
+    def __init__(self, times: PhaseTimes, clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.thread_time):
+        self.times = times
+        self.clock = clock
+        self.cpu_clock = cpu_clock
+        self.on = False
+        self._t = self._c = 0.0
+
+    def start(self) -> None:
+        self.on = True
+        self.times.layers += 1
+        self._t, self._c = self.clock(), self.cpu_clock()
+
+    def lap(self, phase: str) -> None:
+        if not self.on:
+            return
+        t, c = self.clock(), self.cpu_clock()
+        self.times.wall_s[phase] += t - self._t
+        self.times.cpu_s[phase] += c - self._c
+        self._t, self._c = t, c
+
+    def discard(self) -> None:
+        """Forget the layer started: it needed no host work after all."""
+        if self.on:
+            self.on = False
+            self.times.layers -= 1
+
+    def stop(self, phase: str) -> None:
+        self.lap(phase)
+        self.on = False

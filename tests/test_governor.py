@@ -1,0 +1,94 @@
+"""The prefetch governor: it keeps a depth that pays, steps down to off when speculation costs
+more than it saves, probes again later (less often after each losing probe), never exceeds the
+user's depth, and a fixed depth stays fixed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from golem.runtime.governor import Governor, TokenOutcome
+from golem.runtime.prefetch import AUTO_DEPTH, PrefetchConfig, Prefetcher
+
+SLOW_MISS = TokenOutcome(stall_s=0.010, misses=2, prefetch_host_s=0.001)  # 5 ms per demand read
+CHEAP_MISS = TokenOutcome(stall_s=0.0002, misses=2, prefetch_host_s=0.002)  # 0.1 ms per demand read
+
+
+def run(gov: Governor, outcome: TokenOutcome, tokens: int, useful: int = 3, wasted: int = 1):
+    return [gov.step(outcome, useful if gov.depth else 0, wasted if gov.depth else 0) for _ in range(tokens)]
+
+
+def test_speculation_that_pays_keeps_the_depth():
+    gov = Governor(3, window=4)
+    assert gov.depth == 3
+    assert run(gov, SLOW_MISS, 40) == [3] * 40  # saves 3 x 5 ms, costs 1 ms + 2.5 ms
+    assert gov.stats.downs == 0 and gov.stats.tokens_at == {3: 40}
+
+
+def test_speculation_that_costs_steps_down_to_off_then_probes_with_backoff():
+    gov = Governor(2, window=4, probe_tokens=8, max_probe_tokens=32)
+    depths = run(gov, CHEAP_MISS, 8)
+    assert depths == [2, 2, 2, 1, 1, 1, 1, 0]  # a window per step down
+    # off: 8 tokens, then a probe at depth 1 for one window; it loses: 16 tokens off, then 32, then 32 again (the cap)
+    depths = run(gov, CHEAP_MISS, 8 + 4 + 16 + 4 + 32 + 4 + 32)
+    probes = [i for i in range(1, len(depths)) if depths[i] == 1 and depths[i - 1] == 0]
+    assert gov.stats.probes == len(probes) == 4
+    assert list(np.diff([-1] + probes)) == [8, 4 + 16, 4 + 32, 4 + 32]
+
+
+def test_a_probe_that_pays_climbs_back_up_to_the_ceiling():
+    gov = Governor(2, window=4, probe_tokens=4)
+    run(gov, CHEAP_MISS, 8)
+    assert gov.depth == 0
+    run(gov, SLOW_MISS, 4)  # off 4 tokens, then probe (depth 1) ...
+    assert gov.depth == 1
+    run(gov, SLOW_MISS, 4)  # ... which pays: one deeper (depth 2 lost before going off: stale)
+    assert gov.depth == 2 and gov.stats.ups == 1
+    run(gov, SLOW_MISS, 20)
+    assert gov.depth == 2  # never above the ceiling
+
+
+def test_depth_zero_is_never_raised():
+    gov = Governor(0)
+    assert run(gov, SLOW_MISS, 50) == [0] * 50 and gov.stats.probes == 0
+
+
+class _Guesses:
+    """A predictor that names nothing (the prefetcher's depth is all that is looked at)."""
+
+    needs_hidden = False
+
+    def begin_sequence(self):
+        pass
+
+    def begin_step(self):
+        pass
+
+    def propose(self, layer, depth, hidden):
+        from golem.predictors.base import Proposal
+
+        return Proposal(layer, range(layer + 1, min(layer + depth, 2) + 1))
+
+    def propose_next(self, layer, depth, hidden):
+        return None
+
+    def observe(self, layer, ids, scores):
+        pass
+
+
+@pytest.mark.parametrize("governed", [True, False])
+def test_the_prefetcher_proposes_at_the_governed_depth_or_the_fixed_one(governed):
+    config = PrefetchConfig(depth=2, governor=governed)
+    pf = Prefetcher(_Guesses(), config, [10, 20, 30], 2, [100] * 3, [True] * 3)
+    assert (pf.governor is not None) == governed
+    for _ in range(64):  # costly, useless speculation
+        pf.begin_step(CHEAP_MISS)
+    assert pf.depth == (0 if governed else 2)
+    assert (pf.propose(10, None) == []) == governed
+
+
+def test_auto_depth_is_governed_and_capped_by_the_model():
+    auto = PrefetchConfig.auto_depth()
+    assert auto.depth == AUTO_DEPTH and auto.governor and auto.auto
+    assert auto.for_layers(2).depth == 1 and auto.for_layers(10).depth == AUTO_DEPTH
+    assert PrefetchConfig(depth=3).for_layers(2).depth == 3  # an explicit depth is the user's (checked elsewhere)
