@@ -54,6 +54,8 @@ class Option:
         choices: ``() -> names`` for ``{choices}`` in the help.
         needs_depth: meaningful only with a prefetch depth (given otherwise: an error).
         aliases: other keyword names ``RuntimeConfig`` and ``load()`` accept (older names).
+        command_default: the command lines' default where it differs from the library's
+            (None: the same); declared here with the other, shown in ``--help``.
     """
 
     name: str
@@ -67,11 +69,19 @@ class Option:
     choices: Optional[Callable[[], Sequence[str]]] = None
     needs_depth: bool = False
     aliases: Tuple[str, ...] = ()
+    command_default: Any = None
 
     @property
     def label(self) -> str:
         """How messages name the option: its flags (``-c/--cache-size``) or its keyword."""
         return "/".join(self.flags) if self.flags else self.name
+
+    @property
+    def all_flags(self) -> Tuple[str, ...]:
+        """``flags``, plus ``--no-...`` for a negatable one (``cli={"action": "negatable"}``)."""
+        if self.cli.get("action") != "negatable":
+            return self.flags
+        return self.flags + tuple(f"--no-{f[2:]}" for f in self.flags if f.startswith("--"))
 
     @property
     def long_flag(self) -> Optional[str]:
@@ -81,7 +91,8 @@ class Option:
         """``help`` with the declared default and the choices filled in (``choices=False``:
         without importing what lists them)."""
         names = ", ".join(self.choices()) if self.choices is not None and choices else "see --help"
-        return self.help.format(default=self.default, choices=names)
+        default = self.default if self.command_default is None else self.command_default
+        return self.help.format(default=default, choices=names)
 
 
 AUTO_DEPTH = 3  # the most ``prefetch_depth="auto"`` lets the governor use (fewer on a shallower model)
@@ -486,10 +497,11 @@ OPTIONS: Tuple[Option, ...] = (
            _bool, "bool", ("--save-profile",), CACHE, {"action": "store_true"}),
     Option("policy", DEFAULT_POLICY, "Eviction policy: {choices} (default {default}, the best on the OLMoE traces; "
            "see benchmarks/bench_policies.py).", _policy, "str", ("--policy",), CACHE, choices=_policy_names),
-    Option("prefetch_depth", "auto", "MoE layers ahead to prefetch: 'auto' (the default: a governor picks 0 to "
-           f"{AUTO_DEPTH} per token from what prefetching saves and costs, wherever experts are offloaded), N (at "
-           "most N, governed), 0 (none: the synchronous baseline).", _depth, "Union[int, str]",
-           ("--prefetch-depth",), PREFETCH, {"type": prefetch_depth}),
+    Option("prefetch_depth", 0, "MoE layers ahead to prefetch: 'auto' (golem-run's, golem-chat's and "
+           f"golem-server's default: a governor picks 0 to {AUTO_DEPTH} per token from what prefetching saves and "
+           "costs, wherever experts are offloaded), N (at most N, governed), 0 (none: the synchronous baseline; "
+           "load()'s default, so that a library caller asks for speculation).", _depth, "Union[int, str]",
+           ("--prefetch-depth",), PREFETCH, {"type": prefetch_depth}, command_default="auto"),
     Option("prefetch_governor", True, "Let the governor lower the depth when prefetching does not pay "
            "(--no-prefetch-governor: exactly --prefetch-depth layers ahead, to measure a fixed depth).",
            _bool, "bool", ("--prefetch-governor",), PREFETCH, {"action": "negatable"}, needs_depth=True),

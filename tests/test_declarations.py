@@ -79,12 +79,12 @@ def test_flags_fields_and_keywords_derive_from_the_declarations(capsys):
                      for a in g._group_actions]
     assert [a.dest for a in golem_actions] == [o.name for o in with_flags]
     for action, o in zip(golem_actions, with_flags):
-        assert tuple(action.option_strings) == o.flags
+        assert tuple(action.option_strings) == o.all_flags
         assert action.default is None, f"{o.name}: argparse default {action.default!r}; the declaration's is the one"
     # every command's --help lists each declared flag once, and no golem flag besides
     for command in COMMANDS:
         listed = _flags_listed(_golem_sections(_help(command, capsys)))
-        assert listed == [f for o in with_flags for f in o.flags], command
+        assert listed == [f for o in with_flags for f in o.all_flags], command
     # RuntimeConfig's fields and load()/plan()'s keywords: the declared names and defaults
     assert RuntimeConfig.field_names() == [o.name for o in options]
     for function in (load, plan, RuntimeConfig):
@@ -147,7 +147,7 @@ def test_load_takes_flat_prefetch_options_and_keeps_tokens(checkpoints):
     ({"prefetch_depth": -1}, ["--prefetch-depth", "-1"]),
     ({"prefetch_cap_ms": 0.0, "prefetch_depth": 1}, ["--prefetch-cap-ms", "0", "--prefetch-depth", "1"]),
     ({"prefetch_cap_mb": -2.0, "prefetch_depth": 1}, ["--prefetch-cap-mb", "-2", "--prefetch-depth", "1"]),
-    ({"threshold": 0.5}, ["--threshold", "0.5"]),
+    ({"threshold": 0.5, "prefetch_depth": 0}, ["--threshold", "0.5", "--prefetch-depth", "0"]),
     ({"warm_random": 1, "warm_start": "x.npz"}, ["-R", "1", "-W", "x.npz"]),
     ({"warm_random": -3}, ["-R", "-3"]),
     ({"io_parallelism": 0}, ["--io-parallelism", "0"]),

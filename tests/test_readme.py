@@ -14,6 +14,7 @@ Rules, checked here so that none can be bent quietly:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -130,6 +131,8 @@ def test_skipped_blocks_only_need_a_download(block):
     assert commands
     for command in commands:
         words = shlex.split(command)
+        if words[0] == "mlx.launch":  # several ranks: the command after the launcher's "--"
+            words = words[words.index("--") + 1:]
         assert words[0].startswith("golem-") and "--model" in words, f"{block.name}: {command}"
         model = words[words.index("--model") + 1]
         hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith(".")
@@ -148,5 +151,7 @@ def test_block_runs_on_a_fresh_cache(block, tmp_path):
             assert list((cache / "profiles").rglob("golem-profile.json"))
     elif block.lang in ("", "sh", "bash", "console"):
         _run_shell(block, cache)
+    elif block.lang == "json":  # a file to write (a hosts file): it must at least be JSON
+        json.loads(block.text)
     else:
         pytest.fail(f"{block.name}: a ```{block.lang} block; say here how to run it")

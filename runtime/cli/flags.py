@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from golem.runtime.config import RuntimeConfig
-from golem.runtime.options import declared
+from golem.runtime.options import BY_NAME, declared
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,9 +36,11 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def runtime_flags(args: argparse.Namespace) -> dict:
-    """The runtime options given on the command line, by option name."""
-    return {o.name: getattr(args, o.name) for o in declared()
-            if o.flags and getattr(args, o.name, None) is not None}
+    """The runtime options given on the command line, by option name, plus the command lines'
+    own defaults (``Option.command_default``) of those not given."""
+    given = {o.name: getattr(args, o.name, None) for o in declared() if o.flags}
+    return {name: value if value is not None else BY_NAME[name].command_default for name, value in given.items()
+            if value is not None or BY_NAME[name].command_default is not None}
 
 
 def runtime_config(args: argparse.Namespace, **fields) -> RuntimeConfig:
