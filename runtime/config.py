@@ -323,6 +323,15 @@ def check_against_model(config: RuntimeConfig, *, moe_layers: Sequence[int], num
         raise ConfigError(f"--prefetch-depth {p.depth}: the model has only {len(moe_layers)} MoE layers to look ahead to")
 
 
+def with_prefetch_depth(config: RuntimeConfig, depth: int) -> RuntimeConfig:
+    """``config`` prefetching at most ``depth`` layers ahead (a model or a pipeline rank with
+    fewer MoE layers), both forms of the prefetch options changed together."""
+    import dataclasses
+
+    p = dataclasses.replace(config.prefetch, depth=depth)
+    return dataclasses.replace(config, prefetch=p, prefetch_depth="auto" if p.auto else depth)
+
+
 def check_capacities(capacities, *, moe_layers: Sequence[int], num_experts: int, top_k: int) -> Dict[int, int]:
     """The ``capacities`` option (an int or a mapping, or what its callable returned) as slots
     per MoE layer: every layer named is an MoE layer, and holds at least top-k and at most

@@ -19,7 +19,8 @@ from mlx.utils import tree_flatten
 from golem.io.index import CheckpointError, ExpertIndex, SafetensorsIndex
 from golem.io.outputs import check_output, check_outside
 
-from golem.runtime.config import ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config
+from golem.runtime.config import (ConfigError, RuntimeConfig, check_against_model, check_output_paths, make_config,
+                                  with_prefetch_depth)
 from golem.runtime.engine import DiskReader, Engine, OffloadedExperts
 from golem.runtime.slots import PoolPart, SlotPool
 from golem.runtime.writers import SlotWriters
@@ -527,15 +528,18 @@ def _checked_against(config: RuntimeConfig, opened: OpenedCheckpoint) -> Runtime
     moe_layers = sorted(opened.layers)
     k, e = top_k_of(opened.config), opened.num_experts[moe_layers[0]]
     if config.prefetch is not None and config.prefetch.auto:  # auto's ceiling, within the model's layers
-        config = dataclasses.replace(config, prefetch=config.prefetch.for_layers(len(moe_layers)))
+        config = with_prefetch_depth(config, config.prefetch.for_layers(len(moe_layers)).depth)
     if opened.pipeline is None:
         check_against_model(config, moe_layers=moe_layers, num_layers=opened.num_layers, num_experts=e, top_k=k)
         return config
     from golem.runtime.pipeline import local_config
 
     local = local_config(config, opened.pipeline, moe_layers)
-    check_against_model(dataclasses.replace(local, capacities=None, prefetch=config.prefetch), moe_layers=range(opened.num_layers),
-                        num_layers=opened.num_layers, num_experts=e, top_k=k)
+    whole = dataclasses.replace(local, capacities=None)
+    if config.prefetch is not None:  # the depth is checked against the whole model's layers
+        whole = with_prefetch_depth(whole, config.prefetch.depth)
+    check_against_model(whole, moe_layers=range(opened.num_layers), num_layers=opened.num_layers, num_experts=e,
+                        top_k=k)
     check_against_model(local, moe_layers=moe_layers, num_layers=opened.num_layers, num_experts=e, top_k=k)
     return local
 

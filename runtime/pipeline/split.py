@@ -274,18 +274,19 @@ def local_config(config, pipeline: Pipeline, moe_layers: Sequence[int]):
     import dataclasses
     from collections.abc import Mapping
 
-    from golem.runtime.config import resolved_layers
+    from golem.runtime.config import resolved_layers, with_prefetch_depth
 
     pins, overrides = resolved_layers(config, pipeline.num_layers)
     mine = set(moe_layers)
     changes = {}
     if config.pin_layers is not None:
         changes["pin_layers"] = [l for l in pins if l in mine] or None
-    if config.cache_size_overrides:
-        changes["cache_size_overrides"] = tuple((kept, n) for layers, n in overrides
+    if config.cache_size_override:
+        changes["cache_size_override"] = tuple((kept, n) for layers, n in overrides
                                                 if (kept := [l for l in layers if l in mine]))
     if isinstance(config.capacities, Mapping):
         changes["capacities"] = {l: n for l, n in config.capacities.items() if l in mine}
+    config = dataclasses.replace(config, **changes) if changes else config
     if config.prefetch is not None and config.prefetch.depth > len(moe_layers):
-        changes["prefetch"] = dataclasses.replace(config.prefetch, depth=len(moe_layers))
-    return dataclasses.replace(config, **changes) if changes else config
+        config = with_prefetch_depth(config, len(moe_layers))
+    return config
