@@ -18,6 +18,7 @@ from typing import Optional
 
 from golem.runtime.cli import error_line
 from golem.runtime.cli.about import add_version_flag
+from golem.runtime.cli.demo import DEMO_SLOTS, compare_with_stock, demo_generate, demo_model, explain
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 from golem.runtime.cli.progress import StageProgress, show_library_warnings
 
@@ -29,8 +30,6 @@ MLX_LM_NEUTRAL = dict(
     draft_model=None, num_draft_tokens=3, prompt_cache_file=None, adapter_path=None,
     trust_remote_code=False, extra_eos_token=(),
 )
-DEMO_SLOTS = 8
-DEMO_SIZE = dict(hidden=256, layers=8, experts=32, top_k=4, expert_hidden=256, vocab=384, group_size=64)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -71,28 +70,6 @@ def add_pipeline_argument(parser: argparse.ArgumentParser) -> None:
              "layers per rank in rank order (e.g. 10,14). --memory-budget A,B gives each rank its own budget.")
 
 
-def _demo_model() -> str:
-    from golem.runtime.synthetic import Size, build_checkpoint, default_cache_dir
-
-    path = default_cache_dir() / "demo-qwen3_moe"
-    if (path / "config.json").exists():
-        return str(path)
-    stage = f"building the demo checkpoint in {path} (once)"
-    with StageProgress(finished={stage: f"built the demo checkpoint in {path}:"}) as progress:
-        return str(build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE),
-                                    progress=lambda done, total: progress(stage, done, total)))
-
-
-def printable(text: str) -> str:
-    """``text`` with control and other unprintable characters escaped (``\\x07``); newlines kept."""
-    return "".join(c if c == "\n" or c.isprintable() else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
-
-
-def _all_resident(runtime) -> bool:
-    return all(p.fully_resident for p in runtime.engine.pools.values())
-
-
 def format_stats(runtime, generation_tokens: int = 0) -> str:
     """golem's statistics lines, printed after mlx-lm's."""
     from golem.runtime.report import summary
@@ -110,27 +87,6 @@ def format_layer_table(runtime) -> str:
     from golem.runtime.report import layer_table
 
     return layer_table(runtime.stats(), runtime.num_experts)
-
-
-def explain(runtime) -> str:
-    """The statistics in plain words, for a newcomer (the demo)."""
-    engine = runtime.engine
-    e = runtime.num_experts
-    layers = len(engine.pools)
-    caps = sorted({p.capacity for p in engine.pools.values()})
-    slots = f"{caps[0]} of {e}" if len(caps) == 1 else f"{caps[0]}-{caps[-1]} of {e}"
-    if _all_resident(runtime):
-        return (f"Memory: each of the {layers} MoE layers keeps all {e} of its experts in memory (read once at "
-                "load), so nothing was read from disk while generating.")
-    lines = [f"Memory: each of the {layers} MoE layers keeps slots for {slots} experts; "
-             "the rest stay on disk until a token needs them."]
-    t = engine.stats.total()
-    steps = max(engine.stats.decode_steps, 1)
-    lines.append(f"Hit rate {100 * t.hit_rate:.1f}%: of {t.requests} expert uses, {t.hits} found their expert "
-                 f"already in memory and {t.misses} read it from disk ({t.bytes_read / 1e6:.2f} MB in all).")
-    lines.append(f"Stall {1000 * engine.stats.decode_read_s / steps:.2f} ms per token: the time generation "
-                 "waited for those reads.")
-    return "\n".join(lines)
 
 
 def _sampler(args, tokenizer):
@@ -223,7 +179,7 @@ def run(args) -> int:
             return _print_json(report, written, model_path, tokens, options, text, args)
         _print_written(written, args)
     if args.demo:
-        return _compare_with_stock(model_path, tokens, options, text or "", args.seed or 0)
+        return compare_with_stock(model_path, tokens, options, text or "", args.seed or 0)
     return 0
 
 
@@ -315,7 +271,7 @@ def _template_kwargs(args) -> dict:
 
 def _model_path(args, metadata: Optional[dict]) -> str:
     """The demo's checkpoint, ``--model``, or the prompt cache's model (which ``--model`` must match)."""
-    model_path = _demo_model() if args.demo else args.model
+    model_path = demo_model() if args.demo else args.model
     if metadata is not None:
         if model_path is None:
             model_path = metadata["model"]
@@ -438,7 +394,7 @@ def _generate(runtime, tokenizer, tokens, options: dict, args, load_s: float) ->
             print(format_layer_table(runtime), file=sys.stderr)
         return report["text"], report
     if args.demo:
-        return _demo_generate(runtime, tokenizer, tokens, options, stream_generate, args.verbose), None
+        return demo_generate(runtime, tokenizer, tokens, options, stream_generate, args.verbose), None
     text = generate(runtime.model, tokenizer, tokens, verbose=args.verbose, **options)
     if not args.verbose:
         print(text)
@@ -469,7 +425,7 @@ def _print_json(report: dict, written: dict, model_path: str, tokens, options: d
     """``--json``'s one object (the files written; the demo's comparison with stock mlx-lm)."""
     report.update({k: str(v) for k, v in written.items()})
     if args.demo:
-        report["matches_stock"] = _compare_with_stock(model_path, tokens, options, text, args.seed or 0,
+        report["matches_stock"] = compare_with_stock(model_path, tokens, options, text, args.seed or 0,
                                                       quiet=True) == 0
     print(json.dumps(report))
     return 0 if report.get("matches_stock", True) else 1
@@ -482,34 +438,6 @@ def _print_written(written: dict, args) -> None:
             print(f"Trace: {written['trace']}")
         if "profile" in written:
             print(f"Profile: {written['profile']}")
-
-
-def _demo_generate(runtime, tokenizer, tokens, options, stream_generate, verbose: bool) -> str:
-    """mlx-lm's ``generate`` layout, with only printable text shown."""
-    model = runtime.model
-    print(f"[golem] demo: a generated {runtime.config.get('model_type')} model with RANDOM weights "
-          f"({len(runtime.engine.pools)} MoE layers of {runtime.num_experts} experts, top-{runtime.top_k}), "
-          "so the text is gibberish by design (unprintable characters shown as \\x..). What matters: "
-          "it must equal stock mlx-lm's text, token for token.")
-    text, response = "", None
-    if verbose:
-        print("=" * 10)
-    for response in stream_generate(model, tokenizer, tokens, **options):
-        if verbose:
-            print(printable(response.text), end="", flush=True)
-        text += response.text
-    if verbose:
-        print()
-        print("=" * 10)
-        if not text:
-            print("No text generated for this prompt")
-        else:
-            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
-            print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
-            print(f"Peak memory: {response.peak_memory:.3f} GB")
-    else:
-        print(printable(text))
-    return text
 
 
 def _json_generate(runtime, tokenizer, tokens, options, stream_generate) -> dict:
@@ -537,26 +465,6 @@ def _json_generate(runtime, tokenizer, tokens, options, stream_generate) -> dict
         },
         "experts": runtime.stats().as_dict(),
     }
-
-
-def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int, quiet: bool = False) -> int:
-    """Run stock mlx-lm on the same checkpoint, prompt, sampler and seed; say whether the text
-    is the same (``quiet``: only return 0 when it is, 1 when not)."""
-    import mlx.core as mx
-    from mlx_lm import load as mlx_lm_load
-    from mlx_lm.generate import stream_generate
-
-    model, tokenizer = mlx_lm_load(model_path)
-    mx.random.seed(seed)
-    stock = "".join(r.text for r in stream_generate(model, tokenizer, tokens, **{**options, "draft_model": None}))
-    if quiet:
-        return 0 if stock == text else 1
-    if stock == text:
-        print(f"Matches stock mlx-lm: yes, the same text ({len(text)} characters) from the same checkpoint")
-        return 0
-    at = next((i for i, (a, b) in enumerate(zip(stock, text)) if a != b), min(len(stock), len(text)))
-    print(f"Matches stock mlx-lm: NO, the texts differ from character {at} on")
-    return 1
 
 
 def main(argv: Optional[list] = None) -> int:
