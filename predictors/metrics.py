@@ -109,6 +109,35 @@ def replay(
     """
     N, L, _ = trace.experts.shape
     E = predictor.shape.num_experts
+    _check_replay(trace, predictor, depth=depth, nearest=nearest, hidden=hidden, best=best)
+    nbytes = int(expert_nbytes if expert_nbytes is not None else (getattr(trace, "meta", None) or {}).get("expert_bytes", 0))
+    selections = [
+        Selection(float(th), max_experts, max_nbytes, nbytes if max_nbytes is not None else 0) for th in thresholds
+    ]
+    R, T = depth - nearest + 1, len(selections) + (best is not None)
+    hot = onehot(trace.experts, E)
+    experts = np.asarray(trace.experts)
+    weights = None if getattr(trace, "weights", None) is None else np.asarray(trace.weights)
+    hits = np.zeros((T, R), np.int64)
+    predicted = np.zeros((T, R), np.int64)
+    for start, stop in sequences(trace):
+        predictor.begin_sequence()
+        for t in range(start, stop):
+            predictor.begin_step()
+            rows = [(experts[t, layer], None if weights is None else weights[t, layer],
+                     hidden[t, layer] if predictor.needs_hidden else None) for layer in range(L)]
+            masks = _step_masks(predictor, rows, depth=depth, nearest=nearest, selections=selections, best=best)
+            hits += (masks & hot[t][None, None]).sum(axis=(2, 3))
+            predicted += masks.sum(axis=(2, 3))
+    return _accuracies(predictor.name, hot, hits, predicted, selections, nearest=nearest, best=best,
+                       expert_nbytes=nbytes)
+
+
+def _check_replay(trace: Any, predictor: Predictor, *, depth: int, nearest: int,
+                  hidden: Optional[np.ndarray], best: Optional[int]) -> None:
+    """The trace's shape against the predictor's, hidden states where it needs them, depth and best in range."""
+    N, L, _ = trace.experts.shape
+    E = predictor.shape.num_experts
     if L != predictor.shape.num_layers:
         raise ValueError(f"trace has {L} layers, predictor expects {predictor.shape.num_layers}")
     if predictor.needs_hidden:
@@ -121,49 +150,48 @@ def replay(
             raise ValueError(f"hidden states shape {hidden.shape} does not match the trace's ({N}, {L}, D)")
     if depth < nearest or nearest < 0:
         raise ValueError(f"depth must be >= {max(nearest, 0)}, got {depth}")
-    nbytes = int(expert_nbytes if expert_nbytes is not None else (getattr(trace, "meta", None) or {}).get("expert_bytes", 0))
-    selections = [
-        Selection(float(th), max_experts, max_nbytes, nbytes if max_nbytes is not None else 0) for th in thresholds
-    ]
-    capped = any(s.limit is not None for s in selections)
-    thr = np.asarray([s.threshold for s in selections], np.float32)[:, None, None, None]
     if best is not None and not 1 <= best <= E:
         raise ValueError(f"best must be within 1..{E}, got {best}")
+
+
+def _step_masks(predictor: Predictor, rows: Sequence[tuple], *, depth: int, nearest: int,
+                selections: Sequence[Selection], best: Optional[int]) -> np.ndarray:
+    """One decode step through ``predictor``, layer by layer as the engine calls it (``rows``:
+    each layer's experts, weights and hidden state); returns which experts each selection
+    (then the ``best`` row) predicts, (T, R, L, E) by selection, depth and target layer."""
+    L, E = len(rows), predictor.shape.num_experts
     R, T = depth - nearest + 1, len(selections) + (best is not None)
-    hot = onehot(trace.experts, E)
-    experts = np.asarray(trace.experts)
-    weights = None if getattr(trace, "weights", None) is None else np.asarray(trace.weights)
-    hits = np.zeros((T, R), np.int64)
-    predicted = np.zeros((T, R), np.int64)
+    capped = any(s.limit is not None for s in selections)
+    buf = np.zeros((R, L, E), np.float32)  # scores by depth and target layer
+    masks = np.zeros((T, R, L, E), bool)
+    for layer, (chosen, weights, h) in enumerate(rows):
+        prop = predictor.propose(layer, depth, h, nearest=nearest)
+        predictor.observe(layer, chosen, weights)
+        if not len(prop.targets):
+            continue
+        scores = predictor.scores(prop)
+        n, first = len(prop.targets), prop.targets.start
+        rr, cols = _ARANGE[:n] + (first - layer - nearest), _ARANGE[:n] + first
+        buf[rr, cols] = scores
+        if capped:
+            for i, sel in enumerate(selections):
+                masks[i, rr, cols] = sel.mask(scores)
+    if not capped:
+        thr = np.asarray([s.threshold for s in selections], np.float32)[:, None, None, None]
+        masks[: len(selections)] = (buf[None] >= thr) & (buf[None] > 0)
+    if best is not None:
+        top = np.argpartition(-buf, best - 1, axis=-1)[..., :best]
+        np.put_along_axis(masks[-1], top, True, axis=-1)
+        masks[-1] &= buf > 0
+    return masks
 
-    for start, stop in sequences(trace):
-        predictor.begin_sequence()
-        for t in range(start, stop):
-            predictor.begin_step()
-            buf = np.zeros((R, L, E), np.float32)  # scores by depth and target layer
-            masks = np.zeros((T, R, L, E), bool)
-            for layer in range(L):
-                h = hidden[t, layer] if predictor.needs_hidden else None
-                prop = predictor.propose(layer, depth, h, nearest=nearest)
-                predictor.observe(layer, experts[t, layer], None if weights is None else weights[t, layer])
-                if not len(prop.targets):
-                    continue
-                scores = predictor.scores(prop)
-                n, first = len(prop.targets), prop.targets.start
-                rows, cols = _ARANGE[:n] + (first - layer - nearest), _ARANGE[:n] + first
-                buf[rows, cols] = scores
-                if capped:
-                    for i, sel in enumerate(selections):
-                        masks[i, rows, cols] = sel.mask(scores)
-            if not capped:
-                masks[: len(selections)] = (buf[None] >= thr) & (buf[None] > 0)
-            if best is not None:
-                top = np.argpartition(-buf, best - 1, axis=-1)[..., :best]
-                np.put_along_axis(masks[-1], top, True, axis=-1)
-                masks[-1] &= buf > 0
-            hits += (masks & hot[t][None, None]).sum(axis=(2, 3))
-            predicted += masks.sum(axis=(2, 3))
 
+def _accuracies(name: str, hot: np.ndarray, hits: np.ndarray, predicted: np.ndarray,
+                selections: Sequence[Selection], *, nearest: int, best: Optional[int],
+                expert_nbytes: int) -> List[Accuracy]:
+    """One ``Accuracy`` per depth and selection, depth-major, from the replay's counts ((T, R) each)."""
+    N, L, _ = hot.shape
+    T, R = hits.shape
     true_total = int(hot.sum())
     out = []
     for r in range(R):
@@ -173,7 +201,7 @@ def replay(
             is_best = i == len(selections)
             out.append(
                 Accuracy(
-                    predictor=predictor.name,
+                    predictor=name,
                     depth=d,
                     threshold=0.0 if is_best else selections[i].threshold,
                     steps=N,
@@ -182,7 +210,7 @@ def replay(
                     predicted=int(predicted[i, r]),
                     hits=int(hits[i, r]),
                     covered_layer_steps=N * (L - d),
-                    expert_nbytes=nbytes,
+                    expert_nbytes=expert_nbytes,
                     best=best if is_best else None,
                 )
             )

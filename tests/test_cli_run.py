@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
+from golem.runtime.cli.demo import printable
 from golem.runtime.cli.run import main as golem_run
-from golem.runtime.cli.run import printable, setup_arg_parser
+from golem.runtime.cli.run import setup_arg_parser
 from test_config import unwritable_folder
 
 PROMPT = ["-p", "Once upon a time there was a small computer", "-m", "12"]

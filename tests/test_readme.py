@@ -110,7 +110,7 @@ def _run_shell(block: Block, cache: Path) -> None:
 def _run_python(block: Block, cache: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     code = block.text
     if PLACEHOLDER in code:
-        _run([sys.executable, "-c", "from golem.runtime.cli.run import _demo_model; _demo_model()"], cache)
+        _run([sys.executable, "-c", "from golem.runtime.cli.demo import demo_model; demo_model()"], cache)
         demo = cache / "demo-qwen3_moe"
         assert (demo / "config.json").is_file()
         code = code.replace(PLACEHOLDER, str(demo))

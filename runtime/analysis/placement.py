@@ -127,10 +127,7 @@ def plan_placement(
                          f"'3-5'), not {pin_layers!r}")
     memory = model.memory(quant)
     m, e = memory.num_layers, memory.num_experts
-    unknown = [x for x in pin_layers if x not in set(memory.ids)]
-    if unknown:
-        raise ValueError(f"--pin-layers: layer {unknown[0]} is not an MoE layer of {model.name} "
-                         f"(MoE layers: {format_layer_ranges(memory.ids)})")
+    _check_pin_layers(pin_layers, memory, model)
     expert_nbytes = memory.nbytes_of(0)
     layer_nbytes = e * expert_nbytes
     non_expert = memory.non_expert_nbytes
@@ -138,18 +135,7 @@ def plan_placement(
     if sorted(order) != list(range(m)):
         raise ValueError(f"pin order must list each of the {m} MoE layers once")
     fast, cache = machine.fast, machine.cache_tier
-    fast_free = fast.usable_nbytes if fast is not None else 0
-    if fast is not None and non_expert <= fast_free:
-        ne_tier, fast_free = fast.kind, fast_free - non_expert
-    elif cache is not None and non_expert <= cache.usable_nbytes:
-        ne_tier = cache.kind
-    else:
-        tiers = [t for t in (fast, cache) if t is not None]
-        if len(tiers) == 2 and tiers[0] is tiers[1]:
-            tiers = tiers[:1]
-        where = " or ".join(f"{t.kind} ({t.usable_nbytes / GiB:.1f} GiB usable)" for t in tiers)
-        raise DoesNotFit(f"{machine.name}: non-expert weights of {model.name} ({non_expert / GiB:.1f} GiB) "
-                         f"do not fit in {where}")
+    ne_tier, fast_free = _non_expert_tier(model, machine, non_expert)
     fast_pinned: list[int] = []
     if fast is not None and fast is not cache:
         while order and fast_free >= layer_nbytes:
@@ -159,25 +145,11 @@ def plan_placement(
     slots = [0] * m
     for i in fast_pinned:
         slots[i] = e
-    plan, below = None, False
-    cache_free = cache.usable_nbytes - (non_expert if ne_tier == cache.kind else 0)
-    if rest:
-        sub = _sub_model(memory, rest, non_expert if ne_tier == cache.kind else 0)
-        ids = set(sub.ids)
-        kwargs = dict(
-            budget_nbytes=cache.usable_nbytes,
-            pin_layers=[x for x in pin_layers if x in ids],
-            stats=None if stats is None else _rows(stats, rest),
-            weights=None if layer_weights is None else [float(layer_weights[i]) for i in rest],
-        )
-        try:
-            plan = make_plan(sub, **kwargs)
-        except BudgetTooSmall as err:
-            try:
-                plan = make_plan(sub, **{**kwargs, "stats": None, "weights": None}, min_slots=0)
-            except BudgetTooSmall:
-                raise BudgetTooSmall(f"{machine.name}: {cache.kind}: {err}") from None
-            below = any(lp.slots < memory.top_k for lp in plan.layers)
+    cache_ne = non_expert if ne_tier == cache.kind else 0
+    plan, below = _cache_plan(memory, machine, rest, cache_ne, pin_layers=pin_layers, stats=stats,
+                              layer_weights=layer_weights)
+    cache_free = cache.usable_nbytes - cache_ne
+    if plan is not None:
         for lp in plan.layers:
             slots[rest[lp.layer]] = lp.slots
         cache_free -= plan.expert_nbytes_total
@@ -196,6 +168,58 @@ def plan_placement(
         plan=plan,
         below_top_k=below,
     )
+
+
+def _check_pin_layers(pin_layers, memory: ModelMemory, model: ModelSpec) -> None:
+    """Each of ``pin_layers`` the decoder layer number of one of the model's MoE layers."""
+    unknown = [x for x in pin_layers if x not in set(memory.ids)]
+    if unknown:
+        raise ValueError(f"--pin-layers: layer {unknown[0]} is not an MoE layer of {model.name} "
+                         f"(MoE layers: {format_layer_ranges(memory.ids)})")
+
+
+def _non_expert_tier(model: ModelSpec, machine: MachineSpec, non_expert: int) -> tuple:
+    """The tier kind holding the non-expert weights (the fast one when they fit) and the fast
+    tier's bytes left; ``DoesNotFit`` when neither holds them."""
+    fast, cache = machine.fast, machine.cache_tier
+    fast_free = fast.usable_nbytes if fast is not None else 0
+    if fast is not None and non_expert <= fast_free:
+        return fast.kind, fast_free - non_expert
+    if cache is not None and non_expert <= cache.usable_nbytes:
+        return cache.kind, fast_free
+    tiers = [t for t in (fast, cache) if t is not None]
+    if len(tiers) == 2 and tiers[0] is tiers[1]:
+        tiers = tiers[:1]
+    where = " or ".join(f"{t.kind} ({t.usable_nbytes / GiB:.1f} GiB usable)" for t in tiers)
+    raise DoesNotFit(f"{machine.name}: non-expert weights of {model.name} ({non_expert / GiB:.1f} GiB) "
+                     f"do not fit in {where}")
+
+
+def _cache_plan(memory: ModelMemory, machine: MachineSpec, rest: list[int], cache_ne: int, *,
+                pin_layers: Sequence[int], stats: Optional[RoutingStats],
+                layer_weights: Optional[Sequence[float]]) -> tuple:
+    """``make_plan``'s slots for the MoE layers ``rest`` in the cache tier (``cache_ne`` bytes of
+    it holding non-expert weights), and whether a tier too small for top-k gave fewer (uniform);
+    (None, False) when no layer is left."""
+    if not rest:
+        return None, False
+    cache = machine.cache_tier
+    sub = _sub_model(memory, rest, cache_ne)
+    ids = set(sub.ids)
+    kwargs = dict(
+        budget_nbytes=cache.usable_nbytes,
+        pin_layers=[x for x in pin_layers if x in ids],
+        stats=None if stats is None else _rows(stats, rest),
+        weights=None if layer_weights is None else [float(layer_weights[i]) for i in rest],
+    )
+    try:
+        return make_plan(sub, **kwargs), False
+    except BudgetTooSmall as err:
+        try:
+            plan = make_plan(sub, **{**kwargs, "stats": None, "weights": None}, min_slots=0)
+        except BudgetTooSmall:
+            raise BudgetTooSmall(f"{machine.name}: {cache.kind}: {err}") from None
+        return plan, any(lp.slots < memory.top_k for lp in plan.layers)
 
 
 def _rows(stats: RoutingStats, layers: Sequence[int]) -> RoutingStats:

@@ -18,6 +18,7 @@ from typing import Optional
 
 from golem.runtime.cli import error_line
 from golem.runtime.cli.about import add_version_flag
+from golem.runtime.cli.demo import DEMO_SLOTS, compare_with_stock, demo_generate, demo_model, explain
 from golem.runtime.cli.flags import add_runtime_arguments, runtime_config
 from golem.runtime.cli.progress import StageProgress, show_library_warnings
 
@@ -29,8 +30,6 @@ MLX_LM_NEUTRAL = dict(
     draft_model=None, num_draft_tokens=3, prompt_cache_file=None, adapter_path=None,
     trust_remote_code=False, extra_eos_token=(),
 )
-DEMO_SLOTS = 8
-DEMO_SIZE = dict(hidden=256, layers=8, experts=32, top_k=4, expert_hidden=256, vocab=384, group_size=64)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -71,28 +70,6 @@ def add_pipeline_argument(parser: argparse.ArgumentParser) -> None:
              "layers per rank in rank order (e.g. 10,14). --memory-budget A,B gives each rank its own budget.")
 
 
-def _demo_model() -> str:
-    from golem.runtime.synthetic import Size, build_checkpoint, default_cache_dir
-
-    path = default_cache_dir() / "demo-qwen3_moe"
-    if (path / "config.json").exists():
-        return str(path)
-    stage = f"building the demo checkpoint in {path} (once)"
-    with StageProgress(finished={stage: f"built the demo checkpoint in {path}:"}) as progress:
-        return str(build_checkpoint("qwen3_moe", path, size=Size(**DEMO_SIZE),
-                                    progress=lambda done, total: progress(stage, done, total)))
-
-
-def printable(text: str) -> str:
-    """``text`` with control and other unprintable characters escaped (``\\x07``); newlines kept."""
-    return "".join(c if c == "\n" or c.isprintable() else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
-
-
-def _all_resident(runtime) -> bool:
-    return all(p.fully_resident for p in runtime.engine.pools.values())
-
-
 def format_stats(runtime, generation_tokens: int = 0) -> str:
     """golem's statistics lines, printed after mlx-lm's."""
     from golem.runtime.report import summary
@@ -110,27 +87,6 @@ def format_layer_table(runtime) -> str:
     from golem.runtime.report import layer_table
 
     return layer_table(runtime.stats(), runtime.num_experts)
-
-
-def explain(runtime) -> str:
-    """The statistics in plain words, for a newcomer (the demo)."""
-    engine = runtime.engine
-    e = runtime.num_experts
-    layers = len(engine.pools)
-    caps = sorted({p.capacity for p in engine.pools.values()})
-    slots = f"{caps[0]} of {e}" if len(caps) == 1 else f"{caps[0]}-{caps[-1]} of {e}"
-    if _all_resident(runtime):
-        return (f"Memory: each of the {layers} MoE layers keeps all {e} of its experts in memory (read once at "
-                "load), so nothing was read from disk while generating.")
-    lines = [f"Memory: each of the {layers} MoE layers keeps slots for {slots} experts; "
-             "the rest stay on disk until a token needs them."]
-    t = engine.stats.total()
-    steps = max(engine.stats.decode_steps, 1)
-    lines.append(f"Hit rate {100 * t.hit_rate:.1f}%: of {t.requests} expert uses, {t.hits} found their expert "
-                 f"already in memory and {t.misses} read it from disk ({t.bytes_read / 1e6:.2f} MB in all).")
-    lines.append(f"Stall {1000 * engine.stats.decode_read_s / steps:.2f} ms per token: the time generation "
-                 "waited for those reads.")
-    return "\n".join(lines)
 
 
 def _sampler(args, tokenizer):
@@ -198,11 +154,39 @@ def _prompt(args, tokenizer, using_cache: bool, template_kwargs: dict) -> tuple[
 
 
 def run(args) -> int:
-    import mlx.core as mx
-    from mlx_lm.generate import generate, stream_generate
-    from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
+    """golem-run's steps: check the flags, find the model, then plan or load, generate and report."""
+    from golem.runtime.pipeline import rank_zero_stdout
 
-    from golem.runtime.api import load, plan
+    _check_args(args)
+    group = _pipeline_group(args)
+    config = _config(args)  # every golem flag checked before any work
+    prompt_cache, metadata = _prompt_cache(args)
+    tokenizer_config = {} if metadata is None else json.loads(metadata["tokenizer_config"])
+    tokenizer_config["trust_remote_code"] = args.trust_remote_code
+    template_kwargs = _template_kwargs(args)
+    model_path = _model_path(args, metadata)
+    if args.plan:
+        return _print_plan(model_path, config, args, group)
+    loaded, load_s = _load(model_path, config, args, tokenizer_config, group)
+    with loaded as (model, tokenizer), rank_zero_stdout(loaded.runtime.pipeline):
+        runtime = model.golem
+        _prepare_runtime(runtime, tokenizer, args)
+        tokens, options = _generation_request(runtime, tokenizer, args, model_path, prompt_cache, template_kwargs)
+        text, report = _generate(runtime, tokenizer, tokens, options, args, load_s)
+        _print_statistics(runtime, args)
+        written = runtime.finish()
+        if args.json:
+            return _print_json(report, written, model_path, tokens, options, text, args)
+        _print_written(written, args)
+    if args.demo:
+        return compare_with_stock(model_path, tokens, options, text or "", args.seed or 0)
+    return 0
+
+
+def _check_args(args) -> None:
+    """mlx-lm's flags this mlx-lm lacks set neutral; what needs no model checked (the stdin prompt
+    read, Pillow found) before the model loads; the seed set."""
+    import mlx.core as mx
 
     for name, value in MLX_LM_NEUTRAL.items():
         if not hasattr(args, name):
@@ -216,18 +200,29 @@ def run(args) -> int:
         _pil_image()  # before the model loads
     if args.seed is not None:
         mx.random.seed(args.seed)
-    group = None
+
+
+def _pipeline_group(args):
+    """The ``mlx.launch`` group under ``--pipeline`` (each rank's own ``--memory-budget`` set), else None."""
+    import mlx.core as mx
+
     if args.pipeline is None and mx.distributed.init().size() > 1:
         raise ValueError("under mlx.launch, give --pipeline: golem splits the model's layers across the ranks "
                          "(without it every rank would run the whole model and print)")
-    if args.pipeline is not None:
-        from golem.runtime.pipeline import init_group, parse_split, per_rank
+    if args.pipeline is None:
+        return None
+    from golem.runtime.pipeline import init_group, parse_split, per_rank
 
-        if args.demo:
-            raise ValueError("--demo compares one machine's text with stock mlx-lm's: run it without --pipeline")
-        parse_split(args.pipeline)  # a bad split is an error before any work
-        group = init_group()
-        args.memory_budget = per_rank(args.memory_budget, group.rank(), group.size(), "--memory-budget")
+    if args.demo:
+        raise ValueError("--demo compares one machine's text with stock mlx-lm's: run it without --pipeline")
+    parse_split(args.pipeline)  # a bad split is an error before any work
+    group = init_group()
+    args.memory_budget = per_rank(args.memory_budget, group.rank(), group.size(), "--memory-budget")
+    return group
+
+
+def _config(args):
+    """The runtime config from golem's flags; the demo, unless sized by a flag, gets ``DEMO_SLOTS``."""
     extra = {}
     if args.demo:
         args.stats = True  # the demo shows where the experts came from, layer by layer
@@ -235,37 +230,49 @@ def run(args) -> int:
                  or args.cache_size_override)
         if not sized:
             extra["cache_size"] = DEMO_SLOTS
-    config = runtime_config(args, **extra)  # every golem flag checked before any work
+    return runtime_config(args, **extra)
 
-    using_cache = args.prompt_cache_file is not None
-    if using_cache:
-        if args.demo:
-            raise ValueError("--demo compares its text with stock mlx-lm's from the same prompt: "
-                             "run it without --prompt-cache-file")
-        try:
-            prompt_cache, metadata = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
-        except (RuntimeError, OSError, KeyError) as e:  # MLX reports a missing or damaged file as RuntimeError
-            raise ValueError(f"--prompt-cache-file {args.prompt_cache_file}: cannot load a prompt cache "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        if isinstance(prompt_cache[0], QuantizedKVCache):
-            if args.kv_bits is not None and args.kv_bits != prompt_cache[0].bits:
-                raise ValueError("--kv-bits does not match the kv cache loaded from --prompt-cache-file.")
-            if args.kv_group_size != prompt_cache[0].group_size:
-                raise ValueError("--kv-group-size does not match the kv cache loaded from --prompt-cache-file.")
-    tokenizer_config = {} if not using_cache else json.loads(metadata["tokenizer_config"])
-    tokenizer_config["trust_remote_code"] = args.trust_remote_code
-    template_kwargs = {}
-    if args.chat_template_config is not None:
-        try:
-            template_kwargs = json.loads(args.chat_template_config)
-        except ValueError as e:
-            raise ValueError(f"--chat-template-config: not JSON ({e})") from None
-        if not isinstance(template_kwargs, dict):
-            raise ValueError(f"--chat-template-config: expected a JSON object of keyword arguments, "
-                             f"got {args.chat_template_config}")
 
-    model_path = _demo_model() if args.demo else args.model
-    if using_cache:
+def _prompt_cache(args) -> tuple:
+    """``--prompt-cache-file``'s KV cache and metadata, checked against the KV flags; (None, None) without it."""
+    from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
+
+    if args.prompt_cache_file is None:
+        return None, None
+    if args.demo:
+        raise ValueError("--demo compares its text with stock mlx-lm's from the same prompt: "
+                         "run it without --prompt-cache-file")
+    try:
+        prompt_cache, metadata = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
+    except (RuntimeError, OSError, KeyError) as e:  # MLX reports a missing or damaged file as RuntimeError
+        raise ValueError(f"--prompt-cache-file {args.prompt_cache_file}: cannot load a prompt cache "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if isinstance(prompt_cache[0], QuantizedKVCache):
+        if args.kv_bits is not None and args.kv_bits != prompt_cache[0].bits:
+            raise ValueError("--kv-bits does not match the kv cache loaded from --prompt-cache-file.")
+        if args.kv_group_size != prompt_cache[0].group_size:
+            raise ValueError("--kv-group-size does not match the kv cache loaded from --prompt-cache-file.")
+    return prompt_cache, metadata
+
+
+def _template_kwargs(args) -> dict:
+    """``--chat-template-config``'s keyword arguments for the chat template."""
+    if args.chat_template_config is None:
+        return {}
+    try:
+        template_kwargs = json.loads(args.chat_template_config)
+    except ValueError as e:
+        raise ValueError(f"--chat-template-config: not JSON ({e})") from None
+    if not isinstance(template_kwargs, dict):
+        raise ValueError(f"--chat-template-config: expected a JSON object of keyword arguments, "
+                         f"got {args.chat_template_config}")
+    return template_kwargs
+
+
+def _model_path(args, metadata: Optional[dict]) -> str:
+    """The demo's checkpoint, ``--model``, or the prompt cache's model (which ``--model`` must match)."""
+    model_path = demo_model() if args.demo else args.model
+    if metadata is not None:
         if model_path is None:
             model_path = metadata["model"]
         elif model_path != metadata["model"]:
@@ -273,17 +280,27 @@ def run(args) -> int:
                              f"cache ({metadata['model']}) is an error.")
     if model_path is None:
         raise ValueError("--model is required (or --demo for a generated one)")
+    return model_path
 
-    if args.plan:
-        sizing = plan(model_path, config, pipeline=args.pipeline, group=group)
-        if group is not None and group.rank() != 0:
-            return 0  # rank 0 prints its plan
-        if sizing.note:
-            print(sizing.note)
-        if sizing.plan is not None:
-            print(sizing.plan.describe())
-            print(_plan_notes(sizing))
-        return 0
+
+def _print_plan(model_path: str, config, args, group) -> int:
+    """``--plan``: where the memory would go, printed by rank 0."""
+    from golem.runtime.api import plan
+
+    sizing = plan(model_path, config, pipeline=args.pipeline, group=group)
+    if group is not None and group.rank() != 0:
+        return 0  # rank 0 prints its plan
+    if sizing.note:
+        print(sizing.note)
+    if sizing.plan is not None:
+        print(sizing.plan.describe())
+        print(_plan_notes(sizing))
+    return 0
+
+
+def _load(model_path: str, config, args, tokenizer_config: dict, group) -> tuple:
+    """The offloaded model loaded (with progress unless ``--verbose False``), and the seconds it took."""
+    from golem.runtime.api import load
 
     started = time.perf_counter()
     # On a terminal a live line, else one summary line; --verbose False prints the text alone, as mlx-lm.
@@ -291,129 +308,136 @@ def run(args) -> int:
         loaded = load(model_path, config, tokenizer_config=tokenizer_config, adapter_path=args.adapter_path,
                       trust_remote_code=args.trust_remote_code, progress=progress, pipeline=args.pipeline,
                       group=group)
-    from golem.runtime.pipeline import rank_zero_stdout
-
-    with loaded as (model, tokenizer), rank_zero_stdout(loaded.runtime.pipeline):
-        load_s = time.perf_counter() - started
-        runtime = model.golem
-        if runtime.pipeline is not None and runtime.pipeline.size > 1:
-            from golem.runtime.pipeline import common_seed
-
-            mx.random.seed(common_seed(runtime.pipeline, args.seed))  # every rank samples alike
-        if runtime.sizing_note and args.verbose:
-            print(f"[golem] {runtime.sizing_note}", file=sys.stderr)
-        for eos_token in args.extra_eos_token:
-            tokenizer.add_eos_token(eos_token)
-        prompt, use_chat_template = _prompt(args, tokenizer, using_cache, template_kwargs)
-        pixel_values = input_embeddings = None
-        if args.image:
-            from mlx_lm.processors import load_processor
-
-            processor = load_processor(model, runtime.config)
-            if processor is None:
-                raise ValueError(f"The model {model_path} does not take images.")
-            import numpy as np
-
-            Image = _pil_image()
-            images = [np.asarray(Image.open(f).convert("RGB")) for f in args.image]
-            prompt, pixel_values = processor(prompt, images=images)
-        tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
-        if pixel_values is not None:
-            input_embeddings = model.embed_inputs(mx.array(tokens), pixel_values=pixel_values)
-            mx.eval(input_embeddings)  # the prefill runs on another stream: the vision rows first
-        draft_model = None
-        if args.draft_model is not None:
-            from mlx_lm import load as mlx_lm_load
-
-            try:
-                draft_model, draft_tokenizer = mlx_lm_load(args.draft_model)
-            except Exception as e:  # mlx-lm and the hub client raise many kinds for a missing model
-                raise ValueError(f"--draft-model {args.draft_model}: cannot load it "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-            if draft_tokenizer.vocab_size != tokenizer.vocab_size:
-                raise ValueError("Draft model tokenizer does not match model tokenizer.")
-        options = dict(
-            max_tokens=args.max_tokens, sampler=_sampler(args, tokenizer), max_kv_size=args.max_kv_size,
-            prefill_step_size=args.prefill_step_size, prompt_cache=prompt_cache if using_cache else None,
-            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start,
-            draft_model=draft_model, num_draft_tokens=args.num_draft_tokens,
-        )
-        if input_embeddings is not None:
-            options["input_embeddings"] = input_embeddings
-        if args.demo:
-            mx.random.seed(args.seed or 0)  # the stock run draws the same samples (see _compare_with_stock)
-        if args.json:
-            report = _json_generate(runtime, tokenizer, tokens, options, stream_generate)
-            report["load_s"] = round(load_s, 6)
-            text = report["text"]
-            if args.stats:
-                print(format_layer_table(runtime), file=sys.stderr)
-        elif args.demo:
-            text = _demo_generate(runtime, tokenizer, tokens, options, stream_generate, args.verbose)
-        else:
-            text = generate(model, tokenizer, tokens, verbose=args.verbose, **options)
-            if not args.verbose:
-                print(text)
-        # mlx-lm's --verbose False prints the text alone: golem's figures go to stderr then.
-        out = sys.stdout if args.verbose else sys.stderr
-        if runtime.pipeline is not None:
-            from golem.runtime.pipeline import format_rank_table, gather_statistics
-
-            rows = gather_statistics(runtime)  # every rank takes part
-            if not args.json:
-                print(f"Pipeline: {runtime.pipeline.describe()}", file=out)
-                print(format_rank_table(rows), file=out)
-        elif not args.json:
-            print(format_stats(runtime), file=out)
-        if not args.json:
-            if args.stats:
-                print(format_layer_table(runtime), file=out)
-            if args.demo and args.verbose:
-                print(explain(runtime))
-        written = runtime.finish()
-        if args.json:
-            report.update({k: str(v) for k, v in written.items()})
-            if args.demo:
-                report["matches_stock"] = _compare_with_stock(model_path, tokens, options, text, args.seed or 0,
-                                                              quiet=True) == 0
-            print(json.dumps(report))
-            return 0 if report.get("matches_stock", True) else 1
-        if args.verbose:
-            if "trace" in written:
-                print(f"Trace: {written['trace']}")
-            if "profile" in written:
-                print(f"Profile: {written['profile']}")
-    if args.demo:
-        return _compare_with_stock(model_path, tokens, options, text or "", args.seed or 0)
-    return 0
+    return loaded, time.perf_counter() - started
 
 
-def _demo_generate(runtime, tokenizer, tokens, options, stream_generate, verbose: bool) -> str:
-    """mlx-lm's ``generate`` layout, with only printable text shown."""
+def _prepare_runtime(runtime, tokenizer, args) -> None:
+    """Every pipeline rank seeded alike, the sizing note shown, ``--extra-eos-token`` added."""
+    import mlx.core as mx
+
+    if runtime.pipeline is not None and runtime.pipeline.size > 1:
+        from golem.runtime.pipeline import common_seed
+
+        mx.random.seed(common_seed(runtime.pipeline, args.seed))  # every rank samples alike
+    if runtime.sizing_note and args.verbose:
+        print(f"[golem] {runtime.sizing_note}", file=sys.stderr)
+    for eos_token in args.extra_eos_token:
+        tokenizer.add_eos_token(eos_token)
+
+
+def _generation_request(runtime, tokenizer, args, model_path: str, prompt_cache, template_kwargs: dict) -> tuple:
+    """The prompt's tokens and mlx-lm's generation options (sampler, KV cache, draft model, image rows)."""
+    import mlx.core as mx
+
     model = runtime.model
-    print(f"[golem] demo: a generated {runtime.config.get('model_type')} model with RANDOM weights "
-          f"({len(runtime.engine.pools)} MoE layers of {runtime.num_experts} experts, top-{runtime.top_k}), "
-          "so the text is gibberish by design (unprintable characters shown as \\x..). What matters: "
-          "it must equal stock mlx-lm's text, token for token.")
-    text, response = "", None
-    if verbose:
-        print("=" * 10)
-    for response in stream_generate(model, tokenizer, tokens, **options):
-        if verbose:
-            print(printable(response.text), end="", flush=True)
-        text += response.text
-    if verbose:
-        print()
-        print("=" * 10)
-        if not text:
-            print("No text generated for this prompt")
-        else:
-            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
-            print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
-            print(f"Peak memory: {response.peak_memory:.3f} GB")
-    else:
-        print(printable(text))
-    return text
+    prompt, use_chat_template = _prompt(args, tokenizer, prompt_cache is not None, template_kwargs)
+    prompt, pixel_values = _images(runtime, prompt, args, model_path)
+    tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+    options = dict(
+        max_tokens=args.max_tokens, sampler=_sampler(args, tokenizer), max_kv_size=args.max_kv_size,
+        prefill_step_size=args.prefill_step_size, prompt_cache=prompt_cache,
+        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start,
+        draft_model=None, num_draft_tokens=args.num_draft_tokens,
+    )
+    if pixel_values is not None:
+        input_embeddings = model.embed_inputs(mx.array(tokens), pixel_values=pixel_values)
+        mx.eval(input_embeddings)  # the prefill runs on another stream: the vision rows first
+        options["input_embeddings"] = input_embeddings
+    options["draft_model"] = _draft_model(args, tokenizer)
+    return tokens, options
+
+
+def _images(runtime, prompt: str, args, model_path: str) -> tuple:
+    """``--image``: the prompt as the model's processor rewrites it and the pixel values; else (prompt, None)."""
+    if not args.image:
+        return prompt, None
+    from mlx_lm.processors import load_processor
+
+    processor = load_processor(runtime.model, runtime.config)
+    if processor is None:
+        raise ValueError(f"The model {model_path} does not take images.")
+    import numpy as np
+
+    Image = _pil_image()
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in args.image]
+    return processor(prompt, images=images)
+
+
+def _draft_model(args, tokenizer):
+    """``--draft-model`` loaded by stock mlx-lm, its tokenizer checked against the model's; else None."""
+    if args.draft_model is None:
+        return None
+    from mlx_lm import load as mlx_lm_load
+
+    try:
+        draft_model, draft_tokenizer = mlx_lm_load(args.draft_model)
+    except Exception as e:  # mlx-lm and the hub client raise many kinds for a missing model
+        raise ValueError(f"--draft-model {args.draft_model}: cannot load it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise ValueError("Draft model tokenizer does not match model tokenizer.")
+    return draft_model
+
+
+def _generate(runtime, tokenizer, tokens, options: dict, args, load_s: float) -> tuple:
+    """The text generated, printed as ``--json``, the demo or mlx-lm's ``generate`` print it, and the
+    ``--json`` report (None otherwise)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate, stream_generate
+
+    if args.demo:
+        mx.random.seed(args.seed or 0)  # the stock run draws the same samples (see _compare_with_stock)
+    if args.json:
+        report = _json_generate(runtime, tokenizer, tokens, options, stream_generate)
+        report["load_s"] = round(load_s, 6)
+        if args.stats:
+            print(format_layer_table(runtime), file=sys.stderr)
+        return report["text"], report
+    if args.demo:
+        return demo_generate(runtime, tokenizer, tokens, options, stream_generate, args.verbose), None
+    text = generate(runtime.model, tokenizer, tokens, verbose=args.verbose, **options)
+    if not args.verbose:
+        print(text)
+    return text, None
+
+
+def _print_statistics(runtime, args) -> None:
+    """golem's figures after the text (the pipeline's ranks gathered: every rank takes part)."""
+    # mlx-lm's --verbose False prints the text alone: golem's figures go to stderr then.
+    out = sys.stdout if args.verbose else sys.stderr
+    if runtime.pipeline is not None:
+        from golem.runtime.pipeline import format_rank_table, gather_statistics
+
+        rows = gather_statistics(runtime)  # every rank takes part
+        if not args.json:
+            print(f"Pipeline: {runtime.pipeline.describe()}", file=out)
+            print(format_rank_table(rows), file=out)
+    elif not args.json:
+        print(format_stats(runtime), file=out)
+    if not args.json:
+        if args.stats:
+            print(format_layer_table(runtime), file=out)
+        if args.demo and args.verbose:
+            print(explain(runtime))
+
+
+def _print_json(report: dict, written: dict, model_path: str, tokens, options: dict, text: str, args) -> int:
+    """``--json``'s one object (the files written; the demo's comparison with stock mlx-lm)."""
+    report.update({k: str(v) for k, v in written.items()})
+    if args.demo:
+        report["matches_stock"] = compare_with_stock(model_path, tokens, options, text, args.seed or 0,
+                                                      quiet=True) == 0
+    print(json.dumps(report))
+    return 0 if report.get("matches_stock", True) else 1
+
+
+def _print_written(written: dict, args) -> None:
+    """Where the trace and the profile went."""
+    if args.verbose:
+        if "trace" in written:
+            print(f"Trace: {written['trace']}")
+        if "profile" in written:
+            print(f"Profile: {written['profile']}")
 
 
 def _json_generate(runtime, tokenizer, tokens, options, stream_generate) -> dict:
@@ -441,26 +465,6 @@ def _json_generate(runtime, tokenizer, tokens, options, stream_generate) -> dict
         },
         "experts": runtime.stats().as_dict(),
     }
-
-
-def _compare_with_stock(model_path: str, tokens, options, text: str, seed: int, quiet: bool = False) -> int:
-    """Run stock mlx-lm on the same checkpoint, prompt, sampler and seed; say whether the text
-    is the same (``quiet``: only return 0 when it is, 1 when not)."""
-    import mlx.core as mx
-    from mlx_lm import load as mlx_lm_load
-    from mlx_lm.generate import stream_generate
-
-    model, tokenizer = mlx_lm_load(model_path)
-    mx.random.seed(seed)
-    stock = "".join(r.text for r in stream_generate(model, tokenizer, tokens, **{**options, "draft_model": None}))
-    if quiet:
-        return 0 if stock == text else 1
-    if stock == text:
-        print(f"Matches stock mlx-lm: yes, the same text ({len(text)} characters) from the same checkpoint")
-        return 0
-    at = next((i for i, (a, b) in enumerate(zip(stock, text)) if a != b), min(len(stock), len(text)))
-    print(f"Matches stock mlx-lm: NO, the texts differ from character {at} on")
-    return 1
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -300,160 +300,165 @@ def make_response_generator(base: type, state: ServerState, max_restarts: int = 
 
 def make_handler(base: type, state: ServerState) -> type:
     """A subclass of mlx-lm's ``APIHandler`` with golem's checks, endpoints and log line."""
+    return type("GolemHandler", (_GolemHandling, base), {"server_state": state})
 
-    class GolemHandler(base):
-        timeout = IO_TIMEOUT_S  # a client that stalls a read or a write this long is gone
 
-        def __init__(self, response_generator, *args, **kwargs):
-            self._status = None
-            self._tokens = 0
-            self._gone = False
-            super().__init__(_Watched(response_generator, self), *args, **kwargs)
+class _GolemHandling:
+    """What golem's handler adds to mlx-lm's ``APIHandler`` (the class after it in the MRO):
+    the body checked before mlx-lm reads it, ``/metrics``, ``/v1/models``, the client watched,
+    one log line per request. ``server_state`` is the ``ServerState`` of the one model served."""
 
-        # -- bookkeeping --------------------------------------------------------
-        def send_response(self, code, message=None):
-            self._status = code
-            super().send_response(code, message)
+    server_state: ServerState
+    timeout = IO_TIMEOUT_S  # a client that stalls a read or a write this long is gone
 
-        def log_message(self, format, *args):  # mlx-lm's access line, through logging
-            logging.info(f"{self.address_string()} {format % args}")
+    def __init__(self, response_generator, *args, **kwargs):
+        self._status = None
+        self._tokens = 0
+        self._gone = False
+        super().__init__(_Watched(response_generator, self), *args, **kwargs)
 
-        def client_gone(self) -> bool:
-            """The client closed its end (a read would return nothing). No data is consumed."""
+    # -- bookkeeping --------------------------------------------------------
+    def send_response(self, code, message=None):
+        self._status = code
+        super().send_response(code, message)
+
+    def log_message(self, format, *args):  # mlx-lm's access line, through logging
+        logging.info(f"{self.address_string()} {format % args}")
+
+    def client_gone(self) -> bool:
+        """The client closed its end (a read would return nothing). No data is consumed."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _answer(self, status: int, payload) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; version=0.0.4" if isinstance(payload, bytes)
+                         else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self._set_cors_headers()
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    # -- GET ----------------------------------------------------------------
+    def do_GET(self):
+        if self.path.split("?", 1)[0] == "/metrics":
+            self._answer(200, self.server_state.metrics().encode())
+        elif self.path.startswith("/v1/models"):
+            self.handle_models_request()
+        else:
+            super().do_GET()
+        self.server_state.count(self.path.split("?", 1)[0], self._status or 0)
+
+    def handle_models_request(self):
+        """The served model only (this server loads no other), with no Hugging Face
+        cache folder needed; mlx-lm's response shape."""
+        wanted = self.path[len("/v1/models"):].strip("/") or None
+        models = [{"id": self.server_state.model_id, "object": "model", "created": self.created}]
+        if self.server_state.model is None or (wanted is not None and not self.server_state.serves(wanted)):
+            models = []
+        self._answer(200, {"object": "list", "data": models})
+
+    # -- POST ---------------------------------------------------------------
+    def do_POST(self):
+        path = self.path
+        if path not in POST_PATHS:
+            return super().do_POST()  # mlx-lm's 404
+        self._status, self._tokens, self._gone = None, 0, False
+        self.server_state.begin()
+        started = time.perf_counter()
+        before = _stats(self.server_state)
+        prompt_tokens = 0
+        try:
+            body = self._read_body()
+            if body is None:
+                return
             try:
-                readable, _, _ = select.select([self.connection], [], [], 0)
-                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-            except (OSError, ValueError):
-                return True
+                if not isinstance(body, dict):
+                    raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+                check_request(body, path, self._vocab_size(body))
+                self.server_state.check_model(body.get("model"), body.get("adapters"), body.get("draft_model"))
+            except UnknownModel as e:
+                return self._answer(404, {"error": str(e)})
+            except BadRequest as e:
+                return self._answer(400, {"error": str(e)})
+            raw = json.dumps(body).encode()
+            self.headers.replace_header("Content-Length", str(len(raw)))
+            self.rfile = io.BytesIO(raw)
+            super().do_POST()
+            prompt_tokens = self.response_generator.prompt_tokens
+        except _Answered:
+            pass
+        except ClientGone:
+            self._gone = True
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self._gone = True
+            self.close_connection = True
+        except Exception as e:  # a fault of the server, not of the request: answer it, keep serving
+            logging.error(f"{path}: {type(e).__name__}: {e}")
+            logging.debug("traceback", exc_info=True)
+            self.close_connection = True
+            if self._status is None or getattr(self, "_headers_buffer", None):
+                self._headers_buffer = []  # a non-streamed answer's headers, not sent yet
+                self._answer(500, {"error": f"{type(e).__name__}: {e}"})
+        finally:
+            self.server_state.end(path, self._status or 0, prompt_tokens, self._tokens, self._gone)
+            self._log_request(path, time.perf_counter() - started, before)
 
-        def _answer(self, status: int, payload) -> None:
-            body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain; version=0.0.4" if isinstance(payload, bytes)
-                             else "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self._set_cors_headers()
-            self.end_headers()
-            self.wfile.write(body)
-            self.wfile.flush()
-
-        # -- GET ----------------------------------------------------------------
-        def do_GET(self):
-            if self.path.split("?", 1)[0] == "/metrics":
-                self._answer(200, state.metrics().encode())
-            elif self.path.startswith("/v1/models"):
-                self.handle_models_request()
-            else:
-                super().do_GET()
-            state.count(self.path.split("?", 1)[0], self._status or 0)
-
-        def handle_models_request(self):
-            """The served model only (this server loads no other), with no Hugging Face
-            cache folder needed; mlx-lm's response shape."""
-            wanted = self.path[len("/v1/models"):].strip("/") or None
-            models = [{"id": state.model_id, "object": "model", "created": self.created}]
-            if state.model is None or (wanted is not None and not state.serves(wanted)):
-                models = []
-            self._answer(200, {"object": "list", "data": models})
-
-        # -- POST ---------------------------------------------------------------
-        def do_POST(self):
-            path = self.path
-            if path not in POST_PATHS:
-                return super().do_POST()  # mlx-lm's 404
-            self._status, self._tokens, self._gone = None, 0, False
-            state.begin()
-            started = time.perf_counter()
-            before = _stats(state)
-            prompt_tokens = 0
-            try:
-                body = self._read_body()
-                if body is None:
-                    return
-                try:
-                    if not isinstance(body, dict):
-                        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
-                    check_request(body, path, self._vocab_size(body))
-                    state.check_model(body.get("model"), body.get("adapters"), body.get("draft_model"))
-                except UnknownModel as e:
-                    return self._answer(404, {"error": str(e)})
-                except BadRequest as e:
-                    return self._answer(400, {"error": str(e)})
-                raw = json.dumps(body).encode()
-                self.headers.replace_header("Content-Length", str(len(raw)))
-                self.rfile = io.BytesIO(raw)
-                super().do_POST()
-                prompt_tokens = self.response_generator.prompt_tokens
-            except _Answered:
-                pass
-            except ClientGone:
-                self._gone = True
-                self.close_connection = True
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                self._gone = True
-                self.close_connection = True
-            except Exception as e:  # a fault of the server, not of the request: answer it, keep serving
-                logging.error(f"{path}: {type(e).__name__}: {e}")
-                logging.debug("traceback", exc_info=True)
-                self.close_connection = True
-                if self._status is None or getattr(self, "_headers_buffer", None):
-                    self._headers_buffer = []  # a non-streamed answer's headers, not sent yet
-                    self._answer(500, {"error": f"{type(e).__name__}: {e}"})
-            finally:
-                state.end(path, self._status or 0, prompt_tokens, self._tokens, self._gone)
-                self._log_request(path, time.perf_counter() - started, before)
-
-        def _read_body(self) -> Optional[dict]:
-            """The request's JSON body, or None once an error is answered."""
-            length = self.headers.get("Content-Length")
-            if length is None:
-                self._answer(411, {"error": "Content-Length header is required"})
-                return None
-            try:
-                nbytes = int(length)
-                if nbytes < 0:
-                    raise ValueError
-            except ValueError:
-                self._answer(400, {"error": f"Invalid Content-Length header: {length!r:.40}"})
-                return None
-            if nbytes > MAX_BODY_BYTES:
-                self.close_connection = True
-                self._answer(413, {"error": f"request body of {nbytes} bytes: at most {MAX_BODY_BYTES}"})
-                return None
-            raw = self.rfile.read(nbytes)
-            if len(raw) < nbytes:
-                raise ClientGone("the request body ended early")
-            try:
-                return json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                self._answer(400, {"error": f"the request body is not UTF-8 text (byte {e.start})"})
-            except ValueError as e:  # json.JSONDecodeError; also a number too long to convert
-                self._answer(400, {"error": f"Invalid JSON in request body: {e}"})
-            except RecursionError:
-                self._answer(400, {"error": "Invalid JSON in request body: nested too deeply"})
+    def _read_body(self) -> Optional[dict]:
+        """The request's JSON body, or None once an error is answered."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self._answer(411, {"error": "Content-Length header is required"})
             return None
+        try:
+            nbytes = int(length)
+            if nbytes < 0:
+                raise ValueError
+        except ValueError:
+            self._answer(400, {"error": f"Invalid Content-Length header: {length!r:.40}"})
+            return None
+        if nbytes > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._answer(413, {"error": f"request body of {nbytes} bytes: at most {MAX_BODY_BYTES}"})
+            return None
+        raw = self.rfile.read(nbytes)
+        if len(raw) < nbytes:
+            raise ClientGone("the request body ended early")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            self._answer(400, {"error": f"the request body is not UTF-8 text (byte {e.start})"})
+        except ValueError as e:  # json.JSONDecodeError; also a number too long to convert
+            self._answer(400, {"error": f"Invalid JSON in request body: {e}"})
+        except RecursionError:
+            self._answer(400, {"error": "Invalid JSON in request body: nested too deeply"})
+        return None
 
-        def _vocab_size(self, body: dict) -> Optional[int]:
-            if body.get("logit_bias") is None:
-                return state.vocab_size
-            # The range of a logit bias is the model's vocabulary: wait for the model to load.
-            while not state.loaded.wait(timeout=0.5):
-                if not self.response_generator.generation_available():
-                    raise BadRequest("the model failed to load")
-            return state.vocab_size
+    def _vocab_size(self, body: dict) -> Optional[int]:
+        if body.get("logit_bias") is None:
+            return self.server_state.vocab_size
+        # The range of a logit bias is the model's vocabulary: wait for the model to load.
+        while not self.server_state.loaded.wait(timeout=0.5):
+            if not self.response_generator.generation_available():
+                raise BadRequest("the model failed to load")
+        return self.server_state.vocab_size
 
-        def _log_request(self, path: str, seconds: float, before) -> None:
-            line = f"{path} {self._status or '-'}: {self._tokens} tokens in {seconds:.2f} s"
-            if self._gone:
-                line += ", client gone (generation stopped)"
-            after = _stats(state)
-            if after is not None and before is not None and self._tokens:
-                line += f"; {_one_line(after.minus(before))}"
-                if state.in_flight:
-                    line += f" (shared with {state.in_flight} requests running)"
-            logging.info(line)
-
-    return GolemHandler
+    def _log_request(self, path: str, seconds: float, before) -> None:
+        line = f"{path} {self._status or '-'}: {self._tokens} tokens in {seconds:.2f} s"
+        if self._gone:
+            line += ", client gone (generation stopped)"
+        after = _stats(self.server_state)
+        if after is not None and before is not None and self._tokens:
+            line += f"; {_one_line(after.minus(before))}"
+            if self.server_state.in_flight:
+                line += f" (shared with {self.server_state.in_flight} requests running)"
+        logging.info(line)
 
 
 def _stats(state: ServerState):

@@ -13,6 +13,7 @@ import sys
 
 import re
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 from golem.runtime.analysis.chunks import chunk_analysis
 from golem.runtime.analysis.estimate import (
@@ -161,7 +162,20 @@ def _check_matplotlib() -> None:
         raise ValueError(f"--plot needs matplotlib: {PLOT_EXTRA_HINT}") from None
 
 
+class _Inputs(NamedTuple):
+    """What the estimators take from the traces or from --u/--d."""
+
+    routing: Optional[ChunkRouting]
+    replay: Optional[TraceReplay]
+    weights: Optional[list]  # --plan weighted: distinct experts per chunk, per layer
+    curves: Optional[object]  # --plan curves: the traces' routing statistics
+    stats: Optional[object]  # the chunk analysis behind ``routing``, when the traces gave it
+    traces: list
+
+
 def run(args) -> int:
+    """The estimate's steps: model, formats and machine, the flags checked, the routing
+    statistics, then the split over machines, or the estimate and its sweep."""
     model = load_model_spec(args.model)
     quant = Quantization.parse(args.bits, args.expert_bits, args.non_expert_bits)
     machine = load_machine(args.machine)
@@ -171,12 +185,45 @@ def run(args) -> int:
         from golem.io.outputs import check_output
 
         check_output(args.plot, what="--plot")  # before the sweep runs
+    machine = _override_machine(machine, args)
+    _check_flags(args)
+    link = _link(args, model, pins)
+    inputs = _routing_inputs(args, model)
+    if link is not None:
+        return _run_pipeline(args, model, quant, machine, link, inputs.routing, inputs.replay, inputs.traces)
+    kwargs = dict(routing=inputs.routing, replay=inputs.replay, pin_layers=pins, plan=args.plan,
+                  layer_weights=inputs.weights, stats=inputs.curves)
+    replay = inputs.replay
+    work = replay.num_steps * replay.num_layers if replay is not None else 0
+    with progress_bar(None, "layers replayed", work=work) as bar:
+        if replay is not None:
+            replay.progress = bar.update
+        report = estimate(model, quant, machine, **kwargs)
+    _print_report(report)
+    out = report.to_dict()
+    out["traces"] = [t.path for t in inputs.traces]
+    if inputs.stats is not None:
+        out["chunk_stats"] = inputs.stats.to_dict()
+    if args.sweep or args.plot:
+        out.update(_sweep(args, model, quant, machine, kwargs, work, inputs))
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def _override_machine(machine, args):
+    """The machine with ``--ram`` and ``--ssd-gb-per-s`` applied."""
     if args.ram is not None:
         machine = machine.with_memory(parse_size(args.ram, "--ram"))
     if args.ssd_gb_per_s is not None:
         if not args.ssd_gb_per_s > 0 or args.ssd_gb_per_s == float("inf"):
             raise ValueError(f"--ssd-gb-per-s must be a finite number > 0, got {args.ssd_gb_per_s}")
         machine = machine.with_ssd(args.ssd_gb_per_s)
+    return machine
+
+
+def _check_flags(args) -> None:
+    """The numeric flags in range and the routing statistics given one way."""
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
     if not 2 <= args.points <= MAX_POINTS:
@@ -191,21 +238,27 @@ def run(args) -> int:
         raise ValueError("give routing statistics: --trace FILE... or --u U --d D")
     if args.plan != "uniform" and not args.trace:
         raise ValueError(f"--plan {args.plan} needs --trace")
-    link = None
-    if args.machines != 1:
-        from golem.runtime.analysis.stages import parse_link
 
-        if not 2 <= args.machines <= model.num_layers:
-            raise ValueError(f"--machines must lie in [1, {model.num_layers}] (one layer each at least), "
-                             f"got {args.machines}")
-        if pins:
-            raise ValueError("--pin-layers with --machines: each machine plans its own layers; run without -f")
-        if args.sweep or args.plot:
-            raise ValueError("--sweep/--plot estimate one machine: run them without --machines")
-        link = parse_link(args.link)
 
-    routing = replay = weights = curves = None
-    stats = None
+def _link(args, model: ModelSpec, pins: list[int]):
+    """``--machines N``: the network between them (the flags that estimate one machine refused); else None."""
+    if args.machines == 1:
+        return None
+    from golem.runtime.analysis.stages import parse_link
+
+    if not 2 <= args.machines <= model.num_layers:
+        raise ValueError(f"--machines must lie in [1, {model.num_layers}] (one layer each at least), "
+                         f"got {args.machines}")
+    if pins:
+        raise ValueError("--pin-layers with --machines: each machine plans its own layers; run without -f")
+    if args.sweep or args.plot:
+        raise ValueError("--sweep/--plot estimate one machine: run them without --machines")
+    return parse_link(args.link)
+
+
+def _routing_inputs(args, model: ModelSpec) -> _Inputs:
+    """U and D (given, or from the traces' chunks), the trace replay and what --plan needs."""
+    routing = replay = weights = curves = stats = None
     traces = []
     if args.u is not None:
         routing = ChunkRouting(args.u, args.d, args.chunk, args.coverage, "given")
@@ -225,53 +278,41 @@ def run(args) -> int:
             weights = distinct_per_layer(traces, model, args.chunk)
         elif args.plan == "curves":
             curves = routing_stats_for(model, traces, args.policy)
-    if link is not None:
-        return _run_pipeline(args, model, quant, machine, link, routing, replay, traces)
-    kwargs = dict(routing=routing, replay=replay, pin_layers=pins, plan=args.plan,
-                  layer_weights=weights, stats=curves)
-    work = replay.num_steps * replay.num_layers if replay is not None else 0
-    with progress_bar(None, "layers replayed", work=work) as bar:
-        if replay is not None:
-            replay.progress = bar.update
-        report = estimate(model, quant, machine, **kwargs)
-    _print_report(report)
-    out = report.to_dict()
-    out["traces"] = [t.path for t in traces]
-    if stats is not None:
-        out["chunk_stats"] = stats.to_dict()
+    return _Inputs(routing, replay, weights, curves, stats, traces)
 
-    if args.sweep or args.plot:
-        sizes = default_sweep_sizes(model, quant, machine, args.points)
-        with progress_bar(len(sizes), "memory sizes", work=work * len(sizes)) as bar:
-            if replay is not None:
-                replay.progress = None
-            sweep = memory_sweep(model, quant, machine, sizes, progress=bar.update, **kwargs)
-        kind = machine.cache_tier.kind
-        print(f"\n{kind + ' GiB':>10}{'chunk tok/s':>13}{'trace tok/s':>13}{'chunk reads':>13}{'trace reads':>13}")
-        rows = []
-        for size, rep in sweep:
-            c, t = rep.chunk, rep.trace
-            below = rep.placement.below_top_k
-            print(f"{size / GiB:>10.1f}{c.tokens_per_s if c else float('nan'):>13.2f}"
-                  f"{t.tokens_per_s if t else float('nan'):>13.2f}{c.experts_read if c else float('nan'):>13.1f}"
-                  f"{t.experts_read if t else float('nan'):>13.1f}" + ("  *" if below else ""))
-            rows.append({"memory_nbytes": size, "below_top_k": below,
-                         "chunk_tokens_per_s": round(c.tokens_per_s, 4) if c else None,
-                         "trace_tokens_per_s": round(t.tokens_per_s, 4) if t else None,
-                         "chunk_reads_per_token": c.experts_read if c else None,
-                         "trace_reads_per_token": t.experts_read if t else None})
-        out["sweep"] = rows
-        if any(r["below_top_k"] for r in rows):
-            print(f"* fewer than top-{model.top_k} slots per cached layer: golem-run refuses such a budget")
-        if args.plot:
-            names = [Path(t.path).name for t in traces if t.path]
-            title = f"{model.name} on {machine.name}" + (f" (traces: {', '.join(names)})" if names else "")
-            path = plot_sweep(sweep, args.plot, title=title)
-            print(f"chart written to {path}")
-            out["plot"] = str(path)
-    if args.json:
-        print(json.dumps(out))
-    return 0
+
+def _sweep(args, model: ModelSpec, quant, machine, kwargs: dict, work: int, inputs: _Inputs) -> dict:
+    """``--sweep``/``--plot``: the estimate over memory sizes, printed as a table (and charted);
+    returns what the JSON object gains."""
+    sizes = default_sweep_sizes(model, quant, machine, args.points)
+    with progress_bar(len(sizes), "memory sizes", work=work * len(sizes)) as bar:
+        if inputs.replay is not None:
+            inputs.replay.progress = None
+        sweep = memory_sweep(model, quant, machine, sizes, progress=bar.update, **kwargs)
+    kind = machine.cache_tier.kind
+    print(f"\n{kind + ' GiB':>10}{'chunk tok/s':>13}{'trace tok/s':>13}{'chunk reads':>13}{'trace reads':>13}")
+    rows = []
+    for size, rep in sweep:
+        c, t = rep.chunk, rep.trace
+        below = rep.placement.below_top_k
+        print(f"{size / GiB:>10.1f}{c.tokens_per_s if c else float('nan'):>13.2f}"
+              f"{t.tokens_per_s if t else float('nan'):>13.2f}{c.experts_read if c else float('nan'):>13.1f}"
+              f"{t.experts_read if t else float('nan'):>13.1f}" + ("  *" if below else ""))
+        rows.append({"memory_nbytes": size, "below_top_k": below,
+                     "chunk_tokens_per_s": round(c.tokens_per_s, 4) if c else None,
+                     "trace_tokens_per_s": round(t.tokens_per_s, 4) if t else None,
+                     "chunk_reads_per_token": c.experts_read if c else None,
+                     "trace_reads_per_token": t.experts_read if t else None})
+    out = {"sweep": rows}
+    if any(r["below_top_k"] for r in rows):
+        print(f"* fewer than top-{model.top_k} slots per cached layer: golem-run refuses such a budget")
+    if args.plot:
+        names = [Path(t.path).name for t in inputs.traces if t.path]
+        title = f"{model.name} on {machine.name}" + (f" (traces: {', '.join(names)})" if names else "")
+        path = plot_sweep(sweep, args.plot, title=title)
+        print(f"chart written to {path}")
+        out["plot"] = str(path)
+    return out
 
 
 def _run_pipeline(args, model, quant, machine, link, routing, replay, traces) -> int:

@@ -112,19 +112,13 @@ def _layer_ticks(axis, numbers) -> None:
 
 
 def run(args) -> int:
-    charts = [c.strip() for c in args.charts.split(",") if c.strip()]
-    unknown = [c for c in charts if c not in CHARTS]
-    if unknown or not charts:
-        raise ValueError(f"--charts: unknown chart(s) {unknown}; choose from {', '.join(CHARTS)}")
+    """The plot's steps: the charts and the traces checked, then each chart drawn and written."""
+    charts = _charts(args)
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     traces = load_traces(args.traces, hidden=False, weights=False)
     require_steps(traces)
-    first = traces[0]
-    capacity = args.capacity if args.capacity is not None else max(first.top_k, first.num_experts // 2)
-    if not first.top_k <= capacity <= first.num_experts:
-        raise ValueError(f"-c/--capacity {capacity}: give {first.top_k} (top-k) to {first.num_experts} "
-                         "(every expert) slots per layer")
+    capacity = _capacity(traces[0], args)
     if "overlap" in charts and len(traces) < 2:
         if args.charts != ",".join(CHARTS):
             raise ValueError("--charts overlap needs two traces")
@@ -139,78 +133,109 @@ def run(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir}: is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    layers = np.arange(first.num_layers)  # bar positions; labelled with first.layer_numbers
-    numbers = first.layer_numbers
     names = [Path(t.path).name if t.path else f"trace {i}" for i, t in enumerate(traces)]
-    source = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
-
-    if "hit-rate" in charts:
-        rates = hit_rate_over_time(traces, policy=args.policy, capacity=capacity, window=args.window)
-        fig = _figure()
-        ax = fig.add_subplot(1, 1, 1)
-        im = ax.imshow(rates, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
-                       extent=(0, rates.shape[1] * args.window, -0.5, first.num_layers - 0.5))
-        fig.colorbar(im, ax=ax, label="hit rate")
-        ax.set_xlabel("decode step")
-        ax.set_ylabel("MoE layer (decoder layer number)")
-        _layer_ticks(ax.yaxis, numbers)
-        ax.set_title(f"{source}: hit rate per {args.window} steps, {args.policy}, "
-                     f"{capacity}/{first.num_experts} slots")
-        path = out_dir / "hit_rate_over_time.png"
-        _save(fig, path)
-        written.append({"chart": "hit-rate", "path": str(path), "mean_hit_rate": round(float(rates.mean()), 4)})
-        print(f"hit-rate: {path} (mean hit rate {100 * rates.mean():.1f}%)")
-
-    if "warm-start" in charts:
-        from golem.runtime.analysis.profile import load_warm_source
-
-        profile = load_warm_source(args.warm_start) if args.warm_start else None
-        if profile is not None:
-            profile.check_shape(first.num_layers, first.num_experts, where=f"-W {args.warm_start}", other="the trace")
-        rates = warm_start_hit_rates(traces, policy=args.policy, capacity=capacity, seed=args.seed, profile=profile)
-        fig = _figure()
-        ax = fig.add_subplot(1, 1, 1)
-        width = 0.8 / len(rates)
-        for i, (name, r) in enumerate(rates.items()):
-            label = name if name != "profile" else f"profile ({args.warm_start or 'these traces'})"
-            ax.bar(layers + (i - (len(rates) - 1) / 2) * width, r, width, label=label)
-        ax.set_xlabel("MoE layer (decoder layer number)")
-        _layer_ticks(ax.xaxis, numbers)
-        ax.set_ylabel("hit rate")
-        ax.set_ylim(0, 1.15)
-        ax.set_title(f"{source}: hit rate by warm start (fresh cache per sequence), {args.policy}, "
-                     f"{capacity}/{first.num_experts} slots", fontsize="medium")
-        ax.legend(loc="upper center", ncol=len(rates), fontsize="small")
-        path = out_dir / "warm_start_by_layer.png"
-        _save(fig, path)
-        summary = {name: round(float(r.mean()), 4) for name, r in rates.items()}
-        written.append({"chart": "warm-start", "path": str(path), "mean_hit_rate": summary})
-        print(f"warm-start: {path} ({', '.join(f'{k} {100 * v:.1f}%' for k, v in summary.items())})")
-
-    if "overlap" in charts:
-        ov = expert_overlap(traces[0], traces[1], capacity)
-        fig = _figure()
-        ax = fig.add_subplot(1, 1, 1)
-        ax.bar(layers - 0.2, ov["top_overlap"], 0.4, label=f"top-{capacity} experts in common")
-        ax.bar(layers + 0.2, ov["distribution_overlap"], 0.4, label="routing distribution overlap")
-        ax.set_xlabel("MoE layer (decoder layer number)")
-        _layer_ticks(ax.xaxis, numbers)
-        ax.set_ylabel("share in common (1 = identical)")
-        ax.set_ylim(0, 1.15)
-        ax.set_title(f"expert overlap: {names[0]} vs {names[1]}")
-        ax.legend(loc="upper center", ncol=2, fontsize="small")
-        path = out_dir / "expert_overlap.png"
-        _save(fig, path)
-        written.append({"chart": "overlap", "path": str(path),
-                        "mean_top_overlap": round(float(ov["top_overlap"].mean()), 4),
-                        "mean_distribution_overlap": round(float(ov["distribution_overlap"].mean()), 4)})
-        print(f"overlap: {path} (top-{capacity} in common {100 * ov['top_overlap'].mean():.1f}%)")
-
+    draw = {"hit-rate": _hit_rate_chart, "warm-start": _warm_start_chart, "overlap": _overlap_chart}
+    written = [draw[chart](traces, names, capacity, out_dir, args) for chart in CHARTS if chart in charts]
     if args.json:
         print(json.dumps({"out": str(out_dir), "traces": [t.path for t in traces], "capacity": capacity,
                           "policy": args.policy, "charts": written}))
     return 0
+
+
+def _charts(args) -> list[str]:
+    """The charts ``--charts`` names, each a known one."""
+    charts = [c.strip() for c in args.charts.split(",") if c.strip()]
+    unknown = [c for c in charts if c not in CHARTS]
+    if unknown or not charts:
+        raise ValueError(f"--charts: unknown chart(s) {unknown}; choose from {', '.join(CHARTS)}")
+    return charts
+
+
+def _capacity(first, args) -> int:
+    """Slots per layer: ``-c/--capacity``, else half the experts (at least top-k)."""
+    capacity = args.capacity if args.capacity is not None else max(first.top_k, first.num_experts // 2)
+    if not first.top_k <= capacity <= first.num_experts:
+        raise ValueError(f"-c/--capacity {capacity}: give {first.top_k} (top-k) to {first.num_experts} "
+                         "(every expert) slots per layer")
+    return capacity
+
+
+def _source(names: list[str]) -> str:
+    """The traces' names for a chart's title (the first two and a count past three)."""
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
+
+
+def _hit_rate_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
+    """hit_rate_over_time.png: the hit rate of each layer per window of decode steps."""
+    first = traces[0]
+    rates = hit_rate_over_time(traces, policy=args.policy, capacity=capacity, window=args.window)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(rates, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
+                   extent=(0, rates.shape[1] * args.window, -0.5, first.num_layers - 0.5))
+    fig.colorbar(im, ax=ax, label="hit rate")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("MoE layer (decoder layer number)")
+    _layer_ticks(ax.yaxis, first.layer_numbers)
+    ax.set_title(f"{_source(names)}: hit rate per {args.window} steps, {args.policy}, "
+                 f"{capacity}/{first.num_experts} slots")
+    path = out_dir / "hit_rate_over_time.png"
+    _save(fig, path)
+    print(f"hit-rate: {path} (mean hit rate {100 * rates.mean():.1f}%)")
+    return {"chart": "hit-rate", "path": str(path), "mean_hit_rate": round(float(rates.mean()), 4)}
+
+
+def _warm_start_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
+    """warm_start_by_layer.png: each layer's hit rate from each warm start (``-W`` a profile's)."""
+    from golem.runtime.analysis.profile import load_warm_source
+
+    first = traces[0]
+    layers = np.arange(first.num_layers)  # bar positions; labelled with first.layer_numbers
+    profile = load_warm_source(args.warm_start) if args.warm_start else None
+    if profile is not None:
+        profile.check_shape(first.num_layers, first.num_experts, where=f"-W {args.warm_start}", other="the trace")
+    rates = warm_start_hit_rates(traces, policy=args.policy, capacity=capacity, seed=args.seed, profile=profile)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(rates)
+    for i, (name, r) in enumerate(rates.items()):
+        label = name if name != "profile" else f"profile ({args.warm_start or 'these traces'})"
+        ax.bar(layers + (i - (len(rates) - 1) / 2) * width, r, width, label=label)
+    ax.set_xlabel("MoE layer (decoder layer number)")
+    _layer_ticks(ax.xaxis, first.layer_numbers)
+    ax.set_ylabel("hit rate")
+    ax.set_ylim(0, 1.15)
+    ax.set_title(f"{_source(names)}: hit rate by warm start (fresh cache per sequence), {args.policy}, "
+                 f"{capacity}/{first.num_experts} slots", fontsize="medium")
+    ax.legend(loc="upper center", ncol=len(rates), fontsize="small")
+    path = out_dir / "warm_start_by_layer.png"
+    _save(fig, path)
+    summary = {name: round(float(r.mean()), 4) for name, r in rates.items()}
+    print(f"warm-start: {path} ({', '.join(f'{k} {100 * v:.1f}%' for k, v in summary.items())})")
+    return {"chart": "warm-start", "path": str(path), "mean_hit_rate": summary}
+
+
+def _overlap_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
+    """expert_overlap.png: the first two traces' experts in common, layer by layer."""
+    first = traces[0]
+    layers = np.arange(first.num_layers)
+    ov = expert_overlap(traces[0], traces[1], capacity)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(layers - 0.2, ov["top_overlap"], 0.4, label=f"top-{capacity} experts in common")
+    ax.bar(layers + 0.2, ov["distribution_overlap"], 0.4, label="routing distribution overlap")
+    ax.set_xlabel("MoE layer (decoder layer number)")
+    _layer_ticks(ax.xaxis, first.layer_numbers)
+    ax.set_ylabel("share in common (1 = identical)")
+    ax.set_ylim(0, 1.15)
+    ax.set_title(f"expert overlap: {names[0]} vs {names[1]}")
+    ax.legend(loc="upper center", ncol=2, fontsize="small")
+    path = out_dir / "expert_overlap.png"
+    _save(fig, path)
+    print(f"overlap: {path} (top-{capacity} in common {100 * ov['top_overlap'].mean():.1f}%)")
+    return {"chart": "overlap", "path": str(path),
+            "mean_top_overlap": round(float(ov["top_overlap"].mean()), 4),
+            "mean_distribution_overlap": round(float(ov["distribution_overlap"].mean()), 4)}
 
 
 def _save(fig, path: Path) -> None:

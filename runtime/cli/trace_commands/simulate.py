@@ -93,22 +93,46 @@ def _stats(args, warm_profile, policy: str):
 
 
 def run(args) -> int:
+    """The simulation's steps: the traces and the model, the cache plan, the warm start, the
+    replay (and Belady's bound), then the table and the JSON object."""
     traces = load_traces(args.traces, hidden=False, weights=False)
     steps = require_steps(traces, decode_only=not args.include_prefill)
-    meta = traces[0].meta
-    model = _model(args, meta)
-    e, k = model.num_experts, model.top_k
+    model = _model(args, traces[0].meta)
     warm_profile: Profile | None = None
     if args.warm_start is not None:
         warm_profile = load_warm_source(args.warm_start)
-        warm_profile.check_shape(model.num_layers, e, where=f"-W {args.warm_start}", other="the trace")
+        warm_profile.check_shape(model.num_layers, model.num_experts, where=f"-W {args.warm_start}",
+                                 other="the trace")
+    plan = _cache_plan(args, model, warm_profile)
+    caps, pinned = plan.capacities, plan.pinned_layers
+    warm, warm_name = _warm_start(args, model, warm_profile, caps, pinned)
+    kw = dict(pinned=pinned, warm=warm, decode_only=not args.include_prefill)
+    layers = model.num_layers
+    with progress_bar(layers * (1 if args.no_belady else 2), "simulate", work=steps * layers) as bar:
+        result = simulate(traces, policy=args.policy, capacity=caps, prefetch_recall=args.prefetch_recall,
+                          seed=args.seed, progress=bar.update, **kw)
+        bound = None if args.no_belady else belady(traces, caps, progress=bar.update, **kw)
+    if args.memory_budget is not None:
+        print(plan.describe())
+        print()
+    print(f"{len(traces)} trace(s), {result.num_steps} steps; policy {args.policy}; warm start {warm_name}"
+          + (f"; prefetch recall {args.prefetch_recall:g}" if args.prefetch_recall else ""))
+    _print_table(args, model, result, bound, caps, pinned)
+    if args.json:
+        print(json.dumps(_json_object(args, model, traces, plan, result, bound, warm_name)))
+    return 0
+
+
+def _cache_plan(args, model, warm_profile):
+    """Slots per layer from the sizing flags (half the experts, at least top-k, when none is given)."""
+    e, k = model.num_experts, model.top_k
     cache_size = args.capacity
     overrides = [parse_override(v, num_layers=max(model.ids) + 1) for v in args.cache_size_override]
     check_cache_sizes(cache_size, overrides, e, whose="the trace's layers")
     sizing = (args.capacity, args.memory_budget, args.pin_layers, args.cache_size_override)
     if all(x in (None, []) for x in sizing):
         cache_size = max(k, e // 2)
-    plan = make_plan(
+    return make_plan(
         model,
         budget_nbytes=parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None,
         cache_size=cache_size,
@@ -116,24 +140,20 @@ def run(args) -> int:
         pin_layers=[] if args.pin_layers is None else parse_layer_ranges(args.pin_layers, num_layers=max(model.ids) + 1),
         stats=_stats(args, warm_profile, args.policy),
     )
-    caps, pinned = plan.capacities, plan.pinned_layers
-    warm, warm_name = None, "empty"
-    if warm_profile is not None:
-        warm, warm_name = warm_profile.warm_start(caps, pinned), str(args.warm_start)
-    elif args.warm_random is not None:
-        warm, warm_name = random_warm_start(args.warm_random, model.num_layers, e, caps, pinned), f"random:{args.warm_random}"
-    kw = dict(pinned=pinned, warm=warm, decode_only=not args.include_prefill)
-    layers = model.num_layers
-    with progress_bar(layers * (1 if args.no_belady else 2), "simulate", work=steps * layers) as bar:
-        result = simulate(traces, policy=args.policy, capacity=caps, prefetch_recall=args.prefetch_recall,
-                          seed=args.seed, progress=bar.update, **kw)
-        bound = None if args.no_belady else belady(traces, caps, progress=bar.update, **kw)
 
-    if args.memory_budget is not None:
-        print(plan.describe())
-        print()
-    print(f"{len(traces)} trace(s), {result.num_steps} steps; policy {args.policy}; warm start {warm_name}"
-          + (f"; prefetch recall {args.prefetch_recall:g}" if args.prefetch_recall else ""))
+
+def _warm_start(args, model, warm_profile, caps, pinned) -> tuple:
+    """The slots' contents before the first step (``-W`` profile, ``--warm-random`` or empty) and its name."""
+    if warm_profile is not None:
+        return warm_profile.warm_start(caps, pinned), str(args.warm_start)
+    if args.warm_random is not None:
+        return (random_warm_start(args.warm_random, model.num_layers, model.num_experts, caps, pinned),
+                f"random:{args.warm_random}")
+    return None, "empty"
+
+
+def _print_table(args, model, result, bound, caps, pinned) -> None:
+    """One row per layer (the checkpoint's layer numbers, as golem-run's table), then the total."""
     head = f"{'layer':>5}  {'slots':>7}  {'requests':>9}  {'hit':>7}  {'miss':>7}"
     head += f"  {'prefetched':>10}" if args.prefetch_recall else ""
     head += f"  {'belady miss':>11}" if bound is not None else ""
@@ -146,6 +166,7 @@ def run(args) -> int:
         s += f"  {100 * bmiss / req:>10.2f}%" if bound is not None else ""
         return s
 
+    e = model.num_experts
     numbers = model.ids  # the checkpoint's layer numbers (trace meta moe_layers), as golem-run's table
     for layer in range(result.num_layers):
         slots = "pinned" if layer in pinned else f"{caps[layer]}/{e}"
@@ -155,22 +176,25 @@ def run(args) -> int:
                result.total_prefetched, bound.total_misses if bound is not None else 0))
     print(f"misses per token {result.total_misses / max(result.num_steps, 1):.2f}"
           + (f" (Belady {bound.total_misses / max(bound.num_steps, 1):.2f})" if bound is not None else ""))
-    if args.json:
-        out = result.to_dict(per_layer=True)
-        out["pinned_layers"] = [numbers[i] for i in out["pinned_layers"]]
-        for row in out["per_layer"]:
-            row["layer"] = numbers[row["layer"]]
-        out.update({
-            "traces": [t.path for t in traces],
-            "warm_start": warm_name,
-            "prefetch_recall": args.prefetch_recall,
-            "belady_misses": bound.total_misses if bound is not None else None,
-            "belady_miss_ratio": round(bound.miss_ratio, 6) if bound is not None else None,
-        })
-        if bound is not None:
-            for row, b in zip(out["per_layer"], bound.misses):
-                row["belady_misses"] = int(b)
-        if args.memory_budget is not None:
-            out["plan"] = plan.to_dict()
-        print(json.dumps(out))
-    return 0
+
+
+def _json_object(args, model, traces, plan, result, bound, warm_name: str) -> dict:
+    """``--json``'s object: the result per layer (checkpoint layer numbers), Belady's bound, the plan."""
+    numbers = model.ids
+    out = result.to_dict(per_layer=True)
+    out["pinned_layers"] = [numbers[i] for i in out["pinned_layers"]]
+    for row in out["per_layer"]:
+        row["layer"] = numbers[row["layer"]]
+    out.update({
+        "traces": [t.path for t in traces],
+        "warm_start": warm_name,
+        "prefetch_recall": args.prefetch_recall,
+        "belady_misses": bound.total_misses if bound is not None else None,
+        "belady_miss_ratio": round(bound.miss_ratio, 6) if bound is not None else None,
+    })
+    if bound is not None:
+        for row, b in zip(out["per_layer"], bound.misses):
+            row["belady_misses"] = int(b)
+    if args.memory_budget is not None:
+        out["plan"] = plan.to_dict()
+    return out
