@@ -19,7 +19,8 @@ import numpy as np
 
 from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
-from golem.io.reads import FileHandles, aligned_empty, read_ranges
+from golem.io.file_handles import FileHandles, aligned_empty
+from golem.io.positioned_reads import read_ranges
 
 from golem.runtime.governor import TokenOutcome
 from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED

@@ -467,7 +467,7 @@ def main(argv: Optional[list] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     show_library_warnings()
     from golem.io.index import CheckpointError
-    from golem.io.reads import ReadError
+    from golem.io.read_errors import ReadError
 
     from golem.runtime.loader import ModelError
 
