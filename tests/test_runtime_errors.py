@@ -12,7 +12,7 @@ import pytest
 from golem.io.read_errors import ReadError
 from golem.runtime import load
 from golem.runtime.cli.run import main as golem_run
-from golem.runtime.loader import ModelError
+from golem.runtime.checkpoint import ModelError
 from helpers import prompt_tokens
 
 

@@ -469,7 +469,7 @@ def main(argv: Optional[list] = None) -> int:
     from golem.io.index import CheckpointError
     from golem.io.read_errors import ReadError
 
-    from golem.runtime.loader import ModelError
+    from golem.runtime.checkpoint import ModelError
 
     try:
         return run(args)
