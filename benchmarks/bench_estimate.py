@@ -104,7 +104,8 @@ def measure_read_gb_per_s(path: Path, args, repeats: int = 3) -> float:
     """Sequential 8 MiB reads over every shard, through golem.io's positioned reads (and the
     emulated device, when one is given)."""
     from golem.io.ranges import ByteRange
-    from golem.io.reads import FileHandles, aligned_empty, read_ranges
+    from golem.io.file_handles import FileHandles, aligned_empty
+    from golem.io.positioned_reads import read_ranges
 
     chunk = 8 << 20
     shards = sorted(path.glob("*.safetensors"))

@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileHandles, FileIdentity, read_ranges
+from golem.io.file_handles import FileHandles, FileIdentity
+from golem.io.positioned_reads import read_ranges
 
 EXPERTS, PARTS = 32, 9
 

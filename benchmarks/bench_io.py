@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileHandles, aligned_empty, evict_from_page_cache, read_ranges
+from golem.io.file_handles import FileHandles, aligned_empty
+from golem.io.page_cache import evict_from_page_cache
+from golem.io.positioned_reads import read_ranges
 from golem.io.scheduler import DEFAULT_PARALLELISM, IOScheduler, SchedulerSettings
 from golem.io.storage import parse_throttle
 

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileHandles, aligned_empty, read_ranges
+from golem.io.file_handles import FileHandles, aligned_empty
+from golem.io.positioned_reads import read_ranges
 from golem.io.scheduler import IOScheduler, SchedulerSettings
 
 LAYERS, EXPERTS, PARTS = 4, 64, 9

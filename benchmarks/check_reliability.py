@@ -1520,7 +1520,7 @@ import os, shutil
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from golem.runtime import load
-from golem.io.reads import ReadError
+from golem.io.read_errors import ReadError
 with load(MODEL, capacities=4) as (model, tokenizer):
     tokens = mx.array(tokenizer.encode("Once upon a time there was a computer"))
     steps = generate_step(tokens, model, max_tokens=120, sampler=lambda x: mx.argmax(x, axis=-1))

@@ -2,7 +2,7 @@
 finished read means.
 
 Owns the state behind the scheduler's lock: the request queue (``requests``), the jobs
-waiting for a reader (``readers.PieceQueue``), the staging buffers, the statistics, the
+waiting for a reader (``read_jobs.PieceQueue``), the staging buffers, the statistics, the
 per-key read plans, the published prefetches and the speculative bytes in flight. It
 decides: a demand starts at once on the next free buffer; a prefetch only when a reader
 would otherwise idle, a buffer beyond the reserve is free and the speculative caps allow;
@@ -18,9 +18,9 @@ from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tu
 
 import numpy as np
 
+from golem.io.file_handles import ALIGN
 from golem.io.ranges import ByteRange
-from golem.io.readers import DEMAND_LANES, Batch, PieceQueue, plan_batch, plan_request
-from golem.io.reads import ALIGN
+from golem.io.read_jobs import DEMAND_LANES, Batch, PieceQueue, plan_batch, plan_request
 from golem.io.requests import DONE, PUBLISHED, QUEUED, RUNNING, Request, RequestQueue, describe
 from golem.io.settings import SchedulerSettings
 from golem.io.staging import StagingBuffers

@@ -15,8 +15,8 @@ from math import prod
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Tuple
 
+from .file_handles import FileIdentity
 from .ranges import ByteRange
-from .reads import FileIdentity
 
 # Bytes per element of every safetensors dtype.
 DTYPE_NBYTES = {

@@ -4,7 +4,7 @@ Owns the reader threads, their sleeping and waking (one condition on the schedul
 lock, woken no more often than there are jobs), the reading of each job outside the lock
 and the resolving of the futures a finished read settles. Knows nothing of priorities,
 caps or files: the dispatcher says which job is next and what a returned one means; the
-``read`` callable it is given does the reading (``readers.read_job``).
+``read`` callable it is given does the reading (``read_jobs.read_job``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Tuple
 
 from golem.io.dispatcher import Dispatcher
 from golem.io.futures import fail_future, resolve_future
-from golem.io.readers import Batch
+from golem.io.read_jobs import Batch
 
 ReadJob = Callable[[Batch, list], Tuple[int, Optional[BaseException]]]
 

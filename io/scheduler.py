@@ -4,7 +4,7 @@ Owns the engine-facing API (submit, cancel, poll, release, statistics) and the l
 what serves it. Each job has a module: ``settings`` (the checked options), ``dispatcher``
 (which queued requests start, when, with which neighbours, under the speculative caps;
 what a finished read means), ``reader_pool`` (the threads that read), ``loop_thread`` (the
-event loop), ``requests`` (queue and dedupe), ``readers`` (batches, pieces, reading),
+event loop), ``requests`` (queue and dedupe), ``read_jobs`` (batches, pieces, reading),
 ``staging`` (buffers, the allocator contract), ``statistics``, ``futures`` (results and
 interruptible waits). It knows nothing of models: keys are located by a
 ``locate(key) -> [ByteRange]`` callable; where the bytes go next is the engine's business.
@@ -39,13 +39,13 @@ from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from golem.io.dispatcher import Dispatcher
+from golem.io.file_handles import ALIGN, FileHandles
 from golem.io.futures import SchedulerClosed, cancel_future, fail_future, wait_result
 from golem.io.loop_thread import LoopThread
 from golem.io.ranges import ByteRange
+from golem.io.read_jobs import (DEFAULT_PARALLELISM, DEMAND_LANES, MAX_PARALLELISM,
+                                check_parallelism, read_job)
 from golem.io.reader_pool import ReaderPool
-from golem.io.readers import (DEFAULT_PARALLELISM, DEMAND_LANES, MAX_PARALLELISM,
-                              check_parallelism, read_job)
-from golem.io.reads import ALIGN, FileHandles
 from golem.io.requests import describe
 from golem.io.settings import CLOSE_TIMEOUT_S, DEFAULT_MAX_GAP_NBYTES, SchedulerSettings
 from golem.io.staging import Allocator, StagingBuffers

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from golem.io.readers import (DEFAULT_PARALLELISM, DEFAULT_PIECE_NBYTES, MIN_JOB_NBYTES,
-                              check_parallelism)
+from golem.io.read_jobs import (DEFAULT_PARALLELISM, DEFAULT_PIECE_NBYTES, MIN_JOB_NBYTES,
+                                check_parallelism)
 
 DEFAULT_MAX_GAP_NBYTES = 0  # see IOScheduler's "Coalescing"
 CLOSE_TIMEOUT_S = 1.0
@@ -45,7 +45,7 @@ class SchedulerSettings:
             several threads read at once.
         min_job_nbytes: a reader takes neighbouring pieces of a batch until it has this
             many bytes (small pieces cost more in bookkeeping than in reading).
-        direct: read with O_DIRECT (see ``golem.io.reads``).
+        direct: read with O_DIRECT (see ``golem.io.file_handles``).
         retries: retries of a failed or short read before its future fails.
         use_uvloop: run the loop on uvloop when it is installed.
         close_timeout_s: longest ``close`` waits for reads already inside the kernel.

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from golem.io.reads import ALIGN, aligned_empty
+from golem.io.file_handles import ALIGN, aligned_empty
 
 Allocator = Callable[[int], np.ndarray]
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from golem.runtime.config import ConfigError, RuntimeConfig, make_config, option_parameters
-from golem.runtime.loader import ModelError, OffloadedModel, load_offloaded
+from golem.runtime.checkpoint import ModelError
+from golem.runtime.loader import load_offloaded
+from golem.runtime.offloaded import OffloadedModel
 
 
 class Loaded(tuple):
@@ -92,7 +94,7 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
 
     Raises:
         ConfigError: an option is wrong (named in the message); checked before any work.
-        golem.runtime.loader.ModelError, golem.io.index.CheckpointError: the model cannot run
+        golem.runtime.checkpoint.ModelError, golem.io.index.CheckpointError: the model cannot run
             (a tokenizer file it cannot read included).
     """
     if pipeline is not None and pipeline is not False:

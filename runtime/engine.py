@@ -17,9 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from golem.io.file_handles import FileHandles, aligned_empty
 from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
-from golem.io.reads import FileHandles, aligned_empty, read_ranges
+from golem.io.positioned_reads import read_ranges
 
 from golem.runtime.governor import TokenOutcome
 from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED
@@ -154,6 +155,8 @@ class Engine:
             demand reads then go through it too, overtaking its prefetch queue.
         prefetcher: optional ``Prefetcher`` (needs ``scheduler``).
         hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
+        trace: optional recorder of the routing (``golem.runtime.recorder.TraceRecorder``):
+            ``weights(layer, x)`` -> lazy array; ``record(layer, ids, weights)``.
         clock: wall-clock time source for stall and host-time accounting.
         cpu_clock: the engine thread's CPU clock (host time by phase).
         overlap: compute a decode step's resident experts while its misses load.
@@ -164,7 +167,7 @@ class Engine:
     """
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
-                 scheduler=None, prefetcher=None, hidden=None, clock=time.perf_counter,
+                 scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
                  cpu_clock=time.thread_time, overlap: bool = True):
         self.index = index
         self.pools = pools
@@ -181,7 +184,7 @@ class Engine:
         self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
         self._last_outcome = (0.0, 0, 0.0)
         self._staging: Dict[int, np.ndarray] = {}
-        self.trace = None  # optional recorder: weights(layer, x) -> lazy array; record(layer, ids, weights)
+        self.trace = trace
         self.boundary = None  # optional golem.runtime.pipeline.Boundary: prefetch across pipeline ranks
         self._decoding = False
         self._events: list = []  # what happened to prefetched experts in this layer, for the prefetcher

@@ -407,7 +407,7 @@ def _mapping(value, o: Option):
 
 
 def _io_parallelism(value, o: Option):
-    from golem.io.readers import MAX_PARALLELISM
+    from golem.io.read_jobs import MAX_PARALLELISM
 
     return check_int(value, o.label, low=1, high=MAX_PARALLELISM)
 

@@ -177,7 +177,7 @@ def reserve_nbytes(memory, depth: int) -> int:
 
 def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
     """Slots per MoE layer, the plan and the warm start for ``opened``
-    (a ``golem.runtime.loader.OpenedCheckpoint``) under ``config``."""
+    (a ``golem.runtime.checkpoint.OpenedCheckpoint``) under ``config``."""
     memory = opened.memory()
     moe = memory.ids
     e = memory.num_experts

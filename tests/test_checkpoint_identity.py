@@ -12,7 +12,9 @@ import pytest
 
 from golem.io.index import SafetensorsIndex
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileChangedError, FileHandles, FileIdentity, ReadError, read_ranges
+from golem.io.file_handles import FileHandles, FileIdentity
+from golem.io.positioned_reads import read_ranges
+from golem.io.read_errors import FileChangedError, ReadError
 from golem.runtime import load
 from helpers import prompt_tokens
 

@@ -212,7 +212,7 @@ def test_saved_profile_names_the_model_by_its_identity(checkpoints, tmp_path, mo
 def test_a_garbled_tokenizer_is_a_model_error_naming_the_file(checkpoints, tmp_path):
     import shutil
 
-    from golem.runtime.loader import ModelError
+    from golem.runtime.checkpoint import ModelError
 
     model = tmp_path / "m"
     shutil.copytree(checkpoints("olmoe"), model)

@@ -44,7 +44,7 @@ def test_swapping_two_experts_changes_the_text(checkpoints, references, family):
     """The checkpoints give the equivalence tests power: the experts decide the tokens."""
     tokens, expected = references(family)
     model, _ = stock(checkpoints(family))
-    from golem.runtime.loader import find_experts_modules
+    from golem.runtime.checkpoint import find_experts_modules
 
     changed = False
     for em in find_experts_modules(model)[:2]:

@@ -32,5 +32,5 @@ def test_the_dispatcher_and_the_reader_pool_know_nothing_of_each_others_job():
             | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
 
     assert not {"threading", "golem.io.reader_pool", "golem.io.loop_thread"} & imported("dispatcher")
-    assert not {"os", "golem.io.reads", "golem.io.requests", "golem.io.staging"} \
-        & imported("reader_pool")
+    assert not {"os", "golem.io.file_handles", "golem.io.positioned_reads", "golem.io.requests",
+                "golem.io.staging"} & imported("reader_pool")

@@ -16,7 +16,8 @@ import pytest
 
 from golem.io.futures import wait_result
 from golem.io.ranges import ByteRange
-from golem.io.reads import GAP, FileHandles, plan_reads, read_into
+from golem.io.file_handles import FileHandles
+from golem.io.positioned_reads import GAP, plan_reads, read_into
 from golem.io.scheduler import (MAX_PARALLELISM, IOScheduler, SchedulerClosed, SchedulerSettings,
                                 check_parallelism)
 from golem.io.storage import FakeClock, Throttle, parse_throttle

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from golem.runtime.cli.run import main as golem_run
-from golem.runtime.loader import ModelError, open_checkpoint
+from golem.runtime.checkpoint import ModelError, open_checkpoint
 
 
 def _variant(src, dst, change):

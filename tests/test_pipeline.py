@@ -84,7 +84,7 @@ def test_per_rank_values_and_tensor_ownership():
 # -- one process: a group of one ----------------------------------------------------------
 def test_family_without_pipeline_is_a_clear_error(checkpoints):
     import golem.runtime
-    from golem.runtime.loader import ModelError
+    from golem.runtime.checkpoint import ModelError
 
     with pytest.raises(ModelError, match=r"model_type 'mixtral' has no pipeline split in mlx-lm \(families with "
                                          r"one: deepseek_v3, glm4_moe, qwen3_moe, qwen3_next\)"):

@@ -9,10 +9,12 @@ import pickle
 import numpy as np
 import pytest
 
-from golem.io import reads
+from golem.io import file_handles, positioned_reads
+from golem.io.file_handles import FileHandles
+from golem.io.page_cache import cached_fraction, evict_from_page_cache
+from golem.io.positioned_reads import read_into, read_ranges
 from golem.io.ranges import ByteRange
-from golem.io.reads import (FileHandles, ReadError, cached_fraction, evict_from_page_cache,
-                            read_into, read_ranges)
+from golem.io.read_errors import ReadError
 
 
 @pytest.fixture()
@@ -39,7 +41,7 @@ class CountingPreadv:
             self.failures -= 1
             raise OSError(self.err, os.strerror(self.err))
         if self.max_nbytes is not None:
-            bufs = reads._advance(list(bufs), 0)
+            bufs = positioned_reads._advance(list(bufs), 0)
             limited, left = [], self.max_nbytes
             for b in bufs:
                 if left <= 0:
@@ -193,8 +195,8 @@ def test_handles_cached_and_closed(data_file):
 def _unaligned_ranges(path, size):
     return [ByteRange(path, 1, 4095, 0, "a"), ByteRange(path, 4096 * 3 + 17, 10_000, 4095, "b"),
             ByteRange(path, 4096 * 3 + 17 + 10_000, 3, 14_095, "c"),
-            ByteRange(path, 300_001, reads.DIRECT_CHUNK_NBYTES // 16 + 5, 14_098, "d"),
-            ByteRange(path, size - 7, 7, 14_098 + reads.DIRECT_CHUNK_NBYTES // 16 + 5, "tail")]
+            ByteRange(path, 300_001, positioned_reads.DIRECT_CHUNK_NBYTES // 16 + 5, 14_098, "d"),
+            ByteRange(path, size - 7, 7, 14_098 + positioned_reads.DIRECT_CHUNK_NBYTES // 16 + 5, "tail")]
 
 
 def _check(out, ranges, data):
@@ -204,11 +206,12 @@ def _check(out, ranges, data):
 
 def test_direct_mode_unaligned_ranges(data_file, monkeypatch):
     path, data = data_file
-    monkeypatch.setattr(reads, "DIRECT_CHUNK_NBYTES", 64 * 1024)  # several chunks per run
+    for module in (file_handles, positioned_reads):  # several chunks per run
+        monkeypatch.setattr(module, "DIRECT_CHUNK_NBYTES", 64 * 1024)
     ranges = _unaligned_ranges(path, len(data))
     out = np.zeros(max(r.dest + r.nbytes for r in ranges), np.uint8)
     with FileHandles() as handles:
-        if handles.mode(path, direct=True) != reads.MODE_O_DIRECT:
+        if handles.mode(path, direct=True) != file_handles.MODE_O_DIRECT:
             pytest.skip("O_DIRECT refused by this file system")
         read_ranges(ranges, out, handles=handles, direct=True)
     _check(out, ranges, data)
@@ -226,7 +229,7 @@ def test_direct_mode_falls_back_when_o_direct_is_refused(data_file):
     out = np.zeros(max(r.dest + r.nbytes for r in ranges), np.uint8)
     with FileHandles(opener=opener) as handles:
         read_ranges(ranges, out, handles=handles, direct=True)
-        assert handles.mode(path, direct=True) in (reads.MODE_FADVISE, reads.MODE_NOCACHE)
+        assert handles.mode(path, direct=True) in (file_handles.MODE_FADVISE, file_handles.MODE_NOCACHE)
     _check(out, ranges, data)
 
 
@@ -243,7 +246,7 @@ def test_direct_read_refused_at_read_time_downgrades(data_file):
     out = np.zeros(max(r.dest + r.nbytes for r in ranges), np.uint8)
     with FileHandles(preadv=preadv) as handles:
         read_ranges(ranges, out, handles=handles, direct=True)
-        assert handles.mode(path, direct=True) == reads.MODE_FADVISE
+        assert handles.mode(path, direct=True) == file_handles.MODE_FADVISE
     _check(out, ranges, data)
 
 
@@ -266,9 +269,9 @@ def test_evict_from_page_cache(data_file):
 
 def test_direct_mode_reads_straight_into_a_buffer_with_the_file_alignment(data_file):
     path, data = data_file
-    offset, nbytes = 5 * 4096 + 123, 3 * reads.ALIGN + 1000
-    raw = reads.aligned_empty(nbytes + reads.ALIGN)
-    out = raw[offset % reads.ALIGN:offset % reads.ALIGN + nbytes]  # same alignment as the file
+    offset, nbytes = 5 * 4096 + 123, 3 * file_handles.ALIGN + 1000
+    raw = file_handles.aligned_empty(nbytes + file_handles.ALIGN)
+    out = raw[offset % file_handles.ALIGN:offset % file_handles.ALIGN + nbytes]  # same alignment as the file
     seen, calls = [], []
 
     def preadv(fd, bufs, at):
@@ -277,19 +280,19 @@ def test_direct_mode_reads_straight_into_a_buffer_with_the_file_alignment(data_f
         return os.preadv(fd, bufs, at)
 
     with FileHandles(preadv=preadv) as handles:
-        if handles.mode(path, direct=True) != reads.MODE_O_DIRECT:
+        if handles.mode(path, direct=True) != file_handles.MODE_O_DIRECT:
             pytest.skip("O_DIRECT refused by this file system")
         read_ranges([ByteRange(path, offset, nbytes, 0, "w")], out, handles=handles, direct=True)
     np.testing.assert_array_equal(out, data[offset:offset + nbytes])
     start = out.ctypes.data
     assert any(start <= a < start + nbytes for a in seen)  # the device wrote `out` itself
-    assert calls == [offset - offset % reads.ALIGN]  # one read: head block, middle, tail block
+    assert calls == [offset - offset % file_handles.ALIGN]  # one read: head block, middle, tail block
 
 
 def test_long_runs_are_cut_at_aligned_file_offsets(data_file):
     path, data = data_file
     ranges = [ByteRange(path, 100, 6000, 0, "a"), ByteRange(path, 6100, 4000, 6000, "b")]
-    runs = reads.plan_reads([(ranges, 0, "expert (0, 0)")], max_run_nbytes=4096)
+    runs = positioned_reads.plan_reads([(ranges, 0, "expert (0, 0)")], max_run_nbytes=4096)
     assert [(r.offset, r.nbytes) for r in runs] == [(100, 3996), (4096, 4096), (8192, 1908)]
     assert all(r.whats == ["expert (0, 0)", "expert (0, 0)"] for r in runs)
     out = np.zeros(10_000, np.uint8)
@@ -304,7 +307,7 @@ def test_direct_mode_scatters_straight_into_several_buffers(data_file):
     path, data = data_file
     a = ByteRange(path, 5 * 4096 + 123, 3 * 4096 - 123, 0, "a")
     b = ByteRange(path, 8 * 4096, 2 * 4096 + 500, 0, "b")
-    raw_a, raw_b = reads.aligned_empty(4 * 4096), reads.aligned_empty(4 * 4096)
+    raw_a, raw_b = file_handles.aligned_empty(4 * 4096), file_handles.aligned_empty(4 * 4096)
     out_a, out_b = raw_a[123:123 + a.nbytes], raw_b[:b.nbytes]
     seen, calls = [], []
 
@@ -314,7 +317,7 @@ def test_direct_mode_scatters_straight_into_several_buffers(data_file):
         return os.preadv(fd, bufs, at)
 
     with FileHandles(preadv=preadv) as handles:
-        if handles.mode(path, direct=True) != reads.MODE_O_DIRECT:
+        if handles.mode(path, direct=True) != file_handles.MODE_O_DIRECT:
             pytest.skip("O_DIRECT refused by this file system")
         assert read_into([([a], out_a, "a"), ([b], out_b, "b")], handles=handles,
                          direct=True) == a.nbytes + b.nbytes
@@ -342,7 +345,7 @@ def test_span_read_across_gaps_direct_and_buffered(data_file):
     for direct in (False, True):
         out = np.zeros(5 * 4000, np.uint8)
         with FileHandles() as handles:
-            runs = reads.plan_reads([(ranges, 0, "x")], max_gap_nbytes=2000)
+            runs = positioned_reads.plan_reads([(ranges, 0, "x")], max_gap_nbytes=2000)
             assert len(runs) == 1
-            reads.read_run(runs[0], [memoryview(out)], handles=handles, direct=direct)
+            positioned_reads.read_run(runs[0], [memoryview(out)], handles=handles, direct=direct)
         _check(out, ranges, data)

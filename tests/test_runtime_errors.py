@@ -9,10 +9,10 @@ import os
 import mlx.core as mx
 import pytest
 
-from golem.io.reads import ReadError
+from golem.io.read_errors import ReadError
 from golem.runtime import load
 from golem.runtime.cli.run import main as golem_run
-from golem.runtime.loader import ModelError
+from golem.runtime.checkpoint import ModelError
 from helpers import prompt_tokens
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileHandles, ReadError
+from golem.io.file_handles import FileHandles
+from golem.io.read_errors import ReadError
 from golem.io.scheduler import IOScheduler, SchedulerClosed, SchedulerSettings, describe
 from golem.io.storage import FakeClock, Throttle, parse_throttle
 

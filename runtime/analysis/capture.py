@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from golem.predictors.routers import MoEBlock, find_moe_blocks, model_type_of
 
-from golem.runtime.trace import Trace, TraceError, save_trace
+from golem.runtime.trace import Trace, save_trace
 
 #: Name of the extra npz array holding the residual entering each MoE decoder layer.
 LAYER_INPUT_ARRAY = "hidden_layer_input"

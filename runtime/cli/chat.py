@@ -78,7 +78,7 @@ def _chat_ui(base: type, holder: list) -> type:
 def main(argv: Optional[list] = None) -> int:
     from mlx_lm import chat
 
-    from golem.io.reads import ReadError
+    from golem.io.read_errors import ReadError
     from golem.runtime.cli.stock import GolemLoads, check_model, run_stock_main
 
     def on_args(args, config):

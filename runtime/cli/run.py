@@ -471,9 +471,9 @@ def main(argv: Optional[list] = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     show_library_warnings()
     from golem.io.index import CheckpointError
-    from golem.io.reads import ReadError
+    from golem.io.read_errors import ReadError
 
-    from golem.runtime.loader import ModelError
+    from golem.runtime.checkpoint import ModelError
 
     try:
         return run(args)

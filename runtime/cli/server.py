@@ -112,7 +112,7 @@ def serve_main(argv: Optional[list] = None, on_ready=None) -> int:
     import mlx.core as mx
     from mlx_lm import server
 
-    from golem.io.reads import ReadError
+    from golem.io.read_errors import ReadError
     from golem.runtime.cli.serving import ServerState, make_model_provider
     from golem.runtime.cli.stock import GolemLoads, check_model, run_stock_main
 

@@ -1,4 +1,7 @@
-"""The readers' side of the scheduler: batches of requests cut into pieces, and reading them.
+"""The scheduler's read jobs: batches of requests cut into pieces and jobs, and reading them.
+
+A job is what one reader thread (``reader_pool``) reads at a time; each of its pieces is one
+positioned read (``positioned_reads``).
 
 Owns ``Batch`` (requests read together, coalesced into runs adjacent in the file), the
 planning of a request's pieces and of a batch's, their grouping into jobs (neighbouring
@@ -14,8 +17,9 @@ import operator
 import threading
 from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 
+from golem.io.file_handles import FileHandles
 from golem.io.ranges import ByteRange
-from golem.io.reads import FileHandles, plan_reads, read_run
+from golem.io.positioned_reads import plan_reads, read_run
 from golem.io.requests import Request, describe
 
 # The hot path is os.preadv on reader threads of our own, not aiofiles. aiofiles has no
