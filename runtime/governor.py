@@ -12,7 +12,7 @@ Knows nothing of slots, files or predictors: the prefetcher feeds it numbers onc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,6 @@ class GovernorStats:
     downs: int = 0
     ups: int = 0
     probes: int = 0
-    history: List[int] = field(default_factory=list)  # depth at each decision
 
     def describe(self) -> str:
         """One line: decode steps per depth, and the governor's moves."""
@@ -120,7 +119,6 @@ class Governor:
         d = self.depth
         net = (self._saved - self._cost) / self._tokens
         self._net[d] = net
-        self.stats.history.append(d)
         if net < 0:
             self.depth = d - 1
             self.stats.downs += 1
