@@ -18,7 +18,8 @@ from golem.io.index import StackedTensor
 from golem.runtime.policies import DEFAULT_POLICY, Policy, make_policy
 from golem.runtime.writers import SlotWriter, SlotWriters
 
-MAX_READERS = 4  # registered computations a pool keeps before it evaluates them all
+MAX_READERS = 4  # registered computations a pool keeps before it evaluates the older ones
+KEEP_READERS = 2  # the newest, never evaluated by the cap: a decode step registers at most two
 
 
 @dataclass
@@ -187,10 +188,15 @@ class SlotPool:
 
     def reading(self, out: mx.array, slots: np.ndarray) -> None:
         """``out`` (lazy) reads ``slots``: no write may touch them before it is evaluated."""
-        if len(self._readers) >= MAX_READERS:  # evaluated long since in a decode loop: cheap
-            mx.eval([r for r, _ in self._readers])
-            self._readers.clear()
-        self._readers.append((out, frozenset(np.asarray(slots).reshape(-1).tolist())))
+        readers = self._readers
+        if len(readers) >= MAX_READERS:
+            # The older ones belong to earlier decode steps, which a decode loop has
+            # evaluated long since (a no-op); the newest may be this step's, still being
+            # built: evaluating those would wait for this layer's compute on the host.
+            old = readers[:-KEEP_READERS]
+            mx.eval([r for r, _ in old])
+            del readers[:-KEEP_READERS]
+        readers.append((out, frozenset(np.asarray(slots).reshape(-1).tolist())))
 
     def _before_write(self, slot: int) -> None:
         if not self._readers:
