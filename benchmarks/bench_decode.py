@@ -186,12 +186,12 @@ class Setup:
         shape: a key of ``SHAPES``.
         cache_dir: where checkpoints are built.
         tokens: decoded tokens per prompt.
-        capacity: slots per MoE layer (None: the shape's).
+        cache_size: slots per MoE layer (None: the shape's).
         threshold: prefetch threshold of the explicit-depth rows.
         slot_writer: how experts reach their slots (None: the backend's).
     """
 
-    def __init__(self, shape: str, cache_dir: Path, tokens: int, capacity=None, threshold: float = 0.3,
+    def __init__(self, shape: str, cache_dir: Path, tokens: int, cache_size=None, threshold: float = 0.3,
                  slot_writer=None):
         from mlx_lm.utils import load_tokenizer
 
@@ -201,11 +201,11 @@ class Setup:
         self.path = build(cache_dir, shape)
         self.prompts = prompt_ids(load_tokenizer(self.path))
         self.tokens = tokens
-        self.capacity = capacity or SHAPES[shape][1]
+        self.cache_size = cache_size or SHAPES[shape][1]
         self.threshold = threshold
         self.W = {"slot_writer": slot_writer}
         # The truth for the oracles: this very run's routing at depth 0 (same tokens, same steps).
-        with load(str(self.path), capacities=self.capacity, record=True, **self.W) as (model, _):
+        with load(str(self.path), cache_sizes=self.cache_size, record=True, **self.W) as (model, _):
             _, _, self.truth_outputs = decode(model, self.prompts, tokens)
             self.truth = model.golem.engine.trace.trace().decode_only()
             self.expert_nbytes = model.golem.index.expert_nbytes(model.golem.experts[0].layer)
@@ -224,20 +224,20 @@ class Setup:
         """``{row: options for run_golem}``, in the table's order (``names``: only those)."""
         from golem.runtime.prefetch import PrefetchConfig
 
-        cap, th, W = self.capacity, self.threshold, self.W
+        cache_size, th, W = self.cache_size, self.threshold, self.W
         fixed = lambda d: PrefetchConfig(depth=d, threshold=th, governor=False)  # noqa: E731
         governed = PrefetchConfig(depth=2, threshold=th)
         auto = PrefetchConfig.auto_depth(threshold=th)  # golem-run's default with experts offloaded
         out = {
             "full_cache": dict(W),
             "warm_resident": dict(W, table=True),
-            "disk_depth0": dict(W, capacities=cap),
-            "disk_depth2": dict(W, capacities=cap, prefetch=fixed(2)),
-            "disk_governed2": dict(W, capacities=cap, prefetch=governed),
-            "disk_default": dict(W, capacities=cap, prefetch=auto),
+            "disk_depth0": dict(W, cache_sizes=cache_size),
+            "disk_depth2": dict(W, cache_sizes=cache_size, prefetch=fixed(2)),
+            "disk_governed2": dict(W, cache_sizes=cache_size, prefetch=governed),
+            "disk_default": dict(W, cache_sizes=cache_size, prefetch=auto),
         }
         if self.gb_per_s is not None:
-            emu = dict(W, capacities=cap, throttle_gb_per_s=self.gb_per_s)
+            emu = dict(W, cache_sizes=cache_size, throttle_gb_per_s=self.gb_per_s)
             out["depth0"] = dict(emu)
             for d in (1, 2, 3):
                 out[f"depth{d}"] = dict(emu, prefetch=fixed(d))
@@ -288,11 +288,11 @@ def main() -> None:
         if name not in results:
             results[name], outputs[name] = setup.run(name, options, R)
 
-    ideal_s, cap = setup.ideal_s, setup.capacity
+    ideal_s, cache_size = setup.ideal_s, setup.cache_size
     dims = SHAPES[args.shape][0]
     identical = all(o == outputs["stock"] for o in outputs.values())
     print(f"checkpoint {setup.path.name}: hidden {dims['hidden']}, {dims['experts']} experts/layer, top-{dims['top_k']}, "
-          f"expert width {dims['expert_hidden']}, cache {cap} slots/layer, "
+          f"expert width {dims['expert_hidden']}, cache {cache_size} slots/layer, "
           f"{len(setup.prompts)} prompts x {N} tokens, median of {R} runs")
     print(f"backend {mx.default_device()}, mlx {mx.__version__}, slot writer {results['full_cache']['writer']}")
     print("static card")

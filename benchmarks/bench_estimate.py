@@ -55,8 +55,8 @@ def build(args) -> Path:
     return build_checkpoint(args.family, path, size=size)
 
 
-def _options(args, capacity, record=False) -> dict:
-    opts = {"capacities": capacity, "direct_io": args.direct_io, "record": record}
+def _options(args, cache_size, record=False) -> dict:
+    opts = {"cache_sizes": cache_size, "direct_io": args.direct_io, "record": record}
     if args.emulate_storage:
         from golem.io.storage import parse_throttle
 
@@ -64,14 +64,14 @@ def _options(args, capacity, record=False) -> dict:
     return opts
 
 
-def decode_run(path: Path, args, capacity, record_to=None) -> dict:
+def decode_run(path: Path, args, cache_size, record_to=None) -> dict:
     """One golem run (golem.runtime.load + mlx-lm's stream_generate, as golem-run does):
     mean seconds per token after the first, and demand misses and read stall over them."""
     from mlx_lm.generate import stream_generate
 
     from golem.runtime.api import load
 
-    with load(str(path), **_options(args, capacity, record=record_to is not None)) as (model, tok):
+    with load(str(path), **_options(args, cache_size, record=record_to is not None)) as (model, tok):
         engine = model.golem.engine
         messages = [{"role": "user", "content": PROMPT}]
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -183,16 +183,16 @@ def machine_profile(model, quant, compute_s: float, gb_per_s: float, latency_s: 
     }
 
 
-def estimate_at(model, quant, profile: dict, capacity: int, expert_nbytes: int, routing, replay):
-    """Both estimates with a cache tier sized for exactly ``capacity`` slots per layer."""
+def estimate_at(model, quant, profile: dict, cache_size: int, expert_nbytes: int, routing, replay):
+    """Both estimates with a cache tier sized for exactly ``cache_size`` slots per layer."""
     from golem.runtime.analysis.estimate import estimate
     from golem.runtime.analysis.machines import MachineSpec
 
-    size = quant.non_expert_nbytes(model) + model.num_moe_layers * capacity * expert_nbytes + expert_nbytes // 2
+    size = quant.non_expert_nbytes(model) + model.num_moe_layers * cache_size * expert_nbytes + expert_nbytes // 2
     ram, ssd = profile["tiers"]
     machine = MachineSpec.from_dict(dict(profile, tiers=[dict(ram, size=size), ssd]))
     rep = estimate(model, quant, machine, routing=routing, replay=replay)
-    assert rep.placement.slots == (capacity,) * model.num_moe_layers, rep.placement.slots
+    assert rep.placement.slots == (cache_size,) * model.num_moe_layers, rep.placement.slots
     return rep
 
 
@@ -204,8 +204,8 @@ def main(argv=None) -> int:
     from golem.runtime.cli.progress import LONG_WORK, progress_bar
     from golem.runtime.trace import load_trace
 
-    caps = [int(c) for c in args.capacities.split(",")]
-    if any(not args.top_k <= c < args.experts - 1 for c in caps):
+    sizes = [int(c) for c in args.capacities.split(",")]
+    if any(not args.top_k <= c < args.experts - 1 for c in sizes):
         raise SystemExit(f"--capacities must lie in [{args.top_k}, {args.experts - 1})")
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
@@ -231,11 +231,11 @@ def main(argv=None) -> int:
     # rounds: each measures the profile (compute time from the E-1 run less its read stall,
     # the cost of one demand read) and every cache size, in a rotated order, and compares
     # each size with the estimate from the same round's profile
-    keys = ["all", calib, *caps]
+    keys = ["all", calib, *sizes]
     runs: dict = {k: [] for k in keys}
-    est: dict = {c: [] for c in [calib, *caps]}
-    chunk_est: dict = {c: [] for c in [calib, *caps]}
-    errors: dict = {c: [] for c in [calib, *caps]}
+    est: dict = {c: [] for c in [calib, *sizes]}
+    chunk_est: dict = {c: [] for c in [calib, *sizes]}
+    errors: dict = {c: [] for c in [calib, *sizes]}
     profiles = []
     bar = progress_bar(args.rounds * len(keys), "decode runs", work=LONG_WORK)  # minutes: always shown
     for r in range(args.rounds):
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         profiles.append({"compute_s": compute_s, "read_s": read_s, "latency_s": latency_s, "profile": profile})
         for k in keys:
             runs[k].append(here[k])
-        for c in [calib, *caps]:
+        for c in [calib, *sizes]:
             rep = estimate_at(model, quant, profile, c, expert_nbytes, routing, replay)
             measured = 1.0 / here[c]["s_per_token"]
             est[c].append(rep.trace.tokens_per_s)
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
         Path(args.profile_out).write_text(json.dumps(profile, indent=1))
 
     rows = []
-    for c in [calib, *caps]:
+    for c in [calib, *sizes]:
         rep = estimate_at(model, quant, profile, c, expert_nbytes, routing, replay)
         rows.append({
             "capacity": c,

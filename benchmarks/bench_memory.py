@@ -31,7 +31,7 @@ def vm_hwm():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 if mode == "golem":
     from golem.runtime import load
-    loaded = load(path, capacities=slots)
+    loaded = load(path, cache_sizes=slots)
     model, tok = loaded
     extra = {"cache_bytes": sum(p.nbytes for p in model.golem.engine.pools.values()),
              "non_expert_bytes": model.golem.non_expert_nbytes,

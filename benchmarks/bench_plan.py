@@ -4,8 +4,8 @@ On two decode traces of one model (default: the OLMoE-1B-7B traces in
 ../shared/traces/olmoe-1b-7b, general and coding; expert size from the traces' meta
 expert_bytes, 12,582,912 bytes), for expert budgets equal to uniform 1/4, 3/8, 1/2, 5/8 and
 3/4 of the experts per layer (16, 24, 32, 40 and 48 slots of 64), compares the simulated miss ratio of
-  uniform   make_plan without statistics (the same slots in every layer, leftover to the first)
-  budget    make_plan with RoutingStats (per-layer miss curves of the policy that runs)
+  uniform   plan_memory without statistics (the same slots in every layer, leftover to the first)
+  budget    plan_memory with RoutingStats (per-layer miss curves of the policy that runs)
 under each policy (plain LRU; golem's default policy), in three settings:
   held-out      statistics from the first 50 prompts of a trace, replay of the other 50
   cross-domain  statistics from the other trace, replay of the whole trace
@@ -28,7 +28,7 @@ import numpy as np
 from trace_inputs import add_trace_arguments, load_two_traces
 
 from golem.runtime.analysis.model_size import ModelMemory
-from golem.runtime.analysis.plan import RoutingStats, make_plan
+from golem.runtime.analysis.plan import RoutingStats, plan_memory
 from golem.runtime.analysis.simulate import simulate
 from golem.runtime.cli.progress import progress_bar
 from golem.runtime.policies import DEFAULT_POLICY
@@ -87,11 +87,11 @@ def main() -> int:
             label = policy if curves == policy else f"{policy}, LRU curves"
             for u in uniform_slots:
                 budget = u * model.num_layers * model.nbytes_of(0)
-                uniform = make_plan(model, budget_nbytes=budget)
-                plan = make_plan(model, budget_nbytes=budget, stats=stats)
+                uniform = plan_memory(model, budget_nbytes=budget)
+                plan = plan_memory(model, budget_nbytes=budget, stats=stats)
                 assert plan.expert_nbytes_total <= budget and uniform.expert_nbytes_total == budget
-                mu = simulate(replay, policy=policy, capacity=uniform.capacities).miss_ratio
-                mb = simulate(replay, policy=policy, capacity=plan.capacities, pinned=plan.pinned_layers).miss_ratio
+                mu = simulate(replay, policy=policy, cache_size=uniform.cache_sizes).miss_ratio
+                mb = simulate(replay, policy=policy, cache_size=plan.cache_sizes, pinned=plan.pinned_positions).miss_ratio
                 rows.append({
                     "setting": setting, "trace": name, "policy": label, "uniform_slots": u,
                     "budget_nbytes": budget, "plan_nbytes": plan.expert_nbytes_total,

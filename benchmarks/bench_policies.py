@@ -29,7 +29,7 @@ from golem.runtime.cli.progress import progress_bar
 from golem.runtime.policies import DEFAULT_POLICY
 
 SHARES = (0.25, 0.5, 0.75)  # of the experts per layer: 16, 32, 48 of 64
-CAPACITIES: tuple = ()
+CACHE_SIZES: tuple = ()
 TUNABLE = {
     "lfu-decay": ("decay", (0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)),
     "lru-k": ("k", (2, 3, 4, 6, 8)),
@@ -37,24 +37,24 @@ TUNABLE = {
 FIXED = ("lru", "lfu")
 
 
-def miss_ratio(trace, spec: str, capacity: int) -> float:
-    return simulate(trace, policy=spec, capacity=capacity).miss_ratio
+def miss_ratio(trace, spec: str, cache_size: int) -> float:
+    return simulate(trace, policy=spec, cache_size=cache_size).miss_ratio
 
 
 def tune(trace, name: str, progress=None) -> tuple[str, dict]:
-    """The parameter value with the lowest mean miss ratio over CAPACITIES on ``trace``."""
+    """The parameter value with the lowest mean miss ratio over CACHE_SIZES on ``trace``."""
     key, values = TUNABLE[name]
     scores = {}
     for v in values:
-        scores[v] = statistics.fmean(miss_ratio(trace, f"{name}:{key}={v}", c) for c in CAPACITIES)
+        scores[v] = statistics.fmean(miss_ratio(trace, f"{name}:{key}={v}", c) for c in CACHE_SIZES)
         if progress is not None:
-            progress(len(CAPACITIES))
+            progress(len(CACHE_SIZES))
     best = min(scores, key=scores.get)
     return f"{name}:{key}={best}", {str(v): round(s, 5) for v, s in scores.items()}
 
 
 def main() -> int:
-    global CAPACITIES
+    global CACHE_SIZES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_trace_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3, help="Timed full-trace LRU replays (median reported).")
@@ -62,21 +62,21 @@ def main() -> int:
     traces = load_two_traces(args, "bench_policies")
     names = list(traces)
     first = traces[names[0]]
-    CAPACITIES = tuple(sorted({max(first.top_k, round(s * first.num_experts)) for s in SHARES}))
+    CACHE_SIZES = tuple(sorted({max(first.top_k, round(s * first.num_experts)) for s in SHARES}))
     print(f"traces: {', '.join(f'{n} {t.num_steps} steps' for n, t in traces.items())}; "
           f"{first.num_layers} layers, top-{first.top_k} of {first.num_experts}")
 
     times = []
     for _ in range(max(1, args.repeats)):
         t0 = time.perf_counter()
-        simulate(first, policy="lru", capacity=32)
+        simulate(first, policy="lru", cache_size=32)
         times.append(time.perf_counter() - t0)
     replay_s = statistics.median(times)
     print(f"full-trace replay ({first.num_steps} steps x {first.num_layers} layers, lru, 32 slots): "
           f"median {replay_s:.2f} s of {len(times)}")
 
     results, tuned = {}, {}
-    replays = 2 * len(CAPACITIES) * (sum(len(v) for _, v in TUNABLE.values()) + len(FIXED) + len(TUNABLE) + 1)
+    replays = 2 * len(CACHE_SIZES) * (sum(len(v) for _, v in TUNABLE.values()) + len(FIXED) + len(TUNABLE) + 1)
     bar = progress_bar(replays, "replays", work=replays * first.num_steps * first.num_layers)
     for tune_name, report_name in ((names[0], names[1]), (names[1], names[0])):
         tune_on, report_on = traces[tune_name], traces[report_name]
@@ -88,9 +88,9 @@ def main() -> int:
             tuned[report_name][name] = {"chosen": spec, "mean_miss_ratio_on_tuning_trace": scores}
         print()
         print(f"reported on {report_name} (parameters tuned on {tune_name}): miss ratio, vs LRU, gap to Belady closed")
-        print(f"{'policy':<22}" + "".join(f"{c:>28}" for c in CAPACITIES))
+        print(f"{'policy':<22}" + "".join(f"{c:>28}" for c in CACHE_SIZES))
         rows = {}
-        for c in CAPACITIES:
+        for c in CACHE_SIZES:
             rows.setdefault("belady", {})[c] = belady(report_on, c).miss_ratio
             for spec in specs:
                 rows.setdefault(spec, {})[c] = miss_ratio(report_on, spec, c)
@@ -98,7 +98,7 @@ def main() -> int:
         lru = rows["lru"]
         for spec in specs + ["belady"]:
             cells = []
-            for c in CAPACITIES:
+            for c in CACHE_SIZES:
                 r = rows[spec][c]
                 rel = 100.0 * (r - lru[c]) / lru[c]
                 closed = 100.0 * (lru[c] - r) / (lru[c] - rows["belady"][c]) if lru[c] > rows["belady"][c] else 0.0
@@ -123,7 +123,7 @@ def main() -> int:
           + ", ".join(f"{k} {100 * v:.2f}%" for k, v in sorted(means.items(), key=lambda kv: kv[1])))
     print(f"best: {best}; golem's default policy: {DEFAULT_POLICY}")
     print(json.dumps({
-        "capacities": list(CAPACITIES),
+        "capacities": list(CACHE_SIZES),
         "num_experts": first.num_experts,
         "miss_ratio": results,
         "tuned": tuned,

@@ -60,7 +60,7 @@ def time_writes(pool, bufs, first_slot: int):
     before = mx.get_active_memory()
     t0 = time.perf_counter()
     for i, buf in enumerate(bufs):
-        pool.write((first_slot + i) % pool.capacity, buf)
+        pool.write((first_slot + i) % pool.cache_size, buf)
     pool.flush()
     pool.settle()
     seconds = time.perf_counter() - t0

@@ -50,11 +50,11 @@ def routing_counts(trace) -> np.ndarray:
     return np.bincount(flat, minlength=num_layers * e).reshape(num_layers, e).astype(np.float64)
 
 
-def warm_from(counts: np.ndarray, top_k: int, capacity: int) -> dict:
-    return profile_from_counts(counts, top_k=top_k, num_steps=1).warm_start(capacity)
+def warm_from(counts: np.ndarray, top_k: int, cache_size: int) -> dict:
+    return profile_from_counts(counts, top_k=top_k, num_steps=1).warm_start(cache_size)
 
 
-def table_for(trace, other, policy: str, capacity: int, seeds: int) -> dict:
+def table_for(trace, other, policy: str, cache_size: int, seeds: int) -> dict:
     seqs = split_sequences(trace)
     per_seq = np.stack([routing_counts(s) for s in seqs])  # (S, L, E)
     total = per_seq.sum(axis=0)
@@ -62,19 +62,19 @@ def table_for(trace, other, policy: str, capacity: int, seeds: int) -> dict:
     k, num_layers, e = trace.top_k, trace.num_layers, trace.num_experts
     starts = {
         "empty": lambda i, s: None,
-        "same prompt": lambda i, s: warm_from(per_seq[i], k, capacity),
-        "other prompt": lambda i, s: warm_from(per_seq[(i + 1) % len(seqs)], k, capacity),
-        "aggregated": lambda i, s: warm_from(total - per_seq[i], k, capacity),
-        "aggregated, other domain": lambda i, s: warm_from(other_total, k, capacity),
+        "same prompt": lambda i, s: warm_from(per_seq[i], k, cache_size),
+        "other prompt": lambda i, s: warm_from(per_seq[(i + 1) % len(seqs)], k, cache_size),
+        "aggregated": lambda i, s: warm_from(total - per_seq[i], k, cache_size),
+        "aggregated, other domain": lambda i, s: warm_from(other_total, k, cache_size),
     }
     out = {}
     for row, warm_for in starts.items():
-        out[row] = simulate_sequences(seqs, warm_for, policy=policy, capacity=capacity).miss_ratio
+        out[row] = simulate_sequences(seqs, warm_for, policy=policy, cache_size=cache_size).miss_ratio
     draws = []
     for s in range(seeds):
         def warm_for(i, seq, s=s):
-            return random_warm_start(s * 1000 + i, num_layers, e, capacity)
-        draws.append(simulate_sequences(seqs, warm_for, policy=policy, capacity=capacity).miss_ratio)
+            return random_warm_start(s * 1000 + i, num_layers, e, cache_size)
+        draws.append(simulate_sequences(seqs, warm_for, policy=policy, cache_size=cache_size).miss_ratio)
     out["random"] = statistics.median(draws)
     out["random_min"], out["random_max"] = min(draws), max(draws)
     return out
@@ -88,30 +88,30 @@ def main() -> int:
     traces = load_two_traces(args, "bench_warmup")
     names = list(traces)
     first = traces[names[0]]
-    capacities = tuple(sorted({max(first.top_k, round(s * first.num_experts)) for s in SHARES}))
+    cache_sizes = tuple(sorted({max(first.top_k, round(s * first.num_experts)) for s in SHARES}))
     print(f"each prompt from a fresh cache; {first.num_layers} layers, top-{first.top_k} of {first.num_experts}; "
           f"random = median of {args.seeds} seeds")
     results = {}
-    bar = progress_bar(2 * 2 * len(capacities), "cells",
-                       work=4 * len(capacities) * (args.seeds + 5) * first.num_steps * first.num_layers)
+    bar = progress_bar(2 * 2 * len(cache_sizes), "cells",
+                       work=4 * len(cache_sizes) * (args.seeds + 5) * first.num_steps * first.num_layers)
     for policy in ("lru", DEFAULT_POLICY):
         results[policy] = {}
         for name, trace in traces.items():
             other = traces[names[1] if name == names[0] else names[0]]
             cells = {}
-            for c in capacities:
+            for c in cache_sizes:
                 cells[c] = table_for(trace.decode_only(), other, policy, c, args.seeds)
                 bar.update(1)
-            results[policy][name] = {row: {str(c): round(cells[c][row], 6) for c in capacities} for row in ROWS}
+            results[policy][name] = {row: {str(c): round(cells[c][row], 6) for c in cache_sizes} for row in ROWS}
             results[policy][name]["random_range"] = {
-                str(c): [round(cells[c]["random_min"], 6), round(cells[c]["random_max"], 6)] for c in capacities
+                str(c): [round(cells[c]["random_min"], 6), round(cells[c]["random_max"], 6)] for c in cache_sizes
             }
             print()
             print(f"{name}, {policy}: miss ratio (change against empty)")
-            print(f"{'warm start':<26}" + "".join(f"{f'{c} slots':>20}" for c in capacities))
+            print(f"{'warm start':<26}" + "".join(f"{f'{c} slots':>20}" for c in cache_sizes))
             for row in ROWS:
                 line = f"{row:<26}"
-                for c in capacities:
+                for c in cache_sizes:
                     r, base = cells[c][row], cells[c]["empty"]
                     line += f"{100 * r:>10.2f}% {100 * (r - base) / base:>+7.1f}%"
                 print(line)
@@ -121,7 +121,7 @@ def main() -> int:
     usable = [r for r in ROWS if r != "same prompt"]
     means = {
         row: statistics.fmean(
-            results[p][t][row][str(c)] for p in results for t in traces for c in capacities
+            results[p][t][row][str(c)] for p in results for t in traces for c in cache_sizes
         )
         for row in ROWS
     }
@@ -130,7 +130,7 @@ def main() -> int:
     print("mean over traces, policies and capacities: " + ", ".join(f"{r} {100 * means[r]:.2f}%" for r in ROWS))
     print(f"best warm start without knowing the prompt: {best}")
     print(json.dumps({
-        "capacities": list(capacities),
+        "capacities": list(cache_sizes),
         "num_experts": first.num_experts,
         "rows": list(ROWS),
         "random_seeds": args.seeds,

@@ -297,7 +297,7 @@ import os
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from golem.runtime import load
-with load(MODEL, capacities=4) as (model, tokenizer):
+with load(MODEL, cache_sizes=4) as (model, tokenizer):
     tokens = mx.array(tokenizer.encode("Once upon a time there was a computer"))
     steps = generate_step(tokens, model, max_tokens=200, sampler=lambda x: mx.argmax(x, axis=-1))
     for i, _ in zip(range(3), steps):
@@ -1001,36 +1001,36 @@ def catalogue() -> List[Case]:
         Case("trace", "golem-trace plot --out under a file", "error",
              trace_argv("plot", "--out", lambda ctx: str(_file(ctx, "plot out") / "x"))),
         # the library: typed errors, nothing left running
-        Case("library", "capacities={999: 8}", "error",
-             library("from golem.runtime import load\nload(MODEL, capacities={999: 8}).close()"), quick=True),
-        Case("library", "capacities={'1': 2}", "error", library("from golem.runtime import load\nload(MODEL, capacities={'1': 2}).close()")),
-        Case("library", "capacities={0: 8} (a dense layer)", "error",
-             library("from golem.runtime import load\nload(MODEL, capacities={0: 8}).close()")),
-        Case("library", "capacities=0", "error", library("from golem.runtime import load\nload(MODEL, capacities=0).close()")),
+        Case("library", "cache_sizes={999: 8}", "error",
+             library("from golem.runtime import load\nload(MODEL, cache_sizes={999: 8}).close()"), quick=True),
+        Case("library", "cache_sizes={'1': 2}", "error", library("from golem.runtime import load\nload(MODEL, cache_sizes={'1': 2}).close()")),
+        Case("library", "cache_sizes={0: 8} (a dense layer)", "error",
+             library("from golem.runtime import load\nload(MODEL, cache_sizes={0: 8}).close()")),
+        Case("library", "cache_sizes=0", "error", library("from golem.runtime import load\nload(MODEL, cache_sizes=0).close()")),
         Case("library", "missing model folder", "error",
-             library("from golem.runtime import load\nload(MODEL + '-missing', capacities=4).close()")),
+             library("from golem.runtime import load\nload(MODEL + '-missing', cache_sizes=4).close()")),
         Case("library", "failed load (unknown predictor) leaves nothing", "error",
-             run=leak_case("capacities=4, prefetch=PrefetchConfig(depth=1), predictor='no-such-predictor'"), quick=True),
+             run=leak_case("cache_sizes=4, prefetch=PrefetchConfig(depth=1), predictor='no-such-predictor'"), quick=True),
         Case("library", "failed load (bad tokenizer.json) leaves nothing", "error",
-             run=leak_case("capacities=4, prefetch=PrefetchConfig(depth=1)",
+             run=leak_case("cache_sizes=4, prefetch=PrefetchConfig(depth=1)",
                            lambda m: (m / "tokenizer.json").write_text("{garbage")), mention="tokenizer"),
         Case("library", "failed load (bad -W trace) leaves nothing", "error",
-             run=leak_case("capacities=4, prefetch=PrefetchConfig(depth=1), warm_start=MODEL + '/config.json'")),
+             run=leak_case("cache_sizes=4, prefetch=PrefetchConfig(depth=1), warm_start=MODEL + '/config.json'")),
         Case("library", "prefetch depth 20000", "error", library(
             "from golem.runtime import load\nfrom golem.runtime.prefetch import PrefetchConfig\n"
-            "load(MODEL, capacities=4, prefetch=PrefetchConfig(depth=20000)).close()")),
+            "load(MODEL, cache_sizes=4, prefetch=PrefetchConfig(depth=20000)).close()")),
         Case("library", "io_parallelism=10**5", "error",
-             library("from golem.runtime import load\nload(MODEL, capacities=4, io_parallelism=10**5).close()")),
+             library("from golem.runtime import load\nload(MODEL, cache_sizes=4, io_parallelism=10**5).close()")),
         Case("library", "pin_layers='0-99999999999'", "error",
              library("from golem.runtime import load\nload(MODEL, pin_layers='0-99999999999').close()")),
         Case("library", "memory_budget='1e400B'", "error",
              library("from golem.runtime import load\nload(MODEL, memory_budget='1e400B').close()")),
         Case("library", "emulate_storage='nan'", "error",
-             library("from golem.runtime import load\nload(MODEL, capacities=4, emulate_storage='nan').close()")),
+             library("from golem.runtime import load\nload(MODEL, cache_sizes=4, emulate_storage='nan').close()")),
         Case("library", "unknown option", "error",
              library("from golem.runtime import load\nload(MODEL, capacity=4).close()")),
         Case("library", "trace_out under a file", "error", lambda ctx: library(
-            f"from golem.runtime import load\nload(MODEL, capacities=4, trace_out={str(_file(ctx, 'lib trace') / 't.npz')!r}).close()")(ctx)),
+            f"from golem.runtime import load\nload(MODEL, cache_sizes=4, trace_out={str(_file(ctx, 'lib trace') / 't.npz')!r}).close()")(ctx)),
         # faults while running
         Case("fault", "shard truncated after load", "error", run=truncate_mid_run, quick=True, mention="read|truncat|short"),
         Case("fault", "Ctrl-C during a stalled read", "error", run=sigint_during_stalled_read, quick=True,
@@ -1456,11 +1456,11 @@ from mlx_lm import generate
 from golem.runtime import load
 from golem.runtime.trace import load_trace
 OUT = os.path.abspath("run.npz")
-with load(MODEL, capacities=4, trace_out=OUT) as (model, tokenizer):
+with load(MODEL, cache_sizes=4, trace_out=OUT) as (model, tokenizer):
     generate(model, tokenizer, "hello", max_tokens=3)
 generate_ok = load_trace(OUT).num_steps
 try:
-    with load(MODEL, capacities=4, trace_out=OUT) as (model, tokenizer):
+    with load(MODEL, cache_sizes=4, trace_out=OUT) as (model, tokenizer):
         generate(model, tokenizer, "a longer prompt, so that this trace is larger than the first", max_tokens=40)
         HARD = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, HARD))  # the disk fills up just as the trace is saved
@@ -1521,7 +1521,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from golem.runtime import load
 from golem.io.read_errors import ReadError
-with load(MODEL, capacities=4) as (model, tokenizer):
+with load(MODEL, cache_sizes=4) as (model, tokenizer):
     tokens = mx.array(tokenizer.encode("Once upon a time there was a computer"))
     steps = generate_step(tokens, model, max_tokens=120, sampler=lambda x: mx.argmax(x, axis=-1))
     first = [int(t) for _, (t, _) in zip(range(3), steps)]

@@ -73,7 +73,7 @@ from golem.runtime.synthetic import default_cache_dir
 tokens = int(sys.argv[1])
 path = build(default_cache_dir(), "small")
 prompts = prompt_ids(load_tokenizer(path))
-with load(str(path), capacities=12) as (model, _):
+with load(str(path), cache_sizes=12) as (model, _):
     decode(model, prompts[:1], 4)  # warm-up
     profile = cProfile.Profile()
     profile.enable()

@@ -54,7 +54,7 @@ def main() -> None:
         results[name]["identical"] = outs == setup.truth_outputs
     results = {k: r for k, r in results.items() if "phase_sync" in r}
 
-    print(f"{setup.path.name}: cache {setup.capacity} slots/layer, {len(setup.prompts)} prompts x {args.tokens} tokens, "
+    print(f"{setup.path.name}: cache {setup.cache_size} slots/layer, {len(setup.prompts)} prompts x {args.tokens} tokens, "
           f"median of {args.runs} runs; compute {1e6 * setup.compute_s / (bench_decode.SHAPES[args.shape][0]['layers'] - 1):.0f} us "
           f"per MoE layer (full cache)")
     print("host microseconds per partial decode layer, wall / engine-thread CPU; * = left out of 'engine'")

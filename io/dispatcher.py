@@ -3,11 +3,12 @@ finished read means.
 
 Owns the state behind the scheduler's lock: the request queue (``requests``), the jobs
 waiting for a reader (``read_jobs.PieceQueue``), the staging buffers, the statistics, the
-per-key read plans, the published prefetches and the speculative bytes in flight. It
-decides: a demand starts at once on the next free buffer; a prefetch only when a reader
-would otherwise idle, a buffer beyond the reserve is free and the speculative caps allow;
-queued neighbours in the file join a read. Not thread-safe: every method but ``prepare``
-is called with the scheduler's lock held. Knows nothing of threads or how bytes are read.
+pieces of every key (``prepared``), the published prefetches and the speculative bytes in
+flight. It decides: a demand starts at once on the next free buffer; a prefetch only when a
+reader would otherwise idle, a buffer beyond the reserve is free and the speculative caps
+allow; queued neighbours in the file join a read. Not thread-safe: every method but
+``prepare`` is called with the scheduler's lock held. Knows nothing of threads or how bytes
+are read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from golem.io.file_handles import ALIGN
 from golem.io.ranges import ByteRange
-from golem.io.read_jobs import DEMAND_LANES, Batch, PieceQueue, plan_batch, plan_request
+from golem.io.read_jobs import DEMAND_LANES, Batch, PieceQueue, pieces_of_batch, pieces_of_request
 from golem.io.requests import DONE, PUBLISHED, QUEUED, RUNNING, Request, RequestQueue, describe
 from golem.io.settings import SchedulerSettings
 from golem.io.staging import StagingBuffers
@@ -36,7 +37,7 @@ class Dispatcher:
         nbytes_of: ``key -> int``, the size of the key's buffer.
         buffers: the staging buffers reads land in.
         clock: ``() -> seconds``.
-        whole_batches: a replacement reader reads each batch as one piece (no planning).
+        whole_batches: a replacement reader reads each batch whole, as one piece.
         on_publish: called (lock held) when prefetches wait to be polled.
     """
 
@@ -56,7 +57,7 @@ class Dispatcher:
         self.stats = self.recorder.counts
         self.queue = RequestQueue(settings.max_pending, self.stats)
         self.pieces = PieceQueue(clock)
-        self.plans: Dict[Hashable, tuple] = {}  # key -> (ranges, nbytes, plan, align)
+        self.prepared: Dict[Hashable, tuple] = {}  # key -> (ranges, nbytes, pieces, align)
         self.published: Deque[Request] = deque()
         self.spec_in_flight = 0
 
@@ -71,14 +72,14 @@ class Dispatcher:
         if nbytes > s.buffer_nbytes:
             raise ValueError(f"{describe(key)} needs {nbytes} bytes, more than the "
                              f"{s.buffer_nbytes}-byte staging buffers")
-        plan = plan_request(key, ranges, nbytes, s.piece_nbytes, s.min_job_nbytes,
-                            s.max_gap_nbytes)
+        pieces = pieces_of_request(key, ranges, nbytes, s.piece_nbytes, s.min_job_nbytes,
+                                   s.max_gap_nbytes)
         align = None
         if s.direct and ranges:  # the view starts at the file's alignment of the largest range
             big = max(ranges, key=lambda r: r.nbytes)
             align = (big.offset - big.dest) % ALIGN
-        prepared = (ranges, nbytes, plan, align)
-        self.plans[key] = prepared
+        prepared = (ranges, nbytes, pieces, align)
+        self.prepared[key] = prepared
         return prepared
 
     def live(self, key: Hashable) -> Optional[Request]:
@@ -197,8 +198,8 @@ class Dispatcher:
             batch.runs, batch.jobs, batch.remaining = [None], [1], 1  # it reads the whole batch
         else:
             s = self.settings
-            plan_batch(batch, [memoryview(self.view(r)) for r in requests], s.piece_nbytes,
-                       s.min_job_nbytes, s.max_gap_nbytes)
+            pieces_of_batch(batch, [memoryview(self.view(r)) for r in requests], s.piece_nbytes,
+                            s.min_job_nbytes, s.max_gap_nbytes)
         self.pieces.add(batch)
         return batch
 

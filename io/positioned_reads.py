@@ -181,11 +181,11 @@ def read_into(requests: Sequence[Tuple[Sequence[ByteRange], object, str]], *,
     """
     requests = [(list(ranges), out, what) for ranges, out, what in requests]
     views = destination_views(requests)
-    plan = plan_reads([(ranges, i, what) for i, (ranges, _, what) in enumerate(requests)],
+    runs = plan_reads([(ranges, i, what) for i, (ranges, _, what) in enumerate(requests)],
                       max_run_nbytes)
     nbytes = sum(read_run(run, views, handles=handles, direct=direct, retries=retries)
-                 for run in plan)
-    handles.check_runs(plan, direct)
+                 for run in runs)
+    handles.check_runs(runs, direct)
     return nbytes
 
 

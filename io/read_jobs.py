@@ -4,11 +4,11 @@ A job is what one reader thread (``reader_pool``) reads at a time; each of its p
 positioned read (``positioned_reads``).
 
 Owns ``Batch`` (requests read together, coalesced into runs adjacent in the file), the
-planning of a request's pieces and of a batch's, their grouping into jobs (neighbouring
-pieces up to ``min_job_nbytes``, one reader each), the queue of jobs waiting for a reader
-(demand batches first), the reading of a job outside any lock, and how many readers there
-are. Knows nothing of priorities, caps or futures: the scheduler decides which requests
-become batches and what a finished batch means.
+pieces of a request and of a batch (``pieces_of_request``, ``pieces_of_batch``), their
+grouping into jobs (neighbouring pieces up to ``min_job_nbytes``, one reader each), the
+queue of jobs waiting for a reader (demand batches first), the reading of a job outside any
+lock, and how many readers there are. Knows nothing of priorities, caps or futures: the
+scheduler decides which requests become batches and what a finished batch means.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def group_jobs(runs: list, min_job_nbytes: int) -> List[int]:
     return ends
 
 
-def plan_request(key: Hashable, ranges: Sequence[ByteRange], nbytes: int, piece_nbytes: int,
-                 min_job_nbytes: int, max_gap_nbytes: int = 0) -> Tuple[list, List[int]]:
+def pieces_of_request(key: Hashable, ranges: Sequence[ByteRange], nbytes: int, piece_nbytes: int,
+                      min_job_nbytes: int, max_gap_nbytes: int = 0) -> Tuple[list, List[int]]:
     """The key's pieces and jobs; rejects ranges that overlap or overflow its buffer."""
     for r in ranges:
         if r.nbytes < 0 or r.offset < 0 or r.dest < 0 or r.dest + r.nbytes > nbytes:
@@ -117,15 +117,15 @@ def plan_request(key: Hashable, ranges: Sequence[ByteRange], nbytes: int, piece_
     return runs, group_jobs(runs, min_job_nbytes)
 
 
-def plan_batch(batch: Batch, views: list, piece_nbytes: int, min_job_nbytes: int,
-               max_gap_nbytes: int) -> None:
-    """Give ``batch`` its views, runs and jobs: one request keeps the plan it got at
-    submit; several are planned together, so that ranges adjacent across them share a
+def pieces_of_batch(batch: Batch, views: list, piece_nbytes: int, min_job_nbytes: int,
+                    max_gap_nbytes: int) -> None:
+    """Give ``batch`` its views, pieces (runs) and jobs: one request keeps the pieces it got
+    at submit; several are cut together, so that ranges adjacent across them share a
     ``preadv``."""
     requests = batch.requests
     batch.views = views
     if len(requests) == 1:
-        batch.runs, batch.jobs = requests[0].plan
+        batch.runs, batch.jobs = requests[0].pieces
     else:
         try:
             batch.runs = plan_reads([(r.ranges, i, describe(r.key))

@@ -28,20 +28,20 @@ def describe(key: Hashable) -> str:
 
 class Request:
     """One key's read: ``depth`` 0 is a demand, >= 1 a prefetch (lower ``(depth, -score)``
-    goes first). ``plan`` holds its pieces (planned once per key), ``align`` the file
+    goes first). ``pieces`` holds its pieces and jobs (cut once per key), ``align`` the file
     alignment its view should have in a staging buffer, ``buffer``/``shift`` where it lands."""
 
     __slots__ = ("key", "depth", "score", "ranges", "nbytes", "future", "state", "cancelled",
-                 "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "plan",
+                 "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "pieces",
                  "align", "shift")
 
-    def __init__(self, key, depth, score, ranges, nbytes, plan, align, now):
+    def __init__(self, key, depth, score, ranges, nbytes, pieces, align, now):
         self.key = key
         self.depth = depth
         self.score = score
         self.ranges: Sequence[ByteRange] = ranges
         self.nbytes = nbytes
-        self.plan = plan
+        self.pieces = pieces
         self.align = align
         self.shift = 0
         self.future: concurrent.futures.Future = concurrent.futures.Future()

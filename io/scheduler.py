@@ -112,7 +112,7 @@ class IOScheduler:
 
     Args:
         locate: ``key -> [ByteRange]``; ``dest`` is where each range lands in the key's buffer.
-            Called once per key (the plan is kept), on the thread of the first ``submit``.
+            Called once per key (its pieces are kept), on the thread of the first ``submit``.
         nbytes_of: ``key -> int``, the size of the key's buffer (also called once per key).
         settings: sizes, caps and switches (``golem.io.settings.SchedulerSettings``,
             checked when made).
@@ -249,7 +249,7 @@ class IOScheduler:
             raise ValueError(f"depth must be >= 0 (0 = demand), got {depth}")
         score = float(score)
         dispatcher = self._dispatcher
-        prepared = dispatcher.plans.get(key)
+        prepared = dispatcher.prepared.get(key)
         while True:
             with self._lock:
                 self._check_open()

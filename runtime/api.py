@@ -44,7 +44,7 @@ class Loaded(tuple):
 
     @property
     def plan(self):
-        """The memory plan golem chose (``golem.runtime.memplan.Plan``)."""
+        """The memory plan golem chose (``golem.runtime.memplan.MemoryPlan``)."""
         return self.runtime.plan
 
     def close(self) -> None:
@@ -74,7 +74,7 @@ def load(path: str, config: Optional[RuntimeConfig] = None, *, tokenizer_config:
         path: local model folder or Hugging Face repo id.
         config: a ``golem.runtime.config.RuntimeConfig``; or give its fields as keywords,
             named as golem-run's flags (``memory_budget="48GB"``, ``pin_layers="0-3"``,
-            ``prefetch_depth=2, threshold=0.3``, ``warm_start="saved"``, ``capacities=4``,
+            ``prefetch_depth=2, threshold=0.3``, ``warm_start="saved"``, ``cache_sizes=4``,
             ``policy="lru"``, ...; ``help(RuntimeConfig)`` lists them all), which change
             ``config`` when both are given.
         tokenizer_config: passed to mlx-lm's tokenizer loader.
@@ -201,8 +201,8 @@ def _load_tokenizer(path: Path, tokenizer_config: Optional[dict], eos_token_ids)
 
 def plan(path: str, config: Optional[RuntimeConfig] = None, *, pipeline=None, group=None, **fields: Any):
     """The sizing ``load(path, config, **fields)`` would choose, reading only the checkpoint's
-    headers: ``.plan`` (``Plan``; ``.describe()`` is golem-run's ``--plan`` table),
-    ``.capacities``, ``.warm``, ``.note``; with ``pipeline`` (as ``load``), this rank's."""
+    headers: ``.plan`` (``MemoryPlan``; ``.describe()`` is golem-run's ``--plan`` table),
+    ``.cache_sizes``, ``.warm``, ``.note``; with ``pipeline`` (as ``load``), this rank's."""
     from golem.runtime.loader import plan_offloaded
 
     config = make_config(config, **fields)

@@ -23,7 +23,7 @@ from golem.runtime.options import (ALIASES, ConfigError, check_int, check_storag
                                    option, parse_nbytes)
 
 __all__ = ["ConfigError", "RuntimeConfig", "make_config", "check_against_model", "check_output_paths",
-           "check_cache_sizes", "check_capacities", "resolved_layers", "parse_nbytes", "check_storage_emulation"]
+           "check_cache_sizes", "check_given_cache_sizes", "resolved_layers", "parse_nbytes", "check_storage_emulation"]
 
 Size = Union[str, int]
 LayerRanges = Union[str, Sequence[int]]
@@ -46,7 +46,7 @@ class RuntimeConfig:
     """Every runtime option of golem; fields map 1:1 to golem-run's flags (``prefetch_depth``
     is ``--prefetch-depth``), and ``load(path, **fields)`` takes the same names.
 
-    Sizing precedence: ``capacities`` (library: slots per MoE layer, given outright) >
+    Sizing precedence: ``cache_sizes`` (library: slots per MoE layer, given outright) >
     ``pin_layers`` > ``cache_size_override`` > ``cache_size`` > ``memory_budget``. With none
     of them, golem sizes to the machine: everything resident when it fits the machine's
     memory (less a margin), otherwise a plan within it.
@@ -88,7 +88,7 @@ class RuntimeConfig:
     @property
     def sizes_to_machine(self) -> bool:
         """No option sizes the caches: golem sizes them to the machine's memory."""
-        return (self.capacities is None and self.cache_size is None and self.memory_budget is None
+        return (self.cache_sizes is None and self.cache_size is None and self.memory_budget is None
                 and not self.cache_size_override and self.pin_layers is None)
 
     @property
@@ -316,8 +316,8 @@ def check_against_model(config: RuntimeConfig, *, moe_layers: Sequence[int], num
         raise ConfigError(f"--cache-size {config.cache_size} is smaller than the model's top-k ({top_k}): "
                           f"one token needs {top_k} experts resident")
     check_cache_sizes(config.cache_size, config.cache_size_override, num_experts)
-    if config.capacities is not None and not callable(config.capacities):
-        check_capacities(config.capacities, moe_layers=moe_layers, num_experts=num_experts, top_k=top_k)
+    if config.cache_sizes is not None and not callable(config.cache_sizes):
+        check_given_cache_sizes(config.cache_sizes, moe_layers=moe_layers, num_experts=num_experts, top_k=top_k)
     p = config.prefetch
     if p is not None and not p.auto and p.depth > len(moe_layers):
         raise ConfigError(f"--prefetch-depth {p.depth}: the model has only {len(moe_layers)} MoE layers to look ahead to")
@@ -332,8 +332,8 @@ def with_prefetch_depth(config: RuntimeConfig, depth: int) -> RuntimeConfig:
     return dataclasses.replace(config, prefetch=p, prefetch_depth="auto" if p.auto else depth)
 
 
-def check_capacities(capacities, *, moe_layers: Sequence[int], num_experts: int, top_k: int) -> Dict[int, int]:
-    """The ``capacities`` option (an int or a mapping, or what its callable returned) as slots
+def check_given_cache_sizes(cache_sizes, *, moe_layers: Sequence[int], num_experts: int, top_k: int) -> Dict[int, int]:
+    """The ``cache_sizes`` option (an int or a mapping, or what its callable returned) as slots
     per MoE layer: every layer named is an MoE layer, and holds at least top-k and at most
     ``num_experts`` slots, as ``-c`` is checked. Layers not named keep every expert resident.
 
@@ -344,28 +344,28 @@ def check_capacities(capacities, *, moe_layers: Sequence[int], num_experts: int,
     """
     from golem.runtime.options import option
 
-    caps = option("capacities").check(capacities, option("capacities"))
-    if caps is None or callable(caps):
-        raise ConfigError(f"capacities: expected an int or a dict layer -> slots, got {capacities!r}")
+    sizes = option("cache_sizes").check(cache_sizes, option("cache_sizes"))
+    if sizes is None or callable(sizes):
+        raise ConfigError(f"cache_sizes: expected an int or a dict layer -> slots, got {cache_sizes!r}")
     low = min(top_k, num_experts)
-    if is_int(caps):
-        if caps < low:
-            raise ConfigError(f"capacities: {caps} slots is smaller than top-k ({top_k})")
-        if caps > num_experts:
-            raise ConfigError(f"capacities {caps}: the model's MoE layers have only {num_experts} experts "
-                              f"(capacities={num_experts} keeps every expert resident)")
-        return {layer: caps for layer in moe_layers}
+    if is_int(sizes):
+        if sizes < low:
+            raise ConfigError(f"cache_sizes: {sizes} slots is smaller than top-k ({top_k})")
+        if sizes > num_experts:
+            raise ConfigError(f"cache_sizes {sizes}: the model's MoE layers have only {num_experts} experts "
+                              f"(cache_sizes={num_experts} keeps every expert resident)")
+        return {layer: sizes for layer in moe_layers}
     moe = set(moe_layers)
-    for layer, slots in caps.items():
+    for layer, slots in sizes.items():
         if layer not in moe:
-            raise ConfigError(f"capacities: layer {layer} is not an MoE layer of this model "
+            raise ConfigError(f"cache_sizes: layer {layer} is not an MoE layer of this model "
                               f"(MoE layers: {_ranges_text(moe_layers)})")
         if slots < low:
-            raise ConfigError(f"capacities: layer {layer}: cache of {slots} slots is smaller than top-k ({top_k})")
+            raise ConfigError(f"cache_sizes: layer {layer}: cache of {slots} slots is smaller than top-k ({top_k})")
         if slots > num_experts:
-            raise ConfigError(f"capacities: layer {layer}: {slots} slots, but the model's MoE layers have only "
+            raise ConfigError(f"cache_sizes: layer {layer}: {slots} slots, but the model's MoE layers have only "
                               f"{num_experts} experts ({num_experts} keeps every expert resident)")
-    return {layer: int(caps.get(layer, num_experts)) for layer in moe_layers}
+    return {layer: int(sizes.get(layer, num_experts)) for layer in moe_layers}
 
 
 def _ranges_text(layers) -> str:

@@ -23,7 +23,7 @@ from golem.io.index import ExpertIndex
 from golem.io.positioned_reads import read_ranges
 
 from golem.runtime.governor import TokenOutcome
-from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED
+from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED, PrefetchOrders
 from golem.runtime.phases import PhaseClock, PhaseTimes
 from golem.runtime.slots import LayerStats, SlotPool
 
@@ -105,7 +105,7 @@ class EngineStats:
     def total(self) -> LayerStats:
         t = LayerStats()
         for s in self.layers.values():
-            t.capacity += s.capacity
+            t.cache_size += s.cache_size
             t.hits += s.hits
             t.misses += s.misses
             t.prefetch_hits += s.prefetch_hits
@@ -319,11 +319,11 @@ class Engine:
         for layer, experts in experts_by_layer.items():
             pool = self.pools.get(layer)
             if pool is not None and not pool.fully_resident:
-                self.preload(layer, list(experts)[-pool.capacity:])
+                self.preload(layer, list(experts)[-pool.cache_size:])
 
-    def _plan(self, pool: SlotPool, needed: list):
+    def _admit(self, pool: SlotPool, needed: list):
         """The pool's step protocol for ``needed``, with the counters; ``(hits, todo)``."""
-        hits, todo, evicted = pool.plan(needed)
+        hits, todo, evicted = pool.admit(needed)
         for victim in evicted:
             self._evicted(pool.layer, victim)
         pool.stats.hits += len(hits)
@@ -335,7 +335,7 @@ class Engine:
         return hits, todo
 
     def _ensure(self, pool: SlotPool, needed: list, meanwhile=None) -> None:
-        _, todo = self._plan(pool, needed)
+        _, todo = self._admit(pool, needed)
         if todo:
             self._fetch(pool.layer, todo, meanwhile)
         elif meanwhile is not None:
@@ -346,21 +346,21 @@ class Engine:
         pool = self.pools[layer]
         return np.ones(pool.num_experts, bool) if pool.fully_resident else pool.slot_of >= 0
 
-    def _install(self, layer: int, ids: np.ndarray, plan) -> None:
+    def _install(self, layer: int, ids: np.ndarray, orders: PrefetchOrders) -> None:
         """Install the prefetches that have landed, never evicting an expert ``ids`` uses
         (nor, in another layer, one the prefetcher guessed for it)."""
-        if not plan.installs:
+        if not orders.installs:
             return
         ph, touched, events = self._phase, set(), self._events
         protected = set(ids.reshape(-1).tolist())
-        for l, e, buf in plan.installs:
+        for l, e, buf in orders.installs:
             try:
                 pool = self.pools[l]
                 if pool.is_resident(e):
                     events.append((NOT_NEEDED, l, e, 0))
                     continue
                 try:
-                    slot, victim = pool.claim(e, protected if l == layer else plan.keep(l))
+                    slot, victim = pool.claim(e, protected if l == layer else orders.keep(l))
                 except LookupError:  # every slot holds an expert in use or guessed
                     events.append((NO_SLOT, l, e, len(buf)))
                     continue
@@ -429,13 +429,13 @@ class Engine:
             if self._events:  # a layer that raised left them
                 self._report()
             scores = extra[0] if trace is not None and trace.route is not None else None
-            plan = pf.step(layer, ids, scores, proposals, self._decoding)
+            orders = pf.step(layer, ids, scores, proposals, self._decoding)
             ph.lap("predict")
-            if plan.issue is not None:
+            if orders.issue is not None:
                 def issue():  # queued behind the demand reads
-                    plan.issue(self._resident)
+                    orders.issue(self._resident)
                     ph.lap("issue")
-            self._install(layer, ids, plan)
+            self._install(layer, ids, orders)
         if pool.fully_resident:
             if issue is not None:
                 issue()
@@ -444,7 +444,7 @@ class Engine:
             flat = ids.reshape(-1).tolist()
             needed = sorted(set(flat))
             ph.lap("ids")
-            if len(needed) > pool.capacity:
+            if len(needed) > pool.cache_size:
                 y = self._streamed(pool, glu, x, ids, needed)
             else:
                 y = self._compute(pool, glu, x, ids, flat, needed, issue)
@@ -468,7 +468,7 @@ class Engine:
         sake would compute what nobody reads.
         """
         ph = self._phase
-        hits, todo = self._plan(pool, needed)
+        hits, todo = self._admit(pool, needed)
         slots = pool.slots(ids)  # misses are assigned their slots already
         ph.lap("pool")
         if not (todo and self.overlap and self._decoding and hits):
@@ -524,10 +524,10 @@ class Engine:
         resident = [e for e in needed if pool.is_resident(e)]
         missing = [e for e in needed if not pool.is_resident(e)]
         order = resident + missing
-        cap = pool.capacity
+        cache_size = pool.cache_size
         outputs, rows_all = [], []
-        for start in range(0, len(order), cap):
-            group = sorted(order[start : start + cap])
+        for start in range(0, len(order), cache_size):
+            group = sorted(order[start : start + cache_size])
             self._ensure(pool, group)
             rows = np.flatnonzero(np.isin(flat, group))
             xs = x2[mx.array(rows // k)]

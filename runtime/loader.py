@@ -57,7 +57,7 @@ def load_offloaded(model_path: str | os.PathLike, config: Optional[RuntimeConfig
             ``"even"``: mlx-lm's split; ``"bytes"``; layers per rank in rank order; or a
             ``golem.runtime.pipeline.PipelineConfig``).
         group: the ``mx.distributed`` group (default: the one ``mlx.launch`` set up).
-        **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``capacities=4``).
+        **fields: ``RuntimeConfig`` fields, changing ``config`` (e.g. ``cache_sizes=4``).
     """
     from golem.runtime.sizing import size_model
 
@@ -119,9 +119,9 @@ def _build(opened: OpenedCheckpoint, config: RuntimeConfig, sizing, inputs: Load
            freed: FreedOnFailure, *, progress: Optional[Progress], model_path: str) -> OffloadedModel:
     """The runtime around an opened, sized checkpoint; what it starts is handed to ``freed``."""
     reader = start_reader(opened.index, config, freed)
-    pools = build_pools(opened, sizing.capacities, config)
+    pools = build_pools(opened, sizing.cache_sizes, config)
     scheduler = start_scheduler(opened.index, pools, sizing.staging, config, reader, freed)
-    prefetch = live_prefetch(config, sizing.capacities, opened.num_experts)
+    prefetch = live_prefetch(config, sizing.cache_sizes, opened.num_experts)
     residuals: Dict[int, mx.array] = {}  # layer -> its hidden state this step, left by the taps
     blocks = install_taps(opened.model, residuals, config) if prefetch is not None or config.record else None
     prefetcher = None
@@ -159,9 +159,9 @@ def start_reader(index: ExpertIndex, config: RuntimeConfig, freed: FreedOnFailur
     return reader
 
 
-def build_pools(opened: OpenedCheckpoint, capacities: Dict[int, int],
+def build_pools(opened: OpenedCheckpoint, cache_sizes: Dict[int, int],
                 config: RuntimeConfig) -> Dict[int, SlotPool]:
-    """A slot pool of ``capacities[layer]`` slots for every MoE layer, over the arrays of its
+    """A slot pool of ``cache_sizes[layer]`` slots for every MoE layer, over the arrays of its
     experts module (zeros until filled)."""
     writers = SlotWriters(config.slot_writer)
     pools: Dict[int, SlotPool] = {}
@@ -171,7 +171,7 @@ def build_pools(opened: OpenedCheckpoint, capacities: Dict[int, int],
             owner_path, _, attr = st.part.rpartition(".")
             owner = _module_at(em.module, owner_path) if owner_path else em.module
             parts.append(PoolPart(st, owner, attr))
-        pools[em.layer] = SlotPool(em.layer, opened.num_experts[em.layer], capacities[em.layer], parts,
+        pools[em.layer] = SlotPool(em.layer, opened.num_experts[em.layer], cache_sizes[em.layer], parts,
                                    policy=config.policy, writers=writers)
     return pools
 
@@ -199,11 +199,11 @@ def start_scheduler(index: ExpertIndex, pools: Dict[int, SlotPool], staging, con
     return scheduler
 
 
-def live_prefetch(config: RuntimeConfig, capacities: Dict[int, int], num_experts: Dict[int, int]):
+def live_prefetch(config: RuntimeConfig, cache_sizes: Dict[int, int], num_experts: Dict[int, int]):
     """The prefetch settings the run uses (``config.prefetch``): None under ``auto`` when
     every expert is resident, as there is nothing to prefetch."""
     prefetch = config.prefetch
-    if prefetch is not None and prefetch.auto and all(c >= num_experts[l] for l, c in capacities.items()):
+    if prefetch is not None and prefetch.auto and all(c >= num_experts[l] for l, c in cache_sizes.items()):
         return None
     return prefetch
 
@@ -317,7 +317,7 @@ def _checked_against(config: RuntimeConfig, opened: OpenedCheckpoint) -> Runtime
     from golem.runtime.pipeline import local_config
 
     local = local_config(config, opened.pipeline, moe_layers)
-    whole = dataclasses.replace(local, capacities=None)
+    whole = dataclasses.replace(local, cache_sizes=None)
     if config.prefetch is not None:  # the depth is checked against the whole model's layers
         whole = with_prefetch_depth(whole, config.prefetch.depth)
     check_against_model(whole, moe_layers=range(opened.num_layers), num_layers=opened.num_layers, num_experts=e,

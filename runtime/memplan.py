@@ -1,12 +1,13 @@
 """The memory plan: which MoE layers stay fully resident (pinned) and how many expert slots
-(each layer's capacity) every other layer gets, within ``--memory-budget``, ``-c``,
+(each layer's cache size) every other layer gets, within ``--memory-budget``, ``-c``,
 ``--cache-size-override`` and ``-f``.
 
 Owns ``ModelMemory`` (the sizes a plan is made over: MoE layers, experts, top-k, bytes per
 expert, non-expert bytes), routing statistics read from a profile (``RoutingStats``; measured
 on traces by the offline tools in ``golem.runtime.analysis.plan``), the allocation (exact
 dynamic programming over estimated per-layer miss curves when routing statistics are given,
-proportional to per-layer weights, uniform otherwise) and the ``golem-run --plan`` table.
+proportional to per-layer weights, uniform otherwise) and the ``golem-run --plan`` table
+(``MemoryPlan``, one ``LayerMemory`` per MoE layer, made by ``plan_memory``).
 golem-run, the library and the speed estimator (``golem.runtime.analysis.placement``) all plan
 here. Loading a model uses this module, so it imports nothing of ``golem.runtime.analysis``.
 Sizes and layer ranges are parsed by ``golem.runtime.units``. Knows nothing of files, MLX or
@@ -45,10 +46,11 @@ class ModelMemory:
     non_expert_nbytes: int = 0
     layer_ids: Optional[Sequence[int]] = None
 
-    def nbytes_of(self, layer: int) -> int:
+    def nbytes_of(self, position: int) -> int:
+        """Bytes of one expert of the MoE layer at ``position`` (0..num_layers-1)."""
         if isinstance(self.expert_nbytes, (int, np.integer)):
             return int(self.expert_nbytes)
-        return int(self.expert_nbytes[layer])
+        return int(self.expert_nbytes[position])
 
     @property
     def ids(self) -> list[int]:
@@ -80,9 +82,9 @@ class ModelMemory:
 
 
 def lru_misses(hist: np.ndarray) -> np.ndarray:
-    """Misses of plain LRU per layer at every capacity 0..E from a stack-distance histogram
+    """Misses of plain LRU per layer at every cache size 0..E from a stack-distance histogram
     (``golem.runtime.analysis.simulate.stack_distance_histogram``): int64 (L, E+1).
-    Meaningful for capacities >= the experts of one step."""
+    Meaningful for cache sizes >= the experts of one step."""
     requests = hist.sum(axis=1, keepdims=True)
     hits = np.concatenate([np.zeros((hist.shape[0], 1), dtype=np.int64), np.cumsum(hist[:, :-1], axis=1)], axis=1)
     return requests - hits
@@ -121,8 +123,9 @@ class RoutingStats:
     def num_experts(self) -> int:
         return int(self.curves.shape[1]) - 1
 
-    def misses_per_step(self, layer: int, slots: int, pinned: bool = False) -> float:
-        return 0.0 if pinned else float(self.curves[layer, min(slots, self.num_experts)])
+    def misses_per_step(self, position: int, cache_size: int, pinned: bool = False) -> float:
+        """Estimated misses per step of the MoE layer at ``position`` with ``cache_size`` slots."""
+        return 0.0 if pinned else float(self.curves[position, min(cache_size, self.num_experts)])
 
     @classmethod
     def from_histogram(cls, hist: np.ndarray, num_steps: int, source: str = "") -> "RoutingStats":
@@ -146,38 +149,38 @@ class RoutingStats:
 
 
 @dataclass(frozen=True)
-class LayerPlan:
-    """One MoE layer of a plan.
+class LayerMemory:
+    """One MoE layer of a memory plan.
 
     Args:
-        layer: MoE layer index (0..L-1).
-        layer_id: the model's layer number.
-        slots: expert slots (``num_experts`` when pinned).
+        position: position among the model's MoE layers (0..L-1).
+        layer_id: the model's (decoder) layer number.
+        cache_size: expert slots (``num_experts`` when pinned).
         pinned: fully resident, no cache logic.
         nbytes: bytes of its slots.
         source: which flag set it: ``-f``, ``override``, ``-c``, ``budget`` or ``budget (uniform)``.
     """
 
-    layer: int
+    position: int
     layer_id: int
-    slots: int
+    cache_size: int
     pinned: bool
     nbytes: int
     source: str
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Where the memory goes: per-layer slots and the bytes they take.
+class MemoryPlan:
+    """Where the memory goes: each MoE layer's cache size and the bytes it takes.
 
     Args:
-        layers: one ``LayerPlan`` per MoE layer.
+        layers: one ``LayerMemory`` per MoE layer.
         model: the model's shape and sizes.
         budget_nbytes: the budget, when one was given.
         reserve_nbytes: bytes set aside for other things (staging buffers, KV cache).
         stats: the routing statistics used, if any.
-        uniform_capacities: slots per layer of the uniform plan for the same budget (what
-            ``describe`` compares the estimate with), when the budget chose slots.
+        uniform_cache_sizes: cache size of each layer in the uniform plan for the same budget
+            (what ``describe`` compares the estimate with), when the budget chose slots.
     """
 
     layers: tuple
@@ -185,17 +188,17 @@ class Plan:
     budget_nbytes: Optional[int] = None
     reserve_nbytes: int = 0
     stats: Optional[RoutingStats] = field(default=None, compare=False)
-    uniform_capacities: Optional[tuple] = None
+    uniform_cache_sizes: Optional[tuple] = None
 
     @property
-    def capacities(self) -> list[int]:
-        """Slots per MoE layer, as ``simulate(capacity=...)`` and the slot pools take them."""
-        return [lp.slots for lp in self.layers]
+    def cache_sizes(self) -> list[int]:
+        """Cache size of each MoE layer, as ``simulate(cache_size=...)`` and the slot pools take them."""
+        return [lp.cache_size for lp in self.layers]
 
     @property
-    def pinned_layers(self) -> list[int]:
-        """MoE layer indices that are fully resident."""
-        return [lp.layer for lp in self.layers if lp.pinned]
+    def pinned_positions(self) -> list[int]:
+        """Positions (0..L-1) of the MoE layers that are fully resident."""
+        return [lp.position for lp in self.layers if lp.pinned]
 
     @property
     def expert_nbytes_total(self) -> int:
@@ -205,14 +208,14 @@ class Plan:
     def total_nbytes(self) -> int:
         return self.model.non_expert_nbytes + self.reserve_nbytes + self.expert_nbytes_total
 
-    def estimated_misses_per_step(self, capacities: Optional[Sequence[int]] = None) -> Optional[float]:
+    def estimated_misses_per_step(self, cache_sizes: Optional[Sequence[int]] = None) -> Optional[float]:
         """Misses per token the routing statistics predict for this plan (or for other
-        per-layer ``capacities``)."""
+        per-layer ``cache_sizes``)."""
         if self.stats is None:
             return None
-        caps = self.capacities if capacities is None else list(capacities)
+        sizes = self.cache_sizes if cache_sizes is None else list(cache_sizes)
         e = self.model.num_experts
-        return sum(self.stats.misses_per_step(i, c, pinned=c >= e) for i, c in enumerate(caps))
+        return sum(self.stats.misses_per_step(i, c, pinned=c >= e) for i, c in enumerate(sizes))
 
     def to_dict(self) -> dict:
         out = {
@@ -222,7 +225,7 @@ class Plan:
             "reserve_nbytes": self.reserve_nbytes,
             "expert_nbytes": self.expert_nbytes_total,
             "pinned_layers": [lp.layer_id for lp in self.layers if lp.pinned],
-            "slots": self.capacities,
+            "slots": self.cache_sizes,
             "layers": [lp.__dict__ for lp in self.layers],
         }
         est = self.estimated_misses_per_step()
@@ -234,10 +237,14 @@ class Plan:
         """The table ``golem-run --plan`` prints: layers (grouped), slots, bytes, totals."""
         e = self.model.num_experts
         rows = [("layers", "slots", "resident", "bytes/layer", "bytes", "set by")]
-        groups: list[list[LayerPlan]] = []
+        groups: list[list[LayerMemory]] = []
+
+        def same(x: LayerMemory) -> tuple:
+            return x.cache_size, x.pinned, x.nbytes, x.source
+
         for lp in self.layers:
             g = groups[-1] if groups else None
-            if g and (lp.slots, lp.pinned, lp.nbytes, lp.source) == (g[-1].slots, g[-1].pinned, g[-1].nbytes, g[-1].source):
+            if g and same(lp) == same(g[-1]):
                 g.append(lp)
             else:
                 groups.append([lp])
@@ -245,7 +252,7 @@ class Plan:
             lp = g[0]
             rows.append((
                 format_layer_ranges(x.layer_id for x in g),
-                f"{lp.slots}/{e}",
+                f"{lp.cache_size}/{e}",
                 "pinned" if lp.pinned else "cache",
                 format_nbytes(lp.nbytes),
                 format_nbytes(lp.nbytes * len(g)),
@@ -253,8 +260,8 @@ class Plan:
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        pinned = self.pinned_layers
-        slots = sum(lp.slots for lp in self.layers)
+        pinned = self.pinned_positions
+        slots = sum(lp.cache_size for lp in self.layers)
         lines.append("")
         lines.append(f"expert slots      {slots} of {self.model.num_layers * e} "
                      f"({len(pinned)} layers pinned)  {format_nbytes(self.expert_nbytes_total)}")
@@ -268,15 +275,15 @@ class Plan:
         est = self.estimated_misses_per_step()
         if est is not None:
             line = f"estimated misses  {est:.2f} per token ({self.stats.policy} on {self.stats.source})"
-            if self.uniform_capacities is not None and list(self.uniform_capacities) != self.capacities:
-                uni = self.estimated_misses_per_step(self.uniform_capacities)
+            if self.uniform_cache_sizes is not None and list(self.uniform_cache_sizes) != self.cache_sizes:
+                uni = self.estimated_misses_per_step(self.uniform_cache_sizes)
                 line += f"; uniform plan of the same budget: {uni:.2f}"
             lines.append(line)
         return "\n".join(lines)
 
 
 def _select(model: ModelMemory, layers: Sequence[int], what: str) -> list[int]:
-    """MoE layer indices named by model layer numbers (non-MoE layers in a range are skipped)."""
+    """Positions of the MoE layers named by model layer numbers (non-MoE layers in a range are skipped)."""
     ids = model.ids
     index = {lid: i for i, lid in enumerate(ids)}
     beyond = [x for x in layers if x > max(ids)]
@@ -288,7 +295,7 @@ def _select(model: ModelMemory, layers: Sequence[int], what: str) -> list[int]:
     return chosen
 
 
-def make_plan(
+def plan_memory(
     model: ModelMemory,
     *,
     budget_nbytes: Optional[int] = None,
@@ -298,9 +305,9 @@ def make_plan(
     stats: Optional[RoutingStats] = None,
     reserve_nbytes: int = 0,
     weights: Optional[Sequence[float]] = None,
-    min_slots: Optional[int] = None,
-) -> Plan:
-    """Choose pinned layers and slots per layer.
+    min_cache_size: Optional[int] = None,
+) -> MemoryPlan:
+    """Choose pinned layers and the cache size of every other layer.
 
     Precedence: ``pin_layers`` (``-f``) > ``overrides`` (``--cache-size-override``, later
     ones win) > ``cache_size`` (``-c``) > the budget. Layers no flag sets share what the
@@ -314,24 +321,24 @@ def make_plan(
     Args:
         model: shape and byte sizes.
         budget_nbytes: total bytes for non-expert weights, reserve and expert slots.
-        cache_size: slots of every layer no other flag sets.
+        cache_size: cache size (slots) of every layer no other flag sets.
         overrides: ``(model layer numbers, slots)`` pairs.
         pin_layers: model layer numbers kept fully resident.
         stats: routing statistics (from traces or a warm-start profile).
         reserve_nbytes: bytes the budget must leave for other things.
         weights: per-layer weights (e.g. distinct experts per window) for a proportional
             allocation when no ``stats`` are given.
-        min_slots: the fewest slots the budget may give a layer (default top-k, what one
+        min_cache_size: the fewest slots the budget may give a layer (default top-k, what one
             token needs; the speed estimator asks for fewer to price machines golem cannot
             run on, where every missing expert is read per token).
     """
-    floor = _check_inputs(model, stats, weights, min_slots)
+    floor = _check_inputs(model, stats, weights, min_cache_size)
     e = model.num_experts
     fixed = _fixed_by_flags(model, cache_size, overrides, pin_layers)
     free = [i for i in range(model.num_layers) if i not in fixed]
     fixed_nbytes = sum(s * model.nbytes_of(i) for i, (s, _) in fixed.items())
     base = model.non_expert_nbytes + reserve_nbytes + fixed_nbytes
-    slots = {i: s for i, (s, _) in fixed.items()}
+    sizes = {i: s for i, (s, _) in fixed.items()}
     sources = {i: src for i, (_, src) in fixed.items()}
     uniform = None
     if budget_nbytes is not None:
@@ -347,7 +354,7 @@ def make_plan(
                 chosen, tag = _weighted(model, free, avail, [float(weights[i]) for i in free], floor), "budget (weighted)"
             else:
                 chosen, tag = uniform, "budget (uniform)"
-            slots.update(chosen)
+            sizes.update(chosen)
             sources.update({i: tag for i in free})
     elif free:
         raise ValueError(
@@ -356,25 +363,26 @@ def make_plan(
         )
     ids = model.ids
     layers = tuple(
-        LayerPlan(i, ids[i], slots[i], slots[i] >= e, slots[i] * model.nbytes_of(i), sources[i])
+        LayerMemory(i, ids[i], sizes[i], sizes[i] >= e, sizes[i] * model.nbytes_of(i), sources[i])
         for i in range(model.num_layers)
     )
-    uniform_caps = None
+    uniform_sizes = None
     if uniform is not None:
-        uniform_caps = tuple(uniform.get(i, slots[i]) for i in range(model.num_layers))
-    plan = Plan(layers, model, budget_nbytes, reserve_nbytes, stats, uniform_capacities=uniform_caps)
+        uniform_sizes = tuple(uniform.get(i, sizes[i]) for i in range(model.num_layers))
+    plan = MemoryPlan(layers, model, budget_nbytes, reserve_nbytes, stats, uniform_cache_sizes=uniform_sizes)
     if budget_nbytes is not None and plan.total_nbytes > budget_nbytes:
         raise AssertionError(f"planner bug: {plan.total_nbytes} bytes over a {budget_nbytes} budget")
     return plan
 
 
-def _check_inputs(model: ModelMemory, stats: Optional[RoutingStats], weights, min_slots: Optional[int]) -> int:
-    """``make_plan``'s inputs agree with the model; returns the fewest slots a layer may get."""
+def _check_inputs(model: ModelMemory, stats: Optional[RoutingStats], weights,
+                  min_cache_size: Optional[int]) -> int:
+    """``plan_memory``'s inputs agree with the model; returns the fewest slots a layer may get."""
     model.validate()
     e, k = model.num_experts, model.top_k
-    floor = k if min_slots is None else int(min_slots)
+    floor = k if min_cache_size is None else int(min_cache_size)
     if not 0 <= floor <= k:
-        raise ValueError(f"min_slots must lie in [0, top-k={k}], got {min_slots}")
+        raise ValueError(f"min_cache_size must lie in [0, top-k={k}], got {min_cache_size}")
     if weights is not None and len(weights) != model.num_layers:
         raise ValueError(f"weights: {len(weights)} values for {model.num_layers} MoE layers")
     if stats is not None and (stats.num_layers, stats.num_experts) != (model.num_layers, e):
@@ -387,7 +395,7 @@ def _check_inputs(model: ModelMemory, stats: Optional[RoutingStats], weights, mi
 
 def _fixed_by_flags(model: ModelMemory, cache_size: Optional[int], overrides: Sequence[tuple],
                     pin_layers: Sequence[int]) -> dict[int, tuple[int, str]]:
-    """MoE layer -> (slots, which flag set them), for the layers the flags set."""
+    """Position -> (cache size, which flag set it), for the MoE layers the flags set."""
     e, k = model.num_experts, model.top_k
     fixed: dict[int, tuple[int, str]] = {}
     if cache_size is not None:
@@ -395,14 +403,14 @@ def _fixed_by_flags(model: ModelMemory, cache_size: Optional[int], overrides: Se
             raise ValueError(f"-c/--cache-size {cache_size} is smaller than top-k ({k}): one token needs {k} experts resident")
         for i in range(model.num_layers):
             fixed[i] = (min(cache_size, e), "-c")
-    for layers, slots in overrides:
-        if slots < k:
+    for layers, size in overrides:
+        if size < k:
             raise ValueError(
-                f"--cache-size-override {format_layer_ranges(layers)} {slots}: below top-k ({k}); "
+                f"--cache-size-override {format_layer_ranges(layers)} {size}: below top-k ({k}); "
                 f"one token needs {k} experts resident"
             )
         for i in _select(model, layers, "--cache-size-override"):
-            fixed[i] = (min(slots, e), "override")
+            fixed[i] = (min(size, e), "override")
     for i in _select(model, pin_layers, "-f/--pin-layers"):
         fixed[i] = (e, "-f")
     return fixed

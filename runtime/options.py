@@ -322,20 +322,20 @@ def _overrides(value, o: Option):
     return tuple(out)
 
 
-def _capacities(value, o: Option):
-    """Slots per MoE layer: an int, a mapping layer -> slots, or a callable (its result is
-    checked by ``check_capacities`` once the model is open)."""
+def _cache_sizes(value, o: Option):
+    """The cache size (slots) of each MoE layer: an int, a mapping layer -> slots, or a
+    callable (its result is checked by ``check_given_cache_sizes`` once the model is open)."""
     if value is None or callable(value):
         return value
     if is_int(value):
-        return check_int(value, "capacities", low=1)
+        return check_int(value, "cache_sizes", low=1)
     if not isinstance(value, Mapping):
-        raise ConfigError(f"capacities: expected an int, a dict layer -> slots or a callable, got {value!r}")
+        raise ConfigError(f"cache_sizes: expected an int, a dict layer -> slots or a callable, got {value!r}")
     for layer, slots in value.items():
         if not is_int(layer):
-            raise ConfigError(f"capacities: layer {layer!r} is not a layer number (an int)")
+            raise ConfigError(f"cache_sizes: layer {layer!r} is not a layer number (an int)")
         if not is_int(slots) or slots < 1:
-            raise ConfigError(f"capacities: layer {layer}: slots must be a whole number >= 1, got {slots!r}")
+            raise ConfigError(f"cache_sizes: layer {layer}: slots must be a whole number >= 1, got {slots!r}")
     return dict(value)
 
 
@@ -485,8 +485,8 @@ OPTIONS: Tuple[Option, ...] = (
            _size, "Optional[int]", ("--memory-budget",), CACHE, {"metavar": "SIZE"}),
     Option("memory_limit", None, "The machine memory to size to when nothing else sizes the caches (default: "
            "measured; the GOLEM_MEMORY_LIMIT environment variable overrides).", _size, "Optional[int]"),
-    Option("capacities", None, "Slots per MoE layer given outright: an int, a dict layer -> slots, or a callable "
-           "(OpenedCheckpoint) -> dict; wins over every other sizing option.", _capacities,
+    Option("cache_sizes", None, "The cache size (slots) of each MoE layer given outright: an int, a dict "
+           "layer -> slots, or a callable (OpenedCheckpoint) -> dict; wins over every other sizing option.", _cache_sizes,
            "Union[None, int, Mapping[int, int], Callable]"),
     Option("warm_random", None, "Fill every cache with random experts before the first token.",
            _seed, "Optional[int]", ("-R", "--warm-random"), CACHE, {"type": int, "metavar": "SEED"}),

@@ -49,8 +49,8 @@ class PrefetchLayerStats:
 
 
 @dataclass
-class LayerPlan:
-    """What the prefetcher wants done at one MoE layer, after its host sync.
+class PrefetchOrders:
+    """The prefetcher's orders to the engine at one MoE layer, after its host sync.
 
     Args:
         installs: prefetches read and not yet installed, ``(layer, expert, buffer)``; the
@@ -78,7 +78,7 @@ class Prefetcher:
     The contract with the engine (engine thread only): ``begin(decoding, outcome)`` at
     every forward call (``outcome``: the last decode step's stall and prefetch host time,
     for the governor); per MoE layer ``propose`` before the layer's host sync (lazy arrays,
-    evaluated in that sync), then ``step`` (the true routing in, one ``LayerPlan`` out),
+    evaluated in that sync), then ``step`` (the true routing in, one ``PrefetchOrders`` out),
     then ``report`` once, with everything that happened to prefetched experts and slots in
     that layer. The other public methods are its parts, for tests and tools.
 
@@ -129,13 +129,13 @@ class Prefetcher:
         self._prefilling = not decoding
 
     def step(self, layer: int, ids: np.ndarray, scores: Optional[np.ndarray], proposals: Sequence[Proposal],
-             decoding: bool) -> LayerPlan:
+             decoding: bool) -> PrefetchOrders:
         """``layer``'s true routing ``ids`` (and router ``scores`` when known) after its host
         sync: scores the guesses made for it and returns what to install and to issue."""
         if decoding:
             self.observe(layer, ids, scores)
         issue = (lambda resident: self.issue(layer, ids, proposals, resident)) if decoding else None
-        return LayerPlan(self.arrivals(), self.keep, issue)
+        return PrefetchOrders(self.arrivals(), self.keep, issue)
 
     def report(self, events) -> Dict[int, int]:
         """What happened in the layer, ``[(kind, layer, expert, nbytes), ...]`` in order;

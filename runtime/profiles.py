@@ -91,22 +91,23 @@ class Profile:
     def num_experts(self) -> int:
         return int(self.counts.shape[1])
 
-    def top_experts(self, layer: int, n: Optional[int] = None) -> list[int]:
-        """The used experts of ``layer``, most used first (ties: lower id first), at most ``n``."""
-        c = self.counts[layer]
+    def top_experts(self, position: int, n: Optional[int] = None) -> list[int]:
+        """The used experts of the MoE layer at ``position`` (0..L-1), most used first (ties:
+        lower id first), at most ``n``."""
+        c = self.counts[position]
         order = np.lexsort((np.arange(len(c)), -c))
         order = order[c[order] > 0]
         return [int(e) for e in (order if n is None else order[:n])]
 
-    def warm_start(self, capacity: Union[int, Sequence[int]], pinned: Sequence[int] = ()) -> Dict[int, list]:
-        """Layer -> the ``capacity`` most used experts in insertion order: the most used last,
-        so that it ends most recent. Pinned layers are left out."""
-        caps = _per_layer(capacity, self.num_layers)
+    def warm_start(self, cache_size: Union[int, Sequence[int]], pinned: Sequence[int] = ()) -> Dict[int, list]:
+        """MoE layer position -> the ``cache_size`` most used experts in insertion order: the
+        most used last, so that it ends most recent. Pinned positions are left out."""
+        sizes = _per_layer(cache_size, self.num_layers)
         skip = set(pinned)
         return {
-            layer: self.top_experts(layer, caps[layer])[::-1]
-            for layer in range(self.num_layers)
-            if layer not in skip
+            position: self.top_experts(position, sizes[position])[::-1]
+            for position in range(self.num_layers)
+            if position not in skip
         }
 
     def check_shape(self, num_layers: int, num_experts: int, where: str = "profile", other: str = "the model") -> None:
@@ -222,13 +223,13 @@ def _number(x: float):
     return int(x) if x.is_integer() else round(x, 4)
 
 
-def _per_layer(capacity, num_layers: int) -> list[int]:
-    if isinstance(capacity, (int, np.integer)):
-        return [int(capacity)] * num_layers
-    caps = [int(c) for c in capacity]
-    if len(caps) != num_layers:
-        raise ValueError(f"capacity: {len(caps)} per-layer values for {num_layers} layers")
-    return caps
+def _per_layer(cache_size, num_layers: int) -> list[int]:
+    if isinstance(cache_size, (int, np.integer)):
+        return [int(cache_size)] * num_layers
+    sizes = [int(c) for c in cache_size]
+    if len(sizes) != num_layers:
+        raise ValueError(f"cache_size: {len(sizes)} per-layer values for {num_layers} layers")
+    return sizes
 
 
 def profile_from_counts(counts, *, top_k: int, num_steps: int, meta: Optional[dict] = None) -> Profile:
@@ -318,21 +319,22 @@ def load_warm_source(path: Union[str, Path], *, decode_only: bool = True) -> Pro
 
 
 def random_warm_start(
-    seed: int, num_layers: int, num_experts: int, capacity: Union[int, Sequence[int]], pinned: Sequence[int] = ()
+    seed: int, num_layers: int, num_experts: int, cache_size: Union[int, Sequence[int]], pinned: Sequence[int] = ()
 ) -> Dict[int, list]:
-    """Layer -> ``capacity`` distinct experts drawn at random (``-R/--warm-random SEED``).
+    """MoE layer position -> ``cache_size`` distinct experts drawn at random
+    (``-R/--warm-random SEED``).
 
     Every layer gets its own draw from one generator seeded with ``seed``, so the same seed
-    gives the same warm start; pinned layers are left out.
+    gives the same warm start; pinned positions are left out.
     """
-    caps = _per_layer(capacity, num_layers)
+    sizes = _per_layer(cache_size, num_layers)
     rng = np.random.default_rng(seed)
     skip = set(pinned)
     out: Dict[int, list] = {}
-    for layer in range(num_layers):
-        draw = rng.permutation(num_experts)[: min(caps[layer], num_experts)]
-        if layer not in skip:
-            out[layer] = [int(e) for e in draw]
+    for position in range(num_layers):
+        draw = rng.permutation(num_experts)[: min(sizes[position], num_experts)]
+        if position not in skip:
+            out[position] = [int(e) for e in draw]
     return out
 
 

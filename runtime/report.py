@@ -167,7 +167,7 @@ def snapshot(runtime) -> ExpertStats:
     for layer, pool in sorted(engine.pools.items()):
         s = engine.stats.layers.get(layer, pool.stats)
         expert_nbytes = pool.expert_nbytes
-        resident = pool.capacity if pool.fully_resident else int((pool.expert_in >= 0).sum())
+        resident = pool.cache_size if pool.fully_resident else int((pool.expert_in >= 0).sum())
         pf = {}
         p = prefetcher.stats.get(layer) if prefetcher is not None else None
         if p is not None:
@@ -176,8 +176,8 @@ def snapshot(runtime) -> ExpertStats:
                       prefetch_wasted_nbytes=p.wasted_nbytes, prefetch_true=p.true, prefetch_predicted_true=p.predicted_true,
                       prefetch_on=bool(p.enabled))
         layers.append(LayerExpertStats(
-            layer=layer, slots=pool.capacity, resident=resident, resident_nbytes=resident * expert_nbytes,
-            slot_nbytes=pool.capacity * expert_nbytes, hits=s.hits, misses=s.misses, bytes_read=s.bytes_read,
+            layer=layer, slots=pool.cache_size, resident=resident, resident_nbytes=resident * expert_nbytes,
+            slot_nbytes=pool.cache_size * expert_nbytes, hits=s.hits, misses=s.misses, bytes_read=s.bytes_read,
             stall_s=s.read_s, evictions=s.evictions, **pf))
     st = engine.stats
     return ExpertStats(

@@ -52,7 +52,7 @@ def warm_start(engine, pools, warm: dict, progress: Optional[Progress]) -> None:
     if progress is None:
         engine.warm(warm)
         return
-    sizes = {l: pools[l].expert_nbytes * min(len(e), pools[l].capacity) for l, e in warm.items()
+    sizes = {l: pools[l].expert_nbytes * min(len(e), pools[l].cache_size) for l, e in warm.items()
              if l in pools and not pools[l].fully_resident}
     total, done = sum(sizes.values()), 0
     progress("warm start", 0, total)

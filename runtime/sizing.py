@@ -1,10 +1,11 @@
 """How much of a model stays resident: from the sizing options (or the machine's memory) to a
-plan, slots per MoE layer, the I/O scheduler's staging buffers and a warm start.
+memory plan, the cache size of each MoE layer, the I/O scheduler's staging buffers and a warm
+start.
 
 Owns measuring the machine's memory (Metal's recommended working set, free CUDA device memory,
-available RAM) less a stated margin, every derived size (the slot count ("capacity") of each
-MoE layer, the staging buffers and the speculative-read cap, computed here once), the plan
-itself (``golem.runtime.memplan.make_plan``), the warm start (random, from traces or a
+available RAM) less a stated margin, every derived size (the cache size (slots) of each MoE
+layer, the staging buffers and the speculative-read cap, computed here once), the memory plan
+itself (``golem.runtime.memplan.plan_memory``), the warm start (random, from traces or a
 profile, or the saved profile) and the one line that says what was chosen. Knows nothing of
 slot pools, I/O or generation; ``golem.runtime.loader`` applies what it returns.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from golem.runtime.config import ConfigError, RuntimeConfig, check_capacities, parse_nbytes, resolved_layers
+from golem.runtime.config import ConfigError, RuntimeConfig, check_given_cache_sizes, parse_nbytes, resolved_layers
 
 log = logging.getLogger(__name__)
 _NOTED_NO_PROFILE: set = set()  # profile files whose absence was noted (one warning each)
@@ -105,15 +106,16 @@ class Sizing:
     """What the sizing options chose for one model.
 
     Args:
-        capacities: slots per MoE layer (each pool's capacity), by the model's layer
+        cache_sizes: the cache size (slots) of each MoE layer's pool, by the model's layer
             number, at most the layer's expert count.
         staging: the I/O scheduler's staging buffers and speculative caps.
-        plan: the plan (None when ``capacities`` were given outright).
+        plan: the memory plan (``golem.runtime.memplan.MemoryPlan``; None when ``cache_sizes``
+            were given outright).
         warm: experts to load before the first token, by layer number (None: none).
         note: one line saying what was chosen and why (None when flags fixed every layer).
     """
 
-    capacities: Dict[int, int]
+    cache_sizes: Dict[int, int]
     staging: Staging
     plan: object = None
     warm: Optional[Dict[int, list]] = None
@@ -176,7 +178,7 @@ def reserve_nbytes(memory, depth: int) -> int:
 
 
 def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
-    """Slots per MoE layer, the plan and the warm start for ``opened``
+    """The cache size of each MoE layer, the memory plan and the warm start for ``opened``
     (a ``golem.runtime.checkpoint.OpenedCheckpoint``) under ``config``."""
     memory = opened.memory()
     moe = memory.ids
@@ -184,13 +186,13 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
     if profile is not None:
         profile.check_shape(memory.num_layers, e, where=str(config.warm_start))
     staging = staging_for(config, memory)
-    if config.capacities is not None:
-        given = config.capacities(opened) if callable(config.capacities) else config.capacities
-        capacities = check_capacities(given, moe_layers=moe, num_experts=e, top_k=memory.top_k)
-        return Sizing(capacities, staging, None, _warm(config, profile, memory, [capacities[l] for l in moe], [
-            i for i, l in enumerate(moe) if capacities[l] >= e]), None)
+    if config.cache_sizes is not None:
+        given = config.cache_sizes(opened) if callable(config.cache_sizes) else config.cache_sizes
+        cache_sizes = check_given_cache_sizes(given, moe_layers=moe, num_experts=e, top_k=memory.top_k)
+        return Sizing(cache_sizes, staging, None, _warm(config, profile, memory, [cache_sizes[l] for l in moe], [
+            i for i, l in enumerate(moe) if cache_sizes[l] >= e]), None)
 
-    from golem.runtime.memplan import RoutingStats, make_plan
+    from golem.runtime.memplan import RoutingStats, plan_memory
     from golem.runtime.units import format_nbytes
 
     pins, overrides = resolved_layers(config, opened.num_layers)
@@ -205,10 +207,10 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
             stats = RoutingStats.from_profile(profile, policy=config.policy, source=str(config.warm_start))
     options = dict(cache_size=config.cache_size, overrides=overrides, pin_layers=pins, stats=stats)
     try:
-        plan = make_plan(memory, budget_nbytes=budget, **options)
+        plan = plan_memory(memory, budget_nbytes=budget, **options)
         if budget is not None and not all(lp.pinned for lp in plan.layers):
             # Experts will stream: the scheduler's staging buffers come out of the budget too.
-            plan = make_plan(memory, budget_nbytes=budget, reserve_nbytes=staging.nbytes,
+            plan = plan_memory(memory, budget_nbytes=budget, reserve_nbytes=staging.nbytes,
                              **options)
     except ValueError as err:
         if machine is None:
@@ -218,8 +220,8 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
             f"{format_nbytes(budget)} after a {MACHINE_MARGIN:.0%} margin) is too small: "
             f"{str(err).split(': ', 1)[-1]}; give -c/--cache-size or --memory-budget to run anyway"
         ) from None
-    capacities = {memory.ids[lp.layer]: min(lp.slots, e) for lp in plan.layers}
-    pinned = [lp.layer for lp in plan.layers if lp.pinned]
+    cache_sizes = {lp.layer_id: min(lp.cache_size, e) for lp in plan.layers}
+    pinned = plan.pinned_positions
     note = None
     if budget is not None:
         where = (f"sized to this machine: {format_nbytes(machine.nbytes)} {machine.source} less a "
@@ -232,7 +234,7 @@ def size_model(config: RuntimeConfig, opened, *, profile=None) -> Sizing:
             what = (f"the model ({format_nbytes(everything)}) does not fit: {plan_summary(plan)}, "
                     "the other experts stream from disk")
         note = f"{where}; {what}"
-    return Sizing(capacities, staging, plan, _warm(config, profile, memory, plan.capacities, pinned), note)
+    return Sizing(cache_sizes, staging, plan, _warm(config, profile, memory, plan.cache_sizes, pinned), note)
 
 
 def plan_summary(plan) -> str:
@@ -240,21 +242,22 @@ def plan_summary(plan) -> str:
     from golem.runtime.units import format_nbytes
 
     m = plan.model
-    slots = sum(plan.capacities)
-    return (f"{len(plan.pinned_layers)} of {m.num_layers} MoE layers pinned, {slots} of "
+    slots = sum(plan.cache_sizes)
+    return (f"{len(plan.pinned_positions)} of {m.num_layers} MoE layers pinned, {slots} of "
             f"{m.num_layers * m.num_experts} expert slots ({format_nbytes(plan.total_nbytes)} in all)")
 
 
-def _warm(config: RuntimeConfig, profile, memory, capacities: List[int], pinned: List[int]):
-    """Experts to load first, by the model's layer number."""
+def _warm(config: RuntimeConfig, profile, memory, cache_sizes: List[int], pinned: List[int]):
+    """Experts to load first, by the model's layer number (``cache_sizes`` and ``pinned``
+    speak of MoE layer positions)."""
     by_pos = None
     if profile is not None:
-        by_pos = profile.warm_start(list(capacities), pinned)
+        by_pos = profile.warm_start(list(cache_sizes), pinned)
     elif config.warm_random is not None:
         from golem.runtime.profiles import random_warm_start
 
         by_pos = random_warm_start(config.warm_random, memory.num_layers, memory.num_experts,
-                                   list(capacities), pinned)
+                                   list(cache_sizes), pinned)
     if by_pos is None:
         return None
     return {memory.ids[pos]: experts for pos, experts in by_pos.items()}

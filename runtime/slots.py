@@ -26,7 +26,7 @@ KEEP_READERS = 2  # the newest, never evaluated by the cap: a decode step regist
 class LayerStats:
     """Counters of one layer's pool (decode and prefill together unless split by the caller)."""
 
-    capacity: int = 0
+    cache_size: int = 0
     hits: int = 0
     misses: int = 0
     prefetch_hits: int = 0
@@ -74,9 +74,9 @@ class SlotPool:
     A fully resident pool is written only while loading, before any reads.
 
     Args:
-        layer: MoE layer index (the decoder layer number).
+        layer: the decoder layer number of this MoE layer.
         num_experts: experts in the layer.
-        capacity: slots; ``capacity == num_experts`` makes the layer fully resident
+        cache_size: slots; ``cache_size == num_experts`` makes the layer fully resident
             (slot i holds expert i, no table, no eviction).
         parts: the layer's stacked tensors and the module attributes holding their pools.
         policy: eviction policy name.
@@ -84,26 +84,26 @@ class SlotPool:
             ``golem.runtime.writers.default_writer``).
     """
 
-    def __init__(self, layer: int, num_experts: int, capacity: int, parts: Sequence[PoolPart],
+    def __init__(self, layer: int, num_experts: int, cache_size: int, parts: Sequence[PoolPart],
                  policy: str = DEFAULT_POLICY, writers: Optional[SlotWriters] = None):
-        if capacity < 1 or capacity > num_experts:
-            raise ValueError(f"layer {layer}: capacity {capacity} outside [1, {num_experts}]")
+        if cache_size < 1 or cache_size > num_experts:
+            raise ValueError(f"layer {layer}: cache_size {cache_size} outside [1, {num_experts}]")
         self.layer = layer
         self.num_experts = num_experts
-        self.capacity = capacity
+        self.cache_size = cache_size
         self.parts = list(parts)
         self.policy: Policy = make_policy(policy)
         self.slot_of = np.full(num_experts, -1, dtype=np.int32)  # expert -> slot
-        self.expert_in = np.full(capacity, -1, dtype=np.int32)  # slot -> expert
-        self.stats = LayerStats(capacity=capacity)
+        self.expert_in = np.full(cache_size, -1, dtype=np.int32)  # slot -> expert
+        self.stats = LayerStats(cache_size=cache_size)
         for p in self.parts:
             dtype = getattr(p.owner, p.attr).dtype
-            setattr(p.owner, p.attr, mx.zeros((capacity, *p.spec.expert_shape), dtype=dtype))
+            setattr(p.owner, p.attr, mx.zeros((cache_size, *p.spec.expert_shape), dtype=dtype))
         mx.eval([getattr(p.owner, p.attr) for p in self.parts])
-        self._identity = capacity == num_experts  # slot i holds expert i: no table
+        self._identity = cache_size == num_experts  # slot i holds expert i: no table
         self._full = False  # no free slot: claims evict without looking for one
         self._expert_nbytes = sum(p.spec.expert_nbytes for p in self.parts)
-        self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, capacity)
+        self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, cache_size)
         self._readers: List[Tuple[mx.array, frozenset]] = []  # computations that may still read slots
 
     @property
@@ -127,7 +127,7 @@ class SlotPool:
 
     @property
     def nbytes(self) -> int:
-        return self.capacity * self.expert_nbytes
+        return self.cache_size * self.expert_nbytes
 
     def resident(self) -> List[int]:
         return [int(e) for e in self.expert_in if e >= 0]
@@ -233,8 +233,8 @@ class SlotPool:
             return experts
         return self.slot_of[experts]
 
-    def plan(self, needed: Sequence[int]) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
-        """One step's use of this layer, by the policy's step protocol.
+    def admit(self, needed: Sequence[int]) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
+        """Admit one step's experts into this layer, by the policy's step protocol.
 
         ``needed``: the step's distinct expert ids (Python ints), ascending. A resident
         expert is a hit, a missing one claims a slot (evicting, never one of ``needed``)

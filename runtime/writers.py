@@ -88,15 +88,15 @@ class SlotWriter:
 
     Args:
         parts: the layer's ``PoolPart`` list (spec, owner, attribute).
-        capacity: slots in the pool.
+        cache_size: slots in the pool.
     """
 
     name = ""
     exclusive = False
 
-    def __init__(self, parts: Sequence, capacity: int):
+    def __init__(self, parts: Sequence, cache_size: int):
         self.parts = list(parts)
-        self.capacity = capacity
+        self.cache_size = cache_size
         self.nbytes = sum(p.spec.expert_nbytes for p in self.parts)
 
     def arrays(self) -> List[mx.array]:
@@ -121,15 +121,15 @@ class HostViewWriter(SlotWriter):
 
     name = "host"
 
-    def __init__(self, parts: Sequence, capacity: int):
-        super().__init__(parts, capacity)
+    def __init__(self, parts: Sequence, cache_size: int):
+        super().__init__(parts, cache_size)
         cuts = []
         for p in self.parts:
             view = host_view(getattr(p.owner, p.attr))
             if view is None:
                 raise ValueError("slot writer 'host' needs pools the host can write in place; "
                                  "this backend gives no such view (use 'device')")
-            cuts.append((view.reshape(capacity, -1), p.spec.dest, p.spec.dest + p.spec.expert_nbytes))
+            cuts.append((view.reshape(cache_size, -1), p.spec.dest, p.spec.dest + p.spec.expert_nbytes))
         self._cuts = cuts
 
     def put(self, slot: int, packed: np.ndarray) -> None:
@@ -205,16 +205,16 @@ class DeviceWriter(SlotWriter):
 
     Args:
         parts: the layer's ``PoolPart`` list.
-        capacity: slots in the pool.
+        cache_size: slots in the pool.
         batch: the host batch shared with the model's other device writers.
         upload: ``"array"`` (``mx.array`` of the batch) or ``"load"`` (``mx.load`` of it).
     """
 
     exclusive = True
 
-    def __init__(self, parts: Sequence, capacity: int, batch: Optional[HostBatch] = None,
+    def __init__(self, parts: Sequence, cache_size: int, batch: Optional[HostBatch] = None,
                  upload: str = "array"):
-        super().__init__(parts, capacity)
+        super().__init__(parts, cache_size)
         self.batch = batch or HostBatch()
         self.upload = upload
         self.name = "device" if upload == "array" else "device-load"
@@ -286,12 +286,12 @@ class SlotWriters:
         self.name = resolve_writer(name)
         self.batch = HostBatch()
 
-    def new(self, parts: Sequence, capacity: int) -> SlotWriter:
+    def new(self, parts: Sequence, cache_size: int) -> SlotWriter:
         if self.name == "host":
             try:
-                return HostViewWriter(parts, capacity)
+                return HostViewWriter(parts, cache_size)
             except ValueError:
                 if not self.auto:
                     raise
         upload = "load" if self.name == "device-load" else "array"
-        return DeviceWriter(parts, capacity, self.batch, upload=upload)
+        return DeviceWriter(parts, cache_size, self.batch, upload=upload)

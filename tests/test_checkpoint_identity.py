@@ -110,7 +110,7 @@ def _generate(model, tokenizer, n=6):
 
 
 def test_a_shard_rewritten_in_place_mid_run_stops_generation_naming_it(private_checkpoint):
-    with load(str(private_checkpoint), capacities=4) as (model, tokenizer):
+    with load(str(private_checkpoint), cache_sizes=4) as (model, tokenizer):
         first = _generate(model, tokenizer)
         assert len(first) == 6
         shard = _expert_shard(model)
@@ -129,7 +129,7 @@ def test_a_shard_rewritten_in_place_mid_run_stops_generation_naming_it(private_c
 
 
 def test_a_shard_replaced_mid_run_stops_generation_naming_it(private_checkpoint):
-    with load(str(private_checkpoint), capacities=4) as (model, tokenizer):
+    with load(str(private_checkpoint), cache_sizes=4) as (model, tokenizer):
         first = _generate(model, tokenizer)
         shard = _expert_shard(model)
         model.golem.reader.handles.check_interval_s = 0  # check the path at every read

@@ -56,8 +56,8 @@ def unwritable_folder(tmp_path) -> str:
     ({"prefetch": PrefetchConfig(depth=2), "predictor": "oracle"}, ["oracle", "--predictor-trace"]),
     ({"predictor_train": ["t.npz"]}, ["--predictor-train", "--prefetch-depth"]),
     ({"warm_start": 1.5}, ["warm_start", "1.5"]),
-    ({"capacities": {"1": 2}}, ["capacities", "'1'"]),
-    ({"capacities": {1: 0}}, ["capacities", "layer 1"]),
+    ({"cache_sizes": {"1": 2}}, ["cache_sizes", "'1'"]),
+    ({"cache_sizes": {1: 0}}, ["cache_sizes", "layer 1"]),
     ({"record_hidden": True}, ["--trace-hidden", "--trace-out"]),
 ])
 def test_bad_options_are_typed_errors_naming_the_option(fields, words):
@@ -90,18 +90,18 @@ def test_unknown_option_is_refused_by_load(checkpoints):
         load(str(checkpoints("olmoe")), cache_sise=4)
 
 
-@pytest.mark.parametrize("capacities, words", [
+@pytest.mark.parametrize("cache_sizes, words", [
     ({999: 8}, ["layer 999", "MoE layers"]),
     ({0: 8}, ["layer 0", "not an MoE layer"]),  # qwen3_moe's layer 0 is dense
     ({1: 2}, ["layer 1", "top-k (4)"]),
 ])
-def test_capacities_naming_no_moe_layer_are_refused(checkpoints, capacities, words):
+def test_cache_sizes_naming_no_moe_layer_are_refused(checkpoints, cache_sizes, words):
     path = str(checkpoints("qwen3_moe"))
     with pytest.raises(ConfigError):
-        load(path, capacities=capacities)  # the first call imports what later ones reuse
+        load(path, cache_sizes=cache_sizes)  # the first call imports what later ones reuse
     threads, fds = threading.active_count(), _open_fds()
     with pytest.raises(ConfigError) as err:
-        load(path, capacities=capacities)
+        load(path, cache_sizes=cache_sizes)
     message = str(err.value)
     del err
     assert all(w in message for w in words), message
@@ -127,7 +127,7 @@ def test_failed_load_closes_its_threads_and_files(checkpoints, monkeypatch):
     import golem.predictors.registry as registry
 
     path = str(checkpoints("olmoe"))
-    with load(path, capacities=4, prefetch=PrefetchConfig(depth=1)):
+    with load(path, cache_sizes=4, prefetch=PrefetchConfig(depth=1)):
         pass  # the first load imports and builds what later loads reuse
     threads, fds = threading.active_count(), _open_fds()
 
@@ -137,7 +137,7 @@ def test_failed_load_closes_its_threads_and_files(checkpoints, monkeypatch):
     monkeypatch.setattr(registry, "make_predictor", broken)
     for _ in range(3):
         try:
-            load(path, capacities=4, prefetch=PrefetchConfig(depth=1))
+            load(path, cache_sizes=4, prefetch=PrefetchConfig(depth=1))
         except RuntimeError as e:
             assert "predictor construction failed" in str(e)
         else:
@@ -166,11 +166,11 @@ def test_failed_loads_close_their_files_while_the_caller_keeps_the_errors(checkp
     other = save_profile(profile_from_counts(np.ones((2, 3)), top_k=1, num_steps=1), tmp_path / "other.json")
     depth = PrefetchConfig(depth=1)
     attempt = {
-        "not a profile": lambda: load(path, capacities=4, prefetch=depth, warm_start=path + "/config.json"),
-        "profile of another shape": lambda: load(path, capacities=4, prefetch=depth, warm_start=str(other)),
+        "not a profile": lambda: load(path, cache_sizes=4, prefetch=depth, warm_start=path + "/config.json"),
+        "profile of another shape": lambda: load(path, cache_sizes=4, prefetch=depth, warm_start=str(other)),
         "another shape, planned": lambda: plan(path, memory_budget="30MB", warm_start=str(other)),
-        "predictor fails after I/O started": lambda: load(path, capacities=4, prefetch=depth),
-        "top-k above the experts": lambda: load(path, capacities=4, model_config={"num_experts_per_tok": 99}),
+        "predictor fails after I/O started": lambda: load(path, cache_sizes=4, prefetch=depth),
+        "top-k above the experts": lambda: load(path, cache_sizes=4, model_config={"num_experts_per_tok": 99}),
     }[case]
     if case.startswith("predictor"):
         def broken(*args, **kwargs):
@@ -203,7 +203,7 @@ def test_saved_profile_names_the_model_by_its_identity(checkpoints, tmp_path, mo
     monkeypatch.setenv("GOLEM_CACHE", str(tmp_path / "cache"))
     shutil.copytree(checkpoints("olmoe"), tmp_path / "olmoe")
     monkeypatch.chdir(tmp_path)
-    with load("olmoe", capacities=4, save_profile=True) as (model, tok):  # a relative path
+    with load("olmoe", cache_sizes=4, save_profile=True) as (model, tok):  # a relative path
         greedy_tokens(model, prompt_tokens(tok), 2)
     saved = load_profile(tmp_path / "cache" / "profiles" / "olmoe" / "golem-profile.json")
     assert saved.meta["model"] == model_identity("olmoe") == str((tmp_path / "olmoe").resolve())
@@ -219,7 +219,7 @@ def test_a_garbled_tokenizer_is_a_model_error_naming_the_file(checkpoints, tmp_p
     (model / "tokenizer.json").write_text("{garbage")
     threads = threading.active_count()
     with pytest.raises(ModelError) as err:
-        load(str(model), capacities=4)
+        load(str(model), cache_sizes=4)
     assert str(err.value).startswith(f"{model / 'tokenizer.json'}: cannot load the model's tokenizer"), str(err.value)
     del err
     assert threading.active_count() == threads
@@ -229,8 +229,8 @@ def test_config_object_and_keywords_are_one_thing(checkpoints):
     path = str(checkpoints("olmoe"))
     config = RuntimeConfig(cache_size=4, policy="lru")
     with load(path, config) as a, load(path, config, cache_size=6) as b:
-        assert {p.capacity for p in a.runtime.engine.pools.values()} == {4}
-        assert {p.capacity for p in b.runtime.engine.pools.values()} == {6}
+        assert {p.cache_size for p in a.runtime.engine.pools.values()} == {4}
+        assert {p.cache_size for p in b.runtime.engine.pools.values()} == {6}
         assert a.runtime.options == config and b.runtime.options.policy == "lru"
 
 
@@ -238,7 +238,7 @@ def test_staging_buffers_follow_depth_and_top_k(checkpoints):
     path = str(checkpoints("olmoe"))
     for depth in (0, 2):
         prefetch = PrefetchConfig(depth=depth) if depth else None
-        with load(path, capacities=4, prefetch=prefetch) as (model, _):
+        with load(path, cache_sizes=4, prefetch=prefetch) as (model, _):
             assert model.golem.engine.scheduler.settings.num_buffers == staging_buffers(4, depth) == max(4, 2 * 4 * (depth + 1) + 2)
 
 
@@ -255,16 +255,16 @@ def test_load_with_a_budget_picks_the_plan_golem_run_prints(checkpoints, capsys,
     ]:
         with load(path, **options) as loaded:
             plan = loaded.plan
-            caps = {l: p.capacity for l, p in loaded.runtime.engine.pools.items()}
+            sizes = {l: p.cache_size for l, p in loaded.runtime.engine.pools.items()}
         assert golem_run(["--model", path, *argv, "--plan"]) == 0
         printed = capsys.readouterr().out
         assert plan.describe() in printed, (options, printed)
-        assert caps == {lp.layer_id: lp.slots for lp in plan.layers}
+        assert sizes == {lp.layer_id: lp.cache_size for lp in plan.layers}
 
 
 def test_warm_start_fills_the_caches_before_the_first_token(checkpoints):
     path = str(checkpoints("olmoe"))
-    with load(path, capacities=6, warm_start=3) as (model, _):
+    with load(path, cache_sizes=6, warm_start=3) as (model, _):
         resident = {l: len(p.resident()) for l, p in model.golem.engine.pools.items()}
     assert set(resident.values()) == {6}
 
@@ -301,13 +301,13 @@ def test_close_writes_the_trace_and_profile(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("GOLEM_CACHE", str(tmp_path / "cache"))
     path = checkpoints("olmoe")
     out = tmp_path / "run.npz"
-    loaded = load(str(path), capacities=4, trace_out=str(out), save_profile=True)
+    loaded = load(str(path), cache_sizes=4, trace_out=str(out), save_profile=True)
     with loaded as (model, tok):
         greedy_tokens(model, prompt_tokens(tok), 4)
         assert not out.exists()  # written when the run is over
     assert load_trace(out).num_steps > 0
     assert (tmp_path / "cache" / "profiles" / "olmoe" / "golem-profile.json").is_file()
-    with load(str(path), capacities=4, warm_start="saved") as (model, _):
+    with load(str(path), cache_sizes=4, warm_start="saved") as (model, _):
         assert all(len(p.resident()) == 4 for p in model.golem.engine.pools.values())
 
 
@@ -323,7 +323,7 @@ def test_output_paths_are_checked_before_loading(checkpoints, tmp_path, target, 
     trace_out = (f"{unwritable_folder(tmp_path)}/t.npz" if target == "read-only" else str(tmp_path / target))
     threads = threading.active_count()
     with pytest.raises(ConfigError) as err:
-        load(str(checkpoints("olmoe")), capacities=4, trace_out=trace_out)
+        load(str(checkpoints("olmoe")), cache_sizes=4, trace_out=trace_out)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert threading.active_count() == threads
     assert not list((tmp_path / "folder").iterdir())
@@ -332,7 +332,7 @@ def test_output_paths_are_checked_before_loading(checkpoints, tmp_path, target, 
 def test_save_profile_into_an_unwritable_cache_is_refused_first(checkpoints, monkeypatch, tmp_path):
     monkeypatch.setenv("GOLEM_CACHE", f"{unwritable_folder(tmp_path)}/golem-cache")
     with pytest.raises(ConfigError, match="--save-profile.*cannot write"):
-        load(str(checkpoints("olmoe")), capacities=4, save_profile=True)
+        load(str(checkpoints("olmoe")), cache_sizes=4, save_profile=True)
 
 
 def test_machine_memory_sources(monkeypatch):

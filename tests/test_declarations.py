@@ -105,7 +105,7 @@ def test_changing_a_declared_default_changes_help_and_load(checkpoints, capsys, 
     for command in COMMANDS:
         text = " ".join(_golem_sections(_help(command, capsys)).split())
         assert "(default 0.55)" in text and "(default lru," in text and "(default: 7.5)" in text, command
-    with load(str(checkpoints("olmoe")), capacities=6, prefetch_depth=1) as loaded:
+    with load(str(checkpoints("olmoe")), cache_sizes=6, prefetch_depth=1) as loaded:
         runtime = loaded.runtime
         assert runtime.options.threshold == 0.55 and runtime.options.prefetch.threshold == 0.55
         assert runtime.engine.prefetcher.selection.threshold == 0.55
@@ -189,7 +189,7 @@ def test_library_and_flags_give_the_same_message(checkpoints, capsys, fields, ar
     ({"predictor_train": 7, "prefetch_depth": 1}, ["--predictor-train", "7"]),
     ({"cache_size_override": "0-1 8"}, ["--cache-size-override", "pairs"]),
     ({"pin_layers": 3}, ["-f/--pin-layers", "3"]),
-    ({"capacities": "4"}, ["capacities", "'4'"]),
+    ({"cache_sizes": "4"}, ["cache_sizes", "'4'"]),
     ({"model_config": "num_experts_per_tok=2"}, ["model_config", "dict", "str"]),
     ({"tokenizer_config": ["x"]}, ["tokenizer_config", "dict", "list"]),
     ({"adapter_path": 3}, ["adapter_path", "3"]),
@@ -207,22 +207,22 @@ def test_library_arguments_are_checked_by_type_and_range(checkpoints, fields, wo
             plan(str(checkpoints("olmoe")), **fields)
 
 
-@pytest.mark.parametrize("capacities, words", [
-    ({1: 17}, ["capacities: layer 1: 17 slots", "only 16 experts"]),
-    (lambda opened: {1: 40}, ["capacities: layer 1: 40 slots", "only 16 experts"]),
-    (lambda opened: 17, ["capacities 17", "only 16 experts", "capacities=16"]),
-    (17, ["capacities 17", "only 16 experts"]),
-    (lambda opened: "many", ["capacities", "'many'"]),
+@pytest.mark.parametrize("cache_sizes, words", [
+    ({1: 17}, ["cache_sizes: layer 1: 17 slots", "only 16 experts"]),
+    (lambda opened: {1: 40}, ["cache_sizes: layer 1: 40 slots", "only 16 experts"]),
+    (lambda opened: 17, ["cache_sizes 17", "only 16 experts", "cache_sizes=16"]),
+    (17, ["cache_sizes 17", "only 16 experts"]),
+    (lambda opened: "many", ["cache_sizes", "'many'"]),
     (lambda opened: {99: 4}, ["layer 99", "not an MoE layer"]),
     (lambda opened: {1: 2}, ["layer 1", "top-k (4)"]),
 ])
-def test_capacities_beyond_the_expert_count_are_refused(checkpoints, capacities, words):
+def test_cache_sizes_beyond_the_expert_count_are_refused(checkpoints, cache_sizes, words):
     path = str(checkpoints("olmoe"))
     with pytest.raises(ConfigError):
-        load(path, capacities=capacities)  # the first call imports what later ones reuse
+        load(path, cache_sizes=cache_sizes)  # the first call imports what later ones reuse
     threads, fds = threading.active_count(), _fds()
     with pytest.raises(ConfigError) as err:
-        load(path, capacities=capacities)
+        load(path, cache_sizes=cache_sizes)
     message = str(err.value)
     del err
     assert all(w in message for w in words), message
@@ -231,18 +231,18 @@ def test_capacities_beyond_the_expert_count_are_refused(checkpoints, capacities,
 
 def test_a_full_capacity_is_accepted(checkpoints):
     path = str(checkpoints("olmoe"))
-    with load(path, capacities=lambda opened: {l: 16 for l in opened.layers}) as loaded:
+    with load(path, cache_sizes=lambda opened: {l: 16 for l in opened.layers}) as loaded:
         assert all(p.fully_resident for p in loaded.runtime.engine.pools.values())
 
 
 def test_a_dropped_model_releases_its_threads_and_files(checkpoints):
     path = str(checkpoints("olmoe"))
-    with load(path, capacities=4, prefetch_depth=1):
+    with load(path, cache_sizes=4, prefetch_depth=1):
         pass  # imports and builds what later loads reuse
     threads, fds = threading.active_count(), _fds()
     with pytest.warns(ResourceWarning, match="dropped without close"):
         for _ in range(4):
-            model, tokenizer = load(path, capacities=4, prefetch_depth=1)
+            model, tokenizer = load(path, cache_sizes=4, prefetch_depth=1)
             assert threading.active_count() > threads  # its I/O threads run while it is held
             del model, tokenizer
             gc.collect()
@@ -250,7 +250,7 @@ def test_a_dropped_model_releases_its_threads_and_files(checkpoints):
     assert _fds() == fds
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a closed model warns of nothing when collected
-        loaded = load(path, capacities=4, prefetch_depth=1)
+        loaded = load(path, cache_sizes=4, prefetch_depth=1)
         loaded.close()
         del loaded
         gc.collect()
@@ -262,14 +262,14 @@ def test_close_never_raises_when_nothing_was_generated(checkpoints, tmp_path, mo
     out = tmp_path / "run.npz"
     out.write_bytes(b"an older trace")
     with pytest.warns(RuntimeWarning, match="nothing was generated, so trace_out and save_profile wrote nothing"):
-        with load(path, capacities=4, trace_out=str(out), save_profile=True):
+        with load(path, cache_sizes=4, trace_out=str(out), save_profile=True):
             pass
     assert out.read_bytes() == b"an older trace"
     assert not (tmp_path / "cache" / "profiles").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load(path, capacities=4).close()  # nothing asked to be kept: nothing to say
-        loaded = load(path, capacities=4, record=True)
+        load(path, cache_sizes=4).close()  # nothing asked to be kept: nothing to say
+        loaded = load(path, cache_sizes=4, record=True)
         loaded.close()
         loaded.close()  # twice is harmless
 

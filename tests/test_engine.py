@@ -1,4 +1,4 @@
-"""The engine's contracts: it speaks to the prefetcher only through its contract (one plan in,
+"""The engine's contracts: it speaks to the prefetcher only through its contract (orders in,
 one report out per layer), it counts its own host time, and Ctrl-C ends a run whose reads
 have stalled."""
 
@@ -46,7 +46,7 @@ def expected(checkpoints):
 
 def test_engine_uses_only_the_prefetcher_interface(checkpoints, expected):
     tokens, want = expected
-    with load(str(checkpoints("olmoe")), capacities=4, prefetch=PrefetchConfig(depth=2, threshold=0.1)) as (model, _):
+    with load(str(checkpoints("olmoe")), cache_sizes=4, prefetch=PrefetchConfig(depth=2, threshold=0.1)) as (model, _):
         engine = model.golem.engine
         inner = engine.prefetcher
         engine.prefetcher = proxy = InterfaceOnly(inner)
@@ -58,7 +58,7 @@ def test_engine_uses_only_the_prefetcher_interface(checkpoints, expected):
 
 def test_host_time_is_counted_per_miss_and_per_layer(checkpoints, expected):
     tokens, want = expected
-    with load(str(checkpoints("olmoe")), capacities=4) as (model, _):
+    with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
         assert greedy_tokens(model, tokens, N) == want
         st = model.golem.engine.stats
     assert st.decode_misses > 0 and st.decode_partial_layers == st.decode_host_syncs
@@ -154,7 +154,7 @@ def test_phases_add_up_to_the_layer_calls_timed_from_outside(checkpoints, expect
     from golem.runtime.phases import PHASES
 
     tokens, want = expected
-    with load(str(checkpoints("olmoe")), capacities=4, prefetch=PrefetchConfig(depth=2, threshold=0.1, governor=False)) as (model, _):
+    with load(str(checkpoints("olmoe")), cache_sizes=4, prefetch=PrefetchConfig(depth=2, threshold=0.1, governor=False)) as (model, _):
         engine = model.golem.engine
         inner, outside = engine.forward, []
 

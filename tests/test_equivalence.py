@@ -28,14 +28,14 @@ def references(checkpoints):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("capacity", [TOP_K, E // 2, E])
-def test_greedy_tokens_identical(checkpoints, references, family, capacity):
+@pytest.mark.parametrize("cache_size", [TOP_K, E // 2, E])
+def test_greedy_tokens_identical(checkpoints, references, family, cache_size):
     tokens, expected = references(family)
-    with load(str(checkpoints(family)), capacities=capacity) as (model, _):
+    with load(str(checkpoints(family)), cache_sizes=cache_size) as (model, _):
         got = greedy_tokens(model, tokens)
         stats = model.golem.engine.stats.total()
     assert got == expected
-    if capacity < E:
+    if cache_size < E:
         assert stats.misses > 0  # the cache really was too small to hold every expert
 
 
@@ -66,10 +66,10 @@ def test_prefill_streams_more_experts_than_slots(checkpoints):
     model, tok = stock(path)
     tokens = prompt_tokens(tok, " ".join(["the quick brown fox jumps over the lazy dog"] * 8))
     expected = greedy_tokens(model, tokens, n=8)
-    with load(str(path), capacities=TOP_K) as (model, _):
+    with load(str(path), cache_sizes=TOP_K) as (model, _):
         got = greedy_tokens(model, tokens, n=8)
         pools = model.golem.engine.pools
-        assert all(len(p.resident()) <= p.capacity for p in pools.values())
+        assert all(len(p.resident()) <= p.cache_size for p in pools.values())
     assert got == expected
 
 
@@ -78,7 +78,7 @@ def test_prefill_streams_more_experts_than_slots(checkpoints):
 def test_every_slot_writer_identical(checkpoints, references, family, writer):
     """Slots filled through a host view of the pool's memory, or by uploads and MLX slice updates."""
     tokens, expected = references(family)
-    with load(str(checkpoints(family)), capacities=TOP_K, slot_writer=writer) as (model, _):
+    with load(str(checkpoints(family)), cache_sizes=TOP_K, slot_writer=writer) as (model, _):
         got = greedy_tokens(model, tokens)
         pools = list(model.golem.engine.pools.values())
         misses = model.golem.engine.stats.total().misses
@@ -95,7 +95,7 @@ def test_both_slot_write_paths_identical(checkpoints, references, monkeypatch, d
     if not direct:
         monkeypatch.setattr(writers, "host_view", lambda arr: None)
     tokens, expected = references("gpt_oss")
-    with load(str(checkpoints("gpt_oss")), capacities=TOP_K) as (model, _):
+    with load(str(checkpoints("gpt_oss")), cache_sizes=TOP_K) as (model, _):
         got = greedy_tokens(model, tokens)
         pools = list(model.golem.engine.pools.values())
     assert got == expected
@@ -110,7 +110,7 @@ def test_both_slot_write_paths_identical(checkpoints, references, monkeypatch, d
 def test_resident_experts_computed_while_misses_load_identical(checkpoints, references, overlap, writer):
     """Splitting a decode step's experts into resident and missing ones changes no token."""
     tokens, expected = references("mixtral")
-    with load(str(checkpoints("mixtral")), capacities=TOP_K + 1, slot_writer=writer) as (model, _):
+    with load(str(checkpoints("mixtral")), cache_sizes=TOP_K + 1, slot_writer=writer) as (model, _):
         model.golem.engine.overlap = overlap
         got = greedy_tokens(model, tokens)
         stats = model.golem.engine.stats.total()

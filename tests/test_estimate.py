@@ -58,7 +58,7 @@ def _cpu_machine(ram_nbytes, ssd_gb_per_s=1.0) -> MachineSpec:
     ]}, name="cpu")
 
 
-def _lru_reads(experts: np.ndarray, capacity: int) -> int:
+def _lru_reads(experts: np.ndarray, cache_size: int) -> int:
     """Plain per-layer LRU, a few lines: misses over all steps and layers."""
     misses = 0
     for layer in range(experts.shape[1]):
@@ -69,7 +69,7 @@ def _lru_reads(experts: np.ndarray, capacity: int) -> int:
                     cache.move_to_end(e)
                     continue
                 misses += 1
-                if len(cache) >= capacity:
+                if len(cache) >= cache_size:
                     victim = next(v for v in cache if v not in step)
                     del cache[victim]
                 cache[e] = None
@@ -211,7 +211,7 @@ def test_trace_replay_maps_a_small_model_by_share_of_a_layer():
         x = slots * 16 // 64
         per_request = _lru_reads(trace.experts, x) / (trace.num_steps * 4 * 2)
         assert rep.trace.experts_read == pytest.approx(8 * 4 * per_request)
-    # between integer capacities the traced miss ratio is interpolated
+    # between integer cache sizes the traced miss ratio is interpolated
     mach = _cpu_machine(q.non_expert_nbytes(big) + 8 * 38 * q.expert_nbytes(big))  # 9.5 traced slots
     mid = estimate(big, q, mach, replay=replay).trace.experts_read
     lo, hi = (_lru_reads(trace.experts, c) / (trace.num_steps * 8) * 32 for c in (9, 10))
@@ -338,7 +338,7 @@ def test_plot_writes_png_or_says_matplotlib_is_missing(tmp_path, monkeypatch):
 
 def test_placement_is_the_planners_plan_for_the_same_budget():
     """The estimator places experts exactly as golem-run --memory-budget would."""
-    from golem.runtime.analysis.plan import make_plan
+    from golem.runtime.analysis.plan import plan_memory
     from golem.runtime.analysis.placement import routing_stats_for
 
     m, q = load_model_spec("qwen3-30b-a3b"), Quantization.parse("Q4_K")
@@ -352,14 +352,14 @@ def test_placement_is_the_planners_plan_for_the_same_budget():
             {"kind": "ram", "size": budget + 2 * GiB, "reserve": 2 * GiB, "gb_per_s": 50},
             {"kind": "ssd", "gb_per_s": 5}]})
         for pins in ([], [0, 1, 2], [40, 47]):
-            planned = make_plan(memory, budget_nbytes=budget, pin_layers=pins)
+            planned = plan_memory(memory, budget_nbytes=budget, pin_layers=pins)
             placed = plan_placement(m, q, mach, pin_layers=pins)
-            assert list(placed.slots) == planned.capacities
-            assert placed.plan.capacities == planned.capacities
-            assert set(placed.cache_pinned) == set(planned.pinned_layers)
+            assert list(placed.slots) == planned.cache_sizes
+            assert placed.plan.cache_sizes == planned.cache_sizes
+            assert set(placed.cache_pinned) == set(planned.pinned_positions)
             by_curves = plan_placement(m, q, mach, pin_layers=pins, stats=stats)
-            assert list(by_curves.slots) == make_plan(memory, budget_nbytes=budget, pin_layers=pins,
-                                                      stats=stats).capacities
+            assert list(by_curves.slots) == plan_memory(memory, budget_nbytes=budget, pin_layers=pins,
+                                                        stats=stats).cache_sizes
 
 
 def test_pinned_ranges_name_decoder_layers():

@@ -122,7 +122,7 @@ def test_generated_checkpoint_missing_an_expert_tensor(tmp_path, checkpoints):
     mx.save_safetensors(str(shard), tensors, metadata={"format": "mlx"})
     (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=name.replace(".", r"\.")) as err:
-        load(str(dst), capacities=4)
+        load(str(dst), cache_sizes=4)
     assert str(dst) in str(err.value)
 
 
@@ -200,6 +200,6 @@ def test_hub_snapshot_of_a_generated_checkpoint_runs_like_mlx_lm(tmp_path, check
     model, tok = stock(snap)
     tokens = prompt_tokens(tok)
     expected = greedy_tokens(model, tokens)
-    with load(str(snap), capacities=4) as (model, _):
+    with load(str(snap), cache_sizes=4) as (model, _):
         assert greedy_tokens(model, tokens) == expected
         assert model.golem.engine.stats.total().misses > 0

@@ -32,7 +32,7 @@ def test_peak_memory_with_an_eighth_of_the_experts(expert_heavy):
         return greedy_tokens(model, prompt_tokens(tok), n=8)
 
     def run_golem():
-        with load(str(expert_heavy), capacities=4) as (model, tok):
+        with load(str(expert_heavy), cache_sizes=4) as (model, tok):
             runtime = model.golem
             out = greedy_tokens(model, prompt_tokens(tok), n=8)
             return out, runtime.index.total_nbytes(), sum(p.nbytes for p in runtime.engine.pools.values())

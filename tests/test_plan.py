@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from golem.runtime.analysis.model_size import ModelMemory
-from golem.runtime.analysis.plan import RoutingStats, distinct_per_window, make_plan
+from golem.runtime.analysis.plan import RoutingStats, distinct_per_window, plan_memory
 from golem.runtime.units import format_layer_ranges, parse_layer_ranges, parse_override, parse_size
 from golem.runtime.analysis.profile import profile_from_traces
 from golem.runtime.analysis.simulate import simulate
@@ -57,65 +57,65 @@ OLMOE = ModelMemory(num_layers=16, num_experts=64, top_k=8, expert_nbytes=12 * M
 
 
 def test_uniform_plan_without_statistics():
-    plan = make_plan(OLMOE, budget_nbytes=1000 * MB + 16 * 20 * 12 * MB + 3 * 12 * MB + 5)
-    assert plan.capacities == [21, 21, 21] + [20] * 13  # leftover slots go to the first layers
+    plan = plan_memory(OLMOE, budget_nbytes=1000 * MB + 16 * 20 * 12 * MB + 3 * 12 * MB + 5)
+    assert plan.cache_sizes == [21, 21, 21] + [20] * 13  # leftover slots go to the first layers
     assert plan.total_nbytes <= plan.model.non_expert_nbytes + 16 * 20 * 12 * MB + 3 * 12 * MB + 5
-    assert plan.pinned_layers == []
+    assert plan.pinned_positions == []
     assert all(lp.source == "budget (uniform)" for lp in plan.layers)
 
 
 def test_budget_that_holds_everything_pins_everything():
-    plan = make_plan(OLMOE, budget_nbytes=parse_size("100GB"))
-    assert plan.pinned_layers == list(range(16))
+    plan = plan_memory(OLMOE, budget_nbytes=parse_size("100GB"))
+    assert plan.pinned_positions == list(range(16))
     assert plan.expert_nbytes_total == 16 * 64 * 12 * MB
 
 
 def test_shortfall_is_named():
     need = 1000 * MB + 16 * 8 * 12 * MB
     with pytest.raises(ValueError, match=r"--memory-budget 2.54 GB is 1.00 KB short: the smallest plan needs 2.54 GB \(non-expert 1.00 GB \+ top-k \(8\) slots x 16 layers 1.54 GB\)"):
-        make_plan(OLMOE, budget_nbytes=need - 1000)
-    assert make_plan(OLMOE, budget_nbytes=need).capacities == [8] * 16
+        plan_memory(OLMOE, budget_nbytes=need - 1000)
+    assert plan_memory(OLMOE, budget_nbytes=need).cache_sizes == [8] * 16
     with pytest.raises(ValueError, match=r"layers set by flags"):
-        make_plan(OLMOE, budget_nbytes=need, pin_layers=[0])
+        plan_memory(OLMOE, budget_nbytes=need, pin_layers=[0])
 
 
 def test_flag_precedence():
-    plan = make_plan(OLMOE, cache_size=16, overrides=[([0, 1, 2, 3], 32), ([3], 40)], pin_layers=[0])
-    assert plan.capacities[:5] == [64, 32, 32, 40, 16]
+    plan = plan_memory(OLMOE, cache_size=16, overrides=[([0, 1, 2, 3], 32), ([3], 40)], pin_layers=[0])
+    assert plan.cache_sizes[:5] == [64, 32, 32, 40, 16]
     assert [lp.source for lp in plan.layers[:5]] == ["-f", "override", "override", "override", "-c"]
-    assert plan.pinned_layers == [0]
+    assert plan.pinned_positions == [0]
     # an override of all experts is a pinned layer
-    assert make_plan(OLMOE, cache_size=16, overrides=[([5], 100)]).pinned_layers == [5]
+    assert plan_memory(OLMOE, cache_size=16, overrides=[([5], 100)]).pinned_positions == [5]
 
 
 def test_flags_and_budget_together():
     budget = parse_size("6GB")
-    plan = make_plan(OLMOE, budget_nbytes=budget, pin_layers=[0, 1], overrides=[([15], 8)])
-    assert plan.capacities[0] == plan.capacities[1] == 64 and plan.capacities[15] == 8
+    plan = plan_memory(OLMOE, budget_nbytes=budget, pin_layers=[0, 1], overrides=[([15], 8)])
+    assert plan.cache_sizes[0] == plan.cache_sizes[1] == 64 and plan.cache_sizes[15] == 8
     assert plan.total_nbytes <= budget
     assert {lp.source for lp in plan.layers[2:15]} == {"budget (uniform)"}
     with pytest.raises(ValueError, match="over|short"):
-        make_plan(OLMOE, budget_nbytes=parse_size("3GB"), cache_size=64)
+        plan_memory(OLMOE, budget_nbytes=parse_size("3GB"), cache_size=64)
 
 
 def test_missing_size_and_bad_flags():
     with pytest.raises(ValueError, match="no cache size for MoE layers 2-15"):
-        make_plan(OLMOE, overrides=[([0, 1], 16)])
+        plan_memory(OLMOE, overrides=[([0, 1], 16)])
     with pytest.raises(ValueError, match=r"-c/--cache-size 4 is smaller than top-k \(8\)"):
-        make_plan(OLMOE, cache_size=4)
+        plan_memory(OLMOE, cache_size=4)
     with pytest.raises(ValueError, match=r"--cache-size-override 0-3 4: below top-k"):
-        make_plan(OLMOE, cache_size=16, overrides=[([0, 1, 2, 3], 4)])
+        plan_memory(OLMOE, cache_size=16, overrides=[([0, 1, 2, 3], 4)])
     with pytest.raises(ValueError, match="layer 16 does not exist"):
-        make_plan(OLMOE, cache_size=16, pin_layers=[16])
+        plan_memory(OLMOE, cache_size=16, pin_layers=[16])
 
 
 def test_layer_ids_name_model_layers():
     model = ModelMemory(6, 16, 4, 1000, layer_ids=[3, 4, 5, 6, 7, 8])  # layers 0-2 dense
-    plan = make_plan(model, cache_size=8, pin_layers=parse_layer_ranges("0-4"))
-    assert plan.pinned_layers == [0, 1]
+    plan = plan_memory(model, cache_size=8, pin_layers=parse_layer_ranges("0-4"))
+    assert plan.pinned_positions == [0, 1]
     assert plan.to_dict()["pinned_layers"] == [3, 4]
     with pytest.raises(ValueError, match="0-2 names no MoE layer"):
-        make_plan(model, cache_size=8, pin_layers=[0, 1, 2])
+        plan_memory(model, cache_size=8, pin_layers=[0, 1, 2])
 
 
 def _random_stats(rng, layers, experts, k):
@@ -137,16 +137,16 @@ def test_plans_never_exceed_the_budget(seed):
     pins = [int(x) for x in rng.choice(layers, size=min(layers, 2), replace=False)] if seed % 3 == 0 else []
     stats = _random_stats(rng, layers, experts, k) if seed % 4 < 2 else None
     try:
-        plan = make_plan(model, budget_nbytes=budget, stats=stats, pin_layers=pins)
+        plan = plan_memory(model, budget_nbytes=budget, stats=stats, pin_layers=pins)
     except ValueError as e:
         assert pins and "short" in str(e)  # the pinned layers alone may not fit
         return
     assert plan.total_nbytes <= budget
     for lp in plan.layers:
-        assert k <= lp.slots <= experts
-        assert lp.pinned == (lp.slots == experts)
-        assert lp.nbytes == lp.slots * model.nbytes_of(lp.layer)
-    assert set(pins) <= set(plan.pinned_layers)
+        assert k <= lp.cache_size <= experts
+        assert lp.pinned == (lp.cache_size == experts)
+        assert lp.nbytes == lp.cache_size * model.nbytes_of(lp.position)
+    assert set(pins) <= set(plan.pinned_positions)
     json.dumps(plan.to_dict())
 
 
@@ -158,14 +158,14 @@ def test_allocation_is_the_optimum_of_its_estimate(seed):
     model = ModelMemory(layers, experts, k, sizes)
     stats = _random_stats(rng, layers, experts, k)
     budget = int(rng.integers(k * sum(sizes), experts * sum(sizes) + 1))
-    plan = make_plan(model, budget_nbytes=budget, stats=stats)
+    plan = plan_memory(model, budget_nbytes=budget, stats=stats)
     best = min(
-        sum(stats.misses_per_step(i, c, pinned=c == experts) for i, c in enumerate(caps))
-        for caps in itertools.product(range(k, experts + 1), repeat=layers)
-        if sum(c * s for c, s in zip(caps, sizes)) <= budget
+        sum(stats.misses_per_step(i, c, pinned=c == experts) for i, c in enumerate(cache_sizes))
+        for cache_sizes in itertools.product(range(k, experts + 1), repeat=layers)
+        if sum(c * s for c, s in zip(cache_sizes, sizes)) <= budget
     )
     assert plan.estimated_misses_per_step() == pytest.approx(best, abs=1e-6)
-    assert plan.estimated_misses_per_step() <= plan.estimated_misses_per_step(plan.uniform_capacities) + 1e-9
+    assert plan.estimated_misses_per_step() <= plan.estimated_misses_per_step(plan.uniform_cache_sizes) + 1e-9
 
 
 def test_stats_give_room_to_the_layer_that_needs_it():
@@ -175,13 +175,13 @@ def test_stats_give_room_to_the_layer_that_needs_it():
     t = make_trace(ex, 16)
     model = ModelMemory(2, 16, 4, 100)
     stats = RoutingStats.from_traces(t)
-    plan = make_plan(model, budget_nbytes=100 * 20, stats=stats)
-    assert plan.capacities == [16, 4]
-    assert plan.pinned_layers == [0]
-    uniform = make_plan(model, budget_nbytes=100 * 20)
-    assert uniform.capacities == [10, 10]
-    assert simulate(t, policy="lru", capacity=plan.capacities, pinned=plan.pinned_layers).total_misses < \
-        simulate(t, policy="lru", capacity=uniform.capacities).total_misses
+    plan = plan_memory(model, budget_nbytes=100 * 20, stats=stats)
+    assert plan.cache_sizes == [16, 4]
+    assert plan.pinned_positions == [0]
+    uniform = plan_memory(model, budget_nbytes=100 * 20)
+    assert uniform.cache_sizes == [10, 10]
+    assert simulate(t, policy="lru", cache_size=plan.cache_sizes, pinned=plan.pinned_positions).total_misses < \
+        simulate(t, policy="lru", cache_size=uniform.cache_sizes).total_misses
 
 
 def test_routing_stats_from_traces_and_profiles_agree():
@@ -190,10 +190,10 @@ def test_routing_stats_from_traces_and_profiles_agree():
     b = RoutingStats.from_profile(profile_from_traces(t))
     np.testing.assert_allclose(a.curves, b.curves)
     for c in (3, 6, 10):
-        np.testing.assert_allclose(a.curves[:, c] * t.num_steps, simulate(t, policy="lru", capacity=c).misses)
+        np.testing.assert_allclose(a.curves[:, c] * t.num_steps, simulate(t, policy="lru", cache_size=c).misses)
     p = RoutingStats.from_traces(t, policy="lfu-decay", grid_step=2)
     for c in (3, 5, 7, 9, 10):
-        np.testing.assert_allclose(p.curves[:, c] * t.num_steps, simulate(t, policy="lfu-decay", capacity=c).misses)
+        np.testing.assert_allclose(p.curves[:, c] * t.num_steps, simulate(t, policy="lfu-decay", cache_size=c).misses)
     assert p.policy == "lfu-decay"
 
 
@@ -203,7 +203,7 @@ def test_distinct_per_window():
 
 
 def test_describe_groups_layers_and_shows_totals():
-    plan = make_plan(OLMOE, budget_nbytes=parse_size("6GB"), pin_layers=[0, 1])
+    plan = plan_memory(OLMOE, budget_nbytes=parse_size("6GB"), pin_layers=[0, 1])
     text = plan.describe()
     assert "0-1" in text and "64/64" in text and "pinned" in text and "-f" in text
     assert "of 6.00 GB budget" in text
@@ -216,33 +216,33 @@ def test_budget_plan_beats_uniform_on_olmoe_estimate(olmoe_traces):
     model = ModelMemory.from_trace_meta(t.meta)
     stats = RoutingStats.from_traces(part)
     budget = 32 * 16 * model.expert_nbytes
-    plan = make_plan(model, budget_nbytes=budget, stats=stats)
-    uniform = make_plan(model, budget_nbytes=budget)
-    assert plan.total_nbytes <= budget and uniform.capacities == [32] * 16
-    got = simulate(part, policy="lru", capacity=plan.capacities, pinned=plan.pinned_layers).total_misses
-    assert got < simulate(part, policy="lru", capacity=uniform.capacities).total_misses
+    plan = plan_memory(model, budget_nbytes=budget, stats=stats)
+    uniform = plan_memory(model, budget_nbytes=budget)
+    assert plan.total_nbytes <= budget and uniform.cache_sizes == [32] * 16
+    got = simulate(part, policy="lru", cache_size=plan.cache_sizes, pinned=plan.pinned_positions).total_misses
+    assert got < simulate(part, policy="lru", cache_size=uniform.cache_sizes).total_misses
     assert "uniform plan of the same budget" in plan.describe()
 
 
 def test_weighted_plans_follow_the_weights_within_the_budget():
     model = ModelMemory(4, 16, 2, 1000, non_expert_nbytes=500)
-    plan = make_plan(model, budget_nbytes=500 + 30 * 1000, weights=[4, 2, 1, 1])
-    assert plan.capacities == [15, 7, 4, 4] and plan.total_nbytes <= 500 + 30 * 1000
+    plan = plan_memory(model, budget_nbytes=500 + 30 * 1000, weights=[4, 2, 1, 1])
+    assert plan.cache_sizes == [15, 7, 4, 4] and plan.total_nbytes <= 500 + 30 * 1000
     assert {lp.source for lp in plan.layers} == {"budget (weighted)"}
     sized = ModelMemory(3, 16, 2, [1000, 2000, 3000])
     for budget in (12_000, 40_000, 70_000, 96_000):
-        p = make_plan(sized, budget_nbytes=budget, weights=[1, 3, 9])
-        assert p.total_nbytes <= budget and all(2 <= s <= 16 for s in p.capacities)
-        assert p.capacities[0] <= p.capacities[2]
+        p = plan_memory(sized, budget_nbytes=budget, weights=[1, 3, 9])
+        assert p.total_nbytes <= budget and all(2 <= s <= 16 for s in p.cache_sizes)
+        assert p.cache_sizes[0] <= p.cache_sizes[2]
     with pytest.raises(ValueError, match="weights: 2 values for 4"):
-        make_plan(model, budget_nbytes=10**6, weights=[1, 2])
+        plan_memory(model, budget_nbytes=10**6, weights=[1, 2])
 
 
 def test_min_slots_prices_budgets_below_top_k():
     model = ModelMemory(4, 16, 4, 1000)
     with pytest.raises(ValueError, match="short"):
-        make_plan(model, budget_nbytes=8 * 1000)
-    plan = make_plan(model, budget_nbytes=9 * 1000, min_slots=0)
-    assert plan.capacities == [3, 2, 2, 2]
-    with pytest.raises(ValueError, match="min_slots"):
-        make_plan(model, budget_nbytes=9 * 1000, min_slots=5)
+        plan_memory(model, budget_nbytes=8 * 1000)
+    plan = plan_memory(model, budget_nbytes=9 * 1000, min_cache_size=0)
+    assert plan.cache_sizes == [3, 2, 2, 2]
+    with pytest.raises(ValueError, match="min_cache_size"):
+        plan_memory(model, budget_nbytes=9 * 1000, min_cache_size=5)

@@ -24,7 +24,7 @@ def reference(checkpoints):
             model, tok = stock(checkpoints(family))
             tokens = prompt_tokens(tok)
             expected = greedy_tokens(model, tokens, N)
-            with load(str(checkpoints(family)), capacities=4, record=True) as (m, _):
+            with load(str(checkpoints(family)), cache_sizes=4, record=True) as (m, _):
                 assert greedy_tokens(m, tokens, N) == expected
                 truth = m.golem.engine.trace.trace().decode_only()
             cache[family] = (tokens, expected, truth)
@@ -34,7 +34,7 @@ def reference(checkpoints):
 
 
 def run(path, tokens, depth, threshold, predictor="lookahead", **options):
-    with load(str(path), capacities=4, prefetch=PrefetchConfig(depth=depth, threshold=threshold),
+    with load(str(path), cache_sizes=4, prefetch=PrefetchConfig(depth=depth, threshold=threshold),
               predictor=predictor, predictor_options=options) as (model, _):
         out = greedy_tokens(model, tokens, N)
         engine = model.golem.engine
@@ -57,7 +57,7 @@ def test_lookahead_identical_for_every_family_and_depth(checkpoints, reference, 
 def test_layer_input_lookahead_and_trained_transition(checkpoints, reference, predictor, options):
     tokens, expected, truth = reference("glm4_moe")
     cfg = PrefetchConfig(depth=2, threshold=0.1)
-    with load(str(checkpoints("glm4_moe")), capacities=4, prefetch=cfg, predictor=predictor,
+    with load(str(checkpoints("glm4_moe")), cache_sizes=4, prefetch=cfg, predictor=predictor,
               predictor_options=options, predictor_train=[truth] if predictor == "transition" else ()) as (model, _):
         assert greedy_tokens(model, tokens, N) == expected
         assert model.golem.engine.prefetcher.totals().true > 0
@@ -91,7 +91,7 @@ def test_wrong_predictor_is_switched_off_per_layer(checkpoints, reference):
 
     tokens, expected, truth = reference("mixtral")
     cfg = PrefetchConfig(depth=1, threshold=0.0, recall_off=0.5, recall_on=0.9, recall_decay=0.5)
-    with load(str(checkpoints("mixtral")), capacities=4, prefetch=cfg, predictor="random") as (model, _):
+    with load(str(checkpoints("mixtral")), cache_sizes=4, prefetch=cfg, predictor="random") as (model, _):
         pf = model.golem.engine.prefetcher
 
         class AlwaysWrong(RandomGuess):
@@ -115,7 +115,7 @@ def test_stream_generate_on_the_runtime(checkpoints, reference):
     from mlx_lm import stream_generate
 
     tokens, expected, _ = reference("gpt_oss")
-    loaded = load(str(checkpoints("gpt_oss")), capacities=4, prefetch=PrefetchConfig(depth=2, threshold=0.3))
+    loaded = load(str(checkpoints("gpt_oss")), cache_sizes=4, prefetch=PrefetchConfig(depth=2, threshold=0.3))
     with loaded as (model, tokenizer):
         got = [r.token for r in stream_generate(model, tokenizer, tokens, max_tokens=N,
                                                  sampler=lambda x: mx.argmax(x, axis=-1))]

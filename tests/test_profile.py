@@ -56,8 +56,8 @@ def test_top_experts_and_warm_start_order():
 def test_profile_warm_start_beats_an_empty_cache():
     t = random_trace(2, n=400)
     p = profile_from_traces(t)
-    cold = simulate(t, policy="lru", capacity=5)
-    warm = simulate(t, policy="lru", capacity=5, warm=p.warm_start(5))
+    cold = simulate(t, policy="lru", cache_size=5)
+    warm = simulate(t, policy="lru", cache_size=5, warm=p.warm_start(5))
     assert warm.total_misses < cold.total_misses
 
 

@@ -35,7 +35,7 @@ def test_stats_equal_the_engine_counters_and_reset_counts_from_zero(checkpoints)
     path = checkpoints("qwen3_moe")
     _, tok = stock(path)
     tokens = prompt_tokens(tok)
-    with load(str(path), capacities=6, prefetch=PrefetchConfig(depth=1, threshold=0.1)) as (model, _):
+    with load(str(path), cache_sizes=6, prefetch=PrefetchConfig(depth=1, threshold=0.1)) as (model, _):
         runtime = model.golem
         greedy_tokens(model, tokens, N)
         stats = runtime.stats()
@@ -69,7 +69,7 @@ def test_stats_equal_the_engine_counters_and_reset_counts_from_zero(checkpoints)
 def test_prometheus_text_carries_every_layer(checkpoints):
     path = checkpoints("qwen3_moe")
     _, tok = stock(path)
-    with load(str(path), capacities=6, prefetch=PrefetchConfig(depth=1, threshold=0.1)) as (model, _):
+    with load(str(path), cache_sizes=6, prefetch=PrefetchConfig(depth=1, threshold=0.1)) as (model, _):
         greedy_tokens(model, prompt_tokens(tok), N)
         stats = model.golem.stats()
     text = prometheus(stats)

@@ -23,7 +23,7 @@ def _stream(model, tokenizer, n=8):
 
 
 def test_eio_mid_generation_raises_and_yields_no_token(checkpoints):
-    with load(str(checkpoints("qwen3_moe")), capacities=4) as (model, tokenizer):
+    with load(str(checkpoints("qwen3_moe")), cache_sizes=4) as (model, tokenizer):
         handles = model.golem.reader.handles
         real = handles.preadv
         calls = {"n": 0}
@@ -47,7 +47,7 @@ def test_eio_mid_generation_raises_and_yields_no_token(checkpoints):
 
 
 def test_short_read_at_end_of_file_is_an_error(checkpoints):
-    with load(str(checkpoints("olmoe")), capacities=4) as (model, tokenizer):
+    with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, tokenizer):
         handles = model.golem.reader.handles
 
         def short(fd, bufs, offset):
@@ -64,7 +64,7 @@ def test_short_reads_that_continue_give_identical_tokens(checkpoints):
     path = checkpoints("olmoe")
     ref_model, tok = stock(path)
     expected = greedy_tokens(ref_model, prompt_tokens(tok))
-    with load(str(path), capacities=4) as (model, tokenizer):
+    with load(str(path), cache_sizes=4) as (model, tokenizer):
         handles = model.golem.reader.handles
         real = handles.preadv
 

@@ -1,5 +1,5 @@
 """The trace simulator against a few lines of reference LRU, Belady against brute force, and
-the policies' contract (never evict a protected expert, never exceed capacity)."""
+the policies' contract (never evict a protected expert, never exceed the cache size)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from golem.runtime.trace import load_trace
 from trace_factory import make_trace, random_trace
 
 
-def reference_lru(experts: np.ndarray, capacity: int) -> int:
+def reference_lru(experts: np.ndarray, cache_size: int) -> int:
     """Plain per-layer LRU, the step's distinct experts in ascending order, never evicting
     one of the step's own experts."""
     misses = 0
@@ -37,7 +37,7 @@ def reference_lru(experts: np.ndarray, capacity: int) -> int:
                     cache.move_to_end(e)
                     continue
                 misses += 1
-                if len(cache) >= capacity:
+                if len(cache) >= cache_size:
                     del cache[next(x for x in cache if x not in step)]
                 cache[e] = None
     return misses
@@ -53,11 +53,11 @@ def olmoe(olmoe_traces):
     return out
 
 
-@pytest.mark.parametrize("capacity", [8, 16, 32, 48])
-def test_lru_matches_reference_on_olmoe(olmoe, capacity):
+@pytest.mark.parametrize("cache_size", [8, 16, 32, 48])
+def test_lru_matches_reference_on_olmoe(olmoe, cache_size):
     both = np.concatenate([t.experts for t in olmoe])
-    result = simulate(olmoe, policy="lru", capacity=capacity)
-    assert result.total_misses == reference_lru(both, capacity)
+    result = simulate(olmoe, policy="lru", cache_size=cache_size)
+    assert result.total_misses == reference_lru(both, cache_size)
     assert result.total_requests == both.size
     assert result.total_hits + result.total_misses == result.total_requests
 
@@ -65,9 +65,9 @@ def test_lru_matches_reference_on_olmoe(olmoe, capacity):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_lru_matches_reference_with_holes_and_repeats(seed):
     t = random_trace(seed, holes=True)
-    for capacity in (3, 5, 9):
-        r = simulate(t, policy="lru", capacity=capacity)
-        assert r.total_misses == reference_lru(t.experts, capacity)
+    for cache_size in (3, 5, 9):
+        r = simulate(t, policy="lru", cache_size=cache_size)
+        assert r.total_misses == reference_lru(t.experts, cache_size)
         distinct = sum(len({e for e in row if e >= 0}) for row in t.experts.reshape(-1, t.top_k))
         assert r.total_requests == distinct
 
@@ -75,19 +75,19 @@ def test_lru_matches_reference_with_holes_and_repeats(seed):
 def test_stack_distances_give_lru_at_every_capacity(olmoe):
     t = olmoe[0]
     curve = lru_misses(stack_distance_histogram(t))
-    for capacity in range(t.top_k, t.num_experts + 1, 4):
-        per_layer = simulate(t, policy="lru", capacity=capacity).misses
-        np.testing.assert_array_equal(curve[:, capacity], per_layer)
+    for cache_size in range(t.top_k, t.num_experts + 1, 4):
+        per_layer = simulate(t, policy="lru", cache_size=cache_size).misses
+        np.testing.assert_array_equal(curve[:, cache_size], per_layer)
 
 
 def test_stack_distances_with_holes():
     t = random_trace(5, holes=True)
     curve = lru_misses(stack_distance_histogram(t))
-    for capacity in range(3, 13):
-        np.testing.assert_array_equal(curve[:, capacity], simulate(t, policy="lru", capacity=capacity).misses)
+    for cache_size in range(3, 13):
+        np.testing.assert_array_equal(curve[:, cache_size], simulate(t, policy="lru", cache_size=cache_size).misses)
 
 
-def _optimal_misses(experts: np.ndarray, capacity: int) -> int:
+def _optimal_misses(experts: np.ndarray, cache_size: int) -> int:
     """Fewest misses of any eviction choice (exhaustive search), one layer."""
     steps = [frozenset(int(e) for e in row if e >= 0) for row in experts]
 
@@ -97,7 +97,7 @@ def _optimal_misses(experts: np.ndarray, capacity: int) -> int:
             return 0
         step = steps[t]
         missing = step - resident
-        over = len(resident) + len(missing) - capacity
+        over = len(resident) + len(missing) - cache_size
         if over <= 0:
             return len(missing) + best(t + 1, resident | step)
         choices = itertools.combinations(sorted(resident - step), over)
@@ -111,22 +111,22 @@ def test_belady_is_the_optimum_on_tiny_traces(seed):
     rng = np.random.default_rng(seed)
     ex = np.stack([rng.choice(6, 2, replace=False) for _ in range(14)])[:, None, :]
     t = make_trace(ex, 6)
-    for capacity in (2, 3, 4):
-        assert belady(t, capacity).total_misses == _optimal_misses(ex[:, 0], capacity)
+    for cache_size in (2, 3, 4):
+        assert belady(t, cache_size).total_misses == _optimal_misses(ex[:, 0], cache_size)
 
 
-@pytest.mark.parametrize("capacity", [16, 32, 48])
-def test_belady_bounds_every_policy(olmoe, capacity):
-    bound = belady(olmoe, capacity).total_misses
+@pytest.mark.parametrize("cache_size", [16, 32, 48])
+def test_belady_bounds_every_policy(olmoe, cache_size):
+    bound = belady(olmoe, cache_size).total_misses
     for name in policy_names():
-        assert bound <= simulate(olmoe, policy=name, capacity=capacity).total_misses, name
+        assert bound <= simulate(olmoe, policy=name, cache_size=cache_size).total_misses, name
 
 
 def test_belady_bounds_with_warm_start_and_pinned_layers():
     t = random_trace(3, layers=4)
     warm = {0: [1, 2, 3], 2: [4, 5, 6, 7, 8]}
-    for capacity in (3, [4, 5, 6, 7]):
-        kw = dict(capacity=capacity, pinned=[1], warm=warm)
+    for cache_size in (3, [4, 5, 6, 7]):
+        kw = dict(cache_size=cache_size, pinned=[1], warm=warm)
         bound = belady(t, **kw)
         assert bound.misses[1] == 0
         for name in policy_names():
@@ -137,15 +137,15 @@ def test_belady_bounds_with_warm_start_and_pinned_layers():
 class SpyPolicy(LRUPolicy):
     """LRU that checks the owner's side of the protocol."""
 
-    def __init__(self, capacity):
+    def __init__(self, cache_size):
         super().__init__()
-        self.capacity = capacity
+        self.cache_size = cache_size
         self.victims = []
 
     def insert(self, expert):
         assert expert not in self._order
         super().insert(expert)
-        assert len(self._order) <= self.capacity
+        assert len(self._order) <= self.cache_size
 
     def victim(self, protected=()):
         v = super().victim(protected)
@@ -162,7 +162,7 @@ def test_replay_never_evicts_the_steps_own_experts():
         spies.append(SpyPolicy(4))
         return spies[-1]
 
-    simulate(t, policy=factory, capacity=4)
+    simulate(t, policy=factory, cache_size=4)
     assert spies[0].victims  # evictions happened, each checked
     for v, protected in spies[0].victims:
         assert len(protected) <= 4
@@ -182,13 +182,13 @@ def test_every_policy_refuses_when_all_are_protected(name):
 
 def test_prefetch_recall_moves_misses_to_prefetched():
     t = random_trace(1)
-    base = simulate(t, policy="lru", capacity=5)
+    base = simulate(t, policy="lru", cache_size=5)
     assert base.total_prefetched == 0
-    full = simulate(t, policy="lru", capacity=5, prefetch_recall=1.0)
+    full = simulate(t, policy="lru", cache_size=5, prefetch_recall=1.0)
     assert full.total_misses == 0 and full.total_prefetched == base.total_misses
-    half = simulate(t, policy="lru", capacity=5, prefetch_recall=0.5, seed=3)
-    again = simulate(t, policy="lru", capacity=5, prefetch_recall=0.5, seed=3)
-    other = simulate(t, policy="lru", capacity=5, prefetch_recall=0.5, seed=4)
+    half = simulate(t, policy="lru", cache_size=5, prefetch_recall=0.5, seed=3)
+    again = simulate(t, policy="lru", cache_size=5, prefetch_recall=0.5, seed=3)
+    other = simulate(t, policy="lru", cache_size=5, prefetch_recall=0.5, seed=4)
     assert half.total_misses + half.total_prefetched == base.total_misses
     np.testing.assert_array_equal(half.step_misses, again.step_misses)
     assert not np.array_equal(half.step_misses, other.step_misses)
@@ -198,7 +198,7 @@ def test_prefetch_recall_moves_misses_to_prefetched():
 
 def test_step_misses_add_up():
     t = random_trace(2)
-    r = simulate(t, policy="lfu-decay", capacity=5)
+    r = simulate(t, policy="lfu-decay", cache_size=5)
     assert r.step_misses.shape == (t.num_steps, t.num_layers)
     np.testing.assert_array_equal(r.step_misses.sum(axis=0), r.misses)
     assert r.misses_per_step.sum() == r.total_misses
@@ -207,24 +207,24 @@ def test_step_misses_add_up():
 
 def test_pinned_layers_never_miss_and_count_as_hits():
     t = random_trace(4)
-    r = simulate(t, policy="lru", capacity=3, pinned=[0, 2])
+    r = simulate(t, policy="lru", cache_size=3, pinned=[0, 2])
     assert r.misses[0] == r.misses[2] == 0 and r.misses[1] > 0
     assert r.hits[0] == r.requests[0]
-    assert r.capacities == (12, 3, 12)
+    assert r.cache_sizes == (12, 3, 12)
     assert r.to_dict()["pinned_layers"] == [0, 2]
 
 
 def test_warm_start_is_inserted_in_order_and_cut_to_capacity():
     t = make_trace(np.array([[[2, 3]], [[0, 1]], [[4, 5]]]), 8)
-    assert simulate(t, policy="lru", capacity=2).step_misses[:, 0].tolist() == [2, 2, 2]
-    assert simulate(t, policy="lru", capacity=2, warm={0: [2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
-    # only the last `capacity` entries stay
-    assert simulate(t, policy="lru", capacity=2, warm={0: [0, 1, 2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
-    assert simulate(t, policy="lru", capacity=2, warm={0: [2, 3, 0, 1]}).step_misses[:, 0].tolist() == [2, 2, 2]
+    assert simulate(t, policy="lru", cache_size=2).step_misses[:, 0].tolist() == [2, 2, 2]
+    assert simulate(t, policy="lru", cache_size=2, warm={0: [2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
+    # only the last `cache_size` entries stay
+    assert simulate(t, policy="lru", cache_size=2, warm={0: [0, 1, 2, 3]}).step_misses[:, 0].tolist() == [0, 2, 2]
+    assert simulate(t, policy="lru", cache_size=2, warm={0: [2, 3, 0, 1]}).step_misses[:, 0].tolist() == [2, 2, 2]
     # the last inserted is the most recent: LRU keeps 4 only when it came last
     t = make_trace(np.array([[[2, 3]], [[4, 5]]]), 8)
-    assert simulate(t, policy="lru", capacity=3, warm={0: [4, 6, 7]}).step_misses[:, 0].tolist() == [2, 2]
-    assert simulate(t, policy="lru", capacity=3, warm={0: [6, 7, 4]}).step_misses[:, 0].tolist() == [2, 1]
+    assert simulate(t, policy="lru", cache_size=3, warm={0: [4, 6, 7]}).step_misses[:, 0].tolist() == [2, 2]
+    assert simulate(t, policy="lru", cache_size=3, warm={0: [6, 7, 4]}).step_misses[:, 0].tolist() == [2, 1]
 
 
 def test_caches_persist_across_traces_and_sequences():
@@ -232,8 +232,8 @@ def test_caches_persist_across_traces_and_sequences():
     both = make_trace(np.concatenate([a.experts, b.experts]), 12, seq_offsets=[0, 150, 300, 600])
     for name in policy_names():
         np.testing.assert_array_equal(
-            simulate([a, b], policy=name, capacity=4).step_misses,
-            simulate(both, policy=name, capacity=4).step_misses,
+            simulate([a, b], policy=name, cache_size=4).step_misses,
+            simulate(both, policy=name, cache_size=4).step_misses,
         )
     np.testing.assert_array_equal(belady([a, b], 4).step_misses, belady(both, 4).step_misses)
 
@@ -241,39 +241,39 @@ def test_caches_persist_across_traces_and_sequences():
 def test_decode_only_leaves_prefill_out():
     ex = np.array([[[0, 1]], [[2, 3]], [[0, 1]]])
     t = make_trace(ex, 4, prefill=[True, False, False])
-    assert simulate(t, policy="lru", capacity=2).total_requests == 4
-    assert simulate(t, policy="lru", capacity=2, decode_only=False).total_requests == 6
+    assert simulate(t, policy="lru", cache_size=2).total_requests == 4
+    assert simulate(t, policy="lru", cache_size=2, decode_only=False).total_requests == 6
 
 
 def test_per_layer_capacity():
     t = random_trace(6)
-    r = simulate(t, policy="lru", capacity=[3, 6, 12])
-    for layer, capacity in enumerate((3, 6, 12)):
+    r = simulate(t, policy="lru", cache_size=[3, 6, 12])
+    for layer, cache_size in enumerate((3, 6, 12)):
         alone = make_trace(t.experts[:, layer:layer + 1], 12)
-        assert r.misses[layer] == simulate(alone, policy="lru", capacity=capacity).total_misses
-    assert r.capacity == [3, 6, 12]
-    assert simulate(t, policy="lru", capacity=100).capacities == (12, 12, 12)
+        assert r.misses[layer] == simulate(alone, policy="lru", cache_size=cache_size).total_misses
+    assert r.cache_size == [3, 6, 12]
+    assert simulate(t, policy="lru", cache_size=100).cache_sizes == (12, 12, 12)
 
 
 def test_bad_arguments_are_named():
     t = random_trace(0)
-    with pytest.raises(ValueError, match="capacity 2 of layer 0 is below the 3"):
-        simulate(t, policy="lru", capacity=2)
+    with pytest.raises(ValueError, match="cache_size 2 of layer 0 is below the 3"):
+        simulate(t, policy="lru", cache_size=2)
     with pytest.raises(ValueError, match="2 per-layer values for 3 layers"):
-        simulate(t, policy="lru", capacity=[4, 4])
+        simulate(t, policy="lru", cache_size=[4, 4])
     with pytest.raises(ValueError, match="unknown policy 'mru'"):
         simulate(t, policy="mru")
     with pytest.raises(ValueError, match="expert 99"):
-        simulate(t, policy="lru", capacity=4, warm={0: [99]})
+        simulate(t, policy="lru", cache_size=4, warm={0: [99]})
     with pytest.raises(ValueError, match="layer 7"):
-        simulate(t, policy="lru", capacity=4, warm={7: [1]})
+        simulate(t, policy="lru", cache_size=4, warm={7: [1]})
     with pytest.raises(ValueError, match="prefetch_recall"):
         simulate(t, prefetch_recall=1.5)
     with pytest.raises(ValueError, match="pinned layers"):
-        simulate(t, policy="lru", capacity=4, pinned=[3])
+        simulate(t, policy="lru", cache_size=4, pinned=[3])
     other = make_trace(np.zeros((4, 2, 3), np.int16) + np.arange(3), 12)
     with pytest.raises(ValueError, match="layers"):
-        simulate([t, other], capacity=4)
+        simulate([t, other], cache_size=4)
 
 
 def test_policy_specs():
@@ -332,7 +332,7 @@ def test_full_replay_is_fast(olmoe):
     import time
 
     t0 = time.perf_counter()
-    simulate(olmoe, policy="lru", capacity=16)
+    simulate(olmoe, policy="lru", cache_size=16)
     assert time.perf_counter() - t0 < 10.0
 
 

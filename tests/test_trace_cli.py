@@ -45,7 +45,7 @@ def test_simulate_json_matches_the_api(capsys, traces):
     assert rc == 0
     got = last_json(out)
     ts = [load_trace(a), load_trace(b)]
-    want = simulate(ts, policy="lru", capacity=5)
+    want = simulate(ts, policy="lru", cache_size=5)
     assert {"policy", "capacity", "requests", "misses", "miss_ratio", "belady_miss_ratio"} <= set(got)
     assert (got["policy"], got["capacity"]) == ("lru", 5)
     assert (got["requests"], got["misses"]) == (want.total_requests, want.total_misses)
@@ -162,10 +162,10 @@ def test_plot_numbers_without_matplotlib(traces):
     from golem.runtime.cli.trace_commands.plot import expert_overlap, hit_rate_over_time, warm_start_hit_rates
 
     ta = load_trace(traces[0])
-    rates = hit_rate_over_time([ta], policy="lru", capacity=5, window=50)
+    rates = hit_rate_over_time([ta], policy="lru", cache_size=5, window=50)
     assert rates.shape == (3, 4)
-    assert rates.mean() * 1.0 == pytest.approx(simulate(ta, policy="lru", capacity=5).hit_ratio, abs=1e-9)
-    by_start = warm_start_hit_rates([ta], policy="lru", capacity=5, seed=0)
+    assert rates.mean() * 1.0 == pytest.approx(simulate(ta, policy="lru", cache_size=5).hit_ratio, abs=1e-9)
+    by_start = warm_start_hit_rates([ta], policy="lru", cache_size=5, seed=0)
     assert set(by_start) == {"empty", "random (seed 0)", "profile"}
     ov = expert_overlap(ta, ta, 5)
     assert ov["top_overlap"].tolist() == [1.0] * 3

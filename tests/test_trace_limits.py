@@ -127,11 +127,11 @@ def test_belady_on_a_long_trace_keeps_its_scratch_memory_per_layer():
     t = random_trace(3, n=60_000, layers=8, num_experts=32, k=4)
     trace_nbytes = t.experts.nbytes
     tracemalloc.start()
-    result = belady(t, capacity=8)
+    result = belady(t, cache_size=8)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 6 * trace_nbytes + (32 << 20)
-    lru = simulate(t, policy="lru", capacity=8)
+    lru = simulate(t, policy="lru", cache_size=8)
     assert result.total_misses <= lru.total_misses
 
 

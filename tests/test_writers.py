@@ -14,10 +14,10 @@ from golem.runtime.slots import PoolPart, SlotPool
 from golem.runtime.writers import (MAX_BATCH_ROWS, WRITERS, DeviceWriter, HostBatch, SlotWriters,
                                    default_writer, resolve_writer)
 
-CAPACITY, EXPERTS = 6, 64
+CACHE_SIZE, EXPERTS = 6, 64
 
 
-def make_pool(writer: str, capacity: int = CAPACITY, writers=None, rows: int = 8):
+def make_pool(writer: str, cache_size: int = CACHE_SIZE, writers=None, rows: int = 8):
     """A pool of three parts shaped like a quantized projection (uint32, float32, float32)."""
     owner = SimpleNamespace()
     parts, dest = [], 0
@@ -27,7 +27,7 @@ def make_pool(writer: str, capacity: int = CAPACITY, writers=None, rows: int = 8
         nbytes = int(np.prod(shape)) * 4
         parts.append(PoolPart(StackedTensor(attr, None, shape, nbytes, dest), owner, attr))
         dest += nbytes
-    pool = SlotPool(0, EXPERTS, capacity, parts, writers=writers or SlotWriters(writer))
+    pool = SlotPool(0, EXPERTS, cache_size, parts, writers=writers or SlotWriters(writer))
     return pool, owner, dest
 
 
@@ -49,7 +49,7 @@ def test_each_writer_puts_exact_bytes_into_exact_slots(writer):
         buf[:] = 0  # the staging buffer is reused as soon as write returns
     pool.flush()
     pool.settle()
-    for slot in range(CAPACITY):
+    for slot in range(CACHE_SIZE):
         want = packed(nbytes, slot).tobytes() if slot in data else bytes(nbytes)
         assert slot_bytes(pool, slot) == want
 
@@ -57,8 +57,8 @@ def test_each_writer_puts_exact_bytes_into_exact_slots(writer):
 @pytest.mark.parametrize("writer", ["device", "device-load"])
 def test_device_batches_last_write_wins_and_full_batches_flush(writer):
     writers = SlotWriters(writer)
-    a, _, nbytes = make_pool(writer, capacity=MAX_BATCH_ROWS + 4, writers=writers)
-    b, _, _ = make_pool(writer, capacity=3, writers=writers)
+    a, _, nbytes = make_pool(writer, cache_size=MAX_BATCH_ROWS + 4, writers=writers)
+    b, _, _ = make_pool(writer, cache_size=3, writers=writers)
     assert a.writer.batch is b.writer.batch  # one host batch per model
     a.write(2, packed(nbytes, 100))
     a.write(2, packed(nbytes, 2))  # the same slot again before the flush: the last bytes count
@@ -75,7 +75,7 @@ def test_device_batches_last_write_wins_and_full_batches_flush(writer):
 
 def test_device_write_updates_the_pool_in_place():
     """No whole-pool copy: peak memory grows by the upload, not by another pool."""
-    pool, owner, nbytes = make_pool("device", capacity=64, rows=256)
+    pool, owner, nbytes = make_pool("device", cache_size=64, rows=256)
     pool_nbytes = sum(getattr(owner, a).nbytes for a in ("weight", "scales", "biases"))
     assert pool_nbytes == 64 * nbytes
     bufs = [packed(nbytes, s) for s in range(4)]
@@ -140,7 +140,7 @@ def test_two_lazy_forward_passes_match_stock(checkpoints):
     inputs = [mx.array([[t]]) for t in (11, 57, 203)]
     expected = [np.array(model(x)) for x in inputs]
     for writer in ("host", "device"):
-        with load(str(path), capacities=4, slot_writer=writer) as (m, _):
+        with load(str(path), cache_sizes=4, slot_writer=writer) as (m, _):
             lazy = [m(x) for x in inputs]  # every MoE layer misses; nothing evaluated in between
             got = [np.array(y) for y in lazy]
             assert m.golem.engine.stats.total().evictions > 0

@@ -188,7 +188,7 @@ class TraceReplay:
     placement's per-layer slots and pinned layers. A trace of another model is mapped by share
     of a layer: MoE layer i of the model stands for traced layer floor(i x L_t / L) (same
     relative depth), and its s_i slots of E for s_i / E x E_t slots of the traced layer
-    (interpolated between the two integer capacities around it); the traced layer's misses
+    (interpolated between the two integer cache sizes around it); the traced layer's misses
     per request then apply to the model's top_k requests of layer i. This carries the traced
     model's locality over to a model whose top-k / experts ratio may differ. A layer with
     fewer slots than one step's experts reads every expert it uses (miss ratio 1).
@@ -196,8 +196,8 @@ class TraceReplay:
     Args:
         traces: decode traces (prefill steps are dropped), replayed in order.
         policy: eviction policy spec for the simulator (default golem's, ``DEFAULT_POLICY``;
-            ``lru`` uses one stack-distance pass for every capacity, other policies one
-            replay per capacity).
+            ``lru`` uses one stack-distance pass for every cache size, other policies one
+            replay per cache size).
         prefetch_recall: fraction of misses a predictor would have read ahead in time.
         seed: seeds the simulator's prefetch draws.
         warm: traced layer -> experts resident before the first step, oldest first (e.g.
@@ -233,25 +233,25 @@ class TraceReplay:
         self._lru: Optional[np.ndarray] = None
         self._reads: dict[int, np.ndarray] = {}
 
-    def layer_reads(self, capacity: int) -> np.ndarray:
+    def layer_reads(self, cache_size: int) -> np.ndarray:
         """float (L,): expert reads (demand + prefetched) of each traced layer with
-        ``capacity`` slots in every layer."""
-        capacity = int(min(max(capacity, 0), self.num_experts))
-        if capacity not in self._reads:
-            if capacity >= self.num_experts:
+        ``cache_size`` slots in every layer."""
+        cache_size = int(min(max(cache_size, 0), self.num_experts))
+        if cache_size not in self._reads:
+            if cache_size >= self.num_experts:
                 reads = np.zeros(self.num_layers)
-            elif capacity < self.need:
+            elif cache_size < self.need:
                 reads = self.requests.astype(float)
             elif self.policy == "lru":
                 if self._lru is None:
                     self._lru = sim.lru_misses(sim.stack_distance_histogram(self.traces))
-                reads = self._lru[:, capacity].astype(float)
+                reads = self._lru[:, cache_size].astype(float)
             else:
-                res = sim.simulate(self.traces, policy=self.policy, capacity=capacity, seed=self.seed,
+                res = sim.simulate(self.traces, policy=self.policy, cache_size=cache_size, seed=self.seed,
                                    progress=self.progress)
                 reads = (res.misses + res.prefetched).astype(float)
-            self._reads[capacity] = reads
-        return self._reads[capacity]
+            self._reads[cache_size] = reads
+        return self._reads[cache_size]
 
     def same_model(self, model: ModelSpec) -> bool:
         return (self.num_layers, self.num_experts) == (model.num_moe_layers, model.num_experts)
@@ -264,8 +264,8 @@ class TraceReplay:
             cached = placement.cached_layers
             if not cached:
                 return 0.0, 0.0, "every layer resident"
-            caps = [max(int(s), self.need) for s in placement.slots]
-            res = sim.simulate(self.traces, policy=self.policy, capacity=caps, pinned=sorted(pinned),
+            sizes = [max(int(s), self.need) for s in placement.slots]
+            res = sim.simulate(self.traces, policy=self.policy, cache_size=sizes, pinned=sorted(pinned),
                                prefetch_recall=r, seed=self.seed, warm=self.warm, progress=self.progress)
             demand = res.misses.astype(float)
             ahead = res.prefetched.astype(float)

@@ -2,7 +2,7 @@
 
 Owns ``Placement`` and ``plan_placement``: non-expert weights go to the fastest tier they fit
 in, a discrete GPU holds whole MoE layers, and the cache tier (RAM, or unified memory) gets
-exactly the plan ``golem.runtime.analysis.plan.make_plan`` makes for a ``--memory-budget``
+exactly the plan ``golem.runtime.analysis.plan.plan_memory`` makes for a ``--memory-budget``
 of that tier's usable bytes (its size less its reserve), so the estimated placement is the one golem-run
 would run. Also maps routing statistics of a traced model onto another
 (``routing_stats_for``). Knows nothing of time, files or MLX.
@@ -17,7 +17,7 @@ import numpy as np
 
 from golem.runtime.analysis.machines import MachineSpec
 from golem.runtime.analysis.model_size import ModelMemory, ModelSpec, Quantization
-from golem.runtime.analysis.plan import BudgetTooSmall, Plan, RoutingStats, make_plan
+from golem.runtime.analysis.plan import BudgetTooSmall, MemoryPlan, RoutingStats, plan_memory
 from golem.runtime.trace import Trace
 from golem.runtime.units import GiB, format_layer_ranges
 
@@ -56,7 +56,7 @@ class Placement:
     cache_kind: Optional[str]
     fast_free_nbytes: int = 0
     cache_free_nbytes: int = 0
-    plan: Optional[Plan] = None
+    plan: Optional[MemoryPlan] = None
     below_top_k: bool = False
 
     @property
@@ -115,7 +115,7 @@ def plan_placement(
     Non-expert weights go to the GPU/unified tier when they fit there, else to RAM. Whole
     MoE layers are then pinned in a discrete GPU while they fit (a GPU holds whole layers,
     no cache), in ``pin_order`` (default: first MoE layers first, as they route most
-    uniformly and cache worst). The other layers get ``make_plan``'s plan for a budget of
+    uniformly and cache worst). The other layers get ``plan_memory``'s plan for a budget of
     the cache tier's usable bytes (RAM, or unified memory, less its reserve): ``pin_layers``
     (decoder layer numbers, as ``-f``) fully resident, the rest uniform slots, or slots by
     ``stats`` (miss curves, as golem-run with a warm-start profile) or in proportion to
@@ -151,7 +151,7 @@ def plan_placement(
     cache_free = cache.usable_nbytes - cache_ne
     if plan is not None:
         for lp in plan.layers:
-            slots[rest[lp.layer]] = lp.slots
+            slots[rest[lp.position]] = lp.cache_size
         cache_free -= plan.expert_nbytes_total
     cache_pinned = [i for i in rest if slots[i] >= e]
     return Placement(
@@ -198,9 +198,9 @@ def _non_expert_tier(model: ModelSpec, machine: MachineSpec, non_expert: int) ->
 def _cache_plan(memory: ModelMemory, machine: MachineSpec, rest: list[int], cache_ne: int, *,
                 pin_layers: Sequence[int], stats: Optional[RoutingStats],
                 layer_weights: Optional[Sequence[float]]) -> tuple:
-    """``make_plan``'s slots for the MoE layers ``rest`` in the cache tier (``cache_ne`` bytes of
-    it holding non-expert weights), and whether a tier too small for top-k gave fewer (uniform);
-    (None, False) when no layer is left."""
+    """``plan_memory``'s cache sizes for the MoE layers ``rest`` in the cache tier (``cache_ne``
+    bytes of it holding non-expert weights), and whether a tier too small for top-k gave fewer
+    (uniform); (None, False) when no layer is left."""
     if not rest:
         return None, False
     cache = machine.cache_tier
@@ -213,13 +213,13 @@ def _cache_plan(memory: ModelMemory, machine: MachineSpec, rest: list[int], cach
         weights=None if layer_weights is None else [float(layer_weights[i]) for i in rest],
     )
     try:
-        return make_plan(sub, **kwargs), False
+        return plan_memory(sub, **kwargs), False
     except BudgetTooSmall as err:
         try:
-            plan = make_plan(sub, **{**kwargs, "stats": None, "weights": None}, min_slots=0)
+            plan = plan_memory(sub, **{**kwargs, "stats": None, "weights": None}, min_cache_size=0)
         except BudgetTooSmall:
             raise BudgetTooSmall(f"{machine.name}: {cache.kind}: {err}") from None
-        return plan, any(lp.slots < memory.top_k for lp in plan.layers)
+        return plan, any(lp.cache_size < memory.top_k for lp in plan.layers)
 
 
 def _rows(stats: RoutingStats, layers: Sequence[int]) -> RoutingStats:

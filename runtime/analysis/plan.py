@@ -1,9 +1,9 @@
 """The memory planner's offline side: routing statistics measured on traces, and distinct
 experts per window, for golem-trace (``stats``, ``simulate``, ``estimate``).
 
-The plan itself (``make_plan``, ``Plan``, ``ModelMemory``, ``RoutingStats`` from a profile)
-lives in ``golem.runtime.memplan``, which loading a model uses; it is re-exported here.
-Knows nothing of files, MLX or slot pools.
+The memory plan itself (``plan_memory``, ``MemoryPlan``, ``ModelMemory``, ``RoutingStats``
+from a profile) lives in ``golem.runtime.memplan``, which loading a model uses; it is
+re-exported here. Knows nothing of files, MLX or slot pools.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from typing import Optional
 import numpy as np
 
 from golem.runtime.analysis.simulate import Traces, as_trace_list, miss_curve
-from golem.runtime.memplan import BudgetTooSmall, LayerPlan, ModelMemory, Plan, make_plan  # noqa: F401  (re-exported)
+from golem.runtime.memplan import (BudgetTooSmall, LayerMemory, MemoryPlan, ModelMemory,  # noqa: F401  (re-exported)
+                                   plan_memory)
 from golem.runtime.memplan import RoutingStats as _ProfileStats
 
-__all__ = ["BudgetTooSmall", "LayerPlan", "ModelMemory", "Plan", "RoutingStats", "distinct_per_window", "make_plan"]
+__all__ = ["BudgetTooSmall", "LayerMemory", "MemoryPlan", "ModelMemory", "RoutingStats", "distinct_per_window",
+           "plan_memory"]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Replay routing traces through per-layer expert caches: what a policy, a capacity plan and a
+"""Replay routing traces through per-layer expert caches: what a policy, a cache-size plan and a
 warm start would have hit and missed, with the offline optimum (Belady) as the bound.
 
 Owns the replay (the step protocol of ``golem.runtime.policies.Policy``, as the slot pool
@@ -13,12 +13,12 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from golem.runtime.memplan import lru_misses  # noqa: F401  (re-exported: LRU at every capacity)
+from golem.runtime.memplan import lru_misses  # noqa: F401  (re-exported: LRU at every cache size)
 from golem.runtime.policies import DEFAULT_POLICY, Policy, make_policy
 from golem.runtime.trace import Trace
 
 Traces = Union[Trace, Sequence[Trace]]
-Capacity = Union[int, Sequence[int]]
+CacheSizes = Union[int, Sequence[int]]
 
 
 @dataclass
@@ -27,7 +27,7 @@ class SimResult:
 
     Args:
         policy: the policy spec (``"belady"`` for the bound).
-        capacities: slots per layer (``num_experts`` for pinned layers).
+        cache_sizes: slots per layer (``num_experts`` for pinned layers).
         pinned: the fully resident layers (every request a hit, no cache logic).
         requests: int64 (L,), expert requests per layer (distinct experts per step).
         hits: int64 (L,), requests found resident.
@@ -39,7 +39,7 @@ class SimResult:
     """
 
     policy: str
-    capacities: tuple
+    cache_sizes: tuple
     pinned: tuple
     requests: np.ndarray
     hits: np.ndarray
@@ -51,7 +51,7 @@ class SimResult:
 
     @property
     def num_layers(self) -> int:
-        return len(self.capacities)
+        return len(self.cache_sizes)
 
     @property
     def num_steps(self) -> int:
@@ -92,16 +92,16 @@ class SimResult:
         return self.misses / np.maximum(self.requests, 1)
 
     @property
-    def capacity(self) -> Union[int, list]:
+    def cache_size(self) -> Union[int, list]:
         """One number when every layer has the same slots, else the per-layer list."""
-        caps = list(self.capacities)
-        return caps[0] if caps and all(c == caps[0] for c in caps) else caps
+        sizes = list(self.cache_sizes)
+        return sizes[0] if sizes and all(c == sizes[0] for c in sizes) else sizes
 
     def per_layer(self) -> list[dict]:
         return [
             {
                 "layer": layer,
-                "capacity": int(self.capacities[layer]),
+                "capacity": int(self.cache_sizes[layer]),
                 "pinned": layer in self.pinned,
                 "requests": int(self.requests[layer]),
                 "hits": int(self.hits[layer]),
@@ -115,7 +115,7 @@ class SimResult:
     def to_dict(self, per_layer: bool = False) -> dict:
         out = {
             "policy": self.policy,
-            "capacity": self.capacity,
+            "capacity": self.cache_size,
             "pinned_layers": list(self.pinned),
             "steps": self.num_steps,
             "requests": self.total_requests,
@@ -200,22 +200,22 @@ def _stream(traces: Traces, decode_only: bool) -> _Stream:
     return _Stream(steps=steps, num_experts=trace_list[0].num_experts, max_step=max_step)
 
 
-def _capacities(capacity: Capacity, num_layers: int, num_experts: int, need: int, pinned) -> list[int]:
-    if isinstance(capacity, (int, np.integer)):
-        caps = [int(capacity)] * num_layers
+def _cache_sizes(cache_size: CacheSizes, num_layers: int, num_experts: int, need: int, pinned) -> list[int]:
+    if isinstance(cache_size, (int, np.integer)):
+        sizes = [int(cache_size)] * num_layers
     else:
-        caps = [int(c) for c in capacity]
-        if len(caps) != num_layers:
-            raise ValueError(f"capacity: {len(caps)} per-layer values for {num_layers} layers")
-    for layer, c in enumerate(caps):
+        sizes = [int(c) for c in cache_size]
+        if len(sizes) != num_layers:
+            raise ValueError(f"cache_size: {len(sizes)} per-layer values for {num_layers} layers")
+    for layer, c in enumerate(sizes):
         if layer in pinned:
             continue
         if c < need:
             raise ValueError(
-                f"capacity {c} of layer {layer} is below the {need} distinct experts one step uses: "
+                f"cache_size {c} of layer {layer} is below the {need} distinct experts one step uses: "
                 "a token needs all of them resident"
             )
-    return [num_experts if layer in pinned else min(c, num_experts) for layer, c in enumerate(caps)]
+    return [num_experts if layer in pinned else min(c, num_experts) for layer, c in enumerate(sizes)]
 
 
 def _pinned(pinned: Sequence[int], num_layers: int) -> tuple:
@@ -226,8 +226,8 @@ def _pinned(pinned: Sequence[int], num_layers: int) -> tuple:
     return out
 
 
-def _warm(warm: Optional[Mapping[int, Sequence[int]]], num_layers: int, num_experts: int, caps) -> Dict[int, list]:
-    """Per-layer warm lists, insertion order, cut to the last ``capacity`` entries."""
+def _warm(warm: Optional[Mapping[int, Sequence[int]]], num_layers: int, num_experts: int, sizes) -> Dict[int, list]:
+    """Per-layer warm lists, insertion order, cut to the last ``cache_size`` entries."""
     out: Dict[int, list] = {}
     for layer, experts in (warm or {}).items():
         layer = int(layer)
@@ -240,7 +240,7 @@ def _warm(warm: Optional[Mapping[int, Sequence[int]]], num_layers: int, num_expe
                 raise ValueError(f"warm start of layer {layer} names expert {e}, outside [0, {num_experts})")
             seen.pop(e, None)
             seen[e] = None  # a repeated expert counts at its last position
-        out[layer] = list(seen)[-caps[layer]:] if caps[layer] else []
+        out[layer] = list(seen)[-sizes[layer]:] if sizes[layer] else []
     return out
 
 
@@ -256,7 +256,7 @@ def _policy_factory(policy) -> tuple[str, Callable[[], Policy]]:
 # -- replay ---------------------------------------------------------------------------------
 
 
-def _replay_layer(rows, policy: Policy, capacity: int, warm: list) -> np.ndarray:
+def _replay_layer(rows, policy: Policy, cache_size: int, warm: list) -> np.ndarray:
     """Run the step protocol over one layer (``rows``: a list, or a ``_Rows``); returns int32
     (N,) misses per step."""
     resident = set()
@@ -272,7 +272,7 @@ def _replay_layer(rows, policy: Policy, capacity: int, warm: list) -> np.ndarray
             if e in resident:
                 hit(e)
             else:
-                if len(resident) >= capacity:
+                if len(resident) >= cache_size:
                     v = victim(step)
                     evict(v)
                     resident.discard(v)
@@ -295,13 +295,13 @@ def _split_prefetched(step_miss: np.ndarray, recall: float, rng: np.random.Gener
     return step_miss - prefetched, prefetched
 
 
-def _result(name, stream, caps, pinned, step_misses, step_prefetched) -> SimResult:
+def _result(name, stream, sizes, pinned, step_misses, step_prefetched) -> SimResult:
     requests = (stream.steps >= 0).sum(axis=(0, 2), dtype=np.int64)
     misses = step_misses.sum(axis=0, dtype=np.int64)
     prefetched = step_prefetched.sum(axis=0, dtype=np.int64)
     return SimResult(
         policy=name,
-        capacities=tuple(caps),
+        cache_sizes=tuple(sizes),
         pinned=pinned,
         requests=requests,
         hits=requests - misses - prefetched,
@@ -317,7 +317,7 @@ def simulate(
     traces: Traces,
     *,
     policy: Union[str, Callable[[], Policy]] = DEFAULT_POLICY,
-    capacity: Capacity = 32,
+    cache_size: CacheSizes = 32,
     pinned: Sequence[int] = (),
     warm: Optional[Mapping[int, Sequence[int]]] = None,
     prefetch_recall: float = 0.0,
@@ -335,11 +335,11 @@ def simulate(
         traces: one trace or several, replayed in order.
         policy: a policy spec (``"lru"``, ``"lfu-decay:decay=0.9"``) or a factory; default
             golem's (``DEFAULT_POLICY``), as the live slot pools.
-        capacity: slots of every layer, or one value per layer; at least the distinct
+        cache_size: slots of every layer, or one value per layer; at least the distinct
             experts of one step (top-k); values above ``num_experts`` mean all of them.
         pinned: fully resident layers (no cache logic, no misses).
         warm: layer -> experts inserted before the first step, in insertion order (the
-            last is the most recent); only the last ``capacity`` of each list stay.
+            last is the most recent); only the last ``cache_size`` of each list stay.
         prefetch_recall: probability that a miss was prefetched in time; such misses are
             counted as ``prefetched`` (the cache state is the same as for a demand read).
         seed: seeds the prefetch draws (one generator per layer).
@@ -352,19 +352,19 @@ def simulate(
     stream = _stream(traces, decode_only)
     num_layers, num_experts = stream.num_layers, stream.num_experts
     pinned_t = _pinned(pinned, num_layers)
-    caps = _capacities(capacity, num_layers, num_experts, stream.max_step, pinned_t)
-    warm_lists = _warm(warm, num_layers, num_experts, caps)
+    sizes = _cache_sizes(cache_size, num_layers, num_experts, stream.max_step, pinned_t)
+    warm_lists = _warm(warm, num_layers, num_experts, sizes)
     n = stream.steps.shape[0]
     step_misses = np.zeros((n, num_layers), dtype=np.int32)
     step_prefetched = np.zeros((n, num_layers), dtype=np.int32)
     for layer in range(num_layers):
         if layer not in pinned_t:
-            miss = _replay_layer(_Rows(stream, layer), factory(), caps[layer], warm_lists.get(layer, []))
+            miss = _replay_layer(_Rows(stream, layer), factory(), sizes[layer], warm_lists.get(layer, []))
             rng = np.random.default_rng([seed, layer])
             step_misses[:, layer], step_prefetched[:, layer] = _split_prefetched(miss, prefetch_recall, rng)
         if progress is not None:
             progress(1)
-    return _result(name, stream, caps, pinned_t, step_misses, step_prefetched)
+    return _result(name, stream, sizes, pinned_t, step_misses, step_prefetched)
 
 
 def _next_use(steps: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -396,7 +396,7 @@ _ROWS_PER_BLOCK = 1 << 16  # steps turned into Python lists at once
 
 def belady(
     traces: Traces,
-    capacity: Capacity = 32,
+    cache_size: CacheSizes = 32,
     *,
     pinned: Sequence[int] = (),
     warm: Optional[Mapping[int, Sequence[int]]] = None,
@@ -405,12 +405,12 @@ def belady(
 ) -> SimResult:
     """The offline optimum: on a miss in a full layer evict the resident expert whose next
     use is farthest (never one of the step's own experts). No policy, with the same
-    capacity, pinned layers and warm start, misses less. Arguments as in ``simulate``."""
+    cache sizes, pinned layers and warm start, misses less. Arguments as in ``simulate``."""
     stream = _stream(traces, decode_only)
     num_layers, num_experts = stream.num_layers, stream.num_experts
     pinned_t = _pinned(pinned, num_layers)
-    caps = _capacities(capacity, num_layers, num_experts, stream.max_step, pinned_t)
-    warm_lists = _warm(warm, num_layers, num_experts, caps)
+    sizes = _cache_sizes(cache_size, num_layers, num_experts, stream.max_step, pinned_t)
+    warm_lists = _warm(warm, num_layers, num_experts, sizes)
     n = stream.steps.shape[0]
     step_misses = np.zeros((n, num_layers), dtype=np.int32)
     for layer in range(num_layers):
@@ -418,17 +418,17 @@ def belady(
             progress(1)
         if layer in pinned_t:
             continue
-        cap = caps[layer]
+        layer_size = sizes[layer]
         nxt, first = _next_use(stream.steps[:, layer, :], num_experts)
         next_of: Dict[int, int] = {int(e): int(first[e]) for e in warm_lists.get(layer, [])}
         for block in range(0, n, _ROWS_PER_BLOCK):
             stop = min(n, block + _ROWS_PER_BLOCK)
-            _belady_block(stream.layer_rows(layer, block, stop), nxt[block:stop].tolist(), next_of, cap,
+            _belady_block(stream.layer_rows(layer, block, stop), nxt[block:stop].tolist(), next_of, layer_size,
                           step_misses[block:stop, layer], block)
-    return _result("belady", stream, caps, pinned_t, step_misses, np.zeros_like(step_misses))
+    return _result("belady", stream, sizes, pinned_t, step_misses, np.zeros_like(step_misses))
 
 
-def _belady_block(rows: list, nrows: list, next_of: Dict[int, int], cap: int, col: np.ndarray, base: int) -> None:
+def _belady_block(rows: list, nrows: list, next_of: Dict[int, int], cache_size: int, col: np.ndarray, base: int) -> None:
     """Belady over one block of a layer's steps; ``next_of`` (resident expert -> next use)
     carries over from block to block."""
     for i, step in enumerate(rows):
@@ -437,7 +437,7 @@ def _belady_block(rows: list, nrows: list, next_of: Dict[int, int], cap: int, co
         for e in step:
             if e not in next_of:
                 m += 1
-                if len(next_of) >= cap:
+                if len(next_of) >= cache_size:
                     victim, far = -1, -1
                     for r, nu in next_of.items():
                         if nu > far and r not in step:
@@ -451,11 +451,11 @@ def _belady_block(rows: list, nrows: list, next_of: Dict[int, int], cap: int, co
 
 
 def stack_distance_histogram(traces: Traces, *, decode_only: bool = True) -> np.ndarray:
-    """Plain LRU at every capacity in one pass (Mattson's stack distances).
+    """Plain LRU at every cache size in one pass (Mattson's stack distances).
 
     Returns int64 (L, E+1): ``h[l, d]`` counts requests of layer l whose expert had exactly
     d other distinct experts used since its last use (at the start of the step), and
-    ``h[l, E]`` first uses. Under the step protocol, LRU with capacity c (>= the experts of
+    ``h[l, E]`` first uses. Under the step protocol, LRU with cache size c (>= the experts of
     one step) hits exactly the requests with d < c; see ``lru_misses``.
     """
     stream = _stream(traces, decode_only)
@@ -525,7 +525,7 @@ def simulate_sequences(
     first = parts[0]
     return SimResult(
         policy=first.policy,
-        capacities=first.capacities,
+        cache_sizes=first.cache_sizes,
         pinned=first.pinned,
         requests=sum(p.requests for p in parts),
         hits=sum(p.hits for p in parts),
@@ -561,7 +561,7 @@ def miss_curve(
     if step < 1:
         raise ValueError(f"grid_step must be >= 1, got {grid_step}")
     grid = sorted(set(list(range(k, e + 1, step)) + [e]))
-    at = np.stack([simulate(trace_list, policy=policy, capacity=c, decode_only=decode_only).misses for c in grid])
+    at = np.stack([simulate(trace_list, policy=policy, cache_size=c, decode_only=decode_only).misses for c in grid])
     x = np.arange(e + 1)
     curves = np.stack([np.interp(x, grid, at[:, layer]) for layer in range(at.shape[1])])
     curves[:, :k] = curves[:, [k]]

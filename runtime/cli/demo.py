@@ -40,8 +40,8 @@ def explain(runtime) -> str:
     engine = runtime.engine
     e = runtime.num_experts
     layers = len(engine.pools)
-    caps = sorted({p.capacity for p in engine.pools.values()})
-    slots = f"{caps[0]} of {e}" if len(caps) == 1 else f"{caps[0]}-{caps[-1]} of {e}"
+    sizes = sorted({p.cache_size for p in engine.pools.values()})
+    slots = f"{sizes[0]} of {e}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} of {e}"
     if _all_resident(runtime):
         return (f"Memory: each of the {layers} MoE layers keeps all {e} of its experts in memory (read once at "
                 "load), so nothing was read from disk while generating.")

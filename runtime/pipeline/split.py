@@ -284,8 +284,8 @@ def local_config(config, pipeline: Pipeline, moe_layers: Sequence[int]):
     if config.cache_size_override:
         changes["cache_size_override"] = tuple((kept, n) for layers, n in overrides
                                                 if (kept := [l for l in layers if l in mine]))
-    if isinstance(config.capacities, Mapping):
-        changes["capacities"] = {l: n for l, n in config.capacities.items() if l in mine}
+    if isinstance(config.cache_sizes, Mapping):
+        changes["cache_sizes"] = {l: n for l, n in config.cache_sizes.items() if l in mine}
     config = dataclasses.replace(config, **changes) if changes else config
     if config.prefetch is not None and config.prefetch.depth > len(moe_layers):
         config = with_prefetch_depth(config, len(moe_layers))

@@ -17,10 +17,10 @@ def rank_statistics(runtime) -> dict:
     engine, pipeline = runtime.engine, runtime.pipeline
     stats, t = engine.stats, engine.stats.total()
     layers = pipeline.layers if pipeline is not None else range(0, max(engine.pools) + 1)
-    resident = runtime.non_expert_nbytes + sum(p.capacity * runtime.index.expert_nbytes(l)
+    resident = runtime.non_expert_nbytes + sum(p.cache_size * runtime.index.expert_nbytes(l)
                                               for l, p in engine.pools.items())
     budget = runtime.options.memory_budget if runtime.options is not None else None
-    row = dict(first_layer=layers.start, last_layer=layers.stop - 1, moe_layers=len(engine.pools), slots=t.capacity,
+    row = dict(first_layer=layers.start, last_layer=layers.stop - 1, moe_layers=len(engine.pools), slots=t.cache_size,
                hits=t.hits, misses=t.misses, bytes_read=t.bytes_read, decode_steps=stats.decode_steps,
                stall_us=round(1e6 * stats.decode_read_s), resident_nbytes=resident, budget_nbytes=budget or 0)
     pf = engine.prefetcher

@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"Comma-separated charts to draw: {', '.join(CHARTS)} (default all; overlap needs 2 traces).")
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help=f"Eviction policy ({', '.join(policy_names())}; default {DEFAULT_POLICY}, as golem-run).")
-    p.add_argument("-c", "--capacity", type=int, default=None, help="Slots per layer (default: half the experts).")
+    p.add_argument("-c", "--capacity", dest="cache_size", type=int, default=None, help="Slots per layer (default: half the experts).")
     p.add_argument("--window", type=int, default=128, help="Steps per point of the hit-rate chart (128).")
     p.add_argument("-W", "--warm-start", default=None, metavar="PATH",
                    help="Profile source for the warm-start chart (trace, folder or profile).")
@@ -51,9 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def hit_rate_over_time(traces, *, policy: str, capacity: int, window: int) -> np.ndarray:
+def hit_rate_over_time(traces, *, policy: str, cache_size: int, window: int) -> np.ndarray:
     """float (L, W): each layer's hit rate over consecutive windows of ``window`` steps."""
-    result = simulate(traces, policy=policy, capacity=capacity)
+    result = simulate(traces, policy=policy, cache_size=cache_size)
     req = requests_per_step(traces)
     n = (req.shape[0] + window - 1) // window
     edges = np.arange(n) * window
@@ -62,29 +62,29 @@ def hit_rate_over_time(traces, *, policy: str, capacity: int, window: int) -> np
     return (1.0 - m / np.maximum(r, 1)).T
 
 
-def warm_start_hit_rates(traces, *, policy: str, capacity: int, seed: int, profile=None) -> dict:
+def warm_start_hit_rates(traces, *, policy: str, cache_size: int, seed: int, profile=None) -> dict:
     """Strategy -> float (L,) hit rate, every sequence replayed from a fresh cache."""
     first = traces[0]
     profile = profile if profile is not None else profile_from_traces(traces, stack=False)
     starts = {
         "empty": None,
-        f"random (seed {seed})": lambda i, s: random_warm_start(seed + i, first.num_layers, first.num_experts, capacity),
-        "profile": lambda i, s: profile.warm_start(capacity),
+        f"random (seed {seed})": lambda i, s: random_warm_start(seed + i, first.num_layers, first.num_experts, cache_size),
+        "profile": lambda i, s: profile.warm_start(cache_size),
     }
     out = {}
     for name, warm_for in starts.items():
-        r = simulate_sequences(traces, warm_for, policy=policy, capacity=capacity)
+        r = simulate_sequences(traces, warm_for, policy=policy, cache_size=cache_size)
         out[name] = r.hits / np.maximum(r.requests, 1)
     return out
 
 
-def expert_overlap(a, b, capacity: int) -> dict:
-    """Per layer: the share of each trace's top-``capacity`` experts the other's also has, and
+def expert_overlap(a, b, cache_size: int) -> dict:
+    """Per layer: the share of each trace's top-``cache_size`` experts the other's also has, and
     the histogram intersection of their routing distributions (1 = identical)."""
     pa, pb = profile_from_traces(a, stack=False), profile_from_traces(b, stack=False)
     top, inter = [], []
     for layer in range(pa.num_layers):
-        ta, tb = set(pa.top_experts(layer, capacity)), set(pb.top_experts(layer, capacity))
+        ta, tb = set(pa.top_experts(layer, cache_size)), set(pb.top_experts(layer, cache_size))
         top.append(len(ta & tb) / max(min(len(ta), len(tb)), 1))
         fa = pa.counts[layer] / max(pa.counts[layer].sum(), 1)
         fb = pb.counts[layer] / max(pb.counts[layer].sum(), 1)
@@ -118,7 +118,7 @@ def run(args) -> int:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     traces = load_traces(args.traces, hidden=False, weights=False)
     require_steps(traces)
-    capacity = _capacity(traces[0], args)
+    cache_size = _cache_size(traces[0], args)
     if "overlap" in charts and len(traces) < 2:
         if args.charts != ",".join(CHARTS):
             raise ValueError("--charts overlap needs two traces")
@@ -135,9 +135,9 @@ def run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [Path(t.path).name if t.path else f"trace {i}" for i, t in enumerate(traces)]
     draw = {"hit-rate": _hit_rate_chart, "warm-start": _warm_start_chart, "overlap": _overlap_chart}
-    written = [draw[chart](traces, names, capacity, out_dir, args) for chart in CHARTS if chart in charts]
+    written = [draw[chart](traces, names, cache_size, out_dir, args) for chart in CHARTS if chart in charts]
     if args.json:
-        print(json.dumps({"out": str(out_dir), "traces": [t.path for t in traces], "capacity": capacity,
+        print(json.dumps({"out": str(out_dir), "traces": [t.path for t in traces], "capacity": cache_size,
                           "policy": args.policy, "charts": written}))
     return 0
 
@@ -151,13 +151,13 @@ def _charts(args) -> list[str]:
     return charts
 
 
-def _capacity(first, args) -> int:
+def _cache_size(first, args) -> int:
     """Slots per layer: ``-c/--capacity``, else half the experts (at least top-k)."""
-    capacity = args.capacity if args.capacity is not None else max(first.top_k, first.num_experts // 2)
-    if not first.top_k <= capacity <= first.num_experts:
-        raise ValueError(f"-c/--capacity {capacity}: give {first.top_k} (top-k) to {first.num_experts} "
+    cache_size = args.cache_size if args.cache_size is not None else max(first.top_k, first.num_experts // 2)
+    if not first.top_k <= cache_size <= first.num_experts:
+        raise ValueError(f"-c/--capacity {cache_size}: give {first.top_k} (top-k) to {first.num_experts} "
                          "(every expert) slots per layer")
-    return capacity
+    return cache_size
 
 
 def _source(names: list[str]) -> str:
@@ -165,10 +165,10 @@ def _source(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
 
 
-def _hit_rate_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
+def _hit_rate_chart(traces, names, cache_size: int, out_dir: Path, args) -> dict:
     """hit_rate_over_time.png: the hit rate of each layer per window of decode steps."""
     first = traces[0]
-    rates = hit_rate_over_time(traces, policy=args.policy, capacity=capacity, window=args.window)
+    rates = hit_rate_over_time(traces, policy=args.policy, cache_size=cache_size, window=args.window)
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(rates, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
@@ -178,14 +178,14 @@ def _hit_rate_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
     ax.set_ylabel("MoE layer (decoder layer number)")
     _layer_ticks(ax.yaxis, first.layer_numbers)
     ax.set_title(f"{_source(names)}: hit rate per {args.window} steps, {args.policy}, "
-                 f"{capacity}/{first.num_experts} slots")
+                 f"{cache_size}/{first.num_experts} slots")
     path = out_dir / "hit_rate_over_time.png"
     _save(fig, path)
     print(f"hit-rate: {path} (mean hit rate {100 * rates.mean():.1f}%)")
     return {"chart": "hit-rate", "path": str(path), "mean_hit_rate": round(float(rates.mean()), 4)}
 
 
-def _warm_start_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
+def _warm_start_chart(traces, names, cache_size: int, out_dir: Path, args) -> dict:
     """warm_start_by_layer.png: each layer's hit rate from each warm start (``-W`` a profile's)."""
     from golem.runtime.analysis.profile import load_warm_source
 
@@ -194,7 +194,7 @@ def _warm_start_chart(traces, names, capacity: int, out_dir: Path, args) -> dict
     profile = load_warm_source(args.warm_start) if args.warm_start else None
     if profile is not None:
         profile.check_shape(first.num_layers, first.num_experts, where=f"-W {args.warm_start}", other="the trace")
-    rates = warm_start_hit_rates(traces, policy=args.policy, capacity=capacity, seed=args.seed, profile=profile)
+    rates = warm_start_hit_rates(traces, policy=args.policy, cache_size=cache_size, seed=args.seed, profile=profile)
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(rates)
@@ -206,7 +206,7 @@ def _warm_start_chart(traces, names, capacity: int, out_dir: Path, args) -> dict
     ax.set_ylabel("hit rate")
     ax.set_ylim(0, 1.15)
     ax.set_title(f"{_source(names)}: hit rate by warm start (fresh cache per sequence), {args.policy}, "
-                 f"{capacity}/{first.num_experts} slots", fontsize="medium")
+                 f"{cache_size}/{first.num_experts} slots", fontsize="medium")
     ax.legend(loc="upper center", ncol=len(rates), fontsize="small")
     path = out_dir / "warm_start_by_layer.png"
     _save(fig, path)
@@ -215,14 +215,14 @@ def _warm_start_chart(traces, names, capacity: int, out_dir: Path, args) -> dict
     return {"chart": "warm-start", "path": str(path), "mean_hit_rate": summary}
 
 
-def _overlap_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
+def _overlap_chart(traces, names, cache_size: int, out_dir: Path, args) -> dict:
     """expert_overlap.png: the first two traces' experts in common, layer by layer."""
     first = traces[0]
     layers = np.arange(first.num_layers)
-    ov = expert_overlap(traces[0], traces[1], capacity)
+    ov = expert_overlap(traces[0], traces[1], cache_size)
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar(layers - 0.2, ov["top_overlap"], 0.4, label=f"top-{capacity} experts in common")
+    ax.bar(layers - 0.2, ov["top_overlap"], 0.4, label=f"top-{cache_size} experts in common")
     ax.bar(layers + 0.2, ov["distribution_overlap"], 0.4, label="routing distribution overlap")
     ax.set_xlabel("MoE layer (decoder layer number)")
     _layer_ticks(ax.xaxis, first.layer_numbers)
@@ -232,7 +232,7 @@ def _overlap_chart(traces, names, capacity: int, out_dir: Path, args) -> dict:
     ax.legend(loc="upper center", ncol=2, fontsize="small")
     path = out_dir / "expert_overlap.png"
     _save(fig, path)
-    print(f"overlap: {path} (top-{capacity} in common {100 * ov['top_overlap'].mean():.1f}%)")
+    print(f"overlap: {path} (top-{cache_size} in common {100 * ov['top_overlap'].mean():.1f}%)")
     return {"chart": "overlap", "path": str(path),
             "mean_top_overlap": round(float(ov["top_overlap"].mean()), 4),
             "mean_distribution_overlap": round(float(ov["distribution_overlap"].mean()), 4)}

@@ -1,4 +1,4 @@
-"""`golem-trace simulate`: replay traces through a policy, a capacity plan and a warm start.
+"""`golem-trace simulate`: replay traces through a policy, a memory plan and a warm start.
 
 Parses the same cache flags as golem-run (``-c``, ``--cache-size-override``, ``-f``,
 ``--memory-budget``, ``-W``, ``-R``, ``--policy``), builds the plan with
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from golem.runtime.analysis.model_size import ModelMemory
-from golem.runtime.analysis.plan import RoutingStats, make_plan
+from golem.runtime.analysis.plan import RoutingStats, plan_memory
 from golem.runtime.analysis.profile import Profile, load_warm_source, random_warm_start
 from golem.runtime.analysis.simulate import belady, simulate
 from golem.runtime.cli.progress import progress_bar
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help=f"Eviction policy: {', '.join(policy_names())}, with parameters as name:key=value "
                         f"(e.g. lfu-decay:decay=0.9). Default {DEFAULT_POLICY}, as golem-run.")
-    p.add_argument("-c", "--capacity", "--cache-size", dest="capacity", type=int, default=None,
+    p.add_argument("-c", "--capacity", "--cache-size", dest="cache_size", type=int, default=None,
                    help="Slots per MoE layer (default: half the experts, unless another sizing flag is given).")
     p.add_argument("--cache-size-override", nargs=2, action="append", default=[], metavar=("RANGES", "N"),
                    help="N slots for the layers in RANGES (e.g. 0-3,12 48); repeatable, later ones win.")
@@ -93,7 +93,7 @@ def _stats(args, warm_profile, policy: str):
 
 
 def run(args) -> int:
-    """The simulation's steps: the traces and the model, the cache plan, the warm start, the
+    """The simulation's steps: the traces and the model, the memory plan, the warm start, the
     replay (and Belady's bound), then the table and the JSON object."""
     traces = load_traces(args.traces, hidden=False, weights=False)
     steps = require_steps(traces, decode_only=not args.include_prefill)
@@ -103,36 +103,37 @@ def run(args) -> int:
         warm_profile = load_warm_source(args.warm_start)
         warm_profile.check_shape(model.num_layers, model.num_experts, where=f"-W {args.warm_start}",
                                  other="the trace")
-    plan = _cache_plan(args, model, warm_profile)
-    caps, pinned = plan.capacities, plan.pinned_layers
-    warm, warm_name = _warm_start(args, model, warm_profile, caps, pinned)
+    plan = _memory_plan(args, model, warm_profile)
+    sizes, pinned = plan.cache_sizes, plan.pinned_positions
+    warm, warm_name = _warm_start(args, model, warm_profile, sizes, pinned)
     kw = dict(pinned=pinned, warm=warm, decode_only=not args.include_prefill)
     layers = model.num_layers
     with progress_bar(layers * (1 if args.no_belady else 2), "simulate", work=steps * layers) as bar:
-        result = simulate(traces, policy=args.policy, capacity=caps, prefetch_recall=args.prefetch_recall,
+        result = simulate(traces, policy=args.policy, cache_size=sizes, prefetch_recall=args.prefetch_recall,
                           seed=args.seed, progress=bar.update, **kw)
-        bound = None if args.no_belady else belady(traces, caps, progress=bar.update, **kw)
+        bound = None if args.no_belady else belady(traces, sizes, progress=bar.update, **kw)
     if args.memory_budget is not None:
         print(plan.describe())
         print()
     print(f"{len(traces)} trace(s), {result.num_steps} steps; policy {args.policy}; warm start {warm_name}"
           + (f"; prefetch recall {args.prefetch_recall:g}" if args.prefetch_recall else ""))
-    _print_table(args, model, result, bound, caps, pinned)
+    _print_table(args, model, result, bound, sizes, pinned)
     if args.json:
         print(json.dumps(_json_object(args, model, traces, plan, result, bound, warm_name)))
     return 0
 
 
-def _cache_plan(args, model, warm_profile):
-    """Slots per layer from the sizing flags (half the experts, at least top-k, when none is given)."""
+def _memory_plan(args, model, warm_profile):
+    """The cache size of each layer from the sizing flags (half the experts, at least top-k,
+    when none is given)."""
     e, k = model.num_experts, model.top_k
-    cache_size = args.capacity
+    cache_size = args.cache_size
     overrides = [parse_override(v, num_layers=max(model.ids) + 1) for v in args.cache_size_override]
     check_cache_sizes(cache_size, overrides, e, whose="the trace's layers")
-    sizing = (args.capacity, args.memory_budget, args.pin_layers, args.cache_size_override)
+    sizing = (args.cache_size, args.memory_budget, args.pin_layers, args.cache_size_override)
     if all(x in (None, []) for x in sizing):
         cache_size = max(k, e // 2)
-    return make_plan(
+    return plan_memory(
         model,
         budget_nbytes=parse_size(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None,
         cache_size=cache_size,
@@ -142,17 +143,17 @@ def _cache_plan(args, model, warm_profile):
     )
 
 
-def _warm_start(args, model, warm_profile, caps, pinned) -> tuple:
+def _warm_start(args, model, warm_profile, sizes, pinned) -> tuple:
     """The slots' contents before the first step (``-W`` profile, ``--warm-random`` or empty) and its name."""
     if warm_profile is not None:
-        return warm_profile.warm_start(caps, pinned), str(args.warm_start)
+        return warm_profile.warm_start(sizes, pinned), str(args.warm_start)
     if args.warm_random is not None:
-        return (random_warm_start(args.warm_random, model.num_layers, model.num_experts, caps, pinned),
+        return (random_warm_start(args.warm_random, model.num_layers, model.num_experts, sizes, pinned),
                 f"random:{args.warm_random}")
     return None, "empty"
 
 
-def _print_table(args, model, result, bound, caps, pinned) -> None:
+def _print_table(args, model, result, bound, sizes, pinned) -> None:
     """One row per layer (the checkpoint's layer numbers, as golem-run's table), then the total."""
     head = f"{'layer':>5}  {'slots':>7}  {'requests':>9}  {'hit':>7}  {'miss':>7}"
     head += f"  {'prefetched':>10}" if args.prefetch_recall else ""
@@ -169,10 +170,10 @@ def _print_table(args, model, result, bound, caps, pinned) -> None:
     e = model.num_experts
     numbers = model.ids  # the checkpoint's layer numbers (trace meta moe_layers), as golem-run's table
     for layer in range(result.num_layers):
-        slots = "pinned" if layer in pinned else f"{caps[layer]}/{e}"
+        slots = "pinned" if layer in pinned else f"{sizes[layer]}/{e}"
         print(line(numbers[layer], slots, int(result.requests[layer]), int(result.hits[layer]), int(result.misses[layer]),
                    int(result.prefetched[layer]), int(bound.misses[layer]) if bound is not None else 0))
-    print(line("all", sum(caps), result.total_requests, result.total_hits, result.total_misses,
+    print(line("all", sum(sizes), result.total_requests, result.total_hits, result.total_misses,
                result.total_prefetched, bound.total_misses if bound is not None else 0))
     print(f"misses per token {result.total_misses / max(result.num_steps, 1):.2f}"
           + (f" (Belady {bound.total_misses / max(bound.num_steps, 1):.2f})" if bound is not None else ""))
