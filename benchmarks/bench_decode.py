@@ -57,6 +57,11 @@ SHAPES = {
               12, "bench-decode-qwen3_moe-32-drift"),
     "qwen3-30b-a3b": (dict(hidden=2048, layers=5, experts=128, top_k=8, expert_hidden=768, vocab=384, group_size=64),
                       48, "bench-decode-qwen3-30b-a3b-slice"),
+    # Qwen3-30B-A3B's routing (128 experts, top-8, 48 slots) at widths where compute is
+    # negligible: the engine's host work as a fast device would leave it exposed, without
+    # a CPU backend's compute sharing the cores and caches with the engine thread.
+    "qwen3-30b-a3b-host": (dict(hidden=128, layers=5, experts=128, top_k=8, expert_hidden=128, vocab=384,
+                                group_size=64), 48, "bench-decode-qwen3-30b-a3b-host"),
 }
 
 

@@ -265,6 +265,39 @@ class IOScheduler:
             self._loop_thread.call_soon(self._pump)
         return future
 
+    def submit_many(self, requests: Sequence[Tuple[Hashable, int, float]]
+                    ) -> List[concurrent.futures.Future]:
+        """``submit(key, depth, score)`` for each ``(key, depth, score)``, in order, under
+        one lock, with one activation and at most one wake of readers or of the loop: a
+        layer's misses or its prefetches cost one hand-off, not one per expert. Same
+        futures, dedupe and upgrades as ``submit``."""
+        dispatcher = self._dispatcher
+        prepared = {}
+        for key, depth, _ in requests:  # locate new keys outside the lock
+            if depth < 0:
+                raise ValueError(f"depth must be >= 0 (0 = demand), got {depth}")
+            if key not in dispatcher.prepared:
+                prepared[key] = dispatcher.prepare(key)
+        futures, dropped, demand = [], [], False
+        with self._lock:
+            self._check_open()
+            for key, depth, score in requests:
+                req, gone = dispatcher.submit(key, depth, float(score),
+                                              prepared.get(key) or dispatcher.prepared[key])
+                futures.append(req.future)
+                dropped += gone
+                demand = demand or req.demand
+            kick = bool(requests) and self._after_submit(demand)
+        for other in dropped:
+            cancel_future(other)
+        if kick:
+            self._loop_thread.call_soon(self._pump)
+        return futures
+
+    def submit_demands(self, keys: Sequence[Hashable]) -> List[concurrent.futures.Future]:
+        """Demand reads of ``keys`` (``submit_many`` at depth 0)."""
+        return self.submit_many([(key, 0, 0.0) for key in keys])
+
     def _check_open(self) -> None:
         if self._closed or not self._started:
             raise SchedulerClosed("scheduler is closed" if self._closed else

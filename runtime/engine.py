@@ -260,28 +260,29 @@ class Engine:
                     del pending[e]
             else:
                 sched, pf = self.scheduler, self.prefetcher
-                futures = [(e, slot, sched.submit((layer, e), depth=0)) for e, slot in todo]
+                futures = sched.submit_demands([(layer, e) for e, _ in todo])
                 ph.lap("request")
+                taken = 0
                 try:
                     if meanwhile is not None:
                         meanwhile()
-                    for e, slot, future in futures:
+                    for (e, slot), future in zip(todo, futures):
                         t = clock()
                         buf = wait_result(future)
                         waited += clock() - t
+                        taken += 1
                         ph.lap("wait")
                         try:
                             pool.stats.bytes_read += len(buf)
                             if pf is not None:
                                 self._events.append((LATE, layer, e, 0))
-                            ph.lap("request")
                             self._write(pool, slot, buf)
                             del pending[e]
-                        finally:
+                        finally:  # at once: a later read of this layer may need the buffer
                             sched.release(buf)
-                        ph.lap("request")
+                            ph.lap("request")
                 except BaseException:
-                    for _, _, future in futures:  # the engine stops: hand back what still arrives
+                    for future in futures[taken:]:  # the engine stops: hand back what still arrives
                         future.add_done_callback(self._release_result)
                     raise
             self._flush(pool)

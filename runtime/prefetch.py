@@ -266,6 +266,7 @@ class Prefetcher:
             elif sched.pending(key) is None:
                 self.in_flight.pop(key, None)
         n = len(self.moe_layers)
+        requests = []  # submitted together: one hand-off to the scheduler per layer
         for proposal in proposals:
             wanted = self.candidates(proposal, resident)
             keep = {(l, e) for l, e, _ in wanted}
@@ -274,8 +275,10 @@ class Prefetcher:
                 if self.in_flight[key] != here and sched.pending(key) == "queued" and sched.cancel(key):
                     self.dropped(key[0], key[1], 0)
             for l, e, score in wanted:
-                sched.submit((l, e), depth=self.distance(here, l), score=score)
-                self.issued(l, e, here)
+                requests.append(((l, e), self.distance(here, l), score))
+                self.issued(l, e, here)  # now: a later proposal's cancels spare it
+        if requests:
+            sched.submit_many(requests)
 
     def propose_boundary(self, hidden) -> List[Proposal]:
         """Guesses for this step's first ``depth`` MoE layers from ``hidden``, the residual at

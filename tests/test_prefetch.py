@@ -186,6 +186,10 @@ class _FakeScheduler:
         self.submits.append((key, depth))
         self.state.setdefault(key, "queued")
 
+    def submit_many(self, requests):
+        for key, depth, score in requests:
+            self.submit(key, depth, score)
+
     def cancel(self, key):
         if self.state.get(key) in ("queued", "running"):
             self.cancels.append(key)

@@ -131,6 +131,48 @@ def test_demand_first_then_depth_then_score():
         assert stats.by_depth == {0: 2, 1: 3, 2: 1, 3: 1}
 
 
+def test_submit_many_hands_a_batch_of_prefetches_to_the_loop_once(monkeypatch):
+    reader = GatedReader()
+    with scheduler(reader, parallelism=2) as s:
+        kicks = []
+        original = s._loop_thread.call_soon
+        monkeypatch.setattr(s._loop_thread, "call_soon", lambda f: (kicks.append(f), original(f)))
+        futures = s.submit_many([((1, e), 1, 0.5) for e in range(4)])
+        assert len(kicks) == 1  # one hand-off for the batch; submit() would make one per key here
+        reader.allow(100)
+        for future in futures:
+            s.release(result(future))
+
+
+def test_submit_many_orders_as_single_submits():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1) as s:
+        blocker = s.submit((0, 0), depth=1)
+        reader.wait_calls(1)
+        futures = s.submit_many([((1, 1), 2, 0.9), ((1, 2), 1, 0.1), ((1, 3), 1, 0.8), ((1, 4), 3, 1.0)])
+        assert s.submit_many([((1, 3), 2, 0.0)])[0] is futures[2]  # deduped like submit
+        demands = s.submit_demands([(2, 5), (2, 6)])
+        assert reader.wait_calls(2)[1] == (describe((2, 5)),)  # demands start at once, in order
+        reader.allow(100)
+        for demand, key in zip(demands, [(2, 5), (2, 6)]):
+            buffer = result(demand)
+            assert (buffer == pattern(describe(key))).all()
+            s.release(buffer)
+        for future in [blocker] + futures:
+            result(future)
+        assert reader.keys() == [describe(k) for k in
+                                 [(0, 0), (2, 5), (2, 6), (1, 3), (1, 2), (1, 1), (1, 4)]]
+        stats = s.statistics()
+        assert stats.requests == {"prefetch": 6, "demand": 2} and stats.deduped == 1
+
+
+def test_submit_many_rejects_a_negative_depth_before_queueing_anything():
+    with scheduler(GatedReader()) as s:
+        with pytest.raises(ValueError, match="depth must be >= 0"):
+            s.submit_many([((0, 1), 1, 0.0), ((0, 2), -1, 0.0)])
+        assert s.pending((0, 1)) is None
+
+
 def test_demand_takes_next_free_buffer_before_waiting_prefetches():
     reader = GatedReader()
     with scheduler(reader, num_buffers=2, reserved_for_demand=0, parallelism=4) as s:
