@@ -152,6 +152,8 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, label: str = 
                 row.update(us_per_layer=us["per_layer_us"], cpu_us_per_layer=us["cpu_per_layer_us"],
                            sync_us_per_layer=us["sync_per_layer_us"],
                            measured_us=1e6 * outer["s"] / max(outer["layers"], 1),
+                           **{f"{k}_per_layer": v / max(outer["layers"], 1)
+                              for k, v in zip(("sched_calls", "loop_wakes", "reader_wakes"), outer["handoffs"])},
                            phase_sum_us=1e6 * st.phases.total_s() / st.phases.layers)
                 wall, cpu = st.phases.per_layer_us(), st.phases.per_layer_us(cpu=True)
                 row.update({f"phase_{k}": wall[k] for k in PHASES})
@@ -168,15 +170,19 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, label: str = 
 def _time_partial_layers(engine):
     """Wrap ``engine.forward`` to time, from outside, the decode calls the engine counts as
     partial layers (the check that its phases miss nothing)."""
-    inner, acc = engine.forward, {"s": 0.0, "layers": 0}
+    inner, acc = engine.forward, {"s": 0.0, "layers": 0, "handoffs": [0, 0, 0]}
+    sched = engine.scheduler
+    handoffs = sched.handoffs if sched is not None else (lambda: (0, 0, 0))
 
     def forward(layer, glu, x, indices):
         before = engine.stats.phases.layers
+        h0 = handoffs()
         t0 = time.perf_counter()
         y = inner(layer, glu, x, indices)
         if engine.stats.phases.layers != before:
             acc["s"] += time.perf_counter() - t0
             acc["layers"] += 1
+            acc["handoffs"] = [a + b - c for a, b, c in zip(acc["handoffs"], handoffs(), h0)]
         return y
 
     engine.forward = forward

@@ -9,7 +9,11 @@ the engine: the phases must add up to it. "engine" is the host time the issue's 
 about (every phase but the sync, the read waits and the slot writes), with its share per
 miss. Median of --runs runs per row, then one JSON line.
 
-    python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b] [--runs 3] [--rows depth0,depth2,oracle]
+Also counted per partial layer: the thread hand-offs around the I/O scheduler (the
+engine's calls that take its lock, wake-ups of its event loop, reader threads woken), which
+cost the engine thread on any backend and do not show in its own CPU time.
+
+    python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b|qwen3-30b-a3b-host] [--runs 3] [--rows depth0,depth2,oracle]
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ def main() -> None:
     print(f"{'engine':<10}" + "".join(f"{r['us_per_layer']:>7.0f} /{r['cpu_us_per_layer']:>6.0f}" for r in results.values()))
     print(f"{'per miss':<10}" + "".join(
         f"{r.get('us_per_miss', float('nan')):>7.0f} /{r.get('cpu_us_per_miss', float('nan')):>6.0f}" for r in results.values()))
+    print("thread hand-offs per partial layer (scheduler calls taking its lock / event-loop wakes / readers woken)")
+    print(f"{'hand-offs':<10}" + "".join(
+        f"{r['sched_calls_per_layer']:>5.1f}/{r['loop_wakes_per_layer']:>4.1f}/{r['reader_wakes_per_layer']:>4.1f}"
+        for r in results.values()))
     print(f"{'tok/s':<10}" + "".join(f"{r['tps']:>{width}.2f}" for r in results.values()))
     print(f"{'identical':<10}" + "".join(f"{str(r['identical']):>{width}}" for r in results.values()))
     worst = max(abs(r["phase_sum_us"] / r["measured_us"] - 1) for r in results.values())
@@ -82,6 +90,8 @@ def main() -> None:
         out[f"{name}_measured_us"] = r["measured_us"]
         out[f"{name}_identical"] = r["identical"]
         out[f"{name}_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
+        out[f"{name}_handoffs_per_layer"] = {k: round(r[f"{k}_per_layer"], 2)
+                                             for k in ("sched_calls", "loop_wakes", "reader_wakes")}
     print(json.dumps(out))
 
 

@@ -57,6 +57,7 @@ class ReaderPool:
         wanted = min(jobs, self._sleeping) - self._waking
         if wanted > 0:
             self._waking += wanted
+            self.dispatcher.stats.reader_wakes += wanted
             self._idle.notify(wanted)
 
     def stop(self) -> None:

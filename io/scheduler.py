@@ -254,6 +254,7 @@ class IOScheduler:
             with self._lock:
                 self._check_open()
                 if prepared is not None or dispatcher.live(key) is not None:
+                    dispatcher.stats.calls += 1
                     req, dropped = dispatcher.submit(key, depth, score, prepared)
                     kick = self._after_submit(req.demand)
                     future = req.future
@@ -261,8 +262,7 @@ class IOScheduler:
             prepared = dispatcher.prepare(key)  # locate the key outside the lock, then again
         for other in dropped:
             cancel_future(other)
-        if kick:
-            self._loop_thread.call_soon(self._pump)
+        self._wake_loop(kick)
         return future
 
     def submit_many(self, requests: Sequence[Tuple[Hashable, int, float]]
@@ -281,6 +281,7 @@ class IOScheduler:
         futures, dropped, demand = [], [], False
         with self._lock:
             self._check_open()
+            dispatcher.stats.calls += 1
             for key, depth, score in requests:
                 req, gone = dispatcher.submit(key, depth, float(score),
                                               prepared.get(key) or dispatcher.prepared[key])
@@ -290,8 +291,7 @@ class IOScheduler:
             kick = bool(requests) and self._after_submit(demand)
         for other in dropped:
             cancel_future(other)
-        if kick:
-            self._loop_thread.call_soon(self._pump)
+        self._wake_loop(kick)
         return futures
 
     def submit_demands(self, keys: Sequence[Hashable]) -> List[concurrent.futures.Future]:
@@ -320,13 +320,13 @@ class IOScheduler:
         (waiting in ``poll``) are not cancelled.
         """
         with self._lock:
+            self._dispatcher.stats.calls += 1
             req = self._dispatcher.cancel(key)
             if req is None:
                 return False
             kick = self._dispatcher.has_idle_reader()
         cancel_future(req.future)
-        if kick:
-            self._loop_thread.call_soon(self._pump)
+        self._wake_loop(kick)
         return True
 
     def poll(self, timeout: Optional[float] = 0.0) -> List[Tuple[Hashable, np.ndarray]]:
@@ -337,6 +337,7 @@ class IOScheduler:
         """
         dispatcher = self._dispatcher
         with self._cond:
+            dispatcher.stats.calls += 1
             if timeout != 0 and not dispatcher.published:
                 ready = lambda: dispatcher.published or self._closed
                 if timeout is None:
@@ -350,22 +351,46 @@ class IOScheduler:
         """Give a staging buffer (from ``poll`` or a future) back to the pool; the caller
         must be done with it, including any asynchronous copy still reading it."""
         with self._lock:
+            self._dispatcher.stats.calls += 1
             self._dispatcher.release(buffer)
             kick = self._dispatcher.has_idle_reader()
-        if kick:
-            self._loop_thread.call_soon(self._pump)
+        self._wake_loop(kick)
+
+    def release_all(self, buffers: Sequence[np.ndarray]) -> None:
+        """``release`` each of ``buffers`` under one lock, with at most one wake of the loop."""
+        if not buffers:
+            return
+        with self._lock:
+            self._dispatcher.stats.calls += 1
+            for buffer in buffers:
+                self._dispatcher.release(buffer)
+            kick = self._dispatcher.has_idle_reader()
+        self._wake_loop(kick)
 
     def pending(self, key: Hashable) -> Optional[str]:
         """``"queued"``, ``"running"``, ``"published"`` or None for a key nobody asked for."""
         with self._lock:
+            self._dispatcher.stats.calls += 1
             req = self._dispatcher.queue.get(key)
             return None if req is None else req.state
+
+    def handoffs(self) -> Tuple[int, int, int]:
+        """``(calls, loop_wakes, reader_wakes)`` so far (see ``SchedulerStatistics``), read
+        without the lock: cheap enough to take around every layer."""
+        stats = self._dispatcher.stats
+        return stats.calls, stats.loop_wakes, stats.reader_wakes
 
     def statistics(self) -> SchedulerStatistics:
         """A snapshot of the counters and latency percentiles."""
         with self._lock:
             snapshot = self._dispatcher.statistics()
         return StatisticsRecorder.finish(snapshot)
+
+    def _wake_loop(self, kick: bool) -> None:
+        """Outside the lock: have the loop activate requests (a thread hand-off, counted)."""
+        if kick:
+            self._dispatcher.stats.loop_wakes += 1
+            self._loop_thread.call_soon(self._pump)
 
     def _pump(self) -> None:
         """Loop thread, after engine events (submit, cancel, release): activate requests."""

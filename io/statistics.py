@@ -24,7 +24,10 @@ class SchedulerStatistics:
     ``reads`` counts batches (one or more coalesced requests), ``pieces`` their ``preadv`` calls;
     ``useful_nbytes`` were published or handed to a demand, ``cancelled_nbytes`` were read but
     not published (cancelled while running). Latencies in seconds; ``gb_per_s`` is bytes read
-    over the time at least one read was running.
+    over the time at least one read was running. Hand-offs between threads, the host cost
+    that does not show in a CPU profile of one thread: ``calls`` counts the caller's calls
+    that took the scheduler's lock (submit, cancel, poll, release, pending), ``loop_wakes``
+    the wake-ups of the event loop they asked for, ``reader_wakes`` the reader threads woken.
     """
 
     requests: Dict[str, int] = field(default_factory=dict)
@@ -40,6 +43,9 @@ class SchedulerStatistics:
     bytes_read: int = 0
     useful_nbytes: int = 0
     cancelled_nbytes: int = 0
+    calls: int = 0
+    loop_wakes: int = 0
+    reader_wakes: int = 0
     queue_wait_p50_s: Dict[str, float] = field(default_factory=dict)
     queue_wait_p99_s: Dict[str, float] = field(default_factory=dict)
     read_latency_p50_s: float = 0.0

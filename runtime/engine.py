@@ -262,7 +262,7 @@ class Engine:
                 sched, pf = self.scheduler, self.prefetcher
                 futures = sched.submit_demands([(layer, e) for e, _ in todo])
                 ph.lap("request")
-                taken = 0
+                taken, written = 0, []  # buffers written from and not yet handed back
                 try:
                     if meanwhile is not None:
                         meanwhile()
@@ -271,20 +271,24 @@ class Engine:
                         buf = wait_result(future)
                         waited += clock() - t
                         taken += 1
+                        written.append(buf)
                         ph.lap("wait")
-                        try:
-                            pool.stats.bytes_read += len(buf)
-                            if pf is not None:
-                                self._events.append((LATE, layer, e, 0))
-                            self._write(pool, slot, buf)
-                            del pending[e]
-                        finally:  # at once: a later read of this layer may need the buffer
-                            sched.release(buf)
-                            ph.lap("request")
+                        pool.stats.bytes_read += len(buf)
+                        if pf is not None:
+                            self._events.append((LATE, layer, e, 0))
+                        self._write(pool, slot, buf)
+                        del pending[e]
+                        if not all(f.done() for f in futures[taken:]):  # a read still to come may need one
+                            sched.release_all(written)
+                            written = []
+                        ph.lap("request")
                 except BaseException:
                     for future in futures[taken:]:  # the engine stops: hand back what still arrives
                         future.add_done_callback(self._release_result)
                     raise
+                finally:
+                    sched.release_all(written)
+                    ph.lap("request")
             self._flush(pool)
         except BaseException:
             for e in pending:
@@ -354,8 +358,8 @@ class Engine:
             return
         ph, touched, events = self._phase, set(), self._events
         protected = set(ids.reshape(-1).tolist())
-        for l, e, buf in orders.installs:
-            try:
+        try:
+            for l, e, buf in orders.installs:
                 pool = self.pools[l]
                 if pool.is_resident(e):
                     events.append((NOT_NEEDED, l, e, 0))
@@ -372,8 +376,8 @@ class Engine:
                 touched.add(pool)
                 pool.stats.bytes_read += len(buf)
                 events.append((INSTALLED, l, e, 0))
-            finally:
-                self.scheduler.release(buf)
+        finally:  # every buffer back, written or not, in one call
+            self.scheduler.release_all([buf for _, _, buf in orders.installs])
         ph.lap("install")
         for pool in touched:
             self._flush(pool)
