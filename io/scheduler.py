@@ -60,8 +60,9 @@ __all__ = ["IOScheduler", "SchedulerSettings", "SchedulerClosed", "SchedulerStat
 class IOScheduler:
     """Reads experts into staging buffers in priority order, on threads of its own.
 
-    The engine thread calls ``submit`` (never blocks), ``cancel``, ``poll`` (completed
-    prefetches as ``(key, buffer)``), and ``release(buffer)`` once it is done with a buffer.
+    The engine thread calls ``submit`` (never blocks; ``submit_many`` for a layer's reads
+    at once, one lock and one hand-off), ``cancel``, ``poll`` (completed prefetches as
+    ``(key, buffer)``), and ``release(buffer)`` (``release_all``) once it is done with a buffer.
     ``submit(key, depth=0)`` is a demand read: wait on the returned future with
     ``wait_result(future)`` (golem.io.futures), which lets Ctrl-C through within 0.1 s;
     a bare ``future.result()`` can hold it back for as long as the read takes.
