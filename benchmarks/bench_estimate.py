@@ -153,13 +153,13 @@ def prefill_warm(trace) -> dict:
     if trace.prefill is None:
         return warm
     pre = trace.experts[trace.prefill]
-    for layer in range(trace.num_layers):
+    for position in range(trace.num_layers):
         order: dict = {}
-        for row in pre[:, layer]:
+        for row in pre[:, position]:
             for e in sorted(int(x) for x in row if x >= 0):
                 order.pop(e, None)
                 order[e] = None
-        warm[layer] = list(order)
+        warm[position] = list(order)
     return warm
 
 

@@ -1,6 +1,6 @@
 """golem.predictors: who guesses which experts come next, and how well.
 
-Predictors are pure functions of what they are shown (a layer, its hidden state, the
+Predictors are pure functions of what they are shown (an MoE position, its hidden state, the
 routing history); they never touch files or the I/O scheduler. ``families`` holds what golem
 knows of each model family (one module per ``model_type``), ``routers`` finds a loaded
 model's MoE blocks and routes them by their family's exact rule (shared with the runtime);

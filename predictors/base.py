@@ -18,7 +18,8 @@ class RoutingShape:
     """What a predictor needs to know about a model's routing.
 
     Args:
-        num_layers: MoE layers (the layer axis of a trace).
+        num_layers: MoE layers; predictors number them by position, 0..num_layers-1 (the
+            layer axis of a trace), never by decoder layer number.
         num_experts: routed experts per MoE layer.
         top_k: experts per token.
     """
@@ -37,41 +38,42 @@ class RoutingShape:
         meta = getattr(trace, "meta", None) or {}
         if meta:
             return cls(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]))
-        n, layers, k = trace.experts.shape
-        return cls(layers, int(trace.experts.max()) + 1, k)
+        n, num_layers, k = trace.experts.shape
+        return cls(num_layers, int(trace.experts.max()) + 1, k)
 
 
 class Candidate(NamedTuple):
-    """One expert worth prefetching: ``(layer, expert)`` with the predictor's score."""
+    """One expert worth prefetching: ``(position, expert)`` with the predictor's score
+    (``position``: the target's MoE position; past the last one, the next step's)."""
 
-    layer: int
+    position: int
     expert: int
     score: float
 
 
 @dataclass(frozen=True)
 class Proposal:
-    """Predictions made at ``layer`` for the layers in ``targets``.
+    """Predictions made at MoE position ``position`` for the positions in ``targets``.
 
     Args:
-        layer: the MoE layer the prediction is made at.
-        targets: the MoE layers predicted, nearest first (``layer + nearest`` ..
-            ``layer + depth``, cut at the last layer); row i of ``Predictor.scores`` is
+        position: the MoE position the prediction is made at.
+        targets: the MoE positions predicted, nearest first (``position + nearest`` ..
+            ``position + depth``, cut at the last one); row i of ``Predictor.scores`` is
             ``targets[i]``.
         arrays: lazy mx arrays the caller must evaluate (with its own, in one ``mx.eval``)
             before asking for scores; empty for predictors that need no device work.
         payload: private to the predictor that made it.
     """
 
-    layer: int
+    position: int
     targets: range
     arrays: Tuple[Any, ...] = ()
     payload: Any = None
 
     @property
     def offsets(self) -> range:
-        """Distance of each target from ``layer`` (the depth of each row)."""
-        return range(self.targets.start - self.layer, self.targets.stop - self.layer)
+        """Distance of each target from ``position`` (the depth of each row)."""
+        return range(self.targets.start - self.position, self.targets.stop - self.position)
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,10 @@ class Selection:
         """Candidates in prefetch order: nearer layers first, higher scores first."""
         keep = self.mask(scores, exclude)
         out: List[Candidate] = []
-        for r, layer in enumerate(targets):
+        for r, position in enumerate(targets):
             ids = np.flatnonzero(keep[r])
             order = np.lexsort((ids, -scores[r, ids]))
-            out.extend(Candidate(int(layer), int(e), float(scores[r, e])) for e in ids[order])
+            out.extend(Candidate(int(position), int(e), float(scores[r, e])) for e in ids[order])
         return out
 
 
@@ -208,19 +210,21 @@ class BinnedCalibration:
 
 
 class Predictor:
-    """Guesses the experts of layers ``layer + 1 .. layer + depth`` while ``layer`` runs.
+    """Guesses the experts of MoE positions ``position + 1 .. position + depth`` while the
+    MoE layer at ``position`` runs.
 
-    Calls, per decode step of one sequence (the decode engine and the trace replay both do
-    exactly this)::
+    A predictor numbers the MoE layers by position (0 = the first MoE layer), never by
+    decoder layer number; the caller maps between the two. Calls, per decode step of one
+    sequence (the decode engine and the trace replay both do exactly this)::
 
         predictor.begin_sequence()                   # once per sequence: history restarts
         for each decode step:
             predictor.begin_step()
-            for layer in MoE layers:
-                prop = predictor.propose(layer, depth, hidden)   # lazy; no host sync
-                mx.eval(layer_ids, layer_scores, *prop.arrays)   # the caller's one sync
-                predictor.observe(layer, layer_ids, layer_scores)
-                cands = predictor.candidates(prop, selection)    # or .scores(prop)
+            for position in range(num_layers):
+                prop = predictor.propose(position, depth, hidden)   # lazy; no host sync
+                mx.eval(layer_ids, layer_scores, *prop.arrays)      # the caller's one sync
+                predictor.observe(position, layer_ids, layer_scores)
+                cands = predictor.candidates(prop, selection)       # or .scores(prop)
 
     ``observe`` before ``scores``: predictors that work from routing history (previous,
     frequency, transition) read the layer's own routing there. ``fit`` trains the ones that
@@ -266,33 +270,36 @@ class Predictor:
         self.step += 1
 
     # -- predicting
-    def targets(self, layer: int, depth: int, nearest: int = 1) -> range:
-        if not 0 <= layer < self.shape.num_layers:
-            raise ValueError(f"layer {layer} outside 0..{self.shape.num_layers - 1}")
+    def targets(self, position: int, depth: int, nearest: int = 1) -> range:
+        """The MoE positions a proposal at ``position`` covers: ``position + nearest`` ..
+        ``position + depth``, cut at the last one."""
+        if not 0 <= position < self.shape.num_layers:
+            raise ValueError(f"MoE position {position} outside 0..{self.shape.num_layers - 1}")
         if depth < nearest or nearest < 0:
             raise ValueError(f"depth {depth} must be >= nearest {nearest} >= 0")
-        return range(layer + nearest, min(layer + depth, self.shape.num_layers - 1) + 1)
+        return range(position + nearest, min(position + depth, self.shape.num_layers - 1) + 1)
 
-    def propose(self, layer: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
-        """Start predicting layers ``layer + nearest .. layer + depth`` (lazily)."""
-        return Proposal(layer, self.targets(layer, depth, nearest))
+    def propose(self, position: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
+        """Start predicting positions ``position + nearest .. position + depth`` (lazily)."""
+        return Proposal(position, self.targets(position, depth, nearest))
 
-    def propose_next(self, layer: int, depth: int, hidden: Any = None) -> Optional[Proposal]:
-        """Guesses for the NEXT step's first layers, when ``layer + depth`` runs past the
-        last MoE layer: targets numbered on (``num_layers + t`` is the next step's layer
+    def propose_next(self, position: int, depth: int, hidden: Any = None) -> Optional[Proposal]:
+        """Guesses for the NEXT step's first MoE layers, when ``position + depth`` runs past
+        the last one: targets numbered on (``num_layers + t`` is the next step's position
         ``t``). None when the predictor cannot see past the current step (the default)."""
         return None
 
     def scores(self, proposal: Proposal) -> np.ndarray:
         """float32 (len(targets), E) scores of a proposal, after its arrays are evaluated
-        and after ``observe`` of its layer."""
-        return self.predict(proposal.layer, proposal.targets)
+        and after ``observe`` of its position."""
+        return self.predict(proposal.position, proposal.targets)
 
-    def predict(self, layer: int, targets: range) -> np.ndarray:
+    def predict(self, position: int, targets: range) -> np.ndarray:
         raise NotImplementedError
 
-    def observe(self, layer: int, experts: Any, weights: Any = None) -> None:
-        """The true routing of ``layer`` at this step (ids; weights order them when given)."""
+    def observe(self, position: int, experts: Any, weights: Any = None) -> None:
+        """The true routing of the MoE layer at ``position`` at this step (ids; weights
+        order them when given)."""
 
     def candidates(
         self, proposal: Proposal, selection: Selection, exclude: Optional[np.ndarray] = None

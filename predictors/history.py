@@ -39,7 +39,7 @@ def sequences(trace: Any):
 
 
 class RoutingHistory:
-    """Each layer's most recent routing (ids, best first) and the step it was seen at."""
+    """Each MoE position's most recent routing (ids, best first) and the step it was seen at."""
 
     def __init__(self, num_layers: int):
         self.ids: List[Optional[np.ndarray]] = [None] * num_layers
@@ -49,13 +49,14 @@ class RoutingHistory:
         self.ids = [None] * len(self.ids)
         self.step_of[:] = -2
 
-    def record(self, layer: int, ids: np.ndarray, step: int) -> None:
-        self.ids[layer] = ids
-        self.step_of[layer] = step
+    def record(self, position: int, ids: np.ndarray, step: int) -> None:
+        self.ids[position] = ids
+        self.step_of[position] = step
 
-    def at(self, layer: int, step: int) -> Optional[np.ndarray]:
-        """The ids ``layer`` routed to at ``step``, if that was the last thing seen there."""
-        return self.ids[layer] if self.step_of[layer] == step and step >= 0 else None
+    def at(self, position: int, step: int) -> Optional[np.ndarray]:
+        """The ids the MoE layer at ``position`` routed to at ``step``, if that was the last
+        thing seen there."""
+        return self.ids[position] if self.step_of[position] == step and step >= 0 else None
 
 
 class HistoryPredictor(Predictor):
@@ -75,24 +76,24 @@ class HistoryPredictor(Predictor):
         super().begin_sequence()
         self.history.clear()
 
-    def observe(self, layer: int, experts: Any, weights: Any = None) -> None:
-        self.observe_ids(layer, ranked_ids(experts, weights))
+    def observe(self, position: int, experts: Any, weights: Any = None) -> None:
+        self.observe_ids(position, ranked_ids(experts, weights))
 
-    def observe_ids(self, layer: int, ids: np.ndarray) -> None:
+    def observe_ids(self, position: int, ids: np.ndarray) -> None:
         """``observe`` with the ids already distinct and ranked (``ranked_ids``)."""
         if self.online:
-            self.learn(layer, ids)
-        self.history.record(layer, ids, self.step)
+            self.learn(position, ids)
+        self.history.record(position, ids, self.step)
 
-    def learn(self, layer: int, ids: np.ndarray) -> None:
-        """Update statistics with ``layer``'s routing at this step (before it is recorded)."""
+    def learn(self, position: int, ids: np.ndarray) -> None:
+        """Update statistics with the routing at ``position`` at this step (before it is recorded)."""
 
 
 class Previous(HistoryPredictor):
     """The previous token's experts at the target layer.
 
     Score: how often an expert the layer used one token ago, at that rank by weight, is used
-    again: ``(reused + prior * prior_weight) / (seen + prior_weight)`` per (layer, rank),
+    again: ``(reused + prior * prior_weight) / (seen + prior_weight)`` per (position, rank),
     learned from traces and observed steps. Nothing is predicted at a sequence's first step.
 
     Args:
@@ -126,10 +127,10 @@ class Previous(HistoryPredictor):
         return self
 
     def reuse_rate(self) -> np.ndarray:
-        """(L, K) estimated probability of reuse by layer and rank."""
+        """(L, K) estimated probability of reuse by MoE position and rank."""
         return self.reused / self.seen
 
-    def predict(self, layer: int, targets: range) -> np.ndarray:
+    def predict(self, position: int, targets: range) -> np.ndarray:
         out = self.zeros(targets)
         k = self.shape.top_k
         for row, t in enumerate(targets):
@@ -139,8 +140,8 @@ class Previous(HistoryPredictor):
                 out[row, ids] = self.reused[t, ranks] / self.seen[t, ranks]
         return out
 
-    def learn(self, layer: int, ids: np.ndarray) -> None:
-        prev = self.history.at(layer, self.step - 1)
+    def learn(self, position: int, ids: np.ndarray) -> None:
+        prev = self.history.at(position, self.step - 1)
         if prev is None or not prev.size:
             return
         self._mask[ids] = True
@@ -148,12 +149,12 @@ class Previous(HistoryPredictor):
         self._mask[ids] = False
         if prev.size <= self.shape.top_k:
             ranks = _RANKS[: prev.size]
-            self.seen[layer, ranks] += 1.0
-            self.reused[layer, ranks] += reused
+            self.seen[position, ranks] += 1.0
+            self.reused[position, ranks] += reused
         else:
             ranks = np.minimum(np.arange(prev.size), self.shape.top_k - 1)
-            np.add.at(self.seen[layer], ranks, 1.0)
-            np.add.at(self.reused[layer], ranks, reused.astype(np.float64))
+            np.add.at(self.seen[position], ranks, 1.0)
+            np.add.at(self.reused[position], ranks, reused.astype(np.float64))
 
 
 _RANKS = np.arange(4096)
@@ -184,16 +185,16 @@ class Frequency(HistoryPredictor):
             self.steps += hot.shape[0]
         return self
 
-    def predict(self, layer: int, targets: range) -> np.ndarray:
+    def predict(self, position: int, targets: range) -> np.ndarray:
         out = self.zeros(targets)
         for row, t in enumerate(targets):
             if self.steps[t] > 0:
                 out[row] = self.counts[t] / self.steps[t]
         return out
 
-    def learn(self, layer: int, ids: np.ndarray) -> None:
-        self.counts[layer, ids] += 1.0
-        self.steps[layer] += 1.0
+    def learn(self, position: int, ids: np.ndarray) -> None:
+        self.counts[position, ids] += 1.0
+        self.steps[position] += 1.0
 
 
 class Transition(HistoryPredictor):
@@ -240,7 +241,7 @@ class Transition(HistoryPredictor):
         self.calibration = BinnedCalibration(max_depth)
         self._tables: Optional[tuple] = None
         self._stale_steps = 0
-        # bins of this step's predictions by (target layer, d - 1), -1 = none yet
+        # bins of this step's predictions by (target position, d - 1), -1 = none yet
         self._pending = np.full((L, max_depth, E), -1, np.int64)
         self._used = np.zeros((L, E), bool)  # this step's true routing, for the calibration
         self._observed = np.zeros(L, bool)
@@ -283,10 +284,10 @@ class Transition(HistoryPredictor):
             self._stale_steps = 0
         return self._tables
 
-    def raw(self, layer: int, src: np.ndarray, depths: np.ndarray) -> np.ndarray:
-        """(len(depths), E) naive-Bayes probabilities for layers ``layer + depths``."""
+    def raw(self, position: int, src: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        """(len(depths), E) naive-Bayes probabilities for positions ``position + depths``."""
         base, evidence = self._logodds()
-        z = base[layer + depths] + evidence[(depths - 1)[:, None], layer, src[None, :]].sum(axis=1)
+        z = base[position + depths] + evidence[(depths - 1)[:, None], position, src[None, :]].sum(axis=1)
         return 1.0 / (1.0 + np.exp(-z))
 
     def fit(self, traces: Sequence[Any]) -> "Transition":
@@ -296,45 +297,45 @@ class Transition(HistoryPredictor):
             self.counts += hot.sum(axis=0)
             self.steps += hot.shape[0]
             for d in range(1, self.max_depth + 1):
-                for layer in range(L - d):
-                    self.pairs[d - 1, layer] += hot[:, layer].T @ hot[:, layer + d]
+                for position in range(L - d):
+                    self.pairs[d - 1, position] += hot[:, position].T @ hot[:, position + d]
         self._tables = None
         base, evidence = self._logodds()
         for hot in hots:  # in-sample calibration
             for d in range(1, self.max_depth + 1):
-                for layer in range(L - d):
-                    z = base[layer + d] + hot[:, layer] @ evidence[d - 1, layer]
+                for position in range(L - d):
+                    z = base[position + d] + hot[:, position] @ evidence[d - 1, position]
                     bins = self.calibration.bin_of(1.0 / (1.0 + np.exp(-z)))
-                    self.calibration.update(np.full(len(bins), d - 1), bins, hot[:, layer + d])
+                    self.calibration.update(np.full(len(bins), d - 1), bins, hot[:, position + d])
         return self
 
-    def predict(self, layer: int, targets: range) -> np.ndarray:
+    def predict(self, position: int, targets: range) -> np.ndarray:
         out = self.zeros(targets)
-        src = self.history.at(layer, self.step)
+        src = self.history.at(position, self.step)
         if src is None or not src.size or not len(targets):
             return out
-        depths = np.arange(targets.start, targets.stop) - layer
+        depths = np.arange(targets.start, targets.stop) - position
         inside = depths <= self.max_depth
         depths = depths[inside]
         if not depths.size:
             return out
-        bins = self.calibration.bin_of(self.raw(layer, src, depths))
+        bins = self.calibration.bin_of(self.raw(position, src, depths))
         out[: depths.size] = self.calibration.apply(depths - 1, bins)
         if self.online:
-            self._pending[layer + depths, depths - 1] = bins
+            self._pending[position + depths, depths - 1] = bins
         return out
 
-    def learn(self, layer: int, ids: np.ndarray) -> None:
-        self.counts[layer, ids] += 1.0
-        self.steps[layer] += 1.0
-        if layer == self.shape.num_layers - 1:
+    def learn(self, position: int, ids: np.ndarray) -> None:
+        self.counts[position, ids] += 1.0
+        self.steps[position] += 1.0
+        if position == self.shape.num_layers - 1:
             self._stale_steps += 1
-        for d in range(1, min(self.max_depth, layer) + 1):
-            src = self.history.at(layer - d, self.step)
+        for d in range(1, min(self.max_depth, position) + 1):
+            src = self.history.at(position - d, self.step)
             if src is not None and src.size:
-                self.pairs[d - 1, layer - d, src[:, None], ids[None, :]] += 1.0
-        self._used[layer, ids] = True
-        self._observed[layer] = True
+                self.pairs[d - 1, position - d, src[:, None], ids[None, :]] += 1.0
+        self._used[position, ids] = True
+        self._observed[position] = True
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -383,10 +384,10 @@ class Combined(Predictor):
         for m in self.members:
             m.begin_step()
 
-    def propose(self, layer: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
-        props = [m.propose(layer, depth, hidden, nearest=nearest) for m in self.members]
+    def propose(self, position: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
+        props = [m.propose(position, depth, hidden, nearest=nearest) for m in self.members]
         arrays = tuple(a for p in props for a in p.arrays)
-        return Proposal(layer, props[0].targets, arrays, props)
+        return Proposal(position, props[0].targets, arrays, props)
 
     def scores(self, proposal: Proposal) -> np.ndarray:
         parts = np.stack([m.scores(p) for m, p in zip(self.members, proposal.payload)])
@@ -396,10 +397,10 @@ class Combined(Predictor):
             return parts.mean(axis=0).astype(np.float32)
         return (1.0 - np.prod(1.0 - parts, axis=0)).astype(np.float32)
 
-    def observe(self, layer: int, experts: Any, weights: Any = None) -> None:
+    def observe(self, position: int, experts: Any, weights: Any = None) -> None:
         ids = ranked_ids(experts, weights)
         for m in self.members:
             if isinstance(m, HistoryPredictor):
-                m.observe_ids(layer, ids)
+                m.observe_ids(position, ids)
             else:
-                m.observe(layer, experts, weights)
+                m.observe(position, experts, weights)

@@ -24,7 +24,7 @@ class _RankCalibrated(Predictor):
 
     Score: the expert's rank r (0 = first) at distance d becomes the observed rate at which
     rank r at distance d was among the target layer's true experts, ``(hits + prior) /
-    (seen + prior_weight)`` per (target layer, d, r); the prior says "the top-k are used, the
+    (seen + prior_weight)`` per (target position, d, r); the prior says "the top-k are used, the
     rest are not". ``observe`` updates it when ``online``.
     """
 
@@ -42,7 +42,7 @@ class _RankCalibrated(Predictor):
         prior[:k] = prior_weight
         self.hits = np.broadcast_to(prior, (L, max_depth + 1, E)).copy()
         self.seen = np.full((L, max_depth + 1), prior_weight)
-        # ranks of this step's predictions by (target layer, distance), -1 = none yet
+        # ranks of this step's predictions by (target position, distance), -1 = none yet
         self._pending = np.full((L, max_depth + 1, E), -1, np.int64)
 
     def begin_step(self) -> None:
@@ -53,20 +53,20 @@ class _RankCalibrated(Predictor):
         super().begin_sequence()
         self._pending.fill(-1)
 
-    def rank_rows(self, layer: int, targets: range, h: mx.array) -> Optional[mx.array]:
+    def rank_rows(self, position: int, targets: range, h: mx.array) -> Optional[mx.array]:
         """Lazy float32 (len(targets), E), higher first; a NaN row or None: nothing to go on."""
         raise NotImplementedError
 
-    def propose(self, layer: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
-        targets = self.targets(layer, depth, nearest)
+    def propose(self, position: int, depth: int, hidden: Any = None, *, nearest: int = 1) -> Proposal:
+        targets = self.targets(position, depth, nearest)
         if not len(targets):
-            return Proposal(layer, targets)
+            return Proposal(position, targets)
         if hidden is None:
-            raise ValueError(f"{self.name} needs layer {layer}'s hidden state ({self.hidden_kind})")
+            raise ValueError(f"{self.name} needs MoE position {position}'s hidden state ({self.hidden_kind})")
         h = hidden if isinstance(hidden, mx.array) else mx.array(np.asarray(hidden))
         h = h.reshape(-1, h.shape[-1])[-1:]  # (1, D): the last token
-        rows = self.rank_rows(layer, targets, h)
-        return Proposal(layer, targets, () if rows is None else (rows,))
+        rows = self.rank_rows(position, targets, h)
+        return Proposal(position, targets, () if rows is None else (rows,))
 
     def raw_scores(self, proposal: Proposal) -> np.ndarray:
         """float32 (len(targets), E): the ranking quantities, as evaluated."""
@@ -75,7 +75,7 @@ class _RankCalibrated(Predictor):
         return np.array(proposal.arrays[0], dtype=np.float32)
 
     def calibration(self) -> np.ndarray:
-        """(L, max_depth + 1, E): probability of use by target layer, distance and rank."""
+        """(L, max_depth + 1, E): probability of use by target position, distance and rank."""
         return self.hits / self.seen[..., None]
 
     def scores(self, proposal: Proposal) -> np.ndarray:
@@ -94,25 +94,25 @@ class _RankCalibrated(Predictor):
             self._pending[t[made], d[made]] = rank[made]
         return out.astype(np.float32)
 
-    def observe(self, layer: int, experts: Any, weights: Any = None) -> None:
-        pending = self._pending[layer]  # (max_depth + 1, E) ranks
+    def observe(self, position: int, experts: Any, weights: Any = None) -> None:
+        pending = self._pending[position]  # (max_depth + 1, E) ranks
         made = pending[:, 0] >= 0
         if not made.any():
             return
         ids = ranked_ids(experts)
         for d in np.flatnonzero(made):
-            self.seen[layer, d] += 1.0
-            self.hits[layer, d, pending[d, ids]] += 1.0
+            self.seen[position, d] += 1.0
+            self.hits[position, d, pending[d, ids]] += 1.0
         pending.fill(-1)
 
 
 class Lookahead(_RankCalibrated):
     """Router lookahead over a loaded model's MoE blocks.
 
-    ``propose(layer, depth, hidden)`` takes layer ``layer``'s residual stream (kind
-    ``hidden_kind``: ``"post_attn"``, the residual after attention and before the MoE, or
-    ``"layer_input"``, the residual entering the decoder layer), shape (..., D) (the last
-    token is used), as an mx or numpy array. Its proposal carries one lazy float32 array
+    ``propose(position, depth, hidden)`` takes the residual stream of the MoE layer at
+    ``position`` (kind ``hidden_kind``: ``"post_attn"``, the residual after attention and
+    before the MoE, or ``"layer_input"``, the residual entering the decoder layer), shape
+    (..., D) (the last token is used), as an mx or numpy array. Its proposal carries one lazy float32 array
     (len(targets), E): each target layer's own pre-MoE norm and ranking quantity (router
     probabilities, logits or biased sigmoid scores, as the family ranks) applied to it.
     Scores are rank-calibrated (see ``_RankCalibrated``).
@@ -142,7 +142,7 @@ class Lookahead(_RankCalibrated):
         super().__init__(shape, hidden_kind=hidden_kind, max_depth=max_depth, online=online, prior_weight=prior_weight)
         self.blocks = list(blocks)
 
-    def rank_rows(self, layer: int, targets: range, h: mx.array) -> mx.array:
+    def rank_rows(self, position: int, targets: range, h: mx.array) -> mx.array:
         rows = []
         for t in targets:
             block = self.blocks[t]
@@ -209,24 +209,24 @@ class Probe(_RankCalibrated):
         Y = np.concatenate([onehot(t.experts, self.shape.num_experts) for t in usable]).astype(np.float64)
         L, E = self.shape.num_layers, self.shape.num_experts
         W = np.zeros((self.max_depth, L, X.shape[-1], E), np.float32)
-        for layer in range(L):
-            x = X[:, layer]
+        for position in range(L):
+            x = X[:, position]
             gram = x.T @ x
             reg = self.ridge * np.trace(gram) / gram.shape[0] * np.eye(gram.shape[0])
             reg[-1, -1] = 0.0  # the bias is not shrunk
             inv = np.linalg.pinv(gram + reg)
-            for d in range(1, min(self.max_depth, L - 1 - layer) + 1):
-                W[d - 1, layer] = inv @ (x.T @ Y[:, layer + d])
+            for d in range(1, min(self.max_depth, L - 1 - position) + 1):
+                W[d - 1, position] = inv @ (x.T @ Y[:, position + d])
         self.weights = mx.array(W)
         return self
 
-    def rank_rows(self, layer: int, targets: range, h: mx.array) -> Optional[mx.array]:
+    def rank_rows(self, position: int, targets: range, h: mx.array) -> Optional[mx.array]:
         if self.weights is None:
             return None
         h = h.astype(mx.float32)
         x = h * mx.rsqrt(mx.mean(h * h, axis=-1, keepdims=True) + 1e-6)
         x = mx.concatenate([x, mx.ones((1, 1))], axis=-1)  # (1, D + 1)
         nothing = mx.full((1, self.shape.num_experts), float("nan"))
-        rows = [x @ self.weights[t - layer - 1, layer] if 1 <= t - layer <= self.max_depth else nothing
-                for t in targets]
+        rows = [x @ self.weights[t - position - 1, position] if 1 <= t - position <= self.max_depth
+                else nothing for t in targets]
         return mx.concatenate(rows, axis=0)

@@ -28,10 +28,10 @@ class Accuracy:
         threshold: the selection threshold.
         steps: decode steps replayed.
         true_experts: experts the trace routed to, all layers.
-        covered_experts: of those, the ones in layers >= depth (that could be predicted).
+        covered_experts: of those, the ones at MoE positions >= depth (that could be predicted).
         predicted: candidates selected.
         hits: selected candidates the target layer did use.
-        covered_layer_steps: steps x layers >= depth.
+        covered_layer_steps: steps x MoE positions >= depth.
         expert_nbytes: bytes of one expert (0 when unknown).
         best: when set, the selection was "the ``best`` highest-scored experts of each target
             layer" (score > 0) instead of the threshold (then reported as 0).
@@ -124,8 +124,8 @@ def replay(
         predictor.begin_sequence()
         for t in range(start, stop):
             predictor.begin_step()
-            rows = [(experts[t, layer], None if weights is None else weights[t, layer],
-                     hidden[t, layer] if predictor.needs_hidden else None) for layer in range(L)]
+            rows = [(experts[t, position], None if weights is None else weights[t, position],
+                     hidden[t, position] if predictor.needs_hidden else None) for position in range(L)]
             masks = _step_masks(predictor, rows, depth=depth, nearest=nearest, selections=selections, best=best)
             hits += (masks & hot[t][None, None]).sum(axis=(2, 3))
             predicted += masks.sum(axis=(2, 3))
@@ -156,22 +156,23 @@ def _check_replay(trace: Any, predictor: Predictor, *, depth: int, nearest: int,
 
 def _step_masks(predictor: Predictor, rows: Sequence[tuple], *, depth: int, nearest: int,
                 selections: Sequence[Selection], best: Optional[int]) -> np.ndarray:
-    """One decode step through ``predictor``, layer by layer as the engine calls it (``rows``:
-    each layer's experts, weights and hidden state); returns which experts each selection
-    (then the ``best`` row) predicts, (T, R, L, E) by selection, depth and target layer."""
+    """One decode step through ``predictor``, MoE position by position as the engine calls it
+    (``rows``: each position's experts, weights and hidden state); returns which experts each
+    selection (then the ``best`` row) predicts, (T, R, L, E) by selection, depth and target
+    position."""
     L, E = len(rows), predictor.shape.num_experts
     R, T = depth - nearest + 1, len(selections) + (best is not None)
     capped = any(s.limit is not None for s in selections)
-    buf = np.zeros((R, L, E), np.float32)  # scores by depth and target layer
+    buf = np.zeros((R, L, E), np.float32)  # scores by depth and target position
     masks = np.zeros((T, R, L, E), bool)
-    for layer, (chosen, weights, h) in enumerate(rows):
-        prop = predictor.propose(layer, depth, h, nearest=nearest)
-        predictor.observe(layer, chosen, weights)
+    for position, (chosen, weights, h) in enumerate(rows):
+        prop = predictor.propose(position, depth, h, nearest=nearest)
+        predictor.observe(position, chosen, weights)
         if not len(prop.targets):
             continue
         scores = predictor.scores(prop)
         n, first = len(prop.targets), prop.targets.start
-        rr, cols = _ARANGE[:n] + (first - layer - nearest), _ARANGE[:n] + first
+        rr, cols = _ARANGE[:n] + (first - position - nearest), _ARANGE[:n] + first
         buf[rr, cols] = scores
         if capped:
             for i, sel in enumerate(selections):

@@ -56,7 +56,7 @@ class Oracle(Predictor):
 
     def future(self, targets: range) -> np.ndarray:
         """bool (len(targets), E): what the target layers use at the current step (targets
-        past the last layer: the next step's first layers, see ``propose_next``)."""
+        past the last position: the next step's first positions, see ``propose_next``)."""
         if self.row < 0:
             raise ValueError(f"{self.name}: begin_step() was not called")
         L = self.shape.num_layers
@@ -64,14 +64,14 @@ class Oracle(Predictor):
             return self.truth[self.row + 1, targets.start - L : targets.stop - L]
         return self.truth[self.row, targets.start : targets.stop]
 
-    def propose_next(self, layer: int, depth: int, hidden: Any = None) -> Optional[Proposal]:
+    def propose_next(self, position: int, depth: int, hidden: Any = None) -> Optional[Proposal]:
         L = self.shape.num_layers
-        n = min(layer + depth - (L - 1), L)
+        n = min(position + depth - (L - 1), L)
         if n <= 0 or self.row < 0 or self.row + 1 >= self.seq_offsets[self.sequence + 1]:
             return None  # the sequence ends here: there is no next step to know
-        return Proposal(layer, range(L, L + n))
+        return Proposal(position, range(L, L + n))
 
-    def predict(self, layer: int, targets: range) -> np.ndarray:
+    def predict(self, position: int, targets: range) -> np.ndarray:
         return self.future(targets).astype(np.float32)
 
 
@@ -115,7 +115,7 @@ class NoisyOracle(Oracle):
         n = int(np.floor(want)) + int(self.rng.random() < want - np.floor(want))
         return self.rng.choice(pool, size=n, replace=False) if n else pool[:0]
 
-    def predict(self, layer: int, targets: range) -> np.ndarray:
+    def predict(self, position: int, targets: range) -> np.ndarray:
         out = np.zeros((len(targets), self.shape.num_experts), np.float32)
         for row, used in enumerate(self.future(targets)):
             out[row, self._pick(np.flatnonzero(used), self.recall)] = 1.0
@@ -138,7 +138,7 @@ class RandomGuess(Predictor):
         super().__init__(shape)
         self.rng = np.random.default_rng(seed)
 
-    def predict(self, layer: int, targets: range) -> np.ndarray:
+    def predict(self, position: int, targets: range) -> np.ndarray:
         out = self.zeros(targets)
         picks = np.argpartition(self.rng.random(out.shape), self.shape.top_k - 1, axis=1)[:, : self.shape.top_k]
         np.put_along_axis(out, picks, 1.0, axis=1)

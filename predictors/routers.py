@@ -53,8 +53,8 @@ class MoEBlock:
     """One MoE layer of a loaded model, with what it takes to route it.
 
     Args:
-        moe_layer: position among the model's MoE layers: the layer axis of a trace and the
-            ``layer`` that predictors speak of.
+        position: index among the model's MoE layers (0 = the first): the layer axis of a
+            trace and the ``position`` that predictors speak of.
         model_layer: index in ``model.layers`` (checkpoint keys ``...layers.{model_layer}...``).
         layer: the decoder layer module.
         block: the MoE block module (``getattr(layer, block_attr)``).
@@ -64,7 +64,7 @@ class MoEBlock:
         family: what golem knows of the model's family (norm names, config keys, ...).
     """
 
-    moe_layer: int
+    position: int
     model_layer: int
     layer: nn.Module
     block: nn.Module
@@ -119,7 +119,7 @@ def find_moe_blocks(model: nn.Module) -> List[MoEBlock]:
             continue
         blocks.append(
             MoEBlock(
-                moe_layer=len(blocks),
+                position=len(blocks),
                 model_layer=i,
                 layer=layer,
                 block=block,

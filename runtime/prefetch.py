@@ -238,7 +238,7 @@ class Prefetcher:
             return []
         out = []
         for cand in self.selection.select(scores, targets, exclude):
-            layer = self.moe_layers[cand.layer % n]
+            layer = self.moe_layers[cand.position % n]
             if not self.stats[layer].enabled:
                 continue
             out.append((layer, cand.expert, cand.score))

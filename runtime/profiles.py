@@ -143,9 +143,9 @@ class Profile:
 
     def to_json(self) -> dict:
         layers = []
-        for layer in range(self.num_layers):
-            top = self.top_experts(layer)
-            layers.append({"experts": top, "counts": [_number(self.counts[layer, e]) for e in top]})
+        for position in range(self.num_layers):
+            top = self.top_experts(position)
+            layers.append({"experts": top, "counts": [_number(self.counts[position, e]) for e in top]})
         out = {
             "format": PROFILE_FORMAT,
             "num_layers": self.num_layers,
@@ -180,16 +180,17 @@ class Profile:
             if len(layers) != num_layers:
                 raise ProfileDamaged(f"{where}: {len(layers)} layer entries, num_layers says {num_layers}")
             counts = np.zeros((num_layers, num_experts), dtype=np.float64)
-            for layer, entry in enumerate(layers):
+            for position, entry in enumerate(layers):
                 experts, values = entry["experts"], entry["counts"]
                 if len(experts) != len(values):
-                    raise ProfileDamaged(f"{where}: layer {layer} lists {len(experts)} experts but {len(values)} counts")
+                    raise ProfileDamaged(
+                        f"{where}: layer {position} lists {len(experts)} experts but {len(values)} counts")
                 for e, c in zip(experts, values):
                     if not 0 <= int(e) < num_experts:
-                        raise ProfileDamaged(f"{where}: layer {layer} names expert {e}, outside [0, {num_experts})")
+                        raise ProfileDamaged(f"{where}: layer {position} names expert {e}, outside [0, {num_experts})")
                     if not float(c) >= 0 or math.isinf(float(c)):
-                        raise ProfileDamaged(f"{where}: layer {layer} expert {e} has a count of {c}")
-                    counts[layer, int(e)] = float(c)
+                        raise ProfileDamaged(f"{where}: layer {position} expert {e} has a count of {c}")
+                    counts[position, int(e)] = float(c)
             hist = None
             if "stack_hist" in data:
                 hist = np.asarray(data["stack_hist"], dtype=np.int64)

@@ -21,10 +21,10 @@ def _reference(experts: np.ndarray, chunk: int, coverages) -> tuple[list, list]:
     for start in range(0, experts.shape[0] - chunk + 1, chunk):
         counts = Counter()
         for step in experts[start:start + chunk]:
-            for layer, row in enumerate(step):
+            for position, row in enumerate(step):
                 for e in row:
                     if e >= 0:
-                        counts[(layer, int(e))] += 1
+                        counts[(position, int(e))] += 1
         total = sum(counts.values())
         ranked = sorted(counts, key=lambda p: (-counts[p], prev is None or p not in prev, p))
         u_row, d_row = [], []

@@ -30,14 +30,14 @@ def _synthetic_trace(steps=768, layers=4, experts=16, top_k=2, seed=0) -> Trace:
     """Routing with locality: each layer draws from a slowly drifting favourite set."""
     rng = np.random.default_rng(seed)
     out = np.zeros((steps, layers, top_k), np.int16)
-    for layer in range(layers):
+    for position in range(layers):
         fav = rng.permutation(experts)
         for t in range(steps):
             if t % 64 == 0:
                 fav = np.roll(fav, 1)
             p = 0.6 ** np.arange(experts)
             p /= p.sum()
-            out[t, layer] = fav[rng.choice(experts, size=top_k, replace=False, p=p)]
+            out[t, position] = fav[rng.choice(experts, size=top_k, replace=False, p=p)]
     return Trace(experts=out, weights=np.ones(out.shape, np.float32),
                  seq_offsets=np.array([0, steps // 2, steps], np.int64),
                  meta={"num_layers": layers, "num_experts": experts, "top_k": top_k, "expert_bytes": 1024})
@@ -61,9 +61,9 @@ def _cpu_machine(ram_nbytes, ssd_gb_per_s=1.0) -> MachineSpec:
 def _lru_reads(experts: np.ndarray, cache_size: int) -> int:
     """Plain per-layer LRU, a few lines: misses over all steps and layers."""
     misses = 0
-    for layer in range(experts.shape[1]):
+    for position in range(experts.shape[1]):
         cache: OrderedDict = OrderedDict()
-        for step in experts[:, layer]:
+        for step in experts[:, position]:
             for e in sorted(int(x) for x in step if x >= 0):
                 if e in cache:
                     cache.move_to_end(e)

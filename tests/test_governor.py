@@ -64,15 +64,15 @@ class _Guesses:
     def begin_step(self):
         pass
 
-    def propose(self, layer, depth, hidden):
+    def propose(self, position, depth, hidden):
         from golem.predictors.base import Proposal
 
-        return Proposal(layer, range(layer + 1, min(layer + depth, 2) + 1))
+        return Proposal(position, range(position + 1, min(position + depth, 2) + 1))
 
-    def propose_next(self, layer, depth, hidden):
+    def propose_next(self, position, depth, hidden):
         return None
 
-    def observe(self, layer, ids, scores):
+    def observe(self, position, ids, scores):
         pass
 
 

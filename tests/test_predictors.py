@@ -55,8 +55,8 @@ def test_selection_threshold_order_and_count_cap():
                                           (6, 0, pytest.approx(0.95)), (6, 1, pytest.approx(0.3)),
                                           (6, 2, pytest.approx(0.3))]
     capped = Selection(threshold=0.3, max_experts=3).select(scores, [5, 6])
-    # nearer layer first even though layer 6 holds the best score
-    assert [(c.layer, c.expert) for c in capped] == [(5, 1), (5, 3), (6, 0)]
+    # nearer position first even though position 6 holds the best score
+    assert [(c.position, c.expert) for c in capped] == [(5, 1), (5, 3), (6, 0)]
     # a zero score is never a candidate, even at threshold 0
     assert not Selection(threshold=0.0).mask(scores)[0, 2]
 
@@ -113,7 +113,7 @@ class _FixedGuess(Predictor):
 
     name = "fixed"
 
-    def predict(self, layer, targets):
+    def predict(self, position, targets):
         out = self.zeros(targets)
         out[:, 0], out[:, 1] = 0.6, 0.2
         return out
@@ -205,10 +205,10 @@ def test_combination_takes_the_best_member_score():
         combo.begin_step()
         for p in parts:
             p.begin_step()
-        for layer in range(shape.num_layers):
-            props = [p.propose(layer, 2) for p in [combo, *parts]]
+        for position in range(shape.num_layers):
+            props = [p.propose(position, 2) for p in [combo, *parts]]
             for p in [combo, *parts]:
-                p.observe(layer, trace.experts[t, layer], trace.weights[t, layer])
+                p.observe(position, trace.experts[t, position], trace.weights[t, position])
             got = combo.scores(props[0])
             want = np.maximum(parts[0].scores(props[1]), parts[1].scores(props[2]))
             np.testing.assert_allclose(got, want)
@@ -260,7 +260,7 @@ def test_capture_records_the_models_own_routing():
     assert trace.prefill.tolist() == [True] * 5 + [False] * 4 + [True] * 3 + [False] * 3
     for b, probe in zip(blocks, probes):
         own = np.concatenate([np.array(i).reshape(-1, i.shape[-1]) for i in probe.seen])
-        got = trace.experts[:, b.moe_layer]
+        got = trace.experts[:, b.position]
         assert [set(r) for r in got.tolist()] == [set(r) for r in own.tolist()]
     assert trace.hidden.shape == (15, len(blocks), 32) and extras[LAYER_INPUT_ARRAY].shape == (15, len(blocks), 32)
     assert not np.allclose(trace.hidden, extras[LAYER_INPUT_ARRAY])
@@ -319,9 +319,9 @@ def _linear_routing_trace(steps, hidden_seed, layers=4, experts=12, k=3, dim=24)
     hidden = rng.normal(size=(steps, layers, dim)).astype(np.float32)
     ids = np.zeros((steps, layers, k), np.int64)
     ids[:, 0] = np.argsort(-rng.random((steps, experts)), axis=-1)[:, :k]
-    for layer in range(1, layers):
-        logits = np.einsum("nd,de->ne", hidden[:, layer - 1], maps[layer])
-        ids[:, layer] = np.argsort(-logits, axis=-1)[:, :k]
+    for position in range(1, layers):
+        logits = np.einsum("nd,de->ne", hidden[:, position - 1], maps[position])
+        ids[:, position] = np.argsort(-logits, axis=-1)[:, :k]
     trace = make_trace(ids, [0, steps], experts)
     trace.hidden = hidden
     trace.meta["hidden_kind"] = "post_attn"

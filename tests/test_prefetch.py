@@ -95,7 +95,7 @@ def test_wrong_predictor_is_switched_off_per_layer(checkpoints, reference):
         pf = model.golem.engine.prefetcher
 
         class AlwaysWrong(RandomGuess):
-            def predict(self, layer, targets):
+            def predict(self, position, targets):
                 # an expert the current token does not use at the target layer
                 out = self.zeros(targets)
                 for r, t in enumerate(targets):
@@ -166,7 +166,7 @@ class _Guesses:
         outer = self
 
         class Fixed(Predictor):
-            def predict(self, layer, targets):
+            def predict(self, position, targets):
                 out = np.zeros((len(targets), num_experts), np.float32)
                 for r, t in enumerate(targets):
                     for e, s in outer.table.get(t, {}).items():

@@ -31,9 +31,9 @@ from trace_factory import make_trace, random_trace
 def test_counts_match_the_trace():
     t = random_trace(0, holes=True)
     p = profile_from_traces(t)
-    for layer in range(t.num_layers):
-        col = t.experts[:, layer].ravel()
-        np.testing.assert_array_equal(p.counts[layer], np.bincount(col[col >= 0], minlength=12))
+    for position in range(t.num_layers):
+        col = t.experts[:, position].ravel()
+        np.testing.assert_array_equal(p.counts[position], np.bincount(col[col >= 0], minlength=12))
     assert p.num_steps == t.num_steps and p.runs == 1 and p.stack_hist is not None
 
 

@@ -161,7 +161,7 @@ def test_adapter_reproduces_block_routing(family):
     blocks = find_moe_blocks(model)
     dense = DENSE.get(family, [])
     assert [b.model_layer for b in blocks] == [i for i in range(LAYERS) if i not in dense]
-    assert [b.moe_layer for b in blocks] == list(range(len(blocks)))
+    assert [b.position for b in blocks] == list(range(len(blocks)))
     for b in blocks:
         assert b.num_experts == EXPERTS and b.top_k == TOP_K
         _silence_shared_experts(b.block)

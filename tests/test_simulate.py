@@ -28,9 +28,9 @@ def reference_lru(experts: np.ndarray, cache_size: int) -> int:
     """Plain per-layer LRU, the step's distinct experts in ascending order, never evicting
     one of the step's own experts."""
     misses = 0
-    for layer in range(experts.shape[1]):
+    for position in range(experts.shape[1]):
         cache = OrderedDict()
-        for row in experts[:, layer]:
+        for row in experts[:, position]:
             step = sorted({int(e) for e in row if e >= 0})
             for e in step:
                 if e in cache:
@@ -248,9 +248,9 @@ def test_decode_only_leaves_prefill_out():
 def test_per_layer_capacity():
     t = random_trace(6)
     r = simulate(t, policy="lru", cache_size=[3, 6, 12])
-    for layer, cache_size in enumerate((3, 6, 12)):
-        alone = make_trace(t.experts[:, layer:layer + 1], 12)
-        assert r.misses[layer] == simulate(alone, policy="lru", cache_size=cache_size).total_misses
+    for position, cache_size in enumerate((3, 6, 12)):
+        alone = make_trace(t.experts[:, position:position + 1], 12)
+        assert r.misses[position] == simulate(alone, policy="lru", cache_size=cache_size).total_misses
     assert r.cache_size == [3, 6, 12]
     assert simulate(t, policy="lru", cache_size=100).cache_sizes == (12, 12, 12)
 

@@ -107,7 +107,7 @@ class RoutingCapture:
 
     # -- recording
     def _callback(self, block: MoEBlock, kind: str):
-        first = block.moe_layer == 0
+        first = block.position == 0
 
         def record(x: mx.array, y: mx.array) -> None:
             if x.ndim != 3 or x.shape[0] != 1:
@@ -116,16 +116,16 @@ class RoutingCapture:
                 if first:
                     self._start_forward(x.shape[1])
                 if self.record_hidden and self._current is not None:
-                    self._current.arrays[(block.moe_layer, "layer_input")] = x[0]
+                    self._current.arrays[(block.position, "layer_input")] = x[0]
                 return
             if self._current is None:
                 return  # attached mid-forward
             inds, scores = block.route(y)
             fwd = self._current.arrays
-            fwd[(block.moe_layer, "inds")] = inds.reshape(-1, inds.shape[-1])
-            fwd[(block.moe_layer, "scores")] = scores.reshape(-1, scores.shape[-1]).astype(mx.float32)
+            fwd[(block.position, "inds")] = inds.reshape(-1, inds.shape[-1])
+            fwd[(block.position, "scores")] = scores.reshape(-1, scores.shape[-1]).astype(mx.float32)
             if self.record_hidden:
-                fwd[(block.moe_layer, "post_attn")] = x[0]
+                fwd[(block.position, "post_attn")] = x[0]
 
         return record
 
@@ -148,16 +148,16 @@ class RoutingCapture:
         experts = np.full((T, L, k), -1, np.int16)
         weights = np.zeros((T, L, k), np.float32)
         hidden = {kind: None for kind in ("post_attn", "layer_input")}
-        for (layer, what), arr in fwd.arrays.items():
+        for (position, what), arr in fwd.arrays.items():
             a = np.array(arr)
             if what == "inds":
-                experts[:, layer] = a
+                experts[:, position] = a
             elif what == "scores":
-                weights[:, layer] = a
+                weights[:, position] = a
             else:
                 if hidden[what] is None:
                     hidden[what] = np.zeros((T, L, a.shape[-1]), np.float32)
-                hidden[what][:, layer] = a
+                hidden[what][:, position] = a
         self._rows["experts"].append(experts)
         self._rows["weights"].append(weights)
         for kind, h in hidden.items():

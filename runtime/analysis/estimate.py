@@ -381,9 +381,9 @@ def distinct_per_layer(stats_source: Sequence[Trace], model: ModelSpec, chunk: i
     per = np.zeros(lt)
     for c in range(n):
         w = experts[c * chunk:(c + 1) * chunk]
-        for layer in range(lt):
-            ids = w[:, layer].ravel()
-            per[layer] += len(np.unique(ids[ids >= 0]))
+        for position in range(lt):
+            ids = w[:, position].ravel()
+            per[position] += len(np.unique(ids[ids >= 0]))
     per /= n
     return [float(per[min(lt - 1, i * lt // model.num_moe_layers)] / et * model.num_experts)
             for i in range(model.num_moe_layers)]

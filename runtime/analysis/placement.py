@@ -95,9 +95,9 @@ class Placement:
         return out
 
 
-def _sub_model(memory: ModelMemory, layers: Sequence[int], non_expert_nbytes: int) -> ModelMemory:
-    return ModelMemory(len(layers), memory.num_experts, memory.top_k, memory.nbytes_of(0),
-                       non_expert_nbytes, layer_ids=[memory.ids[i] for i in layers])
+def _sub_model(memory: ModelMemory, positions: Sequence[int], non_expert_nbytes: int) -> ModelMemory:
+    return ModelMemory(len(positions), memory.num_experts, memory.top_k, memory.nbytes_of(0),
+                       non_expert_nbytes, layer_ids=[memory.ids[i] for i in positions])
 
 
 def plan_placement(
@@ -222,9 +222,9 @@ def _cache_plan(memory: ModelMemory, machine: MachineSpec, rest: list[int], cach
         return plan, any(lp.cache_size < memory.top_k for lp in plan.layers)
 
 
-def _rows(stats: RoutingStats, layers: Sequence[int]) -> RoutingStats:
-    per_window = None if stats.distinct_per_window is None else stats.distinct_per_window[list(layers)]
-    return RoutingStats(stats.curves[list(layers)], stats.policy, per_window, stats.window, stats.source)
+def _rows(stats: RoutingStats, positions: Sequence[int]) -> RoutingStats:
+    per_window = None if stats.distinct_per_window is None else stats.distinct_per_window[list(positions)]
+    return RoutingStats(stats.curves[list(positions)], stats.policy, per_window, stats.window, stats.source)
 
 
 def routing_stats_for(model: ModelSpec, traces: Sequence[Trace], policy: str = "lru") -> RoutingStats:

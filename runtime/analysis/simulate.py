@@ -100,16 +100,16 @@ class SimResult:
     def per_layer(self) -> list[dict]:
         return [
             {
-                "layer": layer,
-                "capacity": int(self.cache_sizes[layer]),
-                "pinned": layer in self.pinned,
-                "requests": int(self.requests[layer]),
-                "hits": int(self.hits[layer]),
-                "misses": int(self.misses[layer]),
-                "prefetched": int(self.prefetched[layer]),
-                "miss_ratio": round(float(self.layer_miss_ratio[layer]), 6),
+                "layer": position,
+                "capacity": int(self.cache_sizes[position]),
+                "pinned": position in self.pinned,
+                "requests": int(self.requests[position]),
+                "hits": int(self.hits[position]),
+                "misses": int(self.misses[position]),
+                "prefetched": int(self.prefetched[position]),
+                "miss_ratio": round(float(self.layer_miss_ratio[position]), 6),
             }
-            for layer in range(self.num_layers)
+            for position in range(self.num_layers)
         ]
 
     def to_dict(self, per_layer: bool = False) -> dict:
@@ -146,8 +146,8 @@ class _Stream:
     def num_layers(self) -> int:
         return int(self.steps.shape[1])
 
-    def layer_rows(self, layer: int, start: int = 0, stop: Optional[int] = None) -> list:
-        col = self.steps[start:stop, layer, :]
+    def layer_rows(self, position: int, start: int = 0, stop: Optional[int] = None) -> list:
+        col = self.steps[start:stop, position, :]
         rows = col.tolist()
         if (col < 0).any():
             rows = [[e for e in r if e >= 0] for r in rows]
@@ -158,15 +158,15 @@ class _Rows:
     """One layer's steps as lists of expert ids, made a block of steps at a time (a
     million-step layer as one list of lists would take gigabytes)."""
 
-    def __init__(self, stream: _Stream, layer: int):
-        self.stream, self.layer = stream, layer
+    def __init__(self, stream: _Stream, position: int):
+        self.stream, self.position = stream, position
 
     def __len__(self) -> int:
         return int(self.stream.steps.shape[0])
 
     def __iter__(self):
         for start in range(0, len(self), _ROWS_PER_BLOCK):
-            yield from self.stream.layer_rows(self.layer, start, start + _ROWS_PER_BLOCK)
+            yield from self.stream.layer_rows(self.position, start, start + _ROWS_PER_BLOCK)
 
 
 def as_trace_list(traces: Traces) -> list[Trace]:
@@ -207,15 +207,15 @@ def _cache_sizes(cache_size: CacheSizes, num_layers: int, num_experts: int, need
         sizes = [int(c) for c in cache_size]
         if len(sizes) != num_layers:
             raise ValueError(f"cache_size: {len(sizes)} per-layer values for {num_layers} layers")
-    for layer, c in enumerate(sizes):
-        if layer in pinned:
+    for position, c in enumerate(sizes):
+        if position in pinned:
             continue
         if c < need:
             raise ValueError(
-                f"cache_size {c} of layer {layer} is below the {need} distinct experts one step uses: "
+                f"cache_size {c} of layer {position} is below the {need} distinct experts one step uses: "
                 "a token needs all of them resident"
             )
-    return [num_experts if layer in pinned else min(c, num_experts) for layer, c in enumerate(sizes)]
+    return [num_experts if position in pinned else min(c, num_experts) for position, c in enumerate(sizes)]
 
 
 def _pinned(pinned: Sequence[int], num_layers: int) -> tuple:
@@ -229,18 +229,18 @@ def _pinned(pinned: Sequence[int], num_layers: int) -> tuple:
 def _warm(warm: Optional[Mapping[int, Sequence[int]]], num_layers: int, num_experts: int, sizes) -> Dict[int, list]:
     """Per-layer warm lists, insertion order, cut to the last ``cache_size`` entries."""
     out: Dict[int, list] = {}
-    for layer, experts in (warm or {}).items():
-        layer = int(layer)
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"warm start names layer {layer}, outside [0, {num_layers})")
+    for position, experts in (warm or {}).items():
+        position = int(position)
+        if not 0 <= position < num_layers:
+            raise ValueError(f"warm start names layer {position}, outside [0, {num_layers})")
         seen: Dict[int, None] = {}
         for e in experts:
             e = int(e)
             if not 0 <= e < num_experts:
-                raise ValueError(f"warm start of layer {layer} names expert {e}, outside [0, {num_experts})")
+                raise ValueError(f"warm start of layer {position} names expert {e}, outside [0, {num_experts})")
             seen.pop(e, None)
             seen[e] = None  # a repeated expert counts at its last position
-        out[layer] = list(seen)[-sizes[layer]:] if sizes[layer] else []
+        out[position] = list(seen)[-sizes[position]:] if sizes[position] else []
     return out
 
 
@@ -337,8 +337,8 @@ def simulate(
             golem's (``DEFAULT_POLICY``), as the live slot pools.
         cache_size: slots of every layer, or one value per layer; at least the distinct
             experts of one step (top-k); values above ``num_experts`` mean all of them.
-        pinned: fully resident layers (no cache logic, no misses).
-        warm: layer -> experts inserted before the first step, in insertion order (the
+        pinned: the fully resident MoE positions (no cache logic, no misses).
+        warm: MoE position -> experts inserted before the first step, in insertion order (the
             last is the most recent); only the last ``cache_size`` of each list stay.
         prefetch_recall: probability that a miss was prefetched in time; such misses are
             counted as ``prefetched`` (the cache state is the same as for a demand read).
@@ -357,11 +357,11 @@ def simulate(
     n = stream.steps.shape[0]
     step_misses = np.zeros((n, num_layers), dtype=np.int32)
     step_prefetched = np.zeros((n, num_layers), dtype=np.int32)
-    for layer in range(num_layers):
-        if layer not in pinned_t:
-            miss = _replay_layer(_Rows(stream, layer), factory(), sizes[layer], warm_lists.get(layer, []))
-            rng = np.random.default_rng([seed, layer])
-            step_misses[:, layer], step_prefetched[:, layer] = _split_prefetched(miss, prefetch_recall, rng)
+    for position in range(num_layers):
+        if position not in pinned_t:
+            miss = _replay_layer(_Rows(stream, position), factory(), sizes[position], warm_lists.get(position, []))
+            rng = np.random.default_rng([seed, position])
+            step_misses[:, position], step_prefetched[:, position] = _split_prefetched(miss, prefetch_recall, rng)
         if progress is not None:
             progress(1)
     return _result(name, stream, sizes, pinned_t, step_misses, step_prefetched)
@@ -413,18 +413,18 @@ def belady(
     warm_lists = _warm(warm, num_layers, num_experts, sizes)
     n = stream.steps.shape[0]
     step_misses = np.zeros((n, num_layers), dtype=np.int32)
-    for layer in range(num_layers):
+    for position in range(num_layers):
         if progress is not None:
             progress(1)
-        if layer in pinned_t:
+        if position in pinned_t:
             continue
-        layer_size = sizes[layer]
-        nxt, first = _next_use(stream.steps[:, layer, :], num_experts)
-        next_of: Dict[int, int] = {int(e): int(first[e]) for e in warm_lists.get(layer, [])}
+        layer_size = sizes[position]
+        nxt, first = _next_use(stream.steps[:, position, :], num_experts)
+        next_of: Dict[int, int] = {int(e): int(first[e]) for e in warm_lists.get(position, [])}
         for block in range(0, n, _ROWS_PER_BLOCK):
             stop = min(n, block + _ROWS_PER_BLOCK)
-            _belady_block(stream.layer_rows(layer, block, stop), nxt[block:stop].tolist(), next_of, layer_size,
-                          step_misses[block:stop, layer], block)
+            _belady_block(stream.layer_rows(position, block, stop), nxt[block:stop].tolist(), next_of, layer_size,
+                          step_misses[block:stop, position], block)
     return _result("belady", stream, sizes, pinned_t, step_misses, np.zeros_like(step_misses))
 
 
@@ -563,7 +563,7 @@ def miss_curve(
     grid = sorted(set(list(range(k, e + 1, step)) + [e]))
     at = np.stack([simulate(trace_list, policy=policy, cache_size=c, decode_only=decode_only).misses for c in grid])
     x = np.arange(e + 1)
-    curves = np.stack([np.interp(x, grid, at[:, layer]) for layer in range(at.shape[1])])
+    curves = np.stack([np.interp(x, grid, at[:, position]) for position in range(at.shape[1])])
     curves[:, :k] = curves[:, [k]]
     return curves
 

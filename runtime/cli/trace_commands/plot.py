@@ -83,11 +83,11 @@ def expert_overlap(a, b, cache_size: int) -> dict:
     the histogram intersection of their routing distributions (1 = identical)."""
     pa, pb = profile_from_traces(a, stack=False), profile_from_traces(b, stack=False)
     top, inter = [], []
-    for layer in range(pa.num_layers):
-        ta, tb = set(pa.top_experts(layer, cache_size)), set(pb.top_experts(layer, cache_size))
+    for position in range(pa.num_layers):
+        ta, tb = set(pa.top_experts(position, cache_size)), set(pb.top_experts(position, cache_size))
         top.append(len(ta & tb) / max(min(len(ta), len(tb)), 1))
-        fa = pa.counts[layer] / max(pa.counts[layer].sum(), 1)
-        fb = pb.counts[layer] / max(pb.counts[layer].sum(), 1)
+        fa = pa.counts[position] / max(pa.counts[position].sum(), 1)
+        fb = pb.counts[position] / max(pb.counts[position].sum(), 1)
         inter.append(float(np.minimum(fa, fb).sum()))
     return {"top_overlap": np.array(top), "distribution_overlap": np.array(inter)}
 
@@ -190,7 +190,7 @@ def _warm_start_chart(traces, names, cache_size: int, out_dir: Path, args) -> di
     from golem.runtime.analysis.profile import load_warm_source
 
     first = traces[0]
-    layers = np.arange(first.num_layers)  # bar positions; labelled with first.layer_numbers
+    positions = np.arange(first.num_layers)  # bar positions; labelled with first.layer_numbers
     profile = load_warm_source(args.warm_start) if args.warm_start else None
     if profile is not None:
         profile.check_shape(first.num_layers, first.num_experts, where=f"-W {args.warm_start}", other="the trace")
@@ -200,7 +200,7 @@ def _warm_start_chart(traces, names, cache_size: int, out_dir: Path, args) -> di
     width = 0.8 / len(rates)
     for i, (name, r) in enumerate(rates.items()):
         label = name if name != "profile" else f"profile ({args.warm_start or 'these traces'})"
-        ax.bar(layers + (i - (len(rates) - 1) / 2) * width, r, width, label=label)
+        ax.bar(positions + (i - (len(rates) - 1) / 2) * width, r, width, label=label)
     ax.set_xlabel("MoE layer (decoder layer number)")
     _layer_ticks(ax.xaxis, first.layer_numbers)
     ax.set_ylabel("hit rate")
@@ -218,12 +218,12 @@ def _warm_start_chart(traces, names, cache_size: int, out_dir: Path, args) -> di
 def _overlap_chart(traces, names, cache_size: int, out_dir: Path, args) -> dict:
     """expert_overlap.png: the first two traces' experts in common, layer by layer."""
     first = traces[0]
-    layers = np.arange(first.num_layers)
+    positions = np.arange(first.num_layers)
     ov = expert_overlap(traces[0], traces[1], cache_size)
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar(layers - 0.2, ov["top_overlap"], 0.4, label=f"top-{cache_size} experts in common")
-    ax.bar(layers + 0.2, ov["distribution_overlap"], 0.4, label="routing distribution overlap")
+    ax.bar(positions - 0.2, ov["top_overlap"], 0.4, label=f"top-{cache_size} experts in common")
+    ax.bar(positions + 0.2, ov["distribution_overlap"], 0.4, label="routing distribution overlap")
     ax.set_xlabel("MoE layer (decoder layer number)")
     _layer_ticks(ax.xaxis, first.layer_numbers)
     ax.set_ylabel("share in common (1 = identical)")

@@ -169,10 +169,11 @@ def _print_table(args, model, result, bound, sizes, pinned) -> None:
 
     e = model.num_experts
     numbers = model.ids  # the checkpoint's layer numbers (trace meta moe_layers), as golem-run's table
-    for layer in range(result.num_layers):
-        slots = "pinned" if layer in pinned else f"{sizes[layer]}/{e}"
-        print(line(numbers[layer], slots, int(result.requests[layer]), int(result.hits[layer]), int(result.misses[layer]),
-                   int(result.prefetched[layer]), int(bound.misses[layer]) if bound is not None else 0))
+    for position in range(result.num_layers):
+        slots = "pinned" if position in pinned else f"{sizes[position]}/{e}"
+        print(line(numbers[position], slots, int(result.requests[position]), int(result.hits[position]),
+                   int(result.misses[position]), int(result.prefetched[position]),
+                   int(bound.misses[position]) if bound is not None else 0))
     print(line("all", sum(sizes), result.total_requests, result.total_hits, result.total_misses,
                result.total_prefetched, bound.total_misses if bound is not None else 0))
     print(f"misses per token {result.total_misses / max(result.num_steps, 1):.2f}"

@@ -56,19 +56,19 @@ def layer_stats(traces, window: int) -> list[dict]:
     quarter = max(1, e // 4)
     numbers = traces[0].layer_numbers
     out = []
-    for layer in range(profile.num_layers):
-        c = profile.counts[layer]
+    for position in range(profile.num_layers):
+        c = profile.counts[position]
         total = c.sum()
         p = c[c > 0] / total if total else np.zeros(0)
         entropy = float(-(p * np.log2(p)).sum()) if len(p) else 0.0
         top = np.sort(c)[::-1][:quarter].sum() / total if total else 0.0
         out.append({
-            "layer": numbers[layer],
+            "layer": numbers[position],
             "requests": int(total),
             "distinct": int((c > 0).sum()),
             "entropy_bits": round(entropy, 4),
             "entropy_ratio": round(entropy / np.log2(e), 4) if e > 1 else 1.0,
-            "distinct_per_window": round(float(per_window[layer]), 3),
+            "distinct_per_window": round(float(per_window[position]), 3),
             "top_quarter_share": round(float(top), 4),
         })
     return out
