@@ -52,7 +52,10 @@ class Governor:
     Per window of ``window`` tokens at depth d > 0: saved = useful prefetches x the demand
     stall per miss (a running average over every token, prefetching or not); cost =
     prefetch host time + wasted prefetches x ``waste_weight`` x the stall per miss. A window
-    with saved < cost steps one layer shallower (at 0 prefetch is off); a window that paid,
+    with saved < cost steps one layer shallower (at 0 prefetch is off), and so does a window
+    cut short after ``min_window`` tokens whose cost is already over ``clear_loss`` times what
+    it saved (where reads are cheap, host time alone outweighs the stalls a prefetch can
+    avoid by far, and every token at that depth is lost); a window that paid,
     at a depth below ``max_depth`` whose deeper neighbour has not been measured since the
     last probe (or did worse), steps one deeper. Off, it probes depth 1 after ``probe_tokens``
     tokens, doubled after each probe that lost, up to ``max_probe_tokens``.
@@ -66,10 +69,13 @@ class Governor:
             start only on an idle reader, under a cap, and the demand reads they delay show
             up in the measured stall per miss already).
         start_depth: where it starts (default ``max_depth``).
+        min_window: tokens before a clear loss may end a window early.
+        clear_loss: cost over saved that ends a window early (None: never early).
     """
 
     def __init__(self, max_depth: int, *, window: int = 8, probe_tokens: int = 16, max_probe_tokens: int = 512,
-                 waste_weight: float = 0.25, start_depth: Optional[int] = None):
+                 waste_weight: float = 0.25, start_depth: Optional[int] = None, min_window: int = 2,
+                 clear_loss: Optional[float] = 2.0):
         if max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {max_depth}")
         self.max_depth = max_depth
@@ -77,6 +83,8 @@ class Governor:
         self.probe_tokens = probe_tokens
         self.max_probe_tokens = max_probe_tokens
         self.waste_weight = waste_weight
+        self.min_window = min_window
+        self.clear_loss = clear_loss
         self.depth = max_depth if start_depth is None else min(start_depth, max_depth)
         self.stats = GovernorStats()
         self.stall_per_miss_s: Optional[float] = None
@@ -107,7 +115,8 @@ class Governor:
         self._saved += useful * stall
         self._cost += outcome.prefetch_host_s + wasted * self.waste_weight * stall
         self._tokens += 1
-        if self._tokens >= self.window:
+        if self._tokens >= self.window or (self.clear_loss is not None and self._tokens >= self.min_window
+                                           and self._cost > self.clear_loss * self._saved):
             self._decide()
         return self.depth
 
