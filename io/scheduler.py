@@ -11,8 +11,17 @@ interruptible waits). It knows nothing of models: keys are located by a
 
 Shape: the dispatcher's decisions run under one lock, on whichever thread an event
 happens: a demand is activated on the submitting thread and handed straight to a reader;
-a reader that runs dry activates the next request itself; the event loop only activates
-prefetches after engine events (submit, cancel, release), off the engine thread. A
+a reader that runs dry activates the next request itself; after the other events of a
+caller (a prefetch submitted, a cancel, a release) its own thread activates what may start
+too. Handing that to the event loop instead (``activate_on_loop``, the earlier shape) kept
+a few dictionary operations off the engine thread at the price of a wake-up of the loop
+thread, which then competes with the engine for the interpreter: measured with
+benchmarks/profile_decode.py's rows at ``--shape qwen3-30b-a3b-host`` (2-core shared VM,
+3 alternating runs, medians), engine wall time per partial layer with prefetch on the page
+cache 4,043 us on the loop against 3,076 us on the caller (oracle, emulated storage: 3,322
+against 2,693; depth 2, emulated: 4,576 against 4,313). The event loop thread stays, for
+the loop-activated shape and whatever needs to await there; nothing on the read path waits
+for it. A
 scheduler whose event loop made every decision (a task per request, awaiting a read in an
 executor) would put two more thread hand-offs on every miss: engine -> loop -> reader ->
 loop -> engine, against engine -> reader -> engine here. Measured with
@@ -388,13 +397,19 @@ class IOScheduler:
         return StatisticsRecorder.finish(snapshot)
 
     def _wake_loop(self, kick: bool) -> None:
-        """Outside the lock: have the loop activate requests (a thread hand-off, counted)."""
-        if kick:
+        """Outside the lock, after a caller's event that may let a prefetch start: activate
+        requests here, or (``activate_on_loop``) have the loop do it (a hand-off, counted)."""
+        if not kick:
+            return
+        if self.settings.activate_on_loop:
             self._dispatcher.stats.loop_wakes += 1
             self._loop_thread.call_soon(self._pump)
+        else:
+            self._pump()
 
     def _pump(self) -> None:
-        """Loop thread, after engine events (submit, cancel, release): activate requests."""
+        """After a caller's event (submit, cancel, release), on its thread or the loop's:
+        activate requests."""
         with self._lock:
             if not self._closed and self._dispatcher.activate_ready():
                 self._readers.wake(self._dispatcher.jobs_waiting)

@@ -48,6 +48,10 @@ class SchedulerSettings:
         direct: read with O_DIRECT (see ``golem.io.file_handles``).
         retries: retries of a failed or short read before its future fails.
         use_uvloop: run the loop on uvloop when it is installed.
+        activate_on_loop: after a caller's event (a prefetch submitted, a cancel, a
+            release), have the event loop activate requests; False (the default): the
+            caller's thread does, under the lock, as for a demand (see the scheduler's
+            "Shape").
         close_timeout_s: longest ``close`` waits for reads already inside the kernel.
     """
 
@@ -67,6 +71,7 @@ class SchedulerSettings:
     direct: bool = False
     retries: int = 3
     use_uvloop: bool = True
+    activate_on_loop: bool = False
     close_timeout_s: float = CLOSE_TIMEOUT_S
 
     def __post_init__(self):

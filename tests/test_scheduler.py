@@ -133,7 +133,7 @@ def test_demand_first_then_depth_then_score():
 
 def test_submit_many_hands_a_batch_of_prefetches_to_the_loop_once(monkeypatch):
     reader = GatedReader()
-    with scheduler(reader, parallelism=2) as s:
+    with scheduler(reader, parallelism=2, activate_on_loop=True) as s:
         kicks = []
         original = s._loop_thread.call_soon
         monkeypatch.setattr(s._loop_thread, "call_soon", lambda f: (kicks.append(f), original(f)))
@@ -142,6 +142,21 @@ def test_submit_many_hands_a_batch_of_prefetches_to_the_loop_once(monkeypatch):
         reader.allow(100)
         for future in futures:
             s.release(result(future))
+
+
+def test_prefetches_start_on_the_callers_thread_without_waking_the_loop(monkeypatch):
+    reader = GatedReader()
+    with scheduler(reader, parallelism=2) as s:
+        woken = []
+        original = s._loop_thread.call_soon
+        monkeypatch.setattr(s._loop_thread, "call_soon", lambda f: (woken.append(f), original(f)))
+        futures = s.submit_many([((1, e), 1, 0.5) for e in range(4)])
+        assert len(reader.wait_calls(2)) == 2  # both readers busy at once, activated by this thread
+        reader.allow(100)
+        for future in futures:
+            s.release(result(future))  # each release lets the next queued prefetch start here too
+        stats = s.statistics()
+        assert stats.reads == 4 and stats.loop_wakes == 0 and stats.calls == 5 and woken == []
 
 
 def test_submit_many_orders_as_single_submits():
