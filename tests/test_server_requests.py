@@ -203,6 +203,12 @@ def test_a_client_that_leaves_stops_its_generation(served):
 
 
 def _threads_files_rss():
+    """Threads, open files and RSS once the server's request handlers have ended (each
+    ends, with its socket, a little after its answer is sent)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while any("process_request" in t.name for t in threading.enumerate()):
+        assert time.monotonic() < deadline, threading.enumerate()
+        time.sleep(0.02)  # a poll interval, not a wait for an event
     fds = len(os.listdir("/proc/self/fd"))
     with open("/proc/self/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,124 @@
+"""Does a switch of the decode path pay? bench_decode's rows with it off and on, alternating.
+
+Switches:
+- ``early-stop``: the prefetch governor ends a window after two tokens when its cost is
+  already over twice what it saved (``Governor(clear_loss=2.0)``), against full windows.
+- ``caller-activation``: the I/O scheduler activates requests on the caller's thread after a
+  prefetch submit, cancel or release, against a wake-up of its event loop
+  (``SchedulerSettings.activate_on_loop``).
+
+Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
+settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
+equal depth 0's. Prints tok/s (and engine wall us per partial layer) per row and setting
+(medians), each row over the same setting's depth 0, then one JSON line.
+
+    python benchmarks/bench_switches.py --switch early-stop|caller-activation [--shape qwen3-30b-a3b-host] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_decode  # noqa: E402
+
+ROWS = {
+    "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
+    "caller-activation": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default"),
+}
+
+
+@contextlib.contextmanager
+def patched(cls, **defaults):
+    """Instances of ``cls`` made inside the block take ``defaults`` for keywords not given."""
+    original = cls.__init__
+
+    def init(self, *args, **kwargs):
+        for k, v in defaults.items():
+            kwargs.setdefault(k, v)
+        original(self, *args, **kwargs)
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        cls.__init__ = original
+
+
+@contextlib.contextmanager
+def switch(name: str, on: bool):
+    from golem.io.scheduler import IOScheduler
+    from golem.runtime.governor import Governor
+
+    if name == "early-stop":
+        with patched(Governor, clear_loss=2.0 if on else None):
+            yield
+        return
+    original = IOScheduler.__init__
+
+    def init(self, locate, nbytes_of, settings, **kwargs):
+        original(self, locate, nbytes_of, dataclasses.replace(settings, activate_on_loop=not on), **kwargs)
+
+    IOScheduler.__init__ = init
+    try:
+        yield
+    finally:
+        IOScheduler.__init__ = original
+
+
+def main() -> None:
+    from golem.runtime.synthetic import default_cache_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--switch", required=True, choices=tuple(ROWS))
+    ap.add_argument("--shape", default="qwen3-30b-a3b-host", choices=tuple(bench_decode.SHAPES))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--dir", type=Path, default=default_cache_dir())
+    args = ap.parse_args()
+
+    setup = bench_decode.Setup(args.shape, args.dir, args.tokens)
+    full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
+    setup.calibrate(1.0 / full["tps"])
+    names = ROWS[args.switch]
+    rows = setup.rows(names)
+    seen = {on: {row: [] for row in names} for on in (False, True)}
+    identical = True
+    for _ in range(args.runs):
+        for on in (False, True):
+            with switch(args.switch, on):
+                for row in names:
+                    r, outs = setup.run(row, rows[row], 1)
+                    seen[on][row].append((r["tps"], r.get("us_per_layer", float("nan"))))
+                    identical = identical and outs == setup.truth_outputs
+    med = {on: {row: [statistics.median(v[i] for v in runs) for i in (0, 1)] for row, runs in by_row.items()}
+           for on, by_row in seen.items()}
+
+    print(f"{setup.path.name}: switch {args.switch}, {len(setup.prompts)} prompts x {args.tokens} tokens, median "
+          f"of {args.runs} alternating runs; tok/s (x the same setting's depth 0 on the same storage), us/layer")
+    print(f"{'row':<16}{'off':>32}{'on':>32}")
+    out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "identical": identical}
+    for row in names:
+        base = "disk_depth0" if row.startswith("disk") else "depth0"
+        cells = ""
+        for on in (False, True):
+            tps, us = med[on][row]
+            ratio = tps / med[on][base][0]
+            cells += f"{tps:>12.2f} ({ratio:.2f}x) {us:>9.0f} us"
+            key = "on" if on else "off"
+            out[f"{key}_{row}_tps"], out[f"{key}_{row}_x_depth0"], out[f"{key}_{row}_us_per_layer"] = tps, ratio, us
+        print(f"{row:<16}" + cells)
+    print(f"identical tokens in every row: {identical}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
