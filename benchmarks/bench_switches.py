@@ -12,7 +12,7 @@ settings alternate, ``--runs`` times, each run one load per row; every row's tok
 equal depth 0's. Prints tok/s (and engine wall us per partial layer) per row and setting
 (medians), each row over the same setting's depth 0, then one JSON line.
 
-    python benchmarks/bench_switches.py --switch early-stop|caller-activation [--shape qwen3-30b-a3b-host] [--runs 3]
+    python benchmarks/bench_switches.py --switch early-stop|caller-activation [--shape qwen3-30b-a3b-host] [--runs 3] [--rows depth2,default]
 """
 
 from __future__ import annotations
@@ -82,13 +82,18 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen3-30b-a3b-host", choices=tuple(bench_decode.SHAPES))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--rows", default=None, help="bench_decode rows, comma-separated (default: the switch's; "
+                    "each storage's depth 0 row is added)")
     ap.add_argument("--dir", type=Path, default=default_cache_dir())
     args = ap.parse_args()
 
     setup = bench_decode.Setup(args.shape, args.dir, args.tokens)
     full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
     setup.calibrate(1.0 / full["tps"])
-    names = ROWS[args.switch]
+    names = ROWS[args.switch] if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()]
+    for base in ("disk_depth0", "depth0"):  # the rows each ratio is taken against
+        if base not in names and any(n.startswith("disk") == base.startswith("disk") for n in names):
+            names = [base, *names]
     rows = setup.rows(names)
     seen = {on: {row: [] for row in names} for on in (False, True)}
     identical = True

@@ -15,13 +15,16 @@ a reader that runs dry activates the next request itself; after the other events
 caller (a prefetch submitted, a cancel, a release) its own thread activates what may start
 too. Handing that to the event loop instead (``activate_on_loop``, the earlier shape) kept
 a few dictionary operations off the engine thread at the price of a wake-up of the loop
-thread, which then competes with the engine for the interpreter: measured with
-benchmarks/profile_decode.py's rows at ``--shape qwen3-30b-a3b-host`` (2-core shared VM,
-3 alternating runs, medians), engine wall time per partial layer with prefetch on the page
-cache 4,043 us on the loop against 3,076 us on the caller (oracle, emulated storage: 3,322
-against 2,693; depth 2, emulated: 4,576 against 4,313). The event loop thread stays, for
-the loop-activated shape and whatever needs to await there; nothing on the read path waits
-for it. A
+thread per event, which then competes with the engine for the interpreter: at depth 2 on
+``--shape qwen3-30b-a3b-host``, 0.9 loop wake-ups per partial layer against none here
+(benchmarks/profile_decode.py counts them). In time, benchmarks/bench_switches.py
+``--switch caller-activation`` (2-core shared VM, 3 alternating runs, medians) is within
+this machine's noise: engine wall time per partial layer on the loop against the caller,
+fixed depth 2 on the page cache 4,043 against 3,076 us in a 16-token run and 2,474 against
+2,662 in a 24-token one; depth 2 on emulated storage 4,576 against 4,313 and 4,253 against
+3,204 (the depth-0 row, the same code either way, moved 35% between the settings). The
+count of hand-offs decided it. The event loop thread stays, for the loop-activated shape and
+whatever needs to await there; nothing on the read path waits for it. A
 scheduler whose event loop made every decision (a task per request, awaiting a read in an
 executor) would put two more thread hand-offs on every miss: engine -> loop -> reader ->
 loop -> engine, against engine -> reader -> engine here. Measured with
