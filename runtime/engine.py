@@ -237,8 +237,10 @@ class Engine:
 
         ``meanwhile()`` runs after the demand reads are queued and before waiting on them
         (the engine issues its prefetches and starts computing resident experts there).
-        Each expert is written as it arrives and its staging buffer handed back at once;
-        the writer uploads the layer's batch at the flush. Waits wake often enough
+        The layer's demand reads are submitted in one call. Each expert is written as it
+        arrives; the staging buffers go back together once every read of the layer has
+        landed (one call), or at once while a read still waits (it may need the buffer).
+        The writer uploads the layer's batch at the flush. Waits wake often enough
         (``golem.io.futures.wait_result``) that Ctrl-C ends a stalled read. On failure or interrupt every
         expert not written is unassigned again (a slot never maps an expert whose bytes did
         not arrive) and buffers still to come are handed back as they land.
