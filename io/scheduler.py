@@ -258,32 +258,14 @@ class IOScheduler:
         the same buffer is also handed out by ``poll``, which is how the engine should
         take them. Wait on a demand's future with ``wait_result``.
         """
-        if depth < 0:
-            raise ValueError(f"depth must be >= 0 (0 = demand), got {depth}")
-        score = float(score)
-        dispatcher = self._dispatcher
-        prepared = dispatcher.prepared.get(key)
-        while True:
-            with self._lock:
-                self._check_open()
-                if prepared is not None or dispatcher.live(key) is not None:
-                    dispatcher.stats.calls += 1
-                    req, dropped = dispatcher.submit(key, depth, score, prepared)
-                    kick = self._after_submit(req.demand)
-                    future = req.future
-                    break
-            prepared = dispatcher.prepare(key)  # locate the key outside the lock, then again
-        for other in dropped:
-            cancel_future(other)
-        self._wake_loop(kick)
-        return future
+        return self.submit_many([(key, depth, score)])[0]
 
     def submit_many(self, requests: Sequence[Tuple[Hashable, int, float]]
                     ) -> List[concurrent.futures.Future]:
         """``submit(key, depth, score)`` for each ``(key, depth, score)``, in order, under
-        one lock, with one activation and at most one wake of readers or of the loop: a
-        layer's misses or its prefetches cost one hand-off, not one per expert. Same
-        futures, dedupe and upgrades as ``submit``."""
+        one lock, with one activation: a layer's misses or its prefetches cost one hand-off,
+        not one per expert (``submit`` is this with one request). A bad depth or score
+        raises before anything is queued."""
         dispatcher = self._dispatcher
         prepared = {}
         for key, depth, _ in requests:  # locate new keys outside the lock
@@ -291,12 +273,13 @@ class IOScheduler:
                 raise ValueError(f"depth must be >= 0 (0 = demand), got {depth}")
             if key not in dispatcher.prepared:
                 prepared[key] = dispatcher.prepare(key)
+        scores = [float(score) for _, _, score in requests]
         futures, dropped, demand = [], [], False
         with self._lock:
             self._check_open()
             dispatcher.stats.calls += 1
-            for key, depth, score in requests:
-                req, gone = dispatcher.submit(key, depth, float(score),
+            for (key, depth, _), score in zip(requests, scores):
+                req, gone = dispatcher.submit(key, depth, score,
                                               prepared.get(key) or dispatcher.prepared[key])
                 futures.append(req.future)
                 dropped += gone
@@ -304,7 +287,7 @@ class IOScheduler:
             kick = bool(requests) and self._after_submit(demand)
         for other in dropped:
             cancel_future(other)
-        self._wake_loop(kick)
+        self._activate_after(kick)
         return futures
 
     def submit_demands(self, keys: Sequence[Hashable]) -> List[concurrent.futures.Future]:
@@ -339,7 +322,7 @@ class IOScheduler:
                 return False
             kick = self._dispatcher.has_idle_reader()
         cancel_future(req.future)
-        self._wake_loop(kick)
+        self._activate_after(kick)
         return True
 
     def poll(self, timeout: Optional[float] = 0.0) -> List[Tuple[Hashable, np.ndarray]]:
@@ -363,11 +346,7 @@ class IOScheduler:
     def release(self, buffer: np.ndarray) -> None:
         """Give a staging buffer (from ``poll`` or a future) back to the pool; the caller
         must be done with it, including any asynchronous copy still reading it."""
-        with self._lock:
-            self._dispatcher.stats.calls += 1
-            self._dispatcher.release(buffer)
-            kick = self._dispatcher.has_idle_reader()
-        self._wake_loop(kick)
+        self.release_all([buffer])
 
     def release_all(self, buffers: Sequence[np.ndarray]) -> None:
         """``release`` each of ``buffers`` under one lock, with at most one wake of the loop."""
@@ -378,7 +357,7 @@ class IOScheduler:
             for buffer in buffers:
                 self._dispatcher.release(buffer)
             kick = self._dispatcher.has_idle_reader()
-        self._wake_loop(kick)
+        self._activate_after(kick)
 
     def pending(self, key: Hashable) -> Optional[str]:
         """``"queued"``, ``"running"``, ``"published"`` or None for a key nobody asked for."""
@@ -399,7 +378,7 @@ class IOScheduler:
             snapshot = self._dispatcher.statistics()
         return StatisticsRecorder.finish(snapshot)
 
-    def _wake_loop(self, kick: bool) -> None:
+    def _activate_after(self, kick: bool) -> None:
         """Outside the lock, after a caller's event that may let a prefetch start: activate
         requests here, or (``activate_on_loop``) have the loop do it (a hand-off, counted)."""
         if not kick:
