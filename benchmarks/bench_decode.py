@@ -154,7 +154,9 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, label: str = 
                            measured_us=1e6 * outer["s"] / max(outer["layers"], 1),
                            **{f"{k}_per_layer": v / max(outer["layers"], 1)
                               for k, v in zip(("sched_calls", "loop_wakes", "reader_wakes"), outer["handoffs"])},
-                           phase_sum_us=1e6 * st.phases.total_s() / st.phases.layers)
+                           phase_sum_us=1e6 * st.phases.total_s() / st.phases.layers,
+                           early_share=st.early_layers / st.decode_partial_layers,
+                           early_redone_per_layer=st.early_redone / st.decode_partial_layers)
                 wall, cpu = st.phases.per_layer_us(), st.phases.per_layer_us(cpu=True)
                 row.update({f"phase_{k}": wall[k] for k in PHASES})
                 row.update({f"phase_cpu_{k}": cpu[k] for k in PHASES})

@@ -3,6 +3,10 @@
 Switches:
 - ``early-stop``: the prefetch governor ends a window after two tokens when its cost is
   already over twice what it saved (``Governor(clear_loss=2.0)``), against full windows.
+- ``early-launch``: the engine launches a decode layer's experts before its host sync,
+  through the pool's device table, while the layer's recent steps found nearly all their
+  experts resident (``Engine(early=0.25)``), against launching them only after the sync
+  (``early=None``).
 - ``caller-activation``: the I/O scheduler activates requests on the caller's thread after a
   prefetch submit, cancel or release, against a wake-up of its event loop
   (``SchedulerSettings.activate_on_loop``).
@@ -10,9 +14,9 @@ Switches:
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
 equal depth 0's. Prints tok/s (and engine wall us per partial layer) per row and setting
-(medians), each row over the same setting's depth 0, then one JSON line.
+(medians), each row over the same setting's depth 0 (rows without reads: over the full cache), then one JSON line.
 
-    python benchmarks/bench_switches.py --switch early-stop|caller-activation [--shape qwen3-30b-a3b-host] [--runs 3] [--rows depth2,default]
+    python benchmarks/bench_switches.py --switch early-launch|early-stop|caller-activation [--shape qwen3-30b-a3b-host] [--runs 3] [--rows depth2,default]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import bench_decode  # noqa: E402
 
 ROWS = {
     "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
+    "early-launch": ("full_cache", "warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2", "oracle"),
     "caller-activation": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default"),
 }
 
@@ -56,8 +61,13 @@ def patched(cls, **defaults):
 @contextlib.contextmanager
 def switch(name: str, on: bool):
     from golem.io.scheduler import IOScheduler
+    from golem.runtime.engine import EARLY_ABSENT, Engine
     from golem.runtime.governor import Governor
 
+    if name == "early-launch":
+        with patched(Engine, early=EARLY_ABSENT if on else None):
+            yield
+        return
     if name == "early-stop":
         with patched(Governor, clear_loss=2.0 if on else None):
             yield
@@ -72,6 +82,14 @@ def switch(name: str, on: bool):
         yield
     finally:
         IOScheduler.__init__ = original
+
+
+def _base(row: str) -> str:
+    """The row a row's ratio is taken against: depth 0 on the same storage; every expert
+    resident for the rows without reads."""
+    if row in ("full_cache", "warm_resident"):
+        return "full_cache"
+    return "disk_depth0" if row.startswith("disk") else "depth0"
 
 
 def main() -> None:
@@ -91,8 +109,8 @@ def main() -> None:
     full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
     setup.calibrate(1.0 / full["tps"])
     names = ROWS[args.switch] if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()]
-    for base in ("disk_depth0", "depth0"):  # the rows each ratio is taken against
-        if base not in names and any(n.startswith("disk") == base.startswith("disk") for n in names):
+    for base in ("disk_depth0", "depth0", "full_cache"):  # the rows each ratio is taken against
+        if base not in names and any(_base(n) == base for n in names):
             names = [base, *names]
     rows = setup.rows(names)
     seen = {on: {row: [] for row in names} for on in (False, True)}
@@ -112,7 +130,7 @@ def main() -> None:
     print(f"{'row':<16}{'off':>32}{'on':>32}")
     out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "identical": identical}
     for row in names:
-        base = "disk_depth0" if row.startswith("disk") else "depth0"
+        base = _base(row)
         cells = ""
         for on in (False, True):
             tps, us = med[on][row]
@@ -121,6 +139,7 @@ def main() -> None:
             key = "on" if on else "off"
             out[f"{key}_{row}_tps"], out[f"{key}_{row}_x_depth0"], out[f"{key}_{row}_us_per_layer"] = tps, ratio, us
         print(f"{row:<16}" + cells)
+    print("(full_cache and warm_resident: x full_cache; disk_*: x disk_depth0; the rest: x depth0)")
     print(f"identical tokens in every row: {identical}")
     print(json.dumps(out))
 

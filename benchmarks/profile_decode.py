@@ -77,6 +77,9 @@ def main() -> None:
     print(f"{'hand-offs':<10}" + "".join(
         f"{r['sched_calls_per_layer']:>5.1f}/{r['loop_wakes_per_layer']:>4.1f}/{r['reader_wakes_per_layer']:>4.1f}"
         for r in results.values()))
+    print("early launch: share of partial layers launched before their sync / experts computed again per layer")
+    print(f"{'early':<10}" + "".join(f"{100 * r.get('early_share', 0):>8.0f}%/{r.get('early_redone_per_layer', 0):>5.2f}"
+                                     for r in results.values()))
     print(f"{'tok/s':<10}" + "".join(f"{r['tps']:>{width}.2f}" for r in results.values()))
     print(f"{'identical':<10}" + "".join(f"{str(r['identical']):>{width}}" for r in results.values()))
     worst = max(abs(r["phase_sum_us"] / r["measured_us"] - 1) for r in results.values())
@@ -89,6 +92,7 @@ def main() -> None:
         out[f"{name}_us_per_miss"] = r.get("us_per_miss")
         out[f"{name}_measured_us"] = r["measured_us"]
         out[f"{name}_identical"] = r["identical"]
+        out[f"{name}_early_share"] = r.get("early_share")
         out[f"{name}_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
         out[f"{name}_handoffs_per_layer"] = {k: round(r[f"{k}_per_layer"], 2)
                                              for k in ("sched_calls", "loop_wakes", "reader_wakes")}

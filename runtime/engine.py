@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +28,12 @@ from golem.runtime.phases import PhaseClock, PhaseTimes
 from golem.runtime.slots import LayerStats, SlotPool
 
 ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
+
+# A decode layer's experts are launched before its host sync (``Engine(early=)``) while, on
+# average over its recent steps, at most this share of its routed experts was not resident:
+# each of those is computed twice (once on slot 0, discarded).
+EARLY_ABSENT = 0.25
+ABSENT_DECAY = 0.25  # weight of the newest step in ``SlotPool.recent_absent``
 
 
 class DiskReader:
@@ -74,6 +80,8 @@ class EngineStats:
     decode_steps: int = 0
     decode_host_syncs: int = 0
     decode_misses: int = 0  # demand reads while decoding (prefill's are left out)
+    early_layers: int = 0  # decode layers whose experts were launched before their host sync
+    early_redone: int = 0  # routed experts those layers computed again (not resident at launch)
     phases: PhaseTimes = field(default_factory=PhaseTimes)
     layers: Dict[int, LayerStats] = field(default_factory=dict)
 
@@ -138,8 +146,11 @@ class Engine:
     completed prefetches are installed: nothing in flight can still read a pool then
     (and each pool checks it, see ``SlotPool``).
 
-    A decode step's layer with misses first queues its demand reads and the prefetches,
-    then (``overlap``) starts computing its resident experts, then waits for the reads,
+    A decode layer whose recent steps found nearly all their experts resident (``early``)
+    is launched before its sync, through the pool's device table: the device computes it
+    while the host reads the ids and keeps its books; experts that were missing then are
+    computed again once read. Another decode layer with misses first queues its demand
+    reads and the prefetches, then (``overlap``) starts computing its resident experts, then waits for the reads,
     writes them into their slots and computes the missing experts; the two results are
     put back in routing order, so the output is the one computation would give. A writer
     that replaces whole pool arrays (``device``) first waits for the resident experts'
@@ -160,6 +171,9 @@ class Engine:
         clock: wall-clock time source for stall and host-time accounting.
         cpu_clock: the engine thread's CPU clock (host time by phase).
         overlap: compute a decode step's resident experts while its misses load.
+        early: launch a decode layer's experts before its host sync while, on average over
+            its recent steps, at most this share of its routed experts was missing at the
+            sync (each such expert is computed twice); None: never.
 
     ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a
     decode step, one ``send`` to the last MoE layer's host sync and, before the first MoE
@@ -168,7 +182,7 @@ class Engine:
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
-                 cpu_clock=time.thread_time, overlap: bool = True):
+                 cpu_clock=time.thread_time, overlap: bool = True, early: Optional[float] = EARLY_ABSENT):
         self.index = index
         self.pools = pools
         self.reader = reader
@@ -179,6 +193,7 @@ class Engine:
         self.hidden = hidden or (lambda layer, x: x)
         self.clock = clock
         self.overlap = overlap
+        self.early = early
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
@@ -423,13 +438,18 @@ class Engine:
             return glu(x, indices)
         ph.lap("predict")
         extra = trace.weights(layer, x) if trace is not None else []
-        mx.eval([indices, *extra, *(a for p in proposals for a in p.arrays), *outgoing])  # this layer's one host sync
+        synced = [indices, *extra, *(a for p in proposals for a in p.arrays), *outgoing]
+        early = self._launch_early(pool, glu, x, indices, synced)
+        mx.eval(synced)  # this layer's one host sync
         ph.lap("sync")
         self.stats.host_syncs += 1
         self.stats.decode_host_syncs += self._decoding
         ids = np.array(indices)
         if trace is not None:
             trace.record(layer, ids, [np.array(a) for a in extra])
+        absent = None
+        if self._decoding and not pool.fully_resident:
+            absent = self._absent(pool, ids, early)
         ph.lap("ids")
         issue = None
         if pf is not None:
@@ -453,6 +473,8 @@ class Engine:
             ph.lap("ids")
             if len(needed) > pool.cache_size:
                 y = self._streamed(pool, glu, x, ids, needed)
+            elif early is not None:
+                y = self._complete_early(pool, glu, x, ids, needed, issue, early[0], absent)
             else:
                 y = self._compute(pool, glu, x, ids, flat, needed, issue)
         if pf is not None:
@@ -462,6 +484,73 @@ class Engine:
         else:
             ph.stop("graph")
         return y
+
+    # -- launching a decode layer's experts before its sync ------------------------------
+    def _launch_early(self, pool: SlotPool, glu: nn.Module, x: mx.array, indices: mx.array, synced: list):
+        """Start the layer's experts before its host sync, through the pool's device table,
+        when its recent steps found (nearly) all their experts resident; ``(y, snapshot)``
+        or None.
+
+        The device then computes the experts while the host reads the ids back and does its
+        bookkeeping, and a layer whose experts were all resident needs no host work after
+        its sync but the policy's hits. What ``synced`` holds is launched first, apart (and
+        charged to the sync, whose work it is): an array evaluated inside a launch is waited
+        for only with all of that launch (MLX), and the device starts on the layer's
+        attention and router while the host builds the experts' graph.
+        """
+        if self.early is None or not self._decoding or pool.fully_resident \
+                or pool.recent_absent > self.early * indices.shape[-1]:
+            return None
+        ph = self._phase
+        mx.async_eval(synced)  # the layer's pending work starts now, as the sync would start it
+        ph.lap("sync")
+        table, snapshot = pool.device_table()
+        y = glu(x, table[indices])
+        ph.lap("graph")
+        mx.async_eval(y)
+        ph.lap("launch")
+        self.stats.early_layers += 1
+        return y, snapshot
+
+    def _absent(self, pool: SlotPool, ids: np.ndarray, early):
+        """Right after a decode layer's sync: the positions of ``ids`` whose experts were not resident when its computation was built (with an
+        early launch: those it computed on slot 0), and the pool's running average of how
+        many there are. An early launch is registered with the pool here, before any write."""
+        flat = ids.reshape(-1)
+        if early is not None:
+            y, snapshot = early
+            slots = snapshot[flat]
+            absent = np.flatnonzero(slots < 0)
+            pool.reading(y, slots[slots >= 0])
+        else:
+            absent = np.flatnonzero(pool.slot_of[flat] < 0)
+        pool.recent_absent += ABSENT_DECAY * (len(absent) - pool.recent_absent)
+        return absent
+
+    def _complete_early(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
+                        needed: list, issue, y: mx.array, absent: np.ndarray) -> mx.array:
+        """The early launch ``y``, with the experts it computed on slot 0 (``absent``
+        positions) computed again from their slots once read; each (token, expert) pair is
+        computed on its own, so the values are the ones one computation would give."""
+        ph = self._phase
+        _, todo = self._admit(pool, needed)
+        ph.lap("pool")
+        if todo:
+            self._fetch(pool.layer, todo, issue)
+        elif issue is not None:
+            issue()
+        if not len(absent):
+            return y
+        self.stats.early_redone += len(absent)
+        *lead, k = ids.shape
+        slots = pool.slots(ids.reshape(-1)[absent])  # resident now: read, installed or prefetched
+        again = glu(x, mx.array(slots).reshape(*lead, -1))
+        ph.lap("graph")
+        pool.reading(again, slots)
+        ph.lap("pool")
+        order = np.arange(k)
+        order[absent] = k + np.arange(len(absent))
+        return mx.take(mx.concatenate([y, again], axis=-2), mx.array(order), axis=-2)
 
     def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, flat: list,
                  needed: list, issue) -> mx.array:

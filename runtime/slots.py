@@ -105,6 +105,8 @@ class SlotPool:
         self._expert_nbytes = sum(p.spec.expert_nbytes for p in self.parts)
         self.writer: SlotWriter = (writers or SlotWriters()).new(self.parts, cache_size)
         self._readers: List[Tuple[mx.array, frozenset]] = []  # computations that may still read slots
+        self._table: Optional[Tuple[mx.array, np.ndarray]] = None  # device_table(), until a mapping changes
+        self.recent_absent = 0.0  # decode steps' routed experts not resident at their sync (average)
 
     @property
     def fully_resident(self) -> bool:
@@ -117,6 +119,7 @@ class SlotPool:
         if not self._identity:
             return
         self._identity = False
+        self._table = None
         for e in range(self.num_experts):
             self.slot_of[e] = self.expert_in[e] = e
             self.policy.insert(e)
@@ -160,6 +163,7 @@ class SlotPool:
             victim = self.policy.victim(protected=keep)
             slot = int(self.slot_of[victim])
             self.policy.evict(victim)
+            self._table = None
             self.slot_of[victim] = -1
             self.expert_in[slot] = -1
             self.stats.evictions += 1
@@ -171,6 +175,7 @@ class SlotPool:
         ``cold``: nobody has asked for it yet (a prefetch): the policy counts no use.
         """
         if not self.fully_resident:
+            self._table = None
             self.slot_of[expert] = slot
             self.expert_in[slot] = expert
             if cold:
@@ -181,6 +186,7 @@ class SlotPool:
     def unassign(self, expert: int) -> None:
         """Undo ``assign`` for an expert whose bytes never arrived."""
         if not self.fully_resident and self.slot_of[expert] >= 0:
+            self._table = None
             self.expert_in[self.slot_of[expert]] = -1
             self.slot_of[expert] = -1
             self.policy.evict(expert)
@@ -226,6 +232,21 @@ class SlotPool:
     def settle(self) -> None:
         """Evaluate pending slot writes (loading ends with every pool evaluated)."""
         self.writer.settle()
+
+    def device_table(self) -> Tuple[mx.array, np.ndarray]:
+        """``(table, snapshot)``: the expert -> slot table on the device, for a computation
+        built before the host has read the step's ids, and the host copy it was made from.
+
+        ``table[ids]`` indexes the pool directly. An expert missing from the pool (-1 in
+        ``snapshot``) maps to slot 0, a valid slot: whatever is computed for it must be
+        discarded, and it may read slot 0 while a write changes it. Made again only after a
+        mapping changed (a claim, an assignment), so a step whose experts were all resident
+        uploads nothing.
+        """
+        if self._table is None:
+            snapshot = self.slot_of.copy()
+            self._table = (mx.array(np.maximum(snapshot, 0)), snapshot)
+        return self._table
 
     def slots(self, experts: np.ndarray) -> np.ndarray:
         """Slot of every expert id in ``experts`` (all must be resident)."""

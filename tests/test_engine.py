@@ -175,3 +175,55 @@ def test_phases_add_up_to_the_layer_calls_timed_from_outside(checkpoints, expect
     assert all(ph.wall_s[k] > 0 for k in ("predict", "sync", "ids", "pool", "issue", "request", "graph", "wait", "write"))
     assert ph.total_s() <= sum(outside) <= ph.total_s() * 1.1 + 1e-3 * len(outside)
     assert st.decode_engine_s == ph.total_s() - ph.wall_s["sync"] - ph.wall_s["wait"] - ph.wall_s["write"]
+
+
+@pytest.mark.parametrize("writer,prefetch", [(None, None), ("device", None), (None, PrefetchConfig(depth=2, threshold=0.1, governor=False))])
+def test_layers_launched_before_their_sync_give_stock_tokens(checkpoints, expected, writer, prefetch):
+    """Every decode layer launched early (``early=1.0``): the experts missing at the launch,
+    whether read on demand or installed from a prefetch meanwhile, are computed again; with
+    an in-place writer and with one that replaces whole pool arrays."""
+    tokens, want = expected
+    with load(str(checkpoints("olmoe")), cache_sizes=4, slot_writer=writer, prefetch=prefetch) as (model, _):
+        engine = model.golem.engine
+        engine.early = 1.0
+        assert greedy_tokens(model, tokens, N) == want
+        st = engine.stats
+    assert st.early_layers == st.decode_partial_layers > 0
+    assert st.decode_misses > 0 and st.early_redone >= st.decode_misses
+
+
+def test_early_launch_follows_the_share_of_experts_missing(checkpoints, expected):
+    """Off when most routed experts miss (each would be computed twice); on for a layer
+    whose experts are all resident, which then computes nothing again."""
+    tokens, want = expected
+    with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
+        engine = model.golem.engine
+        assert greedy_tokens(model, tokens, N) == want
+        st = engine.stats
+        assert st.early_layers < st.decode_partial_layers / 2
+    with load(str(checkpoints("olmoe"))) as (model, _):
+        engine = model.golem.engine
+        for pool in engine.pools.values():
+            pool.use_table()
+        assert greedy_tokens(model, tokens, N) == want
+        st = engine.stats
+    assert st.early_layers == st.decode_partial_layers > 0 and st.early_redone == 0 and st.decode_misses == 0
+
+
+def test_the_device_table_is_made_again_only_after_a_mapping_changes(checkpoints):
+    import numpy as np
+
+    with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
+        pool = next(iter(model.golem.engine.pools.values()))
+        for e in range(4):
+            pool.assign(e, pool.claim(e)[0])
+        table, snapshot = pool.device_table()
+        assert pool.device_table()[0] is table  # nothing changed: no upload
+        assert np.array_equal(np.array(table), np.maximum(snapshot, 0))
+        assert np.array_equal(snapshot, pool.slot_of) and sorted(snapshot[:4]) == [0, 1, 2, 3]
+        assert (snapshot[4:] == -1).all()
+        slot, victim = pool.claim(9)
+        pool.assign(9, slot)
+        table2, snapshot2 = pool.device_table()
+        assert table2 is not table and snapshot2[9] == slot and snapshot2[victim] == -1
+        assert snapshot[9] == -1 and snapshot[victim] == slot  # a copy: a launch keeps what it saw
