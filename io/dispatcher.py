@@ -22,7 +22,7 @@ import numpy as np
 from golem.io.file_handles import ALIGN
 from golem.io.ranges import ByteRange
 from golem.io.read_jobs import DEMAND_LANES, Batch, PieceQueue, pieces_of_batch, pieces_of_request
-from golem.io.requests import DONE, PUBLISHED, QUEUED, RUNNING, Request, RequestQueue, describe
+from golem.io.requests import DONE, PUBLISHED, QUEUED, RUNNING, Request, RequestQueue, describe, file_edges
 from golem.io.settings import SchedulerSettings
 from golem.io.staging import StagingBuffers
 from golem.io.statistics import SchedulerStatistics, StatisticsRecorder
@@ -57,15 +57,16 @@ class Dispatcher:
         self.stats = self.recorder.counts
         self.queue = RequestQueue(settings.max_pending, self.stats)
         self.pieces = PieceQueue(clock)
-        self.prepared: Dict[Hashable, tuple] = {}  # key -> (ranges, nbytes, pieces, align)
+        self.prepared: Dict[Hashable, tuple] = {}  # key -> (ranges, nbytes, pieces, align, edges)
         self.published: Deque[Request] = deque()
         self.spec_in_flight = 0
 
     # -- requests in ------------------------------------------------------------------------
 
     def prepare(self, key: Hashable) -> tuple:
-        """No lock: ``(ranges, nbytes, pieces, align)`` of a new key, kept; bad ranges raise
-        ValueError."""
+        """No lock: ``(ranges, nbytes, pieces, align, edges)`` of a new key, kept; bad ranges
+        raise ValueError. ``edges``: where its ranges start and end in the files (the keys
+        coalescing looks neighbours up by)."""
         s = self.settings
         ranges = tuple(self.locate(key))
         nbytes = int(self.nbytes_of(key))
@@ -78,7 +79,7 @@ class Dispatcher:
         if s.direct and ranges:  # the view starts at the file's alignment of the largest range
             big = max(ranges, key=lambda r: r.nbytes)
             align = (big.offset - big.dest) % ALIGN
-        prepared = (ranges, nbytes, pieces, align)
+        prepared = (ranges, nbytes, pieces, align, file_edges(ranges))
         self.prepared[key] = prepared
         return prepared
 

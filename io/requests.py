@@ -26,16 +26,22 @@ def describe(key: Hashable) -> str:
     return f"expert {key!r}"
 
 
+def file_edges(ranges: Sequence[ByteRange]) -> Tuple[tuple, tuple]:
+    """``(starts, ends)``: ``(path, offset)`` of where each range starts and ends in its file."""
+    return (tuple((r.path, r.offset) for r in ranges), tuple((r.path, r.offset + r.nbytes) for r in ranges))
+
+
 class Request:
     """One key's read: ``depth`` 0 is a demand, >= 1 a prefetch (lower ``(depth, -score)``
     goes first). ``pieces`` holds its pieces and jobs (cut once per key), ``align`` the file
-    alignment its view should have in a staging buffer, ``buffer``/``shift`` where it lands."""
+    alignment its view should have in a staging buffer, ``edges`` where its ranges start and
+    end in the files (``file_edges``), ``buffer``/``shift`` where it lands."""
 
     __slots__ = ("key", "depth", "score", "ranges", "nbytes", "future", "state", "cancelled",
                  "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "pieces",
-                 "align", "shift")
+                 "align", "shift", "edges")
 
-    def __init__(self, key, depth, score, ranges, nbytes, pieces, align, now):
+    def __init__(self, key, depth, score, ranges, nbytes, pieces, align, edges, now):
         self.key = key
         self.depth = depth
         self.score = score
@@ -43,6 +49,7 @@ class Request:
         self.nbytes = nbytes
         self.pieces = pieces
         self.align = align
+        self.edges = edges
         self.shift = 0
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.state = QUEUED
@@ -88,9 +95,9 @@ class RequestQueue:
         if not req.demand:
             self.prefetch_queued += 1
         self.push(req)
-        for r in req.ranges:
-            self._starts[(r.path, r.offset)] = req
-            self._ends[(r.path, r.end)] = req
+        starts, ends = req.edges
+        self._starts.update(dict.fromkeys(starts, req))
+        self._ends.update(dict.fromkeys(ends, req))
 
     def push(self, req: Request) -> None:
         """(Re)queue at its current priority; older heap entries die lazily."""
@@ -107,11 +114,10 @@ class RequestQueue:
     def forget(self, req: Request) -> None:
         """Remove a queued request from the adjacency maps (heap entries die lazily)."""
         req.token = -1
-        for r in req.ranges:
-            if self._starts.get((r.path, r.offset)) is req:
-                del self._starts[(r.path, r.offset)]
-            if self._ends.get((r.path, r.end)) is req:
-                del self._ends[(r.path, r.end)]
+        for edges, at in zip(req.edges, (self._starts, self._ends)):
+            for edge in edges:
+                if at.get(edge) is req:
+                    del at[edge]
 
     def remove(self, req: Request) -> None:
         """No longer live (if it is still the key's request: a stale one may be replaced)."""
@@ -139,8 +145,9 @@ class RequestQueue:
     def neighbours(self, req: Request) -> Iterator[Request]:
         """Queued requests whose ranges end where one of ``req``'s starts, or start where
         one ends (candidates to read in the same ``preadv``)."""
-        for r in req.ranges:
-            for other in (self._starts.get((r.path, r.end)), self._ends.get((r.path, r.offset))):
+        starts, ends = req.edges
+        for start, end in zip(starts, ends):
+            for other in (self._starts.get(end), self._ends.get(start)):
                 if other is not None and other.state == QUEUED:
                     yield other
 

@@ -139,17 +139,20 @@ class Selection:
             left -= ids.size
         return out
 
+    def ordered(self, scores: np.ndarray, keep: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(rows, experts)`` of the selected entries ``keep`` (a ``mask``), in prefetch
+        order: nearer rows first, then higher scores, then lower expert ids."""
+        rows, ids = np.nonzero(keep)
+        order = np.lexsort((ids, -scores[rows, ids], rows))
+        return rows[order], ids[order]
+
     def select(
         self, scores: np.ndarray, targets: Sequence[int], exclude: Optional[np.ndarray] = None
     ) -> List[Candidate]:
         """Candidates in prefetch order: nearer layers first, higher scores first."""
-        keep = self.mask(scores, exclude)
-        out: List[Candidate] = []
-        for r, position in enumerate(targets):
-            ids = np.flatnonzero(keep[r])
-            order = np.lexsort((ids, -scores[r, ids]))
-            out.extend(Candidate(int(position), int(e), float(scores[r, e])) for e in ids[order])
-        return out
+        rows, ids = self.ordered(scores, self.mask(scores, exclude))
+        positions = np.asarray(targets)[rows].tolist()
+        return [Candidate(p, e, s) for p, e, s in zip(positions, ids.tolist(), scores[rows, ids].tolist())]
 
 
 def ranked_ids(experts: Any, weights: Any = None) -> np.ndarray:

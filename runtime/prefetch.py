@@ -220,29 +220,28 @@ class Prefetcher:
         """``(model layer, expert, score)`` to request, nearest layers and best scores first.
 
         ``resident(model_layer) -> bool (E,)`` marks experts that need no read. Targets past
-        the last layer are the next step's first layers.
+        the last layer are the next step's first layers. Layers prefetch is not wanted for,
+        or switched off in, are left out before the selection's caps count.
         """
         scores = self.predictor.scores(proposal)
-        n = len(self.moe_layers)
+        n, selection, layers = len(self.moe_layers), self.selection, self.moe_layers
         targets = list(proposal.targets)
-        exclude = np.zeros(scores.shape, dtype=bool)
+        guessed = selection.mask(scores, None)
+        for r, t in enumerate(targets):
+            (self._predicted if t < n else self._predicted_next).setdefault(t % n, set()).update(
+                np.flatnonzero(guessed[r]).tolist())
+        exclude = np.ones(scores.shape, dtype=bool)
         for r, t in enumerate(targets):
             pos = t % n
-            exclude[r] = resident(self.moe_layers[pos]) if self.wanted[pos] else True
-        keep = self.selection.mask(scores, None)
-        for r, t in enumerate(targets):
-            guessed = self._predicted if t < n else self._predicted_next
-            guessed.setdefault(t % n, set()).update(np.flatnonzero(keep[r]).tolist())
-        th = self.selection.threshold
-        if not ((scores >= th) & (scores > 0) & ~exclude).any():  # nothing to read (Selection's own test)
+            if self.wanted[pos] and self.stats[layers[pos]].enabled:
+                exclude[r] = resident(layers[pos])
+        keep = guessed & ~exclude if selection.limit is None else selection.mask(scores, exclude)
+        if not keep.any():  # nothing to read
             return []
-        out = []
-        for cand in self.selection.select(scores, targets, exclude):
-            layer = self.moe_layers[cand.position % n]
-            if not self.stats[layer].enabled:
-                continue
-            out.append((layer, cand.expert, cand.score))
-        return out
+        rows, experts = selection.ordered(scores, keep)
+        row_layers = [layers[t % n] for t in targets]
+        return [(row_layers[r], e, sc) for r, e, sc in zip(rows.tolist(), experts.tolist(),
+                                                              scores[rows, experts].tolist())]
 
     def distance(self, at: int, layer: int) -> int:
         """MoE layers from position ``at`` to ``layer`` (wrapping into the next step)."""
