@@ -13,10 +13,14 @@ Switches:
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
-equal depth 0's. Prints tok/s (and engine wall us per partial layer) per row and setting
+equal depth 0's. ``--interleave`` (``early-launch`` only, a setting of the loaded engine):
+one load per row, the two settings alternating between its decodes of all the prompts,
+``--runs`` pairs, so that the slow drifts of a shared machine fall on both alike; it adds
+the median of the pairs' ratios (on / off). Prints tok/s (and engine wall us per partial layer) per row and setting
 (medians), each row over the same setting's depth 0 (rows without reads: over the full cache), then one JSON line.
 
     python benchmarks/bench_switches.py --switch early-launch|early-stop|caller-activation [--shape qwen3-30b-a3b-host] [--runs 3] [--rows depth2,default]
+    python benchmarks/bench_switches.py --switch early-launch --interleave --runs 12 [--rows warm_resident,depth0]
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_decode  # noqa: E402
+
+EARLY = None  # --early: the engine's early-launch share when on (None: its default)
 
 ROWS = {
     "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
@@ -65,7 +71,7 @@ def switch(name: str, on: bool):
     from golem.runtime.governor import Governor
 
     if name == "early-launch":
-        with patched(Engine, early=EARLY_ABSENT if on else None):
+        with patched(Engine, early=(EARLY if EARLY is not None else EARLY_ABSENT) if on else None):
             yield
         return
     if name == "early-stop":
@@ -103,7 +109,19 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="bench_decode rows, comma-separated (default: the switch's; "
                     "each storage's depth 0 row is added)")
     ap.add_argument("--dir", type=Path, default=default_cache_dir())
+    ap.add_argument("--interleave", action="store_true",
+                    help="early-launch only: alternate the setting within one load per row")
+    ap.add_argument("--early", type=float, default=None,
+                    help="early-launch: the share of missing experts up to which a layer is launched early "
+                         "when on (default: the engine's, 0.25; 1.0: every decode layer)")
     args = ap.parse_args()
+    if args.interleave and args.switch != "early-launch":
+        ap.error("--interleave works with --switch early-launch only (a setting of a loaded engine)")
+    if args.early is not None and (args.switch != "early-launch" or not 0.0 <= args.early <= 1.0):
+        ap.error("--early takes a share from 0 to 1, with --switch early-launch")
+    if args.early is not None:
+        global EARLY
+        EARLY = args.early
 
     setup = bench_decode.Setup(args.shape, args.dir, args.tokens)
     full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
@@ -113,6 +131,8 @@ def main() -> None:
         if base not in names and any(_base(n) == base for n in names):
             names = [base, *names]
     rows = setup.rows(names)
+    if args.interleave:
+        return interleaved(setup, rows, args)
     seen = {on: {row: [] for row in names} for on in (False, True)}
     identical = True
     for _ in range(args.runs):
@@ -140,6 +160,52 @@ def main() -> None:
             out[f"{key}_{row}_tps"], out[f"{key}_{row}_x_depth0"], out[f"{key}_{row}_us_per_layer"] = tps, ratio, us
         print(f"{row:<16}" + cells)
     print("(full_cache and warm_resident: x full_cache; disk_*: x disk_depth0; the rest: x depth0)")
+    print(f"identical tokens in every row: {identical}")
+    print(json.dumps(out))
+
+
+def interleaved(setup, rows: dict, args) -> None:
+    """``early-launch`` off and on within one load per row, alternating (ABBA) ``--runs`` pairs."""
+    from golem.io.storage import Throttle
+    from golem.runtime import load
+    from golem.runtime.engine import EARLY_ABSENT
+
+    share = EARLY if EARLY is not None else EARLY_ABSENT
+
+    print(f"{setup.path.name}: switch {args.switch} (share {share}), interleaved in one load per row, {len(setup.prompts)} prompts x "
+          f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio")
+    print(f"{'row':<16}{'off':>10}{'on':>10}{'on/off':>9}{'early':>8}")
+    out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "interleaved": True, "early": share}
+    identical = True
+    for row, options in rows.items():
+        options = dict(options)
+        table = options.pop("table", False)
+        gb = options.pop("throttle_gb_per_s", None)
+        if gb is not None:
+            options["throttle"] = Throttle(gb)
+        tps = {False: [], True: []}
+        with load(str(setup.path), **options) as (model, _):
+            engine = model.golem.engine
+            if table:
+                for pool in engine.pools.values():
+                    pool.use_table()
+            bench_decode.decode(model, setup.prompts[:1], 4)  # warm-up
+            early0, layers0 = engine.stats.early_layers, engine.stats.decode_partial_layers
+            for i in range(args.runs):
+                for on in ((False, True) if i % 2 == 0 else (True, False)):
+                    engine.early = share if on else None
+                    s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)
+                    tps[on].append(n / s)
+                    identical = identical and outs == setup.truth_outputs
+            layers = engine.stats.decode_partial_layers - layers0
+            early = (engine.stats.early_layers - early0) / layers if layers else 0.0
+        ratio = statistics.median(b / a for a, b in zip(tps[False], tps[True]))
+        off, on = statistics.median(tps[False]), statistics.median(tps[True])
+        print(f"{row:<16}{off:>10.2f}{on:>10.2f}{ratio:>8.3f}x{100 * early:>7.0f}%")
+        out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio,
+                    f"{row}_early_share": early})
+    out["identical"] = identical
+    print("early: share of the row's partial layers launched before their sync while on (half the decodes)")
     print(f"identical tokens in every row: {identical}")
     print(json.dumps(out))
 

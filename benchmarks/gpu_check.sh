@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every figure benchmarks/RESULTS.md needs from one machine, in one run: the machine card,
-# bench_upload, bench_decode --runs 3 at both shapes, profile_decode (host time by phase), a
+# bench_upload, bench_decode --runs 3 at both shapes, profile_decode (host time by phase), the
+# early launch off and on (bench_switches --interleave), a
 # cProfile of a depth-0 decode, golem-run --demo, and the test suite. On a lent GPU, from the repository root:
 #     OUT=/tmp/out ../shared/gpu/run.sh bash benchmarks/gpu_check.sh
 # On a CPU, to check the script itself in a few minutes:
@@ -58,6 +59,8 @@ else
   step "bench_decode, Qwen3-30B-A3B slice" 600 "$PY" benchmarks/bench_decode.py --shape qwen3-30b-a3b --runs 3
   step "profile_decode" 400 "$PY" benchmarks/profile_decode.py --runs 3
   step "profile_decode, Qwen3-30B-A3B slice" 500 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b --runs 1
+  step "early launch, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0
+  step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,oracle
   PROFILE_TOKENS=24
   SUITE="tests/test_writers.py tests/test_engine.py tests/test_governor.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
 fi
