@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 import mlx.core as mx
@@ -24,8 +23,9 @@ from golem.io.positioned_reads import read_ranges
 
 from golem.runtime.governor import TokenOutcome
 from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED, PrefetchOrders
-from golem.runtime.phases import PhaseClock, PhaseTimes
-from golem.runtime.slots import LayerStats, SlotPool
+from golem.runtime.phases import PhaseClock
+from golem.runtime.engine_stats import EngineStats
+from golem.runtime.slots import SlotPool
 
 ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
 
@@ -60,81 +60,6 @@ class DiskReader:
 
     def close(self) -> None:
         self.handles.close()
-
-
-@dataclass
-class EngineStats:
-    """Totals over all layers, plus host syncs (reads of device values by the host).
-
-    Host time of the engine while decoding, in layers that are not fully resident, is split
-    by phase in ``phases`` (wall and thread CPU seconds, see ``golem.runtime.phases``). The
-    ``decode_*_s`` properties are its wall-time sums: ``decode_sync_s`` in the host syncs,
-    ``decode_read_s`` waiting on reads, ``decode_write_s`` putting experts into slots (the
-    upload), ``decode_engine_s`` everything else (of which ``decode_miss_s`` handling the
-    demand reads of misses: requests, results, buffers).
-    """
-
-    host_syncs: int = 0
-    forward_calls: int = 0
-    tokens: int = 0
-    decode_steps: int = 0
-    decode_host_syncs: int = 0
-    decode_misses: int = 0  # demand reads while decoding (prefill's are left out)
-    early_layers: int = 0  # decode layers whose experts were launched before their host sync
-    early_redone: int = 0  # routed experts those layers computed again (not resident at launch)
-    phases: PhaseTimes = field(default_factory=PhaseTimes)
-    layers: Dict[int, LayerStats] = field(default_factory=dict)
-
-    @property
-    def decode_partial_layers(self) -> int:
-        """Layer calls with a host sync while decoding."""
-        return self.phases.layers
-
-    @property
-    def decode_read_s(self) -> float:
-        return self.phases.wall_s["wait"]
-
-    @property
-    def decode_write_s(self) -> float:
-        return self.phases.wall_s["write"]
-
-    @property
-    def decode_sync_s(self) -> float:
-        return self.phases.wall_s["sync"]
-
-    @property
-    def decode_engine_s(self) -> float:
-        return self.phases.engine_s()
-
-    @property
-    def decode_miss_s(self) -> float:
-        return self.phases.wall_s["request"]
-
-    def total(self) -> LayerStats:
-        t = LayerStats()
-        for s in self.layers.values():
-            t.cache_size += s.cache_size
-            t.hits += s.hits
-            t.misses += s.misses
-            t.prefetch_hits += s.prefetch_hits
-            t.bytes_read += s.bytes_read
-            t.read_s += s.read_s
-            t.evictions += s.evictions
-        return t
-
-    def host_us(self) -> Dict[str, float]:
-        """Engine host microseconds per decode miss and per decode layer with a host sync
-        (wall time; ``cpu_per_layer_us``: the engine thread's CPU time)."""
-        layers = max(self.decode_partial_layers, 1)
-        misses = max(self.decode_misses, 1)
-        return {
-            "per_miss_us": 1e6 * self.decode_miss_s / misses,
-            "per_layer_us": 1e6 * self.decode_engine_s / layers,
-            "cpu_per_layer_us": 1e6 * self.phases.engine_s(cpu=True) / layers,
-            "cpu_per_miss_us": 1e6 * self.phases.cpu_s["request"] / misses,
-            "sync_per_layer_us": 1e6 * self.decode_sync_s / layers,
-            "write_per_miss_us": 1e6 * self.decode_write_s / misses,
-        }
 
 
 class Engine:
@@ -636,45 +561,3 @@ class Engine:
         inverse = np.argsort(np.concatenate(rows_all))
         y = mx.concatenate(outputs, axis=0)[mx.array(inverse)]
         return y.reshape(*lead, k, y.shape[-1])
-
-
-class ResidualTap(nn.Module):
-    """Stands where a decoder layer's pre-MoE norm stood; remembers its input (lazily).
-
-    The residual stream after attention is what router lookahead feeds to the next
-    layers' routers. Keeping a reference costs no evaluation and no host sync.
-
-    Args:
-        norm: the layer's own ``post_attention_layernorm``.
-        store: dict the residual goes into, keyed by ``layer``.
-        layer: the decoder layer number.
-    """
-
-    def __init__(self, norm: nn.Module, store: dict, layer: int):
-        super().__init__()
-        self.norm = norm
-        self.layer = layer
-        object.__setattr__(self, "_store", store)  # a plain dict, not a child of the module tree
-
-    def __call__(self, x: mx.array) -> mx.array:
-        self._store[self.layer] = x
-        return self.norm(x)
-
-
-class OffloadedExperts(nn.Module):
-    """Stands where the model's ``SwitchGLU`` stood; same call, experts from slots.
-
-    Args:
-        glu: the model's own experts module, whose stacked arrays are now slot pools.
-        layer: the decoder layer number.
-        engine: the engine that resolves ids to slots.
-    """
-
-    def __init__(self, glu: nn.Module, layer: int, engine: Engine):
-        super().__init__()
-        self.glu = glu
-        self.layer = layer
-        self.engine = engine
-
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        return self.engine.forward(self.layer, self.glu, x, indices)

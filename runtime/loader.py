@@ -25,7 +25,8 @@ from golem.io.outputs import check_output, check_outside
 from golem.runtime.checkpoint import (FreedOnFailure, OpenedCheckpoint, open_checkpoint, resolve_model_path,
                                       top_k_of)
 from golem.runtime.config import RuntimeConfig, check_against_model, check_output_paths, make_config, with_prefetch_depth
-from golem.runtime.engine import DiskReader, Engine, OffloadedExperts
+from golem.runtime.engine import DiskReader, Engine
+from golem.runtime.modules import OffloadedExperts
 from golem.runtime.offloaded import OffloadedModel
 from golem.runtime.resident import Progress, load_resident, warm_start
 from golem.runtime.slots import PoolPart, SlotPool
@@ -215,7 +216,7 @@ def install_taps(model: nn.Module, residuals: Dict[int, mx.array], config: Runti
     lookahead on it). Returns the blocks (``golem.predictors.routers.find_moe_blocks``)."""
     from golem.predictors.routers import find_moe_blocks
 
-    from golem.runtime.engine import ResidualTap
+    from golem.runtime.modules import ResidualTap
 
     blocks = find_moe_blocks(model)
     layer_input = (config.predictor_options or {}).get("hidden_kind") == "layer_input"

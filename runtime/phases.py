@@ -14,14 +14,16 @@ from typing import Callable, Dict
 # In the order a layer with misses meets them.
 PHASES = (
     "predict",   # the predictor's lazy proposals and its observation of the true routing
-    "sync",      # the layer's one host sync (mx.eval of ids and lazy predictor outputs)
+    "sync",      # the layer's one host sync (mx.eval of ids and lazy predictor outputs; with an
+                 # early launch, also the launch of those arrays that precedes it)
     "ids",       # reading the ids back, the trace, the miss check
     "pool",      # slot table and eviction policy: hits, claims, assignments, readers
     "install",   # installing prefetches that have landed (claims; their writes are "write")
     "issue",     # choosing, cancelling and submitting prefetch reads
     "request",   # demand reads: submitting, taking results, handing buffers back
     "graph",     # building the expert computation (ids to slots, gather, reorder)
-    "launch",    # starting the resident experts' computation while misses load
+    "launch",    # starting the experts' computation: before the sync (early launch), or the
+                 # resident ones' while misses load
     "wait",      # blocked on reads
     "write",     # putting experts into slots (the upload)
 )
