@@ -177,17 +177,22 @@ def test_phases_add_up_to_the_layer_calls_timed_from_outside(checkpoints, expect
     assert st.decode_engine_s == ph.total_s() - ph.wall_s["sync"] - ph.wall_s["wait"] - ph.wall_s["write"]
 
 
-@pytest.mark.parametrize("writer,prefetch", [(None, None), ("device", None), (None, PrefetchConfig(depth=2, threshold=0.1, governor=False))])
-def test_layers_launched_before_their_sync_give_stock_tokens(checkpoints, expected, writer, prefetch):
+@pytest.mark.parametrize("options", [{}, {"slot_writer": "device"}, {"record": True},
+                                     {"prefetch": PrefetchConfig(depth=2, threshold=0.1, governor=False)}],
+                         ids=["host-writer", "device-writer", "recording", "prefetch"])
+def test_layers_launched_before_their_sync_give_stock_tokens(checkpoints, expected, options):
     """Every decode layer launched early (``early=1.0``): the experts missing at the launch,
     whether read on demand or installed from a prefetch meanwhile, are computed again; with
-    an in-place writer and with one that replaces whole pool arrays."""
+    an in-place writer and with one that replaces whole pool arrays, and with the routing
+    recorded (its weights are synced with the ids)."""
     tokens, want = expected
-    with load(str(checkpoints("olmoe")), cache_sizes=4, slot_writer=writer, prefetch=prefetch) as (model, _):
+    with load(str(checkpoints("olmoe")), cache_sizes=4, **options) as (model, _):
         engine = model.golem.engine
         engine.early = 1.0
         assert greedy_tokens(model, tokens, N) == want
         st = engine.stats
+        if options.get("record"):
+            assert engine.trace.num_steps == st.tokens  # every token, prefill and decode
     assert st.early_layers == st.decode_partial_layers > 0
     assert st.decode_misses > 0 and st.early_redone >= st.decode_misses
 
