@@ -117,6 +117,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.interleave and args.switch != "early-launch":
         ap.error("--interleave works with --switch early-launch only (a setting of a loaded engine)")
+    if args.interleave and args.rows and {"oracle", "noisy_oracle"} & {n.strip() for n in args.rows.split(",")}:
+        ap.error("--interleave decodes the prompts many times in one load; the oracle rows' truth holds "
+                 "them once: leave oracle and noisy_oracle out")
     if args.early is not None and (args.switch != "early-launch" or not 0.0 <= args.early <= 1.0):
         ap.error("--early takes a share from 0 to 1, with --switch early-launch")
     if args.early is not None:

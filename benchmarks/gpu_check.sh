@@ -60,7 +60,7 @@ else
   step "profile_decode" 400 "$PY" benchmarks/profile_decode.py --runs 3
   step "profile_decode, Qwen3-30B-A3B slice" 500 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b --runs 1
   step "early launch, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0
-  step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,oracle
+  step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,depth2
   PROFILE_TOKENS=24
   SUITE="tests/test_writers.py tests/test_engine.py tests/test_governor.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
 fi
