@@ -438,9 +438,11 @@ class Engine:
         return y, snapshot
 
     def _absent(self, pool: SlotPool, ids: np.ndarray, early):
-        """Right after a decode layer's sync: the positions of ``ids`` whose experts were not resident when its computation was built (with an
-        early launch: those it computed on slot 0), and the pool's running average of how
-        many there are. An early launch is registered with the pool here, before any write."""
+        """Right after a decode layer's sync, before any install: the positions of ``ids``
+        (one token's) whose experts are not resident (with an early launch: were not when it
+        was built, the ones it computed on slot 0); the pool keeps a running average of how
+        many (``recent_absent``, what decides the next early launch). An early launch is
+        registered with the pool here, before any write."""
         flat = ids.reshape(-1)
         if early is not None:
             y, snapshot = early
