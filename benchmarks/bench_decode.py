@@ -261,14 +261,18 @@ class Setup:
             out["default"] = dict(emu, prefetch=auto)
         return {k: v for k, v in out.items() if names is None or k in names}
 
-    def run(self, name: str, options: dict, runs: int):
+    def load_options(self, options: dict) -> dict:
+        """A row's options as ``load`` takes them (the emulated storage made), plus ``table``."""
         from golem.io.storage import Throttle
 
         options = dict(options)
         gb = options.pop("throttle_gb_per_s", None)
         if gb is not None:
             options["throttle"] = Throttle(gb)
-        return run_golem(self.path, self.prompts, self.tokens, runs, label=name, **options)
+        return options
+
+    def run(self, name: str, options: dict, runs: int):
+        return run_golem(self.path, self.prompts, self.tokens, runs, label=name, **self.load_options(options))
 
 
 STORAGE = {"stock": "-", "full_cache": "-", "warm_resident": "-"}

@@ -169,7 +169,6 @@ def main() -> None:
 
 def interleaved(setup, rows: dict, args) -> None:
     """``early-launch`` off and on within one load per row, alternating (ABBA) ``--runs`` pairs."""
-    from golem.io.storage import Throttle
     from golem.runtime import load
     from golem.runtime.engine import EARLY_ABSENT
 
@@ -181,11 +180,8 @@ def interleaved(setup, rows: dict, args) -> None:
     out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "interleaved": True, "early": share}
     identical = True
     for row, options in rows.items():
-        options = dict(options)
+        options = setup.load_options(options)
         table = options.pop("table", False)
-        gb = options.pop("throttle_gb_per_s", None)
-        if gb is not None:
-            options["throttle"] = Throttle(gb)
         tps = {False: [], True: []}
         with load(str(setup.path), **options) as (model, _):
             engine = model.golem.engine
