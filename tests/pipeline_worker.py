@@ -29,8 +29,8 @@ def run(spec: dict) -> dict:
         options["memory_budget"] = spec["budget"]
     else:
         options["cache_size"] = spec.get("cache", 4)
-    if depth:
-        options["prefetch"] = PrefetchConfig(depth=depth, threshold=0.1)
+    if depth:  # a fixed depth: the governor's choices follow timing, and the tests compare recall
+        options["prefetch"] = PrefetchConfig(depth=depth, threshold=0.1, governor=False)
     from golem.runtime.pipeline import PipelineConfig
 
     pipeline = PipelineConfig(split=spec.get("split", "even"), boundary_prefetch=spec.get("boundary", True))
