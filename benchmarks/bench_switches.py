@@ -38,8 +38,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_decode  # noqa: E402
 
-EARLY = None  # --early: the engine's early-launch share when on (None: its default)
-
 ROWS = {
     "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
     "early-launch": ("full_cache", "warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2", "oracle"),
@@ -65,13 +63,13 @@ def patched(cls, **defaults):
 
 
 @contextlib.contextmanager
-def switch(name: str, on: bool):
+def switch(name: str, on: bool, share: float):
     from golem.io.scheduler import IOScheduler
-    from golem.runtime.engine import EARLY_ABSENT, Engine
+    from golem.runtime.engine import Engine
     from golem.runtime.governor import Governor
 
     if name == "early-launch":
-        with patched(Engine, early=(EARLY if EARLY is not None else EARLY_ABSENT) if on else None):
+        with patched(Engine, early=share if on else None):
             yield
         return
     if name == "early-stop":
@@ -99,6 +97,7 @@ def _base(row: str) -> str:
 
 
 def main() -> None:
+    from golem.runtime.engine import EARLY_ABSENT
     from golem.runtime.synthetic import default_cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,30 +116,30 @@ def main() -> None:
     args = ap.parse_args()
     if args.interleave and args.switch != "early-launch":
         ap.error("--interleave works with --switch early-launch only (a setting of a loaded engine)")
-    if args.interleave and args.rows and {"oracle", "noisy_oracle"} & {n.strip() for n in args.rows.split(",")}:
-        ap.error("--interleave decodes the prompts many times in one load; the oracle rows' truth holds "
-                 "them once: leave oracle and noisy_oracle out")
     if args.early is not None and (args.switch != "early-launch" or not 0.0 <= args.early <= 1.0):
         ap.error("--early takes a share from 0 to 1, with --switch early-launch")
-    if args.early is not None:
-        global EARLY
-        EARLY = args.early
+    names = ROWS[args.switch] if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()]
+    if args.interleave:  # the oracle rows' truth holds one pass of the prompts
+        names = [n for n in names if n not in ("oracle", "noisy_oracle")] if args.rows is None else names
+        if {"oracle", "noisy_oracle"} & set(names):
+            ap.error("--interleave decodes the prompts many times in one load; the oracle rows' truth holds "
+                     "them once: leave oracle and noisy_oracle out")
+    share = args.early if args.early is not None else EARLY_ABSENT  # early-launch, when on
 
     setup = bench_decode.Setup(args.shape, args.dir, args.tokens)
     full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
     setup.calibrate(1.0 / full["tps"])
-    names = ROWS[args.switch] if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()]
     for base in ("disk_depth0", "depth0", "full_cache"):  # the rows each ratio is taken against
         if base not in names and any(_base(n) == base for n in names):
             names = [base, *names]
     rows = setup.rows(names)
     if args.interleave:
-        return interleaved(setup, rows, args)
+        return interleaved(setup, rows, args, share)
     seen = {on: {row: [] for row in names} for on in (False, True)}
     identical = True
     for _ in range(args.runs):
         for on in (False, True):
-            with switch(args.switch, on):
+            with switch(args.switch, on, share):
                 for row in names:
                     r, outs = setup.run(row, rows[row], 1)
                     seen[on][row].append((r["tps"], r.get("us_per_layer", float("nan"))))
@@ -167,12 +166,9 @@ def main() -> None:
     print(json.dumps(out))
 
 
-def interleaved(setup, rows: dict, args) -> None:
+def interleaved(setup, rows: dict, args, share: float) -> None:
     """``early-launch`` off and on within one load per row, alternating (ABBA) ``--runs`` pairs."""
     from golem.runtime import load
-    from golem.runtime.engine import EARLY_ABSENT
-
-    share = EARLY if EARLY is not None else EARLY_ABSENT
 
     print(f"{setup.path.name}: switch {args.switch} (share {share}), interleaved in one load per row, {len(setup.prompts)} prompts x "
           f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio")
