@@ -103,6 +103,63 @@ class Dispatcher:
         self.queue.add(req)
         return req, self.queue.trim()
 
+    def demand(self, key: Hashable, prepared: tuple) -> Optional[Request]:
+        """A demand for a key nobody asked for, while no demand waits for a buffer: its
+        request, live but not queued (``start_demands`` starts it); None otherwise (then
+        ``submit`` queues it as any request)."""
+        if self.queue.queued > self.queue.prefetch_queued or self.live(key) is not None:
+            return None
+        self.recorder.submitted(0)
+        req = Request(key, 0, 0.0, *prepared, self.clock())
+        self.queue.by_key[key] = req
+        return req
+
+    def start_demands(self, fresh: List[Request]) -> None:
+        """Start the requests of ``demand``, in order, as far as free buffers go (the rest
+        are queued). They never enter the queue: those adjacent in the file to one another
+        are found here and read together (``coalesce``), as ``_grow`` joins queued ones."""
+        started = fresh[:len(self.buffers.free)]
+        for req in fresh[len(started):]:
+            self.queue.add(req)
+        for req in started:
+            self._take_buffer(req)
+        if self.settings.coalesce and len(started) > 1:
+            for batch in self._adjacent(started):
+                self._start(batch)
+        else:
+            for req in started:
+                self._start([req])
+
+    def _adjacent(self, requests: List[Request]) -> List[List[Request]]:
+        """``requests`` in groups whose ranges touch in the file (each at most
+        ``max_batch_nbytes``), in the order of their first member."""
+        owner = {edge: i for i, req in enumerate(requests) for edge in req.edges[0]}
+        if owner.keys().isdisjoint(edge for req in requests for edge in req.edges[1]):
+            return [[req] for req in requests]  # the common case: nothing touches
+        links: Dict[int, List[int]] = {}
+        for i, req in enumerate(requests):
+            for edge in req.edges[1]:
+                j = owner.get(edge)
+                if j is not None and j != i:
+                    links.setdefault(i, []).append(j)
+                    links.setdefault(j, []).append(i)
+        limit, taken, groups = self.settings.max_batch_nbytes, set(), []
+        for i, req in enumerate(requests):
+            if i in taken:
+                continue
+            taken.add(i)
+            group, frontier, total = [req], [i], req.nbytes
+            while frontier:
+                for j in links.get(frontier.pop(), ()):
+                    other = requests[j]
+                    if j not in taken and total + other.nbytes <= limit:
+                        taken.add(j)
+                        group.append(other)
+                        frontier.append(j)
+                        total += other.nbytes
+            groups.append(group)
+        return groups
+
     def _resubmit(self, req: Request, depth: int, score: float) -> None:
         self.stats.deduped += 1
         if req.state == RUNNING and req.cancelled:  # revive: the bytes are coming anyway
@@ -142,9 +199,13 @@ class Dispatcher:
     # -- activation -------------------------------------------------------------------------
 
     def has_idle_reader(self) -> bool:
-        """Could a reader start a prefetch now? (Busy readers activate on their own.)"""
-        return self.queue.has_queued() \
-            and self.pieces.running + self.pieces.waiting < self.settings.parallelism
+        """Could a reader start a queued request now? (Busy readers activate on their own.)
+        A demand waiting for a buffer may also use the demand lanes."""
+        queue = self.queue
+        if not queue.has_queued():
+            return False
+        lanes = self.settings.parallelism + (DEMAND_LANES if queue.queued > queue.prefetch_queued else 0)
+        return self.pieces.running + self.pieces.waiting < lanes
 
     def activate_ready(self) -> bool:
         """Activate the requests that priorities, buffers and caps allow.
@@ -194,7 +255,11 @@ class Dispatcher:
         self._take(req)
         if self.settings.coalesce:
             self._grow(requests)
-        batch = Batch(requests, req.demand)
+        return self._start(requests)
+
+    def _start(self, requests: List[Request]) -> Batch:
+        """Requests holding their buffers become one batch, its jobs waiting for readers."""
+        batch = Batch(requests, requests[0].demand)
         if self.whole_batches:
             batch.runs, batch.jobs, batch.remaining = [None], [1], 1  # it reads the whole batch
         else:
@@ -207,6 +272,9 @@ class Dispatcher:
     def _take(self, req: Request) -> None:
         """A queued request starts: it leaves the queue and takes a buffer."""
         self.queue.dequeue(req)
+        self._take_buffer(req)
+
+    def _take_buffer(self, req: Request) -> None:
         req.state = RUNNING
         req.buffer = self.buffers.take()
         if req.align is not None:

@@ -274,17 +274,23 @@ class IOScheduler:
             if key not in dispatcher.prepared:
                 prepared[key] = dispatcher.prepare(key)
         scores = [float(score) for _, _, score in requests]
-        futures, dropped, demand = [], [], False
+        futures, dropped, demand, fresh = [], [], False, []
         with self._lock:
             self._check_open()
             dispatcher.stats.calls += 1
             for (key, depth, _), score in zip(requests, scores):
-                req, gone = dispatcher.submit(key, depth, score,
-                                              prepared.get(key) or dispatcher.prepared[key])
+                known = prepared.get(key) or dispatcher.prepared[key]
+                req = dispatcher.demand(key, known) if depth == 0 else None
+                if req is not None:
+                    fresh.append(req)
+                else:
+                    req, gone = dispatcher.submit(key, depth, score, known)
+                    dropped += gone
                 futures.append(req.future)
-                dropped += gone
                 demand = demand or req.demand
-            kick = bool(requests) and self._after_submit(demand)
+            if fresh:
+                dispatcher.start_demands(fresh)
+            kick = bool(requests) and self._after_submit(demand, bool(fresh))
         for other in dropped:
             cancel_future(other)
         self._activate_after(kick)
@@ -299,12 +305,13 @@ class IOScheduler:
             raise SchedulerClosed("scheduler is closed" if self._closed else
                                   "scheduler is not started (use it in a with block)")
 
-    def _after_submit(self, demand: bool) -> bool:
-        """Lock held: start a demand from here (no hop through the loop thread); for a
-        prefetch, whether the loop should activate requests."""
+    def _after_submit(self, demand: bool, started: bool) -> bool:
+        """Lock held: start a demand from here (no hop through the loop thread), waking
+        readers for it and for the demands already ``started``; for a prefetch, whether
+        the loop should activate requests."""
         if not demand:
             return self._dispatcher.has_idle_reader()
-        if self._dispatcher.activate_ready():
+        if self._dispatcher.activate_ready() or started:
             self._readers.wake(self._dispatcher.jobs_waiting)
         return False
 

@@ -181,6 +181,40 @@ def test_submit_many_orders_as_single_submits():
         assert stats.requests == {"prefetch": 6, "demand": 2} and stats.deduped == 1
 
 
+def test_demands_waiting_for_buffers_start_in_turn_on_the_demand_lane():
+    reader = GatedReader()
+    with scheduler(reader, num_buffers=3, reserved_for_demand=0, parallelism=2) as s:
+        futures = s.submit_demands([(0, e) for e in range(4)])
+        assert sorted(reader.wait_calls(3)) == [(describe((0, e)),) for e in range(3)]
+        assert s.pending((0, 3)) == "queued"  # no buffer left
+        later = s.submit_demands([(0, 4)])[0]
+        assert s.pending((0, 4)) == "queued"  # behind the demand already waiting
+        reader.allow_key((0, 0))
+        s.release(result(futures[0]))  # its reader is free, (0, 3) gets the buffer
+        assert reader.wait_calls(4)[3] == (describe((0, 3)),)
+        reader.allow_key((0, 1))
+        s.release(result(futures[1]))  # two reads run: a reader takes it on the demand lane
+        assert reader.wait_calls(5)[4] == (describe((0, 4)),)
+        reader.allow(3)
+        for future in futures[2:] + [later]:
+            s.release(result(future))
+        stats = s.statistics()
+        assert stats.requests == {"demand": 5} and stats.reads == 5 and stats.free_buffers == 3
+
+
+def test_adjacent_demands_submitted_together_are_one_read():
+    reader = GatedReader()
+    with scheduler(reader, locate=locate, parallelism=2) as s:
+        futures = s.submit_demands([(0, 7), (0, 3), (0, 6), (0, 2), (0, 9)])
+        reader.allow(3)
+        for future in futures:
+            s.release(result(future))
+        assert sorted(reader.calls) == sorted([(describe((0, 7)), describe((0, 6))),
+                                               (describe((0, 3)), describe((0, 2))),
+                                               (describe((0, 9)),)])
+        assert s.statistics().coalesced_reads == 2
+
+
 def test_submit_many_rejects_a_negative_depth_before_queueing_anything():
     with scheduler(GatedReader()) as s:
         with pytest.raises(ValueError, match="depth must be >= 0"):
