@@ -10,11 +10,14 @@ Switches:
 - ``caller-activation``: the I/O scheduler activates requests on the caller's thread after a
   prefetch submit, cancel or release, against a wake-up of its event loop
   (``SchedulerSettings.activate_on_loop``).
+- ``demands-at-once``: the I/O scheduler starts a demand for a key it holds no request for
+  at once, never queueing it (``Dispatcher.demand``), against queueing it like any request
+  and taking it from the queue (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
-equal depth 0's. ``--interleave`` (``early-launch`` only, a setting of the loaded engine):
-one load per row, the two settings alternating between its decodes of all the prompts,
+equal depth 0's. ``--interleave`` (``early-launch`` and ``demands-at-once``, which a loaded
+engine can change): one load per row, the two settings alternating between its decodes of all the prompts,
 ``--runs`` pairs, so that the slow drifts of a shared machine fall on both alike; it adds
 the median of the pairs' ratios (on / off). Prints tok/s (and engine wall us per partial layer) per row and setting
 (medians), each row over the same setting's depth 0 (rows without reads: over the full cache), then one JSON line.
@@ -42,7 +45,23 @@ ROWS = {
     "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
     "early-launch": ("full_cache", "warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2", "oracle"),
     "caller-activation": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default"),
+    "demands-at-once": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
 }
+INTERLEAVED = ("early-launch", "demands-at-once")  # switches a loaded engine can flip
+
+
+@contextlib.contextmanager
+def queued_demands(on: bool):
+    """Off: every demand goes through the scheduler's queue (``Dispatcher.demand`` declines)."""
+    from golem.io.dispatcher import Dispatcher
+
+    original = Dispatcher.demand
+    if not on:
+        Dispatcher.demand = lambda self, key, prepared: None
+    try:
+        yield
+    finally:
+        Dispatcher.demand = original
 
 
 @contextlib.contextmanager
@@ -74,6 +93,10 @@ def switch(name: str, on: bool, share: float):
         return
     if name == "early-stop":
         with patched(Governor, clear_loss=2.0 if on else None):
+            yield
+        return
+    if name == "demands-at-once":
+        with queued_demands(on):
             yield
         return
     original = IOScheduler.__init__
@@ -109,13 +132,13 @@ def main() -> None:
                     "each storage's depth 0 row is added)")
     ap.add_argument("--dir", type=Path, default=default_cache_dir())
     ap.add_argument("--interleave", action="store_true",
-                    help="early-launch only: alternate the setting within one load per row")
+                    help=f"{' and '.join(INTERLEAVED)} only: alternate the setting within one load per row")
     ap.add_argument("--early", type=float, default=None,
                     help="early-launch: the share of missing experts up to which a layer is launched early "
                          "when on (default: the engine's, 0.25; 1.0: every decode layer)")
     args = ap.parse_args()
-    if args.interleave and args.switch != "early-launch":
-        ap.error("--interleave works with --switch early-launch only (a setting of a loaded engine)")
+    if args.interleave and args.switch not in INTERLEAVED:
+        ap.error(f"--interleave works with --switch {' or '.join(INTERLEAVED)} only (what a loaded engine can change)")
     if args.early is not None and (args.switch != "early-launch" or not 0.0 <= args.early <= 1.0):
         ap.error("--early takes a share from 0 to 1, with --switch early-launch")
     names = ROWS[args.switch] if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()]
@@ -166,19 +189,27 @@ def main() -> None:
     print(json.dumps(out))
 
 
+def _host(engine) -> list:
+    """The engine's running totals: host CPU s, demand-read CPU s, partial layers, misses."""
+    st = engine.stats
+    return [st.phases.engine_s(cpu=True), st.phases.cpu_s["request"], st.phases.layers, st.decode_misses]
+
+
 def interleaved(setup, rows: dict, args, share: float) -> None:
-    """``early-launch`` off and on within one load per row, alternating (ABBA) ``--runs`` pairs."""
+    """The switch off and on within one load per row, alternating (ABBA) ``--runs`` pairs."""
     from golem.runtime import load
 
     print(f"{setup.path.name}: switch {args.switch} (share {share}), interleaved in one load per row, {len(setup.prompts)} prompts x "
           f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio")
-    print(f"{'row':<16}{'off':>10}{'on':>10}{'on/off':>9}{'early':>8}")
+    print(f"{'row':<16}{'off':>10}{'on':>10}{'on/off':>9}{'early':>8}"
+          f"{'cpu us/layer off':>18}{'on':>7}{'cpu us/miss off':>17}{'on':>7}")
     out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "interleaved": True, "early": share}
     identical = True
     for row, options in rows.items():
         options = setup.load_options(options)
         table = options.pop("table", False)
         tps = {False: [], True: []}
+        host = {False: [0.0, 0.0, 0, 0], True: [0.0, 0.0, 0, 0]}  # engine CPU s, request CPU s, layers, misses
         with load(str(setup.path), **options) as (model, _):
             engine = model.golem.engine
             if table:
@@ -188,19 +219,30 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
             early0, layers0 = engine.stats.early_layers, engine.stats.decode_partial_layers
             for i in range(args.runs):
                 for on in ((False, True) if i % 2 == 0 else (True, False)):
-                    engine.early = share if on else None
-                    s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)
+                    if args.switch == "early-launch":
+                        engine.early = share if on else None
+                    before = _host(engine)
+                    with queued_demands(on or args.switch != "demands-at-once"):
+                        s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)
+                    host[on] = [a + b - c for a, b, c in zip(host[on], _host(engine), before)]
                     tps[on].append(n / s)
                     identical = identical and outs == setup.truth_outputs
             layers = engine.stats.decode_partial_layers - layers0
             early = (engine.stats.early_layers - early0) / layers if layers else 0.0
         ratio = statistics.median(b / a for a, b in zip(tps[False], tps[True]))
         off, on = statistics.median(tps[False]), statistics.median(tps[True])
-        print(f"{row:<16}{off:>10.2f}{on:>10.2f}{ratio:>8.3f}x{100 * early:>7.0f}%")
+        per_layer = {k: 1e6 * h[0] / h[2] if h[2] else float("nan") for k, h in host.items()}
+        per_miss = {k: 1e6 * h[1] / h[3] if h[3] else float("nan") for k, h in host.items()}
+        print(f"{row:<16}{off:>10.2f}{on:>10.2f}{ratio:>8.3f}x{100 * early:>7.0f}%"
+              f"{per_layer[False]:>18.0f}{per_layer[True]:>7.0f}{per_miss[False]:>17.0f}{per_miss[True]:>7.0f}")
         out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio,
-                    f"{row}_early_share": early})
+                    f"{row}_early_share": early, f"off_{row}_cpu_us_per_layer": per_layer[False],
+                    f"on_{row}_cpu_us_per_layer": per_layer[True], f"off_{row}_cpu_us_per_miss": per_miss[False],
+                    f"on_{row}_cpu_us_per_miss": per_miss[True]})
     out["identical"] = identical
-    print("early: share of the row's partial layers launched before their sync while on (half the decodes)")
+    print("early: share of the row's partial layers launched before their sync while on (half the decodes); "
+          "cpu us: the engine thread's host time per partial layer (sync, read waits and writes left out) and "
+          "its demand-read time per miss (phase 'request'), over all the setting's decodes")
     print(f"identical tokens in every row: {identical}")
     print(json.dumps(out))
 
