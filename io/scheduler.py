@@ -58,7 +58,7 @@ from golem.io.ranges import ByteRange
 from golem.io.read_jobs import (DEFAULT_PARALLELISM, DEMAND_LANES, MAX_PARALLELISM,
                                 check_parallelism, read_job)
 from golem.io.reader_pool import ReaderPool
-from golem.io.requests import describe
+from golem.io.requests import QUEUED, describe
 from golem.io.settings import CLOSE_TIMEOUT_S, DEFAULT_MAX_GAP_NBYTES, SchedulerSettings
 from golem.io.staging import Allocator, StagingBuffers
 from golem.io.statistics import SchedulerStatistics, StatisticsRecorder
@@ -322,15 +322,30 @@ class IOScheduler:
         and its buffer goes back to the pool. Demand reads and prefetches already published
         (waiting in ``poll``) are not cancelled.
         """
+        return self.cancel_many([key])[0]
+
+    def cancel_many(self, keys: Sequence[Hashable], *, queued_only: bool = False) -> List[bool]:
+        """``cancel`` each of ``keys`` under one lock (``queued_only``: only the prefetches
+        still queued, none already being read); whether each was cancelled. No keys: no call."""
+        if not keys:
+            return []
+        dispatcher, cancelled, futures = self._dispatcher, [], []
         with self._lock:
-            self._dispatcher.stats.calls += 1
-            req = self._dispatcher.cancel(key)
-            if req is None:
-                return False
-            kick = self._dispatcher.has_idle_reader()
-        cancel_future(req.future)
+            dispatcher.stats.calls += 1
+            for key in keys:
+                req = dispatcher.queue.get(key)
+                if req is not None and (not queued_only or req.state == QUEUED):
+                    req = dispatcher.cancel(key)
+                else:
+                    req = None
+                cancelled.append(req is not None)
+                if req is not None:
+                    futures.append(req.future)
+            kick = bool(futures) and dispatcher.has_idle_reader()
+        for future in futures:
+            cancel_future(future)
         self._activate_after(kick)
-        return True
+        return cancelled
 
     def poll(self, timeout: Optional[float] = 0.0) -> List[Tuple[Hashable, np.ndarray]]:
         """Completed prefetches as ``(key, buffer)``; the caller owns each buffer until ``release``.
@@ -368,10 +383,16 @@ class IOScheduler:
 
     def pending(self, key: Hashable) -> Optional[str]:
         """``"queued"``, ``"running"``, ``"published"`` or None for a key nobody asked for."""
+        return self.pending_many([key])[0]
+
+    def pending_many(self, keys: Sequence[Hashable]) -> List[Optional[str]]:
+        """``pending`` of each of ``keys``, under one lock. No keys: no call."""
+        if not keys:
+            return []
         with self._lock:
             self._dispatcher.stats.calls += 1
-            req = self._dispatcher.queue.get(key)
-            return None if req is None else req.state
+            get = self._dispatcher.queue.get
+            return [None if req is None else req.state for req in map(get, keys)]
 
     def handoffs(self) -> Tuple[int, int, int]:
         """``(calls, loop_wakes, reader_wakes)`` so far (see ``SchedulerStatistics``), read

@@ -255,14 +255,21 @@ class Prefetcher:
         Prefetches for ``layer`` that it does not use are cancelled; a nearer layer's guess
         supersedes a farther one's (queued reads it no longer names are dropped); then the
         candidates of ``proposals`` not yet ``resident(model_layer) -> bool (E,)`` are
-        submitted, nearest layers and best scores first.
+        submitted, nearest layers and best scores first. Each of these is one call to the
+        scheduler for all its keys (``cancel_many``, ``pending_many``, ``submit_many``).
         """
         sched, here = self.scheduler, self.position[layer]
         used = set(ids.reshape(-1).tolist())
-        for key in [k for k in self.in_flight if k[0] == layer]:
-            if key[1] not in used and sched.cancel(key):
+        mine = [k for k in self.in_flight if k[0] == layer]
+        stale = [k for k in mine if k[1] not in used]
+        left = [k for k in mine if k[1] in used]  # still in flight, or done with?
+        for key, cancelled in zip(stale, sched.cancel_many(stale)):
+            if cancelled:
                 self.dropped(key[0], key[1], self.expert_nbytes[here])
-            elif sched.pending(key) is None:
+            else:
+                left.append(key)
+        for key, state in zip(left, sched.pending_many(left)):
+            if state is None:
                 self.in_flight.pop(key, None)
         n = len(self.moe_layers)
         requests = []  # submitted together: one hand-off to the scheduler per layer
@@ -270,8 +277,9 @@ class Prefetcher:
             wanted = self.candidates(proposal, resident)
             keep = {(l, e) for l, e, _ in wanted}
             targets = {self.moe_layers[t % n] for t in proposal.targets}
-            for key in [k for k in self.in_flight if k[0] in targets and k not in keep]:
-                if self.in_flight[key] != here and sched.pending(key) == "queued" and sched.cancel(key):
+            superseded = [k for k, at in self.in_flight.items() if k[0] in targets and k not in keep and at != here]
+            for key, cancelled in zip(superseded, sched.cancel_many(superseded, queued_only=True)):
+                if cancelled:
                     self.dropped(key[0], key[1], 0)
             for l, e, score in wanted:
                 requests.append(((l, e), self.distance(here, l), score))

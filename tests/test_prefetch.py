@@ -198,8 +198,11 @@ class _FakeScheduler:
             return True
         return False
 
-    def pending(self, key):
-        return self.state.get(key)
+    def cancel_many(self, keys, queued_only=False):
+        return [(not queued_only or self.state.get(key) == "queued") and self.cancel(key) for key in keys]
+
+    def pending_many(self, keys):
+        return [self.state.get(key) for key in keys]
 
     def poll(self, timeout=0):
         out, self.published = self.published, []

@@ -323,6 +323,26 @@ def test_cancel_never_touches_demand_and_resubmit_revives_running_read():
         assert s.statistics().reads == 2 and [k for k, _ in s.poll()] == [(0, 1)]
 
 
+def test_cancel_many_and_pending_many_take_the_lock_once():
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1) as s:
+        running = s.submit((0, 1), depth=1)
+        reader.wait_calls(1)
+        queued = s.submit_many([((0, 2), 1, 0.5), ((0, 3), 2, 0.5)])
+        demand = s.submit((0, 4), depth=0)
+        reader.wait_calls(2)
+        calls = s.statistics().calls
+        assert s.pending_many([(0, 1), (0, 2), (0, 4), (0, 9)]) == ["running", "queued", "running", None]
+        # queued_only spares the running prefetch; a demand and an unknown key are never cancelled
+        assert s.cancel_many([(0, 1), (0, 2), (0, 4), (0, 9)], queued_only=True) == [False, True, False, False]
+        assert s.cancel_many([(0, 1), (0, 3)]) == [True, True]
+        assert s.cancel_many([]) == [] and s.pending_many([]) == []
+        assert s.statistics().calls - calls == 3  # one per call with keys
+        assert running.cancelled() and all(f.cancelled() for f in queued) and not demand.cancelled()
+        reader.allow(2)
+        s.release(result(demand))
+
+
 def test_future_cancelled_by_caller_is_not_read():
     reader = GatedReader()
     with scheduler(reader, parallelism=1) as s:
