@@ -13,11 +13,14 @@ Switches:
 - ``demands-at-once``: the I/O scheduler starts a demand for a key it holds no request for
   at once, never queueing it (``Dispatcher.demand``), against queueing it like any request
   and taking it from the queue (the earlier shape).
+- ``install-before-launch``: before a decode layer's launch, the engine installs the
+  prefetches that have landed for it (``Engine._arrive``), so that an early launch finds them
+  resident, against installing every arrival after the layer's sync (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
-equal depth 0's. ``--interleave`` (``early-launch`` and ``demands-at-once``, which a loaded
-engine can change): one load per row, the two settings alternating between its decodes of all the prompts,
+equal depth 0's. ``--interleave`` (every switch but ``early-stop`` and ``caller-activation``,
+which are set when a model loads): one load per row, the two settings alternating between its decodes of all the prompts,
 ``--runs`` pairs, so that the slow drifts of a shared machine fall on both alike; it adds
 the median of the pairs' ratios (on / off). Prints tok/s (and engine wall us per partial layer) per row and setting
 (medians), each row over the same setting's depth 0 (rows without reads: over the full cache), then one JSON line.
@@ -46,22 +49,38 @@ ROWS = {
     "early-launch": ("full_cache", "warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2", "oracle"),
     "caller-activation": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default"),
     "demands-at-once": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
+    "install-before-launch": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2"),
 }
-INTERLEAVED = ("early-launch", "demands-at-once")  # switches a loaded engine can flip
+INTERLEAVED = ("early-launch", "demands-at-once", "install-before-launch")  # a loaded engine can flip these
+
+
+def _earlier_shape(name: str):
+    """``(class, method, stand-in)``: what a switch's off setting puts back, or None."""
+    if name == "demands-at-once":
+        from golem.io.dispatcher import Dispatcher
+
+        return Dispatcher, "demand", lambda self, key, prepared: None  # every demand queued
+    if name == "install-before-launch":
+        from golem.runtime.engine import Engine
+
+        return Engine, "_arrive", lambda self, pool: None  # arrivals wait for the sync
+    return None
 
 
 @contextlib.contextmanager
-def queued_demands(on: bool):
-    """Off: every demand goes through the scheduler's queue (``Dispatcher.demand`` declines)."""
-    from golem.io.dispatcher import Dispatcher
-
-    original = Dispatcher.demand
-    if not on:
-        Dispatcher.demand = lambda self, key, prepared: None
+def method_switch(name: str, on: bool):
+    """Off: the switch's method replaced by the earlier shape (nothing, for other switches)."""
+    patch = None if on else _earlier_shape(name)
+    if patch is None:
+        yield
+        return
+    cls, method, stand_in = patch
+    original = getattr(cls, method)
+    setattr(cls, method, stand_in)
     try:
         yield
     finally:
-        Dispatcher.demand = original
+        setattr(cls, method, original)
 
 
 @contextlib.contextmanager
@@ -95,8 +114,8 @@ def switch(name: str, on: bool, share: float):
         with patched(Governor, clear_loss=2.0 if on else None):
             yield
         return
-    if name == "demands-at-once":
-        with queued_demands(on):
+    if _earlier_shape(name) is not None:
+        with method_switch(name, on):
             yield
         return
     original = IOScheduler.__init__
@@ -190,9 +209,19 @@ def main() -> None:
 
 
 def _host(engine) -> list:
-    """The engine's running totals: host CPU s, demand-read CPU s, partial layers, misses."""
+    """The engine's running totals: host CPU s, demand-read CPU s, partial layers, misses,
+    layers launched early, experts computed again."""
     st = engine.stats
-    return [st.phases.engine_s(cpu=True), st.phases.cpu_s["request"], st.phases.layers, st.decode_misses]
+    return [st.phases.engine_s(cpu=True), st.phases.cpu_s["request"], st.phases.layers, st.decode_misses,
+            st.early_layers, st.early_redone]
+
+
+def _per_setting(host: list) -> dict:
+    """Per partial layer and per miss, from ``_host`` differences summed over a setting's decodes."""
+    cpu_s, request_s, layers, misses, early, redone = host
+    per = lambda v, n: v / n if n else float("nan")
+    return {"cpu_us_per_layer": per(1e6 * cpu_s, layers), "cpu_us_per_miss": per(1e6 * request_s, misses),
+            "early_share": per(early, layers), "redone_per_layer": per(redone, layers)}
 
 
 def interleaved(setup, rows: dict, args, share: float) -> None:
@@ -200,49 +229,42 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
     from golem.runtime import load
 
     print(f"{setup.path.name}: switch {args.switch} (share {share}), interleaved in one load per row, {len(setup.prompts)} prompts x "
-          f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio")
-    print(f"{'row':<16}{'off':>10}{'on':>10}{'on/off':>9}{'early':>8}"
-          f"{'cpu us/layer off':>18}{'on':>7}{'cpu us/miss off':>17}{'on':>7}")
+          f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio; the rest off / on")
+    print(f"{'row':<16}{'off':>8}{'on':>8}{'on/off':>8}{'early':>12}{'redone':>12}{'cpu us/layer':>14}{'cpu us/miss':>12}")
     out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "interleaved": True, "early": share}
     identical = True
     for row, options in rows.items():
         options = setup.load_options(options)
         table = options.pop("table", False)
-        tps = {False: [], True: []}
-        host = {False: [0.0, 0.0, 0, 0], True: [0.0, 0.0, 0, 0]}  # engine CPU s, request CPU s, layers, misses
+        tps, host = {False: [], True: []}, {False: [0] * 6, True: [0] * 6}
         with load(str(setup.path), **options) as (model, _):
             engine = model.golem.engine
             if table:
                 for pool in engine.pools.values():
                     pool.use_table()
             bench_decode.decode(model, setup.prompts[:1], 4)  # warm-up
-            early0, layers0 = engine.stats.early_layers, engine.stats.decode_partial_layers
             for i in range(args.runs):
                 for on in ((False, True) if i % 2 == 0 else (True, False)):
                     if args.switch == "early-launch":
                         engine.early = share if on else None
                     before = _host(engine)
-                    with queued_demands(on or args.switch != "demands-at-once"):
+                    with method_switch(args.switch, on):
                         s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)
                     host[on] = [a + b - c for a, b, c in zip(host[on], _host(engine), before)]
                     tps[on].append(n / s)
                     identical = identical and outs == setup.truth_outputs
-            layers = engine.stats.decode_partial_layers - layers0
-            early = (engine.stats.early_layers - early0) / layers if layers else 0.0
         ratio = statistics.median(b / a for a, b in zip(tps[False], tps[True]))
         off, on = statistics.median(tps[False]), statistics.median(tps[True])
-        per_layer = {k: 1e6 * h[0] / h[2] if h[2] else float("nan") for k, h in host.items()}
-        per_miss = {k: 1e6 * h[1] / h[3] if h[3] else float("nan") for k, h in host.items()}
-        print(f"{row:<16}{off:>10.2f}{on:>10.2f}{ratio:>8.3f}x{100 * early:>7.0f}%"
-              f"{per_layer[False]:>18.0f}{per_layer[True]:>7.0f}{per_miss[False]:>17.0f}{per_miss[True]:>7.0f}")
-        out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio,
-                    f"{row}_early_share": early, f"off_{row}_cpu_us_per_layer": per_layer[False],
-                    f"on_{row}_cpu_us_per_layer": per_layer[True], f"off_{row}_cpu_us_per_miss": per_miss[False],
-                    f"on_{row}_cpu_us_per_miss": per_miss[True]})
+        f = {k: _per_setting(h) for k, h in host.items()}
+        pair = lambda key, fmt: f"{format(f[False][key], fmt)} / {format(f[True][key], fmt)}"
+        print(f"{row:<16}{off:>8.2f}{on:>8.2f}{ratio:>7.3f}x{pair('early_share', '.0%'):>12}"
+              f"{pair('redone_per_layer', '.2f'):>12}{pair('cpu_us_per_layer', '.0f'):>14}{pair('cpu_us_per_miss', '.0f'):>12}")
+        out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio})
+        out.update({f"{k}_{row}_{name}": v for k, on_ in (("off", False), ("on", True)) for name, v in f[on_].items()})
     out["identical"] = identical
-    print("early: share of the row's partial layers launched before their sync while on (half the decodes); "
-          "cpu us: the engine thread's host time per partial layer (sync, read waits and writes left out) and "
-          "its demand-read time per miss (phase 'request'), over all the setting's decodes")
+    print("early: share of the row's partial layers launched before their sync; redone: experts computed again per "
+          "partial layer; cpu us: the engine thread's host time per partial layer (sync, read waits and writes left "
+          "out) and its demand-read time per miss (phase 'request'), over all the setting's decodes")
     print(f"identical tokens in every row: {identical}")
     print(json.dumps(out))
 

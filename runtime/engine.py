@@ -293,21 +293,20 @@ class Engine:
         pool = self.pools[layer]
         return np.ones(pool.num_experts, bool) if pool.fully_resident else pool.slot_of >= 0
 
-    def _install(self, layer: int, ids: np.ndarray, orders: PrefetchOrders) -> None:
-        """Install the prefetches that have landed, never evicting an expert ``ids`` uses
-        (nor, in another layer, one the prefetcher guessed for it)."""
-        if not orders.installs:
+    def _install(self, layer: int, protected: set, installs, keep) -> None:
+        """Install the prefetches that have landed, never evicting an expert of ``layer`` in
+        ``protected`` (nor, in another layer, one the prefetcher guessed for it: ``keep``)."""
+        if not installs:
             return
         ph, touched, events = self._phase, set(), self._events
-        protected = set(ids.reshape(-1).tolist())
         try:
-            for l, e, buf in orders.installs:
+            for l, e, buf in installs:
                 pool = self.pools[l]
                 if pool.is_resident(e):
                     events.append((NOT_NEEDED, l, e, 0))
                     continue
                 try:
-                    slot, victim = pool.claim(e, protected if l == layer else orders.keep(l))
+                    slot, victim = pool.claim(e, protected if l == layer else keep(l))
                 except LookupError:  # every slot holds an expert in use or guessed
                     events.append((NO_SLOT, l, e, len(buf)))
                     continue
@@ -319,10 +318,19 @@ class Engine:
                 pool.stats.bytes_read += len(buf)
                 events.append((INSTALLED, l, e, 0))
         finally:  # every buffer back, written or not, in one call
-            self.scheduler.release_all([buf for _, _, buf in orders.installs])
+            self.scheduler.release_all([buf for _, _, buf in installs])
         ph.lap("install")
         for pool in touched:
             self._flush(pool)
+
+    def _arrive(self, pool: SlotPool) -> None:
+        """Before a decode layer's launch: install the prefetches read for it, so that an
+        early launch finds them resident. Its routing is not known yet: an install evicts no
+        expert guessed for it (the policy's victim otherwise: with LRU, never one its last
+        step used while another is older)."""
+        orders = self.prefetcher.arrivals_for(pool.layer)
+        self._install(pool.layer, orders.keep(pool.layer), orders.installs, orders.keep)
+        self._phase.lap("install")
 
     # -- the experts module's computation ----------------------------------------
     def _begin_call(self, indices: mx.array) -> None:
@@ -362,6 +370,8 @@ class Engine:
             ph.discard()
             return glu(x, indices)
         ph.lap("predict")
+        if pf is not None and self._decoding and self.early is not None and not pool.fully_resident:
+            self._arrive(pool)
         extra = trace.weights(layer, x) if trace is not None else []
         synced = [indices, *extra, *(a for p in proposals for a in p.arrays), *outgoing]
         early = self._launch_early(pool, glu, x, indices, synced)
@@ -387,7 +397,7 @@ class Engine:
                 def issue():  # queued behind the demand reads
                     orders.issue(self._resident)
                     ph.lap("issue")
-            self._install(layer, ids, orders)
+            self._install(layer, set(ids.reshape(-1).tolist()), orders.installs, orders.keep)
         if pool.fully_resident:
             if issue is not None:
                 issue()

@@ -6,8 +6,8 @@ that switches prefetching off for a layer that predicts poorly (and back on), an
 useful / wasted accounting, and the life of every prefetch request: which reads to issue,
 which to cancel when a layer's true routing (or a nearer layer's guess) makes them stale,
 which arrivals to install and what an install must not evict. The engine speaks to it through
-one contract (``begin``, ``propose``, ``step``, ``report``) and touches none of its state. It
-never touches slots or files: the engine installs what the scheduler delivers.
+one contract (``begin``, ``propose``, ``arrivals_for``, ``step``, ``report``) and touches none
+of its state. It never touches slots or files: the engine installs what the scheduler delivers.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class Prefetcher:
     The contract with the engine (engine thread only): ``begin(decoding, outcome)`` at
     every forward call (``outcome``: the last decode step's stall and prefetch host time,
     for the governor); per MoE layer ``propose`` before the layer's host sync (lazy arrays,
-    evaluated in that sync), then ``step`` (the true routing in, one ``PrefetchOrders`` out),
+    evaluated in that sync), ``arrivals_for`` before a decode layer's early launch (what
+    has landed for it), then ``step`` (the true routing in, one ``PrefetchOrders`` out),
     then ``report`` once, with everything that happened to prefetched experts and slots in
     that layer. The other public methods are its parts, for tests and tools.
 
@@ -117,6 +118,8 @@ class Prefetcher:
         self._useful = self._wasted = 0  # running totals, for the governor's per-token deltas
         self._seen = (0, 0)
         self._prefilling = False  # a prompt arrives in one or more multi-token calls
+        self._landed: List[Tuple[int, int, np.ndarray]] = []  # polled by ``arrivals_for``, for ``step``
+        self._polled = False  # ``arrivals_for`` polled for this layer
 
     # -- the engine's contract ------------------------------------------------------------
     def begin(self, decoding: bool, outcome: Optional[TokenOutcome] = None) -> None:
@@ -135,7 +138,20 @@ class Prefetcher:
         if decoding:
             self.observe(layer, ids, scores)
         issue = (lambda resident: self.issue(layer, ids, proposals, resident)) if decoding else None
-        return PrefetchOrders(self.arrivals(), self.keep, issue)
+        installs = self._landed + ([] if self._polled else self.arrivals())
+        self._landed, self._polled = [], False
+        return PrefetchOrders(installs, self.keep, issue)
+
+    def arrivals_for(self, layer: int) -> PrefetchOrders:
+        """Before ``layer``'s launch in a decode step: orders to install the prefetches read
+        for ``layer`` itself, so that it is launched with them resident (no ``issue``). The
+        scheduler is polled here instead of in ``step``; what arrived for other layers is in
+        the orders ``step`` returns (installed after the sync, when nothing of this step
+        still reads their pools)."""
+        got = self.arrivals()
+        self._polled = True
+        self._landed += [a for a in got if a[0] != layer]
+        return PrefetchOrders([a for a in got if a[0] == layer], self.keep)
 
     def report(self, events) -> Dict[int, int]:
         """What happened in the layer, ``[(kind, layer, expert, nbytes), ...]`` in order;

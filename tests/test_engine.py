@@ -17,7 +17,7 @@ from golem.runtime.prefetch import PrefetchConfig
 from helpers import greedy_tokens, prompt_tokens, stock
 
 N = 12
-INTERFACE = ("attach", "begin", "propose", "step", "report")  # the whole engine<->prefetcher contract
+INTERFACE = ("attach", "begin", "propose", "arrivals_for", "step", "report")  # the whole engine<->prefetcher contract
 
 
 class InterfaceOnly:
@@ -195,6 +195,35 @@ def test_layers_launched_before_their_sync_give_stock_tokens(checkpoints, expect
             assert engine.trace.num_steps == st.tokens  # every token, prefill and decode
     assert st.early_layers == st.decode_partial_layers > 0
     assert st.decode_misses > 0 and st.early_redone >= st.decode_misses
+
+
+def test_prefetches_landed_for_a_layer_are_installed_before_its_launch(checkpoints, expected):
+    """Every prefetch read before each layer's launch: an early launch then computes again
+    only the experts read on demand, since those prefetched for it were installed first."""
+    import concurrent.futures
+
+    tokens, want = expected
+    prefetch = PrefetchConfig(depth=2, threshold=0.1, governor=False)
+    with load(str(checkpoints("olmoe")), cache_sizes=4, prefetch=prefetch) as (model, _):
+        engine = model.golem.engine
+        engine.early = 1.0
+        sched, pf, reads = engine.scheduler, engine.prefetcher, []
+        submit_many, arrivals_for = sched.submit_many, pf.arrivals_for
+
+        def submitting(requests):
+            futures = submit_many(requests)
+            reads.extend(f for f, (_, depth, _) in zip(futures, requests) if depth > 0)
+            return futures
+
+        def landed_first(layer):
+            concurrent.futures.wait(reads)  # every prefetch read (or cancelled): no sleep
+            return arrivals_for(layer)
+
+        sched.submit_many, pf.arrivals_for = submitting, landed_first
+        assert greedy_tokens(model, tokens, N) == want
+        st, totals = engine.stats, pf.totals()
+    assert st.early_layers == st.decode_partial_layers > 0 and totals.useful > 0
+    assert st.early_redone == st.decode_misses > 0
 
 
 def test_early_launch_follows_the_share_of_experts_missing(checkpoints, expected):
