@@ -27,8 +27,25 @@ def describe(key: Hashable) -> str:
 
 
 def file_edges(ranges: Sequence[ByteRange]) -> Tuple[tuple, tuple]:
-    """``(starts, ends)``: ``(path, offset)`` of where each range starts and ends in its file."""
-    return (tuple((r.path, r.offset) for r in ranges), tuple((r.path, r.offset + r.nbytes) for r in ranges))
+    """``(starts, ends)``: ``(path, offset)`` where a request can meet a neighbour in the
+    file: in each file, where its first and its last range (in file order) start and end.
+
+    Enough for the layouts experts come in, at two entries per file where every range would
+    cost one: in stacked tensors each expert's ranges follow the tensors' order, so experts
+    adjacent in one tensor are adjacent in the first (and the last); an expert stored whole
+    ends where the next one's first range starts. Requests found adjacent are read together
+    with all their ranges planned at once (``read_jobs.pieces_of_batch``), so a pair met
+    only in a middle range is read apart: two reads, never a wrong one.
+    """
+    first, last = {}, {}
+    for r in ranges:
+        if r.nbytes:
+            if r.path not in first or r.offset < first[r.path].offset:
+                first[r.path] = r
+            if r.path not in last or r.offset > last[r.path].offset:
+                last[r.path] = r
+    chosen = list(dict.fromkeys([*first.values(), *last.values()]))
+    return tuple((r.path, r.offset) for r in chosen), tuple((r.path, r.offset + r.nbytes) for r in chosen)
 
 
 class Request:
@@ -146,10 +163,9 @@ class RequestQueue:
         """Queued requests whose ranges end where one of ``req``'s starts, or start where
         one ends (candidates to read in the same ``preadv``)."""
         starts, ends = req.edges
-        for start, end in zip(starts, ends):
-            for other in (self._starts.get(end), self._ends.get(start)):
-                if other is not None and other.state == QUEUED:
-                    yield other
+        for other in [*map(self._ends.get, starts), *map(self._starts.get, ends)]:
+            if other is not None and other.state == QUEUED:
+                yield other
 
     def trim(self) -> List[concurrent.futures.Future]:
         """Drop the lowest-priority prefetches past ``max_pending``; return their futures
