@@ -482,6 +482,33 @@ def test_adjacent_prefetches_coalesce_into_one_read_but_not_into_a_demand():
         assert s.statistics().coalesced_reads == 1
 
 
+def whole_locate(key):
+    """Each expert stored whole, in three ranges listed out of file order: expert e ends
+    where expert e + 1 begins."""
+    layer, expert = key
+    third = EXPERT_NBYTES // 4
+    base = (layer * NUM_EXPERTS + expert) * 3 * third
+    return [ByteRange("experts.bin", base + 2 * third, third, 2 * third, "down"),
+            ByteRange("experts.bin", base, third, 0, "gate"),
+            ByteRange("experts.bin", base + third, third, third, "up")]
+
+
+@pytest.mark.parametrize("where", [locate, whole_locate], ids=["stacked", "whole"])
+def test_queued_neighbours_are_found_in_either_layout(where):
+    reader = GatedReader()
+    with scheduler(reader, parallelism=1, locate=where) as s:
+        s.submit((0, 10), depth=1)
+        reader.wait_calls(1)
+        futures = s.submit_many([((0, 3), 1, 0.9), ((0, 7), 1, 0.8), ((0, 4), 1, 0.1), ((0, 2), 1, 0.05)])
+        reader.allow(10)
+        for future in futures:
+            result(future)
+        calls = reader.wait_calls(3)
+        assert sorted(calls[1]) == [describe((0, e)) for e in (2, 3, 4)]  # 3 met 4 and 2
+        assert calls[2] == (describe((0, 7)),)
+        assert s.statistics().coalesced_reads == 1
+
+
 @pytest.fixture()
 def expert_file(tmp_path):
     data = np.random.default_rng(0).integers(0, 256, 2 * NUM_EXPERTS * EXPERT_NBYTES,
