@@ -394,6 +394,12 @@ class IOScheduler:
             get = self._dispatcher.queue.get
             return [None if req is None else req.state for req in map(get, keys)]
 
+    def demands_waiting(self) -> bool:
+        """Whether a demand read waits for a staging buffer. Read without the lock: for the
+        thread that submits demands, once its own are queued this only turns False."""
+        queue = self._dispatcher.queue
+        return queue.queued > queue.prefetch_queued
+
     def handoffs(self) -> Tuple[int, int, int]:
         """``(calls, loop_wakes, reader_wakes)`` so far (see ``SchedulerStatistics``), read
         without the lock: cheap enough to take around every layer."""

@@ -179,7 +179,7 @@ class Engine:
         (the engine issues its prefetches and starts computing resident experts there).
         The layer's demand reads are submitted in one call. Each expert is written as it
         arrives; the staging buffers go back together once every read of the layer has
-        landed (one call), or at once while a read still waits (it may need the buffer).
+        landed (one call), or at once while a demand waits for a buffer.
         The writer uploads the layer's batch at the flush. Waits wake often enough
         (``golem.io.futures.wait_result``) that Ctrl-C ends a stalled read. On failure or interrupt every
         expert not written is unassigned again (a slot never maps an expert whose bytes did
@@ -220,7 +220,7 @@ class Engine:
                             self._events.append((LATE, layer, e, 0))
                         self._write(pool, slot, buf)
                         del pending[e]
-                        if not all(f.done() for f in futures[taken:]):  # a read still to come may need one
+                        if sched.demands_waiting():  # a read still to come needs one
                             sched.release_all(written)
                             written = []
                         ph.lap("request")

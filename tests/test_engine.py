@@ -91,6 +91,23 @@ def _ready_for_sigint(pid: int, deadline_s: float = 30.0) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads signal state from /proc")
+def test_a_layer_missing_more_experts_than_staging_buffers_reads_them_all(checkpoints, expected, monkeypatch):
+    """Two staging buffers for up to four misses a layer: while a demand waits for a buffer,
+    each one goes back as soon as its expert is written, so no read waits for ever."""
+    import golem.runtime.engine as engine_module
+    import golem.runtime.sizing as sizing
+    from golem.io.futures import wait_result
+
+    tokens, want = expected
+    monkeypatch.setattr(sizing, "staging_buffers", lambda top_k, depth: 2)
+    monkeypatch.setattr(engine_module, "wait_result", lambda future: wait_result(future, 60))  # a hang fails
+    with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
+        engine = model.golem.engine
+        assert engine.scheduler.settings.num_buffers == 2
+        assert greedy_tokens(model, tokens, N) == want
+        assert engine.stats.decode_misses > engine.stats.decode_partial_layers * 2  # more than 2 a layer
+
+
 def test_ctrl_c_ends_a_stalled_read_within_two_seconds(checkpoints):
     """SIGINT while a demand read crawls at 10 kB/s: exit 130 at once, no traceback."""
     # MLX_DISABLE_COMPILE: no kernel is built through system() (see _ready_for_sigint), so no
