@@ -114,12 +114,14 @@ def run_stock(path, prompts, tokens, runs):
     return {"tps": statistics.median(tps), "syncs": 1.0, "stall_ms": 0.0, "hit_rate": 1.0, "gb_read": 0.0}, outs
 
 
-def run_golem(path, prompts, tokens, runs, *, table: bool = False, label: str = "", **options):
+def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: bool = False, label: str = "",
+              **options):
     """Median figures of ``runs`` loads; ``table``: run every full layer through its slot table.
 
-    Each row also carries the engine's host time by phase (``phases_us``: wall
-    microseconds per partial layer; ``phases_cpu_us``: the engine thread's CPU time) and
-    ``measured_us``, the whole time of those layer calls timed from outside the engine.
+    Each row also carries the engine's host time by phase (``phase_<name>``: wall
+    microseconds per partial layer; with ``cpu_time``, ``phase_cpu_<name>``: the engine
+    thread's CPU time, whose clock costs a system call per lap) and ``measured_us``, the
+    whole time of those layer calls timed from outside the engine.
     """
     from golem.runtime import load
     from golem.runtime.phases import PHASES
@@ -131,6 +133,7 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, label: str = 
             if table:
                 for pool in e.pools.values():
                     pool.use_table()
+            e.time_cpu(cpu_time)
             outer = _time_partial_layers(e)
             s, n, outs = decode(model, prompts, tokens)
             st, t = e.stats, e.stats.total()
@@ -146,11 +149,13 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, label: str = 
             }
             us = st.host_us()
             if st.decode_misses:
-                row.update(us_per_miss=us["per_miss_us"], cpu_us_per_miss=us["cpu_per_miss_us"],
-                           upload_us_per_miss=us["write_per_miss_us"])
+                row.update(us_per_miss=us["per_miss_us"], upload_us_per_miss=us["write_per_miss_us"])
+                if cpu_time:
+                    row.update(cpu_us_per_miss=us["cpu_per_miss_us"])
             if st.decode_partial_layers:
-                row.update(us_per_layer=us["per_layer_us"], cpu_us_per_layer=us["cpu_per_layer_us"],
-                           sync_us_per_layer=us["sync_per_layer_us"],
+                if cpu_time:
+                    row.update(cpu_us_per_layer=us["cpu_per_layer_us"])
+                row.update(us_per_layer=us["per_layer_us"], sync_us_per_layer=us["sync_per_layer_us"],
                            measured_us=1e6 * outer["s"] / max(outer["layers"], 1),
                            **{f"{k}_per_layer": v / max(outer["layers"], 1)
                               for k, v in zip(("sched_calls", "loop_wakes", "reader_wakes"), outer["handoffs"])},
@@ -159,7 +164,8 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, label: str = 
                            early_redone_per_layer=st.early_redone / st.decode_partial_layers)
                 wall, cpu = st.phases.per_layer_us(), st.phases.per_layer_us(cpu=True)
                 row.update({f"phase_{k}": wall[k] for k in PHASES})
-                row.update({f"phase_cpu_{k}": cpu[k] for k in PHASES})
+                if cpu_time:
+                    row.update({f"phase_cpu_{k}": cpu[k] for k in PHASES})
             if e.prefetcher is not None:
                 p = e.prefetcher.totals()
                 row.update(recall=p.recall, useful=p.useful / steps, wasted=p.wasted / steps, late=p.late / steps)
@@ -202,10 +208,11 @@ class Setup:
         cache_size: slots per MoE layer (None: the shape's).
         threshold: prefetch threshold of the explicit-depth rows.
         slot_writer: how experts reach their slots (None: the backend's).
+        cpu_time: also count the engine thread's CPU time by phase (``Engine.time_cpu``).
     """
 
     def __init__(self, shape: str, cache_dir: Path, tokens: int, cache_size=None, threshold: float = 0.3,
-                 slot_writer=None):
+                 slot_writer=None, cpu_time: bool = False):
         from mlx_lm.utils import load_tokenizer
 
         from golem.runtime import load
@@ -216,6 +223,7 @@ class Setup:
         self.tokens = tokens
         self.cache_size = cache_size or SHAPES[shape][1]
         self.threshold = threshold
+        self.cpu_time = cpu_time
         self.W = {"slot_writer": slot_writer}
         # The truth for the oracles: this very run's routing at depth 0 (same tokens, same steps).
         with load(str(self.path), cache_sizes=self.cache_size, record=True, **self.W) as (model, _):
@@ -272,7 +280,8 @@ class Setup:
         return options
 
     def run(self, name: str, options: dict, runs: int):
-        return run_golem(self.path, self.prompts, self.tokens, runs, label=name, **self.load_options(options))
+        return run_golem(self.path, self.prompts, self.tokens, runs, label=name, cpu_time=self.cpu_time,
+                         **self.load_options(options))
 
 
 STORAGE = {"stock": "-", "full_cache": "-", "warm_resident": "-"}
@@ -291,8 +300,12 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=default_cache_dir())
     ap.add_argument("--slot-writer", default=None, choices=("auto", "host", "device", "device-load"),
                     help="how golem puts experts into slots (default: the backend's)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="also count the engine thread's CPU time per partial layer (a system call per "
+                         "phase lap, on the per-token path: off by default, as in golem's own use)")
     args = ap.parse_args()
-    setup = Setup(args.shape, args.dir, args.tokens, args.capacity, args.threshold, args.slot_writer)
+    setup = Setup(args.shape, args.dir, args.tokens, args.capacity, args.threshold, args.slot_writer,
+                  args.cpu_time)
     R, N = args.runs, args.tokens
     results, outputs = {}, {}
 

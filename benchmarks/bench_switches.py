@@ -242,6 +242,7 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
             if table:
                 for pool in engine.pools.values():
                     pool.use_table()
+            engine.time_cpu()
             bench_decode.decode(model, setup.prompts[:1], 4)  # warm-up
             for i in range(args.runs):
                 for on in ((False, True) if i % 2 == 0 else (True, False)):

@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
-    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, args.capacity)
+    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, args.capacity, cpu_time=True)
     full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
     setup.calibrate(1.0 / full["tps"])
     rows = setup.rows()

@@ -94,7 +94,8 @@ class Engine:
         trace: optional recorder of the routing (``golem.runtime.recorder.TraceRecorder``):
             ``weights(layer, x)`` -> lazy array; ``record(layer, ids, weights)``.
         clock: wall-clock time source for stall and host-time accounting.
-        cpu_clock: the engine thread's CPU clock (host time by phase).
+        cpu_clock: the engine thread's CPU clock, to count its CPU time by phase too (see
+            ``time_cpu``); None: wall time only.
         overlap: compute a decode step's resident experts while its misses load.
         early: launch a decode layer's experts before its host sync while, on average over
             its recent steps, at most this share of its routed experts was missing at the
@@ -107,7 +108,7 @@ class Engine:
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
-                 cpu_clock=time.thread_time, overlap: bool = True, early: Optional[float] = EARLY_ABSENT):
+                 cpu_clock=None, overlap: bool = True, early: Optional[float] = EARLY_ABSENT):
         self.index = index
         self.pools = pools
         self.reader = reader
@@ -132,6 +133,11 @@ class Engine:
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
+
+    def time_cpu(self, on: bool = True) -> None:
+        """Count the engine thread's CPU time by phase too (``stats.phases.cpu_s``), from now
+        on: profiling. Off by default: a CPU clock read costs a system call per lap."""
+        self._phase.cpu_clock = time.thread_time if on else None
 
     # -- loading ---------------------------------------------------------------
     def _staging_for(self, layer: int) -> np.ndarray:

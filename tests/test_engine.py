@@ -59,11 +59,17 @@ def test_engine_uses_only_the_prefetcher_interface(checkpoints, expected):
 def test_host_time_is_counted_per_miss_and_per_layer(checkpoints, expected):
     tokens, want = expected
     with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
+        engine = model.golem.engine
         assert greedy_tokens(model, tokens, N) == want
-        st = model.golem.engine.stats
+        phases = engine.stats.phases
+        assert phases.engine_s() > 0 and phases.engine_s(cpu=True) == 0  # no CPU clock unless asked for
+        engine.time_cpu()
+        assert greedy_tokens(model, tokens, N) == want
+        st = engine.stats
     assert st.decode_misses > 0 and st.decode_partial_layers == st.decode_host_syncs
     us = st.host_us()
     assert us["per_miss_us"] > 0 and us["per_layer_us"] > 0 and us["write_per_miss_us"] > 0
+    assert us["cpu_per_layer_us"] > 0 and us["cpu_per_miss_us"] > 0
     # the parts never exceed the whole host time of those layers
     assert st.decode_miss_s <= st.decode_engine_s
 
