@@ -388,9 +388,7 @@ class Engine:
         ids = np.array(indices)
         if trace is not None:
             trace.record(layer, ids, [np.array(a) for a in extra])
-        absent = None
-        if self._decoding and not pool.fully_resident:
-            absent = self._absent(pool, ids, early)
+        absent = self._absent(pool, ids, early) if early is not None else None
         ph.lap("ids")
         issue = None
         if pf is not None:
@@ -454,21 +452,22 @@ class Engine:
         return y, snapshot
 
     def _absent(self, pool: SlotPool, ids: np.ndarray, early):
-        """Right after a decode layer's sync, before any install: the positions of ``ids``
-        (one token's) whose experts are not resident (with an early launch: were not when it
-        was built, the ones it computed on slot 0); the pool keeps a running average of how
-        many (``recent_absent``, what decides the next early launch). An early launch is
-        registered with the pool here, before any write."""
-        flat = ids.reshape(-1)
-        if early is not None:
-            y, snapshot = early
-            slots = snapshot[flat]
-            absent = np.flatnonzero(slots < 0)
-            pool.reading(y, slots[slots >= 0])
-        else:
-            absent = np.flatnonzero(pool.slot_of[flat] < 0)
-        pool.recent_absent += ABSENT_DECAY * (len(absent) - pool.recent_absent)
+        """Right after the sync of a decode layer launched early, before any install: the
+        positions of ``ids`` (one token's) whose experts were not resident when the launch
+        was built (those it computed on slot 0). The launch is registered with the pool
+        here, before any write."""
+        y, snapshot = early
+        slots = snapshot[ids.reshape(-1)]
+        absent = np.flatnonzero(slots < 0)
+        pool.reading(y, slots[slots >= 0])
+        self._note_absent(pool, len(absent))
         return absent
+
+    def _note_absent(self, pool: SlotPool, n: int) -> None:
+        """A decode step of ``pool`` found ``n`` routed experts missing at its launch (or at
+        its admission, without one): the running average that decides the next early launch
+        (``recent_absent``)."""
+        pool.recent_absent += ABSENT_DECAY * (n - pool.recent_absent)
 
     def _complete_early(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
                         needed: list, issue, y: mx.array, absent: np.ndarray) -> mx.array:
@@ -508,6 +507,8 @@ class Engine:
         """
         ph = self._phase
         hits, todo = self._admit(pool, needed)
+        if self._decoding:
+            self._note_absent(pool, len(todo))  # one token: its experts are distinct
         slots = pool.slots(ids)  # misses are assigned their slots already
         ph.lap("pool")
         if not (todo and self.overlap and self._decoding and hits):
