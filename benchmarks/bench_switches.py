@@ -10,9 +10,10 @@ Switches:
 - ``caller-activation``: the I/O scheduler activates requests on the caller's thread after a
   prefetch submit, cancel or release, against a wake-up of its event loop
   (``SchedulerSettings.activate_on_loop``).
-- ``demands-at-once``: the I/O scheduler starts a demand for a key it holds no request for
-  at once, never queueing it (``Dispatcher.demand``), against queueing it like any request
-  and taking it from the queue (the earlier shape).
+- ``requests-at-once``: the I/O scheduler starts a read for a key it holds no request for at
+  once when nothing queued outranks it and the rules allow (``Dispatcher.fresh``), never
+  queueing it, against queueing it like any request and taking it from the queue (the
+  earlier shape).
 - ``install-before-launch``: before a decode layer's launch, the engine installs the
   prefetches that have landed for it (``Engine._arrive``), so that an early launch finds them
   resident, against installing every arrival after the layer's sync (the earlier shape).
@@ -48,18 +49,18 @@ ROWS = {
     "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
     "early-launch": ("full_cache", "warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2", "oracle"),
     "caller-activation": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default"),
-    "demands-at-once": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
+    "requests-at-once": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "install-before-launch": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2"),
 }
-INTERLEAVED = ("early-launch", "demands-at-once", "install-before-launch")  # a loaded engine can flip these
+INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch")  # a loaded engine can flip these
 
 
 def _earlier_shape(name: str):
     """``(class, method, stand-in)``: what a switch's off setting puts back, or None."""
-    if name == "demands-at-once":
+    if name == "requests-at-once":
         from golem.io.dispatcher import Dispatcher
 
-        return Dispatcher, "demand", lambda self, key, prepared: None  # every demand queued
+        return Dispatcher, "fresh", lambda self, key, depth, score, prepared: None  # every request queued
     if name == "install-before-launch":
         from golem.runtime.engine import Engine
 

@@ -22,7 +22,7 @@ import numpy as np
 from golem.io.file_handles import ALIGN
 from golem.io.ranges import ByteRange
 from golem.io.read_jobs import DEMAND_LANES, Batch, PieceQueue, pieces_of_batch, pieces_of_request
-from golem.io.requests import DONE, PUBLISHED, QUEUED, RUNNING, Request, RequestQueue, describe, file_edges
+from golem.io.requests import DONE, FRESH, PUBLISHED, QUEUED, RUNNING, Request, RequestQueue, describe, file_edges
 from golem.io.settings import SchedulerSettings
 from golem.io.staging import StagingBuffers
 from golem.io.statistics import SchedulerStatistics, StatisticsRecorder
@@ -103,32 +103,51 @@ class Dispatcher:
         self.queue.add(req)
         return req, self.queue.trim()
 
-    def demand(self, key: Hashable, prepared: tuple) -> Optional[Request]:
-        """A demand for a key nobody asked for, while no demand waits for a buffer: its
-        request, live but not queued (``start_demands`` starts it); None otherwise (then
-        ``submit`` queues it as any request)."""
-        if self.queue.queued > self.queue.prefetch_queued or self.live(key) is not None:
+    def fresh(self, key: Hashable, depth: int, score: float, prepared: tuple) -> Optional[Request]:
+        """A request for a key nobody asked for, while nothing queued could outrank it (no
+        demand waits for a buffer; for a prefetch, nothing waits at all): live but neither
+        queued nor running (``start_fresh`` starts or queues it). None otherwise, or for a
+        prefetch when the event loop activates prefetches (``activate_on_loop``): then
+        ``submit`` queues it as any request."""
+        queue = self.queue
+        if (queue.queued if depth else queue.queued > queue.prefetch_queued) or self.live(key) is not None \
+                or (depth and self.settings.activate_on_loop):
             return None
-        self.recorder.submitted(0)
-        req = Request(key, 0, 0.0, *prepared, self.clock())
-        self.queue.by_key[key] = req
+        self.recorder.submitted(depth)
+        req = Request(key, depth, score, *prepared, self.clock())
+        req.state = FRESH
+        queue.by_key[key] = req
         return req
 
-    def start_demands(self, fresh: List[Request]) -> None:
-        """Start the requests of ``demand``, in order, as far as free buffers go (the rest
-        are queued). They never enter the queue: those adjacent in the file to one another
-        are found here and read together (``coalesce``), as ``_grow`` joins queued ones."""
-        started = fresh[:len(self.buffers.free)]
-        for req in fresh[len(started):]:
-            self.queue.add(req)
-        for req in started:
+    def start_fresh(self, fresh: List[Request]) -> List[concurrent.futures.Future]:
+        """Start the requests of ``fresh`` that may start now, by priority, under the rules
+        of ``activate_ready`` (a demand needs a free buffer; a prefetch, an idle reader, no
+        demand under way with ``yield_to_demand``, and ``_can_start``); from the first that
+        may not, they are queued. Those started never enter the queue, so nothing looks for
+        their neighbours there: the ones adjacent in the file to one another are read
+        together here (``coalesce``), as ``_grow`` joins queued ones. Returns the futures
+        of prefetches dropped past ``max_pending`` (to cancel outside the lock)."""
+        s, pieces = self.settings, self.pieces
+        idle = s.parallelism - pieces.running - pieces.waiting
+        demands, prefetches, waiting = [], [], []
+        for req in sorted(fresh, key=lambda r: (r.depth, -r.score)):  # stable: in order among equals
+            if not waiting and req.demand and self.buffers.free:
+                demands.append(req)
+            elif not waiting and not req.demand and idle > 0 and self._can_start(req) \
+                    and not (s.yield_to_demand and (demands or pieces.demand_batches)):
+                prefetches.append(req)
+                idle -= len(req.pieces[1])
+            else:
+                waiting.append(req)
+                req.state = QUEUED
+                self.queue.add(req)
+                continue
             self._take_buffer(req)
-        if self.settings.coalesce and len(started) > 1:
-            for batch in self._adjacent(started):
+        for started in (demands, prefetches):
+            groups = self._adjacent(started) if s.coalesce and len(started) > 1 else [[r] for r in started]
+            for batch in groups:
                 self._start(batch)
-        else:
-            for req in started:
-                self._start([req])
+        return self.queue.trim() if waiting else []
 
     def _adjacent(self, requests: List[Request]) -> List[List[Request]]:
         """``requests`` in groups whose ranges touch in the file (each at most

@@ -17,6 +17,7 @@ from golem.io.ranges import ByteRange
 from golem.io.statistics import SchedulerStatistics
 
 QUEUED, RUNNING, PUBLISHED, DONE = "queued", "running", "published", "done"
+FRESH = "fresh"  # just submitted, in no queue yet: started or queued before the lock is let go
 
 
 def describe(key: Hashable) -> str:

@@ -280,7 +280,7 @@ class IOScheduler:
             dispatcher.stats.calls += 1
             for (key, depth, _), score in zip(requests, scores):
                 known = prepared.get(key) or dispatcher.prepared[key]
-                req = dispatcher.demand(key, known) if depth == 0 else None
+                req = dispatcher.fresh(key, depth, score, known)
                 if req is not None:
                     fresh.append(req)
                 else:
@@ -289,7 +289,7 @@ class IOScheduler:
                 futures.append(req.future)
                 demand = demand or req.demand
             if fresh:
-                dispatcher.start_demands(fresh)
+                dropped += dispatcher.start_fresh(fresh)
             kick = bool(requests) and self._after_submit(demand, bool(fresh))
         for other in dropped:
             cancel_future(other)
@@ -307,13 +307,14 @@ class IOScheduler:
 
     def _after_submit(self, demand: bool, started: bool) -> bool:
         """Lock held: start a demand from here (no hop through the loop thread), waking
-        readers for it and for the demands already ``started``; for a prefetch, whether
-        the loop should activate requests."""
-        if not demand:
-            return self._dispatcher.has_idle_reader()
-        if self._dispatcher.activate_ready() or started:
-            self._readers.wake(self._dispatcher.jobs_waiting)
-        return False
+        readers for it and for the requests ``start_fresh`` started; for prefetches only,
+        whether requests should be activated next (``_activate_after``)."""
+        dispatcher = self._dispatcher
+        if demand and dispatcher.activate_ready():
+            started = True
+        if started:
+            self._readers.wake(dispatcher.jobs_waiting)
+        return not demand and dispatcher.has_idle_reader()
 
     def cancel(self, key: Hashable) -> bool:
         """Do not publish ``key``'s prefetch; True if there was one to cancel.

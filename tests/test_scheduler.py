@@ -215,6 +215,31 @@ def test_adjacent_demands_submitted_together_are_one_read():
         assert s.statistics().coalesced_reads == 2
 
 
+def test_new_prefetches_start_at_once_only_as_far_as_buffers_readers_and_reserve_allow():
+    reader = GatedReader()
+    with scheduler(reader, num_buffers=3, reserved_for_demand=1, parallelism=4) as s:
+        futures = s.submit_many([((0, 1), 2, 0.9), ((0, 2), 1, 0.1), ((0, 3), 1, 0.8)])
+        assert sorted(reader.wait_calls(2)) == [(describe((0, 2)),), (describe((0, 3)),)]  # nearest first
+        assert s.pending_many([(0, 3), (0, 2), (0, 1)]) == ["running", "running", "queued"]  # the reserve
+        reader.allow(3)
+        for _ in futures:
+            for _, buffer in s.poll(timeout=WAIT_S):
+                s.release(buffer)
+        assert reader.wait_calls(3)[2] == (describe((0, 1)),)
+        assert s.statistics().requests == {"prefetch": 3}
+
+
+def test_a_key_twice_in_one_call_is_one_request_at_the_better_priority():
+    reader = GatedReader()
+    with scheduler(reader) as s:
+        prefetch, demand = s.submit_many([((0, 1), 2, 0.1), ((0, 1), 0, 0.0)])
+        assert prefetch is demand
+        reader.allow()
+        s.release(result(demand))
+        stats = s.statistics()
+        assert stats.reads == 1 and stats.upgraded == 1 and stats.deduped == 1 and s.poll() == []
+
+
 def test_submit_many_rejects_a_negative_depth_before_queueing_anything():
     with scheduler(GatedReader()) as s:
         with pytest.raises(ValueError, match="depth must be >= 0"):
