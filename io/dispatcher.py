@@ -6,7 +6,9 @@ waiting for a reader (``read_jobs.PieceQueue``), the staging buffers, the statis
 pieces of every key (``prepared``), the published prefetches and the speculative bytes in
 flight. It decides: a demand starts at once on the next free buffer; a prefetch only when a
 reader would otherwise idle, a buffer beyond the reserve is free and the speculative caps
-allow; queued neighbours in the file join a read. Not thread-safe: every method but
+allow; queued neighbours in the file join a read. A request for a new key that nothing
+queued outranks starts without entering the queue at all (``fresh``, ``start_fresh``): no
+heap, no neighbour maps, for what would leave them at once. Not thread-safe: every method but
 ``prepare`` is called with the scheduler's lock held. Knows nothing of threads or how bytes
 are read.
 """
