@@ -221,7 +221,9 @@ def test_killed_rank_ends_every_rank(six_layer, tmp_path):
                 p.wait()
     assert elapsed < 10
     assert procs[0].returncode == 1 and procs[2].returncode == 1
-    lines = [l for l in err.splitlines() if "error: " in l and not l.startswith("[ring]")]
+    # MLX's ring backend writes its own lines to the same stderr, now and then glued in front of ours
+    lines = [l.rsplit("[ring] ", 1)[-1] for l in err.splitlines()]
+    lines = [l for l in lines if l.startswith(f"{WORKER.name}: error: ")]
     assert len(lines) == 1 and "error: rank 0 of 3: lost the connection to another rank" in lines[0], err[-2000:]
     assert "Traceback" not in err
 
