@@ -7,7 +7,7 @@
 # On a CPU, to check the script itself in a few minutes:
 #     bash benchmarks/gpu_check.sh --small
 # Within a 15-minute device loan (start-up and first-use kernel builds included), the figures
-# that decide what is open, at about 11 minutes of step limits:
+# that decide what is open, at about 12 minutes of step limits:
 #     bash benchmarks/gpu_check.sh --quick
 # Each step has its own time limit and a failed step does not stop the next; the exit status
 # is the number of failed steps.
@@ -52,11 +52,12 @@ EOF
 git log -1 --format="commit %h %s" 2>/dev/null || true
 
 if [ $QUICK -eq 1 ]; then
+  # the steps most likely to finish first: a step past its limit stops, the next one runs
+  step "profile_decode, Qwen3-30B-A3B routing" 150 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 1 --tokens 16 --rows warm_resident,disk_depth0,disk_depth2,oracle
+  step "early launch (share 0.25), interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
+  step "early launch of every decode layer, interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 3 --tokens 12 --rows disk_depth0,depth2
   step "bench_upload" 60 "$PY" benchmarks/bench_upload.py --runs 3 --sizes-mb 1 16 --batches 1 8
   step "bench_decode" 180 "$PY" benchmarks/bench_decode.py --runs 1
-  step "profile_decode, Qwen3-30B-A3B routing" 150 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 1 --tokens 16 --rows warm_resident,disk_depth0,disk_depth2,oracle
-  step "early launch (share 0.25), interleaved" 90 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
-  step "early launch of every decode layer, interleaved" 90 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 3 --tokens 12 --rows disk_depth0,depth2
   step "golem-run --demo" 60 golem-run --demo
   echo
   echo "=== done: $failed failed step(s)"
