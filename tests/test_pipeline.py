@@ -221,10 +221,10 @@ def test_killed_rank_ends_every_rank(six_layer, tmp_path):
                 p.wait()
     assert elapsed < 10
     assert procs[0].returncode == 1 and procs[2].returncode == 1
-    # MLX's ring backend writes its own lines to the same stderr, now and then glued in front of ours
-    lines = [l.rsplit("[ring] ", 1)[-1] for l in err.splitlines()]
-    lines = [l for l in lines if l.startswith(f"{WORKER.name}: error: ")]
-    assert len(lines) == 1 and "error: rank 0 of 3: lost the connection to another rank" in lines[0], err[-2000:]
+    # one line of ours; MLX's ring backend writes its own to the same stderr, now and then glued
+    # to the front of it, so the line is counted in the whole text
+    assert err.count("error: rank") == 1, err[-2000:]
+    assert err.count("error: rank 0 of 3: lost the connection to another rank") == 1, err[-2000:]
     assert "Traceback" not in err
 
 
