@@ -22,7 +22,7 @@ from golem.io.index import ExpertIndex
 from golem.io.positioned_reads import read_ranges
 
 from golem.runtime.governor import TokenOutcome
-from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED, PrefetchOrders
+from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED
 from golem.runtime.phases import PhaseClock
 from golem.runtime.engine_stats import EngineStats
 from golem.runtime.slots import SlotPool
@@ -69,7 +69,9 @@ class Engine:
     other layer costs one: its ids, the predictor's lazy outputs and the trace's weights
     are read back together in one ``mx.eval``. That sync is also the safe point where
     completed prefetches are installed: nothing in flight can still read a pool then
-    (and each pool checks it, see ``SlotPool``).
+    (and each pool checks it, see ``SlotPool``). The exception: before a decode layer's
+    early launch, the prefetches that landed for that layer itself are installed first
+    (its pool is read only by earlier steps, which its sync would wait for anyway).
 
     A decode layer whose recent steps found nearly all their experts resident (``early``)
     is launched before its sync, through the pool's device table: the device computes it
