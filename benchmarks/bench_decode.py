@@ -161,7 +161,9 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: boo
                               for k, v in zip(("sched_calls", "loop_wakes", "reader_wakes"), outer["handoffs"])},
                            phase_sum_us=1e6 * st.phases.total_s() / st.phases.layers,
                            early_share=st.early_layers / st.decode_partial_layers,
-                           early_redone_per_layer=st.early_redone / st.decode_partial_layers)
+                           early_redone_per_layer=st.early_redone / st.decode_partial_layers,
+                           to_launch_us=st.phases.to_launch_us(),
+                           launched_share=st.phases.launched / st.decode_partial_layers)
                 wall, cpu = st.phases.per_layer_us(), st.phases.per_layer_us(cpu=True)
                 row.update({f"phase_{k}": wall[k] for k in PHASES})
                 if cpu_time:

@@ -17,6 +17,14 @@ Switches:
 - ``install-before-launch``: before a decode layer's launch, the engine installs the
   prefetches that have landed for it (``Engine._arrive``), so that an early launch finds them
   resident, against installing every arrival after the layer's sync (the earlier shape).
+- ``prefetch-after-launch``: after a decode layer's sync the engine installs only the
+  prefetches landed for that layer, and leaves scoring the layer's guesses, installing the
+  other layers' arrivals and issuing new reads until its demand reads are queued and its
+  computation launched (``Engine._deferred``), against all of that before the layer's own
+  work (the earlier shape).
+- ``launch-first``: the engine starts each decode layer's finished expert graph at once
+  (``Engine(launch_first=True)``: ``mx.async_eval``), before the prefetcher's issue and the
+  model's next steps are built, against leaving it for the next layer's sync to start.
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
@@ -51,37 +59,74 @@ ROWS = {
     "caller-activation": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "oracle", "default"),
     "requests-at-once": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "install-before-launch": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2"),
+    "prefetch-after-launch": ("disk_depth2", "disk_default", "depth2", "default"),
+    "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
 }
-INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch")  # a loaded engine can flip these
+INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
+               "launch-first")  # a loaded engine can flip these
+
+
+def _prefetch_before_launch():
+    """The earlier shape of ``prefetch-after-launch``: the layer's guesses scored in
+    ``Prefetcher.step``, every arrival installed right after the sync, only the issue left
+    for later."""
+    from golem.runtime.engine import Engine
+    from golem.runtime.prefetch import PrefetchOrders, Prefetcher
+
+    step = Prefetcher.step
+
+    def prefetcher_step(self, layer, ids, scores, proposals, decoding):
+        orders = step(self, layer, ids, scores, proposals, decoding)
+        if not decoding:
+            return orders
+        self.observe(layer, ids, scores)
+        return PrefetchOrders(orders.installs, orders.keep,
+                              lambda resident: self.issue(layer, ids, proposals, resident))
+
+    def engine_deferred(self, layer, ids, orders):
+        installs, self._later = self._later + orders.installs, []
+        self._install(layer, set(ids.reshape(-1).tolist()), installs, orders.keep)
+        if orders.issue is None:
+            return None
+
+        def issue():
+            orders.issue(self._resident)
+            self._phase.lap("issue")
+        return issue
+
+    return [(Prefetcher, "step", prefetcher_step), (Engine, "_deferred", engine_deferred)]
 
 
 def _earlier_shape(name: str):
-    """``(class, method, stand-in)``: what a switch's off setting puts back, or None."""
+    """``[(class, method, stand-in), ...]``: what a switch's off setting puts back, or None."""
+    from golem.runtime.engine import Engine
+
     if name == "requests-at-once":
         from golem.io.dispatcher import Dispatcher
 
-        return Dispatcher, "fresh", lambda self, key, depth, score, prepared: None  # every request queued
+        return [(Dispatcher, "fresh", lambda self, key, depth, score, prepared: None)]  # every request queued
     if name == "install-before-launch":
-        from golem.runtime.engine import Engine
-
-        return Engine, "_arrive", lambda self, pool: None  # arrivals wait for the sync
+        return [(Engine, "_arrive", lambda self, pool: None)]  # arrivals wait for the sync
+    if name == "prefetch-after-launch":
+        return _prefetch_before_launch()
     return None
 
 
 @contextlib.contextmanager
 def method_switch(name: str, on: bool):
-    """Off: the switch's method replaced by the earlier shape (nothing, for other switches)."""
-    patch = None if on else _earlier_shape(name)
-    if patch is None:
+    """Off: the switch's methods replaced by the earlier shape (nothing, for other switches)."""
+    patches = None if on else _earlier_shape(name)
+    if patches is None:
         yield
         return
-    cls, method, stand_in = patch
-    original = getattr(cls, method)
-    setattr(cls, method, stand_in)
+    originals = [(cls, method, getattr(cls, method)) for cls, method, _ in patches]
+    for cls, method, stand_in in patches:
+        setattr(cls, method, stand_in)
     try:
         yield
     finally:
-        setattr(cls, method, original)
+        for cls, method, original in originals:
+            setattr(cls, method, original)
 
 
 @contextlib.contextmanager
@@ -109,6 +154,10 @@ def switch(name: str, on: bool, share: float):
 
     if name == "early-launch":
         with patched(Engine, early=share if on else None):
+            yield
+        return
+    if name == "launch-first":
+        with patched(Engine, launch_first=on):
             yield
         return
     if name == "early-stop":
@@ -214,15 +263,16 @@ def _host(engine) -> list:
     layers launched early, experts computed again."""
     st = engine.stats
     return [st.phases.engine_s(cpu=True), st.phases.cpu_s["request"], st.phases.layers, st.decode_misses,
-            st.early_layers, st.early_redone]
+            st.early_layers, st.early_redone, st.phases.launched, st.phases.to_launch_s]
 
 
 def _per_setting(host: list) -> dict:
     """Per partial layer and per miss, from ``_host`` differences summed over a setting's decodes."""
-    cpu_s, request_s, layers, misses, early, redone = host
+    cpu_s, request_s, layers, misses, early, redone, launched, to_launch_s = host
     per = lambda v, n: v / n if n else float("nan")
     return {"cpu_us_per_layer": per(1e6 * cpu_s, layers), "cpu_us_per_miss": per(1e6 * request_s, misses),
-            "early_share": per(early, layers), "redone_per_layer": per(redone, layers)}
+            "early_share": per(early, layers), "redone_per_layer": per(redone, layers),
+            "to_launch_us": per(1e6 * to_launch_s, launched)}
 
 
 def interleaved(setup, rows: dict, args, share: float) -> None:
@@ -231,13 +281,14 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
 
     print(f"{setup.path.name}: switch {args.switch} (share {share}), interleaved in one load per row, {len(setup.prompts)} prompts x "
           f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio; the rest off / on")
-    print(f"{'row':<16}{'off':>8}{'on':>8}{'on/off':>8}{'early':>12}{'redone':>12}{'cpu us/layer':>14}{'cpu us/miss':>12}")
+    print(f"{'row':<16}{'off':>8}{'on':>8}{'on/off':>8}{'early':>12}{'redone':>12}{'cpu us/layer':>14}{'cpu us/miss':>12}"
+          f"{'to launch us':>14}")
     out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "interleaved": True, "early": share}
     identical = True
     for row, options in rows.items():
         options = setup.load_options(options)
         table = options.pop("table", False)
-        tps, host = {False: [], True: []}, {False: [0] * 6, True: [0] * 6}
+        tps, host = {False: [], True: []}, {False: [0] * 8, True: [0] * 8}
         with load(str(setup.path), **options) as (model, _):
             engine = model.golem.engine
             if table:
@@ -249,6 +300,8 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
                 for on in ((False, True) if i % 2 == 0 else (True, False)):
                     if args.switch == "early-launch":
                         engine.early = share if on else None
+                    if args.switch == "launch-first":
+                        engine.launch_first = on
                     before = _host(engine)
                     with method_switch(args.switch, on):
                         s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)
@@ -260,13 +313,15 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
         f = {k: _per_setting(h) for k, h in host.items()}
         pair = lambda key, fmt: f"{format(f[False][key], fmt)} / {format(f[True][key], fmt)}"
         print(f"{row:<16}{off:>8.2f}{on:>8.2f}{ratio:>7.3f}x{pair('early_share', '.0%'):>12}"
-              f"{pair('redone_per_layer', '.2f'):>12}{pair('cpu_us_per_layer', '.0f'):>14}{pair('cpu_us_per_miss', '.0f'):>12}")
+              f"{pair('redone_per_layer', '.2f'):>12}{pair('cpu_us_per_layer', '.0f'):>14}{pair('cpu_us_per_miss', '.0f'):>12}"
+              f"{pair('to_launch_us', '.0f'):>14}")
         out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio})
         out.update({f"{k}_{row}_{name}": v for k, on_ in (("off", False), ("on", True)) for name, v in f[on_].items()})
     out["identical"] = identical
     print("early: share of the row's partial layers launched before their sync; redone: experts computed again per "
           "partial layer; cpu us: the engine thread's host time per partial layer (sync, read waits and writes left "
-          "out) and its demand-read time per miss (phase 'request'), over all the setting's decodes")
+          "out) and its demand-read time per miss (phase 'request'), over all the setting's decodes; to launch: wall "
+          "us from a partial layer's sync to its experts' launch, over the layers the engine launched")
     print(f"identical tokens in every row: {identical}")
     print(json.dumps(out))
 

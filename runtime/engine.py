@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from golem.io.file_handles import FileHandles, aligned_empty
+from golem.io.file_handles import aligned_empty
 from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
-from golem.io.positioned_reads import read_ranges
+from golem.runtime.disk_reader import ExpertReader
 
 from golem.runtime.governor import TokenOutcome
 from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED
@@ -27,39 +27,11 @@ from golem.runtime.phases import PhaseClock
 from golem.runtime.engine_stats import EngineStats
 from golem.runtime.slots import SlotPool
 
-ExpertReader = Callable[[int, int, np.ndarray], int]  # (layer, expert, out) -> nbytes
-
 # A decode layer's experts are launched before its host sync (``Engine(early=)``) while, on
 # average over its recent steps, at most this share of its routed experts was not resident:
 # each of those is computed twice (once on slot 0, discarded).
 EARLY_ABSENT = 0.25
 ABSENT_DECAY = 0.25  # weight of the newest step in ``SlotPool.recent_absent``
-
-
-class DiskReader:
-    """Synchronous expert reads: the index's byte ranges into a packed buffer.
-
-    Args:
-        index: the expert index.
-        direct: bypass the page cache (O_DIRECT) where the OS allows it.
-        throttle: optional storage emulator (``golem.io.storage.Throttle``), attached to
-            this reader's ``FileHandles``: every read consults it.
-        identities: the shards' ``FileIdentity`` as indexed (``SafetensorsIndex.identities``):
-            they are pinned (``FileHandles``), so a shard changed on disk stops the run.
-    """
-
-    def __init__(self, index: ExpertIndex, *, direct: bool = False, throttle=None, identities=None):
-        self.index = index
-        self.direct = direct
-        self.throttle = throttle
-        self.handles = FileHandles(throttle=throttle, identities=identities)
-
-    def __call__(self, layer: int, expert: int, out: np.ndarray) -> int:
-        ranges = self.index.ranges(layer, expert)
-        return read_ranges(ranges, out, handles=self.handles, direct=self.direct, what=f"expert ({layer}, {expert})")
-
-    def close(self) -> None:
-        self.handles.close()
 
 
 class Engine:
@@ -102,6 +74,10 @@ class Engine:
         early: launch a decode layer's experts before its host sync while, on average over
             its recent steps, at most this share of its routed experts was missing at the
             sync (each such expert is computed twice); None: never.
+        launch_first: start each decode layer's expert graph as soon as it is built (the
+            prefetcher's issue comes after); None: on unless MLX computes on the CPU, where
+            the launch competes with the host work it should overlap
+            (``benchmarks/bench_switches.py --switch launch-first``).
 
     ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a
     decode step, one ``send`` to the last MoE layer's host sync and, before the first MoE
@@ -110,7 +86,8 @@ class Engine:
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
-                 cpu_clock=None, overlap: bool = True, early: Optional[float] = EARLY_ABSENT):
+                 cpu_clock=None, overlap: bool = True, early: Optional[float] = EARLY_ABSENT,
+                 launch_first: Optional[bool] = None):
         self.index = index
         self.pools = pools
         self.reader = reader
@@ -122,6 +99,7 @@ class Engine:
         self.clock = clock
         self.overlap = overlap
         self.early = early
+        self.launch_first = mx.default_device() != mx.cpu if launch_first is None else launch_first
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
@@ -131,6 +109,7 @@ class Engine:
         self.boundary = None  # optional golem.runtime.pipeline.Boundary: prefetch across pipeline ranks
         self._decoding = False
         self._events: list = []  # what happened to prefetched experts in this layer, for the prefetcher
+        self._later: list = []  # prefetches landed for other layers, installed once this one is launched
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -331,6 +310,27 @@ class Engine:
         for pool in touched:
             self._flush(pool)
 
+    def _deferred(self, layer: int, ids: np.ndarray, orders):
+        """After ``layer``'s sync: install what landed for it now (a miss it saves is a read
+        saved), and return what can wait until its demand reads are queued and its
+        computation launched (``issue``; None at a prefill call, which installs all now): the
+        installs into other layers' pools (``_later``: a layer that raised before its issue
+        leaves them to the next), then the prefetcher's issue."""
+        used = set(ids.reshape(-1).tolist())
+        installs, self._later = self._later + orders.installs, []
+        if orders.issue is None:
+            self._install(layer, used, installs, orders.keep)
+            return None
+        self._install(layer, used, [a for a in installs if a[0] == layer], orders.keep)
+        self._later = [a for a in installs if a[0] != layer]
+
+        def issue():
+            later, self._later = self._later, []
+            self._install(layer, used, later, orders.keep)
+            orders.issue(self._resident)
+            self._phase.lap("issue")
+        return issue
+
     def _arrive(self, pool: SlotPool) -> None:
         """Before a decode layer's launch: install the prefetches read for it, so that an
         early launch finds them resident. Its routing is not known yet: an install evicts no
@@ -399,11 +399,7 @@ class Engine:
             scores = extra[0] if trace is not None and trace.route is not None else None
             orders = pf.step(layer, ids, scores, proposals, self._decoding)
             ph.lap("predict")
-            if orders.issue is not None:
-                def issue():  # queued behind the demand reads
-                    orders.issue(self._resident)
-                    ph.lap("issue")
-            self._install(layer, set(ids.reshape(-1).tolist()), orders.installs, orders.keep)
+            issue = self._deferred(layer, ids, orders)
         if pool.fully_resident:
             if issue is not None:
                 issue()
@@ -443,6 +439,7 @@ class Engine:
                 or pool.recent_absent > self.early * indices.shape[-1]:
             return None
         ph = self._phase
+        ph.launched()  # before its sync: the device never waits for this layer's host work
         mx.async_eval(synced)  # the layer's pending work starts now, as the sync would start it
         ph.lap("sync")
         table, snapshot = pool.device_table()
@@ -452,6 +449,16 @@ class Engine:
         ph.lap("launch")
         self.stats.early_layers += 1
         return y, snapshot
+
+    def _launch(self, y: mx.array) -> mx.array:
+        """With ``launch_first``, start a decode layer's finished expert graph ``y`` now: the
+        device computes it while the host does what remains of the layer (the prefetcher's
+        issue) and builds the model's next steps, instead of the next layer's sync starting it."""
+        if self.launch_first:
+            self._phase.launched()
+            mx.async_eval(y)
+            self._phase.lap("launch")
+        return y
 
     def _absent(self, pool: SlotPool, ids: np.ndarray, early):
         """Right after the sync of a decode layer launched early, before any install: the
@@ -494,7 +501,7 @@ class Engine:
         ph.lap("pool")
         order = np.arange(k)
         order[absent] = k + np.arange(len(absent))
-        return mx.take(mx.concatenate([y, again], axis=-2), mx.array(order), axis=-2)
+        return self._launch(mx.take(mx.concatenate([y, again], axis=-2), mx.array(order), axis=-2))
 
     def _compute(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, flat: list,
                  needed: list, issue) -> mx.array:
@@ -516,13 +523,14 @@ class Engine:
         if not (todo and self.overlap and self._decoding and hits):
             if todo:
                 self._fetch(pool.layer, todo, issue)
-            elif issue is not None:
-                issue()
             y = glu(x, mx.array(slots))
             ph.lap("graph")
             if self._decoding:
                 pool.reading(y, slots)
                 ph.lap("pool")
+                self._launch(y)
+            if issue is not None and not todo:
+                issue()
             return y
         # Decode: compute the resident experts while the misses load, then the missing ones;
         # each (token, expert) pair is computed on its own, so splitting them changes no value.
@@ -538,6 +546,7 @@ class Engine:
         ph.lap("pool")
 
         def meanwhile():
+            ph.launched()
             mx.async_eval(y_hit)
             ph.lap("launch")
             if issue is not None:
@@ -552,7 +561,7 @@ class Engine:
         order = [0] * len(flat)
         for pos, i in enumerate(first + second):
             order[i] = pos
-        return mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2)
+        return self._launch(mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2))
 
     def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: list) -> mx.array:
         """More distinct experts than slots (prefill): compute them group by group.

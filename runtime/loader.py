@@ -25,7 +25,8 @@ from golem.io.outputs import check_output, check_outside
 from golem.runtime.checkpoint import (FreedOnFailure, OpenedCheckpoint, open_checkpoint, resolve_model_path,
                                       top_k_of)
 from golem.runtime.config import RuntimeConfig, check_against_model, check_output_paths, make_config, with_prefetch_depth
-from golem.runtime.engine import DiskReader, Engine
+from golem.runtime.disk_reader import DiskReader
+from golem.runtime.engine import Engine
 from golem.runtime.modules import OffloadedExperts
 from golem.runtime.offloaded import OffloadedModel
 from golem.runtime.resident import Progress, load_resident, warm_start

@@ -18,7 +18,8 @@ from golem.io.index import ExpertIndex
 
 from golem.runtime.checkpoint import ExpertsModule, top_k_of
 from golem.runtime.config import ConfigError, RuntimeConfig
-from golem.runtime.engine import DiskReader, Engine
+from golem.runtime.disk_reader import DiskReader
+from golem.runtime.engine import Engine
 
 
 @dataclass

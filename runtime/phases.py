@@ -37,12 +37,22 @@ class PhaseTimes:
 
     ``wall_s`` is elapsed time, ``cpu_s`` the engine thread's CPU time
     (``time.thread_time``): on a busy machine, wall time also holds time the thread spent
-    descheduled, CPU time does not. ``layers`` counts the layers timed.
+    descheduled, CPU time does not. ``layers`` counts the layers timed. ``to_launch_s``
+    counts, apart from the phases, what of a layer's host time after its sync comes before
+    its computation is launched: on a device that computes apart from the host, the time
+    the device waits for the host.
     """
 
     wall_s: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     cpu_s: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     layers: int = 0
+    launched: int = 0  # of those, layers whose experts were launched by the engine (``PhaseClock.launched``)
+    to_launch_s: float = 0.0  # their wall time from the end of the sync to that launch (0 before it)
+
+    def to_launch_us(self) -> float:
+        """Mean host microseconds from a partial layer's sync to its experts' launch: the
+        device has nothing of the layer to compute meanwhile (NaN: none launched)."""
+        return 1e6 * self.to_launch_s / self.launched if self.launched else float("nan")
 
     def engine_s(self, cpu: bool = False) -> float:
         """Engine host seconds: every phase but the sync, the read waits and the writes."""
@@ -82,10 +92,13 @@ class PhaseClock:
         self.cpu_clock = cpu_clock
         self.on = False
         self._t = self._c = 0.0
+        self._synced: Optional[float] = None  # when the layer's sync ended, until its launch
+        self._launched = False
 
     def start(self) -> None:
         self.on = True
         self.times.layers += 1
+        self._synced, self._launched = None, False
         self._t = self.clock()
         if self.cpu_clock is not None:
             self._c = self.cpu_clock()
@@ -96,10 +109,22 @@ class PhaseClock:
         t = self.clock()
         self.times.wall_s[phase] += t - self._t
         self._t = t
+        if phase == "sync" and not self._launched:
+            self._synced = t
         if self.cpu_clock is not None:
             c = self.cpu_clock()
             self.times.cpu_s[phase] += c - self._c
             self._c = c
+
+    def launched(self) -> None:
+        """The layer's experts are launched (before its sync: counted as 0): the first call
+        of a layer charges the time since the end of its sync to ``to_launch_s``."""
+        if not self.on or self._launched:
+            return
+        self._launched = True
+        self.times.launched += 1
+        if self._synced is not None:
+            self.times.to_launch_s += self.clock() - self._synced
 
     def discard(self) -> None:
         """Forget the layer started: it needed no host work after all."""

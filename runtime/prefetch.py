@@ -56,8 +56,9 @@ class PrefetchOrders:
         installs: prefetches read and not yet installed, ``(layer, expert, buffer)``; the
             engine owns each buffer until it hands it back to the scheduler.
         keep: ``keep(layer)`` -> experts an install into ``layer`` must not evict.
-        issue: ``issue(resident)`` cancels the reads this layer's routing made stale and
-            submits the new ones; the engine calls it once, after queueing its demand reads
+        issue: ``issue(resident)`` scores the guesses made for this layer, cancels the reads
+            its routing made stale and submits the new ones; the engine calls it once, after
+            queueing its demand reads and launching what it can compute
             (``resident(model_layer) -> bool (E,)`` marks experts needing no read). None at
             a prefill call.
     """
@@ -134,10 +135,14 @@ class Prefetcher:
     def step(self, layer: int, ids: np.ndarray, scores: Optional[np.ndarray], proposals: Sequence[Proposal],
              decoding: bool) -> PrefetchOrders:
         """``layer``'s true routing ``ids`` (and router ``scores`` when known) after its host
-        sync: scores the guesses made for it and returns what to install and to issue."""
+        sync: what to install, and (decoding) what to issue. Scoring the guesses made for
+        the layer waits for ``issue`` too: the engine calls it once the layer's computation
+        is under way, and the layers it proposes for are other layers."""
+        issue = None
         if decoding:
-            self.observe(layer, ids, scores)
-        issue = (lambda resident: self.issue(layer, ids, proposals, resident)) if decoding else None
+            def issue(resident):
+                self.observe(layer, ids, scores)
+                self.issue(layer, ids, proposals, resident)
         installs = self._landed + ([] if self._polled else self.arrivals())
         self._landed, self._polled = [], False
         return PrefetchOrders(installs, self.keep, issue)
