@@ -124,7 +124,7 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: boo
     whole time of those layer calls timed from outside the engine.
     """
     from golem.runtime import load
-    from golem.runtime.phases import PHASES
+    from golem.runtime.phases import MOMENTS, PHASES
 
     rows, outs = [], None
     for _ in range(runs):
@@ -162,8 +162,8 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: boo
                            phase_sum_us=1e6 * st.phases.total_s() / st.phases.layers,
                            early_share=st.early_layers / st.decode_partial_layers,
                            early_redone_per_layer=st.early_redone / st.decode_partial_layers,
-                           to_launch_us=st.phases.to_launch_us(),
-                           launched_share=st.phases.launched / st.decode_partial_layers)
+                           **{f"to_{m}_us": st.phases.after_sync_us(m) for m in MOMENTS},
+                           **{f"{m}_share": st.phases.reached[m] / st.decode_partial_layers for m in MOMENTS})
                 wall, cpu = st.phases.per_layer_us(), st.phases.per_layer_us(cpu=True)
                 row.update({f"phase_{k}": wall[k] for k in PHASES})
                 if cpu_time:

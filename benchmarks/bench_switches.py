@@ -22,6 +22,9 @@ Switches:
   other layers' arrivals and issuing new reads until its demand reads are queued and its
   computation launched (``Engine._deferred``), against all of that before the layer's own
   work (the earlier shape).
+- ``overlap``: a decode layer with misses computes its resident experts while the misses
+  load, then the missing ones (two expert graphs and a reorder: ``Engine(overlap=True)``),
+  against one graph over all of them once the reads have landed.
 - ``launch-first``: the engine starts each decode layer's finished expert graph at once
   (``Engine(launch_first=True)``: ``mx.async_eval``), before the prefetcher's issue and the
   model's next steps are built, against leaving it for the next layer's sync to start.
@@ -60,10 +63,11 @@ ROWS = {
     "requests-at-once": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "install-before-launch": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2"),
     "prefetch-after-launch": ("disk_depth2", "disk_default", "depth2", "default"),
+    "overlap": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
-               "launch-first")  # a loaded engine can flip these
+               "overlap", "launch-first")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -156,8 +160,8 @@ def switch(name: str, on: bool, share: float):
         with patched(Engine, early=share if on else None):
             yield
         return
-    if name == "launch-first":
-        with patched(Engine, launch_first=on):
+    if name in ("launch-first", "overlap"):
+        with patched(Engine, **{name.replace("-", "_"): on}):
             yield
         return
     if name == "early-stop":
@@ -263,16 +267,17 @@ def _host(engine) -> list:
     layers launched early, experts computed again."""
     st = engine.stats
     return [st.phases.engine_s(cpu=True), st.phases.cpu_s["request"], st.phases.layers, st.decode_misses,
-            st.early_layers, st.early_redone, st.phases.launched, st.phases.to_launch_s]
+            st.early_layers, st.early_redone, st.phases.reached["launch"], st.phases.after_sync_s["launch"],
+            st.phases.reached["request"], st.phases.after_sync_s["request"]]
 
 
 def _per_setting(host: list) -> dict:
     """Per partial layer and per miss, from ``_host`` differences summed over a setting's decodes."""
-    cpu_s, request_s, layers, misses, early, redone, launched, to_launch_s = host
+    cpu_s, request_s, layers, misses, early, redone, launched, to_launch_s, requested, to_request_s = host
     per = lambda v, n: v / n if n else float("nan")
     return {"cpu_us_per_layer": per(1e6 * cpu_s, layers), "cpu_us_per_miss": per(1e6 * request_s, misses),
             "early_share": per(early, layers), "redone_per_layer": per(redone, layers),
-            "to_launch_us": per(1e6 * to_launch_s, launched)}
+            "to_launch_us": per(1e6 * to_launch_s, launched), "to_request_us": per(1e6 * to_request_s, requested)}
 
 
 def interleaved(setup, rows: dict, args, share: float) -> None:
@@ -282,13 +287,13 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
     print(f"{setup.path.name}: switch {args.switch} (share {share}), interleaved in one load per row, {len(setup.prompts)} prompts x "
           f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio; the rest off / on")
     print(f"{'row':<16}{'off':>8}{'on':>8}{'on/off':>8}{'early':>12}{'redone':>12}{'cpu us/layer':>14}{'cpu us/miss':>12}"
-          f"{'to launch us':>14}")
+          f"{'to launch us':>14}{'to request us':>15}")
     out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "interleaved": True, "early": share}
     identical = True
     for row, options in rows.items():
         options = setup.load_options(options)
         table = options.pop("table", False)
-        tps, host = {False: [], True: []}, {False: [0] * 8, True: [0] * 8}
+        tps, host = {False: [], True: []}, {False: [0] * 10, True: [0] * 10}
         with load(str(setup.path), **options) as (model, _):
             engine = model.golem.engine
             if table:
@@ -300,8 +305,8 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
                 for on in ((False, True) if i % 2 == 0 else (True, False)):
                     if args.switch == "early-launch":
                         engine.early = share if on else None
-                    if args.switch == "launch-first":
-                        engine.launch_first = on
+                    if args.switch in ("launch-first", "overlap"):
+                        setattr(engine, args.switch.replace("-", "_"), on)
                     before = _host(engine)
                     with method_switch(args.switch, on):
                         s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)
@@ -314,14 +319,15 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
         pair = lambda key, fmt: f"{format(f[False][key], fmt)} / {format(f[True][key], fmt)}"
         print(f"{row:<16}{off:>8.2f}{on:>8.2f}{ratio:>7.3f}x{pair('early_share', '.0%'):>12}"
               f"{pair('redone_per_layer', '.2f'):>12}{pair('cpu_us_per_layer', '.0f'):>14}{pair('cpu_us_per_miss', '.0f'):>12}"
-              f"{pair('to_launch_us', '.0f'):>14}")
+              f"{pair('to_launch_us', '.0f'):>14}{pair('to_request_us', '.0f'):>15}")
         out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio})
         out.update({f"{k}_{row}_{name}": v for k, on_ in (("off", False), ("on", True)) for name, v in f[on_].items()})
     out["identical"] = identical
     print("early: share of the row's partial layers launched before their sync; redone: experts computed again per "
           "partial layer; cpu us: the engine thread's host time per partial layer (sync, read waits and writes left "
-          "out) and its demand-read time per miss (phase 'request'), over all the setting's decodes; to launch: wall "
-          "us from a partial layer's sync to its experts' launch, over the layers the engine launched")
+          "out) and its demand-read time per miss (phase 'request'), over all the setting's decodes; to launch / to "
+          "request: wall us from a partial layer's sync to its experts' launch / its first demand read queued, over "
+          "the layers that had one")
     print(f"identical tokens in every row: {identical}")
     print(json.dumps(out))
 

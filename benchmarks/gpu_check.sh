@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every figure benchmarks/RESULTS.md needs from one machine, in one run: the machine card,
 # bench_upload, bench_decode --runs 3 at both shapes, profile_decode (host time by phase), the
-# early launch off and on (bench_switches --interleave), a
+# early launch, the launch first and the hits computed while misses load, each off and on
+# (bench_switches --interleave), a
 # cProfile of a depth-0 decode, golem-run --demo, and the test suite. On a lent GPU, from the repository root:
 #     OUT=/tmp/out ../shared/gpu/run.sh bash benchmarks/gpu_check.sh
 # On a CPU, to check the script itself in a few minutes:
 #     bash benchmarks/gpu_check.sh --small
 # Within a 15-minute device loan (start-up and first-use kernel builds included), the figures
-# that decide what is open, at about 12 minutes of step limits:
+# that decide what is open first, at about 14 minutes of step limits (bench_decode last):
 #     bash benchmarks/gpu_check.sh --quick
 # Each step has its own time limit and a failed step does not stop the next; the exit status
 # is the number of failed steps.
@@ -56,9 +57,11 @@ if [ $QUICK -eq 1 ]; then
   step "profile_decode, Qwen3-30B-A3B routing" 150 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 1 --tokens 16 --rows warm_resident,disk_depth0,disk_depth2,oracle
   step "early launch (share 0.25), interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
   step "early launch of every decode layer, interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 3 --tokens 12 --rows disk_depth0,depth2
+  step "launch first, interleaved" 90 "$PY" benchmarks/bench_switches.py --switch launch-first --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
+  step "hits while misses load, interleaved" 90 "$PY" benchmarks/bench_switches.py --switch overlap --interleave --shape small --runs 3 --tokens 12 --rows disk_depth0,depth0
   step "bench_upload" 60 "$PY" benchmarks/bench_upload.py --runs 3 --sizes-mb 1 16 --batches 1 8
-  step "bench_decode" 180 "$PY" benchmarks/bench_decode.py --runs 1
   step "golem-run --demo" 60 golem-run --demo
+  step "bench_decode" 180 "$PY" benchmarks/bench_decode.py --runs 1
   echo
   echo "=== done: $failed failed step(s)"
   exit $failed
@@ -79,6 +82,8 @@ else
   step "profile_decode, Qwen3-30B-A3B slice" 500 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b --runs 1
   step "early launch, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0
   step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,depth2
+  step "launch first, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch launch-first --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0,depth2
+  step "hits while misses load, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch overlap --interleave --shape small --runs 6 --rows disk_depth0,depth0,depth2
   PROFILE_TOKENS=24
   SUITE="tests/test_writers.py tests/test_engine.py tests/test_governor.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
 fi

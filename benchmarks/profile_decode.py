@@ -11,10 +11,11 @@ miss. Median of --runs runs per row, then one JSON line.
 
 Also counted per partial layer: the thread hand-offs around the I/O scheduler (the
 engine's calls that take its lock, wake-ups of its event loop, reader threads woken), which
-cost the engine thread on any backend and do not show in its own CPU time. And the host
-time from a partial layer's sync to the launch of its experts (``PhaseTimes.to_launch_s``):
-on a device that computes apart from the host, the device has nothing of the layer to do
-meanwhile (layers launched before their sync count 0).
+cost the engine thread on any backend and do not show in its own CPU time. And the wall
+time from a partial layer's sync to the launch of its experts and to its first demand read
+(``PhaseTimes.after_sync_us``): on a device that computes apart from the host, the device
+has nothing of the layer to do until the first, and the storage none of its misses to read
+until the second (layers launched before their sync count 0).
 
     python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b|qwen3-30b-a3b-host] [--runs 3] [--rows depth0,depth2,oracle]
 """
@@ -35,7 +36,7 @@ DEFAULT_ROWS = ("warm_resident", "disk_depth0", "disk_depth2", "disk_default", "
 
 
 def main() -> None:
-    from golem.runtime.phases import EXCLUDED, PHASES
+    from golem.runtime.phases import EXCLUDED, MOMENTS, PHASES
     from golem.runtime.synthetic import default_cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,10 +84,11 @@ def main() -> None:
     print("early launch: share of partial layers launched before their sync / experts computed again per layer")
     print(f"{'early':<10}" + "".join(f"{100 * r.get('early_share', 0):>8.0f}%/{r.get('early_redone_per_layer', 0):>5.2f}"
                                      for r in results.values()))
-    print("launch: share of partial layers whose experts the engine launched / wall us from the end of the sync "
-          "to that launch (0 before the sync): the device waits for the host meanwhile")
-    print(f"{'to launch':<10}" + "".join(f"{100 * r['launched_share']:>8.0f}%/{r['to_launch_us']:>5.0f}"
-                                         for r in results.values()))
+    print("after the sync: share of partial layers that launched their experts (0 us before the sync) / queued a "
+          "demand read, and the wall us from the end of the sync to the first of each")
+    for m in MOMENTS:
+        print(f"{'to ' + m:<10}" + "".join(f"{100 * r[m + '_share']:>8.0f}%/{r['to_' + m + '_us']:>5.0f}"
+                                           for r in results.values()))
     print(f"{'tok/s':<10}" + "".join(f"{r['tps']:>{width}.2f}" for r in results.values()))
     print(f"{'identical':<10}" + "".join(f"{str(r['identical']):>{width}}" for r in results.values()))
     worst = max(abs(r["phase_sum_us"] / r["measured_us"] - 1) for r in results.values())
@@ -100,8 +102,7 @@ def main() -> None:
         out[f"{name}_measured_us"] = r["measured_us"]
         out[f"{name}_identical"] = r["identical"]
         out[f"{name}_early_share"] = r.get("early_share")
-        out[f"{name}_launched_share"] = r["launched_share"]
-        out[f"{name}_to_launch_us"] = r["to_launch_us"]
+        out.update({f"{name}_{k}": r[k] for m in MOMENTS for k in (f"{m}_share", f"to_{m}_us")})
         out[f"{name}_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
         out[f"{name}_handoffs_per_layer"] = {k: round(r[f"{k}_per_layer"], 2)
                                              for k in ("sched_calls", "loop_wakes", "reader_wakes")}

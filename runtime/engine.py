@@ -49,9 +49,10 @@ class Engine:
     is launched before its sync, through the pool's device table: the device computes it
     while the host reads the ids and keeps its books; experts that were missing then are
     computed again once read. Another decode layer with misses first queues its demand
-    reads and the prefetches, then (``overlap``) starts computing its resident experts, then waits for the reads,
-    writes them into their slots and computes the missing experts; the two results are
-    put back in routing order, so the output is the one computation would give. A writer
+    reads, then (``overlap``) builds and starts its resident experts' computation, then does
+    the prefetcher's part (other layers' installs, scoring, new reads), then waits for the
+    reads, writes them into their slots and computes the missing experts; the two results
+    are put back in routing order, so the output is the one computation would give. A writer
     that replaces whole pool arrays (``device``) first waits for the resident experts'
     computation (so the pool is updated in place, not copied): a wait for work already
     under way, not a read-back.
@@ -189,6 +190,7 @@ class Engine:
                     del pending[e]
             else:
                 sched, pf = self.scheduler, self.prefetcher
+                ph.reached("request")
                 futures = sched.submit_demands([(layer, e) for e, _ in todo])
                 ph.lap("request")
                 taken, written = 0, []  # buffers written from and not yet handed back
@@ -439,7 +441,7 @@ class Engine:
                 or pool.recent_absent > self.early * indices.shape[-1]:
             return None
         ph = self._phase
-        ph.launched()  # before its sync: the device never waits for this layer's host work
+        ph.reached("launch")  # before its sync: the device never waits for this layer's host work
         mx.async_eval(synced)  # the layer's pending work starts now, as the sync would start it
         ph.lap("sync")
         table, snapshot = pool.device_table()
@@ -455,7 +457,7 @@ class Engine:
         device computes it while the host does what remains of the layer (the prefetcher's
         issue) and builds the model's next steps, instead of the next layer's sync starting it."""
         if self.launch_first:
-            self._phase.launched()
+            self._phase.reached("launch")
             mx.async_eval(y)
             self._phase.lap("launch")
         return y
@@ -534,19 +536,22 @@ class Engine:
             return y
         # Decode: compute the resident experts while the misses load, then the missing ones;
         # each (token, expert) pair is computed on its own, so splitting them changes no value.
+        # The resident ones' graph is built once the reads are queued: they start first.
         missing = {e for e, _ in todo}
         first = [i for i, e in enumerate(flat) if e not in missing]
         second = [i for i, e in enumerate(flat) if e in missing]
         lead = ids.shape[:-1]
         flat_slots = slots.reshape(-1)
         hit_slots = flat_slots[first]
-        y_hit = glu(x, mx.array(hit_slots).reshape(*lead, -1))
-        ph.lap("graph")
-        pool.reading(y_hit, hit_slots)
-        ph.lap("pool")
+        built = []
 
         def meanwhile():
-            ph.launched()
+            y_hit = glu(x, mx.array(hit_slots).reshape(*lead, -1))
+            ph.lap("graph")
+            pool.reading(y_hit, hit_slots)
+            ph.lap("pool")
+            built.append(y_hit)
+            ph.reached("launch")
             mx.async_eval(y_hit)
             ph.lap("launch")
             if issue is not None:
@@ -561,7 +566,7 @@ class Engine:
         order = [0] * len(flat)
         for pos, i in enumerate(first + second):
             order[i] = pos
-        return self._launch(mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2))
+        return self._launch(mx.take(mx.concatenate([built[0], y_miss], axis=-2), mx.array(order), axis=-2))
 
     def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: list) -> mx.array:
         """More distinct experts than slots (prefill): compute them group by group.

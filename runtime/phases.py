@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set
 
 # In the order a layer with misses meets them.
 PHASES = (
@@ -29,6 +29,11 @@ PHASES = (
 )
 # What "engine host time" leaves out: device work and I/O the engine only waits for.
 EXCLUDED = ("sync", "wait", "write")
+# Moments of a layer after its sync that the host holds back, counted apart from the phases:
+# the first launch of its experts (until then a device that computes apart from the host has
+# nothing of the layer to do; a launch before the sync counts 0) and its first demand read
+# queued (until then the storage has none of the layer's misses to read).
+MOMENTS = ("launch", "request")
 
 
 @dataclass
@@ -37,22 +42,22 @@ class PhaseTimes:
 
     ``wall_s`` is elapsed time, ``cpu_s`` the engine thread's CPU time
     (``time.thread_time``): on a busy machine, wall time also holds time the thread spent
-    descheduled, CPU time does not. ``layers`` counts the layers timed. ``to_launch_s``
-    counts, apart from the phases, what of a layer's host time after its sync comes before
-    its computation is launched: on a device that computes apart from the host, the time
-    the device waits for the host.
+    descheduled, CPU time does not. ``layers`` counts the layers timed; ``reached`` and
+    ``after_sync_s``, how many of them reached each of ``MOMENTS`` and how long after their
+    sync (part of the phases' time, counted apart).
     """
 
     wall_s: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     cpu_s: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     layers: int = 0
-    launched: int = 0  # of those, layers whose experts were launched by the engine (``PhaseClock.launched``)
-    to_launch_s: float = 0.0  # their wall time from the end of the sync to that launch (0 before it)
+    reached: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(MOMENTS, 0))  # layers, per moment
+    after_sync_s: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(MOMENTS, 0.0))
 
-    def to_launch_us(self) -> float:
-        """Mean host microseconds from a partial layer's sync to its experts' launch: the
-        device has nothing of the layer to compute meanwhile (NaN: none launched)."""
-        return 1e6 * self.to_launch_s / self.launched if self.launched else float("nan")
+    def after_sync_us(self, moment: str) -> float:
+        """Mean wall microseconds from a partial layer's sync to ``moment`` (``MOMENTS``),
+        over the layers that reached it (NaN: none did)."""
+        n = self.reached[moment]
+        return 1e6 * self.after_sync_s[moment] / n if n else float("nan")
 
     def engine_s(self, cpu: bool = False) -> float:
         """Engine host seconds: every phase but the sync, the read waits and the writes."""
@@ -92,13 +97,13 @@ class PhaseClock:
         self.cpu_clock = cpu_clock
         self.on = False
         self._t = self._c = 0.0
-        self._synced: Optional[float] = None  # when the layer's sync ended, until its launch
-        self._launched = False
+        self._synced: Optional[float] = None  # when the layer's sync ended
+        self._seen: Set[str] = set()  # the layer's moments reached
 
     def start(self) -> None:
         self.on = True
         self.times.layers += 1
-        self._synced, self._launched = None, False
+        self._synced, self._seen = None, set()
         self._t = self.clock()
         if self.cpu_clock is not None:
             self._c = self.cpu_clock()
@@ -109,22 +114,22 @@ class PhaseClock:
         t = self.clock()
         self.times.wall_s[phase] += t - self._t
         self._t = t
-        if phase == "sync" and not self._launched:
+        if phase == "sync":
             self._synced = t
         if self.cpu_clock is not None:
             c = self.cpu_clock()
             self.times.cpu_s[phase] += c - self._c
             self._c = c
 
-    def launched(self) -> None:
-        """The layer's experts are launched (before its sync: counted as 0): the first call
-        of a layer charges the time since the end of its sync to ``to_launch_s``."""
-        if not self.on or self._launched:
+    def reached(self, moment: str) -> None:
+        """The layer reached ``moment`` (``MOMENTS``): its first time in a layer charges the
+        time since the end of the layer's sync (0 before it) to ``after_sync_s``."""
+        if not self.on or moment in self._seen:
             return
-        self._launched = True
-        self.times.launched += 1
+        self._seen.add(moment)
+        self.times.reached[moment] += 1
         if self._synced is not None:
-            self.times.to_launch_s += self.clock() - self._synced
+            self.times.after_sync_s[moment] += self.clock() - self._synced
 
     def discard(self) -> None:
         """Forget the layer started: it needed no host work after all."""

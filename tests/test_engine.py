@@ -173,6 +173,115 @@ def test_phase_clock_charges_each_stretch_to_the_phase_that_ends_it():
     assert times.layers == 1 and times.wall_s["ids"] == 1
 
 
+def test_the_time_from_a_sync_to_each_moment_is_counted_once_per_layer():
+    from golem.runtime.phases import PhaseClock, PhaseTimes
+
+    now = [0.0]
+    times = PhaseTimes()
+    clock = PhaseClock(times, clock=lambda: now[0])
+    clock.reached("launch")  # off: not a layer
+    clock.start()
+    now[0] = 2.0
+    clock.lap("sync")
+    now[0] = 2.25
+    clock.reached("request")  # 0.25 s after the sync
+    now[0] = 2.5
+    clock.reached("launch")  # 0.5 s after it
+    now[0] = 4.0
+    clock.reached("launch")  # a second launch of the same layer: not counted
+    clock.stop("graph")
+    clock.start()
+    clock.reached("launch")  # before its sync (an early launch): counted as 0
+    now[0] = 9.0
+    clock.lap("sync")
+    now[0] = 10.0
+    clock.reached("request")  # 1 s after the sync that followed the launch
+    clock.stop("ids")
+    clock.start()  # a layer that reached neither: not counted
+    clock.stop("graph")
+    assert times.layers == 3 and times.reached == {"launch": 2, "request": 2}
+    assert times.after_sync_s == {"launch": 0.5, "request": 1.25}
+    assert times.after_sync_us("launch") == 250_000 and times.after_sync_us("request") == 625_000
+    assert PhaseTimes().after_sync_us("launch") != PhaseTimes().after_sync_us("launch")  # NaN: nothing reached
+
+
+@pytest.mark.parametrize("prefetch", [None, PrefetchConfig(depth=2, threshold=0.1, governor=False)],
+                         ids=["depth0", "depth2"])
+def test_launching_each_decode_layer_as_soon_as_built_gives_stock_tokens(checkpoints, expected, prefetch):
+    """``launch_first``: off where MLX computes on the CPU (the launch competes with the host
+    work it would overlap), else on; on, every partial decode layer is launched by the
+    engine (early, or once its graph is built) and the tokens are stock's."""
+    import mlx.core as mx
+
+    tokens, want = expected
+    with load(str(checkpoints("olmoe")), cache_sizes=4, prefetch=prefetch) as (model, _):
+        engine = model.golem.engine
+        assert engine.launch_first == (mx.default_device() != mx.cpu)
+        engine.launch_first = True
+        assert greedy_tokens(model, tokens, N) == want
+        ph = engine.stats.phases
+    assert ph.reached["launch"] == ph.layers > 0 and ph.after_sync_us("launch") >= 0
+
+
+@pytest.mark.parametrize("early", [None, 1.0], ids=["after-sync", "early"])
+def test_other_layers_arrivals_install_after_the_demand_reads_and_before_the_issue(checkpoints, expected, early):
+    """After a decode layer's sync the prefetches landed for it are installed before its
+    demand reads are queued (each saves a read); those landed for other layers wait until
+    the layer's demand reads are queued and its computation launched, and come before the
+    new prefetches are submitted. Every prefetch is read before each layer's step here, so
+    other layers' arrivals are there to install."""
+    import concurrent.futures
+
+    tokens, want = expected
+    prefetch = PrefetchConfig(depth=2, threshold=0.1, governor=False)
+    with load(str(checkpoints("olmoe")), cache_sizes=4, prefetch=prefetch) as (model, _):
+        engine = model.golem.engine
+        engine.early = early
+        sched, pf, reads, log = engine.scheduler, engine.prefetcher, [], []
+        submit_many, arrivals_for, step = sched.submit_many, pf.arrivals_for, pf.step
+        install, forward = engine._install, engine.forward
+
+        def submitting(requests):
+            futures = submit_many(requests)
+            reads.extend(f for f, (_, depth, _) in zip(futures, requests) if depth > 0)
+            log.append(("demands" if requests[0][1] == 0 else "prefetches", engine._decoding))
+            return futures
+
+        def landed_first(layer, *args):
+            concurrent.futures.wait(reads)  # every prefetch read (or cancelled): no sleep
+            return (arrivals_for if not args else step)(layer, *args)
+
+        def installing(layer, protected, installs, keep):
+            if installs:
+                mine = {l for l, _, _ in installs} == {layer}
+                log.append(("mine" if mine else "others", engine._decoding))
+            return install(layer, protected, installs, keep)
+
+        def layer(layer, glu, x, indices):
+            log.append(("layer", None))
+            return forward(layer, glu, x, indices)
+
+        sched.submit_many, pf.arrivals_for, pf.step = submitting, landed_first, landed_first
+        engine._install, engine.forward = installing, layer
+        assert greedy_tokens(model, tokens, N) == want
+    segments, current = [], []
+    for event, decoding in log:
+        if event == "layer":
+            segments.append(current)
+            current = []
+        elif decoding:
+            current.append(event)
+    segments.append(current)
+    assert sum("others" in seg for seg in segments) > 0 and sum("mine" in seg for seg in segments) > 0
+    for seg in segments:
+        order = {event: i for i, event in reversed(list(enumerate(seg)))}  # first occurrence
+        if "others" in order:
+            assert "mine" not in seg[order["others"]:], seg
+            assert order.get("demands", -1) < order["others"] < order.get("prefetches", len(seg)), seg
+        if "mine" in order and "demands" in order:
+            assert order["mine"] < order["demands"], seg
+
+
 def test_phases_add_up_to_the_layer_calls_timed_from_outside(checkpoints, expected):
     from golem.runtime.phases import PHASES
 

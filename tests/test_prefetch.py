@@ -209,6 +209,26 @@ class _FakeScheduler:
         return out
 
 
+def test_a_layers_guesses_are_scored_when_its_issue_runs_not_at_its_step():
+    """``step`` right after the sync only hands out orders; the recall of the guesses made
+    for the layer is counted when the engine runs the issue, after its own launch."""
+    from golem.runtime.prefetch import Prefetcher
+
+    guesses = _Guesses(3, 8)
+    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
+                    [100, 100, 100], [True, True, True])
+    pf.attach(_FakeScheduler())
+    nothing = lambda layer: np.zeros(8, bool)
+    pf.begin(True)
+    guesses.table = {1: {3: 0.9, 4: 0.5}}
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    orders = pf.step(20, np.array([[3, 5]]), None, [], True)
+    assert pf.stats[20].true == 0  # not scored yet
+    orders.issue(nothing)
+    assert (pf.stats[20].true, pf.stats[20].predicted_true) == (2, 1)
+    assert pf.step(30, np.array([[1, 2]]), None, [], False).issue is None  # a prompt chunk: nothing to issue
+
+
 def test_prefetcher_owns_issue_cancel_supersede_and_accounting():
     """Model layers 10, 20, 30 (positions 0..2); depth 2; top-2 of 8 experts."""
     from golem.runtime.prefetch import Prefetcher
