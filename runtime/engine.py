@@ -26,6 +26,7 @@ from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED
 from golem.runtime.phases import PhaseClock
 from golem.runtime.engine_stats import EngineStats
 from golem.runtime.slots import SlotPool
+from golem.runtime.streaming import stream_groups
 
 # A decode layer's experts are launched before its host sync (``Engine(early=)``) while, on
 # average over its recent steps, at most this share of its routed experts was not resident:
@@ -160,12 +161,13 @@ class Engine:
             if self.prefetcher is not None:
                 self._report()
 
-    def _fetch(self, layer: int, todo, meanwhile=None) -> None:
+    def _fetch(self, layer: int, todo, meanwhile=None, futures=None) -> None:
         """Read ``[(expert, slot), ...]`` (already assigned), write them into their slots, flush.
 
         ``meanwhile()`` runs after the demand reads are queued and before waiting on them
         (the engine issues its prefetches and starts computing resident experts there).
-        The layer's demand reads are submitted in one call. Each expert is written as it
+        The layer's demand reads are submitted in one call (unless ``futures`` holds them,
+        queued already, in ``todo``'s order). Each expert is written as it
         arrives; the staging buffers go back together once every read of the layer has
         landed (one call), or at once while a demand waits for a buffer.
         The writer uploads the layer's batch at the flush. Waits wake often enough
@@ -190,9 +192,10 @@ class Engine:
                     del pending[e]
             else:
                 sched, pf = self.scheduler, self.prefetcher
-                ph.reached("request")
-                futures = sched.submit_demands([(layer, e) for e, _ in todo])
-                ph.lap("request")
+                if futures is None:
+                    ph.reached("request")
+                    futures = sched.submit_demands([(layer, e) for e, _ in todo])
+                    ph.lap("request")
                 taken, written = 0, []  # buffers written from and not yet handed back
                 try:
                     if meanwhile is not None:
@@ -214,8 +217,7 @@ class Engine:
                             written = []
                         ph.lap("request")
                 except BaseException:
-                    for future in futures[taken:]:  # the engine stops: hand back what still arrives
-                        future.add_done_callback(self._release_result)
+                    self._abandon(futures[taken:])  # the engine stops
                     raise
                 finally:
                     sched.release_all(written)
@@ -227,6 +229,11 @@ class Engine:
             raise
         finally:
             pool.stats.read_s += waited
+
+    def _abandon(self, futures) -> None:
+        """Hand back the buffers of demand reads nobody will take, as they arrive."""
+        for future in futures:
+            future.add_done_callback(self._release_result)
 
     def _release_result(self, future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -257,9 +264,24 @@ class Engine:
             if pool is not None and not pool.fully_resident:
                 self.preload(layer, list(experts)[-pool.cache_size:])
 
-    def _admit(self, pool: SlotPool, needed: list):
-        """The pool's step protocol for ``needed``, with the counters; ``(hits, todo)``."""
-        hits, todo, evicted = pool.admit(needed)
+    def _admit(self, pool: SlotPool, needed: list, request: bool = False):
+        """The pool's step protocol for ``needed``, with the counters; ``(hits, todo, futures)``.
+
+        ``request`` (with a scheduler): the demand reads of the experts not resident are
+        queued first, before the books claim their slots, so the storage starts sooner;
+        ``futures`` are theirs, in ``todo``'s order (None when none were queued)."""
+        futures = None
+        if request and self.scheduler is not None:
+            missing = [e for e, slot in zip(needed, pool.slot_of[needed].tolist()) if slot < 0]
+            if missing:
+                self._phase.reached("request")
+                futures = self.scheduler.submit_demands([(pool.layer, e) for e in missing])
+                self._phase.lap("request")
+        try:
+            hits, todo, evicted = pool.admit(needed)
+        except BaseException:
+            self._abandon(futures or ())
+            raise
         for victim in evicted:
             self._evicted(pool.layer, victim)
         pool.stats.hits += len(hits)
@@ -268,10 +290,10 @@ class Engine:
             self.stats.decode_misses += len(todo)
         if self.prefetcher is not None and hits:
             self._events.append((USED, pool.layer, hits, pool.expert_nbytes))
-        return hits, todo
+        return hits, todo, futures
 
     def _ensure(self, pool: SlotPool, needed: list, meanwhile=None) -> None:
-        _, todo = self._admit(pool, needed)
+        _, todo, _ = self._admit(pool, needed)
         if todo:
             self._fetch(pool.layer, todo, meanwhile)
         elif meanwhile is not None:
@@ -411,7 +433,8 @@ class Engine:
             needed = sorted(set(flat))
             ph.lap("ids")
             if len(needed) > pool.cache_size:
-                y = self._streamed(pool, glu, x, ids, needed)
+                y, syncs = stream_groups(pool, glu, x, ids, needed, self._ensure)
+                self.stats.host_syncs += syncs
             elif early is not None:
                 y = self._complete_early(pool, glu, x, ids, needed, issue, early[0], absent)
             else:
@@ -486,10 +509,10 @@ class Engine:
         positions) computed again from their slots once read; each (token, expert) pair is
         computed on its own, so the values are the ones one computation would give."""
         ph = self._phase
-        _, todo = self._admit(pool, needed)
+        _, todo, futures = self._admit(pool, needed, request=True)
         ph.lap("pool")
         if todo:
-            self._fetch(pool.layer, todo, issue)
+            self._fetch(pool.layer, todo, issue, futures)
         elif issue is not None:
             issue()
         if not len(absent):
@@ -517,14 +540,14 @@ class Engine:
         sake would compute what nobody reads.
         """
         ph = self._phase
-        hits, todo = self._admit(pool, needed)
+        hits, todo, futures = self._admit(pool, needed, request=self._decoding)
         if self._decoding:
             self._note_absent(pool, len(todo))  # one token: its experts are distinct
         slots = pool.slots(ids)  # misses are assigned their slots already
         ph.lap("pool")
         if not (todo and self.overlap and self._decoding and hits):
             if todo:
-                self._fetch(pool.layer, todo, issue)
+                self._fetch(pool.layer, todo, issue, futures)
             y = glu(x, mx.array(slots))
             ph.lap("graph")
             if self._decoding:
@@ -557,7 +580,7 @@ class Engine:
             if issue is not None:
                 issue()
 
-        self._fetch(pool.layer, todo, meanwhile)
+        self._fetch(pool.layer, todo, meanwhile, futures)
         miss_slots = flat_slots[second]
         y_miss = glu(x, mx.array(miss_slots).reshape(*lead, -1))
         ph.lap("graph")
@@ -567,32 +590,3 @@ class Engine:
         for pos, i in enumerate(first + second):
             order[i] = pos
         return self._launch(mx.take(mx.concatenate([built[0], y_miss], axis=-2), mx.array(order), axis=-2))
-
-    def _streamed(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray, needed: list) -> mx.array:
-        """More distinct experts than slots (prefill): compute them group by group.
-
-        Each group's result is evaluated before the next group overwrites slots, so a
-        layer never holds two copies of its pool. The last group stays resident.
-        """
-        *lead, k = ids.shape
-        flat = ids.reshape(-1)
-        x2 = x.reshape(-1, x.shape[-1])
-        resident = [e for e in needed if pool.is_resident(e)]
-        missing = [e for e in needed if not pool.is_resident(e)]
-        order = resident + missing
-        cache_size = pool.cache_size
-        outputs, rows_all = [], []
-        for start in range(0, len(order), cache_size):
-            group = sorted(order[start : start + cache_size])
-            self._ensure(pool, group)
-            rows = np.flatnonzero(np.isin(flat, group))
-            xs = x2[mx.array(rows // k)]
-            slots = pool.slots(flat[rows])
-            y = glu(xs, mx.array(slots)[:, None])[:, 0, :]
-            mx.eval(y)
-            self.stats.host_syncs += 1
-            outputs.append(y)
-            rows_all.append(rows)
-        inverse = np.argsort(np.concatenate(rows_all))
-        y = mx.concatenate(outputs, axis=0)[mx.array(inverse)]
-        return y.reshape(*lead, k, y.shape[-1])

@@ -282,6 +282,68 @@ def test_other_layers_arrivals_install_after_the_demand_reads_and_before_the_iss
             assert order["mine"] < order["demands"], seg
 
 
+def test_a_decode_layers_demand_reads_are_queued_before_its_slots_are_claimed(checkpoints, expected):
+    """The storage starts on a layer's misses before the pool's books: when the demand reads
+    are queued, none of their experts has a slot yet."""
+    tokens, want = expected
+    with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
+        engine = model.golem.engine
+        sched, submits = engine.scheduler, []
+        submit_many = sched.submit_many
+
+        def submitting(requests):
+            if engine._decoding:
+                submits.append([engine.pools[l].is_resident(e) for (l, e), _, _ in requests])
+            return submit_many(requests)
+
+        sched.submit_many = submitting
+        assert greedy_tokens(model, tokens, N) == want
+        ph = engine.stats.phases
+    assert submits and not any(any(resident) for resident in submits)
+    assert ph.reached["request"] == len(submits) and ph.after_sync_us("request") >= 0
+
+
+def test_a_failure_after_the_demand_reads_are_queued_hands_their_buffers_back(checkpoints, expected):
+    """The pool's books fail once a decode layer's demand reads are queued: the error reaches
+    the caller, every staging buffer comes back as the reads land, and the next run is exact."""
+    import threading
+
+    from golem.runtime.slots import SlotPool
+
+    tokens, want = expected
+    with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
+        engine = model.golem.engine
+        sched, futures = engine.scheduler, []
+        submit_many, admit = sched.submit_many, SlotPool.admit
+        free = sched.statistics().free_buffers
+
+        def submitting(requests):
+            out = submit_many(requests)
+            if engine._decoding:
+                futures.extend(out)
+            return out
+
+        def failing(pool, needed):
+            if futures:
+                raise RuntimeError("books failed")
+            return admit(pool, needed)
+
+        sched.submit_many = submitting
+        SlotPool.admit = failing
+        try:
+            with pytest.raises(RuntimeError, match="books failed"):
+                greedy_tokens(model, tokens, N)
+        finally:
+            SlotPool.admit = admit
+            sched.submit_many = submit_many
+        landed = [threading.Event() for _ in futures]
+        for future, event in zip(futures, landed):  # runs after the engine's own callback
+            future.add_done_callback(lambda _, event=event: event.set())
+        assert futures and all(event.wait(10) for event in landed)
+        assert sched.statistics().free_buffers == free
+        assert greedy_tokens(model, tokens, N) == want
+
+
 def test_phases_add_up_to_the_layer_calls_timed_from_outside(checkpoints, expected):
     from golem.runtime.phases import PHASES
 
