@@ -22,6 +22,9 @@ Switches:
   other layers' arrivals and issuing new reads until its demand reads are queued and its
   computation launched (``Engine._deferred``), against all of that before the layer's own
   work (the earlier shape).
+- ``reads-before-books``: a decode layer queues the demand reads of its experts not resident
+  before the pool's books claim their slots (``Engine._admit(request=True)``), against
+  queueing them once the books are kept (the earlier shape).
 - ``overlap``: a decode layer with misses computes its resident experts while the misses
   load, then the missing ones (two expert graphs and a reorder: ``Engine(overlap=True)``),
   against one graph over all of them once the reads have landed.
@@ -63,11 +66,12 @@ ROWS = {
     "requests-at-once": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "install-before-launch": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2"),
     "prefetch-after-launch": ("disk_depth2", "disk_default", "depth2", "default"),
+    "reads-before-books": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "overlap": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
-               "overlap", "launch-first")  # a loaded engine can flip these
+               "reads-before-books", "overlap", "launch-first")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -113,6 +117,9 @@ def _earlier_shape(name: str):
         return [(Engine, "_arrive", lambda self, pool: None)]  # arrivals wait for the sync
     if name == "prefetch-after-launch":
         return _prefetch_before_launch()
+    if name == "reads-before-books":
+        admit = Engine._admit
+        return [(Engine, "_admit", lambda self, pool, needed, request=False: admit(self, pool, needed))]
     return None
 
 
