@@ -242,27 +242,28 @@ class Prefetcher:
 
         ``resident(model_layer) -> bool (E,)`` marks experts that need no read. Targets past
         the last layer are the next step's first layers. Layers prefetch is not wanted for,
-        or switched off in, are left out before the selection's caps count.
+        or switched off in, are left out before the selection's caps count. The selection is
+        ``Selection.mask`` then ``Selection.ordered``, over the few experts above the
+        threshold as Python values (a handful of numpy calls per proposal, not dozens).
         """
         scores = self.predictor.scores(proposal)
         n, selection, layers = len(self.moe_layers), self.selection, self.moe_layers
         targets = list(proposal.targets)
-        guessed = selection.mask(scores, None)
-        for r, t in enumerate(targets):
-            (self._predicted if t < n else self._predicted_next).setdefault(t % n, set()).update(
-                np.flatnonzero(guessed[r]).tolist())
-        exclude = np.ones(scores.shape, dtype=bool)
-        for r, t in enumerate(targets):
+        rows, experts = np.nonzero((scores >= selection.threshold) & (scores > 0))
+        # nearer rows first, then higher scores, then lower ids: Selection's order
+        above = sorted(zip(rows.tolist(), (-v for v in scores[rows, experts].tolist()), experts.tolist()))
+        limit = selection.limit
+        guessed = [(self._predicted if t < n else self._predicted_next).setdefault(t % n, set()) for t in targets]
+        for r, _, e in above[:limit]:
+            guessed[r].add(e)
+        open_rows = []  # per row: the target layer's resident mask, or None where nothing is read
+        for t in targets:
             pos = t % n
-            if self.wanted[pos] and self.stats[layers[pos]].enabled:
-                exclude[r] = resident(layers[pos])
-        keep = guessed & ~exclude if selection.limit is None else selection.mask(scores, exclude)
-        if not keep.any():  # nothing to read
-            return []
-        rows, experts = selection.ordered(scores, keep)
-        row_layers = [layers[t % n] for t in targets]
-        return [(row_layers[r], e, sc) for r, e, sc in zip(rows.tolist(), experts.tolist(),
-                                                              scores[rows, experts].tolist())]
+            wanted = self.wanted[pos] and self.stats[layers[pos]].enabled
+            open_rows.append(resident(layers[pos]) if wanted else None)
+        picked = [(r, e, -negative) for r, negative, e in above
+                  if open_rows[r] is not None and not open_rows[r][e]][:limit]
+        return [(layers[targets[r] % n], e, score) for r, e, score in picked]
 
     def distance(self, at: int, layer: int) -> int:
         """MoE layers from position ``at`` to ``layer`` (wrapping into the next step)."""

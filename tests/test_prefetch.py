@@ -209,6 +209,35 @@ class _FakeScheduler:
         return out
 
 
+@pytest.mark.parametrize("cap", [None, 1, 3])
+def test_candidates_are_the_selection_of_the_scores_less_the_resident_experts(cap):
+    """``candidates`` selects as ``Selection.mask`` and ``Selection.ordered`` do: threshold,
+    nearest rows first, higher scores, lower ids on ties, the caps counted after resident
+    experts and unwanted layers are left out; every row's guesses (before those are left
+    out, within the caps) are what installs must keep."""
+    from golem.predictors.base import Selection
+    from golem.runtime.prefetch import Prefetcher
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        guesses = _Guesses(4, 8)
+        pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=3, threshold=0.3, max_experts_per_layer=cap),
+                        [10, 20, 30, 40], 2, [100] * 4, [True, True, trial % 3 != 0, True])
+        pf.attach(_FakeScheduler())
+        pf.begin(True)
+        values = np.round(rng.random((3, 8)), 1).astype(np.float32)  # ties on purpose
+        guesses.table = {t: {e: float(values[t - 1, e]) for e in range(8)} for t in (1, 2, 3)}
+        resident = {l: rng.random(8) < 0.3 for l in (10, 20, 30, 40)}
+        got = pf.candidates(pf.propose(10, None)[0], resident.__getitem__)
+        selection = Selection(threshold=0.3, max_experts=(cap or 2) * 3)
+        exclude = np.stack([resident[l] if trial % 3 != 0 or l != 30 else np.ones(8, bool) for l in (20, 30, 40)])
+        rows, experts = selection.ordered(values, selection.mask(values, exclude))
+        want = [((20, 30, 40)[r], e, float(values[r, e])) for r, e in zip(rows.tolist(), experts.tolist())]
+        assert got == want
+        guessed = selection.mask(values, None)
+        assert [pf.keep(l) for l in (20, 30, 40)] == [set(np.flatnonzero(guessed[r]).tolist()) for r in range(3)]
+
+
 def test_a_layers_guesses_are_scored_when_its_issue_runs_not_at_its_step():
     """``step`` right after the sync only hands out orders; the recall of the guesses made
     for the layer is counted when the engine runs the issue, after its own launch."""
