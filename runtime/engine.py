@@ -425,9 +425,10 @@ class Engine:
             ph.lap("predict")
             issue = self._deferred(layer, ids, orders)
         if pool.fully_resident:
-            if issue is not None:
-                issue()
             y = glu(x, indices)
+            if issue is not None:
+                self._launch(y)
+                issue()
         else:
             flat = ids.reshape(-1).tolist()
             needed = sorted(set(flat))
