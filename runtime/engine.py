@@ -40,11 +40,12 @@ class Engine:
 
     Host syncs: a fully resident layer costs none (its ids index the pool directly). Any
     other layer costs one: its ids, the predictor's lazy outputs and the trace's weights
-    are read back together in one ``mx.eval``. That sync is also the safe point where
-    completed prefetches are installed: nothing in flight can still read a pool then
-    (and each pool checks it, see ``SlotPool``). The exception: before a decode layer's
-    early launch, the prefetches that landed for that layer itself are installed first
-    (its pool is read only by earlier steps, which its sync would wait for anyway).
+    are read back together in one ``mx.eval``. After that sync completed prefetches are
+    installed: nothing in flight can still read another layer's pool then (and each pool
+    checks it, see ``SlotPool``). A decode layer installs those landed for itself first
+    (before its early launch, or else right after its sync: a miss they save is a read
+    saved), those for other layers once its own reads are queued and its computation
+    launched (``_deferred``).
 
     A decode layer whose recent steps found nearly all their experts resident (``early``)
     is launched before its sync, through the pool's device table: the device computes it
