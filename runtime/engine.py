@@ -559,23 +559,21 @@ class Engine:
             if issue is not None and not todo:
                 issue()
             return y
-        # Decode: compute the resident experts while the misses load, then the missing ones;
-        # each (token, expert) pair is computed on its own, so splitting them changes no value.
-        # The resident ones' graph is built once the reads are queued: they start first.
+        # Decode: compute the resident experts while the misses load (their reads are queued
+        # already, see ``_admit``), then the missing ones; each (token, expert) pair is
+        # computed on its own, so splitting them changes no value.
         missing = {e for e, _ in todo}
         first = [i for i, e in enumerate(flat) if e not in missing]
         second = [i for i, e in enumerate(flat) if e in missing]
         lead = ids.shape[:-1]
         flat_slots = slots.reshape(-1)
         hit_slots = flat_slots[first]
-        built = []
+        y_hit = glu(x, mx.array(hit_slots).reshape(*lead, -1))
+        ph.lap("graph")
+        pool.reading(y_hit, hit_slots)
+        ph.lap("pool")
 
         def meanwhile():
-            y_hit = glu(x, mx.array(hit_slots).reshape(*lead, -1))
-            ph.lap("graph")
-            pool.reading(y_hit, hit_slots)
-            ph.lap("pool")
-            built.append(y_hit)
             ph.reached("launch")
             mx.async_eval(y_hit)
             ph.lap("launch")
@@ -591,4 +589,4 @@ class Engine:
         order = [0] * len(flat)
         for pos, i in enumerate(first + second):
             order[i] = pos
-        return self._launch(mx.take(mx.concatenate([built[0], y_miss], axis=-2), mx.array(order), axis=-2))
+        return self._launch(mx.take(mx.concatenate([y_hit, y_miss], axis=-2), mx.array(order), axis=-2))
