@@ -82,27 +82,25 @@ class _RankCalibrated(Predictor):
         if not proposal.arrays:
             return self.zeros(proposal.targets)
         raw = self.raw_scores(proposal)
-        rows = np.arange(raw.shape[0])[:, None]
-        rank = np.empty(raw.shape, np.int64)
-        rank[rows, np.argsort(-raw, axis=1, kind="stable")] = np.arange(raw.shape[1])
-        t = np.asarray(proposal.targets)
-        d = np.minimum(np.asarray(proposal.offsets), self.max_depth)
-        out = self.hits[t[:, None], d[:, None], rank] / self.seen[t, d][:, None]
-        made = ~np.isnan(raw).all(axis=1)
-        out[~made] = 0.0
-        if self.online:
-            self._pending[t[made], d[made]] = rank[made]
-        return out.astype(np.float32)
+        rank = np.argsort(np.argsort(-raw, axis=1, kind="stable"), axis=1)  # 0 = first
+        made = (~np.isnan(raw).all(axis=1)).tolist()
+        out = np.zeros(raw.shape, np.float32)
+        for r, (t, d) in enumerate(zip(proposal.targets, proposal.offsets)):
+            if made[r]:  # a row per target: a few, so no fancy indexing over all of them
+                d = min(d, self.max_depth)
+                out[r] = self.hits[t, d][rank[r]] / self.seen[t, d]
+                if self.online:
+                    self._pending[t, d] = rank[r]
+        return out
 
     def observe(self, position: int, experts: Any, weights: Any = None) -> None:
         pending = self._pending[position]  # (max_depth + 1, E) ranks
-        made = pending[:, 0] >= 0
-        if not made.any():
+        made = np.flatnonzero(pending[:, 0] >= 0)
+        if not len(made):
             return
         ids = ranked_ids(experts)
-        for d in np.flatnonzero(made):
-            self.seen[position, d] += 1.0
-            self.hits[position, d, pending[d, ids]] += 1.0
+        self.seen[position, made] += 1.0
+        self.hits[position, made[:, None], pending[made][:, ids]] += 1.0  # distinct (d, rank) pairs
         pending.fill(-1)
 
 

@@ -312,6 +312,31 @@ def test_lookahead_proposal_is_lazy_and_applies_the_target_router():
     assert p.scores(prop)[0, top].max() < 1.0
 
 
+def test_rank_calibration_counts_each_rank_per_target_and_distance():
+    """A score is ``(hits + prior) / (seen + prior weight)`` of the expert's rank (ties: the
+    lower id first) at its target and distance; a NaN row proposes nothing and learns nothing."""
+    from golem.predictors.base import Proposal, RoutingShape
+    from golem.predictors.lookahead import _RankCalibrated
+
+    class Calibrated(_RankCalibrated):
+        name = "calibrated"
+
+    p = Calibrated(RoutingShape(3, 6, 2), hidden_kind="post_attn", max_depth=2, online=True, prior_weight=2.0)
+    raw = np.array([[0.1, 0.9, 0.5, 0.5, 0.0, 0.3],  # ranks 4 0 1 2 5 3 (2 before 3: a tie)
+                    [np.nan] * 6], np.float32)
+    proposal = Proposal(0, range(1, 3), (mx.array(raw),))
+    p.begin_step()
+    first = p.scores(proposal)
+    assert first[0].tolist() == [0, 1, 1, 0, 0, 0] and first[1].tolist() == [0] * 6  # the prior: top-2
+    p.observe(1, np.array([[3, 0]]))  # ranks 2 and 4 were used at distance 1
+    p.observe(2, np.array([[1, 2]]))  # nothing was proposed for it: nothing learned
+    p.begin_step()
+    second = p.scores(proposal)
+    np.testing.assert_allclose(second[0], [1 / 3, 2 / 3, 2 / 3, 1 / 3, 0, 0], rtol=1e-6)
+    assert second[1].tolist() == [0] * 6
+    assert p.seen[1].tolist() == [2.0, 3.0, 2.0] and p.seen[2].tolist() == [2.0, 2.0, 2.0]
+
+
 def _linear_routing_trace(steps, hidden_seed, layers=4, experts=12, k=3, dim=24):
     """Routing of layer l+1 = top-k of a fixed linear map of layer l's hidden state."""
     maps = np.random.default_rng(0).normal(size=(layers, dim, experts))
