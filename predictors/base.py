@@ -139,6 +139,14 @@ class Selection:
             left -= ids.size
         return out
 
+    def above(self, scores: np.ndarray) -> List[Tuple[int, float, int]]:
+        """``(row, -score, expert)`` of every expert at or over the threshold, in prefetch
+        order (``ordered`` over ``mask`` before the caps), as Python values: a proposal has
+        few of them, and a caller that leaves some out counts the caps itself
+        (``limit``) over what is left."""
+        rows, ids = np.nonzero((scores >= self.threshold) & (scores > 0))
+        return sorted(zip(rows.tolist(), (-v for v in scores[rows, ids].tolist()), ids.tolist()))
+
     def ordered(self, scores: np.ndarray, keep: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """``(rows, experts)`` of the selected entries ``keep`` (a ``mask``), in prefetch
         order: nearer rows first, then higher scores, then lower expert ids."""

@@ -194,7 +194,6 @@ class Engine:
             else:
                 sched, pf = self.scheduler, self.prefetcher
                 if futures is None:
-                    ph.reached("request")
                     futures = sched.submit_demands([(layer, e) for e, _ in todo])
                     ph.lap("request")
                 taken, written = 0, []  # buffers written from and not yet handed back

@@ -138,14 +138,13 @@ class Prefetcher:
         sync: what to install, and (decoding) what to issue. Scoring the guesses made for
         the layer waits for ``issue`` too: the engine calls it once the layer's computation
         is under way, and the layers it proposes for are other layers."""
-        issue = None
-        if decoding:
-            def issue(resident):
-                self.observe(layer, ids, scores)
-                self.issue(layer, ids, proposals, resident)
+        def issue(resident):
+            self.observe(layer, ids, scores)
+            self.issue(layer, ids, proposals, resident)
+
         installs = self._landed + ([] if self._polled else self.arrivals())
         self._landed, self._polled = [], False
-        return PrefetchOrders(installs, self.keep, issue)
+        return PrefetchOrders(installs, self.keep, issue if decoding else None)
 
     def arrivals_for(self, layer: int) -> PrefetchOrders:
         """Before ``layer``'s launch in a decode step: orders to install the prefetches read
@@ -242,17 +241,13 @@ class Prefetcher:
 
         ``resident(model_layer) -> bool (E,)`` marks experts that need no read. Targets past
         the last layer are the next step's first layers. Layers prefetch is not wanted for,
-        or switched off in, are left out before the selection's caps count. The selection is
-        ``Selection.mask`` then ``Selection.ordered``, over the few experts above the
-        threshold as Python values (a handful of numpy calls per proposal, not dozens).
+        or switched off in, are left out before the selection's caps count
+        (``Selection.above``, then its caps).
         """
         scores = self.predictor.scores(proposal)
         n, selection, layers = len(self.moe_layers), self.selection, self.moe_layers
         targets = list(proposal.targets)
-        rows, experts = np.nonzero((scores >= selection.threshold) & (scores > 0))
-        # nearer rows first, then higher scores, then lower ids: Selection's order
-        above = sorted(zip(rows.tolist(), (-v for v in scores[rows, experts].tolist()), experts.tolist()))
-        limit = selection.limit
+        above, limit = selection.above(scores), selection.limit
         guessed = [(self._predicted if t < n else self._predicted_next).setdefault(t % n, set()) for t in targets]
         for r, _, e in above[:limit]:
             guessed[r].add(e)
