@@ -31,6 +31,9 @@ Switches:
 - ``launch-first``: the engine starts each decode layer's finished expert graph at once
   (``Engine(launch_first=True)``: ``mx.async_eval``), before the prefetcher's issue and the
   model's next steps are built, against leaving it for the next layer's sync to start.
+- ``held-copies``: the host slot writer copies an expert into its slot with memoryview copies,
+  which keep the interpreter lock (``golem.runtime.writers.copy_bytes``), against numpy slice
+  assignments, which let it go for each of the expert's tensors (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
@@ -69,9 +72,10 @@ ROWS = {
     "reads-before-books": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "overlap": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
+    "held-copies": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
-               "reads-before-books", "overlap", "launch-first")  # a loaded engine can flip these
+               "reads-before-books", "overlap", "launch-first", "held-copies")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -108,6 +112,7 @@ def _prefetch_before_launch():
 def _earlier_shape(name: str):
     """``[(class, method, stand-in), ...]``: what a switch's off setting puts back, or None."""
     from golem.runtime.engine import Engine
+    from golem.runtime.writers import HostViewWriter
 
     if name == "requests-at-once":
         from golem.io.dispatcher import Dispatcher
@@ -120,7 +125,22 @@ def _earlier_shape(name: str):
     if name == "reads-before-books":
         admit = Engine._admit
         return [(Engine, "_admit", lambda self, pool, needed, request=False: admit(self, pool, needed))]
+    if name == "held-copies":
+        return [(HostViewWriter, "put", _numpy_put)]
     return None
+
+
+def _numpy_put(self, slot, packed):
+    """The earlier ``HostViewWriter.put``: a numpy slice assignment per pool array (numpy lets
+    the interpreter lock go while it copies more than a few hundred bytes)."""
+    import numpy as np
+
+    views = self.__dict__.get("_numpy_views")
+    if views is None:
+        views = self._numpy_views = [(np.frombuffer(pool, np.uint8).reshape(-1, n), begin, end)
+                                     for pool, n, begin, end in self._cuts]
+    for view, begin, end in views:
+        view[slot] = packed[begin:end]
 
 
 @contextlib.contextmanager
@@ -271,18 +291,22 @@ def main() -> None:
 
 def _host(engine) -> list:
     """The engine's running totals: host CPU s, demand-read CPU s, partial layers, misses,
-    layers launched early, experts computed again."""
+    layers launched early, experts computed again, layers launched and their wall s from the
+    sync, the same for the first demand read, host wall s, slot-write wall s."""
     st = engine.stats
     return [st.phases.engine_s(cpu=True), st.phases.cpu_s["request"], st.phases.layers, st.decode_misses,
             st.early_layers, st.early_redone, st.phases.reached["launch"], st.phases.after_sync_s["launch"],
-            st.phases.reached["request"], st.phases.after_sync_s["request"]]
+            st.phases.reached["request"], st.phases.after_sync_s["request"], st.phases.engine_s(),
+            st.phases.wall_s["write"]]
 
 
 def _per_setting(host: list) -> dict:
     """Per partial layer and per miss, from ``_host`` differences summed over a setting's decodes."""
-    cpu_s, request_s, layers, misses, early, redone, launched, to_launch_s, requested, to_request_s = host
+    cpu_s, request_s, layers, misses, early, redone, launched, to_launch_s, requested, to_request_s, wall_s, \
+        write_s = host
     per = lambda v, n: v / n if n else float("nan")
     return {"cpu_us_per_layer": per(1e6 * cpu_s, layers), "cpu_us_per_miss": per(1e6 * request_s, misses),
+            "us_per_layer": per(1e6 * wall_s, layers), "write_us_per_layer": per(1e6 * write_s, layers),
             "early_share": per(early, layers), "redone_per_layer": per(redone, layers),
             "to_launch_us": per(1e6 * to_launch_s, launched), "to_request_us": per(1e6 * to_request_s, requested)}
 
@@ -293,14 +317,14 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
 
     print(f"{setup.path.name}: switch {args.switch} (share {share}), interleaved in one load per row, {len(setup.prompts)} prompts x "
           f"{args.tokens} tokens per decode, {args.runs} pairs; tok/s medians, paired on/off ratio; the rest off / on")
-    print(f"{'row':<16}{'off':>8}{'on':>8}{'on/off':>8}{'early':>12}{'redone':>12}{'cpu us/layer':>14}{'cpu us/miss':>12}"
-          f"{'to launch us':>14}{'to request us':>15}")
+    print(f"{'row':<16}{'off':>8}{'on':>8}{'on/off':>8}{'early':>12}{'redone':>12}{'us/layer':>14}{'cpu us/layer':>14}"
+          f"{'cpu us/miss':>12}{'write us':>14}{'to launch us':>14}{'to request us':>15}")
     out = {"switch": args.switch, "shape": args.shape, "runs": args.runs, "interleaved": True, "early": share}
     identical = True
     for row, options in rows.items():
         options = setup.load_options(options)
         table = options.pop("table", False)
-        tps, host = {False: [], True: []}, {False: [0] * 10, True: [0] * 10}
+        tps, host = {False: [], True: []}, {False: [0] * 12, True: [0] * 12}
         with load(str(setup.path), **options) as (model, _):
             engine = model.golem.engine
             if table:
@@ -325,14 +349,16 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
         f = {k: _per_setting(h) for k, h in host.items()}
         pair = lambda key, fmt: f"{format(f[False][key], fmt)} / {format(f[True][key], fmt)}"
         print(f"{row:<16}{off:>8.2f}{on:>8.2f}{ratio:>7.3f}x{pair('early_share', '.0%'):>12}"
-              f"{pair('redone_per_layer', '.2f'):>12}{pair('cpu_us_per_layer', '.0f'):>14}{pair('cpu_us_per_miss', '.0f'):>12}"
+              f"{pair('redone_per_layer', '.2f'):>12}{pair('us_per_layer', '.0f'):>14}{pair('cpu_us_per_layer', '.0f'):>14}"
+              f"{pair('cpu_us_per_miss', '.0f'):>12}{pair('write_us_per_layer', '.0f'):>14}"
               f"{pair('to_launch_us', '.0f'):>14}{pair('to_request_us', '.0f'):>15}")
         out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio})
         out.update({f"{k}_{row}_{name}": v for k, on_ in (("off", False), ("on", True)) for name, v in f[on_].items()})
     out["identical"] = identical
     print("early: share of the row's partial layers launched before their sync; redone: experts computed again per "
-          "partial layer; cpu us: the engine thread's host time per partial layer (sync, read waits and writes left "
-          "out) and its demand-read time per miss (phase 'request'), over all the setting's decodes; to launch / to "
+          "partial layer; us/layer, cpu us: the engine thread's host time per partial layer, wall and CPU (sync, read "
+          "waits and writes left out), and its demand-read CPU time per miss (phase 'request'), over all the "
+          "setting's decodes; write us: wall us per partial layer writing experts into slots; to launch / to "
           "request: wall us from a partial layer's sync to its experts' launch / its first demand read queued, over "
           "the layers that had one")
     print(f"identical tokens in every row: {identical}")

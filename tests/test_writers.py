@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -163,3 +166,50 @@ def test_host_batch_grows_to_the_largest_expert():
     assert batch.rows(100).shape == (2, 100)
     assert batch.rows(10).shape == (2, 10) and batch.buffer.size == 200
     assert isinstance(make_pool("device")[0].writer, DeviceWriter)
+
+
+class LockProbe:
+    """A thread that counts its turns with the interpreter lock and gives it back at once; with
+    the switch interval raised, it gets a turn only when another thread lets the lock go."""
+
+    def __init__(self):
+        self.turns = 0
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        self._started.set()
+        while not self._stop.is_set():
+            self.turns += 1
+            time.sleep(0)
+
+    def __enter__(self):
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(5.0)
+        self._thread.start()
+        self._started.wait()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        sys.setswitchinterval(self._interval)
+        self._thread.join()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_slot_write_keeps_the_interpreter_lock(writer):
+    """A write lets no reader thread take the lock (the engine would then wait to get it back),
+    and the probe does see a call that lets it go."""
+    pool, _, nbytes = make_pool(writer, rows=1 << 14)  # 256 KiB experts: numpy would let the lock go
+    buf = packed(nbytes, 7)
+    with LockProbe() as probe:
+        time.sleep(0.001)  # lets the lock go: the probe runs
+        before = probe.turns
+        assert before > 0
+        for slot in range(CACHE_SIZE):
+            pool.writer.put(slot, buf)
+        assert probe.turns == before
+    pool.flush()
+    pool.settle()
+    assert slot_bytes(pool, CACHE_SIZE - 1) == buf.tobytes()
