@@ -34,6 +34,9 @@ Switches:
 - ``held-copies``: the host slot writer copies an expert into its slot with memoryview copies,
   which keep the interpreter lock (``golem.runtime.writers.copy_bytes``), against numpy slice
   assignments, which let it go for each of the expert's tensors (the earlier shape).
+- ``held-lock-ranking``: the router lookahead ranks each target row with Python's sort and
+  keeps its calibration with scalar updates (``predictors/lookahead.py``), against numpy's
+  sorts, fancy indexing and fills, which let the interpreter lock go (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
@@ -73,9 +76,11 @@ ROWS = {
     "overlap": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-copies": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
+    "held-lock-ranking": ("disk_depth2", "depth2"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
-               "reads-before-books", "overlap", "launch-first", "held-copies")  # a loaded engine can flip these
+               "reads-before-books", "overlap", "launch-first", "held-copies",
+               "held-lock-ranking")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -127,7 +132,54 @@ def _earlier_shape(name: str):
         return [(Engine, "_admit", lambda self, pool, needed, request=False: admit(self, pool, needed))]
     if name == "held-copies":
         return [(HostViewWriter, "put", _numpy_put)]
+    if name == "held-lock-ranking":
+        from golem.predictors.lookahead import _RankCalibrated
+
+        return [(_RankCalibrated, "scores", _numpy_scores), (_RankCalibrated, "observe", _numpy_observe),
+                (_RankCalibrated, "begin_step", _numpy_begin_step)]
     return None
+
+
+def _numpy_scores(self, proposal):
+    """The earlier ``_RankCalibrated.scores``: ranks by two numpy argsorts, one fancy index per row."""
+    import numpy as np
+
+    if not proposal.arrays:
+        return self.zeros(proposal.targets)
+    raw = self.raw_scores(proposal)
+    rank = np.argsort(np.argsort(-raw, axis=1, kind="stable"), axis=1)
+    made = (~np.isnan(raw).all(axis=1)).tolist()
+    out = np.zeros(raw.shape, np.float32)
+    for r, (t, d) in enumerate(zip(proposal.targets, proposal.offsets)):
+        if made[r]:
+            d = min(d, self.max_depth)
+            out[r] = self.hits[t, d][rank[r]] / self.seen[t, d]
+            if self.online:
+                self._pending[t, d] = rank[r]
+    return out
+
+
+def _numpy_observe(self, position, experts, weights=None):
+    """The earlier ``_RankCalibrated.observe``: numpy fancy-index updates and a fill."""
+    import numpy as np
+    from golem.predictors.base import ranked_ids
+
+    pending = self._pending[position]
+    made = np.flatnonzero(pending[:, 0] >= 0)
+    if not len(made):
+        return
+    ids = ranked_ids(experts)
+    self.seen[position, made] += 1.0
+    self.hits[position, made[:, None], pending[made][:, ids]] += 1.0
+    pending.fill(-1)
+
+
+def _numpy_begin_step(self):
+    """The earlier ``_RankCalibrated.begin_step``: every pending rank reset (a fill)."""
+    from golem.predictors.base import Predictor
+
+    Predictor.begin_step(self)
+    self._pending.fill(-1)
 
 
 def _numpy_put(self, slot, packed):

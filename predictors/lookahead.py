@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .base import Predictor, Proposal, RoutingShape, ranked_ids
+from .base import Predictor, Proposal, RoutingShape
 from .routers import MoEBlock
 
 HIDDEN_KINDS = ("post_attn", "layer_input")
@@ -42,16 +42,17 @@ class _RankCalibrated(Predictor):
         prior[:k] = prior_weight
         self.hits = np.broadcast_to(prior, (L, max_depth + 1, E)).copy()
         self.seen = np.full((L, max_depth + 1), prior_weight)
-        # ranks of this step's predictions by (target position, distance), -1 = none yet
+        # ranks of this step's predictions by (target position, distance); a row whose first
+        # entry is -1 holds none (only that entry is reset: scores writes whole rows)
         self._pending = np.full((L, max_depth + 1, E), -1, np.int64)
 
     def begin_step(self) -> None:
         super().begin_step()
-        self._pending.fill(-1)
+        self._pending[:, :, 0] = -1
 
     def begin_sequence(self) -> None:
         super().begin_sequence()
-        self._pending.fill(-1)
+        self._pending[:, :, 0] = -1
 
     def rank_rows(self, position: int, targets: range, h: mx.array) -> Optional[mx.array]:
         """Lazy float32 (len(targets), E), higher first; a NaN row or None: nothing to go on."""
@@ -79,29 +80,52 @@ class _RankCalibrated(Predictor):
         return self.hits / self.seen[..., None]
 
     def scores(self, proposal: Proposal) -> np.ndarray:
+        """Per target row: each expert's rank (0 = highest raw value, ties to the lower id, NaN
+        last) looked up in the calibration. A row per target, a few of them: the ranking is
+        Python's sort of the row, as the engine's thread calls this between its reads, and
+        numpy's sorts and fancy indexing let the interpreter lock go to the reader threads
+        (``benchmarks/profile_gil.py``)."""
         if not proposal.arrays:
             return self.zeros(proposal.targets)
         raw = self.raw_scores(proposal)
-        rank = np.argsort(np.argsort(-raw, axis=1, kind="stable"), axis=1)  # 0 = first
-        made = (~np.isnan(raw).all(axis=1)).tolist()
+        nan = np.isnan(raw)
+        partial = nan.any(axis=1).tolist()
+        made = (~nan.all(axis=1)).tolist()
         out = np.zeros(raw.shape, np.float32)
         for r, (t, d) in enumerate(zip(proposal.targets, proposal.offsets)):
-            if made[r]:  # a row per target: a few, so no fancy indexing over all of them
-                d = min(d, self.max_depth)
-                out[r] = self.hits[t, d][rank[r]] / self.seen[t, d]
-                if self.online:
-                    self._pending[t, d] = rank[r]
+            if not made[r]:
+                continue
+            row = raw[r].tolist()
+            if partial[r]:
+                order = np.argsort(-raw[r], kind="stable").tolist()  # NaN last
+            else:
+                order = sorted(range(len(row)), key=row.__getitem__, reverse=True)  # stable
+            d = min(d, self.max_depth)
+            by_rank = (self.hits[t, d] / self.seen[t, d]).tolist()
+            calibrated, rank = [0.0] * len(row), [0] * len(row)
+            for i, e in enumerate(order):
+                calibrated[e] = by_rank[i]
+                rank[e] = i
+            out[r] = calibrated
+            if self.online:
+                self._pending[t, d] = rank
         return out
 
     def observe(self, position: int, experts: Any, weights: Any = None) -> None:
+        """One hit per (distance, rank) of each distinct routed expert, one sighting per
+        distance predicted; scalar updates (a few), for the reason ``scores`` gives."""
         pending = self._pending[position]  # (max_depth + 1, E) ranks
-        made = np.flatnonzero(pending[:, 0] >= 0)
-        if not len(made):
+        made = [d for d, first in enumerate(pending[:, 0].tolist()) if first >= 0]
+        if not made:
             return
-        ids = ranked_ids(experts)
-        self.seen[position, made] += 1.0
-        self.hits[position, made[:, None], pending[made][:, ids]] += 1.0  # distinct (d, rank) pairs
-        pending.fill(-1)
+        ids = list(dict.fromkeys(e for e in np.asarray(experts).reshape(-1).tolist() if e >= 0))
+        seen, hits = self.seen[position], self.hits[position]
+        for d in made:
+            ranks = pending[d].tolist()
+            seen[d] += 1.0
+            for e in ids:
+                hits[d, ranks[e]] += 1.0
+            pending[d, 0] = -1
 
 
 class Lookahead(_RankCalibrated):
