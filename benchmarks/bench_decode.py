@@ -289,6 +289,18 @@ class Setup:
 STORAGE = {"stock": "-", "full_cache": "-", "warm_resident": "-"}
 
 
+def calibrated_rows(setup: Setup, names, script: str) -> dict:
+    """``setup``'s rows, its emulated storage calibrated on a full-cache run first; exits
+    naming ``script`` when one of ``names`` is not a row."""
+    full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
+    setup.calibrate(1.0 / full["tps"])
+    rows = setup.rows()
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        sys.exit(f"{script}: unknown row(s) {', '.join(unknown)}; choose from {', '.join(rows)}")
+    return rows
+
+
 def main() -> None:
     from golem.runtime.synthetic import default_cache_dir
 

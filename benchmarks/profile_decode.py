@@ -50,12 +50,7 @@ def main() -> None:
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
     setup = bench_decode.Setup(args.shape, args.dir, args.tokens, args.capacity, cpu_time=True)
-    full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
-    setup.calibrate(1.0 / full["tps"])
-    rows = setup.rows()
-    unknown = [n for n in names if n not in rows]
-    if unknown:
-        sys.exit(f"profile_decode.py: unknown row(s) {', '.join(unknown)}; choose from {', '.join(rows)}")
+    rows = bench_decode.calibrated_rows(setup, names, "profile_decode.py")
     results = {}
     for name in names:
         results[name], outs = setup.run(name, rows[name], args.runs)

@@ -139,12 +139,7 @@ def main() -> None:
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
     setup = bench_decode.Setup(args.shape, args.dir, args.tokens)
-    full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
-    setup.calibrate(1.0 / full["tps"])
-    rows = setup.rows()
-    unknown = [n for n in names if n not in rows]
-    if unknown:
-        sys.exit(f"profile_gil.py: unknown row(s) {', '.join(unknown)}; choose from {', '.join(rows)}")
+    rows = bench_decode.calibrated_rows(setup, names, "profile_gil.py")
     out = {"shape": args.shape, "tokens": args.tokens}
     identical = True
     for name in names:
