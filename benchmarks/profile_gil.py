@@ -1,4 +1,5 @@
-"""Where does the engine thread let the interpreter lock go, per partial decode layer?
+"""Where does the engine thread let the interpreter lock go, per partial decode layer, and what
+do the interpreter's cyclic collections cost a decode?
 
 The engine owns every MLX call on one thread; the I/O scheduler's readers are Python threads
 too. Each time the engine thread lets the interpreter lock go (an ``mx.eval``, a wait on a
@@ -16,9 +17,14 @@ takes the lock back first) is not counted, so the counts are lower bounds; the s
 exact. Rows and storage as bench_decode (``--rows``), one decode of the prompts per row
 after a warm-up.
 
+Also per row: the cyclic garbage collector's passes during the decode, by generation, their
+pauses (every thread stops) and the objects they freed. Objects freed by reference counting
+never reach it; objects in reference cycles (a request and the batch reading it, say) wait
+for it, and its passes over a loaded model's objects take tens of milliseconds.
+
 Prints, per row, the share of each phase's laps during which the engine let the lock go,
 then the sites outside the sync, the launch and the read waits (those that need not let it
-go), most seen first; then one JSON line.
+go), most seen first, then the collector's passes; then one JSON line.
 
     python benchmarks/profile_gil.py [--shape qwen3-30b-a3b-host] [--rows disk_depth0,disk_depth2] [--tokens 16]
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import linecache
 import sys
@@ -89,6 +96,42 @@ class Probe:
         self._stop.set()
         sys.setswitchinterval(self._interval)
         self._thread.join()
+
+
+class Collections:
+    """The cyclic collector's passes while the block runs: ``(seconds, objects freed)`` by
+    generation."""
+
+    def __init__(self):
+        self.passes = collections.defaultdict(list)
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.passes[info["generation"]].append((time.perf_counter() - self._started, info["collected"]))
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def report(self, name: str, seconds: float, tokens: int, out: dict) -> None:
+        total = sum(s for passes in self.passes.values() for s, _ in passes)
+        print(f"  cyclic collections over {tokens} tokens ({seconds * 1e3:.0f} ms): {1e3 * total:.1f} ms paused "
+              f"({total / seconds:.1%})")
+        for generation in range(3):
+            passes = self.passes.get(generation, [])
+            longest = max((s for s, _ in passes), default=0.0)
+            freed = sum(n for _, n in passes)
+            print(f"    generation {generation}: {len(passes)} passes, {1e3 * sum(s for s, _ in passes):.1f} ms, "
+                  f"longest {1e3 * longest:.1f} ms, {freed} objects freed")
+            out[f"{name}_gc{generation}_passes"] = len(passes)
+            out[f"{name}_gc{generation}_freed"] = freed
+        out[f"{name}_gc_pause_share"] = total / seconds
 
 
 def _site(frame, depth: int = 3) -> tuple:
@@ -155,13 +198,14 @@ def main() -> None:
             probe = Probe(threading.get_ident(), engine._phase)
             undo = watch(engine._phase, probe)
             try:
-                with probe:
-                    _, _, outs = bench_decode.decode(model, setup.prompts, args.tokens)
+                with probe, Collections() as passes:
+                    seconds, tokens, outs = bench_decode.decode(model, setup.prompts, args.tokens)
             finally:
                 undo()
             layers = engine.stats.phases.layers - layers
         identical = identical and outs == setup.truth_outputs
         report(name, probe, layers, args.sites, out)
+        passes.report(name, seconds, tokens, out)
     out["identical"] = identical
     print(f"identical tokens in every row: {identical}")
     print(json.dumps(out))

@@ -377,6 +377,7 @@ class Dispatcher:
             outcome = self._outcome(req, batch, finished)
             if outcome is not None:
                 resolve.append((req.future, outcome))
+            req.batch = None  # the batch and its requests point at each other: freed now, not by the cyclic GC
         if self.published:
             self.on_publish()
         return resolve
