@@ -5,9 +5,10 @@ which inflates every host microsecond several times over (profile_decode's CPU c
 a GPU the host core is quiet while the device computes. This replays, on a quiet thread,
 the prefetcher's parts of a real decode at fixed depth 2 (bench_decode's checkpoint and
 prompts): the proposals the engine made are captured, then each part is timed alone over
-them, many times, alternating with its earlier shape: the predictor's rank-calibrated scores
-(against ranks scattered and every row looked up in one fancy index) and the selection of
-candidates (``Prefetcher.candidates``, against ``Selection.mask`` and ``Selection.ordered``
+them, many times, alternating with its earlier shapes: the predictor's rank-calibrated scores
+(Python's sort of each row, against two numpy argsorts and a lookup per row, which let the
+interpreter lock go, and against ranks scattered and every row looked up in one fancy index)
+and the selection of candidates (``Prefetcher.candidates``, against ``Selection.mask`` and ``Selection.ordered``
 over the whole score array).
 Medians over --rounds, then one JSON line.
 
@@ -29,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_decode  # noqa: E402
+from bench_switches import _numpy_scores  # noqa: E402
 
 
 def mask_then_order(pf, proposal, resident):
@@ -107,9 +109,11 @@ def main() -> None:
         proposals = [p for p in proposals if p.arrays]
         resident = engine._resident
         same = all(pf.candidates(p, resident) == mask_then_order(pf, p, resident) for p in proposals)
-        same = same and all(np.array_equal(pf.predictor.scores(p), fancy_index_scores(pf.predictor, p)) for p in proposals)
+        same = same and all(np.array_equal(pf.predictor.scores(p), fancy_index_scores(pf.predictor, p))
+                            and np.array_equal(pf.predictor.scores(p), _numpy_scores(pf.predictor, p)) for p in proposals)
         parts = {
             "scores": (lambda p: pf.predictor.scores(p), proposals),
+            "scores, numpy argsorts": (lambda p: _numpy_scores(pf.predictor, p), proposals),
             "scores, one fancy index": (lambda p: fancy_index_scores(pf.predictor, p), proposals),
             "candidates": (lambda p: pf.candidates(p, resident), proposals),
             "candidates, mask then order": (lambda p: mask_then_order(pf, p, resident), proposals),
@@ -122,15 +126,18 @@ def main() -> None:
     med = {name: statistics.median(v) for name, v in times.items()}
     ratio = statistics.median(a / b for a, b in zip(times["candidates"], times["candidates, mask then order"]))
     scores_ratio = statistics.median(a / b for a, b in zip(times["scores"], times["scores, one fancy index"]))
+    argsort_ratio = statistics.median(a / b for a, b in zip(times["scores"], times["scores, numpy argsorts"]))
     print(f"{setup.path.name}: prefetcher host work on a quiet thread, depth 2, {len(proposals)} proposals "
           f"captured from {len(setup.prompts)} prompts x {args.tokens} tokens; us per call, medians of {args.rounds} rounds")
     print(f"{'part':<30}{'us per call':>12}")
     for name, us in med.items():
         print(f"{name:<30}{us:>12.1f}")
-    print(f"candidates / mask then order: {ratio:.3f}x, scores / one fancy index: {scores_ratio:.3f}x (paired by "
-          f"round); same results: {same}; tokens as stock: {outs == setup.truth_outputs}")
+    print(f"candidates / mask then order: {ratio:.3f}x, scores / one fancy index: {scores_ratio:.3f}x, scores / "
+          f"numpy argsorts: {argsort_ratio:.3f}x (paired by round); same results: {same}; tokens as stock: "
+          f"{outs == setup.truth_outputs}")
     out = {"shape": args.shape, "rounds": args.rounds, "proposals": len(proposals), "same_results": same,
-           "candidates_over_mask_then_order": ratio, "scores_over_one_fancy_index": scores_ratio}
+           "candidates_over_mask_then_order": ratio, "scores_over_one_fancy_index": scores_ratio,
+           "scores_over_numpy_argsorts": argsort_ratio}
     out.update({name.replace(", ", "_").replace(" ", "_") + "_us": us for name, us in med.items()})
     print(json.dumps(out))
 

@@ -101,12 +101,11 @@ class _RankCalibrated(Predictor):
             else:
                 order = sorted(range(len(row)), key=row.__getitem__, reverse=True)  # stable
             d = min(d, self.max_depth)
-            by_rank = (self.hits[t, d] / self.seen[t, d]).tolist()
-            calibrated, rank = [0.0] * len(row), [0] * len(row)
+            rank = [0] * len(row)
             for i, e in enumerate(order):
-                calibrated[e] = by_rank[i]
                 rank[e] = i
-            out[r] = calibrated
+            rank = np.fromiter(rank, np.int64, len(rank))
+            out[r] = self.hits[t, d][rank] / self.seen[t, d]  # a gather: keeps the lock
             if self.online:
                 self._pending[t, d] = rank
         return out
