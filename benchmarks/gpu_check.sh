@@ -84,6 +84,8 @@ else
   step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,depth2
   step "launch first, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch launch-first --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0,depth2
   step "hits while misses load, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch overlap --interleave --shape small --runs 6 --rows disk_depth0,depth0,depth2
+  step "ranking that keeps the interpreter lock, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch held-lock-ranking --interleave --runs 6 --tokens 16
+  step "where the engine lets the interpreter lock go" 200 "$PY" benchmarks/profile_gil.py --rows disk_depth0,disk_depth2
   PROFILE_TOKENS=24
   SUITE="tests/test_writers.py tests/test_engine.py tests/test_governor.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
 fi
