@@ -204,7 +204,9 @@ def test_a_slot_write_keeps_the_interpreter_lock(writer):
     pool, _, nbytes = make_pool(writer, rows=1 << 14)  # 256 KiB experts: numpy would let the lock go
     buf = packed(nbytes, 7)
     with LockProbe() as probe:
-        time.sleep(0.001)  # lets the lock go: the probe runs
+        deadline = time.monotonic() + 10
+        while probe.turns == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # lets the lock go: the probe runs
         before = probe.turns
         assert before > 0
         for slot in range(CACHE_SIZE):
