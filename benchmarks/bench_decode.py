@@ -168,6 +168,10 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: boo
                 row.update({f"phase_{k}": wall[k] for k in PHASES})
                 if cpu_time:
                     row.update({f"phase_cpu_{k}": cpu[k] for k in PHASES})
+            if e.scheduler is not None and st.decode_misses:
+                sched = e.scheduler.statistics()
+                row.update(demand_start_p50_us=1e6 * sched.demand_start_p50_s,
+                           demand_start_p99_us=1e6 * sched.demand_start_p99_s)
             if e.prefetcher is not None:
                 p = e.prefetcher.totals()
                 row.update(recall=p.recall, useful=p.useful / steps, wasted=p.wasted / steps, late=p.late / steps)

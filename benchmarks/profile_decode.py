@@ -11,8 +11,11 @@ miss. Median of --runs runs per row, then one JSON line.
 
 Also counted per partial layer: the thread hand-offs around the I/O scheduler (the
 engine's calls that take its lock, wake-ups of its event loop, reader threads woken), which
-cost the engine thread on any backend and do not show in its own CPU time. And the wall
-time from a partial layer's sync to the launch of its experts and to its first demand read
+cost the engine thread on any backend and do not show in its own CPU time; and per demand
+read, the wall time from its submit to a reader taking it (the scheduler's
+``demand_start``): a reader woken for it must get a core and the interpreter lock first.
+And the wall time from a partial layer's sync to the launch of its experts and to its first
+demand read
 (``PhaseTimes.after_sync_us``): on a device that computes apart from the host, the device
 has nothing of the layer to do until the first, and the storage none of its misses to read
 until the second (layers launched before their sync count 0).
@@ -76,6 +79,10 @@ def main() -> None:
     print(f"{'hand-offs':<10}" + "".join(
         f"{r['sched_calls_per_layer']:>5.1f}/{r['loop_wakes_per_layer']:>4.1f}/{r['reader_wakes_per_layer']:>4.1f}"
         for r in results.values()))
+    print("demand reads: wall us from the submit to a reader taking the read, median / 99th percentile (the run's "
+          "demands, prefill's too)")
+    print(f"{'start':<10}" + "".join(f"{r.get('demand_start_p50_us', float('nan')):>7.0f} /"
+                                     f"{r.get('demand_start_p99_us', float('nan')):>6.0f}" for r in results.values()))
     print("early launch: share of partial layers launched before their sync / experts computed again per layer")
     print(f"{'early':<10}" + "".join(f"{100 * r.get('early_share', 0):>8.0f}%/{r.get('early_redone_per_layer', 0):>5.2f}"
                                      for r in results.values()))
@@ -97,6 +104,7 @@ def main() -> None:
         out[f"{name}_measured_us"] = r["measured_us"]
         out[f"{name}_identical"] = r["identical"]
         out[f"{name}_early_share"] = r.get("early_share")
+        out[f"{name}_demand_start_p50_us"] = r.get("demand_start_p50_us")
         out.update({f"{name}_{k}": r[k] for m in MOMENTS for k in (f"{m}_share", f"to_{m}_us")})
         out[f"{name}_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
         out[f"{name}_handoffs_per_layer"] = {k: round(r[f"{k}_per_layer"], 2)

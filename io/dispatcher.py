@@ -401,6 +401,8 @@ class Dispatcher:
         if req.demand:
             req.state = DONE
             self.recorder.demand_latencies.append(finished - req.submitted_at)
+            started = finished if batch.started is None else batch.started
+            self.recorder.demand_starts.append(max(0.0, started - req.submitted_at))
         else:
             req.state = PUBLISHED
             self.published.append(req)

@@ -52,6 +52,8 @@ class SchedulerStatistics:
     read_latency_p99_s: float = 0.0
     demand_latency_p50_s: float = 0.0
     demand_latency_p99_s: float = 0.0
+    demand_start_p50_s: float = 0.0  # a demand's submit to a reader taking its first piece
+    demand_start_p99_s: float = 0.0
     busy_s: float = 0.0
     gb_per_s: float = 0.0
     queued: int = 0
@@ -80,6 +82,7 @@ class StatisticsRecorder:
                                                      "prefetch": deque(maxlen=SAMPLES)}
         self.read_latencies: Deque[float] = deque(maxlen=SAMPLES)
         self.demand_latencies: Deque[float] = deque(maxlen=SAMPLES)
+        self.demand_starts: Deque[float] = deque(maxlen=SAMPLES)
         self._busy_since: Optional[float] = None
 
     def submitted(self, depth: int) -> None:
@@ -115,12 +118,12 @@ class StatisticsRecorder:
             busy += self.clock() - self._busy_since
         s.busy_s = busy
         waits = {cls: list(v) for cls, v in self.queue_waits.items()}
-        return s, waits, list(self.read_latencies), list(self.demand_latencies)
+        return s, waits, list(self.read_latencies), list(self.demand_latencies), list(self.demand_starts)
 
     @staticmethod
     def finish(snapshot: tuple) -> SchedulerStatistics:
         """Rates and percentiles of a snapshot (no lock needed)."""
-        s, waits, reads, demands = snapshot
+        s, waits, reads, demands, starts = snapshot
         s.gb_per_s = s.bytes_read / s.busy_s / 1e9 if s.busy_s > 0 else 0.0
         s.queue_wait_p50_s = {c: percentile(w, 50) for c, w in waits.items()}
         s.queue_wait_p99_s = {c: percentile(w, 99) for c, w in waits.items()}
@@ -128,4 +131,6 @@ class StatisticsRecorder:
         s.read_latency_p99_s = percentile(reads, 99)
         s.demand_latency_p50_s = percentile(demands, 50)
         s.demand_latency_p99_s = percentile(demands, 99)
+        s.demand_start_p50_s = percentile(starts, 50)
+        s.demand_start_p99_s = percentile(starts, 99)
         return s

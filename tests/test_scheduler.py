@@ -887,3 +887,28 @@ def test_finished_reads_leave_nothing_for_the_cyclic_collector():
         finally:
             gc.enable()
         assert s.statistics().coalesced_reads == 20
+
+
+def test_a_demands_start_lag_is_its_wait_for_a_reader_to_take_it():
+    """``demand_start``: from a demand's submit to a reader taking its first piece; the read
+    itself counts in the demand's latency only. A demand waiting for a staging buffer starts
+    when one comes back."""
+    from golem.io.storage import FakeClock
+
+    clock, reader = FakeClock(), GatedReader()
+    with scheduler(reader, num_buffers=1, reserved_for_demand=0, clock=clock.now) as s:
+        first = s.submit((0, 1))
+        reader.wait_calls(1)  # taken at once: started at 0
+        clock.advance(1.0)  # the read takes one second
+        reader.allow(1)
+        held = result(first)
+        second = s.submit((0, 2))  # no buffer free: it waits
+        clock.advance(2.0)
+        s.release(held)  # the buffer comes back: the second starts now
+        reader.wait_calls(2)
+        reader.allow(1)
+        s.release(result(second))
+        stats = s.statistics()
+    assert stats.demand_start_p50_s == pytest.approx(1.0)  # median of 0 and 2
+    assert stats.demand_start_p99_s == pytest.approx(1.98)
+    assert stats.demand_latency_p50_s == pytest.approx(1.5)  # 1 (read) and 2 (buffer wait)
