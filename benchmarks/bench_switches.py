@@ -37,6 +37,8 @@ Switches:
 - ``held-lock-ranking``: the router lookahead ranks each target row with Python's sort and
   keeps its calibration with scalar updates (``predictors/lookahead.py``), against numpy's
   sorts, fancy indexing and fills, which let the interpreter lock go (the earlier shape).
+- ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
+  out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
@@ -77,10 +79,11 @@ ROWS = {
     "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-copies": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-lock-ranking": ("disk_depth2", "depth2"),
+    "poll-when-out": ("disk_depth0", "disk_default", "default"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
-               "held-lock-ranking")  # a loaded engine can flip these
+               "held-lock-ranking", "poll-when-out")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -132,6 +135,10 @@ def _earlier_shape(name: str):
         return [(Engine, "_admit", lambda self, pool, needed, request=False: admit(self, pool, needed))]
     if name == "held-copies":
         return [(HostViewWriter, "put", _numpy_put)]
+    if name == "poll-when-out":
+        from golem.runtime.prefetch import Prefetcher
+
+        return [(Prefetcher, "arrivals", lambda self: [(k[0], k[1], buf) for k, buf in self.scheduler.poll(0)])]
     if name == "held-lock-ranking":
         from golem.predictors.lookahead import _RankCalibrated
 

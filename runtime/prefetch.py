@@ -324,8 +324,13 @@ class Prefetcher:
         """Prefetches read and not yet installed, as ``(layer, expert, buffer)``.
 
         The caller owns each buffer until it hands it back to the scheduler (``release``),
-        and reports each with ``landed``, ``not_needed`` or ``dropped``.
+        and reports each with ``landed``, ``not_needed`` or ``dropped``. With no prefetch
+        out (``in_flight``: what is read and not yet installed stays there) nothing can
+        arrive: no poll, which would take the scheduler's lock at every decode layer while
+        the governor keeps prefetch off.
         """
+        if not self.in_flight:
+            return []
         return [(key[0], key[1], buf) for key, buf in self.scheduler.poll(0)]
 
     def keep(self, layer: int) -> Set[int]:

@@ -302,3 +302,28 @@ def test_prefetcher_owns_issue_cancel_supersede_and_accounting():
     assert pf.stats[30].wasted == 2 and pf.stats[30].wasted_nbytes == 100
     totals = pf.totals()
     assert totals.issued == 4 and totals.useful == 1 and totals.wasted == 3
+
+
+def test_with_no_prefetch_out_nothing_is_polled():
+    """The scheduler is polled for arrivals only while a prefetch is out: a poll takes its
+    lock, at every decode layer. What was read and not installed is still out."""
+    from golem.runtime.prefetch import Prefetcher
+
+    guesses = _Guesses(3, 8)
+    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
+                    [100, 100, 100], [True, True, True])
+    sched = _FakeScheduler()
+    polls = []
+    poll = sched.poll
+    sched.poll = lambda timeout=0: polls.append(timeout) or poll(timeout)
+    pf.attach(sched)
+    nothing = lambda layer: np.zeros(8, bool)
+    pf.begin(True)
+    assert pf.arrivals_for(10).installs == [] and polls == []
+    guesses.table = {1: {3: 0.9}}
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    assert sched.submits == [((20, 3), 1)]
+    sched.published = [((20, 3), np.zeros(100, np.uint8))]
+    assert [(l, e) for l, e, _ in pf.arrivals_for(20).installs] == [(20, 3)] and len(polls) == 1
+    pf.landed(20, 3)  # installed: nothing is out any more
+    assert pf.arrivals() == [] and len(polls) == 1
