@@ -11,10 +11,10 @@ waits must let it go; anything else on the per-token path need not.
 How it counts: a probe thread asks for the lock in a loop and gives it back at once
 (``time.sleep(0)``), with the interpreter's switch interval raised so that no thread is ever
 made to give it up. The probe then runs only when a thread lets the lock go of its own
-accord, and each time it looks at what the engine thread is doing: the phase of its
-phase clock, and its innermost frames. A release the probe does not get to see (the engine
-takes the lock back first) is not counted, so the counts are lower bounds; the sites are
-exact. Rows and storage as bench_decode (``--rows``), one decode of the prompts per row
+accord, and each time it notes the engine thread's innermost frames; each lap of the
+engine's phase clock notes whether the probe ran during that phase. A release the probe
+does not get to see (the engine takes the lock back first) is not counted, so the counts
+are lower bounds; the sites are exact. Rows and storage as bench_decode (``--rows``), one decode of the prompts per row
 after a warm-up.
 
 Also per row: the cyclic garbage collector's passes during the decode, by generation, their
@@ -51,13 +51,12 @@ SWITCH_INTERVAL_S = 5.0  # no thread is made to give the lock up during a decode
 
 
 class Probe:
-    """Runs only while some thread has let the interpreter lock go; notes the engine's phase
-    and innermost frames each time, and counts the engine's laps per phase and those during
+    """Runs only while some thread has let the interpreter lock go; notes the engine's
+    innermost frames each time, and counts the engine's laps per phase and those during
     which it let the lock go."""
 
-    def __init__(self, engine_thread: int, clock):
+    def __init__(self, engine_thread: int):
         self.engine_thread = engine_thread
-        self.clock = clock
         self.steps = 0
         self.sites = collections.Counter()
         self.laps = collections.Counter()
@@ -65,7 +64,6 @@ class Probe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="golem-gil-probe", daemon=True)
         self._seen = 0  # probe steps at the engine's last lap
-        self._phase = None  # the phase the engine is in, as its clock will name it at the lap
 
     def _run(self) -> None:
         frames = sys._current_frames
@@ -195,7 +193,7 @@ def main() -> None:
                     pool.use_table()
             bench_decode.decode(model, setup.prompts[:1], 4)  # warm-up
             layers = engine.stats.phases.layers
-            probe = Probe(threading.get_ident(), engine._phase)
+            probe = Probe(threading.get_ident())
             undo = watch(engine._phase, probe)
             try:
                 with probe, Collections() as passes:

@@ -95,13 +95,13 @@ class _RankCalibrated(Predictor):
         for r, (t, d) in enumerate(zip(proposal.targets, proposal.offsets)):
             if not made[r]:
                 continue
-            row = raw[r].tolist()
             if partial[r]:
                 order = np.argsort(-raw[r], kind="stable").tolist()  # NaN last
             else:
+                row = raw[r].tolist()
                 order = sorted(range(len(row)), key=row.__getitem__, reverse=True)  # stable
             d = min(d, self.max_depth)
-            rank = [0] * len(row)
+            rank = [0] * len(order)
             for i, e in enumerate(order):
                 rank[e] = i
             rank = np.fromiter(rank, np.int64, len(rank))
