@@ -250,6 +250,11 @@ class ExpertIndex:
             self.layers[layer] = stacked
             self._expert_nbytes[layer] = dest
         self._num_experts = {layer: num_experts[layer] for layer in layers}
+        self.packed = None  # a golem.io.packed_experts.PackedExperts: each expert one range there
+
+    def use_packed(self, packed) -> None:
+        """Read experts from ``packed`` (``golem.io.packed_experts.open_packed``): one range each."""
+        self.packed = packed
 
     def num_experts(self, layer: int) -> int:
         return self._num_experts[layer]
@@ -266,6 +271,8 @@ class ExpertIndex:
         n = self._num_experts[layer]
         if not 0 <= expert < n:
             raise IndexError(f"layer {layer}: expert {expert} outside [0, {n})")
+        if self.packed is not None:
+            return self.packed.ranges(layer, expert)
         return [
             ByteRange(t.info.path, t.info.offset + expert * t.expert_nbytes, t.expert_nbytes, t.dest, t.info.name)
             for t in self.layers[layer]

@@ -149,14 +149,22 @@ def _build(opened: OpenedCheckpoint, config: RuntimeConfig, sizing, inputs: Load
 
 def start_reader(index: ExpertIndex, config: RuntimeConfig, freed: FreedOnFailure) -> DiskReader:
     """The reader of expert bytes, with every shard opened once, as indexed (read only
-    through these handles), on the storage the options emulate."""
+    through these handles), on the storage the options emulate; from the packed copy of the
+    experts when the model folder holds a valid one (``packed_experts``)."""
+    from golem.io.packed_experts import open_packed
+
+    identities = dict(index.index.identities)
+    packed = open_packed(index) if config.packed_experts else None
+    if packed is not None:
+        index.use_packed(packed)
+        identities[packed.path] = packed.identity
     throttle = config.throttle
     if config.emulate_storage is not None:
         from golem.io.storage import parse_throttle
 
         throttle = parse_throttle(config.emulate_storage)
     reader = freed.close_on_failure(DiskReader(index, direct=config.direct_io, throttle=throttle,
-                                               identities=index.index.identities))
+                                               identities=identities))
     reader.handles.pin(config.direct_io)
     return reader
 

@@ -528,6 +528,10 @@ OPTIONS: Tuple[Option, ...] = (
            "Optional[Mapping[str, Any]]"),
     Option("direct_io", False, "Read experts with O_DIRECT, bypassing the page cache.", _bool, "bool",
            ("--direct-io",), STORAGE, {"action": "store_true"}),
+    Option("packed_experts", True, "Read experts from the packed copy that golem-pack writes into the model "
+           "folder, when there is one: one read per expert instead of one per tensor (--no-packed-experts: "
+           "from the checkpoint's stacked tensors).", _bool, "bool", ("--packed-experts",), STORAGE,
+           {"action": "negatable"}),
     Option("io_parallelism", None, "Expert reads in flight at once.", _io_parallelism, "Optional[int]",
            ("--io-parallelism",), STORAGE, {"type": int}),
     Option("emulate_storage", None, "Throttle reads to a slower SSD, e.g. '2.5,80us'.", _storage, "Optional[str]",

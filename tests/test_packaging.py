@@ -83,6 +83,7 @@ def test_console_scripts():
         "golem-trace": "golem.runtime.cli.trace:main",
         "golem-chat": "golem.runtime.cli.chat:main",
         "golem-server": "golem.runtime.cli.server:main",
+        "golem-pack": "golem.runtime.cli.pack:main",
         "golem": "golem.__main__:main",
     }
     installed = {e.name: e.value for e in importlib.metadata.distribution("golem-moe").entry_points

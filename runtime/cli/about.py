@@ -16,6 +16,7 @@ COMMANDS = {
     "golem-run": "generate text as mlx_lm.generate does (--demo: a first run, no download)",
     "golem-chat": "chat as mlx_lm.chat does",
     "golem-server": "serve mlx_lm.server's OpenAI-compatible HTTP API",
+    "golem-pack": "copy a model's experts into one read each (read by every command after it)",
     "golem-trace": "routing traces: stats, simulate, plot, predict, estimate; and cache "
                    "(what golem keeps on disk)",
 }
