@@ -203,6 +203,21 @@ def _time_partial_layers(engine):
     return acc
 
 
+def ensure_packed(path: Path) -> None:
+    """The checkpoint at ``path`` with a valid packed copy of its experts (``golem-pack``)."""
+    from golem.io.index import CheckpointError
+    from golem.io.packed_experts import open_packed, pack_experts
+    from golem.runtime.checkpoint import open_checkpoint
+
+    index = open_checkpoint(path).index
+    try:
+        if open_packed(index) is not None:
+            return
+    except CheckpointError:  # stale: the checkpoint was rebuilt since
+        pass
+    pack_experts(index)
+
+
 class Setup:
     """One shape's checkpoint, prompts, depth-0 truth and emulated storage speed, and the
     options of every row (``rows()``), shared by this benchmark and profile_decode.py.
@@ -215,10 +230,12 @@ class Setup:
         threshold: prefetch threshold of the explicit-depth rows.
         slot_writer: how experts reach their slots (None: the backend's).
         cpu_time: also count the engine thread's CPU time by phase (``Engine.time_cpu``).
+        packed: read experts from the checkpoint's packed copy (``golem-pack``; made here when
+            missing or stale), one read each; False: from its stacked tensors, nine reads each.
     """
 
     def __init__(self, shape: str, cache_dir: Path, tokens: int, cache_size=None, threshold: float = 0.3,
-                 slot_writer=None, cpu_time: bool = False):
+                 slot_writer=None, cpu_time: bool = False, packed: bool = False):
         from mlx_lm.utils import load_tokenizer
 
         from golem.runtime import load
@@ -230,7 +247,10 @@ class Setup:
         self.cache_size = cache_size or SHAPES[shape][1]
         self.threshold = threshold
         self.cpu_time = cpu_time
-        self.W = {"slot_writer": slot_writer}
+        if packed:
+            ensure_packed(self.path)
+        self.packed = packed
+        self.W = {"slot_writer": slot_writer, "packed_experts": packed}
         # The truth for the oracles: this very run's routing at depth 0 (same tokens, same steps).
         with load(str(self.path), cache_sizes=self.cache_size, record=True, **self.W) as (model, _):
             _, _, self.truth_outputs = decode(model, self.prompts, tokens)
@@ -321,9 +341,12 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="also count the engine thread's CPU time per partial layer (a system call per "
                          "phase lap, on the per-token path: off by default, as in golem's own use)")
+    ap.add_argument("--packed", action="store_true",
+                    help="read experts from the checkpoint's packed copy (golem-pack; one read each), made if "
+                         "missing; default: from its stacked tensors (nine reads each)")
     args = ap.parse_args()
     setup = Setup(args.shape, args.dir, args.tokens, args.capacity, args.threshold, args.slot_writer,
-                  args.cpu_time)
+                  args.cpu_time, packed=args.packed)
     R, N = args.runs, args.tokens
     results, outputs = {}, {}
 
@@ -342,7 +365,8 @@ def main() -> None:
     print(f"checkpoint {setup.path.name}: hidden {dims['hidden']}, {dims['experts']} experts/layer, top-{dims['top_k']}, "
           f"expert width {dims['expert_hidden']}, cache {cache_size} slots/layer, "
           f"{len(setup.prompts)} prompts x {N} tokens, median of {R} runs")
-    print(f"backend {mx.default_device()}, mlx {mx.__version__}, slot writer {results['full_cache']['writer']}")
+    print(f"backend {mx.default_device()}, mlx {mx.__version__}, slot writer {results['full_cache']['writer']}, "
+          f"experts {'packed (one read each)' if setup.packed else 'stacked (one read per tensor)'}")
     print("static card")
     print(f"  compute-only time per token (every expert resident): {1000 * setup.compute_s:8.2f} ms")
     print(f"  compute per MoE layer (token time / MoE layers):     {1e6 * setup.compute_s / (dims['layers'] - 1):8.0f} us")
@@ -383,6 +407,7 @@ def main() -> None:
         "warm_resident_sync_us_per_layer": results["warm_resident"].get("sync_us_per_layer"),
         "depth0_upload_us_per_miss": results["disk_depth0"].get("upload_us_per_miss"),
         "slot_writer": results["full_cache"]["writer"],
+        "packed": setup.packed,
         "backend": str(mx.default_device()),
         "ideal_tps": 1 / ideal_s,
         "resident_syncs_per_token": results["stock"]["syncs"],

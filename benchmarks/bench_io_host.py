@@ -12,8 +12,10 @@ hand-offs, a figure that, unlike time, does not move with the load of a shared m
 Then real reads of a 256 MiB file (built once under --dir), O_DIRECT and from the page cache,
 one miss at a time and eight at once (a layer's misses): the stacked layout with each
 expert's pieces spread over readers (``min_job_nbytes`` 256 KiB) against one reader per
-expert; and experts whose 9 ranges lie 4 KiB or 64 KiB apart, read as 9 ``preadv`` against
-one span read (``max_gap_nbytes``). Medians of --runs.
+expert; experts packed into one range each (``golem-pack``); and experts whose 9 ranges lie
+4 KiB or 64 KiB apart, read as 9 ``preadv`` against one span read (``max_gap_nbytes``).
+Medians of --runs. The no-op rows have "scheduler demand, packed" too: the same demand reads
+of experts packed into one range each.
 
 The row "loop-scheduled demand" (with no-op reads, and again on page-cache reads of 36 KiB
 experts) is the other shape a scheduler could have: each request a task on an asyncio loop
@@ -48,20 +50,25 @@ from golem.io.positioned_reads import read_ranges
 from golem.io.scheduler import IOScheduler, SchedulerSettings
 
 LAYERS, EXPERTS, PARTS = 4, 64, 9
+PACKED = "packed"  # FileLayout's gap for experts of one range each (golem-pack)
 PATH = "/golem-bench/experts.safetensors"  # never opened: the opener below returns /dev/null
 
 
 class Layout:
-    """Expert ``(layer, e)``: part p is ``part_nbytes`` at slice e of stacked tensor p."""
+    """Expert ``(layer, e)``: part p is ``part_nbytes`` at slice e of stacked tensor p; or,
+    ``packed`` (``golem-pack``), the expert's parts one range at slice e of its layer."""
 
-    def __init__(self, expert_nbytes: int):
+    def __init__(self, expert_nbytes: int, packed: bool = False):
         self.part_nbytes = expert_nbytes // PARTS
         self.nbytes = self.part_nbytes * PARTS
         self.tensor_nbytes = EXPERTS * self.part_nbytes
+        self.packed = packed
 
     def locate(self, key):
         layer, expert = key
         base = layer * PARTS * self.tensor_nbytes
+        if self.packed:
+            return [ByteRange(PATH, base + expert * self.nbytes, self.nbytes, 0, 0)]
         return [ByteRange(PATH, base + p * self.tensor_nbytes + expert * self.part_nbytes,
                           self.part_nbytes, p * self.part_nbytes, p) for p in range(PARTS)]
 
@@ -207,18 +214,21 @@ def build_file(folder: Path) -> Path:
 
 class FileLayout:
     """Experts of 9 ranges in a real file: ``gap_nbytes`` None = stacked (far apart, like
-    mlx-lm's switch_mlp tensors), else expert-major with that many bytes between ranges."""
+    mlx-lm's switch_mlp tensors), ``PACKED`` = one range each (``golem-pack``), else
+    expert-major with that many bytes between ranges."""
 
     def __init__(self, path: Path, expert_nbytes: int, gap_nbytes=None):
         self.path = str(path)
         self.part_nbytes = expert_nbytes // PARTS // 4096 * 4096
         self.nbytes = self.part_nbytes * PARTS
         self.gap = gap_nbytes
-        stride = PARTS * (self.part_nbytes + (gap_nbytes or 0))
+        stride = PARTS * (self.part_nbytes + (gap_nbytes if gap_nbytes not in (None, PACKED) else 0))
         self.num_experts = FILE_NBYTES // (stride if gap_nbytes is not None else self.nbytes)
 
     def locate(self, key):
         e = key[1]
+        if self.gap == PACKED:
+            return [ByteRange(self.path, e * self.nbytes, self.nbytes, 0, 0)]
         if self.gap is None:
             tensor = self.num_experts * self.part_nbytes
             return [ByteRange(self.path, p * tensor + e * self.part_nbytes, self.part_nbytes,
@@ -251,6 +261,7 @@ def run_real(layout: FileLayout, direct: bool, at_once: int, seed: int, **option
 
 REAL_ROWS = {  # name -> (gap_nbytes, scheduler options)
     "stacked, pieces spread": (None, {"min_job_nbytes": 256 << 10}),
+    "packed (golem-pack)": (PACKED, {}),
     "stacked, one reader/expert": (None, {"min_job_nbytes": 64 << 20}),
     "gaps 4K, 9 preadv": (4096, {"max_gap_nbytes": 0}),
     "gaps 4K, one span": (4096, {"max_gap_nbytes": 4096}),
@@ -337,11 +348,13 @@ def main(argv=None) -> None:
         sys.exit("bench_io_host: --runs and --reads must be >= 1, --expert-mib > 0")
     layout = Layout(int(args.expert_mib * 2**20))
     rows = {"plain read_ranges": [], "scheduler demand": [], "scheduler demand, 1 reader": [],
-            "loop-scheduled demand": [], "scheduler prefetch x8": []}
+            "loop-scheduled demand": [], "scheduler prefetch x8": [], "scheduler demand, packed": []}
+    packed = Layout(layout.nbytes, packed=True)
     for run in range(args.runs):  # interleaved: the rows share the machine's drift
         picks = keys(args.reads, seed=run)
         rows["plain read_ranges"].append(run_plain(layout, picks))
         rows["scheduler demand"].append(run_demand(layout, picks, args.parallelism))
+        rows["scheduler demand, packed"].append(run_demand(packed, picks, args.parallelism))
         rows["scheduler demand, 1 reader"].append(run_demand(layout, picks, args.parallelism,
                                                              min_job_nbytes=ONE_READER))
         rows["loop-scheduled demand"].append(run_loop_shape(layout, picks, args.parallelism))

@@ -37,12 +37,15 @@ Switches:
 - ``held-lock-ranking``: the router lookahead ranks each target row with Python's sort and
   keeps its calibration with scalar updates (``predictors/lookahead.py``), against numpy's
   sorts, fancy indexing and fills, which let the interpreter lock go (the earlier shape).
+- ``packed-experts``: experts read from the checkpoint's packed copy (``golem-pack``, made
+  first when missing), one ``preadv`` each, against its stacked tensors, nine apart in the
+  file (``open_packed`` finding nothing: the earlier shape). Set when a model loads.
 - ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
   out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
-equal depth 0's. ``--interleave`` (every switch but ``early-stop`` and ``caller-activation``,
+equal depth 0's. ``--interleave`` (every switch but ``early-stop``, ``caller-activation`` and ``packed-experts``,
 which are set when a model loads): one load per row, the two settings alternating between its decodes of all the prompts,
 ``--runs`` pairs, so that the slow drifts of a shared machine fall on both alike; it adds
 the median of the pairs' ratios (on / off). Prints tok/s (and engine wall us per partial layer) per row and setting
@@ -80,6 +83,7 @@ ROWS = {
     "held-copies": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-lock-ranking": ("disk_depth2", "depth2"),
     "poll-when-out": ("disk_depth0", "disk_default", "default"),
+    "packed-experts": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "default"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
@@ -135,6 +139,10 @@ def _earlier_shape(name: str):
         return [(Engine, "_admit", lambda self, pool, needed, request=False: admit(self, pool, needed))]
     if name == "held-copies":
         return [(HostViewWriter, "put", _numpy_put)]
+    if name == "packed-experts":
+        import golem.io.packed_experts as packed_experts
+
+        return [(packed_experts, "open_packed", lambda index, folder=None: None)]  # no pack found
     if name == "poll-when-out":
         from golem.runtime.prefetch import Prefetcher
 
@@ -308,7 +316,7 @@ def main() -> None:
                      "them once: leave oracle and noisy_oracle out")
     share = args.early if args.early is not None else EARLY_ABSENT  # early-launch, when on
 
-    setup = bench_decode.Setup(args.shape, args.dir, args.tokens)
+    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, packed=args.switch == "packed-experts")
     full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
     setup.calibrate(1.0 / full["tps"])
     for base in ("disk_depth0", "depth0", "full_cache"):  # the rows each ratio is taken against

@@ -49,10 +49,11 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=None)
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="bench_decode rows, comma-separated")
     ap.add_argument("--dir", type=Path, default=default_cache_dir())
+    ap.add_argument("--packed", action="store_true", help="read experts from the packed copy (golem-pack)")
     args = ap.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
-    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, args.capacity, cpu_time=True)
+    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, args.capacity, cpu_time=True, packed=args.packed)
     rows = bench_decode.calibrated_rows(setup, names, "profile_decode.py")
     results = {}
     for name in names:
