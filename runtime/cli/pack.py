@@ -78,7 +78,7 @@ def main(argv: Optional[list] = None) -> int:
         print(error_line(PROG, e), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted (no pack written)", file=sys.stderr)
+        print(f"\n{PROG}: interrupted (the folder is as it was)", file=sys.stderr)
         return 130
 
 
