@@ -267,12 +267,17 @@ class ExpertIndex:
         return self.layers[layer]
 
     def ranges(self, layer: int, expert: int) -> List[ByteRange]:
-        """The byte ranges of one expert, ``dest`` pointing into its packed buffer."""
+        """The byte ranges of one expert, ``dest`` pointing into its packed buffer: one range in
+        the packed copy once ``use_packed``, else ``stacked_ranges``."""
         n = self._num_experts[layer]
         if not 0 <= expert < n:
             raise IndexError(f"layer {layer}: expert {expert} outside [0, {n})")
         if self.packed is not None:
             return self.packed.ranges(layer, expert)
+        return self.stacked_ranges(layer, expert)
+
+    def stacked_ranges(self, layer: int, expert: int) -> List[ByteRange]:
+        """The expert's byte ranges in the checkpoint's stacked tensors, one per part."""
         return [
             ByteRange(t.info.path, t.info.offset + expert * t.expert_nbytes, t.expert_nbytes, t.dest, t.info.name)
             for t in self.layers[layer]

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 from .file_handles import ALIGN, FileHandles, FileIdentity, aligned_empty
 from .index import CheckpointError, ExpertIndex
 from .positioned_reads import read_ranges
+from .read_errors import ReadError
 from .ranges import ByteRange
 
 DATA_FILE = "golem-experts.bin"
@@ -81,7 +82,7 @@ def pack_experts(index: ExpertIndex, folder: Optional[os.PathLike] = None, *,
                 buf = aligned_empty(spec["stride"])
                 for expert in range(spec["experts"]):
                     buf[:] = 0
-                    read_ranges(index.ranges(int(layer), expert), buf, handles=handles,
+                    read_ranges(index.stacked_ranges(int(layer), expert), buf, handles=handles,
                                 what=f"expert ({layer}, {expert})")
                     out.write(buf)
                 done += spec["stride"] * spec["experts"]
@@ -96,6 +97,9 @@ def pack_experts(index: ExpertIndex, folder: Optional[os.PathLike] = None, *,
         tmp = folder / (MANIFEST_FILE + ".partial")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(tmp, manifest)
+    except ReadError:  # the checkpoint's side: the error names the shard and tensor
+        partial.unlink(missing_ok=True)
+        raise
     except OSError as e:
         partial.unlink(missing_ok=True)
         raise OSError(e.errno, f"cannot write the packed experts in {folder}: {e.strerror or e}") from None
