@@ -2,17 +2,18 @@
 offloaded MoE model that mlx-lm's own generation code drives unchanged.
 
 ``golem.runtime.load(path, config=None, **options)`` returns ``(model, tokenizer)`` for mlx-lm;
-``plan(path, ...)`` says what ``load`` would keep resident; ``RuntimeConfig`` holds the options
+``plan(path, ...)`` says what ``load`` would keep resident; ``pack(path)`` writes the packed
+copy of the experts that golem-pack writes (one read per expert); ``RuntimeConfig`` holds the options
 (declared in ``golem.runtime.options``), ``PrefetchConfig`` is the structured form of the
 prefetch ones, ``ConfigError`` says which one is wrong.
 """
 
-__all__ = ["load", "plan", "Loaded", "RuntimeConfig", "PrefetchConfig", "ConfigError"]
+__all__ = ["load", "plan", "pack", "Loaded", "RuntimeConfig", "PrefetchConfig", "ConfigError"]
 
 
 def __getattr__(name):
     # Imported on first use: `golem-trace` and the trace tools need no MLX model code.
-    if name in ("load", "plan", "Loaded"):
+    if name in ("load", "plan", "pack", "Loaded"):
         from golem.runtime.backend import require_backend
 
         require_backend()  # Linux without mlx's backend extra: say which extras, not a loader error

@@ -210,6 +210,25 @@ def plan(path: str, config: Optional[RuntimeConfig] = None, *, pipeline=None, gr
     return plan_offloaded(path, config, pipeline=pipeline, group=group)
 
 
+def pack(path: str, *, check: bool = False, trust_remote_code: bool = False, progress=None) -> Optional[Path]:
+    """What golem-pack does: write the packed copy of the experts of the model at ``path``
+    (a folder or a Hugging Face repo id) into its folder, after which every ``load`` of it
+    reads a missing expert with one read (``golem.io.packed_experts``); returns the pack's
+    manifest. ``check``: write nothing, return the manifest when the folder holds a pack
+    ``load`` will use, else None (a pack that no longer matches is a ``CheckpointError``).
+    ``progress(done, total)``: bytes packed, after each MoE layer."""
+    from golem.io.packed_experts import MANIFEST_FILE, open_packed, pack_experts
+    from golem.runtime.checkpoint import open_checkpoint
+
+    _check_path(path)
+    index = open_checkpoint(path, trust_remote_code=trust_remote_code).index
+    if check:
+        return None if open_packed(index) is None else Path(index.index.model_dir) / MANIFEST_FILE
+    manifest = pack_experts(index, progress=progress)
+    open_packed(index)  # what a load will check
+    return manifest
+
+
 def _with_options(function, leading) -> None:
     """``function``'s signature: ``leading`` parameters, then every declared option as a keyword."""
     function.__signature__ = Signature([*leading, *option_parameters()])
@@ -224,4 +243,4 @@ _with_options(load, [_PATH, _CONFIG, *(Parameter(name, Parameter.KEYWORD_ONLY, d
 _with_options(plan, [_PATH, _CONFIG, *_DISTRIBUTED])
 
 
-__all__ = ["ConfigError", "Loaded", "RuntimeConfig", "load", "plan"]
+__all__ = ["ConfigError", "Loaded", "RuntimeConfig", "load", "pack", "plan"]

@@ -14,7 +14,7 @@ from golem.io.file_handles import FileHandles
 from golem.io.index import CheckpointError
 from golem.io.packed_experts import DATA_FILE, MANIFEST_FILE, open_packed, pack_experts
 from golem.io.positioned_reads import read_ranges
-from golem.runtime import load
+from golem.runtime import load, pack
 from golem.runtime.checkpoint import open_checkpoint
 from golem.runtime.cli import pack as pack_cli
 from golem.runtime.prefetch import PrefetchConfig
@@ -143,3 +143,11 @@ def test_golem_pack_packs_checks_and_names_a_bad_folder(model_dir, tmp_path, cap
     assert pack_cli.main(["--model", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("golem-pack: error:") and "nowhere" in err[0]
+
+
+def test_the_library_packs_and_checks_as_golem_pack_does(model_dir):
+    assert pack(str(model_dir), check=True) is None
+    seen = []
+    manifest = pack(str(model_dir), progress=lambda done, total: seen.append((done, total)))
+    assert manifest == model_dir.resolve() / MANIFEST_FILE and pack(str(model_dir), check=True) == manifest
+    assert seen and seen[-1][0] == seen[-1][1] == os.path.getsize(model_dir / DATA_FILE)

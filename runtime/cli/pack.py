@@ -33,29 +33,26 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from golem.io.packed_experts import DATA_FILE, open_packed, pack_experts
-    from golem.runtime.checkpoint import open_checkpoint
+    from golem.io.packed_experts import DATA_FILE
+    from golem.runtime import pack
 
-    index = open_checkpoint(args.model, trust_remote_code=args.trust_remote_code).index
-    folder = index.index.model_dir
     if args.check:
-        packed = open_packed(index)
-        if packed is None:
-            print(f"{PROG}: {folder}: no packed experts (experts are read tensor by tensor)")
+        manifest = pack(args.model, check=True, trust_remote_code=args.trust_remote_code)
+        if manifest is None:
+            print(f"{PROG}: {args.model}: no packed experts (experts are read tensor by tensor)")
             return 1
-        print(f"{PROG}: {folder}: packed experts of {len(packed.layers)} MoE layers in {DATA_FILE}, "
-              "up to date")
+        print(f"{PROG}: {manifest.parent}: packed experts in {DATA_FILE}, up to date")
         return 0
-    total = index.total_nbytes()
-    print(f"{PROG}: packing {total / 1e9:.2f} GB of experts ({len(index.layers)} MoE layers) into "
-          f"{folder / DATA_FILE}", file=sys.stderr)
 
-    def progress(done: int, whole: int) -> None:
-        print(f"\r{PROG}: {100 * done / max(whole, 1):5.1f}%", end="", file=sys.stderr, flush=True)
+    terminal = sys.stderr.isatty()
 
-    manifest = pack_experts(index, progress=progress)
-    print(file=sys.stderr)
-    open_packed(index)  # what a load will check
+    def progress(done: int, whole: int) -> None:  # on a terminal: one line, redrawn
+        print(f"\r{PROG}: packing the experts into {DATA_FILE}: {done / 1e9:.2f} of {whole / 1e9:.2f} GB",
+              end="", file=sys.stderr, flush=True)
+
+    manifest = pack(args.model, trust_remote_code=args.trust_remote_code, progress=progress if terminal else None)
+    if terminal:
+        print(file=sys.stderr)
     print(f"{PROG}: done: {manifest}")
     return 0
 
