@@ -40,6 +40,11 @@ Switches:
 - ``packed-experts``: experts read from the checkpoint's packed copy (``golem-pack``, made
   first when missing), one ``preadv`` each, against its stacked tensors, nine apart in the
   file (``open_packed`` finding nothing: the earlier shape). Set when a model loads.
+- ``stall-avoided``: the prefetch governor credits a window with the stall it avoided (the
+  step's demand reads and used prefetches at the stall per read measured with prefetch off,
+  less the step's stall: a prefetch still in flight when needed counts for the part of its
+  read it had done), against crediting only the prefetches that landed in time, at the
+  stall per read averaged over every token (the earlier shape).
 - ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
   out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
@@ -84,10 +89,11 @@ ROWS = {
     "held-lock-ranking": ("disk_depth2", "depth2"),
     "poll-when-out": ("disk_depth0", "disk_default", "default"),
     "packed-experts": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "default"),
+    "stall-avoided": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth1", "governed2", "default"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
-               "held-lock-ranking", "poll-when-out")  # a loaded engine can flip these
+               "held-lock-ranking", "poll-when-out", "stall-avoided")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -143,6 +149,10 @@ def _earlier_shape(name: str):
         import golem.io.packed_experts as packed_experts
 
         return [(packed_experts, "open_packed", lambda index, folder=None: None)]  # no pack found
+    if name == "stall-avoided":
+        from golem.runtime.governor import Governor
+
+        return [(Governor, "step", _useful_only_step)]
     if name == "poll-when-out":
         from golem.runtime.prefetch import Prefetcher
 
@@ -195,6 +205,32 @@ def _numpy_begin_step(self):
 
     Predictor.begin_step(self)
     self._pending.fill(-1)
+
+
+def _useful_only_step(self, outcome, useful, wasted):
+    """The earlier ``Governor.step``: a window saved only its prefetches that landed in time,
+    each at the stall per read averaged over every token."""
+    if outcome.misses:
+        per = outcome.stall_s / outcome.misses
+        self.stall_per_miss_s = per if self.stall_per_miss_s is None else 0.8 * self.stall_per_miss_s + 0.2 * per
+    self.stats.tokens_at[self.depth] = self.stats.tokens_at.get(self.depth, 0) + 1
+    if self.depth == 0:
+        self._off_for += 1
+        if self.max_depth > 0 and self._off_for >= self._backoff:
+            self.depth, self._off_for = 1, 0
+            self.stats.probes += 1
+            self._probing = True
+            self._net.clear()
+            self._start_window()
+        return self.depth
+    stall = self.stall_per_miss_s or 0.0
+    self._saved += useful * stall
+    self._cost += outcome.prefetch_host_s + wasted * self.waste_weight * stall
+    self._tokens += 1
+    if self._tokens >= self.window or (self.clear_loss is not None and self._tokens >= self.min_window
+                                       and self._cost > self.clear_loss * self._saved):
+        self._decide()
+    return self.depth
 
 
 def _numpy_put(self, slot, packed):
@@ -298,6 +334,8 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="bench_decode rows, comma-separated (default: the switch's; "
                     "each storage's depth 0 row is added)")
     ap.add_argument("--dir", type=Path, default=default_cache_dir())
+    ap.add_argument("--packed", action="store_true",
+                    help="read experts from the checkpoint's packed copy (golem-pack) in both settings")
     ap.add_argument("--interleave", action="store_true",
                     help=f"{' and '.join(INTERLEAVED)} only: alternate the setting within one load per row")
     ap.add_argument("--early", type=float, default=None,
@@ -316,7 +354,7 @@ def main() -> None:
                      "them once: leave oracle and noisy_oracle out")
     share = args.early if args.early is not None else EARLY_ABSENT  # early-launch, when on
 
-    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, packed=args.switch == "packed-experts")
+    setup = bench_decode.Setup(args.shape, args.dir, args.tokens, packed=args.packed or args.switch == "packed-experts")
     full, _ = setup.run("full_cache", setup.rows(["full_cache"])["full_cache"], 1)
     setup.calibrate(1.0 / full["tps"])
     for base in ("disk_depth0", "depth0", "full_cache"):  # the rows each ratio is taken against

@@ -1,10 +1,12 @@
 """The prefetch governor: how deep speculation may go for the next tokens, from what it paid.
 
 Owns one decision: the prefetch depth of each decode step, between 0 (off) and the most the
-user allowed. It weighs, over windows of tokens, what speculation saved (prefetches used,
-each a demand read that did not stall, at the stall a demand read is measured to cost now)
-against what it cost (the engine's host time proposing, issuing and installing prefetches,
-and prefetches wasted, each a read and a slot given to nothing). Below zero it steps down,
+user allowed. It weighs, over windows of tokens, what speculation saved (the stall avoided:
+the step's demand reads and used prefetches at the stall a demand read costs with prefetch
+off, less the stall the step had, so that a prefetch still in flight when its expert was
+needed counts for the part of its read it had done) against what it cost (the engine's host
+time proposing, issuing and installing prefetches, and prefetches wasted, each a read and a
+slot given to nothing). Below zero it steps down,
 down to off; while off it probes depth 1 now and then, less often after each probe that lost.
 Knows nothing of slots, files or predictors: the prefetcher feeds it numbers once per token.
 """
@@ -49,9 +51,11 @@ class GovernorStats:
 class Governor:
     """Chooses the prefetch depth per token from measured savings and costs.
 
-    Per window of ``window`` tokens at depth d > 0: saved = useful prefetches x the demand
-    stall per miss (a running average over every token, prefetching or not); cost =
-    prefetch host time + wasted prefetches x ``waste_weight`` x the stall per miss. A window
+    Per window of ``window`` tokens at depth d > 0: saved = (demand reads + useful
+    prefetches) x the stall per demand read with prefetch off, less the window's stall (the
+    stall avoided); cost = prefetch host time + wasted prefetches x ``waste_weight`` x that
+    stall per read. The stall per read with prefetch off is a running average over the
+    tokens decoded off (until there is one, over every token). A window
     with saved < cost steps one layer shallower (at 0 prefetch is off), and so does a window
     cut short after ``min_window`` tokens whose cost is already over ``clear_loss`` times what
     it saved (where reads are cheap, host time alone outweighs the stalls a prefetch can
@@ -87,7 +91,8 @@ class Governor:
         self.clear_loss = clear_loss
         self.depth = max_depth if start_depth is None else min(start_depth, max_depth)
         self.stats = GovernorStats()
-        self.stall_per_miss_s: Optional[float] = None
+        self.stall_per_miss_s: Optional[float] = None  # running average, every token
+        self.off_stall_per_miss_s: Optional[float] = None  # running average, tokens decoded at depth 0
         self._net: Dict[int, float] = {}  # net seconds saved per token, last window at each depth (since off)
         self._saved = self._cost = 0.0
         self._tokens = 0
@@ -100,7 +105,9 @@ class Governor:
         used or wasted during it); returns the depth for the next token."""
         if outcome.misses:
             per = outcome.stall_s / outcome.misses
-            self.stall_per_miss_s = per if self.stall_per_miss_s is None else 0.8 * self.stall_per_miss_s + 0.2 * per
+            self.stall_per_miss_s = _average(self.stall_per_miss_s, per)
+            if self.depth == 0:
+                self.off_stall_per_miss_s = _average(self.off_stall_per_miss_s, per)
         self.stats.tokens_at[self.depth] = self.stats.tokens_at.get(self.depth, 0) + 1
         if self.depth == 0:
             self._off_for += 1
@@ -111,8 +118,8 @@ class Governor:
                 self._net.clear()  # what deeper depths did before going off is stale now
                 self._start_window()
             return self.depth
-        stall = self.stall_per_miss_s or 0.0
-        self._saved += useful * stall
+        stall = self.off_stall_per_miss_s if self.off_stall_per_miss_s is not None else self.stall_per_miss_s or 0.0
+        self._saved += (outcome.misses + useful) * stall - outcome.stall_s
         self._cost += outcome.prefetch_host_s + wasted * self.waste_weight * stall
         self._tokens += 1
         if self._tokens >= self.window or (self.clear_loss is not None and self._tokens >= self.min_window
@@ -142,3 +149,8 @@ class Governor:
             self.depth = d + 1
             self.stats.ups += 1
         self._start_window()
+
+
+def _average(mean: Optional[float], sample: float) -> float:
+    """A running average weighing the newest sample 0.2."""
+    return sample if mean is None else 0.8 * mean + 0.2 * sample

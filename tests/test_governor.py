@@ -59,6 +59,16 @@ def test_a_probe_that_pays_climbs_back_up_to_the_ceiling():
     assert gov.depth == 2  # never above the ceiling
 
 
+def test_prefetches_in_flight_when_needed_count_for_the_stall_they_cut():
+    gov = Governor(1, window=4, probe_tokens=4, clear_loss=None, start_depth=0)
+    assert run(gov, SLOW_MISS, 4) == [0, 0, 0, 1]  # off: a demand read stalls 5 ms; then a probe
+    started_early = TokenOutcome(stall_s=0.004, misses=2, prefetch_host_s=0.001)  # none landed in time,
+    assert run(gov, started_early, 12, useful=0, wasted=0) == [1] * 12  # but each read had 3 ms done
+    assert gov.stats.downs == 0
+    in_the_way = TokenOutcome(stall_s=0.012, misses=2, prefetch_host_s=0.0)  # demand reads slowed down
+    assert run(gov, in_the_way, 4, useful=0, wasted=0)[-1] == 0 and gov.stats.downs == 1
+
+
 def test_depth_zero_is_never_raised():
     gov = Governor(0)
     assert run(gov, SLOW_MISS, 50) == [0] * 50 and gov.stats.probes == 0
