@@ -210,27 +210,11 @@ def _numpy_begin_step(self):
 def _useful_only_step(self, outcome, useful, wasted):
     """The earlier ``Governor.step``: a window saved only its prefetches that landed in time,
     each at the stall per read averaged over every token."""
-    if outcome.misses:
-        per = outcome.stall_s / outcome.misses
-        self.stall_per_miss_s = per if self.stall_per_miss_s is None else 0.8 * self.stall_per_miss_s + 0.2 * per
-    self.stats.tokens_at[self.depth] = self.stats.tokens_at.get(self.depth, 0) + 1
+    self._measure(outcome)
     if self.depth == 0:
-        self._off_for += 1
-        if self.max_depth > 0 and self._off_for >= self._backoff:
-            self.depth, self._off_for = 1, 0
-            self.stats.probes += 1
-            self._probing = True
-            self._net.clear()
-            self._start_window()
-        return self.depth
+        return self._off_step()
     stall = self.stall_per_miss_s or 0.0
-    self._saved += useful * stall
-    self._cost += outcome.prefetch_host_s + wasted * self.waste_weight * stall
-    self._tokens += 1
-    if self._tokens >= self.window or (self.clear_loss is not None and self._tokens >= self.min_window
-                                       and self._cost > self.clear_loss * self._saved):
-        self._decide()
-    return self.depth
+    return self._account(useful * stall, outcome.prefetch_host_s + wasted * self.waste_weight * stall)
 
 
 def _numpy_put(self, slot, packed):

@@ -103,24 +103,39 @@ class Governor:
     def step(self, outcome: TokenOutcome, useful: int, wasted: int) -> int:
         """One decoded token's outcome (``useful`` / ``wasted``: prefetches that turned out
         used or wasted during it); returns the depth for the next token."""
+        self._measure(outcome)
+        if self.depth == 0:
+            return self._off_step()
+        stall = self.off_stall_per_miss_s if self.off_stall_per_miss_s is not None else self.stall_per_miss_s or 0.0
+        return self._account((outcome.misses + useful) * stall - outcome.stall_s,
+                             outcome.prefetch_host_s + wasted * self.waste_weight * stall)
+
+    def _measure(self, outcome: TokenOutcome) -> None:
+        """The stall per demand read (over every token, and over those decoded off), and the
+        tokens at each depth."""
         if outcome.misses:
             per = outcome.stall_s / outcome.misses
             self.stall_per_miss_s = _average(self.stall_per_miss_s, per)
             if self.depth == 0:
                 self.off_stall_per_miss_s = _average(self.off_stall_per_miss_s, per)
         self.stats.tokens_at[self.depth] = self.stats.tokens_at.get(self.depth, 0) + 1
-        if self.depth == 0:
-            self._off_for += 1
-            if self.max_depth > 0 and self._off_for >= self._backoff:
-                self.depth, self._off_for = 1, 0
-                self.stats.probes += 1
-                self._probing = True
-                self._net.clear()  # what deeper depths did before going off is stale now
-                self._start_window()
-            return self.depth
-        stall = self.off_stall_per_miss_s if self.off_stall_per_miss_s is not None else self.stall_per_miss_s or 0.0
-        self._saved += (outcome.misses + useful) * stall - outcome.stall_s
-        self._cost += outcome.prefetch_host_s + wasted * self.waste_weight * stall
+
+    def _off_step(self) -> int:
+        """A token decoded off: probe depth 1 once off long enough."""
+        self._off_for += 1
+        if self.max_depth > 0 and self._off_for >= self._backoff:
+            self.depth, self._off_for = 1, 0
+            self.stats.probes += 1
+            self._probing = True
+            self._net.clear()  # what deeper depths did before going off is stale now
+            self._start_window()
+        return self.depth
+
+    def _account(self, saved: float, cost: float) -> int:
+        """A token decoded at depth > 0 that saved and cost this (seconds): decide at the
+        window's end, or earlier on a clear loss."""
+        self._saved += saved
+        self._cost += cost
         self._tokens += 1
         if self._tokens >= self.window or (self.clear_loss is not None and self._tokens >= self.min_window
                                            and self._cost > self.clear_loss * self._saved):
