@@ -151,3 +151,16 @@ def test_the_library_packs_and_checks_as_golem_pack_does(model_dir):
     manifest = pack(str(model_dir), progress=lambda done, total: seen.append((done, total)))
     assert manifest == model_dir.resolve() / MANIFEST_FILE and pack(str(model_dir), check=True) == manifest
     assert seen and seen[-1][0] == seen[-1][1] == os.path.getsize(model_dir / DATA_FILE)
+
+
+def test_a_pipeline_rank_with_some_layers_reads_them_from_the_whole_pack(model_dir):
+    from golem.io.index import ExpertIndex
+
+    index = _packed(model_dir)
+    whole = open_packed(index)
+    later = sorted(index.layers)[1:]  # a rank that holds every MoE layer but the first
+    names = {l: {t.part: t.info.name for t in index.parts(l)} for l in later}
+    rank = ExpertIndex(index.index, names, {l: index.num_experts(l) for l in later})
+    part = open_packed(rank)
+    assert sorted(part.layers) == later
+    assert all(part.ranges(l, 3) == whole.ranges(l, 3) for l in later)
