@@ -45,6 +45,10 @@ Switches:
   less the step's stall: a prefetch still in flight when needed counts for the part of its
   read it had done), against crediting only the prefetches that landed in time, at the
   stall per read averaged over every token (the earlier shape).
+- ``one-wake``: a submit (or a release that lets a read start) wakes one reader thread, and
+  each reader that takes a job wakes those the jobs still waiting need
+  (``ReaderPool.wake_first``), against the submitting thread waking one reader per job (the
+  earlier shape).
 - ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
   out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
@@ -89,11 +93,12 @@ ROWS = {
     "held-lock-ranking": ("disk_depth2", "depth2"),
     "poll-when-out": ("disk_depth0", "disk_default", "default"),
     "packed-experts": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "default"),
+    "one-wake": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "stall-avoided": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth1", "governed2", "default"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
-               "held-lock-ranking", "poll-when-out", "stall-avoided")  # a loaded engine can flip these
+               "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -149,6 +154,10 @@ def _earlier_shape(name: str):
         import golem.io.packed_experts as packed_experts
 
         return [(packed_experts, "open_packed", lambda index, folder=None: None)]  # no pack found
+    if name == "one-wake":
+        from golem.io.reader_pool import ReaderPool
+
+        return [(ReaderPool, "wake_first", ReaderPool.wake)]  # a reader per job, from the caller
     if name == "stall-avoided":
         from golem.runtime.governor import Governor
 

@@ -1,7 +1,7 @@
 """The scheduler's reader pool: a fixed set of threads that take jobs and read them.
 
 Owns the reader threads, their sleeping and waking (one condition on the scheduler's
-lock, woken no more often than there are jobs), the reading of each job outside the lock
+lock, woken no more often than there are jobs; a caller wakes one, each reader the next ones), the reading of each job outside the lock
 and the resolving of the futures a finished read settles. Knows nothing of priorities,
 caps or files: the dispatcher says which job is next and what a returned one means; the
 ``read`` callable it is given does the reading (``read_jobs.read_job``).
@@ -60,6 +60,14 @@ class ReaderPool:
             self.dispatcher.stats.reader_wakes += wanted
             self._idle.notify(wanted)
 
+    def wake_first(self, jobs: int) -> None:
+        """Lock held, on a caller's thread (a submit, a release): wake one reader for
+        ``jobs`` waiting jobs, unless one is on its way already; each reader that takes a job
+        wakes those the jobs still waiting need (``_next``). A wake is a system call that can
+        cost the caller its core: a layer's misses then cost the engine one, not one each."""
+        if jobs > 0 and not self._waking:
+            self.wake(1)
+
     def stop(self) -> None:
         """Lock held: every reader leaves once its current read returns."""
         self._stopped = True
@@ -96,7 +104,7 @@ class ReaderPool:
             self._sleeping -= 1
             if self._waking:
                 self._waking -= 1
-        if activated and dispatcher.jobs_waiting:  # the rest of what this thread activated
+        if dispatcher.jobs_waiting:  # the rest: what this thread activated, or a caller queued
             self.wake(dispatcher.jobs_waiting)
         return job
 

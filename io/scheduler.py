@@ -313,7 +313,7 @@ class IOScheduler:
         if demand and dispatcher.activate_ready():
             started = True
         if started:
-            self._readers.wake(dispatcher.jobs_waiting)
+            self._readers.wake_first(dispatcher.jobs_waiting)
         return not demand and dispatcher.has_idle_reader()
 
     def cancel(self, key: Hashable) -> bool:
@@ -429,7 +429,7 @@ class IOScheduler:
         activate requests."""
         with self._lock:
             if not self._closed and self._dispatcher.activate_ready():
-                self._readers.wake(self._dispatcher.jobs_waiting)
+                self._readers.wake_first(self._dispatcher.jobs_waiting)
 
 
 # Older names, kept for callers and tests that import them from here.

@@ -912,3 +912,28 @@ def test_a_demands_start_lag_is_its_wait_for_a_reader_to_take_it():
     assert stats.demand_start_p50_s == pytest.approx(1.0)  # median of 0 and 2
     assert stats.demand_start_p99_s == pytest.approx(1.98)
     assert stats.demand_latency_p50_s == pytest.approx(1.5)  # 1 (read) and 2 (buffer wait)
+
+
+def test_a_submit_wakes_one_reader_and_the_readers_wake_the_rest(monkeypatch):
+    """A layer's misses cost the submitting thread one reader wake-up (a system call that can
+    cost it its core), not one per miss; the readers wake each other, and every read still
+    runs at once."""
+    from golem.io.reader_pool import ReaderPool
+
+    woken = []  # (on the submitting thread?, readers woken)
+    wake = ReaderPool.wake
+
+    def counted(self, jobs):
+        before = self._waking
+        wake(self, jobs)
+        woken.append((threading.current_thread() is threading.main_thread(), self._waking - before))
+
+    monkeypatch.setattr(ReaderPool, "wake", counted)
+    reader = GatedReader()
+    with scheduler(reader, num_buffers=8, parallelism=8) as s:
+        keys = [(0, e) for e in range(0, 10, 2)]
+        futures = s.submit_demands(keys)
+        assert len(reader.wait_calls(5)) == 5  # five reads under way at once
+        reader.allow(5)
+        s.release_all([result(f) for f in futures])
+    assert sum(n for caller, n in woken if caller) <= 1
