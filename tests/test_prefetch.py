@@ -33,8 +33,8 @@ def reference(checkpoints):
     return get
 
 
-def run(path, tokens, depth, threshold, predictor="lookahead", **options):
-    with load(str(path), cache_sizes=4, prefetch=PrefetchConfig(depth=depth, threshold=threshold),
+def run(path, tokens, depth, threshold, predictor="lookahead", governor=True, **options):
+    with load(str(path), cache_sizes=4, prefetch=PrefetchConfig(depth=depth, threshold=threshold, governor=governor),
               predictor=predictor, predictor_options=options) as (model, _):
         out = greedy_tokens(model, tokens, N)
         engine = model.golem.engine
@@ -77,7 +77,9 @@ def test_depths_thresholds_predictors_identical(checkpoints, reference, depth, t
 def test_oracle_prefetch_turns_misses_into_prefetch_hits(checkpoints, reference):
     tokens, expected, truth = reference("olmoe")
     _, base = run(checkpoints("olmoe"), tokens, 0, 0.3)
-    out, engine = run(checkpoints("olmoe"), tokens, 1, 0.5, "oracle", truth=truth)
+    # a fixed depth: the governor, which may switch off a prefetch that costs more host time
+    # than its reads (on a loaded machine, before the first prefetch lands), is tested apart
+    out, engine = run(checkpoints("olmoe"), tokens, 1, 0.5, "oracle", governor=False, truth=truth)
     assert out == expected
     p = engine.prefetcher.totals()
     assert p.recall == 1.0 and p.wasted == 0
