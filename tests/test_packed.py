@@ -164,3 +164,17 @@ def test_a_pipeline_rank_with_some_layers_reads_them_from_the_whole_pack(model_d
     part = open_packed(rank)
     assert sorted(part.layers) == later
     assert all(part.ranges(l, 3) == whole.ranges(l, 3) for l in later)
+
+
+def test_golem_run_reads_a_pack_with_direct_io_and_says_so(model_dir, capsys):
+    from golem.runtime.cli.run import main as golem_run
+
+    argv = ["--model", str(model_dir), "-p", "Once upon a time", "-m", "8", "-c", "4", "--direct-io"]
+    assert golem_run(argv) == 0
+    stacked = capsys.readouterr()
+    _packed(model_dir)
+    assert golem_run(argv) == 0
+    packed = capsys.readouterr()
+    assert packed.out.split("=" * 10)[1] == stacked.out.split("=" * 10)[1]  # the same text
+    assert f"experts read from {(model_dir / DATA_FILE).resolve()}" in packed.err
+    assert "experts read from" not in stacked.err

@@ -321,6 +321,8 @@ def _prepare_runtime(runtime, tokenizer, args) -> None:
         mx.random.seed(common_seed(runtime.pipeline, args.seed))  # every rank samples alike
     if runtime.sizing_note and args.verbose:
         print(f"[golem] {runtime.sizing_note}", file=sys.stderr)
+    if runtime.index.packed is not None and args.verbose:
+        print(f"[golem] experts read from {runtime.index.packed.path}, one read each (golem-pack)", file=sys.stderr)
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)
 
