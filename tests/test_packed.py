@@ -178,3 +178,12 @@ def test_golem_run_reads_a_pack_with_direct_io_and_says_so(model_dir, capsys):
     assert packed.out.split("=" * 10)[1] == stacked.out.split("=" * 10)[1]  # the same text
     assert f"experts read from {(model_dir / DATA_FILE).resolve()}" in packed.err
     assert "experts read from" not in stacked.err
+
+
+def test_a_folder_that_cannot_be_written_is_named(model_dir, tmp_path):
+    from test_config import unwritable_folder
+
+    folder = unwritable_folder(tmp_path)
+    with pytest.raises(OSError, match=f"cannot write the packed experts in {folder}"):
+        pack_experts(open_checkpoint(model_dir).index, folder)
+    assert not list(model_dir.glob("golem-experts*"))
