@@ -16,8 +16,10 @@ what an ``ExpertIndex`` describes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -76,6 +78,9 @@ def pack_experts(index: ExpertIndex, folder: Optional[os.PathLike] = None, *,
     manifest, data = folder / MANIFEST_FILE, folder / DATA_FILE
     partial = folder / (DATA_FILE + ".partial")
     try:
+        free = shutil.disk_usage(folder).free
+        if free < total:  # said before hours of copying, not after
+            raise OSError(errno.ENOSPC, f"{total / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
         done = 0
         with FileHandles(identities=index.index.identities) as handles, open(partial, "wb") as out:
             for layer, spec in layout.items():

@@ -187,3 +187,13 @@ def test_a_folder_that_cannot_be_written_is_named(model_dir, tmp_path):
     with pytest.raises(OSError, match=f"cannot write the packed experts in {folder}"):
         pack_experts(open_checkpoint(model_dir).index, folder)
     assert not list(model_dir.glob("golem-experts*"))
+
+
+def test_a_pack_that_would_not_fit_on_the_disk_is_refused_before_writing(model_dir, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("golem.io.packed_experts.shutil.disk_usage", lambda path: usage(10**9, 10**9, 4096))
+    with pytest.raises(OSError, match="cannot write the packed experts in .*GB needed, 0.00 GB free"):
+        pack_experts(open_checkpoint(model_dir).index)
+    assert not list(model_dir.glob("golem-experts*"))
