@@ -1,10 +1,11 @@
 """The scheduler's reader pool: a fixed set of threads that take jobs and read them.
 
 Owns the reader threads, their sleeping and waking (one condition on the scheduler's
-lock, woken no more often than there are jobs; a caller wakes one, each reader the next ones), the reading of each job outside the lock
-and the resolving of the futures a finished read settles. Knows nothing of priorities,
-caps or files: the dispatcher says which job is next and what a returned one means; the
-``read`` callable it is given does the reading (``read_jobs.read_job``).
+lock, woken no more often than there are jobs; a caller wakes one, each reader the next
+ones), the reading of each job outside the lock and the resolving of the futures a finished
+read settles. Knows nothing of priorities, caps or files: the dispatcher says which job is
+next and what a returned one means; the ``read`` callable it is given does the reading
+(``read_jobs.read_job``).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ offloaded MoE model that mlx-lm's own generation code drives unchanged.
 
 ``golem.runtime.load(path, config=None, **options)`` returns ``(model, tokenizer)`` for mlx-lm;
 ``plan(path, ...)`` says what ``load`` would keep resident; ``pack(path)`` writes the packed
-copy of the experts that golem-pack writes (one read per expert); ``RuntimeConfig`` holds the options
-(declared in ``golem.runtime.options``), ``PrefetchConfig`` is the structured form of the
-prefetch ones, ``ConfigError`` says which one is wrong.
+copy of the experts that golem-pack writes (one read per expert); ``RuntimeConfig`` holds
+the options (declared in ``golem.runtime.options``), ``PrefetchConfig`` is the structured
+form of the prefetch ones, ``ConfigError`` says which one is wrong.
 """
 
 __all__ = ["load", "plan", "pack", "Loaded", "RuntimeConfig", "PrefetchConfig", "ConfigError"]
