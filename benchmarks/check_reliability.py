@@ -302,7 +302,7 @@ with load(MODEL, cache_sizes=4) as (model, tokenizer):
     steps = generate_step(tokens, model, max_tokens=200, sampler=lambda x: mx.argmax(x, axis=-1))
     for i, _ in zip(range(3), steps):
         pass
-    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith("model-")):
+    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith(PREFIX)):
         path = os.path.join(MODEL, shard)
         if DELETE:
             os.unlink(path)
@@ -329,9 +329,12 @@ def leak_case(options: str, mutate: Optional[Callable[[Path], None]] = None):
     return run
 
 
-def truncate_mid_run(ctx: Ctx, case: Case, timeout_s: float, delete: bool = False) -> Outcome:
-    model = ctx.variant(case.name, lambda m: None)
-    argv = library(f"DELETE = {delete}\n" + TRUNCATE_MID_RUN)(ctx)
+def truncate_mid_run(ctx: Ctx, case: Case, timeout_s: float, delete: bool = False,
+                     prefix: str = "model-", mutate: Callable[[Path], None] = lambda m: None) -> Outcome:
+    """The files of the model whose names start with ``prefix`` (the shards; or golem-pack's
+    data file, on a model ``mutate`` packed) truncated, or deleted, after three tokens."""
+    model = ctx.variant(case.name, mutate)
+    argv = library(f"DELETE = {delete}\nPREFIX = {prefix!r}\n" + TRUNCATE_MID_RUN)(ctx)
     argv[-1] = str(model)
     return run_process(argv, env=base_env(ctx), cwd=model.parent, timeout_s=timeout_s)
 
@@ -697,6 +700,26 @@ def truncated_copy(ctx: Ctx) -> Path:
     return path
 
 
+def _pack(model: Path) -> None:
+    from golem.runtime import pack
+
+    pack(str(model))
+
+
+def _stale_pack(model: Path) -> None:
+    """Packed, then a shard rewritten (its modification time moves on)."""
+    _pack(model)
+    shard = shards(model)[-1]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _truncated_pack(model: Path) -> None:
+    _pack(model)
+    data = model / "golem-experts.bin"
+    os.truncate(data, data.stat().st_size // 2)
+
+
 def _truncate_shard(model: Path) -> None:
     shard = shards(model)[-1]
     os.truncate(shard, shard.stat().st_size // 2)
@@ -833,9 +856,16 @@ def catalogue() -> List[Case]:
         Case("valid", "golem-run --policy lfu-decay:decay=0.5", "ok", run_argv("-c", "4", "--policy", "lfu-decay:decay=0.5", *GEN)),
         Case("valid", "golem-trace simulate --policy lfu-decay:decay=0.5", "ok",
              trace_argv("simulate", "--policy", "lfu-decay:decay=0.5")),
+        Case("valid", "golem-run on experts packed by golem-pack", "ok",
+             run_argv("-c", "4", *GEN, model=on_variant("packed", _pack)), quick=True),
         # damaged checkpoints
         Case("checkpoint", "truncated shard", "error", run_argv("-c", "4", *GEN, model=on_variant("trunc", _truncate_shard)),
              quick=True, mention="truncated|past the end"),
+        Case("checkpoint", "a shard rewritten since golem-pack", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("stale", _stale_pack)), quick=True,
+             mention="changed since its experts were packed"),
+        Case("checkpoint", "golem-pack's data file truncated", "error",
+             run_argv("-c", "4", *GEN, model=on_variant("packcut", _truncated_pack)), mention="truncated"),
         Case("checkpoint", "corrupted header", "error", run_argv("-c", "4", *GEN, model=on_variant("hdr", _corrupt_header))),
         Case("checkpoint", "header size 2^62", "error", run_argv("-c", "4", *GEN, model=on_variant("hsz", _huge_header_size))),
         Case("checkpoint", "missing shard", "error",
@@ -1033,6 +1063,8 @@ def catalogue() -> List[Case]:
             f"from golem.runtime import load\nload(MODEL, cache_sizes=4, trace_out={str(_file(ctx, 'lib trace') / 't.npz')!r}).close()")(ctx)),
         # faults while running
         Case("fault", "shard truncated after load", "error", run=truncate_mid_run, quick=True, mention="read|truncat|short"),
+        Case("fault", "golem-pack's data file truncated after load", "error", mention="read|truncat|short",
+             run=lambda ctx, case, t: truncate_mid_run(ctx, case, t, prefix="golem-experts.bin", mutate=_pack)),
         Case("fault", "Ctrl-C during a stalled read", "error", run=sigint_during_stalled_read, quick=True,
              mention="interrupted"),
         Case("fault", "Ctrl-C during stalled prefetch", "error", run=lambda ctx, case, t: sigint_during_stalled_read(
@@ -1538,7 +1570,7 @@ with load(MODEL, cache_sizes=4) as (model, tokenizer):
     steps = generate_step(tokens, model, max_tokens=120, sampler=lambda x: mx.argmax(x, axis=-1))
     first = [int(t) for _, (t, _) in zip(range(3), steps)]
     model.golem.reader.handles.check_interval_s = 0  # (the default checks a path at most every 0.25 s)
-    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith("model-")):
+    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith(PREFIX)):
         path = os.path.join(MODEL, shard)
         if HOW == "in place":  # same file, same size, other bytes
             with open(path, "r+b") as f:
