@@ -1570,7 +1570,7 @@ with load(MODEL, cache_sizes=4) as (model, tokenizer):
     steps = generate_step(tokens, model, max_tokens=120, sampler=lambda x: mx.argmax(x, axis=-1))
     first = [int(t) for _, (t, _) in zip(range(3), steps)]
     model.golem.reader.handles.check_interval_s = 0  # (the default checks a path at most every 0.25 s)
-    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith(PREFIX)):
+    for shard in sorted(p for p in os.listdir(MODEL) if p.startswith("model-")):
         path = os.path.join(MODEL, shard)
         if HOW == "in place":  # same file, same size, other bytes
             with open(path, "r+b") as f:
