@@ -206,16 +206,14 @@ def _time_partial_layers(engine):
 def ensure_packed(path: Path) -> None:
     """The checkpoint at ``path`` with a valid packed copy of its experts (``golem-pack``)."""
     from golem.io.index import CheckpointError
-    from golem.io.packed_experts import open_packed, pack_experts
-    from golem.runtime.checkpoint import open_checkpoint
+    from golem.runtime import pack
 
-    index = open_checkpoint(path).index
     try:
-        if open_packed(index) is not None:
+        if pack(str(path), check=True) is not None:
             return
     except CheckpointError:  # stale: the checkpoint was rebuilt since
         pass
-    pack_experts(index)
+    pack(str(path))
 
 
 class Setup:
