@@ -6,8 +6,10 @@ a GPU the host core is quiet while the device computes. This replays, on a quiet
 the prefetcher's parts of a real decode at fixed depth 2 (bench_decode's checkpoint and
 prompts): the proposals the engine made are captured, then each part is timed alone over
 them, many times, alternating with its earlier shapes: the predictor's rank-calibrated scores
-(Python's sort of each row, against two numpy argsorts and a lookup per row, which let the
-interpreter lock go, and against ranks scattered and every row looked up in one fancy index)
+(ranks sorted on the device in the layer's sync and only looked up here, against Python's
+sort of each row on the engine's thread, against two numpy argsorts and a lookup per row,
+which let the interpreter lock go, and against ranks scattered and every row looked up in
+one fancy index)
 and the selection of candidates (``Prefetcher.candidates``, against ``Selection.mask`` and ``Selection.ordered``
 over the whole score array).
 Medians over --rounds, then one JSON line.
@@ -80,6 +82,7 @@ def per_call_us(fn, items, repeat: int) -> float:
 
 
 def main() -> None:
+    from golem.predictors.base import Proposal
     from golem.runtime import load
     from golem.runtime.prefetch import PrefetchConfig
     from golem.runtime.synthetic import default_cache_dir
@@ -111,8 +114,12 @@ def main() -> None:
         same = all(pf.candidates(p, resident) == mask_then_order(pf, p, resident) for p in proposals)
         same = same and all(np.array_equal(pf.predictor.scores(p), fancy_index_scores(pf.predictor, p))
                             and np.array_equal(pf.predictor.scores(p), _numpy_scores(pf.predictor, p)) for p in proposals)
+        unranked = [Proposal(p.position, p.targets, p.arrays[:1]) for p in proposals]  # raw rows only
+        same = same and all(np.array_equal(pf.predictor.scores(p), pf.predictor.scores(u))
+                            for p, u in zip(proposals, unranked))
         parts = {
             "scores": (lambda p: pf.predictor.scores(p), proposals),
+            "scores, Python sort": (lambda p: pf.predictor.scores(p), unranked),
             "scores, numpy argsorts": (lambda p: _numpy_scores(pf.predictor, p), proposals),
             "scores, one fancy index": (lambda p: fancy_index_scores(pf.predictor, p), proposals),
             "candidates": (lambda p: pf.candidates(p, resident), proposals),
@@ -127,17 +134,18 @@ def main() -> None:
     ratio = statistics.median(a / b for a, b in zip(times["candidates"], times["candidates, mask then order"]))
     scores_ratio = statistics.median(a / b for a, b in zip(times["scores"], times["scores, one fancy index"]))
     argsort_ratio = statistics.median(a / b for a, b in zip(times["scores"], times["scores, numpy argsorts"]))
+    sort_ratio = statistics.median(a / b for a, b in zip(times["scores"], times["scores, Python sort"]))
     print(f"{setup.path.name}: prefetcher host work on a quiet thread, depth 2, {len(proposals)} proposals "
           f"captured from {len(setup.prompts)} prompts x {args.tokens} tokens; us per call, medians of {args.rounds} rounds")
     print(f"{'part':<30}{'us per call':>12}")
     for name, us in med.items():
         print(f"{name:<30}{us:>12.1f}")
     print(f"candidates / mask then order: {ratio:.3f}x, scores / one fancy index: {scores_ratio:.3f}x, scores / "
-          f"numpy argsorts: {argsort_ratio:.3f}x (paired by round); same results: {same}; tokens as stock: "
+          f"numpy argsorts: {argsort_ratio:.3f}x, scores / Python sort: {sort_ratio:.3f}x (paired by round); same results: {same}; tokens as stock: "
           f"{outs == setup.truth_outputs}")
     out = {"shape": args.shape, "rounds": args.rounds, "proposals": len(proposals), "same_results": same,
            "candidates_over_mask_then_order": ratio, "scores_over_one_fancy_index": scores_ratio,
-           "scores_over_numpy_argsorts": argsort_ratio}
+           "scores_over_numpy_argsorts": argsort_ratio, "scores_over_python_sort": sort_ratio}
     out.update({name.replace(", ", "_").replace(" ", "_") + "_us": us for name, us in med.items()})
     print(json.dumps(out))
 

@@ -49,6 +49,10 @@ Switches:
   each reader that takes a job wakes those the jobs still waiting need
   (``ReaderPool.wake_first``), against the submitting thread waking one reader per job (the
   earlier shape).
+- ``device-ranks``: the router lookahead's proposals carry each target row's ranks, sorted
+  on the device in the layer's host sync (``predictors.lookahead.device_ranks``), so the
+  engine's thread only looks them up, against ranking each row with Python's sort on the
+  engine's thread (the earlier shape).
 - ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
   out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
@@ -94,11 +98,12 @@ ROWS = {
     "poll-when-out": ("disk_depth0", "disk_default", "default"),
     "packed-experts": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "default"),
     "one-wake": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
+    "device-ranks": ("disk_depth2", "disk_default", "depth2", "default"),
     "stall-avoided": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth1", "governed2", "default"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
-               "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake")  # a loaded engine can flip these
+               "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake", "device-ranks")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -166,12 +171,24 @@ def _earlier_shape(name: str):
         from golem.runtime.prefetch import Prefetcher
 
         return [(Prefetcher, "arrivals", lambda self: [(k[0], k[1], buf) for k, buf in self.scheduler.poll(0)])]
+    if name == "device-ranks":
+        from golem.predictors.lookahead import _RankCalibrated
+
+        return [(_RankCalibrated, "propose", _raw_rows_only(_RankCalibrated.propose))]
     if name == "held-lock-ranking":
         from golem.predictors.lookahead import _RankCalibrated
 
         return [(_RankCalibrated, "scores", _numpy_scores), (_RankCalibrated, "observe", _numpy_observe),
                 (_RankCalibrated, "begin_step", _numpy_begin_step)]
     return None
+
+
+def _raw_rows_only(propose):
+    """The earlier ``_RankCalibrated.propose``: the raw rows only, ranked on the host by ``scores``."""
+    def raw_rows_only(self, position, depth, hidden=None, *, nearest=1):
+        proposal = propose(self, position, depth, hidden, nearest=nearest)
+        return dataclasses.replace(proposal, arrays=proposal.arrays[:1])
+    return raw_rows_only
 
 
 def _numpy_scores(self, proposal):

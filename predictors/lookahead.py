@@ -18,6 +18,38 @@ from .routers import MoEBlock
 HIDDEN_KINDS = ("post_attn", "layer_input")
 
 
+def device_ranks(rows: mx.array) -> mx.array:
+    """Lazy int32 (T, E): each entry's rank in its row of ``rows`` (0 = highest, ties to the
+    lower index, NaN as the lowest), a row of -1 where ``rows`` is all NaN (nothing to go
+    on). Two stable sorts of a few rows, evaluated with the layer's host sync."""
+    nan = mx.isnan(rows)
+    order = mx.argsort(-mx.where(nan, -mx.inf, rows), axis=-1)  # stable: ties keep the lower index
+    ranks = mx.argsort(order, axis=-1).astype(mx.int32)
+    return mx.where(mx.all(nan, axis=-1, keepdims=True), -1, ranks)
+
+
+def host_ranks(raw: np.ndarray) -> np.ndarray:
+    """``device_ranks`` of evaluated rows, on the host: Python's sort of each row (numpy's
+    sorts let the interpreter lock go), NaN last."""
+    nan = np.isnan(raw)
+    partial = nan.any(axis=1).tolist()
+    made = (~nan.all(axis=1)).tolist()
+    ranks = np.full(raw.shape, -1, np.int64)
+    for r in range(raw.shape[0]):
+        if not made[r]:
+            continue
+        if partial[r]:
+            order = np.argsort(-raw[r], kind="stable").tolist()  # NaN last
+        else:
+            row = raw[r].tolist()
+            order = sorted(range(len(row)), key=row.__getitem__, reverse=True)  # stable
+        rank = [0] * len(order)
+        for i, e in enumerate(order):
+            rank[e] = i
+        ranks[r] = rank
+    return ranks
+
+
 class _RankCalibrated(Predictor):
     """Predictors that rank every expert of a target layer from a hidden state, on the
     device, and turn ranks into probabilities with a calibration table.
@@ -67,7 +99,7 @@ class _RankCalibrated(Predictor):
         h = hidden if isinstance(hidden, mx.array) else mx.array(np.asarray(hidden))
         h = h.reshape(-1, h.shape[-1])[-1:]  # (1, D): the last token
         rows = self.rank_rows(position, targets, h)
-        return Proposal(position, targets, () if rows is None else (rows,))
+        return Proposal(position, targets, () if rows is None else (rows, device_ranks(rows)))
 
     def raw_scores(self, proposal: Proposal) -> np.ndarray:
         """float32 (len(targets), E): the ranking quantities, as evaluated."""
@@ -81,30 +113,24 @@ class _RankCalibrated(Predictor):
 
     def scores(self, proposal: Proposal) -> np.ndarray:
         """Per target row: each expert's rank (0 = highest raw value, ties to the lower id, NaN
-        last) looked up in the calibration. A row per target, a few of them: the ranking is
-        Python's sort of the row, as the engine's thread calls this between its reads, and
-        numpy's sorts and fancy indexing let the interpreter lock go to the reader threads
-        (``benchmarks/profile_gil.py``)."""
+        last) looked up in the calibration. The ranks come with the proposal, computed on the
+        device in the engine's host sync (``device_ranks``): the engine's thread, which calls
+        this between its reads, only looks them up (a gather per row, which keeps the
+        interpreter lock: ``benchmarks/profile_gil.py``). A proposal without them (one made
+        by hand, with its raw rows only) is ranked here by Python's sort of each row."""
         if not proposal.arrays:
             return self.zeros(proposal.targets)
-        raw = self.raw_scores(proposal)
-        nan = np.isnan(raw)
-        partial = nan.any(axis=1).tolist()
-        made = (~nan.all(axis=1)).tolist()
-        out = np.zeros(raw.shape, np.float32)
+        if len(proposal.arrays) > 1:
+            ranks = np.array(proposal.arrays[1], dtype=np.int64)
+        else:
+            ranks = host_ranks(self.raw_scores(proposal))
+        made = (ranks[:, 0] >= 0).tolist()
+        out = np.zeros(ranks.shape, np.float32)
         for r, (t, d) in enumerate(zip(proposal.targets, proposal.offsets)):
             if not made[r]:
                 continue
-            if partial[r]:
-                order = np.argsort(-raw[r], kind="stable").tolist()  # NaN last
-            else:
-                row = raw[r].tolist()
-                order = sorted(range(len(row)), key=row.__getitem__, reverse=True)  # stable
             d = min(d, self.max_depth)
-            rank = [0] * len(order)
-            for i, e in enumerate(order):
-                rank[e] = i
-            rank = np.fromiter(rank, np.int64, len(rank))
+            rank = ranks[r]
             out[r] = self.hits[t, d][rank] / self.seen[t, d]  # a gather: keeps the lock
             if self.online:
                 self._pending[t, d] = rank

@@ -295,9 +295,12 @@ def test_lookahead_proposal_is_lazy_and_applies_the_target_router():
     p.begin_step()
     h = mx.random.normal((1, 1, 32), key=mx.random.key(5))
     prop = p.propose(0, 2, h)
-    assert list(prop.targets) == [1] and len(prop.arrays) == 1  # 2 MoE layers: one target
-    assert isinstance(prop.arrays[0], mx.array)
+    assert list(prop.targets) == [1] and len(prop.arrays) == 2  # 2 MoE layers: one target
+    assert all(isinstance(a, mx.array) for a in prop.arrays)  # the rows and their ranks, both lazy
     mx.eval(*prop.arrays)
+    rows = np.array(prop.arrays[0])
+    ranks = np.array(prop.arrays[1])  # ranked on the device, in the caller's one sync
+    assert ranks[0].tolist() == np.argsort(np.argsort(-rows[0], kind="stable"), kind="stable").tolist()
     b = blocks[1]
     want = np.array(mx.softmax(b.block.gate(b.layer.post_attention_layernorm(h[0])), axis=-1))
     np.testing.assert_allclose(np.array(prop.arrays[0]), want, rtol=1e-5)
@@ -335,6 +338,37 @@ def test_rank_calibration_counts_each_rank_per_target_and_distance():
     np.testing.assert_allclose(second[0], [1 / 3, 2 / 3, 2 / 3, 1 / 3, 0, 0], rtol=1e-6)
     assert second[1].tolist() == [0] * 6
     assert p.seen[1].tolist() == [2.0, 3.0, 2.0] and p.seen[2].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_ranks_made_on_the_device_equal_the_host_sort():
+    """The ranks a proposal carries (computed in the engine's sync) are the ones the host's
+    sort gives: ties to the lower id, NaN last, an all-NaN row marked -1; scores are the same
+    with them or without."""
+    from golem.predictors.base import Proposal, RoutingShape
+    from golem.predictors.lookahead import _RankCalibrated, device_ranks, host_ranks
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        raw = (rng.integers(0, 4, (3, 12)) if trial % 2 else rng.normal(size=(3, 12))).astype(np.float32)
+        if trial % 3 == 0:
+            raw[1] = np.nan
+        if trial % 4 == 0:
+            raw[2, rng.choice(12, 4, replace=False)] = np.nan
+        np.testing.assert_array_equal(np.array(device_ranks(mx.array(raw))), host_ranks(raw))
+    assert host_ranks(np.array([[0.5, 0.9, 0.5, np.nan]], np.float32)).tolist() == [[1, 0, 2, 3]]
+
+    class Calibrated(_RankCalibrated):
+        name = "calibrated"
+
+    made = [Calibrated(RoutingShape(3, 12, 2), hidden_kind="post_attn", max_depth=2, online=True,
+                       prior_weight=2.0) for _ in range(2)]
+    rows = mx.array(raw[:2])
+    for p in made:
+        p.begin_step()
+    by_device = made[0].scores(Proposal(0, range(1, 3), (rows, device_ranks(rows))))
+    by_host = made[1].scores(Proposal(0, range(1, 3), (rows,)))
+    np.testing.assert_array_equal(by_device, by_host)
+    np.testing.assert_array_equal(made[0]._pending, made[1]._pending)
 
 
 def _linear_routing_trace(steps, hidden_seed, layers=4, experts=12, k=3, dim=24):
