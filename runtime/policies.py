@@ -7,12 +7,17 @@ runs. A policy tracks the experts resident in one layer; it never sees bytes, sl
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
-from typing import Callable, Container, Dict, Iterable, Tuple
+from typing import Callable, Container, Dict, Iterable, List, Tuple
 
 # Measured by benchmarks/bench_policies.py on the OLMoE traces (decay tuned on one trace,
 # reported on the other): lfu-decay had the lowest miss ratio at 16, 32 and 48 of 64 slots.
 DEFAULT_POLICY = "lfu-decay"
+
+# Resident experts up to which LFU finds its victim by a scan; past this, through a heap
+# (benchmarks/bench_policy_host.py: the scan is cheaper at 16 and 32 slots, the heap from 48).
+SCAN_UP_TO = 40
 
 
 class Policy:
@@ -86,41 +91,107 @@ class LRUPolicy(Policy):
 
 
 class LFUPolicy(Policy):
-    """Least frequently used; counts survive eviction; ties go to the least recent."""
+    """Least frequently used; counts survive eviction; ties go to the least recent.
+
+    The victim is the resident expert with the lowest ``(count, recency)``. Up to
+    ``SCAN_UP_TO`` resident experts it is found by a scan; past that, in a heap where each
+    resident expert is filed once, under the key it had when filed. A use only raises the
+    expert's key, so a filed key is a lower bound of the current one: the victim search
+    refiles an expert found at the top under an outdated key and takes the first one found
+    current. A hit touches no heap; a miss costs a few heap operations instead of a scan of
+    every resident expert (``benchmarks/bench_policy_host.py``).
+    """
 
     name = "lfu"
 
     def __init__(self) -> None:
         self.counts: Dict[int, float] = {}
-        self._recency = LRUPolicy()
+        self._recency: Dict[int, int] = {}  # resident expert -> when last used (cold inserts: below all)
+        self._clock = 0  # the last use's recency
+        self._cold = 0  # the last cold insert's recency: each one goes before every other expert
+        self._heap: List[Tuple[float, int, int]] = []  # (count, recency, expert) as filed
+        self._filed: Dict[int, Tuple[float, int]] = {}  # resident expert -> the key its live entry holds
 
     def _bump(self, expert: int) -> None:
         self.counts[expert] = self.counts.get(expert, 0.0) + 1.0
 
+    def _file(self, expert: int) -> None:
+        if len(self._recency) <= SCAN_UP_TO:  # victims by a scan: no heap
+            if self._filed:
+                self._heap, self._filed = [], {}
+            return
+        if len(self._filed) < len(self._recency) - 1:  # grown past the scan's size: file everyone
+            self._rebuild()
+            return
+        key = self._filed[expert] = (self.counts[expert], self._recency[expert])
+        heapq.heappush(self._heap, (*key, expert))
+        if len(self._heap) > 2 * len(self._filed) + 64:  # entries of evicted experts pile up
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Every resident expert filed anew under its current key (counts rescaled, or too
+        many dead entries)."""
+        counts = self.counts
+        self._filed = {e: (counts[e], r) for e, r in self._recency.items()}
+        self._heap = [(*key, e) for e, key in self._filed.items()]
+        heapq.heapify(self._heap)
+
     def insert(self, expert: int) -> None:
         self._bump(expert)
-        self._recency.insert(expert)
+        self._clock += 1
+        self._recency[expert] = self._clock
+        self._file(expert)
 
     def insert_cold(self, expert: int) -> None:
         self.counts.setdefault(expert, 0.0)  # a returning expert keeps its record
-        self._recency.insert_cold(expert)
+        self._cold -= 1
+        self._recency[expert] = self._cold  # next in line among its count
+        self._file(expert)
 
     def hit(self, expert: int) -> None:
+        if expert not in self._recency:
+            raise KeyError(expert)
         self._bump(expert)
-        self._recency.hit(expert)
+        self._clock += 1
+        self._recency[expert] = self._clock
 
     def evict(self, expert: int) -> None:
-        self._recency.evict(expert)
+        del self._recency[expert]
+        self._filed.pop(expert, None)
 
     def victim(self, protected: Container[int] = ()) -> int:
-        best, best_count = None, None
+        heap, counts, recency, filed = self._heap, self.counts, self._recency, self._filed
+        if len(recency) <= SCAN_UP_TO or len(filed) < len(recency):
+            return self._scan(protected)
+        aside = []  # protected experts' entries, filed again once the victim is found
+        try:
+            while heap:
+                count, when, e = heap[0]
+                if filed.get(e) != (count, when):
+                    heapq.heappop(heap)  # dead: evicted, or filed again since
+                    continue
+                key = (counts[e], recency[e])
+                if key != (count, when):  # used since it was filed: file it under its key now
+                    filed[e] = key
+                    heapq.heapreplace(heap, (*key, e))
+                elif e in protected:
+                    aside.append(heapq.heappop(heap))
+                else:
+                    return e
+        finally:
+            for entry in aside:
+                heapq.heappush(heap, entry)
+        raise LookupError("every resident expert is protected")
+
+    def _scan(self, protected: Container[int]) -> int:
+        best, best_count, best_when = None, None, None
         counts = self.counts
-        for e in self._recency._order:  # oldest first: strict < keeps the oldest on ties
+        for e, when in self._recency.items():
             if e in protected:
                 continue
             c = counts[e]
-            if best_count is None or c < best_count:
-                best, best_count = e, c
+            if best is None or c < best_count or (c == best_count and when < best_when):
+                best, best_count, best_when = e, c, when
         if best is None:
             raise LookupError("every resident expert is protected")
         return best
@@ -153,6 +224,7 @@ class LFUDecayPolicy(LFUPolicy):
         if self._scale > 1e12:  # renormalise before floats lose precision
             self.counts = {e: c / self._scale for e, c in self.counts.items()}
             self._scale = 1.0
+            self._rebuild()
 
 
 class LRUKPolicy(Policy):

@@ -12,6 +12,7 @@ import pytest
 
 from golem.runtime.policies import (
     DEFAULT_POLICY,
+    SCAN_UP_TO,
     LRUPolicy,
     Policy,
     make_policy,
@@ -343,3 +344,87 @@ class _Base(Policy):
 def test_base_policy_is_abstract():
     with pytest.raises(NotImplementedError):
         _Base().insert(1)
+
+
+class _ScanLFU:
+    """LFU (and LFU with decay) as a scan: the oldest resident expert of the lowest count,
+    walking the recency order. The reference the heap-based policies must equal."""
+
+    def __init__(self, decay=None):
+        self.decay, self.scale, self.counts, self.order = decay, 1.0, {}, OrderedDict()
+
+    def insert(self, e, cold=False):
+        if cold:
+            self.counts.setdefault(e, 0.0)
+        else:
+            self.counts[e] = self.counts.get(e, 0.0) + self.scale
+        self.order[e] = None
+        self.order.move_to_end(e, last=not cold)
+
+    def hit(self, e):
+        self.counts[e] = self.counts.get(e, 0.0) + self.scale
+        self.order.move_to_end(e)
+
+    def evict(self, e):
+        del self.order[e]
+
+    def tick(self):
+        if self.decay is not None:
+            self.scale /= self.decay
+            if self.scale > 1e12:
+                self.counts = {e: c / self.scale for e, c in self.counts.items()}
+                self.scale = 1.0
+
+    def victim(self, protected):
+        best, best_count = None, None
+        for e in self.order:
+            if e not in protected and (best_count is None or self.counts[e] < best_count):
+                best, best_count = e, self.counts[e]
+        if best is None:
+            raise LookupError
+        return best
+
+
+@pytest.mark.parametrize("spec,decay", [("lfu", None), ("lfu-decay:decay=0.5", 0.5), ("lfu-decay", 0.95)])
+@pytest.mark.parametrize("cache_size", [12, SCAN_UP_TO + 8])
+def test_lfu_heap_chooses_the_victims_a_scan_does(spec, decay, cache_size):
+    """lfu and lfu-decay evict exactly what a scan of the resident experts in recency order
+    would, by their own scan and past ``SCAN_UP_TO`` experts by their heap, through the
+    pool's protocol with cold inserts (prefetches, and guesses kept from eviction),
+    re-inserts of evicted experts and, at decay 0.5, the counts' rescaling every 40 steps."""
+    rng = np.random.default_rng(cache_size)
+    policy, scan = make_policy(spec), _ScanLFU(decay)
+    resident, experts, k = set(), cache_size + 12, 3
+    victims = 0
+    for step in range(600):
+        policy.tick(), scan.tick()
+        needed = sorted(rng.choice(experts, k, replace=False).tolist())
+        for e in needed:
+            if e in resident:
+                policy.hit(e), scan.hit(e)
+                continue
+            if len(resident) == cache_size:
+                v = policy.victim(set(needed))
+                assert v == scan.victim(set(needed)), (step, e)
+                policy.evict(v), scan.evict(v)
+                resident.discard(v)
+                victims += 1
+            policy.insert(e), scan.insert(e)
+            resident.add(e)
+        for e in rng.choice(experts, 2, replace=False).tolist():  # prefetches landing, cold
+            if e in resident:
+                continue
+            keep = set(rng.choice(experts, 4, replace=False).tolist())
+            if len(resident) == cache_size:
+                try:
+                    v = policy.victim(keep)
+                except LookupError:
+                    with pytest.raises(LookupError):
+                        scan.victim(keep)
+                    continue
+                assert v == scan.victim(keep), (step, e)
+                policy.evict(v), scan.evict(v)
+                resident.discard(v)
+            policy.insert_cold(e), scan.insert(e, cold=True)
+            resident.add(e)
+    assert victims > 300
