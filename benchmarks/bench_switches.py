@@ -28,6 +28,9 @@ Switches:
 - ``overlap``: a decode layer with misses computes its resident experts while the misses
   load, then the missing ones (two expert graphs and a reorder: ``Engine(overlap=True)``),
   against one graph over all of them once the reads have landed.
+- ``overlap-share``: a decode layer with misses computes its resident experts while the
+  misses load only when at least half its routed experts are resident
+  (``Engine(overlap_share=0.5)``), against whenever one is (the earlier shape, ``0.0``).
 - ``launch-first``: the engine starts each decode layer's finished expert graph at once
   (``Engine(launch_first=True)``: ``mx.async_eval``), before the prefetcher's issue and the
   model's next steps are built, against leaving it for the next layer's sync to start.
@@ -82,6 +85,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_decode  # noqa: E402
+from golem.runtime.engine import OVERLAP_SHARE  # noqa: E402
 
 ROWS = {
     "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
@@ -92,6 +96,7 @@ ROWS = {
     "prefetch-after-launch": ("disk_depth2", "disk_default", "depth2", "default"),
     "reads-before-books": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "overlap": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
+    "overlap-share": ("disk_depth0", "disk_depth2", "depth0", "depth2", "default"),
     "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-copies": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-lock-ranking": ("disk_depth2", "depth2"),
@@ -103,7 +108,8 @@ ROWS = {
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
-               "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake", "device-ranks")  # a loaded engine can flip these
+               "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake", "device-ranks",
+               "overlap-share")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -304,6 +310,10 @@ def switch(name: str, on: bool, share: float):
         with patched(Engine, **{name.replace("-", "_"): on}):
             yield
         return
+    if name == "overlap-share":
+        with patched(Engine, overlap_share=OVERLAP_SHARE if on else 0.0):
+            yield
+        return
     if name == "early-stop":
         with patched(Governor, clear_loss=2.0 if on else None):
             yield
@@ -453,6 +463,8 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
                         engine.early = share if on else None
                     if args.switch in ("launch-first", "overlap"):
                         setattr(engine, args.switch.replace("-", "_"), on)
+                    if args.switch == "overlap-share":
+                        engine.overlap_share = OVERLAP_SHARE if on else 0.0
                     before = _host(engine)
                     with method_switch(args.switch, on):
                         s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every figure benchmarks/RESULTS.md needs from one machine, in one run: the machine card,
 # bench_upload, bench_decode --runs 3 at both shapes, profile_decode (host time by phase), the
-# early launch, the launch first and the hits computed while misses load, each off and on
-# (bench_switches --interleave), experts packed one read each against stacked (golem-pack), a
-# cProfile of a depth-0 decode, golem-run --demo, and the test suite. On a lent GPU, from the repository root:
+# early launch, the launch first, the hits computed while misses load (and only from half the
+# experts resident), the ranks sorted on the device, each off and on (bench_switches
+# --interleave), experts packed one read each against stacked (golem-pack), a cProfile of a
+# depth-0 decode, golem-run --demo, and the test suite. On a lent GPU, from the repository root:
 #     OUT=/tmp/out ../shared/gpu/run.sh bash benchmarks/gpu_check.sh
 # On a CPU, to check the script itself in a few minutes:
 #     bash benchmarks/gpu_check.sh --small
@@ -58,7 +59,7 @@ if [ $QUICK -eq 1 ]; then
   step "early launch (share 0.25), interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
   step "early launch of every decode layer, interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 3 --tokens 12 --rows disk_depth0,depth2
   step "launch first, interleaved" 90 "$PY" benchmarks/bench_switches.py --switch launch-first --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
-  step "hits while misses load, interleaved" 90 "$PY" benchmarks/bench_switches.py --switch overlap --interleave --shape small --runs 3 --tokens 12 --rows disk_depth0,depth0
+  step "hits while misses load, from half resident, interleaved" 90 "$PY" benchmarks/bench_switches.py --switch overlap-share --interleave --shape small --runs 3 --tokens 12 --rows disk_depth0,depth0
   step "packed experts (golem-pack), alternating loads" 90 "$PY" benchmarks/bench_switches.py --switch packed-experts --runs 2 --tokens 16 --rows disk_depth0,disk_depth2
   step "bench_upload" 60 "$PY" benchmarks/bench_upload.py --runs 3 --sizes-mb 1 16 --batches 1 8
   step "golem-run --demo" 60 golem-run --demo
@@ -85,7 +86,9 @@ else
   step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,depth2
   step "launch first, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch launch-first --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0,depth2
   step "hits while misses load, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch overlap --interleave --shape small --runs 6 --rows disk_depth0,depth0,depth2
+  step "hits while misses load, from half resident, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch overlap-share --interleave --shape small --runs 6 --rows disk_depth0,depth0,depth2
   step "ranking that keeps the interpreter lock, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch held-lock-ranking --interleave --runs 6 --tokens 16
+  step "ranks sorted on the device, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch device-ranks --interleave --runs 6 --tokens 16
   step "packed experts (golem-pack), alternating loads" 400 "$PY" benchmarks/bench_switches.py --switch packed-experts --runs 4 --tokens 16
   step "where the engine lets the interpreter lock go" 200 "$PY" benchmarks/profile_gil.py --rows disk_depth0,disk_depth2
   PROFILE_TOKENS=24

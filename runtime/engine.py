@@ -33,6 +33,15 @@ from golem.runtime.streaming import stream_groups
 # each of those is computed twice (once on slot 0, discarded).
 EARLY_ABSENT = 0.25
 ABSENT_DECAY = 0.25  # weight of the newest step in ``SlotPool.recent_absent``
+# A decode layer with misses computes its resident experts while the misses load only when
+# at least this share of its routed experts is resident: the split costs two expert graphs,
+# a launch and a reorder on the host, and buys the resident experts' compute, microseconds
+# on a device. ``benchmarks/bench_switches.py --switch overlap-share`` against splitting
+# whenever one is resident, 2-core CPU: 1.03-1.04x tok/s and 17-24% less engine host time
+# per layer at depth 0 where compute is negligible (the host shape, a fast device's
+# proxy), 0.96-0.97x at the small shape, where an expert's compute takes milliseconds on
+# the CPU: there the CPU backend keeps splitting whenever one is resident.
+OVERLAP_SHARE = 0.5
 
 
 class Engine:
@@ -51,10 +60,12 @@ class Engine:
     is launched before its sync, through the pool's device table: the device computes it
     while the host reads the ids and keeps its books; experts that were missing then are
     computed again once read. Another decode layer with misses first queues its demand
-    reads, then (``overlap``) builds and starts its resident experts' computation, then does
-    the prefetcher's part (other layers' installs, scoring, new reads), then waits for the
-    reads, writes them into their slots and computes the missing experts; the two results
-    are put back in routing order, so the output is the one computation would give. A writer
+    reads, then (``overlap``, when at least ``overlap_share`` of its experts is resident)
+    builds and starts its resident experts' computation, then does the prefetcher's part
+    (other layers' installs, scoring, new reads), then waits for the reads, writes them into
+    their slots and computes the missing experts; the two results are put back in routing
+    order, so the output is the one computation would give (with fewer resident, one
+    computation over all of them once the reads land). A writer
     that replaces whole pool arrays (``device``) first waits for the resident experts'
     computation (so the pool is updated in place, not copied): a wait for work already
     under way, not a read-back.
@@ -74,6 +85,8 @@ class Engine:
         cpu_clock: the engine thread's CPU clock, to count its CPU time by phase too (see
             ``time_cpu``); None: wall time only.
         overlap: compute a decode step's resident experts while its misses load.
+        overlap_share: ... when at least this share of the step's routed experts is
+            resident; None: ``OVERLAP_SHARE``, or 0 (any) when MLX computes on the CPU.
         early: launch a decode layer's experts before its host sync while, on average over
             its recent steps, at most this share of its routed experts was missing at the
             sync (each such expert is computed twice); None: never.
@@ -89,7 +102,8 @@ class Engine:
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
-                 cpu_clock=None, overlap: bool = True, early: Optional[float] = EARLY_ABSENT,
+                 cpu_clock=None, overlap: bool = True, overlap_share: Optional[float] = None,
+                 early: Optional[float] = EARLY_ABSENT,
                  launch_first: Optional[bool] = None):
         self.index = index
         self.pools = pools
@@ -101,8 +115,10 @@ class Engine:
         self.hidden = hidden or (lambda layer, x: x)
         self.clock = clock
         self.overlap = overlap
+        on_cpu = mx.default_device() == mx.cpu
+        self.overlap_share = (0.0 if on_cpu else OVERLAP_SHARE) if overlap_share is None else overlap_share
         self.early = early
-        self.launch_first = mx.default_device() != mx.cpu if launch_first is None else launch_first
+        self.launch_first = not on_cpu if launch_first is None else launch_first
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
@@ -546,7 +562,8 @@ class Engine:
             self._note_absent(pool, len(todo))  # one token: its experts are distinct
         slots = pool.slots(ids)  # misses are assigned their slots already
         ph.lap("pool")
-        if not (todo and self.overlap and self._decoding and hits):
+        if not (todo and self.overlap and self._decoding and hits
+                and len(hits) >= self.overlap_share * len(needed)):
             if todo:
                 self._fetch(pool.layer, todo, issue, futures)
             y = glu(x, mx.array(slots))

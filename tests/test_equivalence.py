@@ -105,14 +105,26 @@ def test_both_slot_write_paths_identical(checkpoints, references, monkeypatch, d
         assert all(p.writer.name == "host" for p in pools)  # the CPU backend shares host memory
 
 
-@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("overlap,share", [(True, 0.0), (True, 0.5), (False, 0.0)])
 @pytest.mark.parametrize("writer", ["host", "device"])
-def test_resident_experts_computed_while_misses_load_identical(checkpoints, references, overlap, writer):
-    """Splitting a decode step's experts into resident and missing ones changes no token."""
+def test_resident_experts_computed_while_misses_load_identical(checkpoints, references, overlap, share, writer):
+    """Splitting a decode step's experts into resident and missing ones changes no token;
+    a step splits only when at least ``overlap_share`` of its experts is resident."""
     tokens, expected = references("mixtral")
     with load(str(checkpoints("mixtral")), cache_sizes=TOP_K + 1, slot_writer=writer) as (model, _):
-        model.golem.engine.overlap = overlap
+        engine = model.golem.engine
+        engine.overlap, engine.overlap_share = overlap, share
+        fetch, split = engine._fetch, []
+
+        def fetching(layer, todo, meanwhile=None, futures=None):
+            if engine._decoding:  # the split's reads run its resident experts meanwhile
+                split.append((getattr(meanwhile, "__name__", None) == "meanwhile", len(todo)))
+            return fetch(layer, todo, meanwhile, futures)
+
+        engine._fetch = fetching
         got = greedy_tokens(model, tokens)
-        stats = model.golem.engine.stats.total()
+        stats = engine.stats.total()
     assert got == expected
     assert stats.misses > 0 and stats.hits > 0
+    assert any(s for s, _ in split) == overlap
+    assert all(TOP_K - misses >= share * TOP_K for s, misses in split if s)
