@@ -195,7 +195,7 @@ class Dispatcher:
                 self.queue.remove(req)
         if (depth, -score) < (req.depth, -req.score):
             was_demand = req.demand
-            req.depth, req.score = depth, score
+            req.rank(depth, score)
             if req.state == QUEUED:
                 if not was_demand and req.demand:
                     self.queue.prefetch_queued -= 1

@@ -157,10 +157,15 @@ class PieceQueue:
 
     def add(self, batch: Batch) -> None:
         self.waiting += len(batch.jobs)
-        self.active.append(batch)
+        active = self.active
         if batch.demand:
             self.demand_batches += 1
-            self.active.sort(key=lambda b: not b.demand)  # stable: demand batches first
+            at = 0  # after the demand batches already waiting: demand first, in order
+            while at < len(active) and active[at].demand:
+                at += 1
+            active.insert(at, batch)
+        else:
+            active.append(batch)
 
     def promote(self, batch: Batch) -> None:
         """A running prefetch became a demand: its remaining pieces go first."""

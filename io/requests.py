@@ -55,13 +55,14 @@ class Request:
     alignment its view should have in a staging buffer, ``edges`` where its ranges start and
     end in the files (``file_edges``), ``buffer``/``shift`` where it lands."""
 
-    __slots__ = ("key", "depth", "score", "ranges", "nbytes", "future", "state", "cancelled",
+    __slots__ = ("key", "depth", "demand", "score", "ranges", "nbytes", "future", "state", "cancelled",
                  "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "pieces",
                  "align", "shift", "edges")
 
     def __init__(self, key, depth, score, ranges, nbytes, pieces, align, edges, now):
         self.key = key
         self.depth = depth
+        self.demand = depth == 0  # kept with ``depth`` (``rank``): read on every hot path
         self.score = score
         self.ranges: Sequence[ByteRange] = ranges
         self.nbytes = nbytes
@@ -79,9 +80,9 @@ class Request:
         self.upgraded = False
         self.batch = None  # the readers.Batch reading it, once running
 
-    @property
-    def demand(self) -> bool:
-        return self.depth == 0
+    def rank(self, depth: int, score: float) -> None:
+        """A new priority (a demand upgrades a prefetch)."""
+        self.depth, self.score, self.demand = depth, score, depth == 0
 
 
 class RequestQueue:
