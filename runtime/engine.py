@@ -20,7 +20,6 @@ from golem.io.file_handles import aligned_empty
 from golem.io.futures import wait_result
 from golem.io.index import ExpertIndex
 from golem.runtime.disk_reader import ExpertReader
-
 from golem.runtime.governor import TokenOutcome
 from golem.runtime.prefetch import EVICTED, INSTALLED, LATE, NO_SLOT, NOT_NEEDED, USED
 from golem.runtime.phases import PhaseClock
@@ -33,14 +32,9 @@ from golem.runtime.streaming import stream_groups
 # each of those is computed twice (once on slot 0, discarded).
 EARLY_ABSENT = 0.25
 ABSENT_DECAY = 0.25  # weight of the newest step in ``SlotPool.recent_absent``
-# A decode layer with misses computes its resident experts while the misses load only when
-# at least this share of its routed experts is resident: the split costs two expert graphs,
-# a launch and a reorder on the host, and buys the resident experts' compute, microseconds
-# on a device. ``benchmarks/bench_switches.py --switch overlap-share`` against splitting
-# whenever one is resident, 2-core CPU: 1.03-1.04x tok/s and 17-24% less engine host time
-# per layer at depth 0 where compute is negligible (the host shape, a fast device's
-# proxy), 0.96-0.97x at the small shape, where an expert's compute takes milliseconds on
-# the CPU: there the CPU backend keeps splitting whenever one is resident.
+# A decode layer with misses computes its resident experts apart, while the misses load, from
+# this share of them resident: below, the split's host work outweighs their compute on a fast
+# device (``bench_switches.py --switch overlap-share``); the CPU backend splits from any.
 OVERLAP_SHARE = 0.5
 
 
@@ -60,12 +54,11 @@ class Engine:
     is launched before its sync, through the pool's device table: the device computes it
     while the host reads the ids and keeps its books; experts that were missing then are
     computed again once read. Another decode layer with misses first queues its demand
-    reads, then (``overlap``, when at least ``overlap_share`` of its experts is resident)
-    builds and starts its resident experts' computation, then does the prefetcher's part
-    (other layers' installs, scoring, new reads), then waits for the reads, writes them into
-    their slots and computes the missing experts; the two results are put back in routing
-    order, so the output is the one computation would give (with fewer resident, one
-    computation over all of them once the reads land). A writer
+    reads, then (``overlap``, from ``overlap_share`` of its experts resident) builds and
+    starts its resident experts' computation, then does the prefetcher's part (other layers'
+    installs, scoring, new reads), then waits for the reads, writes them into their slots and
+    computes the missing experts; the two results are put back in routing order, so the
+    output is the one computation would give. A writer
     that replaces whole pool arrays (``device``) first waits for the resident experts'
     computation (so the pool is updated in place, not copied): a wait for work already
     under way, not a read-back.
@@ -85,8 +78,8 @@ class Engine:
         cpu_clock: the engine thread's CPU clock, to count its CPU time by phase too (see
             ``time_cpu``); None: wall time only.
         overlap: compute a decode step's resident experts while its misses load.
-        overlap_share: ... when at least this share of the step's routed experts is
-            resident; None: ``OVERLAP_SHARE``, or 0 (any) when MLX computes on the CPU.
+        overlap_share: ... from this share of its experts resident; None:
+            ``OVERLAP_SHARE``, or 0 (any) when MLX computes on the CPU.
         early: launch a decode layer's experts before its host sync while, on average over
             its recent steps, at most this share of its routed experts was missing at the
             sync (each such expert is computed twice); None: never.
@@ -103,8 +96,7 @@ class Engine:
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
                  cpu_clock=None, overlap: bool = True, overlap_share: Optional[float] = None,
-                 early: Optional[float] = EARLY_ABSENT,
-                 launch_first: Optional[bool] = None):
+                 early: Optional[float] = EARLY_ABSENT, launch_first: Optional[bool] = None):
         self.index = index
         self.pools = pools
         self.reader = reader

@@ -347,42 +347,42 @@ def test_base_policy_is_abstract():
 
 
 class _ScanLFU:
-    """LFU (and LFU with decay) as a scan: the oldest resident expert of the lowest count,
-    walking the recency order. The reference the heap-based policies must equal."""
+    """LFU (with decay when given) by brute force: recency is a list, oldest first, and the
+    victim is the unprotected expert of the lowest (count, place in that list). The
+    reference the heap-based policies must equal."""
 
     def __init__(self, decay=None):
-        self.decay, self.scale, self.counts, self.order = decay, 1.0, {}, OrderedDict()
+        self.decay, self.scale, self.counts, self.order = decay, 1.0, {}, []
 
     def insert(self, e, cold=False):
+        if e in self.order:
+            self.order.remove(e)
         if cold:
             self.counts.setdefault(e, 0.0)
+            self.order.insert(0, e)  # next in line
         else:
-            self.counts[e] = self.counts.get(e, 0.0) + self.scale
-        self.order[e] = None
-        self.order.move_to_end(e, last=not cold)
+            self.hit(e)
 
     def hit(self, e):
         self.counts[e] = self.counts.get(e, 0.0) + self.scale
-        self.order.move_to_end(e)
+        if e in self.order:
+            self.order.remove(e)
+        self.order.append(e)
 
     def evict(self, e):
-        del self.order[e]
+        self.order.remove(e)
 
     def tick(self):
-        if self.decay is not None:
-            self.scale /= self.decay
-            if self.scale > 1e12:
-                self.counts = {e: c / self.scale for e, c in self.counts.items()}
-                self.scale = 1.0
+        self.scale = self.scale / self.decay if self.decay else 1.0
+        if self.scale > 1e12:
+            self.counts = {e: c / self.scale for e, c in self.counts.items()}
+            self.scale = 1.0
 
     def victim(self, protected):
-        best, best_count = None, None
-        for e in self.order:
-            if e not in protected and (best_count is None or self.counts[e] < best_count):
-                best, best_count = e, self.counts[e]
-        if best is None:
+        left = [e for e in self.order if e not in protected]
+        if not left:
             raise LookupError
-        return best
+        return min(left, key=lambda e: (self.counts[e], self.order.index(e)))
 
 
 @pytest.mark.parametrize("spec,decay", [("lfu", None), ("lfu-decay:decay=0.5", 0.5), ("lfu-decay", 0.95)])
