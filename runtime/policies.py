@@ -111,9 +111,7 @@ class LFUPolicy(Policy):
         self._cold = 0  # the last cold insert's recency: each one goes before every other expert
         self._heap: List[Tuple[float, int, int]] = []  # (count, recency, expert) as filed
         self._filed: Dict[int, Tuple[float, int]] = {}  # resident expert -> the key its live entry holds
-
-    def _bump(self, expert: int) -> None:
-        self.counts[expert] = self.counts.get(expert, 0.0) + 1.0
+        self._scale = 1.0  # what a use adds to a count (LFU-decay raises it every step)
 
     def _file(self, expert: int) -> None:
         if len(self._recency) <= SCAN_UP_TO:  # victims by a scan: no heap
@@ -137,7 +135,8 @@ class LFUPolicy(Policy):
         heapq.heapify(self._heap)
 
     def insert(self, expert: int) -> None:
-        self._bump(expert)
+        counts = self.counts
+        counts[expert] = counts.get(expert, 0.0) + self._scale
         self._clock += 1
         self._recency[expert] = self._clock
         self._file(expert)
@@ -149,11 +148,12 @@ class LFUPolicy(Policy):
         self._file(expert)
 
     def hit(self, expert: int) -> None:
-        if expert not in self._recency:
+        recency, counts = self._recency, self.counts
+        if expert not in recency:
             raise KeyError(expert)
-        self._bump(expert)
+        counts[expert] = counts[expert] + self._scale
         self._clock += 1
-        self._recency[expert] = self._clock
+        recency[expert] = self._clock
 
     def evict(self, expert: int) -> None:
         del self._recency[expert]
@@ -213,11 +213,7 @@ class LFUDecayPolicy(LFUPolicy):
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"lfu-decay: decay must be in (0, 1), got {decay}")
-        self.decay = decay
-        self._scale = 1.0  # counts are stored divided by the running scale
-
-    def _bump(self, expert: int) -> None:
-        self.counts[expert] = self.counts.get(expert, 0.0) + self._scale
+        self.decay = decay  # counts are stored divided by the running scale (``_scale``)
 
     def tick(self) -> None:
         self._scale /= self.decay
