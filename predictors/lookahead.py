@@ -18,10 +18,14 @@ from .routers import MoEBlock
 HIDDEN_KINDS = ("post_attn", "layer_input")
 
 
-def device_ranks(rows: mx.array) -> mx.array:
-    """Lazy int32 (T, E): each entry's rank in its row of ``rows`` (0 = highest, ties to the
-    lower index, NaN as the lowest), a row of -1 where ``rows`` is all NaN (nothing to go
-    on). Two stable sorts of a few rows, evaluated with the layer's host sync."""
+def device_ranks(rows: mx.array, nan_rows: bool = True) -> mx.array:
+    """Lazy integer (T, E): each entry's rank in its row of ``rows`` (0 = highest, ties to
+    the lower index, NaN as the lowest), a row of -1 where ``rows`` is all NaN (nothing to
+    go on). Two stable sorts of a few rows, evaluated with the layer's host sync.
+    ``nan_rows=False``: ``rows`` hold no NaN, and the two sorts are all (each op costs the
+    CPU backend tens of microseconds)."""
+    if not nan_rows:
+        return mx.argsort(mx.argsort(-rows, axis=-1), axis=-1)
     nan = mx.isnan(rows)
     order = mx.argsort(-mx.where(nan, -mx.inf, rows), axis=-1)  # stable: ties keep the lower index
     ranks = mx.argsort(order, axis=-1).astype(mx.int32)
@@ -61,6 +65,7 @@ class _RankCalibrated(Predictor):
     """
 
     needs_hidden = True
+    nan_rows = True  # ``rank_rows`` may hold NaN (rows with nothing to go on)
 
     def __init__(self, shape: RoutingShape, *, hidden_kind: str, max_depth: int, online: bool, prior_weight: float):
         if hidden_kind not in HIDDEN_KINDS:
@@ -99,7 +104,7 @@ class _RankCalibrated(Predictor):
         h = hidden if isinstance(hidden, mx.array) else mx.array(np.asarray(hidden))
         h = h.reshape(-1, h.shape[-1])[-1:]  # (1, D): the last token
         rows = self.rank_rows(position, targets, h)
-        return Proposal(position, targets, () if rows is None else (rows, device_ranks(rows)))
+        return Proposal(position, targets, () if rows is None else (rows, device_ranks(rows, self.nan_rows)))
 
     def raw_scores(self, proposal: Proposal) -> np.ndarray:
         """float32 (len(targets), E): the ranking quantities, as evaluated."""
@@ -173,6 +178,7 @@ class Lookahead(_RankCalibrated):
     """
 
     name = "lookahead"
+    nan_rows = False  # a router's scores: finite
 
     def __init__(
         self,
