@@ -19,11 +19,12 @@ HIDDEN_KINDS = ("post_attn", "layer_input")
 
 
 def device_ranks(rows: mx.array, nan_rows: bool = True) -> mx.array:
-    """Lazy integer (T, E): each entry's rank in its row of ``rows`` (0 = highest, ties to
-    the lower index, NaN as the lowest), a row of -1 where ``rows`` is all NaN (nothing to
-    go on). Two stable sorts of a few rows, evaluated with the layer's host sync.
-    ``nan_rows=False``: ``rows`` hold no NaN, and the two sorts are all (each op costs the
-    CPU backend tens of microseconds)."""
+    """Lazy integer (T, E): each entry's rank in its row of ``rows`` (0 = highest, NaN as the
+    lowest), a row of -1 where ``rows`` is all NaN (nothing to go on). Two sorts of a few
+    rows, evaluated with the layer's host sync. Ties go to the lower index where the
+    backend's sort is stable (the CPU's is, as ``host_ranks``); elsewhere only experts of
+    equal scores may trade ranks. ``nan_rows=False``: ``rows`` hold no NaN, and the two
+    sorts are all (each op costs the CPU backend tens of microseconds)."""
     if not nan_rows:
         return mx.argsort(mx.argsort(-rows, axis=-1), axis=-1)
     nan = mx.isnan(rows)
