@@ -56,6 +56,9 @@ Switches:
   on the device in the layer's host sync (``predictors.lookahead.device_ranks``), so the
   engine's thread only looks them up, against ranking each row with Python's sort on the
   engine's thread (the earlier shape).
+- ``read-waste``: the prefetch governor is charged only for wasted prefetches that were read
+  (cancelled while being read, evicted unused, or landed with no slot), against every one
+  dropped, a read cancelled while still queued too (the earlier shape).
 - ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
   out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
@@ -104,12 +107,13 @@ ROWS = {
     "packed-experts": ("disk_depth0", "disk_depth2", "disk_default", "depth0", "depth2", "default"),
     "one-wake": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "device-ranks": ("disk_depth2", "disk_default", "depth2", "default"),
+    "read-waste": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "governed2", "default"),
     "stall-avoided": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth1", "governed2", "default"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
                "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake", "device-ranks",
-               "overlap-share")  # a loaded engine can flip these
+               "overlap-share", "read-waste")  # a loaded engine can flip these
 
 
 def _prefetch_before_launch():
@@ -177,6 +181,10 @@ def _earlier_shape(name: str):
         from golem.runtime.prefetch import Prefetcher
 
         return [(Prefetcher, "arrivals", lambda self: [(k[0], k[1], buf) for k, buf in self.scheduler.poll(0)])]
+    if name == "read-waste":
+        from golem.runtime.prefetch import Prefetcher
+
+        return [(Prefetcher, "dropped", _every_drop_charged(Prefetcher.dropped))]
     if name == "device-ranks":
         from golem.predictors.lookahead import _RankCalibrated
 
@@ -187,6 +195,14 @@ def _earlier_shape(name: str):
         return [(_RankCalibrated, "scores", _numpy_scores), (_RankCalibrated, "observe", _numpy_observe),
                 (_RankCalibrated, "begin_step", _numpy_begin_step)]
     return None
+
+
+def _every_drop_charged(dropped):
+    """The earlier ``Prefetcher.dropped``: the governor charged for a read cancelled while queued too."""
+    def every_drop(self, layer, expert, nbytes):
+        dropped(self, layer, expert, nbytes)
+        self._wasted += nbytes == 0
+    return every_drop
 
 
 def _raw_rows_only(propose):

@@ -269,18 +269,24 @@ class Prefetcher:
               resident: Callable[[int], np.ndarray]) -> None:
         """After ``layer``'s host sync: cancel what its routing ``ids`` made stale, request the rest.
 
-        Prefetches for ``layer`` that it does not use are cancelled; a nearer layer's guess
-        supersedes a farther one's (queued reads it no longer names are dropped); then the
-        candidates of ``proposals`` not yet ``resident(model_layer) -> bool (E,)`` are
-        submitted, nearest layers and best scores first. Each of these is one call to the
-        scheduler for all its keys (``cancel_many``, ``pending_many``, ``submit_many``).
+        Prefetches for ``layer`` that it does not use are cancelled (those still queued
+        first, which lost no read); a nearer layer's guess supersedes a farther one's (queued
+        reads it no longer names are dropped); then the candidates of ``proposals`` not yet
+        ``resident(model_layer) -> bool (E,)`` are submitted, nearest layers and best scores
+        first. Each of these is one call to the scheduler for all its keys (``cancel_many``,
+        ``pending_many``, ``submit_many``).
         """
         sched, here = self.scheduler, self.position[layer]
         used = set(ids.reshape(-1).tolist())
         mine = [k for k in self.in_flight if k[0] == layer]
         stale = [k for k in mine if k[1] not in used]
         left = [k for k in mine if k[1] in used]  # still in flight, or done with?
-        for key, cancelled in zip(stale, sched.cancel_many(stale)):
+        queued = sched.cancel_many(stale, queued_only=True)  # never read: no bytes lost
+        running = [key for key, cancelled in zip(stale, queued) if not cancelled]
+        for key, cancelled in zip(stale, queued):
+            if cancelled:
+                self.dropped(key[0], key[1], 0)
+        for key, cancelled in zip(running, sched.cancel_many(running)):
             if cancelled:
                 self.dropped(key[0], key[1], self.expert_nbytes[here])
             else:
@@ -363,13 +369,16 @@ class Prefetcher:
             self.dropped(layer, expert, nbytes)
 
     def dropped(self, layer: int, expert: int, nbytes: int) -> None:
-        """A prefetch cancelled, failed, or evicted before its first use."""
+        """A prefetch cancelled, failed, or evicted before its first use; ``nbytes`` of it
+        were read (0: cancelled while queued). The governor weighs only those read: a read
+        and a slot given to nothing (one cancelled in the queue cost host time, counted
+        apart)."""
         self.in_flight.pop((layer, expert), None)
         self.unused.discard((layer, expert))
         s = self.stats[layer]
         s.wasted += 1
         s.wasted_nbytes += nbytes
-        self._wasted += 1
+        self._wasted += nbytes > 0
 
     def used(self, layer: int, expert: int, nbytes: int) -> bool:
         """A resident expert is used; True if it came from a prefetch not used before."""

@@ -306,6 +306,38 @@ def test_prefetcher_owns_issue_cancel_supersede_and_accounting():
     assert totals.issued == 4 and totals.useful == 1 and totals.wasted == 3
 
 
+def test_the_governor_weighs_only_wasted_prefetches_that_were_read():
+    """A stale prefetch cancelled while queued lost no read: it counts as wasted in the
+    statistics, without bytes, and the governor is not charged for it; one cancelled while
+    being read, or evicted unused, is charged."""
+    from golem.runtime.governor import TokenOutcome
+    from golem.runtime.prefetch import Prefetcher
+
+    class Ledger:
+        def __init__(self):
+            self.wasted = []
+
+        def step(self, outcome, useful, wasted):
+            self.wasted.append(wasted)
+            return 2
+
+    guesses = _Guesses(3, 8)
+    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
+                    [100, 100, 100], [True, True, True])
+    sched, pf.governor = _FakeScheduler(), Ledger()
+    pf.attach(sched)
+    nothing = lambda layer: np.zeros(8, bool)
+    pf.begin(True, TokenOutcome())
+    guesses.table = {1: {3: 0.9, 4: 0.8, 5: 0.7}}
+    pf.issue(10, np.array([[1, 2]]), pf.propose(10, None), nothing)
+    sched.state[(20, 4)] = "running"  # (20, 5) is still queued
+    pf.issue(20, np.array([[3, 6]]), [], nothing)  # neither 4 nor 5 is used: both cancelled
+    assert set(sched.cancels) == {(20, 4), (20, 5)}
+    assert pf.stats[20].wasted == 2 and pf.stats[20].wasted_nbytes == 100
+    pf.begin(True, TokenOutcome())
+    assert pf.governor.wasted == [0, 1]  # the first step saw nothing yet
+
+
 def test_with_no_prefetch_out_nothing_is_polled():
     """The scheduler is polled for arrivals only while a prefetch is out: a poll takes its
     lock, at every decode layer. What was read and not installed is still out."""
