@@ -220,7 +220,8 @@ class LFUDecayPolicy(LFUPolicy):
         if self._scale > 1e12:  # renormalise before floats lose precision
             self.counts = {e: c / self._scale for e, c in self.counts.items()}
             self._scale = 1.0
-            self._rebuild()
+            if self._filed:  # victims from the heap: file everyone under the rescaled counts
+                self._rebuild()
 
 
 class LRUKPolicy(Policy):

@@ -274,7 +274,7 @@ class Prefetcher:
         reads it no longer names are dropped); then the candidates of ``proposals`` not yet
         ``resident(model_layer) -> bool (E,)`` are submitted, nearest layers and best scores
         first. Each of these is one call to the scheduler for all its keys (``cancel_many``,
-        ``pending_many``, ``submit_many``).
+        ``pending_many``, ``submit_many``), the stale cancels two when some are being read.
         """
         sched, here = self.scheduler, self.position[layer]
         used = set(ids.reshape(-1).tolist())
