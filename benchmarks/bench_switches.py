@@ -59,12 +59,17 @@ Switches:
 - ``read-waste``: the prefetch governor is charged only for wasted prefetches that were read
   (cancelled while being read, evicted unused, or landed with no slot), against every one
   dropped, a read cancelled while still queued too (the earlier shape).
+- ``timed-governor``: the prefetch governor judges a depth by the decode steps' time against
+  that of steps decoded off a few tokens before, and starts at depth 1
+  (``Governor(reference_tokens=4, start_depth=1)``), against judging it by its model of the
+  stall avoided and the host time spent, starting at the deepest (the earlier shape:
+  ``reference_tokens=0, start_depth=None``). Set when a model loads.
 - ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
   out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
-equal depth 0's. ``--interleave`` (every switch but ``early-stop``, ``caller-activation`` and ``packed-experts``,
+equal depth 0's. ``--interleave`` (every switch but ``early-stop``, ``caller-activation``, ``timed-governor`` and ``packed-experts``,
 which are set when a model loads): one load per row, the two settings alternating between its decodes of all the prompts,
 ``--runs`` pairs, so that the slow drifts of a shared machine fall on both alike; it adds
 the median of the pairs' ratios (on / off). Prints tok/s (and engine wall us per partial layer) per row and setting
@@ -109,6 +114,8 @@ ROWS = {
     "device-ranks": ("disk_depth2", "disk_default", "depth2", "default"),
     "read-waste": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "governed2", "default"),
     "stall-avoided": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth1", "governed2", "default"),
+    "timed-governor": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth1", "depth2", "governed2",
+                       "default"),
 }
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
@@ -332,6 +339,10 @@ def switch(name: str, on: bool, share: float):
         return
     if name == "early-stop":
         with patched(Governor, clear_loss=2.0 if on else None):
+            yield
+        return
+    if name == "timed-governor":
+        with patched(Governor, **({} if on else {"reference_tokens": 0, "start_depth": None})):
             yield
         return
     if _earlier_shape(name) is not None:

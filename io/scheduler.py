@@ -382,6 +382,18 @@ class IOScheduler:
             kick = self._dispatcher.has_idle_reader()
         self._activate_after(kick)
 
+    def abandon(self, futures: Sequence[concurrent.futures.Future]) -> None:
+        """Nobody will take these demands' results: hand each buffer back as it arrives."""
+        for future in futures:
+            future.add_done_callback(self._release_result)
+
+    def _release_result(self, future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            try:
+                self.release(future.result())
+            except Exception:  # closed meanwhile: the pool goes with it
+                pass
+
     def pending(self, key: Hashable) -> Optional[str]:
         """``"queued"``, ``"running"``, ``"published"`` or None for a key nobody asked for."""
         return self.pending_many([key])[0]

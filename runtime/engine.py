@@ -115,6 +115,7 @@ class Engine:
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)
         self._last_outcome = (0.0, 0, 0.0)
+        self._span = [0.0, 0.0]  # the last decode step's first MoE layer call and its last one's end
         self._staging: Dict[int, np.ndarray] = {}
         self.trace = trace
         self.boundary = None  # optional golem.runtime.pipeline.Boundary: prefetch across pipeline ranks
@@ -225,7 +226,7 @@ class Engine:
                             written = []
                         ph.lap("request")
                 except BaseException:
-                    self._abandon(futures[taken:])  # the engine stops
+                    sched.abandon(futures[taken:])  # the engine stops
                     raise
                 finally:
                     sched.release_all(written)
@@ -237,18 +238,6 @@ class Engine:
             raise
         finally:
             pool.stats.read_s += waited
-
-    def _abandon(self, futures) -> None:
-        """Hand back the buffers of demand reads nobody will take, as they arrive."""
-        for future in futures:
-            future.add_done_callback(self._release_result)
-
-    def _release_result(self, future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            try:
-                self.scheduler.release(future.result())
-            except Exception:
-                pass
 
     def preload(self, layer: int, experts) -> None:
         """Load ``experts`` into ``layer`` (warm start, pinned layers), in order."""
@@ -288,7 +277,8 @@ class Engine:
         try:
             hits, todo, evicted = pool.admit(needed)
         except BaseException:
-            self._abandon(futures or ())
+            if futures:
+                self.scheduler.abandon(futures)
             raise
         for victim in evicted:
             self._evicted(pool.layer, victim)
@@ -382,19 +372,27 @@ class Engine:
         for pool in self.pools.values():
             if not pool.fully_resident:
                 pool.policy.tick()
-        self._decoding = tokens == 1
+        after_decode, self._decoding = self._decoding, tokens == 1
         st.decode_steps += self._decoding
         if pf is not None:
-            pf.begin(self._decoding, self._outcome() if self._decoding else None)
+            pf.begin(self._decoding, self._outcome(after_decode) if self._decoding else None)
+        self._span[0] = self.clock()
 
-    def _outcome(self) -> TokenOutcome:
-        """What the last decode step cost in stalls and prefetch host time (for the governor)."""
+    def _outcome(self, after_decode: bool) -> TokenOutcome:
+        """What the last decode step cost in stalls and prefetch host time, and how long it
+        took from its first MoE layer's call to its last one's end (for the governor)."""
         wall, st = self.stats.phases.wall_s, self.stats
         now = (wall["wait"], st.decode_misses, wall["predict"] + wall["issue"] + wall["install"])
         last, self._last_outcome = self._last_outcome, now
-        return TokenOutcome(stall_s=now[0] - last[0], misses=now[1] - last[1], prefetch_host_s=now[2] - last[2])
+        return TokenOutcome(stall_s=now[0] - last[0], misses=now[1] - last[1], prefetch_host_s=now[2] - last[2],
+                            span_s=self._span[1] - self._span[0] if after_decode else 0.0)
 
     def forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
+        y = self._forward(layer, glu, x, indices)
+        self._span[1] = self.clock()
+        return y
+
+    def _forward(self, layer: int, glu: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         if layer == self.first_layer:
             self._begin_call(indices)
             if self.boundary is not None and self._decoding:

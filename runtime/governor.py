@@ -1,20 +1,19 @@
 """The prefetch governor: how deep speculation may go for the next tokens, from what it paid.
 
 Owns one decision: the prefetch depth of each decode step, between 0 (off) and the most the
-user allowed. It weighs, over windows of tokens, what speculation saved (the stall avoided:
-the step's demand reads and used prefetches at the stall a demand read costs with prefetch
-off, less the stall the step had, so that a prefetch still in flight when its expert was
-needed counts for the part of its read it had done) against what it cost (the engine's host
-time proposing, issuing and installing prefetches, and prefetches wasted, each a read and a
-slot given to nothing). Below zero it steps down,
-down to off; while off it probes depth 1 now and then, less often after each probe that lost.
-Knows nothing of slots, files or predictors: the prefetcher feeds it numbers once per token.
+user allowed. It compares, over windows of tokens, the time of a decode step at a depth with
+the time of one decoded off, measured a few tokens before (where steps are not timed, it
+weighs a model instead: the stall avoided against the host time and the wasted reads that
+speculation cost). A depth that loses steps down, down to off; while off it probes depth 1
+now and then, less often after each probe that lost. Knows nothing of slots, files or
+predictors: the prefetcher feeds it numbers once per token.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Deque, Dict, List, Optional
 
 
 @dataclass(frozen=True)
@@ -26,11 +25,14 @@ class TokenOutcome:
         misses: demand reads.
         prefetch_host_s: host time spent on prefetch (predictor proposals and observation,
             issuing and cancelling reads, installing arrivals).
+        span_s: the whole step, from its first MoE layer's call to its last one's end (0:
+            not measured).
     """
 
     stall_s: float = 0.0
     misses: int = 0
     prefetch_host_s: float = 0.0
+    span_s: float = 0.0
 
 
 @dataclass
@@ -41,28 +43,40 @@ class GovernorStats:
     downs: int = 0
     ups: int = 0
     probes: int = 0
+    references: int = 0
 
     def describe(self) -> str:
         """One line: decode steps per depth, and the governor's moves."""
         at = ", ".join(f"{d}: {n}" for d, n in sorted(self.tokens_at.items()))
-        return f"steps at each depth {{{at}}}, {self.downs} steps down, {self.ups} up, {self.probes} probes"
+        return (f"steps at each depth {{{at}}}, {self.downs} steps down, {self.ups} up, {self.probes} probes, "
+                f"{self.references} references")
 
 
 class Governor:
     """Chooses the prefetch depth per token from measured savings and costs.
 
-    Per window of ``window`` tokens at depth d > 0: saved = (demand reads + useful
-    prefetches) x the stall per demand read with prefetch off, less the window's stall (the
-    stall avoided); cost = prefetch host time + wasted prefetches x ``waste_weight`` x that
-    stall per read. The stall per read with prefetch off is a running average over the
-    tokens decoded off (until there is one, over every token). A window
-    with saved < cost steps one layer shallower (at 0 prefetch is off), and so does a window
-    cut short after ``min_window`` tokens whose cost is already over ``clear_loss`` times what
-    it saved (where reads are cheap, host time alone outweighs the stalls a prefetch can
-    avoid by far, and every token at that depth is lost); a window that paid,
-    at a depth below ``max_depth`` whose deeper neighbour has not been measured since the
-    last probe (or did worse), steps one deeper. Off, it probes depth 1 after ``probe_tokens``
-    tokens, doubled after each probe that lost, up to ``max_probe_tokens``.
+    Two measures judge a window of ``window`` tokens at depth d > 0:
+
+    - Where the engine times its steps (``TokenOutcome.span_s``), the steps' time alone:
+      the window's median against the median over recent tokens decoded off (the reference).
+      That holds every cost of speculation, the predictor's work inside the host syncs and
+      the slot writes of prefetches too. A timed step at depth > 0 with no reference from
+      the last ``reference_every`` tokens starts ``reference_tokens`` tokens off that take
+      one, then a window at its depth again. The first step after a change of depth is
+      not timed: the reads the last depth started still land in it.
+    - Otherwise a model: saved = (demand reads + useful prefetches) x the stall per demand
+      read with prefetch off, less the window's stall (the stall avoided); cost = prefetch
+      host time + wasted prefetches x ``waste_weight`` x that stall per read. The stall per
+      read with prefetch off is a running average over the tokens decoded off (until there
+      is one, over every token).
+
+    A window that lost steps one layer shallower (at 0 prefetch is off), and so does a
+    window cut short after ``min_window`` tokens that lost clearly: steps slower than the
+    reference by over ``clear_slowdown``, or a modelled cost over ``clear_loss`` times what
+    it saved. A window that paid steps one deeper, below ``max_depth``, while the deeper
+    depth has not been judged since the last probe (or did better), and one shallower where
+    the shallower depth did better. Off, it probes depth 1 after ``probe_tokens`` tokens,
+    doubled after each probe that lost, up to ``max_probe_tokens``.
 
     Args:
         max_depth: the deepest it may go (the user's depth).
@@ -72,14 +86,20 @@ class Governor:
         waste_weight: a wasted prefetch's cost in demand stalls (small: speculative reads
             start only on an idle reader, under a cap, and the demand reads they delay show
             up in the measured stall per miss already).
-        start_depth: where it starts (default ``max_depth``).
+        start_depth: where it starts (default 1: the cheapest speculation to lose on, and
+            deeper only once it pays; None: ``max_depth``).
         min_window: tokens before a clear loss may end a window early.
-        clear_loss: cost over saved that ends a window early (None: never early).
+        clear_loss: modelled cost over saved that ends a window early (None: never early).
+        clear_slowdown: steps slower than the reference by this share end a window early.
+        reference_tokens: tokens off per reference (the first not timed); 0: judge by the
+            model only.
+        reference_every: tokens at depth > 0 a reference stays valid.
     """
 
     def __init__(self, max_depth: int, *, window: int = 8, probe_tokens: int = 16, max_probe_tokens: int = 512,
-                 waste_weight: float = 0.25, start_depth: Optional[int] = None, min_window: int = 2,
-                 clear_loss: Optional[float] = 2.0):
+                 waste_weight: float = 0.25, start_depth: Optional[int] = 1, min_window: int = 2,
+                 clear_loss: Optional[float] = 2.0, clear_slowdown: float = 0.15, reference_tokens: int = 4,
+                 reference_every: int = 128):
         if max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {max_depth}")
         self.max_depth = max_depth
@@ -89,6 +109,9 @@ class Governor:
         self.waste_weight = waste_weight
         self.min_window = min_window
         self.clear_loss = clear_loss
+        self.clear_slowdown = clear_slowdown
+        self.reference_tokens = reference_tokens
+        self.reference_every = reference_every
         self.depth = max_depth if start_depth is None else min(start_depth, max_depth)
         self.stats = GovernorStats()
         self.stall_per_miss_s: Optional[float] = None  # running average, every token
@@ -96,6 +119,12 @@ class Governor:
         self._net: Dict[int, float] = {}  # net seconds saved per token, last window at each depth (since off)
         self._saved = self._cost = 0.0
         self._tokens = 0
+        self._spans: List[float] = []  # this window's timed steps (seconds)
+        self._off_spans: Deque[float] = deque(maxlen=2 * window)  # the reference: recent steps off, timed
+        self._off_age = 0  # tokens since the last timed step off
+        self._timed = False  # the engine times its steps
+        self._settling = False  # the first token after a change of depth
+        self._back_to: Optional[int] = None  # in a reference: the depth it returns to
         self._off_for = 0
         self._backoff = probe_tokens
         self._probing = False  # at depth 1 on a probe that has not paid yet
@@ -104,8 +133,20 @@ class Governor:
         """One decoded token's outcome (``useful`` / ``wasted``: prefetches that turned out
         used or wasted during it); returns the depth for the next token."""
         self._measure(outcome)
+        span = 0.0 if self._settling else outcome.span_s
+        self._settling = False
         if self.depth == 0:
+            if span > 0:
+                self._off_spans.append(span)
+                self._off_age = 0
             return self._off_step()
+        self._off_age += 1
+        if span > 0 and self.reference_tokens > 0:
+            self._timed = True
+            if self._reference() is None:
+                self._take_reference()
+                return self.depth
+            self._spans.append(span)
         stall = self.off_stall_per_miss_s if self.off_stall_per_miss_s is not None else self.stall_per_miss_s or 0.0
         return self._account((outcome.misses + useful) * stall - outcome.stall_s,
                              outcome.prefetch_host_s + wasted * self.waste_weight * stall)
@@ -120,16 +161,41 @@ class Governor:
                 self.off_stall_per_miss_s = _average(self.off_stall_per_miss_s, per)
         self.stats.tokens_at[self.depth] = self.stats.tokens_at.get(self.depth, 0) + 1
 
+    def _set(self, depth: int) -> None:
+        self._settling = self._settling or depth != self.depth
+        self.depth = depth
+
     def _off_step(self) -> int:
-        """A token decoded off: probe depth 1 once off long enough."""
+        """A token decoded off: the end of a reference, or a probe of depth 1 once off long
+        enough."""
         self._off_for += 1
-        if self.max_depth > 0 and self._off_for >= self._backoff:
-            self.depth, self._off_for = 1, 0
+        if self._back_to is not None:
+            if self._off_for >= self.reference_tokens:
+                self._set(self._back_to)
+                self._back_to = None
+                self._start_window()
+        elif self.max_depth > 0 and self._off_for >= self._backoff:
+            self._set(1)
+            self._off_for = 0
             self.stats.probes += 1
             self._probing = True
             self._net.clear()  # what deeper depths did before going off is stale now
             self._start_window()
         return self.depth
+
+    def _take_reference(self) -> None:
+        """Decode the next ``reference_tokens`` tokens off, then come back to this depth."""
+        self._back_to, self._off_for = self.depth, 0
+        self._off_spans.clear()
+        self.stats.references += 1
+        self._set(0)
+        self._start_window()
+
+    def _reference(self) -> Optional[float]:
+        """Median seconds of the recent steps decoded off (None: none within ``reference_every``)."""
+        if not self._off_spans or self._off_age > self.reference_every:
+            return None
+        return _median(self._off_spans)
 
     def _account(self, saved: float, cost: float) -> int:
         """A token decoded at depth > 0 that saved and cost this (seconds): decide at the
@@ -137,21 +203,31 @@ class Governor:
         self._saved += saved
         self._cost += cost
         self._tokens += 1
-        if self._tokens >= self.window or (self.clear_loss is not None and self._tokens >= self.min_window
-                                           and self._cost > self.clear_loss * self._saved):
+        if self._tokens >= self.window or self._clear_loss():
             self._decide()
         return self.depth
+
+    def _clear_loss(self) -> bool:
+        ref = self._reference()
+        if self._timed and ref is not None:
+            return len(self._spans) >= self.min_window and _median(self._spans) > (1 + self.clear_slowdown) * ref
+        return (self.clear_loss is not None and self._tokens >= self.min_window
+                and self._cost > self.clear_loss * self._saved)
 
     def _start_window(self) -> None:
         self._saved = self._cost = 0.0
         self._tokens = 0
+        self._spans = []
 
     def _decide(self) -> None:
-        d = self.depth
-        net = (self._saved - self._cost) / self._tokens
+        d, ref = self.depth, self._reference()
+        if self._timed and self._spans and ref is not None:
+            net = ref - _median(self._spans)
+        else:
+            net = (self._saved - self._cost) / self._tokens
         self._net[d] = net
         if net < 0:
-            self.depth = d - 1
+            self._set(d - 1)
             self.stats.downs += 1
             if self.depth == 0:
                 self._off_for = 0
@@ -161,9 +237,19 @@ class Governor:
             return
         self._probing = False
         if d < self.max_depth and self._net.get(d + 1, float("inf")) > net:
-            self.depth = d + 1
+            self._set(d + 1)
             self.stats.ups += 1
+        elif d > 1 and self._net.get(d - 1, float("-inf")) > net:
+            self._set(d - 1)
+            self.stats.downs += 1
         self._start_window()
+
+
+def _median(values) -> float:
+    """The median: a step that waited on the machine (or a burst of reads) moves it little."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _average(mean: Optional[float], sample: float) -> float:

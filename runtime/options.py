@@ -498,8 +498,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("policy", DEFAULT_POLICY, "Eviction policy: {choices} (default {default}, the best on the OLMoE traces; "
            "see benchmarks/bench_policies.py).", _policy, "str", ("--policy",), CACHE, choices=_policy_names),
     Option("prefetch_depth", 0, "MoE layers ahead to prefetch: 'auto' (golem-run's, golem-chat's and "
-           f"golem-server's default: a governor picks 0 to {AUTO_DEPTH} per token from what prefetching saves and "
-           "costs, wherever experts are offloaded), N (at most N, governed), 0 (none: the synchronous baseline; "
+           f"golem-server's default: a governor picks 0 to {AUTO_DEPTH} per token from how fast decode steps are at "
+           "each depth, wherever experts are offloaded), N (at most N, governed), 0 (none: the synchronous baseline; "
            "load()'s default, so that a library caller asks for speculation).", _depth, "Union[int, str]",
            ("--prefetch-depth",), PREFETCH, {"type": prefetch_depth}, command_default="auto"),
     Option("prefetch_governor", True, "Let the governor lower the depth when prefetching does not pay "

@@ -19,14 +19,14 @@ def run(gov: Governor, outcome: TokenOutcome, tokens: int, useful: int = 3, wast
 
 
 def test_speculation_that_pays_keeps_the_depth():
-    gov = Governor(3, window=4)
+    gov = Governor(3, window=4, start_depth=None)
     assert gov.depth == 3
     assert run(gov, SLOW_MISS, 40) == [3] * 40  # saves 3 x 5 ms, costs 1 ms + 2.5 ms
     assert gov.stats.downs == 0 and gov.stats.tokens_at == {3: 40}
 
 
 def test_speculation_that_costs_steps_down_to_off_then_probes_with_backoff():
-    gov = Governor(2, window=4, probe_tokens=8, max_probe_tokens=32, clear_loss=None)
+    gov = Governor(2, window=4, probe_tokens=8, max_probe_tokens=32, clear_loss=None, start_depth=None)
     depths = run(gov, CHEAP_MISS, 8)
     assert depths == [2, 2, 2, 1, 1, 1, 1, 0]  # a window per step down
     # off: 8 tokens, then a probe at depth 1 for one window; it loses: 16 tokens off, then 32, then 32 again (the cap)
@@ -37,18 +37,18 @@ def test_speculation_that_costs_steps_down_to_off_then_probes_with_backoff():
 
 
 def test_a_clear_loss_ends_its_window_early_a_marginal_one_does_not():
-    gov = Governor(2, window=8)  # CHEAP_MISS: 2 ms of host time per token against 0.3 ms saved
+    gov = Governor(2, window=8, start_depth=None)  # CHEAP_MISS: 2 ms of host time per token against 0.3 ms saved
     assert run(gov, CHEAP_MISS, 5) == [2, 1, 1, 0, 0]  # two tokens per step down, not eight
     assert gov.stats.downs == 2
     marginal = TokenOutcome(stall_s=0.002, misses=2, prefetch_host_s=0.0035)  # saves 3 ms, costs 3.75 ms
-    gov = Governor(2, window=8)
+    gov = Governor(2, window=8, start_depth=None)
     assert run(gov, marginal, 9) == [2] * 7 + [1, 1]  # a full window before it steps down
-    gov = Governor(2, window=8, clear_loss=None)
+    gov = Governor(2, window=8, clear_loss=None, start_depth=None)
     assert run(gov, CHEAP_MISS, 8) == [2] * 7 + [1]
 
 
 def test_a_probe_that_pays_climbs_back_up_to_the_ceiling():
-    gov = Governor(2, window=4, probe_tokens=4, clear_loss=None)
+    gov = Governor(2, window=4, probe_tokens=4, clear_loss=None, start_depth=None)
     run(gov, CHEAP_MISS, 8)
     assert gov.depth == 0
     run(gov, SLOW_MISS, 4)  # off 4 tokens, then probe (depth 1) ...
@@ -113,3 +113,64 @@ def test_auto_depth_is_governed_and_capped_by_the_model():
     assert auto.depth == AUTO_DEPTH and auto.governor and auto.auto
     assert auto.for_layers(2).depth == 1 and auto.for_layers(10).depth == AUTO_DEPTH
     assert PrefetchConfig(depth=3).for_layers(2).depth == 3  # an explicit depth is the user's (checked elsewhere)
+
+
+def timed(gov: Governor, span_ms_at, tokens: int, first_after_change_ms=None):
+    """``tokens`` steps whose time depends on the depth (``span_ms_at[depth]``); the model's
+    numbers say speculation pays (SLOW_MISS). Returns the depth of each step."""
+    depths = []
+    for _ in range(tokens):
+        d = gov.depth
+        ms = span_ms_at[d]
+        if first_after_change_ms is not None and depths and depths[-1] != d:
+            ms = first_after_change_ms
+        depths.append(d)
+        gov.step(TokenOutcome(stall_s=0.010, misses=2, prefetch_host_s=0.001, span_s=ms / 1000), 3, 1)
+    return depths
+
+
+def test_timed_steps_slower_than_steps_off_turn_prefetch_off_where_the_model_says_it_pays():
+    gov = Governor(2, window=4, probe_tokens=8)
+    depths = timed(gov, {0: 10.0, 1: 12.0, 2: 13.0}, 16)
+    # depth 1, then a reference (4 steps off), depth 1 again: the step after the change is
+    # not timed, two timed steps 20% slower end the window early
+    assert depths == [1] + [0] * 4 + [1] * 3 + [0] * 8
+    assert gov.depth == 1 and gov.stats.references == 1 and gov.stats.downs == 1 and gov.stats.probes == 1
+    assert timed(gov, {0: 10.0, 1: 12.0, 2: 13.0}, 3) == [1, 1, 1]  # the probe loses: off again, for longer
+    assert gov.depth == 0
+    gov = Governor(2, window=4, probe_tokens=8, reference_tokens=0)  # untimed: the model, which keeps depth 1
+    assert timed(gov, {0: 10.0, 1: 12.0, 2: 13.0}, 16)[-1] >= 1
+
+
+def test_timed_steps_faster_than_steps_off_climb_and_the_reference_is_taken_again_later():
+    gov = Governor(2, window=4, reference_every=32)
+    depths = timed(gov, {0: 10.0, 1: 8.0, 2: 7.0}, 9 + 29 + 4, first_after_change_ms=50.0)
+    assert depths[:9] == [1] + [0] * 4 + [1] * 4  # the slow first step after each change is not timed
+    # depth 2 pays more than depth 1: it stays there, until 32 steps after the last one
+    # timed off a new reference is taken
+    assert depths[9:] == [2] * 29 + [0] * 4 and gov.stats.references == 2 and gov.stats.downs == 0
+    assert timed(gov, {0: 10.0, 1: 8.0, 2: 7.0}, 8) == [2] * 8
+
+
+def test_timed_depth_that_pays_less_than_the_shallower_one_steps_back():
+    gov = Governor(2, window=4)
+    depths = timed(gov, {0: 10.0, 1: 8.0, 2: 9.0}, 9 + 4 + 12)
+    assert depths == [1] + [0] * 4 + [1] * 4 + [2] * 4 + [1] * 12
+    assert gov.stats.ups == 1 and gov.stats.downs == 1
+
+
+def test_the_engine_times_every_decode_step_but_the_first_after_a_prompt(checkpoints, monkeypatch):
+    from golem.runtime import load
+    from helpers import greedy_tokens, prompt_tokens
+
+    spans = []
+    step = Governor.step
+    monkeypatch.setattr(Governor, "step", lambda self, outcome, *a: (spans.append(outcome.span_s), step(self, outcome, *a))[1])
+    with load(str(checkpoints("olmoe")), cache_sizes=4, prefetch=PrefetchConfig(depth=2)) as (model, tok):
+        tokens = prompt_tokens(tok)
+        for n in (6, 5):
+            before = len(spans)
+            greedy_tokens(model, tokens, n)
+            assert len(spans) - before >= n - 2
+            first, *rest = spans[before:]
+            assert first == 0.0 and all(s > 0 for s in rest)  # a step after a prefill call is not timed

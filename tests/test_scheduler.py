@@ -269,6 +269,23 @@ def test_demand_takes_next_free_buffer_before_waiting_prefetches():
         result(waiting)
 
 
+def test_abandoned_demands_hand_their_buffers_back_as_they_land():
+    reader = GatedReader()
+    with scheduler(reader, num_buffers=4) as s:
+        futures = s.submit_demands([(0, 1), (0, 2)])
+        reader.allow_key((0, 1))
+        result(futures[0])
+        reader.wait_calls(2)
+        assert s.statistics().free_buffers == 2
+        s.abandon(futures)  # one landed, one still being read
+        assert s.statistics().free_buffers == 3
+        done = threading.Event()
+        futures[1].add_done_callback(lambda _: done.set())  # runs after the scheduler's own
+        reader.allow_key((0, 2))
+        assert done.wait(WAIT_S)
+        assert s.statistics().free_buffers == 4
+
+
 def test_dedupe_and_upgrade_of_running_prefetch():
     reader = GatedReader()
     with scheduler(reader) as s:
