@@ -53,7 +53,7 @@ Switches:
   (``ReaderPool.wake_first``), against the submitting thread waking one reader per job (the
   earlier shape).
 - ``device-ranks``: the router lookahead's proposals carry each target row's ranks, sorted
-  on the device in the layer's host sync (``predictors.lookahead.device_ranks``), so the
+  on the device in the layer's host sync (``predictors.lookahead.device_order``), so the
   engine's thread only looks them up, against ranking each row with Python's sort on the
   engine's thread (the earlier shape).
 - ``read-waste``: the prefetch governor is charged only for wasted prefetches that were read

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._base import Dims, Family, RouterAdapter, common_config
+from ._shared import gate_logits
 
 
 def _route(block: nn.Module, x: mx.array) -> Tuple[mx.array, mx.array]:
@@ -15,10 +16,6 @@ def _route(block: nn.Module, x: mx.array) -> Tuple[mx.array, mx.array]:
     inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
     scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
     return inds, scores
-
-
-def _gate_logits(block: nn.Module, x: mx.array) -> mx.array:
-    return block.gate(x)
 
 
 def generated_config(size: Dims) -> dict:
@@ -38,7 +35,7 @@ FAMILY = Family(
         block_attr="block_sparse_moe",
         experts_attr="switch_mlp",
         route=_route,
-        selection_scores=_gate_logits,
+        selection_scores=gate_logits,
         num_experts=lambda b: int(b.num_experts),
         top_k=lambda b: int(b.num_experts_per_tok),
     ),

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._base import Dims, Family, RouterAdapter, common_config
-from ._shared import softmax_scores
+from ._shared import gate_logits
 
 
 def _route(block: nn.Module, x: mx.array) -> Tuple[mx.array, mx.array]:
@@ -37,7 +37,7 @@ FAMILY = Family(
         block_attr="mlp",
         experts_attr="switch_mlp",
         route=_route,
-        selection_scores=softmax_scores,
+        selection_scores=gate_logits,
         num_experts=lambda b: int(b.num_experts),
         top_k=lambda b: int(b.top_k),
     ),
