@@ -376,7 +376,6 @@ class Engine:
         st.decode_steps += self._decoding
         if pf is not None:
             pf.begin(self._decoding, self._outcome(after_decode) if self._decoding else None)
-        self._span[0] = self.clock()
 
     def _outcome(self, after_decode: bool) -> TokenOutcome:
         """What the last decode step cost in stalls and prefetch host time, and how long it
@@ -397,6 +396,7 @@ class Engine:
             self._begin_call(indices)
             if self.boundary is not None and self._decoding:
                 self.boundary.incoming(self, x)  # the previous rank's residual: reads before compute
+            self._span[0] = self.clock()  # this rank's step starts (a wait for the previous rank's is not its own)
         pool, pf, trace, ph = self.pools[layer], self.prefetcher, self.trace, self._phase
         if pool.fully_resident and pf is None and trace is None and self.boundary is None:
             return glu(x, indices)  # nothing for the host to do: no clock, no sync

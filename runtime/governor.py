@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
 
 
+# A reference stays valid up to this many times ``reference_every`` tokens: once per
+# ``STRETCH_PER_GAIN`` (a share of the step's time) that the last window gained over it.
+REFERENCE_STRETCH = 8
+STRETCH_PER_GAIN = 0.1
+
+
 @dataclass(frozen=True)
 class TokenOutcome:
     """What the engine measured over one decode step (seconds are wall time).
@@ -60,10 +66,13 @@ class Governor:
     - Where the engine times its steps (``TokenOutcome.span_s``), the steps' time alone:
       the window's median against the median over recent tokens decoded off (the reference).
       That holds every cost of speculation, the predictor's work inside the host syncs and
-      the slot writes of prefetches too. A timed step at depth > 0 with no reference from
-      the last ``reference_every`` tokens starts ``reference_tokens`` tokens off that take
-      one, then a window at its depth again. The first step after a change of depth is
-      not timed: the reads the last depth started still land in it.
+      the slot writes of prefetches too. A timed step at depth > 0 with no valid reference
+      starts ``reference_tokens`` tokens off that take one, then a window at its depth
+      again. A reference stays valid for ``reference_every`` tokens at depth > 0, longer
+      (up to ``REFERENCE_STRETCH`` times) the more the last window gained over it: a
+      reference costs what speculation saves on its tokens, and a large gain does not turn
+      into a loss as the machine or the context drift. The first step after a change of
+      depth is not timed: the reads the last depth started still land in it.
     - Otherwise a model: saved = (demand reads + useful prefetches) x the stall per demand
       read with prefetch off, less the window's stall (the stall avoided); cost = prefetch
       host time + wasted prefetches x ``waste_weight`` x that stall per read. The stall per
@@ -93,7 +102,7 @@ class Governor:
         clear_slowdown: steps slower than the reference by this share end a window early.
         reference_tokens: tokens off per reference (the first not timed); 0: judge by the
             model only.
-        reference_every: tokens at depth > 0 a reference stays valid.
+        reference_every: tokens at depth > 0 a reference stays valid (at least).
     """
 
     def __init__(self, max_depth: int, *, window: int = 8, probe_tokens: int = 16, max_probe_tokens: int = 512,
@@ -122,6 +131,7 @@ class Governor:
         self._spans: List[float] = []  # this window's timed steps (seconds)
         self._off_spans: Deque[float] = deque(maxlen=2 * window)  # the reference: recent steps off, timed
         self._off_age = 0  # tokens since the last timed step off
+        self._valid_for = reference_every  # tokens the reference stays valid
         self._timed = False  # the engine times its steps
         self._settling = False  # the first token after a change of depth
         self._back_to: Optional[int] = None  # in a reference: the depth it returns to
@@ -192,8 +202,8 @@ class Governor:
         self._start_window()
 
     def _reference(self) -> Optional[float]:
-        """Median seconds of the recent steps decoded off (None: none within ``reference_every``)."""
-        if not self._off_spans or self._off_age > self.reference_every:
+        """Median seconds of the recent steps decoded off (None: none, or too old)."""
+        if not self._off_spans or self._off_age > self._valid_for:
             return None
         return _median(self._off_spans)
 
@@ -222,7 +232,10 @@ class Governor:
     def _decide(self) -> None:
         d, ref = self.depth, self._reference()
         if self._timed and self._spans and ref is not None:
-            net = ref - _median(self._spans)
+            span = _median(self._spans)
+            net = ref - span
+            gain = net / span / STRETCH_PER_GAIN
+            self._valid_for = int(self.reference_every * min(max(gain, 1.0), REFERENCE_STRETCH))
         else:
             net = (self._saved - self._cost) / self._tokens
         self._net[d] = net

@@ -142,14 +142,20 @@ def test_timed_steps_slower_than_steps_off_turn_prefetch_off_where_the_model_say
     assert timed(gov, {0: 10.0, 1: 12.0, 2: 13.0}, 16)[-1] >= 1
 
 
-def test_timed_steps_faster_than_steps_off_climb_and_the_reference_is_taken_again_later():
-    gov = Governor(2, window=4, reference_every=32)
-    depths = timed(gov, {0: 10.0, 1: 8.0, 2: 7.0}, 9 + 29 + 4, first_after_change_ms=50.0)
+def test_timed_steps_faster_than_steps_off_climb():
+    gov = Governor(2, window=4)
+    depths = timed(gov, {0: 10.0, 1: 8.0, 2: 7.0}, 9 + 40, first_after_change_ms=50.0)
     assert depths[:9] == [1] + [0] * 4 + [1] * 4  # the slow first step after each change is not timed
-    # depth 2 pays more than depth 1: it stays there, until 32 steps after the last one
-    # timed off a new reference is taken
-    assert depths[9:] == [2] * 29 + [0] * 4 and gov.stats.references == 2 and gov.stats.downs == 0
-    assert timed(gov, {0: 10.0, 1: 8.0, 2: 7.0}, 8) == [2] * 8
+    assert depths[9:] == [2] * 40  # depth 2 pays more than depth 1: it stays there
+    assert gov.stats.references == 1 and gov.stats.downs == 0
+
+
+def test_a_reference_is_taken_again_later_the_later_the_more_speculation_gained():
+    for fast_ms, valid in ((9.5, 32), (5.0, 8 * 32)):  # 5% faster; twice as fast: the longest stretch
+        gov = Governor(1, window=4, reference_every=32)
+        depths = timed(gov, {0: 10.0, 1: fast_ms}, 5 + valid + 1 + 4 + 1)
+        assert depths == [1] + [0] * 4 + [1] * (valid + 1) + [0] * 4 + [1], fast_ms
+        assert gov.stats.references == 2
 
 
 def test_timed_depth_that_pays_less_than_the_shallower_one_steps_back():
