@@ -53,7 +53,7 @@ Switches:
   (``ReaderPool.wake_first``), against the submitting thread waking one reader per job (the
   earlier shape).
 - ``device-ranks``: the router lookahead's proposals carry each target row's ranks, sorted
-  on the device in the layer's host sync (``predictors.lookahead.device_order``), so the
+  on the device in the layer's host sync (``predictors.lookahead.device_ranks``), so the
   engine's thread only looks them up, against ranking each row with Python's sort on the
   engine's thread (the earlier shape).
 - ``read-waste``: the prefetch governor is charged only for wasted prefetches that were read
@@ -63,13 +63,14 @@ Switches:
   that of steps decoded off a few tokens before, and starts at depth 1
   (``Governor(reference_tokens=4, start_depth=1)``), against judging it by its model of the
   stall avoided and the host time spent, starting at the deepest (the earlier shape:
-  ``reference_tokens=0, start_depth=None``). Set when a model loads.
+  ``reference_tokens=0, start_depth=None``). Interleaved, each decode starts with a new
+  governor.
 - ``poll-when-out``: the prefetcher polls the scheduler for arrivals only while a prefetch is
   out (``Prefetcher.arrivals``), against a poll at every decode layer (the earlier shape).
 
 Same checkpoint, prompts, cache and calibrated emulated storage as bench_decode; the two
 settings alternate, ``--runs`` times, each run one load per row; every row's tokens must
-equal depth 0's. ``--interleave`` (every switch but ``early-stop``, ``caller-activation``, ``timed-governor`` and ``packed-experts``,
+equal depth 0's. ``--interleave`` (every switch but ``early-stop``, ``caller-activation`` and ``packed-experts``,
 which are set when a model loads): one load per row, the two settings alternating between its decodes of all the prompts,
 ``--runs`` pairs, so that the slow drifts of a shared machine fall on both alike; it adds
 the median of the pairs' ratios (on / off). Prints tok/s (and engine wall us per partial layer) per row and setting
@@ -120,7 +121,8 @@ ROWS = {
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
                "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake", "device-ranks",
-               "overlap-share", "read-waste")  # a loaded engine can flip these
+               "overlap-share", "read-waste", "timed-governor")  # a loaded engine can flip these
+EARLIER_GOVERNOR = {"reference_tokens": 0, "start_depth": None}  # timed-governor, off
 
 
 def _prefetch_before_launch():
@@ -342,7 +344,7 @@ def switch(name: str, on: bool, share: float):
             yield
         return
     if name == "timed-governor":
-        with patched(Governor, **({} if on else {"reference_tokens": 0, "start_depth": None})):
+        with patched(Governor, **({} if on else EARLIER_GOVERNOR)):
             yield
         return
     if _earlier_shape(name) is not None:
@@ -441,6 +443,22 @@ def main() -> None:
     print(json.dumps(out))
 
 
+def _shares(counts: dict) -> str:
+    total = sum(counts.values()) or 1
+    return ", ".join(f"{d}: {counts[d] / total:.0%}" for d in sorted(counts))
+
+
+def _fresh_governor(engine, on: bool) -> None:
+    """timed-governor, interleaved: each decode starts with a new governor of the setting's
+    kind (what it learnt in the other setting's decode is not carried over)."""
+    from golem.runtime.governor import Governor
+
+    pf = engine.prefetcher
+    if pf is not None and pf.governor is not None:
+        pf.governor = Governor(pf.config.depth, **({} if on else EARLIER_GOVERNOR))
+        pf.depth = pf.governor.depth
+
+
 def _host(engine) -> list:
     """The engine's running totals: host CPU s, demand-read CPU s, partial layers, misses,
     layers launched early, experts computed again, layers launched and their wall s from the
@@ -477,6 +495,7 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
         options = setup.load_options(options)
         table = options.pop("table", False)
         tps, host = {False: [], True: []}, {False: [0] * 12, True: [0] * 12}
+        steps_at = {False: {}, True: {}}  # timed-governor: decode steps at each depth, per setting
         with load(str(setup.path), **options) as (model, _):
             engine = model.golem.engine
             if table:
@@ -492,12 +511,18 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
                         setattr(engine, args.switch.replace("-", "_"), on)
                     if args.switch == "overlap-share":
                         engine.overlap_share = OVERLAP_SHARE if on else 0.0
+                    if args.switch == "timed-governor":
+                        _fresh_governor(engine, on)
                     before = _host(engine)
                     with method_switch(args.switch, on):
                         s, n, outs = bench_decode.decode(model, setup.prompts, args.tokens)
                     host[on] = [a + b - c for a, b, c in zip(host[on], _host(engine), before)]
                     tps[on].append(n / s)
                     identical = identical and outs == setup.truth_outputs
+                    governor = engine.prefetcher.governor if engine.prefetcher is not None else None
+                    if args.switch == "timed-governor" and governor is not None:
+                        for d, k in governor.stats.tokens_at.items():
+                            steps_at[on][d] = steps_at[on].get(d, 0) + k
         ratio = statistics.median(b / a for a, b in zip(tps[False], tps[True]))
         off, on = statistics.median(tps[False]), statistics.median(tps[True])
         f = {k: _per_setting(h) for k, h in host.items()}
@@ -507,6 +532,9 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
               f"{pair('cpu_us_per_miss', '.0f'):>12}{pair('write_us_per_layer', '.0f'):>14}"
               f"{pair('to_launch_us', '.0f'):>14}{pair('to_request_us', '.0f'):>15}")
         out.update({f"off_{row}_tps": off, f"on_{row}_tps": on, f"{row}_on_over_off": ratio})
+        if steps_at[True]:
+            print(f"{'':<16}decode steps at each depth, off: {_shares(steps_at[False])}; on: {_shares(steps_at[True])}")
+            out.update({f"{k}_{row}_steps_at": v for k, v in (("off", steps_at[False]), ("on", steps_at[True]))})
         out.update({f"{k}_{row}_{name}": v for k, on_ in (("off", False), ("on", True)) for name, v in f[on_].items()})
     out["identical"] = identical
     print("early: share of the row's partial layers launched before their sync; redone: experts computed again per "

@@ -18,33 +18,24 @@ from .routers import MoEBlock
 HIDDEN_KINDS = ("post_attn", "layer_input")
 
 
-def device_order(rows: mx.array, nan_rows: bool = True) -> mx.array:
-    """Lazy integer (T, E): each row of ``rows``' expert ids, highest first (NaN as the
-    lowest), a row of -1 where ``rows`` is all NaN (nothing to go on). One sort of a few
-    rows, evaluated with the layer's host sync; ``ranks_of`` inverts it on the host. Ties
-    go to the lower id where the backend's sort is stable (the CPU's is, as ``host_ranks``);
-    elsewhere only experts of equal scores may trade places. ``nan_rows=False``: ``rows``
-    hold no NaN, and the sort is all (each op costs the CPU backend tens of microseconds)."""
+def device_ranks(rows: mx.array, nan_rows: bool = True) -> mx.array:
+    """Lazy integer (T, E): each entry's rank in its row of ``rows`` (0 = highest, NaN as the
+    lowest), a row of -1 where ``rows`` is all NaN (nothing to go on). Two sorts of a few
+    rows, evaluated with the layer's host sync. Ties go to the lower index where the
+    backend's sort is stable (the CPU's is, as ``host_ranks``); elsewhere only experts of
+    equal scores may trade ranks. ``nan_rows=False``: ``rows`` hold no NaN, and the two
+    sorts are all (each op costs the CPU backend tens of microseconds)."""
     if not nan_rows:
-        return mx.argsort(-rows, axis=-1)
+        return mx.argsort(mx.argsort(-rows, axis=-1), axis=-1)
     nan = mx.isnan(rows)
     order = mx.argsort(-mx.where(nan, -mx.inf, rows), axis=-1)  # stable: ties keep the lower index
-    return mx.where(mx.all(nan, axis=-1, keepdims=True), -1, order.astype(mx.int32))
-
-
-def ranks_of(order: np.ndarray) -> np.ndarray:
-    """The ranks ``device_order``'s evaluated ``order`` stands for: each expert's place in its
-    row (0 = first); a row of -1 stays -1."""
-    order = np.asarray(order, np.int64)
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, np.maximum(order, 0), np.arange(order.shape[-1]), axis=-1)
-    ranks[order[:, 0] < 0] = -1
-    return ranks
+    ranks = mx.argsort(order, axis=-1).astype(mx.int32)
+    return mx.where(mx.all(nan, axis=-1, keepdims=True), -1, ranks)
 
 
 def host_ranks(raw: np.ndarray) -> np.ndarray:
-    """``ranks_of(device_order(rows))`` for evaluated rows, on the host: Python's sort of
-    each row (numpy's sorts let the interpreter lock go), NaN last."""
+    """``device_ranks`` of evaluated rows, on the host: Python's sort of each row (numpy's
+    sorts let the interpreter lock go), NaN last."""
     nan = np.isnan(raw)
     partial = nan.any(axis=1).tolist()
     made = (~nan.all(axis=1)).tolist()
@@ -114,7 +105,7 @@ class _RankCalibrated(Predictor):
         h = hidden if isinstance(hidden, mx.array) else mx.array(np.asarray(hidden))
         h = h.reshape(-1, h.shape[-1])[-1:]  # (1, D): the last token
         rows = self.rank_rows(position, targets, h)
-        return Proposal(position, targets, () if rows is None else (rows, device_order(rows, self.nan_rows)))
+        return Proposal(position, targets, () if rows is None else (rows, device_ranks(rows, self.nan_rows)))
 
     def raw_scores(self, proposal: Proposal) -> np.ndarray:
         """float32 (len(targets), E): the ranking quantities, as evaluated."""
@@ -128,16 +119,15 @@ class _RankCalibrated(Predictor):
 
     def scores(self, proposal: Proposal) -> np.ndarray:
         """Per target row: each expert's rank (0 = highest raw value, ties to the lower id, NaN
-        last) looked up in the calibration. Each row's order comes with the proposal, sorted
-        on the device in the engine's host sync (``device_order``): the engine's thread, which
-        calls this between its reads, only inverts it and looks the ranks up (a scatter and a
-        gather per row, which keep the interpreter lock: ``benchmarks/profile_gil.py``). A
-        proposal without it (one made by hand, with its raw rows only) is ranked here by
-        Python's sort of each row."""
+        last) looked up in the calibration. The ranks come with the proposal, computed on the
+        device in the engine's host sync (``device_ranks``): the engine's thread, which calls
+        this between its reads, only looks them up (a gather per row, which keeps the
+        interpreter lock: ``benchmarks/profile_gil.py``). A proposal without them (one made
+        by hand, with its raw rows only) is ranked here by Python's sort of each row."""
         if not proposal.arrays:
             return self.zeros(proposal.targets)
         if len(proposal.arrays) > 1:
-            ranks = ranks_of(np.array(proposal.arrays[1]))
+            ranks = np.array(proposal.arrays[1], dtype=np.int64)
         else:
             ranks = host_ranks(self.raw_scores(proposal))
         made = (ranks[:, 0] >= 0).tolist()
@@ -175,10 +165,10 @@ class Lookahead(_RankCalibrated):
     ``propose(position, depth, hidden)`` takes the residual stream of the MoE layer at
     ``position`` (kind ``hidden_kind``: ``"post_attn"``, the residual after attention and
     before the MoE, or ``"layer_input"``, the residual entering the decoder layer), shape
-    (..., D) (the last token is used), as an mx or numpy array. Its proposal carries a lazy
-    float32 array (len(targets), E), each target layer's own pre-MoE norm and ranking
-    quantity (router logits or biased sigmoid scores, as the family ranks) applied to it,
-    and each row's order (``device_order``).
+    (..., D) (the last token is used), as an mx or numpy array. Its proposal carries a lazy float32 array
+    (len(targets), E), each target layer's own pre-MoE norm and ranking quantity (router
+    logits or biased sigmoid scores, as the family ranks) applied to it, and its ranks
+    (``device_ranks``).
     Scores are rank-calibrated (see ``_RankCalibrated``).
 
     Args:

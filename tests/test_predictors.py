@@ -296,13 +296,13 @@ def test_lookahead_proposal_is_lazy_and_applies_the_target_router():
     h = mx.random.normal((1, 1, 32), key=mx.random.key(5))
     prop = p.propose(0, 2, h)
     assert list(prop.targets) == [1] and len(prop.arrays) == 2  # 2 MoE layers: one target
-    assert all(isinstance(a, mx.array) for a in prop.arrays)  # the rows and their order, both lazy
+    assert all(isinstance(a, mx.array) for a in prop.arrays)  # the rows and their ranks, both lazy
     mx.eval(*prop.arrays)
     rows = np.array(prop.arrays[0])
-    order = np.array(prop.arrays[1])  # sorted on the device, in the caller's one sync
-    assert order[0].tolist() == np.argsort(-rows[0], kind="stable").tolist()
+    ranks = np.array(prop.arrays[1])  # ranked on the device, in the caller's one sync
+    assert ranks[0].tolist() == np.argsort(np.argsort(-rows[0], kind="stable"), kind="stable").tolist()
     b = blocks[1]
-    want = np.array(b.block.gate(b.layer.post_attention_layernorm(h[0])))  # the logits: the softmax keeps their order
+    want = np.array(b.block.gate(b.layer.post_attention_layernorm(h[0])))  # the logits: a softmax keeps their order
     np.testing.assert_allclose(np.array(prop.arrays[0]), want, rtol=1e-5)
     scores = p.scores(prop)
     top = np.argsort(-want[0])[:4]
@@ -341,14 +341,11 @@ def test_rank_calibration_counts_each_rank_per_target_and_distance():
 
 
 def test_ranks_made_on_the_device_equal_the_host_sort():
-    """The order a proposal carries (sorted in the engine's sync) stands for the ranks the
-    host's sort gives: ties to the lower id, NaN last, an all-NaN row marked -1; scores are
-    the same with it or without."""
+    """The ranks a proposal carries (computed in the engine's sync) are the ones the host's
+    sort gives: ties to the lower id, NaN last, an all-NaN row marked -1; scores are the same
+    with them or without."""
     from golem.predictors.base import Proposal, RoutingShape
-    from golem.predictors.lookahead import _RankCalibrated, device_order, host_ranks, ranks_of
-
-    def device_ranks(rows, nan_rows=True):
-        return ranks_of(np.array(device_order(rows, nan_rows)))
+    from golem.predictors.lookahead import _RankCalibrated, device_ranks, host_ranks
 
     rng = np.random.default_rng(3)
     for trial in range(40):
@@ -370,7 +367,7 @@ def test_ranks_made_on_the_device_equal_the_host_sort():
     rows = mx.array(raw[:2])
     for p in made:
         p.begin_step()
-    by_device = made[0].scores(Proposal(0, range(1, 3), (rows, device_order(rows))))
+    by_device = made[0].scores(Proposal(0, range(1, 3), (rows, device_ranks(rows))))
     by_host = made[1].scores(Proposal(0, range(1, 3), (rows,)))
     np.testing.assert_array_equal(by_device, by_host)
     np.testing.assert_array_equal(made[0]._pending, made[1]._pending)
