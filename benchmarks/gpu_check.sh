@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every figure benchmarks/RESULTS.md needs from one machine, in one run: the machine card,
-# bench_upload, bench_decode --runs 3 at both shapes, profile_decode (host time by phase), the
-# early launch, the launch first, the hits computed while misses load (and only from half the
-# experts resident), the ranks sorted on the device, each off and on (bench_switches
-# --interleave), experts packed one read each against stacked (golem-pack), a cProfile of a
+# bench_sync (what one host sync costs), bench_upload, bench_decode --runs 3 at both shapes,
+# profile_decode (host time by phase), the early launch, the launch first, the hits computed
+# while misses load (and only from half the experts resident), the ranks sorted on the device,
+# the governor timing decode steps, each off and on (bench_switches --interleave), experts
+# packed one read each against stacked (golem-pack), a cProfile of a
 # depth-0 decode, golem-run --demo, and the test suite. On a lent GPU, from the repository root:
 #     OUT=/tmp/out ../shared/gpu/run.sh bash benchmarks/gpu_check.sh
 # On a CPU, to check the script itself in a few minutes:
@@ -55,6 +56,7 @@ git log -1 --format="commit %h %s" 2>/dev/null || true
 
 if [ $QUICK -eq 1 ]; then
   # the steps most likely to finish first: a step past its limit stops, the next one runs
+  step "bench_sync (one host sync and one launch, apart from their work)" 30 "$PY" benchmarks/bench_sync.py --rounds 3 --calls 100
   step "profile_decode, Qwen3-30B-A3B routing" 150 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 1 --tokens 16 --rows warm_resident,disk_depth0,disk_depth2,oracle
   step "early launch (share 0.25), interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
   step "early launch of every decode layer, interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 3 --tokens 12 --rows disk_depth0,depth2
@@ -70,12 +72,14 @@ if [ $QUICK -eq 1 ]; then
 fi
 
 if [ $SMALL -eq 1 ]; then
+  step "bench_sync" 60 "$PY" benchmarks/bench_sync.py --rounds 3 --calls 50
   step "bench_upload" 300 "$PY" benchmarks/bench_upload.py --runs 3 --sizes-mb 1 --batches 1 8 --slots 16
   step "bench_decode" 900 "$PY" benchmarks/bench_decode.py --runs 1 --tokens 6
   step "profile_decode" 600 "$PY" benchmarks/profile_decode.py --runs 1 --tokens 6 --rows disk_depth0,depth2,default
   PROFILE_TOKENS=6
   SUITE="tests/test_writers.py tests/test_engine.py"
 else
+  step "bench_sync" 60 "$PY" benchmarks/bench_sync.py
   step "bench_upload" 300 "$PY" benchmarks/bench_upload.py --runs 7
   step "bench_decode" 600 "$PY" benchmarks/bench_decode.py --runs 3
   step "bench_decode, host slot writer" 300 "$PY" benchmarks/bench_decode.py --runs 1 --slot-writer host
@@ -90,6 +94,7 @@ else
   step "ranking that keeps the interpreter lock, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch held-lock-ranking --interleave --runs 6 --tokens 16
   step "ranks sorted on the device, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch device-ranks --interleave --runs 6 --tokens 16
   step "packed experts (golem-pack), alternating loads" 400 "$PY" benchmarks/bench_switches.py --switch packed-experts --runs 4 --tokens 16
+  step "governor timing decode steps, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch timed-governor --interleave --runs 6 --rows disk_depth0,disk_governed2,disk_default,depth0,depth1,governed2,default
   step "where the engine lets the interpreter lock go" 200 "$PY" benchmarks/profile_gil.py --rows disk_depth0,disk_depth2
   PROFILE_TOKENS=24
   SUITE="tests/test_writers.py tests/test_engine.py tests/test_governor.py tests/test_equivalence.py tests/test_prefetch.py tests/test_options.py tests/test_memory.py tests/test_runtime_errors.py"
