@@ -43,7 +43,7 @@ class TokenOutcome:
 
 @dataclass
 class GovernorStats:
-    """What the governor saw and did: tokens per depth, steps down and up, probes."""
+    """What the governor saw and did: tokens per depth, steps down and up, probes, references."""
 
     tokens_at: Dict[int, int] = field(default_factory=dict)
     downs: int = 0
@@ -54,8 +54,8 @@ class GovernorStats:
     def describe(self) -> str:
         """One line: decode steps per depth, and the governor's moves."""
         at = ", ".join(f"{d}: {n}" for d, n in sorted(self.tokens_at.items()))
-        return (f"steps at each depth {{{at}}}, {self.downs} steps down, {self.ups} up, {self.probes} probes, "
-                f"{self.references} references")
+        return (f"steps at each depth {{{at}}}, {_count(self.downs, 'step')} down, {self.ups} up, "
+                f"{_count(self.probes, 'probe')}, {_count(self.references, 'reference')} (steps off, timed)")
 
 
 class Governor:
@@ -256,6 +256,10 @@ class Governor:
             self._set(d - 1)
             self.stats.downs += 1
         self._start_window()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _median(values) -> float:

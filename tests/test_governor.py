@@ -1,6 +1,7 @@
 """The prefetch governor: it keeps a depth that pays, steps down to off when speculation costs
 more than it saves, probes again later (less often after each losing probe), never exceeds the
-user's depth, and a fixed depth stays fixed."""
+user's depth, and a fixed depth stays fixed. Where the engine times its steps it judges by
+their time against steps decoded off a few tokens before, whatever its model says."""
 
 from __future__ import annotations
 
