@@ -172,7 +172,12 @@ def test_the_engine_times_every_decode_step_but_the_first_after_a_prompt(checkpo
 
     spans = []
     step = Governor.step
-    monkeypatch.setattr(Governor, "step", lambda self, outcome, *a: (spans.append(outcome.span_s), step(self, outcome, *a))[1])
+
+    def recording_step(self, outcome, useful, wasted):
+        spans.append(outcome.span_s)
+        return step(self, outcome, useful, wasted)
+
+    monkeypatch.setattr(Governor, "step", recording_step)
     with load(str(checkpoints("olmoe")), cache_sizes=4, prefetch=PrefetchConfig(depth=2)) as (model, tok):
         tokens = prompt_tokens(tok)
         for n in (6, 5):
