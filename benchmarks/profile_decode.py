@@ -20,7 +20,12 @@ demand read
 has nothing of the layer to do until the first, and the storage none of its misses to read
 until the second (layers launched before their sync count 0).
 
-    python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b|qwen3-30b-a3b-host] [--runs 3] [--rows depth0,depth2,oracle]
+``--replay`` adds a second phase table: each row's calls into the engine recorded and made
+again into a fresh load with the model's compute taken out (``engine_replay.py``), so that
+the host syncs wait for next to nothing; the engine's own work by phase, without the
+attention, routers and sampling between its calls (outputs checked equal, ``same``).
+
+    python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b|qwen3-30b-a3b-host] [--runs 3] [--rows depth0,depth2,oracle] [--replay]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ DEFAULT_ROWS = ("warm_resident", "disk_depth0", "disk_depth2", "disk_default", "
 
 
 def main() -> None:
-    from golem.runtime.phases import EXCLUDED, MOMENTS, PHASES
+    from golem.runtime.phases import MOMENTS, PHASES
     from golem.runtime.synthetic import default_cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,6 +55,9 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="bench_decode rows, comma-separated")
     ap.add_argument("--dir", type=Path, default=default_cache_dir())
     ap.add_argument("--packed", action="store_true", help="read experts from the packed copy (golem-pack)")
+    ap.add_argument("--replay", action="store_true",
+                    help="also replay each row's engine calls with the model's compute taken out "
+                         "(benchmarks/engine_replay.py) and print its phase table")
     args = ap.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
@@ -66,14 +74,11 @@ def main() -> None:
           f"per MoE layer (full cache)")
     print("host microseconds per partial decode layer, wall / engine-thread CPU; * = left out of 'engine'")
     width = 15
-    print(f"{'phase':<10}" + "".join(f"{n:>{width}}" for n in results))
-    for ph in PHASES:
-        cells = "".join(f"{r['phase_' + ph]:>7.0f} /{r['phase_cpu_' + ph]:>6.0f}" for r in results.values())
-        print(f"{ph + ('*' if ph in EXCLUDED else ''):<10}" + cells)
+    phase_table(results, width)
     line = lambda label, key: print(f"{label:<10}" + "".join(f"{r.get(key, float('nan')):>{width}.0f}" for r in results.values()))  # noqa: E731
     line("sum", "phase_sum_us")
     line("measured", "measured_us")
-    print(f"{'engine':<10}" + "".join(f"{r['us_per_layer']:>7.0f} /{r['cpu_us_per_layer']:>6.0f}" for r in results.values()))
+    engine_line(results)
     print(f"{'per miss':<10}" + "".join(
         f"{r.get('us_per_miss', float('nan')):>7.0f} /{r.get('cpu_us_per_miss', float('nan')):>6.0f}" for r in results.values()))
     print("thread hand-offs per partial layer (scheduler calls taking its lock / event-loop wakes / readers woken)")
@@ -110,7 +115,47 @@ def main() -> None:
         out[f"{name}_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
         out[f"{name}_handoffs_per_layer"] = {k: round(r[f"{k}_per_layer"], 2)
                                              for k in ("sched_calls", "loop_wakes", "reader_wakes")}
+    if args.replay:
+        replays = {name: replayed(setup, rows[name], args.runs) for name in results}
+        print("replayed: each row's calls into the engine made again in order, with the model's compute taken "
+              f"out (benchmarks/engine_replay.py); median of {args.runs}; host microseconds per partial layer, "
+              "wall / engine-thread CPU")
+        phase_table(replays, width)
+        engine_line(replays)
+        print(f"{'same':<10}" + "".join(f"{str(r['same']):>{width}}" for r in replays.values()))
+        for name, r in replays.items():
+            out[f"{name}_replay_us_per_layer"] = r["us_per_layer"]
+            out[f"{name}_replay_cpu_us_per_layer"] = r["cpu_us_per_layer"]
+            out[f"{name}_replay_same"] = r["same"]
+            out[f"{name}_replay_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
     print(json.dumps(out))
+
+
+def phase_table(results: dict, width: int) -> None:
+    """Rows of phases, a column per bench_decode row: wall / CPU microseconds per partial layer."""
+    from golem.runtime.phases import EXCLUDED, PHASES
+
+    print(f"{'phase':<10}" + "".join(f"{n:>{width}}" for n in results))
+    for ph in PHASES:
+        cells = "".join(f"{r['phase_' + ph]:>7.0f} /{r['phase_cpu_' + ph]:>6.0f}" for r in results.values())
+        print(f"{ph + ('*' if ph in EXCLUDED else ''):<10}" + cells)
+
+
+def engine_line(results: dict) -> None:
+    print(f"{'engine':<10}" + "".join(f"{r['us_per_layer']:>7.0f} /{r['cpu_us_per_layer']:>6.0f}"
+                                      for r in results.values()))
+
+
+def replayed(setup, options: dict, runs: int) -> dict:
+    """Median of ``runs`` replays of one row (``engine_replay.replay_row``); ``same`` only if all were."""
+    import statistics
+
+    from engine_replay import replay_row
+
+    got = [replay_row(setup.path, setup.prompts, setup.tokens, **setup.load_options(options)) for _ in range(runs)]
+    med = {k: statistics.median(r[k] for r in got) for k in got[0] if k != "same"}
+    med["same"] = all(r["same"] for r in got)
+    return med
 
 
 if __name__ == "__main__":
