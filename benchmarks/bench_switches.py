@@ -31,6 +31,9 @@ Switches:
 - ``overlap-share``: a decode layer with misses computes its resident experts while the
   misses load only when at least half its routed experts are resident
   (``Engine(overlap_share=0.5)``), against whenever one is (the earlier shape, ``0.0``).
+- ``overlap-size``: on the CPU backend, a decode layer with misses computes its resident
+  experts apart only when they hold at least ``OVERLAP_MIN_NBYTES`` (256 KiB)
+  (``Engine(overlap_min_nbytes=)``), against whatever their size (the earlier shape, 0).
 - ``launch-first``: the engine starts each decode layer's finished expert graph at once
   (``Engine(launch_first=True)``: ``mx.async_eval``), before the prefetcher's issue and the
   model's next steps are built, against leaving it for the next layer's sync to start.
@@ -94,7 +97,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_decode  # noqa: E402
-from golem.runtime.engine import OVERLAP_SHARE  # noqa: E402
+from golem.runtime.engine import OVERLAP_MIN_NBYTES, OVERLAP_SHARE  # noqa: E402
 
 ROWS = {
     "early-stop": ("disk_depth0", "disk_governed2", "disk_default", "depth0", "depth2", "governed2", "default"),
@@ -106,6 +109,7 @@ ROWS = {
     "reads-before-books": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "overlap": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "overlap-share": ("disk_depth0", "disk_depth2", "depth0", "depth2", "default"),
+    "overlap-size": ("disk_depth0", "disk_depth2", "depth0", "depth2", "default"),
     "launch-first": ("warm_resident", "disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-copies": ("disk_depth0", "disk_depth2", "depth0", "depth2"),
     "held-lock-ranking": ("disk_depth2", "depth2"),
@@ -121,7 +125,7 @@ ROWS = {
 INTERLEAVED = ("early-launch", "requests-at-once", "install-before-launch", "prefetch-after-launch",
                "reads-before-books", "overlap", "launch-first", "held-copies",
                "held-lock-ranking", "poll-when-out", "stall-avoided", "one-wake", "device-ranks",
-               "overlap-share", "read-waste", "timed-governor")  # a loaded engine can flip these
+               "overlap-share", "overlap-size", "read-waste", "timed-governor")  # a loaded engine can flip these
 EARLIER_GOVERNOR = {"reference_tokens": 0, "start_depth": None}  # timed-governor, off
 
 
@@ -339,6 +343,10 @@ def switch(name: str, on: bool, share: float):
         with patched(Engine, overlap_share=OVERLAP_SHARE if on else 0.0):
             yield
         return
+    if name == "overlap-size":
+        with patched(Engine, overlap_min_nbytes=OVERLAP_MIN_NBYTES if on else 0):
+            yield
+        return
     if name == "early-stop":
         with patched(Governor, clear_loss=2.0 if on else None):
             yield
@@ -511,6 +519,8 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
                         setattr(engine, args.switch.replace("-", "_"), on)
                     if args.switch == "overlap-share":
                         engine.overlap_share = OVERLAP_SHARE if on else 0.0
+                    if args.switch == "overlap-size":
+                        engine.overlap_min_nbytes = OVERLAP_MIN_NBYTES if on else 0
                     if args.switch == "timed-governor":
                         _fresh_governor(engine, on)
                     before = _host(engine)

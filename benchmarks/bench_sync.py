@@ -15,6 +15,16 @@ against it. Cases, each timed on the calling thread (wall; CPU time too), interl
 - ``async_eval, 1 op``: the launch alone, then the wait for it (``mx.eval`` of the launched
   array) counted apart.
 
+Then what the host's own work costs right after a wait, against the same work on a quiet
+thread: a fixed piece of Python of the kind the engine does per layer (a dict of counters, a
+small numpy selection read into a list; ``host_work``) timed alone, back to back
+(``quiet``); right after a 1 ms sleep (``after a sleep``: the thread's core went idle); and
+right after an ``mx.eval`` of a layer-sized chain of matmuls (``after an eval``: the core
+waited for the device, and on the CPU backend the device's work ran on these cores). The
+ratios say how much of a phase table's host time is the machine's penalty for having waited
+rather than the engine's work (on the 2-core VM here the work after an eval ran several
+times slower than alone).
+
     python benchmarks/bench_sync.py [--rounds 7] [--calls 200] [--hidden 2048] [--experts 128]
 """
 
@@ -75,6 +85,43 @@ def time_case(fn, calls: int):
     return 1e6 * statistics.median(wall), 1e6 * statistics.median(cpu)
 
 
+def host_work(state: dict) -> int:
+    """A fixed piece of host work of the engine's kind: counters in a dict, a small numpy
+    selection read back into a list."""
+    for i in range(64):
+        state[i] = state.get(i, 0) + 1
+    picked = np.arange(16)
+    picked = picked[picked % 3 == 0].tolist()
+    return len(picked) + sum(state.values())
+
+
+def layer_graph(hidden: int, chain: int = 16):
+    """``() -> lazy array``: a chain of (1, H) x (H, H) matmuls, a layer's worth of waiting."""
+    x = mx.random.normal((1, hidden))
+    ws = [mx.random.normal((hidden, hidden)) / hidden ** 0.5 for _ in range(chain)]
+    mx.eval(x, ws)
+
+    def build():
+        y = x
+        for w in ws:
+            y = y @ w
+        return y
+    return build
+
+
+def time_after(before, calls: int):
+    """Median wall and CPU microseconds of ``host_work`` run right after ``before()``."""
+    state: dict = {}
+    wall, cpu = [], []
+    for _ in range(calls):
+        before()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        host_work(state)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return 1e6 * statistics.median(wall), 1e6 * statistics.median(cpu)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -86,10 +133,16 @@ def main() -> None:
     table = cases(args.hidden, args.experts, args.top_k)
     for fn in table.values():  # first use: kernels built, buffers allocated
         time_case(fn, 5)
-    seen = {name: [] for name in table}
+    build = layer_graph(min(args.hidden, 1024))
+    after = {"host work, quiet": lambda: None,
+             "host work after a sleep": lambda: time.sleep(0.001),
+             "host work after an eval": lambda: mx.eval(build())}
+    seen = {name: [] for name in [*table, *after]}
     for _ in range(args.rounds):
         for name, fn in table.items():
             seen[name].append(time_case(fn, args.calls))
+        for name, before in after.items():
+            seen[name].append(time_after(before, args.calls))
     print(f"backend {mx.default_device()}, mlx {mx.__version__}: one call on the calling thread, "
           f"medians of {args.rounds} rounds x {args.calls} calls (router: {args.hidden} x {args.experts}, top-{args.top_k})")
     print(f"{'case':<26}{'wall us':>10}{'cpu us':>10}")
@@ -100,6 +153,11 @@ def main() -> None:
         print(f"{name:<26}{wall:>10.1f}{cpu:>10.1f}")
         key = name.replace(", ", "_").replace(" + ", "_").replace(" ", "_")
         out[f"{key}_us"], out[f"{key}_cpu_us"] = wall, cpu
+    quiet = out["host_work_quiet_us"]
+    for case in ("sleep", "eval"):
+        out[f"after_{case}_over_quiet"] = out[f"host_work_after_a{'n' if case == 'eval' else ''}_{case}_us"] / quiet
+    print(f"host work after a sleep / quiet: {out['after_sleep_over_quiet']:.2f}x; "
+          f"after an eval / quiet: {out['after_eval_over_quiet']:.2f}x")
     print(json.dumps(out))
 
 

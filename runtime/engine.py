@@ -34,8 +34,11 @@ EARLY_ABSENT = 0.25
 ABSENT_DECAY = 0.25  # weight of the newest step in ``SlotPool.recent_absent``
 # A decode layer with misses computes its resident experts apart, while the misses load, from
 # this share of them resident: below, the split's host work outweighs their compute on a fast
-# device (``bench_switches.py --switch overlap-share``); the CPU backend splits from any.
+# device (``bench_switches.py --switch overlap-share``); the CPU backend splits from any...
 OVERLAP_SHARE = 0.5
+# ... holding this many bytes: a split costs the host ~200 us here, to overlap experts taking tens
+# of us each at tens of KiB, ms at real sizes (``bench_switches.py --switch overlap-size``).
+OVERLAP_MIN_NBYTES = 256 << 10
 
 
 class Engine:
@@ -54,14 +57,14 @@ class Engine:
     is launched before its sync, through the pool's device table: the device computes it
     while the host reads the ids and keeps its books; experts that were missing then are
     computed again once read. Another decode layer with misses first queues its demand
-    reads, then (``overlap``, from ``overlap_share`` of its experts resident) builds and
-    starts its resident experts' computation, then does the prefetcher's part (other layers'
-    installs, scoring, new reads), then waits for the reads, writes them into their slots and
-    computes the missing experts; the two results are put back in routing order, so the
-    output is the one computation would give. A writer
+    reads, then (``overlap``, from ``overlap_share`` of its experts resident, holding
+    ``overlap_min_nbytes``) builds and starts its resident experts' computation, then does
+    the prefetcher's part (other layers' installs, scoring, new reads), then waits for the
+    reads, writes them into their slots and computes the missing experts; the two results
+    are put back in routing order, so the output is the one computation would give. A writer
     that replaces whole pool arrays (``device``) first waits for the resident experts'
-    computation (so the pool is updated in place, not copied): a wait for work already
-    under way, not a read-back.
+    computation (so the pool is updated in place, not copied): a wait for work already under
+    way, not a read-back.
 
     Args:
         index: per-expert byte ranges of every MoE layer.
@@ -78,8 +81,9 @@ class Engine:
         cpu_clock: the engine thread's CPU clock, to count its CPU time by phase too (see
             ``time_cpu``); None: wall time only.
         overlap: compute a decode step's resident experts while its misses load.
-        overlap_share: ... from this share of its experts resident; None:
-            ``OVERLAP_SHARE``, or 0 (any) when MLX computes on the CPU.
+        overlap_share: ... from this share of its experts resident; None: ``OVERLAP_SHARE``,
+            or 0 (any) on the CPU; ``overlap_min_nbytes``: ... holding this many bytes (None:
+            ``OVERLAP_MIN_NBYTES`` on the CPU, else 0).
         early: launch a decode layer's experts before its host sync while, on average over
             its recent steps, at most this share of its routed experts was missing at the
             sync (each such expert is computed twice); None: never.
@@ -96,7 +100,8 @@ class Engine:
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
                  scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
                  cpu_clock=None, overlap: bool = True, overlap_share: Optional[float] = None,
-                 early: Optional[float] = EARLY_ABSENT, launch_first: Optional[bool] = None):
+                 overlap_min_nbytes: Optional[int] = None, early: Optional[float] = EARLY_ABSENT,
+                 launch_first: Optional[bool] = None):
         self.index = index
         self.pools = pools
         self.reader = reader
@@ -109,6 +114,7 @@ class Engine:
         self.overlap = overlap
         on_cpu = mx.default_device() == mx.cpu
         self.overlap_share = (0.0 if on_cpu else OVERLAP_SHARE) if overlap_share is None else overlap_share
+        self.overlap_min_nbytes = overlap_min_nbytes if overlap_min_nbytes is not None else OVERLAP_MIN_NBYTES * on_cpu
         self.early = early
         self.launch_first = not on_cpu if launch_first is None else launch_first
         self.first_layer = min(pools)
@@ -128,17 +134,15 @@ class Engine:
             self.scheduler.close()
 
     def time_cpu(self, on: bool = True) -> None:
-        """Count the engine thread's CPU time by phase too (``stats.phases.cpu_s``), from now
-        on: profiling. Off by default: a CPU clock read costs a system call per lap."""
+        """Count the engine thread's CPU time by phase too (``stats.phases.cpu_s``): profiling."""
         self._phase.cpu_clock = time.thread_time if on else None
 
     # -- loading ---------------------------------------------------------------
     def _staging_for(self, layer: int) -> np.ndarray:
         nbytes = self.index.expert_nbytes(layer)
-        buf = self._staging.get(nbytes)
-        if buf is None:
-            buf = self._staging[nbytes] = aligned_empty(nbytes)
-        return buf
+        if nbytes not in self._staging:
+            self._staging[nbytes] = aligned_empty(nbytes)
+        return self._staging[nbytes]
 
     def _write(self, pool: SlotPool, slot: int, buf: np.ndarray) -> None:
         pool.write(slot, buf)
@@ -366,9 +370,8 @@ class Engine:
     def _begin_call(self, indices: mx.array) -> None:
         tokens = math.prod(indices.shape[:-1])
         st, pf = self.stats, self.prefetcher
-        st.forward_calls += 1
+        st.forward_calls, st.tokens = st.forward_calls + 1, st.tokens + tokens
         self._phase.on = False  # a layer that raised left it running
-        st.tokens += tokens
         for pool in self.pools.values():
             if not pool.fully_resident:
                 pool.policy.tick()
@@ -483,9 +486,8 @@ class Engine:
         return y, snapshot
 
     def _launch(self, y: mx.array) -> mx.array:
-        """With ``launch_first``, start a decode layer's finished expert graph ``y`` now: the
-        device computes it while the host does what remains of the layer (the prefetcher's
-        issue) and builds the model's next steps, instead of the next layer's sync starting it."""
+        """With ``launch_first``, start a decode layer's finished expert graph ``y`` now (the device
+        computes it while the host ends the layer and builds the next), not at the next sync."""
         if self.launch_first:
             self._phase.reached("launch")
             mx.async_eval(y)
@@ -505,9 +507,8 @@ class Engine:
         return absent
 
     def _note_absent(self, pool: SlotPool, n: int) -> None:
-        """A decode step of ``pool`` found ``n`` routed experts missing at its launch (or at
-        its admission, without one): the running average that decides the next early launch
-        (``recent_absent``)."""
+        """A decode step of ``pool`` found ``n`` routed experts missing at its launch (or admission):
+        the running average that decides the next early launch (``recent_absent``)."""
         pool.recent_absent += ABSENT_DECAY * (n - pool.recent_absent)
 
     def _complete_early(self, pool: SlotPool, glu: nn.Module, x: mx.array, ids: np.ndarray,
@@ -553,7 +554,8 @@ class Engine:
         slots = pool.slots(ids)  # misses are assigned their slots already
         ph.lap("pool")
         if not (todo and self.overlap and self._decoding and hits
-                and len(hits) >= self.overlap_share * len(needed)):
+                and len(hits) >= self.overlap_share * len(needed)
+                and len(hits) * pool.expert_nbytes >= self.overlap_min_nbytes):
             if todo:
                 self._fetch(pool.layer, todo, issue, futures)
             y = glu(x, mx.array(slots))

@@ -104,15 +104,18 @@ def test_both_slot_write_paths_identical(checkpoints, references, monkeypatch, d
         assert all(p.writer.name == "host" for p in pools)  # the CPU backend shares host memory
 
 
-@pytest.mark.parametrize("overlap,share", [(True, 0.0), (True, 0.5), (False, 0.0)])
+@pytest.mark.parametrize("overlap,share,min_nbytes", [(True, 0.0, 0), (True, 0.5, 0), (False, 0.0, 0),
+                                                       (True, 0.0, 1 << 30)])
 @pytest.mark.parametrize("writer", ["host", "device"])
-def test_resident_experts_computed_while_misses_load_identical(checkpoints, references, overlap, share, writer):
+def test_resident_experts_computed_while_misses_load_identical(checkpoints, references, overlap, share,
+                                                               min_nbytes, writer):
     """Splitting a decode step's experts into resident and missing ones changes no token;
-    a step splits only when at least ``overlap_share`` of its experts is resident."""
+    a step splits only when at least ``overlap_share`` of its experts is resident, holding at
+    least ``overlap_min_nbytes`` (this checkpoint's experts are a few KiB: none at 1 GiB)."""
     tokens, expected = references("mixtral")
     with load(str(checkpoints("mixtral")), cache_sizes=TOP_K + 1, slot_writer=writer) as (model, _):
         engine = model.golem.engine
-        engine.overlap, engine.overlap_share = overlap, share
+        engine.overlap, engine.overlap_share, engine.overlap_min_nbytes = overlap, share, min_nbytes
         fetch, split = engine._fetch, []
 
         def fetching(layer, todo, meanwhile=None, futures=None):
@@ -125,5 +128,5 @@ def test_resident_experts_computed_while_misses_load_identical(checkpoints, refe
         stats = engine.stats.total()
     assert got == expected
     assert stats.misses > 0 and stats.hits > 0
-    assert any(s for s, _ in split) == overlap
+    assert any(s for s, _ in split) == (overlap and not min_nbytes)
     assert all(TOP_K - misses >= share * TOP_K for s, misses in split if s)
