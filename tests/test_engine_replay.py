@@ -1,0 +1,64 @@
+"""benchmarks/engine_replay.py: a decode's calls into the engine, made again into a fresh load,
+redo the same work (same hits and misses, same outputs), and a replay that computes something
+else is caught."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from golem.runtime import load
+from helpers import greedy_tokens, prompt_tokens, stock
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_replay.py"
+TOP_K = 4
+
+
+@pytest.fixture(scope="module")
+def engine_replay():
+    spec = importlib.util.spec_from_file_location("engine_replay_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recorded(checkpoints, engine_replay):
+    """A decode at depth 0 with misses, recorded: ``(path, calls, (misses, hits, decode steps))``."""
+    path = checkpoints("qwen3_moe")
+    _, tok = stock(path)
+    with load(str(path), cache_sizes=TOP_K + 1) as (model, _):
+        recording = engine_replay.Recording(model.golem.engine)
+        greedy_tokens(model, prompt_tokens(tok), n=8)
+        recording.stop()
+        stats = model.golem.engine.stats
+        counts = (stats.decode_misses, stats.total().hits, stats.decode_steps)
+    assert counts[0] > 0 and counts[2] > 0
+    return path, recording.calls, counts
+
+
+def replayed(engine_replay, path, calls):
+    with load(str(path), cache_sizes=TOP_K + 1) as (model, _):
+        engine = model.golem.engine
+        same = engine_replay.replay(engine, {em.layer: em.module for em in model.golem.experts}, calls)
+        stats = engine.stats
+        return same, (stats.decode_misses, stats.total().hits, stats.decode_steps)
+
+
+def test_a_replay_redoes_the_decode(engine_replay, recorded):
+    path, calls, counts = recorded
+    same, got = replayed(engine_replay, path, calls)
+    assert same
+    assert got == counts  # the same misses, hits and decode steps
+
+
+def test_a_replay_that_computes_otherwise_is_caught(engine_replay, recorded):
+    path, calls, _ = recorded
+    layer, x, indices, hidden, y = calls[-1]
+    wrong = calls[:-1] + [(layer, x, indices, hidden, y + 1)]
+    mx.eval(wrong[-1][4])
+    same, _ = replayed(engine_replay, path, wrong)
+    assert not same
