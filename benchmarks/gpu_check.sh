@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every figure benchmarks/RESULTS.md needs from one machine, in one run: the machine card,
-# bench_sync (what one host sync costs), bench_upload, bench_decode --runs 3 at both shapes,
-# profile_decode (host time by phase), the early launch, the launch first, the hits computed
+# bench_sync (what one host sync costs, and the host's work after a wait), bench_upload,
+# bench_decode --runs 3 at both shapes, profile_decode (host time by phase; at the Qwen3-30B-A3B
+# routing also replayed with the model's compute taken out), the early launch, the launch first, the hits computed
 # while misses load (and only from half the experts resident), the ranks sorted on the device,
 # the governor timing decode steps, each off and on (bench_switches --interleave), experts
 # packed one read each against stacked (golem-pack), a cProfile of a
@@ -57,7 +58,7 @@ git log -1 --format="commit %h %s" 2>/dev/null || true
 if [ $QUICK -eq 1 ]; then
   # the steps most likely to finish first: a step past its limit stops, the next one runs
   step "bench_sync (one host sync and one launch, apart from their work)" 30 "$PY" benchmarks/bench_sync.py --rounds 3 --calls 100
-  step "profile_decode, Qwen3-30B-A3B routing" 150 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 1 --tokens 16 --rows warm_resident,disk_depth0,disk_depth2,oracle
+  step "profile_decode, Qwen3-30B-A3B routing, and replayed without the model" 180 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 1 --tokens 16 --rows warm_resident,disk_depth0,disk_depth2,oracle --replay
   step "early launch (share 0.25), interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
   step "early launch of every decode layer, interleaved" 120 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 3 --tokens 12 --rows disk_depth0,depth2
   step "launch first, interleaved" 90 "$PY" benchmarks/bench_switches.py --switch launch-first --interleave --shape small --runs 3 --tokens 12 --rows warm_resident,disk_depth0,depth2
@@ -85,12 +86,14 @@ else
   step "bench_decode, host slot writer" 300 "$PY" benchmarks/bench_decode.py --runs 1 --slot-writer host
   step "bench_decode, Qwen3-30B-A3B slice" 600 "$PY" benchmarks/bench_decode.py --shape qwen3-30b-a3b --runs 3
   step "profile_decode" 400 "$PY" benchmarks/profile_decode.py --runs 3
+  step "profile_decode, Qwen3-30B-A3B routing, and replayed without the model" 400 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 2 --tokens 16 --rows warm_resident,disk_depth0,depth0,depth2,oracle --replay
   step "profile_decode, Qwen3-30B-A3B slice" 500 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b --runs 1
   step "early launch, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0
   step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,depth2
   step "launch first, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch launch-first --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0,depth2
   step "hits while misses load, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch overlap --interleave --shape small --runs 6 --rows disk_depth0,depth0,depth2
   step "hits while misses load, from half resident, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch overlap-share --interleave --shape small --runs 6 --rows disk_depth0,depth0,depth2
+  step "hits while misses load, from 256 KiB resident, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch overlap-size --interleave --runs 6 --tokens 16 --rows disk_depth0,depth0,depth2
   step "ranking that keeps the interpreter lock, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch held-lock-ranking --interleave --runs 6 --tokens 16
   step "ranks sorted on the device, interleaved" 300 "$PY" benchmarks/bench_switches.py --switch device-ranks --interleave --runs 6 --tokens 16
   step "packed experts (golem-pack), alternating loads" 400 "$PY" benchmarks/bench_switches.py --switch packed-experts --runs 4 --tokens 16
