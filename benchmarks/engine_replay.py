@@ -15,6 +15,11 @@ expert graphs it builds are evaluated at the end of each step, as the next token
 
 Each replayed step's output is checked against the recorded one (``same``): the replay did
 the computation the decode did.
+
+The experts' own compute stays: the engine launches it. On the CPU backend ``mx.async_eval``
+waits while the backend's queue of work is full, so where an expert's compute takes
+milliseconds (bench_decode's small shape) the replay's ``launch`` phase holds that compute;
+the replay reads as the engine's host work where compute is small (the host shape, a GPU).
 """
 
 from __future__ import annotations
