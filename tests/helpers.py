@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import List
 
 import mlx.core as mx
@@ -28,3 +30,12 @@ def stock(path):
     from mlx_lm import load
 
     return load(str(path))
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module of its own (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,21 +3,16 @@ installed, skipped with a note naming the extra when not."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_io.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench_io():
-    spec = importlib.util.spec_from_file_location("bench_io_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_io")
 
 
 def small_experts(bench_io, tmp_path):

@@ -4,25 +4,18 @@ else is caught."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import mlx.core as mx
 import pytest
 
 from golem.runtime import load
-from helpers import greedy_tokens, prompt_tokens, stock
+from helpers import greedy_tokens, load_benchmark, prompt_tokens, stock
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_replay.py"
 TOP_K = 4
 
 
 @pytest.fixture(scope="module")
 def engine_replay():
-    spec = importlib.util.spec_from_file_location("engine_replay_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("engine_replay")
 
 
 @pytest.fixture(scope="module")
