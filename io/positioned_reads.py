@@ -18,12 +18,14 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from golem.io.file_handles import (ALIGN, DIRECT_CHUNK_NBYTES, MODE_FADVISE, MODE_O_DIRECT,
-                                   FileHandles)
+from golem.io.file_handles import (ALIGN, DIRECT_CHUNK_NBYTES, MODE_BUFFERED, MODE_FADVISE,
+                                   MODE_O_DIRECT, FileHandles)
 from golem.io.ranges import ByteRange
 from golem.io.read_errors import ReadError
 
 RETRYABLE_ERRNOS = frozenset({errno.EIO, errno.EINTR, errno.EAGAIN})
+# Linux: a read that fails with EAGAIN at once rather than wait for the device (None elsewhere).
+NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 try:
     _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
@@ -147,6 +149,31 @@ def destination_views(requests: Sequence[Tuple[Sequence[ByteRange], object, str]
                                  f"{' of ' + what if what else ''}")
         views.append(view)
     return views
+
+
+def read_cached(ranges: Sequence[ByteRange], out, *, handles: FileHandles) -> bool:
+    """Read ``ranges`` into ``out`` at their ``dest`` only as far as the page cache already
+    holds them (``RWF_NOWAIT``: nothing waits for the device); True when every byte arrived.
+
+    False, with ``out`` partly written, where the platform has no such read, the handles
+    emulate a device (``throttle``) or read through a replaced ``preadv`` (faults injected,
+    reads counted: the ordinary path must see them), a file is not read through the page
+    cache, or a byte was not cached or any read failed: the caller reads them the ordinary
+    way, which retries and reports. Pinned files are checked as after any read.
+    """
+    if NOWAIT is None or handles.throttle is not None or handles.preadv is not os.preadv:
+        return False
+    view = _byte_view(out)
+    try:
+        for r in ranges:
+            fd, mode = handles.open(r.path)
+            if mode != MODE_BUFFERED or os.preadv(fd, [view[r.dest:r.dest + r.nbytes]], r.offset, NOWAIT) != r.nbytes:
+                return False
+        for path in dict.fromkeys(r.path for r in ranges):
+            handles.check(path, handles.fd(path))
+    except OSError:  # not cached (EAGAIN), a failed read, a changed file: the ordinary read says
+        return False
+    return True
 
 
 def read_ranges(ranges: Iterable[ByteRange], out, *, handles: FileHandles, direct: bool = False,

@@ -17,6 +17,10 @@ from golem.io.read_jobs import (DEFAULT_PARALLELISM, DEFAULT_PIECE_NBYTES, MIN_J
 
 DEFAULT_MAX_GAP_NBYTES = 0  # see IOScheduler's "Coalescing"
 CLOSE_TIMEOUT_S = 1.0
+# Bytes of a layer's misses read on the engine's own thread when the page cache holds them: a
+# read of 36 KiB takes ~2 us there, a hand-off to a reader thread ~100 us of host time
+# (``bench_io_host.py``); past this, readers copy the rest in parallel.
+CACHED_READ_NBYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ class SchedulerSettings:
             caller's thread does, under the lock, as for a demand (see the scheduler's
             "Shape").
         close_timeout_s: longest ``close`` waits for reads already inside the kernel.
+        cached_read_nbytes: a demand submit reads, on the submitting thread, up to this many
+            bytes of its keys that the page cache already holds (``read_cached``: Linux,
+            buffered reads, no emulated device), before any reader is woken for them; the
+            rest go to the readers first. 0: never.
     """
 
     buffer_nbytes: int
@@ -73,6 +81,7 @@ class SchedulerSettings:
     use_uvloop: bool = True
     activate_on_loop: bool = False
     close_timeout_s: float = CLOSE_TIMEOUT_S
+    cached_read_nbytes: int = CACHED_READ_NBYTES
 
     def __post_init__(self):
         if not self.buffer_nbytes > 0 or not self.num_buffers >= 1:
@@ -87,7 +96,8 @@ class SchedulerSettings:
             raise ValueError(f"speculative_s must be > 0 and finite, got {spec_s}")
         for name, least in (("speculative_nbytes", 0), ("max_pending", 0),
                             ("max_batch_nbytes", 1), ("max_gap_nbytes", 0),
-                            ("piece_nbytes", 1), ("min_job_nbytes", 0), ("retries", 0)):
+                            ("piece_nbytes", 1), ("min_job_nbytes", 0), ("retries", 0),
+                            ("cached_read_nbytes", 0)):
             value = getattr(self, name)
             if value is not None and not value >= least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")

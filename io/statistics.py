@@ -23,7 +23,9 @@ class SchedulerStatistics:
     ``requests`` counts submits by class (``"demand"``, ``"prefetch"``), ``by_depth`` by depth;
     ``reads`` counts batches (one or more coalesced requests), ``pieces`` their ``preadv`` calls;
     ``useful_nbytes`` were published or handed to a demand, ``cancelled_nbytes`` were read but
-    not published (cancelled while running). Latencies in seconds; ``gb_per_s`` is bytes read
+    not published (cancelled while running); ``cached_reads`` demand reads served on the
+    submitting thread from the page cache (counted in ``requests``, ``bytes_read`` and
+    ``useful_nbytes``, not in ``reads``). Latencies in seconds; ``gb_per_s`` is bytes read
     over the time at least one read was running. Hand-offs between threads, the host cost
     that does not show in a CPU profile of one thread: ``calls`` counts the caller's calls
     that took the scheduler's lock (submit, cancel, poll, release, pending), ``loop_wakes``
@@ -38,6 +40,7 @@ class SchedulerStatistics:
     dropped: int = 0
     failed: int = 0
     reads: int = 0
+    cached_reads: int = 0
     pieces: int = 0
     coalesced_reads: int = 0
     bytes_read: int = 0

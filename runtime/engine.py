@@ -208,7 +208,7 @@ class Engine:
                 sched, pf = self.scheduler, self.prefetcher
                 if futures is None:
                     futures = sched.submit_demands([(layer, e) for e, _ in todo])
-                    ph.lap("request")
+                    ph.lap("request", read_s=sched.take_cached_read_s())
                 taken, written = 0, []  # buffers written from and not yet handed back
                 try:
                     if meanwhile is not None:
@@ -277,7 +277,7 @@ class Engine:
             if missing:
                 self._phase.reached("request")
                 futures = self.scheduler.submit_demands([(pool.layer, e) for e in missing])
-                self._phase.lap("request")
+                self._phase.lap("request", read_s=self.scheduler.take_cached_read_s())
         try:
             hits, todo, evicted = pool.admit(needed)
         except BaseException:

@@ -24,7 +24,7 @@ PHASES = (
     "graph",     # building the expert computation (ids to slots, gather, reorder)
     "launch",    # starting the experts' computation: before the sync (early launch), or the
                  # resident ones' while misses load
-    "wait",      # blocked on reads
+    "wait",      # blocked on reads, or reading from the page cache on the engine's thread
     "write",     # putting experts into slots (the upload)
 )
 # What "engine host time" leaves out: device work and I/O the engine only waits for.
@@ -108,17 +108,23 @@ class PhaseClock:
         if self.cpu_clock is not None:
             self._c = self.cpu_clock()
 
-    def lap(self, phase: str) -> None:
+    def lap(self, phase: str, read_s: float = 0.0) -> None:
+        """Charge the time since the last lap to ``phase``; ``read_s`` of it, reads this
+        thread made itself (from the page cache), to ``wait``."""
         if not self.on:
             return
         t = self.clock()
-        self.times.wall_s[phase] += t - self._t
+        read_s = min(read_s, t - self._t)
+        self.times.wall_s[phase] += t - self._t - read_s
+        self.times.wall_s["wait"] += read_s
         self._t = t
         if phase == "sync":
             self._synced = t
         if self.cpu_clock is not None:
             c = self.cpu_clock()
-            self.times.cpu_s[phase] += c - self._c
+            read_cpu = min(read_s, c - self._c)  # a copy from the page cache: CPU-bound
+            self.times.cpu_s[phase] += c - self._c - read_cpu
+            self.times.cpu_s["wait"] += read_cpu
             self._c = c
 
     def reached(self, moment: str) -> None:

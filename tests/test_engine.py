@@ -255,14 +255,19 @@ def test_other_layers_arrivals_install_after_the_demand_reads_and_before_the_iss
         engine = model.golem.engine
         engine.early = early
         sched, pf, reads, log = engine.scheduler, engine.prefetcher, [], []
-        submit_many, arrivals_for, step = sched.submit_many, pf.arrivals_for, pf.step
+        submit_many, submit_demands, arrivals_for, step = sched.submit_many, sched.submit_demands, pf.arrivals_for, pf.step
         install, forward = engine._install, engine.forward
 
         def submitting(requests):
             futures = submit_many(requests)
             reads.extend(f for f, (_, depth, _) in zip(futures, requests) if depth > 0)
-            log.append(("demands" if requests[0][1] == 0 else "prefetches", engine._decoding))
+            if requests[0][1] > 0:  # demands: through submit_demands (some read from the page cache there)
+                log.append(("prefetches", engine._decoding))
             return futures
+
+        def demanding(keys):
+            log.append(("demands", engine._decoding))
+            return submit_demands(keys)
 
         def landed_first(layer, *args):
             concurrent.futures.wait(reads)  # every prefetch read (or cancelled): no sleep
@@ -278,7 +283,7 @@ def test_other_layers_arrivals_install_after_the_demand_reads_and_before_the_iss
             log.append(("layer", None))
             return forward(layer, glu, x, indices)
 
-        sched.submit_many, pf.arrivals_for, pf.step = submitting, landed_first, landed_first
+        sched.submit_many, sched.submit_demands, pf.arrivals_for, pf.step = submitting, demanding, landed_first, landed_first
         engine._install, engine.forward = installing, layer
         assert greedy_tokens(model, tokens, N) == want
     segments, current = [], []
@@ -306,14 +311,14 @@ def test_a_decode_layers_demand_reads_are_queued_before_its_slots_are_claimed(ch
     with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
         engine = model.golem.engine
         sched, submits = engine.scheduler, []
-        submit_many = sched.submit_many
+        submit_demands = sched.submit_demands
 
-        def submitting(requests):
+        def submitting(keys):
             if engine._decoding:
-                submits.append([engine.pools[l].is_resident(e) for (l, e), _, _ in requests])
-            return submit_many(requests)
+                submits.append([engine.pools[l].is_resident(e) for l, e in keys])
+            return submit_demands(keys)
 
-        sched.submit_many = submitting
+        sched.submit_demands = submitting
         assert greedy_tokens(model, tokens, N) == want
         ph = engine.stats.phases
     assert submits and not any(any(resident) for resident in submits)
@@ -331,11 +336,11 @@ def test_a_failure_after_the_demand_reads_are_queued_hands_their_buffers_back(ch
     with load(str(checkpoints("olmoe")), cache_sizes=4) as (model, _):
         engine = model.golem.engine
         sched, futures = engine.scheduler, []
-        submit_many, admit = sched.submit_many, SlotPool.admit
+        submit_demands, admit = sched.submit_demands, SlotPool.admit
         free = sched.statistics().free_buffers
 
-        def submitting(requests):
-            out = submit_many(requests)
+        def submitting(keys):
+            out = submit_demands(keys)
             if engine._decoding:
                 futures.extend(out)
             return out
@@ -345,14 +350,14 @@ def test_a_failure_after_the_demand_reads_are_queued_hands_their_buffers_back(ch
                 raise RuntimeError("books failed")
             return admit(pool, needed)
 
-        sched.submit_many = submitting
+        sched.submit_demands = submitting
         SlotPool.admit = failing
         try:
             with pytest.raises(RuntimeError, match="books failed"):
                 greedy_tokens(model, tokens, N)
         finally:
             SlotPool.admit = admit
-            sched.submit_many = submit_many
+            sched.submit_demands = submit_demands
         landed = [threading.Event() for _ in futures]
         for future, event in zip(futures, landed):  # runs after the engine's own callback
             future.add_done_callback(lambda _, event=event: event.set())

@@ -14,6 +14,7 @@ import pytest
 
 from golem.io.ranges import ByteRange
 from golem.io.file_handles import FileHandles
+from golem.io.positioned_reads import NOWAIT
 from golem.io.read_errors import ReadError
 from golem.io.scheduler import IOScheduler, SchedulerClosed, SchedulerSettings, describe
 from golem.io.storage import FakeClock, Throttle, parse_throttle
@@ -954,3 +955,79 @@ def test_a_submit_wakes_one_reader_and_the_readers_wake_the_rest(monkeypatch):
         reader.allow(5)
         s.release_all([result(f) for f in futures])
     assert sum(n for caller, n in woken if caller) <= 1
+
+
+def real_scheduler(real_locate, handles=None, **settings):
+    settings.setdefault("buffer_nbytes", EXPERT_NBYTES)
+    settings.setdefault("num_buffers", 8)
+    return IOScheduler(real_locate, lambda key: EXPERT_NBYTES, SchedulerSettings(**settings), handles=handles)
+
+
+@pytest.mark.skipif(NOWAIT is None, reason="no RWF_NOWAIT reads on this platform")
+def test_demands_the_page_cache_holds_are_read_on_the_calling_thread(expert_file):
+    real_locate, data = expert_file
+    keys = [(0, e) for e in (5, 1, 9, 2)]
+    with real_scheduler(real_locate) as s:
+        futures = s.submit_demands(keys)
+        assert all(f.done() for f in futures)  # no reader involved: resolved on return
+        for key, future in zip(keys, futures):
+            np.testing.assert_array_equal(result(future), expected_bytes(data, real_locate(key)))
+            s.release(result(future))
+        stats = s.statistics()
+    assert stats.cached_reads == 4 and stats.reads == 0 and stats.reader_wakes == 0
+    assert stats.requests == {"demand": 4} and stats.useful_nbytes == 4 * EXPERT_NBYTES
+    assert stats.free_buffers == 8
+
+
+@pytest.mark.skipif(NOWAIT is None, reason="no RWF_NOWAIT reads on this platform")
+def test_cached_demands_taken_in_order_never_wait_on_buffers_they_hold(expert_file):
+    """The first keys hold every buffer; the rest wait for one. A caller that takes results
+    in order and hands each buffer back gets them all."""
+    real_locate, data = expert_file
+    keys = [(0, e) for e in range(7)]
+    with real_scheduler(real_locate, num_buffers=3, reserved_for_demand=0) as s:
+        futures = s.submit_demands(keys)
+        assert [f.done() for f in futures[:3]] == [True] * 3
+        for key, future in zip(keys, futures):
+            np.testing.assert_array_equal(result(future), expected_bytes(data, real_locate(key)))
+            s.release(result(future))
+        stats = s.statistics()
+    assert stats.cached_reads >= 3 and stats.cached_reads + stats.reads == 7
+
+
+@pytest.mark.skipif(NOWAIT is None, reason="no RWF_NOWAIT reads on this platform")
+def test_demands_the_page_cache_does_not_hold_go_to_the_readers(expert_file, monkeypatch):
+    """A read that would wait for the device (``read_cached`` False, as on EAGAIN) hands its
+    buffer back and goes to the readers, in order with the rest."""
+    import golem.io.scheduler as scheduler_module
+
+    real_locate, data = expert_file
+    tried = []
+    monkeypatch.setattr(scheduler_module, "read_cached",
+                        lambda ranges, out, *, handles: tried.append(ranges[0].offset) or False)
+    keys = [(0, e) for e in (3, 10, 20)]  # not adjacent in the file: three reads
+    with real_scheduler(real_locate, num_buffers=2, reserved_for_demand=0) as s:
+        futures = s.submit_demands(keys)
+        for key, future in zip(keys, futures):
+            np.testing.assert_array_equal(result(future), expected_bytes(data, real_locate(key)))
+            s.release(result(future))
+        stats = s.statistics()
+    assert len(tried) == 2  # as many as there were buffers
+    assert stats.cached_reads == 0 and stats.reads == 3 and stats.free_buffers == 2
+
+
+def test_cached_reads_stay_off_through_a_replaced_preadv_an_emulated_device_or_when_set_off(expert_file):
+    """Reads counted or failed through a replaced preadv, and an emulated device's timing,
+    must see every demand: none is served from the page cache then."""
+    real_locate, _ = expert_file
+    keys = [(0, 1), (0, 2)]
+    cases = [dict(handles=FileHandles(preadv=FlakyPreadv(0))),
+             dict(handles=FileHandles(throttle=Throttle(100.0))),
+             dict(cached_read_nbytes=0)]
+    for case in cases:
+        with real_scheduler(real_locate, **case) as s:
+            for future in s.submit_demands(keys):
+                s.release(result(future))
+            assert s.statistics().cached_reads == 0
+        if case.get("handles") is not None:
+            case["handles"].close()
