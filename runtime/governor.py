@@ -20,6 +20,9 @@ from typing import Deque, Dict, List, Optional
 # ``STRETCH_PER_GAIN`` (a share of the step's time) that the last window gained over it.
 REFERENCE_STRETCH = 8
 STRETCH_PER_GAIN = 0.1
+# Speculation saves at most what steps decoded off wait on reads: while that is under this share
+# of their time (a page cache holding the experts, whose misses are copies), it stays off.
+MIN_STALL_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,14 @@ class GovernorStats:
     ups: int = 0
     probes: int = 0
     references: int = 0
+    holds: int = 0
 
     def describe(self) -> str:
         """One line: decode steps per depth, and the governor's moves."""
         at = ", ".join(f"{d}: {n}" for d, n in sorted(self.tokens_at.items()))
+        held = f", held off {_count(self.holds, 'time')} (little stall to save)" if self.holds else ""
         return (f"steps at each depth {{{at}}}, {_count(self.downs, 'step')} down, {self.ups} up, "
-                f"{_count(self.probes, 'probe')}, {_count(self.references, 'reference')} (steps off, timed)")
+                f"{_count(self.probes, 'probe')}, {_count(self.references, 'reference')} (steps off, timed){held}")
 
 
 class Governor:
@@ -85,7 +90,9 @@ class Governor:
     it saved. A window that paid steps one deeper, below ``max_depth``, while the deeper
     depth has not been judged since the last probe (or did better), and one shallower where
     the shallower depth did better. Off, it probes depth 1 after ``probe_tokens`` tokens,
-    doubled after each probe that lost, up to ``max_probe_tokens``.
+    doubled after each probe that lost, up to ``max_probe_tokens``. Where steps are timed it
+    leaves off (after a reference, or to probe) only while the steps decoded off wait on reads
+    for at least ``min_stall_share`` of their time: speculation can save no more than that.
 
     Args:
         max_depth: the deepest it may go (the user's depth).
@@ -103,12 +110,14 @@ class Governor:
         reference_tokens: tokens off per reference (the first not timed); 0: judge by the
             model only.
         reference_every: tokens at depth > 0 a reference stays valid (at least).
+        min_stall_share: least share of a step off spent waiting on reads for speculation to
+            be tried (timed steps only).
     """
 
     def __init__(self, max_depth: int, *, window: int = 8, probe_tokens: int = 16, max_probe_tokens: int = 512,
                  waste_weight: float = 0.25, start_depth: Optional[int] = 1, min_window: int = 2,
                  clear_loss: Optional[float] = 2.0, clear_slowdown: float = 0.15, reference_tokens: int = 4,
-                 reference_every: int = 128):
+                 reference_every: int = 128, min_stall_share: float = MIN_STALL_SHARE):
         if max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {max_depth}")
         self.max_depth = max_depth
@@ -121,6 +130,7 @@ class Governor:
         self.clear_slowdown = clear_slowdown
         self.reference_tokens = reference_tokens
         self.reference_every = reference_every
+        self.min_stall_share = min_stall_share
         self.depth = max_depth if start_depth is None else min(start_depth, max_depth)
         self.stats = GovernorStats()
         self.stall_per_miss_s: Optional[float] = None  # running average, every token
@@ -130,6 +140,7 @@ class Governor:
         self._tokens = 0
         self._spans: List[float] = []  # this window's timed steps (seconds)
         self._off_spans: Deque[float] = deque(maxlen=2 * window)  # the reference: recent steps off, timed
+        self._off_stalls: Deque[float] = deque(maxlen=2 * window)  # their waits on reads
         self._off_age = 0  # tokens since the last timed step off
         self._valid_for = reference_every  # tokens the reference stays valid
         self._timed = False  # the engine times its steps
@@ -148,6 +159,7 @@ class Governor:
         if self.depth == 0:
             if span > 0:
                 self._off_spans.append(span)
+                self._off_stalls.append(outcome.stall_s)
                 self._off_age = 0
             return self._off_step()
         self._off_age += 1
@@ -181,10 +193,16 @@ class Governor:
         self._off_for += 1
         if self._back_to is not None:
             if self._off_for >= self.reference_tokens:
-                self._set(self._back_to)
+                if self._little_to_save():
+                    self._off_for, self._backoff = 0, self.probe_tokens
+                else:
+                    self._set(self._back_to)
+                    self._start_window()
                 self._back_to = None
-                self._start_window()
         elif self.max_depth > 0 and self._off_for >= self._backoff:
+            if self._little_to_save():
+                self._off_for = 0  # look again after as many steps
+                return self.depth
             self._set(1)
             self._off_for = 0
             self.stats.probes += 1
@@ -193,10 +211,19 @@ class Governor:
             self._start_window()
         return self.depth
 
+    def _little_to_save(self) -> bool:
+        """The recent timed steps off waited on reads for less than ``min_stall_share`` of
+        their time (counted in ``stats.holds``); False where none was timed."""
+        if not self._off_spans or _median(self._off_stalls) >= self.min_stall_share * _median(self._off_spans):
+            return False
+        self.stats.holds += 1
+        return True
+
     def _take_reference(self) -> None:
         """Decode the next ``reference_tokens`` tokens off, then come back to this depth."""
         self._back_to, self._off_for = self.depth, 0
         self._off_spans.clear()
+        self._off_stalls.clear()
         self.stats.references += 1
         self._set(0)
         self._start_window()

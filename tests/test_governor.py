@@ -186,3 +186,30 @@ def test_the_engine_times_every_decode_step_but_the_first_after_a_prompt(checkpo
             assert len(spans) - before >= n - 2
             first, *rest = spans[before:]
             assert first == 0.0 and all(s > 0 for s in rest)  # a step after a prefill call is not timed
+
+
+def stalled(gov: Governor, stall_ms: float, tokens: int, span_ms: float = 10.0):
+    """``tokens`` timed steps of ``span_ms`` that waited ``stall_ms`` on reads; their depths."""
+    depths = []
+    for _ in range(tokens):
+        depths.append(gov.depth)
+        gov.step(TokenOutcome(stall_s=stall_ms / 1000, misses=2, prefetch_host_s=0.001, span_s=span_ms / 1000), 3, 1)
+    return depths
+
+
+def test_steps_off_that_barely_wait_on_reads_keep_speculation_off_until_they_do():
+    """Speculation saves at most the stall: with 0.5 ms of 10 ms spent on reads (a page cache
+    holding the experts), the governor stays off after its reference and skips its probes;
+    once the steps off wait on reads, the next probe goes ahead."""
+    gov = Governor(2, window=4, probe_tokens=8)
+    assert stalled(gov, 0.5, 40) == [1] + [0] * 39  # the reference (4 steps off), then off
+    assert gov.stats.holds >= 4 and gov.stats.probes == 0 and gov.stats.references == 1
+    assert "held off" in gov.stats.describe()
+    depths = stalled(gov, 4.0, 16)  # reads now take 40% of a step off
+    assert 1 in depths and gov.stats.probes == 1
+
+
+def test_the_stall_share_is_not_judged_where_steps_are_not_timed():
+    gov = Governor(2, window=4, probe_tokens=8, reference_tokens=0)
+    run(gov, CHEAP_MISS, 30)  # the model says speculation loses here: off, and probes as before
+    assert gov.stats.holds == 0 and gov.stats.probes >= 1
