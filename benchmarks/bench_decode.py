@@ -122,6 +122,17 @@ def run_stock(path, prompts, tokens, runs):
     return {"tps": statistics.median(tps), "syncs": 1.0, "stall_ms": 0.0, "hit_rate": 1.0, "gb_read": 0.0}, outs
 
 
+def engine_of(model, table: bool = False, cpu_time: bool = False):
+    """The loaded model's engine, ``table``: every full layer run through its slot table (the
+    hit path of a partial layer); ``cpu_time``: its CPU time counted by phase."""
+    engine = model.golem.engine
+    if table:
+        for pool in engine.pools.values():
+            pool.use_table()
+    engine.time_cpu(cpu_time)
+    return engine
+
+
 def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: bool = False, label: str = "",
               **options):
     """Median figures of ``runs`` loads; ``table``: run every full layer through its slot table.
@@ -137,11 +148,7 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: boo
     rows, outs = [], None
     for _ in range(runs):
         with load(str(path), **options) as (model, _):
-            e = model.golem.engine
-            if table:
-                for pool in e.pools.values():
-                    pool.use_table()
-            e.time_cpu(cpu_time)
+            e = engine_of(model, table, cpu_time)
             outer = _time_partial_layers(e)
             s, n, outs = decode(model, prompts, tokens)
             st, t = e.stats, e.stats.total()
@@ -351,16 +358,21 @@ def run_rounds(setup: Setup, rows: dict, rounds: int):
     return got, identical
 
 
+def emulated_io_s(setup: Setup) -> float:
+    """Seconds per token the emulated storage takes to read depth 0's misses."""
+    return setup.bytes_per_token / (setup.gb_per_s * 1e9)
+
+
 def ideal_s(setup: Setup, got: dict) -> float:
     """One round's ideal time per token: max(its full-cache compute, the emulated I/O)."""
-    return max(1.0 / got["full_cache"]["tps"], setup.bytes_per_token / (setup.gb_per_s * 1e9))
+    return max(1.0 / got["full_cache"]["tps"], emulated_io_s(setup))
 
 
 def criteria(setup: Setup, rounds) -> dict:
     """The issue's ratios, each the median over rounds of the ratio within a round."""
     med = lambda f: statistics.median(f(got) for got in rounds)  # noqa: E731
     tps = lambda got, name: got[name]["tps"]  # noqa: E731
-    io_s = setup.bytes_per_token / (setup.gb_per_s * 1e9)
+    io_s = emulated_io_s(setup)
     best = lambda got: max(tps(got, f"depth{d}") for d in (0, 1, 2, 3))  # noqa: E731
     return {
         "full_over_stock": med(lambda g: tps(g, "full_cache") / tps(g, "stock")),

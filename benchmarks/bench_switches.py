@@ -505,11 +505,7 @@ def interleaved(setup, rows: dict, args, share: float) -> None:
         tps, host = {False: [], True: []}, {False: [0] * 12, True: [0] * 12}
         steps_at = {False: {}, True: {}}  # timed-governor: decode steps at each depth, per setting
         with load(str(setup.path), **options) as (model, _):
-            engine = model.golem.engine
-            if table:
-                for pool in engine.pools.values():
-                    pool.use_table()
-            engine.time_cpu()
+            engine = bench_decode.engine_of(model, table, cpu_time=True)
             bench_decode.decode(model, setup.prompts[:1], 4)  # warm-up
             for i in range(args.runs):
                 for on in ((False, True) if i % 2 == 0 else (True, False)):

@@ -78,25 +78,17 @@ def replay_row(path, prompts, tokens: int, *, table: bool = False, **options) ->
     """One row of bench_decode decoded (recorded) and replayed: the replay's engine host time
     per partial layer (``us_per_layer``, wall; ``cpu_us_per_layer``), by phase (``phase_<name>``,
     ``phase_cpu_<name>``), and whether every output matched (``same``)."""
-    from bench_decode import decode
+    from bench_decode import decode, engine_of
 
     from golem.runtime import load
     from golem.runtime.phases import PHASES
 
-    def opened(model):
-        engine = model.golem.engine
-        if table:
-            for pool in engine.pools.values():
-                pool.use_table()
-        engine.time_cpu(True)
-        return engine
-
     with load(str(path), **options) as (model, _):
-        recording = Recording(opened(model))
+        recording = Recording(engine_of(model, table, cpu_time=True))
         decode(model, prompts, tokens)
         recording.stop()
     with load(str(path), **options) as (model, _):
-        engine = opened(model)
+        engine = engine_of(model, table, cpu_time=True)
         same = replay(engine, {em.layer: em.module for em in model.golem.experts}, recording.calls)
         phases = engine.stats.phases
         layers = max(phases.layers, 1)

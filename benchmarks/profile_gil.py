@@ -149,10 +149,10 @@ def watch(clock, probe: Probe):
 
     lap, start = PhaseClock.lap, PhaseClock.start
 
-    def probed_lap(self, phase):
+    def probed_lap(self, phase, read_s=0.0):
         if self is clock:
             probe.lap(phase)
-        return lap(self, phase)
+        return lap(self, phase, read_s)
 
     def probed_start(self):
         if self is clock:
@@ -187,10 +187,7 @@ def main() -> None:
         options = setup.load_options(rows[name])
         table = options.pop("table", False)
         with load(str(setup.path), **options) as (model, _):
-            engine = model.golem.engine
-            if table:
-                for pool in engine.pools.values():
-                    pool.use_table()
+            engine = bench_decode.engine_of(model, table)
             bench_decode.decode(model, setup.prompts[:1], 4)  # warm-up
             layers = engine.stats.phases.layers
             probe = Probe(threading.get_ident())

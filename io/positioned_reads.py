@@ -151,17 +151,23 @@ def destination_views(requests: Sequence[Tuple[Sequence[ByteRange], object, str]
     return views
 
 
+def can_read_cached(handles: FileHandles) -> bool:
+    """Whether ``read_cached`` may read through ``handles``: the platform has ``RWF_NOWAIT``, no
+    device is emulated (``throttle``) and ``preadv`` is not replaced (faults injected, reads
+    counted: the ordinary path must see them)."""
+    return NOWAIT is not None and handles.throttle is None and handles.preadv is os.preadv
+
+
 def read_cached(ranges: Sequence[ByteRange], out, *, handles: FileHandles) -> bool:
     """Read ``ranges`` into ``out`` at their ``dest`` only as far as the page cache already
     holds them (``RWF_NOWAIT``: nothing waits for the device); True when every byte arrived.
 
-    False, with ``out`` partly written, where the platform has no such read, the handles
-    emulate a device (``throttle``) or read through a replaced ``preadv`` (faults injected,
-    reads counted: the ordinary path must see them), a file is not read through the page
-    cache, or a byte was not cached or any read failed: the caller reads them the ordinary
-    way, which retries and reports. Pinned files are checked as after any read.
+    False, with ``out`` partly written, where ``can_read_cached`` says no, a file is not read
+    through the page cache, or a byte was not cached or any read failed: the caller reads
+    them the ordinary way, which retries and reports. Pinned files are checked as after any
+    read.
     """
-    if NOWAIT is None or handles.throttle is not None or handles.preadv is not os.preadv:
+    if not can_read_cached(handles):
         return False
     view = _byte_view(out)
     try:

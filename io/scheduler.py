@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import os
 import threading
 import time
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
@@ -55,7 +54,7 @@ from golem.io.dispatcher import Dispatcher
 from golem.io.file_handles import ALIGN, FileHandles
 from golem.io.futures import SchedulerClosed, cancel_future, fail_future, wait_result
 from golem.io.loop_thread import LoopThread
-from golem.io.positioned_reads import NOWAIT, read_cached
+from golem.io.positioned_reads import can_read_cached, read_cached
 from golem.io.ranges import ByteRange
 from golem.io.read_jobs import (DEFAULT_PARALLELISM, DEMAND_LANES, MAX_PARALLELISM,
                                 check_parallelism, read_job)
@@ -174,11 +173,10 @@ class IOScheduler:
                                    settings.parallelism + DEMAND_LANES)
         self._loop_thread = LoopThread(settings.use_uvloop)
         # demand reads from the page cache on the submitting thread: not through a replaced
-        # reader, a replaced preadv (faults, counts), direct reads or an emulated device
+        # reader (tests), nor for direct reads
         self._cached_read_s = 0.0
         self._cached_reads = (settings.cached_read_nbytes > 0 and read is None and not settings.direct
-                              and NOWAIT is not None and self.handles.throttle is None
-                              and self.handles.preadv is os.preadv)
+                              and can_read_cached(self.handles))
         self._closed = False
         self._started = False
 

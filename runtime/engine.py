@@ -44,14 +44,13 @@ OVERLAP_MIN_NBYTES = 256 << 10
 class Engine:
     """Resolves expert ids to slots, loading what is missing, prefetching what comes next.
 
-    Host syncs: a fully resident layer costs none (its ids index the pool directly). Any
-    other layer costs one: its ids, the predictor's lazy outputs and the trace's weights
-    are read back together in one ``mx.eval``. After that sync completed prefetches are
-    installed: nothing in flight can still read another layer's pool then (and each pool
-    checks it, see ``SlotPool``). A decode layer installs those landed for itself first
-    (before its early launch, or else right after its sync: a miss they save is a read
-    saved), those for other layers once its own reads are queued and its computation
-    launched (``_deferred``).
+    Host syncs: a fully resident layer costs none (its ids index the pool directly). Any other
+    layer costs one: its ids, the predictor's lazy outputs and the trace's weights are read
+    back together in one ``mx.eval``. After that sync completed prefetches are installed:
+    nothing in flight can still read another layer's pool then (each pool checks it, see
+    ``SlotPool``). A decode layer installs those landed for itself first (before its early
+    launch, or else right after its sync: a miss they save is a read saved), those for other
+    layers once its own reads are queued and its computation launched (``_deferred``).
 
     A decode layer whose recent steps found nearly all their experts resident (``early``)
     is launched before its sync, through the pool's device table: the device computes it
@@ -62,9 +61,8 @@ class Engine:
     the prefetcher's part (other layers' installs, scoring, new reads), then waits for the
     reads, writes them into their slots and computes the missing experts; the two results
     are put back in routing order, so the output is the one computation would give. A writer
-    that replaces whole pool arrays (``device``) first waits for the resident experts'
-    computation (so the pool is updated in place, not copied): a wait for work already under
-    way, not a read-back.
+    replacing whole pool arrays (``device``) first waits for the resident experts' computation
+    (the pool is updated in place, not copied): a wait for work under way, not a read-back.
 
     Args:
         index: per-expert byte ranges of every MoE layer.
@@ -72,7 +70,8 @@ class Engine:
         reader: ``(layer, expert, out) -> nbytes``; fills ``out`` with the packed expert
             (used when there is no scheduler).
         scheduler: optional ``golem.io.scheduler.IOScheduler`` keyed by ``(layer, expert)``;
-            demand reads then go through it too, overtaking its prefetch queue.
+            demand reads then go through it too, overtaking its prefetch queue (those the page
+            cache holds copied on this thread: ``IOScheduler.submit_demands``).
         prefetcher: optional ``Prefetcher`` (needs ``scheduler``).
         hidden: optional ``(layer, x) -> hidden`` giving the predictor its input at a layer.
         trace: optional recorder of the routing (``golem.runtime.recorder.TraceRecorder``):
@@ -84,17 +83,16 @@ class Engine:
         overlap_share: ... from this share of its experts resident; None: ``OVERLAP_SHARE``,
             or 0 (any) on the CPU; ``overlap_min_nbytes``: ... holding this many bytes (None:
             ``OVERLAP_MIN_NBYTES`` on the CPU, else 0).
-        early: launch a decode layer's experts before its host sync while, on average over
-            its recent steps, at most this share of its routed experts was missing at the
-            sync (each such expert is computed twice); None: never.
+        early: launch a decode layer's experts before its host sync while, on average over its
+            recent steps, at most this share of its routed experts was missing at the sync
+            (each such expert is computed twice); None: never.
         launch_first: start each decode layer's expert graph as soon as it is built (the
-            prefetcher's issue comes after); None: on unless MLX computes on the CPU, where
-            the launch competes with the host work it should overlap
-            (``benchmarks/bench_switches.py --switch launch-first``).
+            prefetcher's issue comes after); None: on unless MLX computes on the CPU, where the
+            launch competes with the host work it should overlap (``--switch launch-first``).
 
-    ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a
-    decode step, one ``send`` to the last MoE layer's host sync and, before the first MoE
-    layer's, one host sync that waits only for the previous rank's residual.
+    ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a decode
+    step, one ``send`` to the last MoE layer's host sync and, before the first MoE layer's, one
+    host sync that waits only for the previous rank's residual.
     """
 
     def __init__(self, index: ExpertIndex, pools: Dict[int, SlotPool], reader: ExpertReader, *,
@@ -178,16 +176,15 @@ class Engine:
     def _fetch(self, layer: int, todo, meanwhile=None, futures=None) -> None:
         """Read ``[(expert, slot), ...]`` (already assigned), write them into their slots, flush.
 
-        ``meanwhile()`` runs after the demand reads are queued and before waiting on them
-        (the engine issues its prefetches and starts computing resident experts there).
-        The layer's demand reads are submitted in one call (unless ``futures`` holds them,
-        queued already, in ``todo``'s order). Each expert is written as it
-        arrives; the staging buffers go back together once every read of the layer has
-        landed (one call), or at once while a demand waits for a buffer.
-        The writer uploads the layer's batch at the flush. Waits wake often enough
-        (``golem.io.futures.wait_result``) that Ctrl-C ends a stalled read. On failure or interrupt every
-        expert not written is unassigned again (a slot never maps an expert whose bytes did
-        not arrive) and buffers still to come are handed back as they land.
+        ``meanwhile()`` runs after the demand reads are queued and before waiting on them (the
+        engine issues its prefetches and starts computing resident experts there). The layer's
+        demand reads are submitted in one call (unless ``futures`` holds them, queued already,
+        in ``todo``'s order). Each expert is written as it arrives; the staging buffers go back
+        together once every read of the layer has landed, or at once while a demand waits for a
+        buffer. The writer uploads the layer's batch at the flush. Waits wake often enough
+        (``wait_result``) that Ctrl-C ends a stalled read. On failure or interrupt every expert
+        not written is unassigned again (a slot never maps an expert whose bytes did not arrive)
+        and buffers still to come are handed back as they land.
         """
         pool, ph, clock = self.pools[layer], self._phase, self.clock
         waited = 0.0  # seconds waiting on reads
@@ -207,8 +204,7 @@ class Engine:
             else:
                 sched, pf = self.scheduler, self.prefetcher
                 if futures is None:
-                    futures = sched.submit_demands([(layer, e) for e, _ in todo])
-                    ph.lap("request", read_s=sched.take_cached_read_s())
+                    futures = self._demands(pool, [e for e, _ in todo])
                 taken, written = 0, []  # buffers written from and not yet handed back
                 try:
                     if meanwhile is not None:
@@ -243,6 +239,16 @@ class Engine:
         finally:
             pool.stats.read_s += waited
 
+    def _demands(self, pool: SlotPool, experts) -> list:
+        """Queue ``pool``'s demand reads of ``experts`` (futures in order); the copies the
+        scheduler made from the page cache meanwhile are read time (``wait``, the layer's stall)."""
+        self._phase.reached("request")
+        futures = self.scheduler.submit_demands([(pool.layer, e) for e in experts])
+        read_s = self.scheduler.take_cached_read_s()
+        pool.stats.read_s += read_s
+        self._phase.lap("request", read_s=read_s)
+        return futures
+
     def preload(self, layer: int, experts) -> None:
         """Load ``experts`` into ``layer`` (warm start, pinned layers), in order."""
         pool = self.pools[layer]
@@ -275,9 +281,7 @@ class Engine:
         if request and self.scheduler is not None:
             missing = [e for e, slot in zip(needed, pool.slot_of[needed].tolist()) if slot < 0]
             if missing:
-                self._phase.reached("request")
-                futures = self.scheduler.submit_demands([(pool.layer, e) for e in missing])
-                self._phase.lap("request", read_s=self.scheduler.take_cached_read_s())
+                futures = self._demands(pool, missing)
         try:
             hits, todo, evicted = pool.admit(needed)
         except BaseException:
@@ -358,10 +362,9 @@ class Engine:
         return issue
 
     def _arrive(self, pool: SlotPool) -> None:
-        """Before a decode layer's launch: install the prefetches read for it, so that an
-        early launch finds them resident. Its routing is not known yet: an install evicts no
-        expert guessed for it (the policy's victim otherwise: with LRU, never one its last
-        step used while another is older)."""
+        """Before a decode layer's launch: install the prefetches read for it, so that an early
+        launch finds them resident. Its routing is not known yet: an install evicts no expert
+        guessed for it (else the policy's victim: with LRU, one its last step used only if all were)."""
         orders = self.prefetcher.arrivals_for(pool.layer)
         self._install(pool.layer, orders.keep(pool.layer), orders.installs, orders.keep)
         self._phase.lap("install")
@@ -459,9 +462,8 @@ class Engine:
 
     # -- launching a decode layer's experts before its sync ------------------------------
     def _launch_early(self, pool: SlotPool, glu: nn.Module, x: mx.array, indices: mx.array, synced: list):
-        """Start the layer's experts before its host sync, through the pool's device table,
-        when its recent steps found (nearly) all their experts resident; ``(y, snapshot)``
-        or None.
+        """Start the layer's experts before its host sync, through the pool's device table, when
+        its recent steps found (nearly) all their experts resident; ``(y, snapshot)`` or None.
 
         The device then computes the experts while the host reads the ids back and does its
         bookkeeping, and a layer whose experts were all resident needs no host work after
@@ -495,10 +497,9 @@ class Engine:
         return y
 
     def _absent(self, pool: SlotPool, ids: np.ndarray, early):
-        """Right after the sync of a decode layer launched early, before any install: the
-        positions of ``ids`` (one token's) whose experts were not resident when the launch
-        was built (those it computed on slot 0). The launch is registered with the pool
-        here, before any write."""
+        """Right after the sync of a decode layer launched early, before any install: the positions
+        of ``ids`` (one token's) whose experts were not resident when the launch was built (those
+        it computed on slot 0). The launch is registered with the pool here, before any write."""
         y, snapshot = early
         slots = snapshot[ids.reshape(-1)]
         absent = np.flatnonzero(slots < 0)
@@ -540,12 +541,11 @@ class Engine:
                  needed: list, issue) -> mx.array:
         """The layer's experts over its slots: hits at once, misses once read.
 
-        ``flat``: ``ids`` as a flat list; ``needed``: its distinct values, ascending. A
-        decode step's results are registered with the pool (``SlotPool.reading``). Those
-        of a multi-token call are not: the caller either evaluates them before its next
-        call (the last prefill step) or drops them unevaluated (mlx-lm's earlier prefill
-        chunks, whose last layer only the logits need), and evaluating them for the pool's
-        sake would compute what nobody reads.
+        ``flat``: ``ids`` as a flat list; ``needed``: its distinct values, ascending. A decode
+        step's results are registered with the pool (``SlotPool.reading``). Those of a
+        multi-token call are not: the caller either evaluates them before its next call (the
+        last prefill step) or drops them unevaluated (mlx-lm's earlier prefill chunks, whose
+        last layer only the logits need): evaluating them would compute what nobody reads.
         """
         ph = self._phase
         hits, todo, futures = self._admit(pool, needed, request=self._decoding)
