@@ -24,6 +24,9 @@ the replay reads as the engine's host work where compute is small (the host shap
 
 from __future__ import annotations
 
+import collections
+import sys
+
 import mlx.core as mx
 
 
@@ -74,10 +77,77 @@ def replay(engine, glus, calls) -> bool:
     return same
 
 
-def replay_row(path, prompts, tokens: int, *, table: bool = False, **options) -> dict:
+class CallCounter:
+    """Counts the Python-level calls (functions and builtins) the engine thread makes during
+    each phase of a partial decode layer: a measure of the engine's host work that is the
+    same on every machine (microseconds are not: this VM runs host work after a wait
+    several times slower than a quiet core, ``bench_sync.py``). Only the phases that meet
+    the readers (a wait that times out and waits again, buffers handed back while a demand
+    waits for one) move, by a call or so, with their timing.
+
+    Installs a profile hook on the calling thread for the ``with`` block and wraps the
+    engine's phase clock (its instance, not the class): the calls made since the last lap
+    are charged to the phase the lap names. Calls made while the clock is off (a fully
+    resident layer, prefill) are not counted. Python's profile hook slows every call, so a
+    counted replay is never the timed one.
+    """
+
+    def __init__(self, engine):
+        self.clock = engine._phase
+        self.by_phase = collections.Counter()
+        self.layers = 0
+        self._n = 0
+
+    def _hook(self, frame, event, arg) -> None:
+        if event == "call" or event == "c_call":
+            self._n += 1
+
+    def _charge(self, phase: str) -> None:
+        if self.clock.on:
+            self.by_phase[phase] += self._n
+        self._n = 0
+
+    def __enter__(self) -> "CallCounter":
+        clock, start, lap, stop = self.clock, self.clock.start, self.clock.lap, self.clock.stop
+        layers = clock.times.layers
+
+        def counted_start():
+            start()
+            self._n = 0
+
+        def counted_lap(phase, read_s=0.0):
+            self._charge(phase)
+            lap(phase, read_s)
+
+        def counted_stop(phase):
+            self._charge(phase)
+            stop(phase)
+
+        clock.start, clock.lap, clock.stop = counted_start, counted_lap, counted_stop
+        self._undo = lambda: [vars(clock).pop(name) for name in ("start", "lap", "stop")]
+        self._layers0 = layers
+        sys.setprofile(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(None)
+        self._undo()
+        self.layers = self.clock.times.layers - self._layers0
+
+    def per_layer(self) -> dict:
+        """Calls per partial decode layer, by phase, and in all (``total``)."""
+        n = max(self.layers, 1)
+        out = {phase: count / n for phase, count in self.by_phase.items()}
+        out["total"] = sum(self.by_phase.values()) / n
+        return out
+
+
+def replay_row(path, prompts, tokens: int, *, table: bool = False, calls: bool = False, **options) -> dict:
     """One row of bench_decode decoded (recorded) and replayed: the replay's engine host time
     per partial layer (``us_per_layer``, wall; ``cpu_us_per_layer``), by phase (``phase_<name>``,
-    ``phase_cpu_<name>``), and whether every output matched (``same``)."""
+    ``phase_cpu_<name>``), and whether every output matched (``same``). ``calls``: one more
+    replay, into another fresh load, counts the engine's Python calls per partial layer by
+    phase (``calls_<name>``, ``calls_total``; ``CallCounter``)."""
     from bench_decode import decode, engine_of
 
     from golem.runtime import load
@@ -93,6 +163,14 @@ def replay_row(path, prompts, tokens: int, *, table: bool = False, **options) ->
         phases = engine.stats.phases
         layers = max(phases.layers, 1)
         wall, cpu = phases.per_layer_us(), phases.per_layer_us(cpu=True)
-        return {"same": same, "us_per_layer": 1e6 * phases.engine_s() / layers,
-                "cpu_us_per_layer": 1e6 * phases.engine_s(cpu=True) / layers,
-                **{f"phase_{k}": wall[k] for k in PHASES}, **{f"phase_cpu_{k}": cpu[k] for k in PHASES}}
+        out = {"same": same, "us_per_layer": 1e6 * phases.engine_s() / layers,
+               "cpu_us_per_layer": 1e6 * phases.engine_s(cpu=True) / layers,
+               **{f"phase_{k}": wall[k] for k in PHASES}, **{f"phase_cpu_{k}": cpu[k] for k in PHASES}}
+    if calls:
+        with load(str(path), **options) as (model, _):
+            engine = engine_of(model, table, cpu_time=False)
+            with CallCounter(engine) as counter:
+                same = replay(engine, {em.layer: em.module for em in model.golem.experts}, recording.calls) and same
+            out["same"] = same
+            out.update({f"calls_{k}": v for k, v in counter.per_layer().items()})
+    return out

@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--replay", action="store_true",
                     help="also replay each row's engine calls with the model's compute taken out "
                          "(benchmarks/engine_replay.py) and print its phase table")
+    ap.add_argument("--calls", action="store_true",
+                    help="with --replay: also count the engine's Python calls per partial layer by phase in one "
+                         "more replay of each row (the same on every machine, unlike microseconds)")
     args = ap.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
@@ -116,18 +119,23 @@ def main() -> None:
         out[f"{name}_handoffs_per_layer"] = {k: round(r[f"{k}_per_layer"], 2)
                                              for k in ("sched_calls", "loop_wakes", "reader_wakes")}
     if args.replay:
-        replays = {name: replayed(setup, rows[name], args.runs) for name in results}
+        replays = {name: replayed(setup, rows[name], args.runs, args.calls) for name in results}
         print("replayed: each row's calls into the engine made again in order, with the model's compute taken "
               f"out (benchmarks/engine_replay.py); median of {args.runs}; host microseconds per partial layer, "
               "wall / engine-thread CPU")
         phase_table(replays, width)
         engine_line(replays)
+        if args.calls:
+            calls_table(replays, width)
         print(f"{'same':<10}" + "".join(f"{str(r['same']):>{width}}" for r in replays.values()))
         for name, r in replays.items():
             out[f"{name}_replay_us_per_layer"] = r["us_per_layer"]
             out[f"{name}_replay_cpu_us_per_layer"] = r["cpu_us_per_layer"]
             out[f"{name}_replay_same"] = r["same"]
             out[f"{name}_replay_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
+            if args.calls:
+                out[f"{name}_calls_per_layer"] = round(r["calls_total"], 1)
+                out[f"{name}_calls_phases"] = {ph: round(r.get("calls_" + ph, 0.0), 1) for ph in PHASES}
     print(json.dumps(out))
 
 
@@ -141,19 +149,36 @@ def phase_table(results: dict, width: int) -> None:
         print(f"{ph + ('*' if ph in EXCLUDED else ''):<10}" + cells)
 
 
+def calls_table(results: dict, width: int) -> None:
+    """Python calls per partial layer by phase (replayed), a column per row; ``engine`` leaves out
+    the phases left out of its microseconds."""
+    from golem.runtime.phases import EXCLUDED, PHASES
+
+    print("Python calls the engine thread made per partial layer (one more replay, counted; the same on any machine but for a few calls with the reads' timing)")
+    for ph in PHASES:
+        print(f"{ph + ('*' if ph in EXCLUDED else ''):<10}" + "".join(f"{r.get('calls_' + ph, 0.0):>{width}.0f}"
+                                                                      for r in results.values()))
+    print(f"{'calls':<10}" + "".join(f"{sum(r.get('calls_' + ph, 0.0) for ph in PHASES if ph not in EXCLUDED):>{width}.0f}"
+                                     for r in results.values()))
+
+
 def engine_line(results: dict) -> None:
     print(f"{'engine':<10}" + "".join(f"{r['us_per_layer']:>7.0f} /{r['cpu_us_per_layer']:>6.0f}"
                                       for r in results.values()))
 
 
-def replayed(setup, options: dict, runs: int) -> dict:
-    """Median of ``runs`` replays of one row (``engine_replay.replay_row``); ``same`` only if all were."""
+def replayed(setup, options: dict, runs: int, calls: bool = False) -> dict:
+    """Median of ``runs`` replays of one row (``engine_replay.replay_row``); ``same`` only if all were.
+    ``calls``: the first run also counts the engine's Python calls (``calls_*``, one count: it
+    does not vary)."""
     import statistics
 
     from engine_replay import replay_row
 
-    got = [replay_row(setup.path, setup.prompts, setup.tokens, **setup.load_options(options)) for _ in range(runs)]
-    med = {k: statistics.median(r[k] for r in got) for k in got[0] if k != "same"}
+    got = [replay_row(setup.path, setup.prompts, setup.tokens, calls=calls and i == 0, **setup.load_options(options))
+           for i in range(runs)]
+    med = {k: statistics.median(r[k] for r in got) for k in got[0] if k != "same" and not k.startswith("calls_")}
+    med.update({k: v for k, v in got[0].items() if k.startswith("calls_")})
     med["same"] = all(r["same"] for r in got)
     return med
 

@@ -4,6 +4,8 @@ else is caught."""
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import pytest
 
@@ -55,3 +57,27 @@ def test_a_replay_that_computes_otherwise_is_caught(engine_replay, recorded):
     mx.eval(wrong[-1][4])
     same, _ = replayed(engine_replay, path, wrong)
     assert not same
+
+
+def counted(engine_replay, path, calls):
+    with load(str(path), cache_sizes=TOP_K + 1) as (model, _):
+        engine = model.golem.engine
+        with engine_replay.CallCounter(engine) as counter:
+            same = engine_replay.replay(engine, {em.layer: em.module for em in model.golem.experts}, calls)
+        assert same
+        assert not {"start", "lap", "stop"} & set(vars(engine._phase))  # the clock is its own again
+        assert sys.getprofile() is None
+        return counter.per_layer(), counter.layers, engine.stats.phases.layers
+
+
+def test_call_counts_are_the_same_in_every_replay(engine_replay, recorded):
+    path, calls, (misses, _, _) = recorded
+    first, layers, partial = counted(engine_replay, path, calls)
+    second, _, _ = counted(engine_replay, path, calls)
+    # A count, not a timing: the phases that touch no read do not vary at all (the request,
+    # wait and write phases may, by a call or two, with the readers' timing).
+    assert {k: first[k] for k in ("pool", "ids", "graph")} == {k: second[k] for k in ("pool", "ids", "graph")}
+    assert layers == partial > 0
+    # A layer with misses claims slots and asks for reads: both phases make calls.
+    assert first["pool"] > 0 and first["request"] > 0
+    assert first["total"] == pytest.approx(sum(v for k, v in first.items() if k != "total"))
