@@ -92,12 +92,13 @@ class Dispatcher:
             return None
         return req
 
-    def submit(self, key: Hashable, depth: int, score: float, prepared: tuple
+    def submit(self, key: Hashable, depth: int, score: float, prepared: tuple, live: Optional[Request] = None
                ) -> Tuple[Request, List[concurrent.futures.Future]]:
-        """Queue a new request, or re-rank the key's live one; return it and the futures of
-        the prefetches dropped past ``max_pending`` (to cancel outside the lock)."""
+        """Queue a new request, or re-rank the key's live one (``live``, when the caller has
+        looked it up already); return it and the futures of the prefetches dropped past
+        ``max_pending`` (to cancel outside the lock)."""
         self.recorder.submitted(depth)
-        req = self.live(key)
+        req = live or self.live(key)
         if req is not None:
             self._resubmit(req, depth, score)
             return req, []
@@ -112,8 +113,8 @@ class Dispatcher:
         prefetch when the event loop activates prefetches (``activate_on_loop``): then
         ``submit`` queues it as any request."""
         queue = self.queue
-        if (queue.queued if depth else queue.queued > queue.prefetch_queued) or self.live(key) is not None \
-                or (depth and self.settings.activate_on_loop):
+        if (queue.queued if depth else queue.queued > queue.prefetch_queued) \
+                or (key in queue.by_key and self.live(key) is not None) or (depth and self.settings.activate_on_loop):
             return None
         self.recorder.submitted(depth)
         req = Request(key, depth, score, *prepared, self.clock())

@@ -2,8 +2,9 @@
 interruptibly.
 
 Owns the one error a closed scheduler raises, the helpers that resolve a
-``concurrent.futures.Future`` from any thread without racing its other resolvers, and
-``wait_result``, the wait a main thread uses so that Ctrl-C still arrives. Knows nothing of
+``concurrent.futures.Future`` from any thread without racing its other resolvers, the future
+born resolved (``ResolvedFuture``), and ``wait_result``, the wait a main thread uses so that
+Ctrl-C still arrives. Knows nothing of
 files, buffers or queues.
 """
 
@@ -24,6 +25,41 @@ WAIT_SLICE_S = 0.1
 
 class SchedulerClosed(RuntimeError):
     """The scheduler was closed before the request completed."""
+
+
+class ResolvedFuture(concurrent.futures.Future):
+    """A future born with its result: what a read the caller's own thread did returns where the
+    others return futures. Nothing will ever change it, so it has no lock of its own (the
+    ``threading.Condition`` a ``Future`` makes is most of its cost): ``result`` returns at
+    once, ``cancel`` is False, a done-callback runs at once. The one ``Condition`` all of them
+    share is there for ``concurrent.futures.wait``, which takes each future's."""
+
+    _condition = threading.Condition()
+
+    def __init__(self, value) -> None:  # no Future.__init__: no Condition
+        self._state = concurrent.futures._base.FINISHED
+        self._result = value
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
+
+    def result(self, timeout: Optional[float] = None):
+        return self._result
+
+    def exception(self, timeout: Optional[float] = None):
+        return None
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
 
 
 def wait_result(future: concurrent.futures.Future, timeout_s: Optional[float] = None, *,

@@ -167,19 +167,38 @@ def read_cached(ranges: Sequence[ByteRange], out, *, handles: FileHandles) -> bo
     them the ordinary way, which retries and reports. Pinned files are checked as after any
     read.
     """
+    return read_cached_many([(ranges, out)], handles=handles)[0]
+
+
+def read_cached_many(requests: Sequence[Tuple[Sequence[ByteRange], object]], *,
+                     handles: FileHandles) -> List[bool]:
+    """``read_cached`` of each ``(ranges, out)``, in order, with each pinned file they read
+    checked once, after all of them (a byte rewritten before it was read changed the file
+    before the check): all False when a check fails, so that the ordinary reads report it."""
     if not can_read_cached(handles):
-        return False
-    view = _byte_view(out)
+        return [False] * len(requests)
+    got, read = [], {}  # read: path -> fd, the files to check
+    for ranges, out in requests:
+        view = _byte_view(out)
+        try:
+            for r in ranges:
+                fd, mode = handles.open(r.path)
+                if mode != MODE_BUFFERED or os.preadv(fd, [view[r.dest:r.dest + r.nbytes]], r.offset,
+                                                      NOWAIT) != r.nbytes:
+                    break
+                read[r.path] = fd
+            else:
+                got.append(True)
+                continue
+        except OSError:  # not cached (EAGAIN), a failed read: the ordinary read says
+            pass
+        got.append(False)
     try:
-        for r in ranges:
-            fd, mode = handles.open(r.path)
-            if mode != MODE_BUFFERED or os.preadv(fd, [view[r.dest:r.dest + r.nbytes]], r.offset, NOWAIT) != r.nbytes:
-                return False
-        for path in dict.fromkeys(r.path for r in ranges):
-            handles.check(path, handles.fd(path))
-    except OSError:  # not cached (EAGAIN), a failed read, a changed file: the ordinary read says
-        return False
-    return True
+        for path, fd in read.items():
+            handles.check(path, fd)
+    except OSError:  # a changed file: the ordinary reads say
+        return [False] * len(requests)
+    return got
 
 
 def read_ranges(ranges: Iterable[ByteRange], out, *, handles: FileHandles, direct: bool = False,

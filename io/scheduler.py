@@ -52,9 +52,9 @@ import numpy as np
 
 from golem.io.dispatcher import Dispatcher
 from golem.io.file_handles import ALIGN, FileHandles
-from golem.io.futures import SchedulerClosed, cancel_future, fail_future, wait_result
+from golem.io.futures import ResolvedFuture, SchedulerClosed, cancel_future, fail_future, wait_result
 from golem.io.loop_thread import LoopThread
-from golem.io.positioned_reads import can_read_cached, read_cached
+from golem.io.positioned_reads import can_read_cached, read_cached_many
 from golem.io.ranges import ByteRange
 from golem.io.read_jobs import (DEFAULT_PARALLELISM, DEMAND_LANES, MAX_PARALLELISM,
                                 check_parallelism, read_job)
@@ -284,13 +284,15 @@ class IOScheduler:
         with self._lock:
             self._check_open()
             dispatcher.stats.calls += 1
+            by_key = dispatcher.queue.by_key
             for (key, depth, _), score in zip(requests, scores):
                 known = prepared.get(key) or dispatcher.prepared[key]
-                req = dispatcher.fresh(key, depth, score, known)
+                live = dispatcher.live(key) if key in by_key else None
+                req = dispatcher.fresh(key, depth, score, known) if live is None else None
                 if req is not None:
                     fresh.append(req)
                 else:
-                    req, gone = dispatcher.submit(key, depth, score, known)
+                    req, gone = dispatcher.submit(key, depth, score, known, live)
                     dropped += gone
                 futures.append(req.future)
                 demand = demand or req.demand
@@ -328,10 +330,10 @@ class IOScheduler:
         with self._lock:
             self._check_open()
             dispatcher.stats.calls += 1
-            buffers = dispatcher.buffers
+            buffers, by_key = dispatcher.buffers, dispatcher.queue.by_key
             for key in dict.fromkeys(keys):
                 known = prepared[key]
-                if known[1] > left or not buffers.free or dispatcher.live(key) is not None:
+                if known[1] > left or not buffers.free or (key in by_key and dispatcher.live(key) is not None):
                     break
                 index = buffers.take()
                 shift = buffers.shift_for(index, known[3]) if known[3] is not None else 0
@@ -346,26 +348,24 @@ class IOScheduler:
             return {}
         dispatcher, done, missed = self._dispatcher, [], []
         start = time.perf_counter()
-        for key, index, shift, known in picked:
-            view = dispatcher.buffers.view(index, shift, known[1])
-            (done if read_cached(known[0], view, handles=self.handles) else missed).append((key, index, shift, view))
+        views = [dispatcher.buffers.view(index, shift, known[1]) for _, index, shift, known in picked]
+        got = read_cached_many([(known[0], view) for (_, _, _, known), view in zip(picked, views)],
+                               handles=self.handles)
+        for (key, index, shift, _), view, ok in zip(picked, views, got):
+            (done if ok else missed).append((key, index, shift, view))
         self._cached_read_s += time.perf_counter() - start
         with self._lock:
             stats = dispatcher.stats
             stats.calls += 1
+            dispatcher.recorder.submitted(0, len(done))
             for key, index, shift, view in done:
                 dispatcher.buffers.hand_out(index, shift)
-                dispatcher.recorder.submitted(0)
                 stats.cached_reads += 1
                 stats.bytes_read += len(view)
                 stats.useful_nbytes += len(view)
             for _, index, _, _ in missed:
                 dispatcher.buffers.give_back(index)
-        futures = {}
-        for key, _, _, view in done:
-            futures[key] = concurrent.futures.Future()
-            futures[key].set_result(view)
-        return futures
+        return {key: ResolvedFuture(view) for key, _, _, view in done}
 
     def _check_open(self) -> None:
         if self._closed or not self._started:

@@ -88,11 +88,11 @@ class StatisticsRecorder:
         self.demand_starts: Deque[float] = deque(maxlen=SAMPLES)
         self._busy_since: Optional[float] = None
 
-    def submitted(self, depth: int) -> None:
+    def submitted(self, depth: int, count: int = 1) -> None:
         cls = "demand" if depth == 0 else "prefetch"
         requests, by_depth = self.counts.requests, self.counts.by_depth
-        requests[cls] = requests.get(cls, 0) + 1
-        by_depth[depth] = by_depth.get(depth, 0) + 1
+        requests[cls] = requests.get(cls, 0) + count
+        by_depth[depth] = by_depth.get(depth, 0) + count
 
     def piece_started(self) -> None:
         """A reader starts a piece: the device is busy from now if it was idle."""

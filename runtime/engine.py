@@ -288,8 +288,8 @@ class Engine:
             if futures:
                 self.scheduler.abandon(futures)
             raise
-        for victim in evicted:
-            self._evicted(pool.layer, victim)
+        if self.prefetcher is not None:
+            self._events += [(EVICTED, pool.layer, victim, pool.expert_nbytes) for victim in evicted]
         pool.stats.hits += len(hits)
         pool.stats.misses += len(todo)
         if self._decoding:

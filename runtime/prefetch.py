@@ -260,10 +260,6 @@ class Prefetcher:
                   if open_rows[r] is not None and not open_rows[r][e]][:limit]
         return [(layers[targets[r] % n], e, score) for r, e, score in picked]
 
-    def distance(self, at: int, layer: int) -> int:
-        """MoE layers from position ``at`` to ``layer`` (wrapping into the next step)."""
-        return (self.position[layer] - at) % len(self.moe_layers) or len(self.moe_layers)
-
     # -- requests, asked for by the engine at a layer's sync point ------------------------
     def issue(self, layer: int, ids: np.ndarray, proposals: Sequence[Proposal],
               resident: Callable[[int], np.ndarray]) -> None:
@@ -304,9 +300,13 @@ class Prefetcher:
             for key, cancelled in zip(superseded, sched.cancel_many(superseded, queued_only=True)):
                 if cancelled:
                     self.dropped(key[0], key[1], 0)
-            for l, e, score in wanted:
-                requests.append(((l, e), self.distance(here, l), score))
-                self.issued(l, e, here)  # now: a later proposal's cancels spare it
+            in_flight, position, stats = self.in_flight, self.position, self.stats
+            for l, e, score in wanted:  # each ``issued`` now: a later proposal's cancels spare it
+                key = (l, e)
+                requests.append((key, (position[l] - here) % n or n, score))  # MoE layers ahead, wrapping
+                if key not in in_flight:
+                    stats[l].issued += 1
+                in_flight[key] = here
         if requests:
             sched.submit_many(requests)
 

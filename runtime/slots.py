@@ -154,9 +154,9 @@ class SlotPool:
         at once; the caller then installs the bytes. Experts in ``protected`` (those the
         current token uses) are never evicted; LookupError when every slot is protected.
         """
-        if self.fully_resident:
+        if self._identity:
             return expert, -1
-        slot = self.free_slot()
+        slot = None if self._full else self.free_slot()
         victim = -1
         if slot is None:  # (a claimed victim's slot is assigned at once by the caller)
             keep = protected if isinstance(protected, (set, frozenset)) else set(protected)
@@ -174,7 +174,7 @@ class SlotPool:
 
         ``cold``: nobody has asked for it yet (a prefetch): the policy counts no use.
         """
-        if not self.fully_resident:
+        if not self._identity:
             self._table = None
             self.slot_of[expert] = slot
             self.expert_in[slot] = expert
@@ -250,9 +250,7 @@ class SlotPool:
 
     def slots(self, experts: np.ndarray) -> np.ndarray:
         """Slot of every expert id in ``experts`` (all must be resident)."""
-        if self.fully_resident:
-            return experts
-        return self.slot_of[experts]
+        return experts if self._identity else self.slot_of[experts]
 
     def admit(self, needed: Sequence[int]) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
         """Admit one step's experts into this layer, by the policy's step protocol.
@@ -269,16 +267,32 @@ class SlotPool:
             for e in needed:
                 policy.hit(e)
             return list(needed), [], []
+        if self._identity:  # not run through a table: slot = expert
+            return [], [(e, e) for e in needed], []
+        # ``claim`` and ``assign`` for each miss, in one pass: the free slots lowest first,
+        # then the policy's victims.
         protected = set(needed)
         hits, misses, evicted = [], [], []
+        slot_of, expert_in = self.slot_of, self.expert_in
+        free = [] if self._full else np.flatnonzero(expert_in < 0).tolist()
         for e, slot in zip(needed, slots):
             if slot >= 0:
                 policy.hit(e)
                 hits.append(e)
+                continue
+            if free:
+                slot = free.pop(0)
             else:
-                slot, victim = self.claim(e, protected)
-                self.assign(e, slot)
-                misses.append((e, slot))
-                if victim >= 0:
-                    evicted.append(victim)
+                victim = policy.victim(protected)
+                slot = int(slot_of[victim])
+                policy.evict(victim)
+                slot_of[victim] = -1
+                evicted.append(victim)
+            slot_of[e] = slot
+            expert_in[slot] = e
+            policy.insert(e)
+            misses.append((e, slot))
+        self._full = not free
+        self._table = None
+        self.stats.evictions += len(evicted)
         return hits, misses, evicted

@@ -13,7 +13,7 @@ import pytest
 from golem.io.index import SafetensorsIndex
 from golem.io.ranges import ByteRange
 from golem.io.file_handles import FileHandles, FileIdentity
-from golem.io.positioned_reads import read_ranges
+from golem.io.positioned_reads import NOWAIT, read_cached_many, read_ranges
 from golem.io.read_errors import FileChangedError, ReadError
 from golem.runtime import load
 from helpers import prompt_tokens
@@ -48,6 +48,29 @@ def test_a_file_rewritten_in_place_stops_the_next_read(tmp_path):
             f.write(b"\xff" * 8)
             os.utime(f.fileno(), ns=(ident.mtime_ns + 10**9, ident.mtime_ns + 10**9))
         with pytest.raises(FileChangedError, match=r"shard\.bin: the file changed on disk .*modified"):
+            _read(h, path)
+
+
+@pytest.mark.skipif(NOWAIT is None, reason="no RWF_NOWAIT reads on this platform")
+def test_reads_from_the_page_cache_check_each_pinned_file_once_after_them_all(tmp_path, monkeypatch):
+    """Several reads of one shard from the page cache: one check of it, after the last read; a
+    shard found changed then fails them all, and the ordinary read names it."""
+    path, ident = _file(tmp_path)
+    outs = [np.zeros(50, np.uint8) for _ in range(3)]
+    requests = [([ByteRange(path, 100 * i, 50, 0, f"t{i}")], out) for i, out in enumerate(outs)]
+    with FileHandles(identities={path: ident}) as h:
+        h.pin()
+        checks = []
+        check = h.check
+        monkeypatch.setattr(h, "check", lambda p, fd: checks.append(p) or check(p, fd))
+        assert read_cached_many(requests, handles=h) == [True] * 3
+        assert checks == [path]
+        assert [bytes(o) for o in outs] == [(bytes(range(256)) * 64)[100 * i:100 * i + 50] for i in range(3)]
+        with open(path, "r+b") as f:  # rewritten in place
+            f.write(b"\xff" * 8)
+            os.utime(f.fileno(), ns=(ident.mtime_ns + 10**9, ident.mtime_ns + 10**9))
+        assert read_cached_many(requests, handles=h) == [False] * 3
+        with pytest.raises(FileChangedError, match=r"shard\.bin: the file changed on disk"):
             _read(h, path)
 
 

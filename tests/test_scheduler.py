@@ -997,14 +997,14 @@ def test_cached_demands_taken_in_order_never_wait_on_buffers_they_hold(expert_fi
 
 @pytest.mark.skipif(NOWAIT is None, reason="no RWF_NOWAIT reads on this platform")
 def test_demands_the_page_cache_does_not_hold_go_to_the_readers(expert_file, monkeypatch):
-    """A read that would wait for the device (``read_cached`` False, as on EAGAIN) hands its
+    """A read that would wait for the device (``read_cached_many`` False, as on EAGAIN) hands its
     buffer back and goes to the readers, in order with the rest."""
     import golem.io.scheduler as scheduler_module
 
     real_locate, data = expert_file
     tried = []
-    monkeypatch.setattr(scheduler_module, "read_cached",
-                        lambda ranges, out, *, handles: tried.append(ranges[0].offset) or False)
+    monkeypatch.setattr(scheduler_module, "read_cached_many",
+                        lambda requests, *, handles: [tried.append(r[0].offset) or False for r, _ in requests])
     keys = [(0, e) for e in (3, 10, 20)]  # not adjacent in the file: three reads
     with real_scheduler(real_locate, num_buffers=2, reserved_for_demand=0) as s:
         futures = s.submit_demands(keys)
