@@ -428,3 +428,30 @@ def test_lfu_heap_chooses_the_victims_a_scan_does(spec, decay, cache_size):
             policy.insert_cold(e), scan.insert(e, cold=True)
             resident.add(e)
     assert victims > 300
+
+
+@pytest.mark.parametrize("name", policy_names())
+@pytest.mark.parametrize("cache_size", [4, 7])
+def test_a_live_pool_misses_what_the_simulator_misses(name, cache_size):
+    """A slot pool admits each step's misses in one pass (``SlotPool.admit``); it must follow
+    the step protocol the simulator replays: the same misses at every step, for every policy,
+    and a table whose two directions agree."""
+    from golem.runtime.slots import SlotPool
+
+    rng = np.random.default_rng(cache_size)
+    p = rng.dirichlet(np.full(16, 0.5))
+    ex = np.stack([[rng.choice(16, 4, replace=False, p=p)] for _ in range(300)])
+    want = simulate(make_trace(ex, 16), policy=name, cache_size=cache_size).step_misses[:, 0]
+    pool = SlotPool(0, 16, cache_size, [], policy=name)
+    got = []
+    for step in ex[:, 0]:
+        pool.policy.tick()
+        needed = sorted(set(step.tolist()))
+        hits, misses, evicted = pool.admit(needed)
+        assert sorted(hits + [e for e, _ in misses]) == needed and not set(evicted) & set(needed)
+        assert all(pool.slot_of[e] == slot and pool.expert_in[slot] == e for e, slot in misses)
+        resident = pool.expert_in[pool.expert_in >= 0]
+        assert len(set(resident.tolist())) == len(resident) and (pool.slot_of[resident] >= 0).all()
+        got.append(len(misses))
+    assert got == want.tolist()
+    assert pool.stats.evictions == sum(got) - cache_size
