@@ -4,8 +4,7 @@ interruptibly.
 Owns the one error a closed scheduler raises, the helpers that resolve a
 ``concurrent.futures.Future`` from any thread without racing its other resolvers, the future
 born resolved (``ResolvedFuture``), and ``wait_result``, the wait a main thread uses so that
-Ctrl-C still arrives. Knows nothing of
-files, buffers or queues.
+Ctrl-C still arrives. Knows nothing of files, buffers or queues.
 """
 
 from __future__ import annotations
