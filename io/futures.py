@@ -110,18 +110,17 @@ def cancel_future(future: concurrent.futures.Future) -> None:
 
 
 def fail_future(future: concurrent.futures.Future, error: BaseException) -> None:
-    """Set ``error`` unless the future is already resolved (by a cancel, or a close)."""
-    if not future.done():
-        try:
-            future.set_exception(error)
-        except concurrent.futures.InvalidStateError:
-            pass
+    """Set ``error`` unless the future is already resolved (by a cancel, or a close): setting
+    a resolved future raises, under the future's own lock, so no check can race it."""
+    try:
+        future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def resolve_future(future: concurrent.futures.Future, value) -> None:
-    """Set ``value`` unless the future is already resolved."""
-    if not future.done():
-        try:
-            future.set_result(value)
-        except concurrent.futures.InvalidStateError:
-            pass
+    """Set ``value`` unless the future is already resolved (as ``fail_future``)."""
+    try:
+        future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass

@@ -114,9 +114,10 @@ class PhaseClock:
         if not self.on:
             return
         t = self.clock()
-        read_s = min(read_s, t - self._t)
+        if read_s:  # (most laps have none: one call less on the per-layer path)
+            read_s = min(read_s, t - self._t)
+            self.times.wall_s["wait"] += read_s
         self.times.wall_s[phase] += t - self._t - read_s
-        self.times.wall_s["wait"] += read_s
         self._t = t
         if phase == "sync":
             self._synced = t
