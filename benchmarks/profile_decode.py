@@ -24,8 +24,12 @@ until the second (layers launched before their sync count 0).
 again into a fresh load with the model's compute taken out (``engine_replay.py``), so that
 the host syncs wait for next to nothing; the engine's own work by phase, without the
 attention, routers and sampling between its calls (outputs checked equal, ``same``).
+``--calls`` (with ``--replay``) replays each row once more and counts the Python calls the
+engine thread makes per partial layer, by phase (``engine_replay.CallCounter``): a figure of
+its host work that does not move with the machine's load (JSON: ``<row>_calls_per_layer``
+over the engine's phases, ``<row>_calls_phases``).
 
-    python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b|qwen3-30b-a3b-host] [--runs 3] [--rows depth0,depth2,oracle] [--replay]
+    python benchmarks/profile_decode.py [--shape small|qwen3-30b-a3b|qwen3-30b-a3b-host] [--runs 3] [--rows depth0,depth2,oracle] [--replay [--calls]]
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ def main() -> None:
             out[f"{name}_replay_same"] = r["same"]
             out[f"{name}_replay_phases_us"] = {ph: round(r["phase_" + ph], 1) for ph in PHASES}
             if args.calls:
-                out[f"{name}_calls_per_layer"] = round(r["calls_total"], 1)
+                out[f"{name}_calls_per_layer"] = round(engine_calls(r), 1)
                 out[f"{name}_calls_phases"] = {ph: round(r.get("calls_" + ph, 0.0), 1) for ph in PHASES}
     print(json.dumps(out))
 
@@ -158,8 +162,15 @@ def calls_table(results: dict, width: int) -> None:
     for ph in PHASES:
         print(f"{ph + ('*' if ph in EXCLUDED else ''):<10}" + "".join(f"{r.get('calls_' + ph, 0.0):>{width}.0f}"
                                                                       for r in results.values()))
-    print(f"{'calls':<10}" + "".join(f"{sum(r.get('calls_' + ph, 0.0) for ph in PHASES if ph not in EXCLUDED):>{width}.0f}"
-                                     for r in results.values()))
+    print(f"{'calls':<10}" + "".join(f"{engine_calls(r):>{width}.0f}" for r in results.values()))
+
+
+def engine_calls(r: dict) -> float:
+    """Calls per partial layer in the phases the engine's host time counts (not the sync, the
+    waits nor the slot writes)."""
+    from golem.runtime.phases import EXCLUDED, PHASES
+
+    return sum(r.get("calls_" + ph, 0.0) for ph in PHASES if ph not in EXCLUDED)
 
 
 def engine_line(results: dict) -> None:
