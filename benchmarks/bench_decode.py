@@ -30,6 +30,9 @@ engine adds its own reads of routed ids (0 when every expert is resident, one pe
 whose experts may be missing). The table reports 1 + the engine's count.
 useful / wasted / late: prefetched experts per token that were used, that were evicted or
 dropped unused, and that were still being read when their layer needed them.
+named: of the reads the decode needed (prefetches used, plus demand reads), the share a prefetch
+had asked for, in time or late. Recall counts every routed expert, most of them resident
+already; this counts only those that had to be read, the ones speculation is for.
 us/miss, us/layer: the engine's own host microseconds (wall) per decode miss (requests,
 results, buffers; not the read, not the upload) and per decode layer with a host sync (not the
 sync, the reads nor the uploads); cpu us/l: the same per layer in the engine thread's CPU
@@ -189,7 +192,8 @@ def run_golem(path, prompts, tokens, runs, *, table: bool = False, cpu_time: boo
                            demand_start_p99_us=1e6 * sched.demand_start_p99_s)
             if e.prefetcher is not None:
                 p = e.prefetcher.totals()
-                row.update(recall=p.recall, useful=p.useful / steps, wasted=p.wasted / steps, late=p.late / steps)
+                row.update(recall=p.recall, useful=p.useful / steps, wasted=p.wasted / steps, late=p.late / steps,
+                           named=(p.useful + p.late) / max(p.useful + st.decode_misses, 1))
             rows.append(row)
     med = {k: (statistics.median(r[k] for r in rows) if k != "writer" else rows[0][k]) for k in rows[0]}
     print(f"  row done: {label}: {med['tps']:.2f} tok/s", file=sys.stderr)
@@ -434,17 +438,18 @@ def main() -> None:
     print(f"  ideal time per token max(compute, I/O):              {1000 * setup.ideal_s:8.2f} ms = "
           f"{1 / setup.ideal_s:.2f} tokens/s")
     print(f"{'row':<14} {'storage':<9} {'tok/s':>7} {'x ideal':>8} {'stall ms':>9} {'syncs/tok':>9} "
-          f"{'hit rate':>8} {'GB read':>8} {'recall':>7} {'useful':>6} {'wasted':>6} {'late':>5} "
+          f"{'hit rate':>8} {'GB read':>8} {'recall':>7} {'named':>6} {'useful':>6} {'wasted':>6} {'late':>5} "
           f"{'us/miss':>7} {'upl us':>7} {'us/layer':>8} {'cpu us/l':>8}")
     for name, r in results.items():
         rec = f"{100 * r['recall']:.0f}%" if "recall" in r else "-"
+        named = f"{100 * r['named']:.0f}%" if "named" in r else "-"
         pf = " ".join(f"{r[k]:{w}.1f}" if k in r else f"{'-':>{w}}" for k, w in (("useful", 6), ("wasted", 6), ("late", 5)))
         host = " ".join(f"{r[k]:{w}.0f}" if k in r else f"{'-':>{w}}"
                         for k, w in (("us_per_miss", 7), ("upload_us_per_miss", 7), ("us_per_layer", 8),
                                      ("cpu_us_per_layer", 8)))
         storage = STORAGE.get(name, "disk" if name.startswith("disk_") else "emulated")
         print(f"{name:<14} {storage:<9} {r['tps']:7.2f} {r['x_ideal']:8.2f} "
-              f"{r['stall_ms']:9.2f} {r['syncs']:9.1f} {100 * r['hit_rate']:7.1f}% {r['gb_read']:8.3f} {rec:>7} {pf} {host}")
+              f"{r['stall_ms']:9.2f} {r['syncs']:9.1f} {100 * r['hit_rate']:7.1f}% {r['gb_read']:8.3f} {rec:>7} {named:>6} {pf} {host}")
     print(f"identical tokens in every row of every round: {identical}")
     print(f"full cache / stock: {crit['full_over_stock']:.3f} (target >= 0.97); "
           f"warm, every routed expert resident, / stock: {crit['warm_over_stock']:.3f}; "
@@ -483,6 +488,8 @@ def main() -> None:
         summary[f"{name}_us_per_layer"] = r.get("us_per_layer")
         summary[f"{name}_cpu_us_per_layer"] = r.get("cpu_us_per_layer")
         summary[f"{name}_us_per_miss"] = r.get("us_per_miss")
+        if "named" in r:
+            summary[f"{name}_named"] = r["named"]
     print(json.dumps(summary))
 
 
