@@ -286,7 +286,7 @@ def _read_run(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview
             if throttle is None:
                 got = handles.preadv(fd, bufs, offset + done)
             else:
-                deadline = throttle.reserve(sum(len(b) for b in bufs))
+                deadline = throttle.reserve(nbytes - done)  # what ``bufs`` still hold
                 got = handles.preadv(fd, bufs, offset + done)
                 throttle.wait_until(deadline, wake=wake)
         except OSError as exc:
@@ -313,7 +313,8 @@ def _read_run(handles: FileHandles, fd: int, run: ReadRun, bufs: List[memoryview
                                 labels=run.labels, err=errno.EIO, attempts=failures) from last_err
             continue
         done += got
-        bufs = _advance(bufs, got)
+        if done < nbytes:  # a short read: go on from where it stopped
+            bufs = _advance(bufs, got)
     return done
 
 

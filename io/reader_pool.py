@@ -105,8 +105,9 @@ class ReaderPool:
             self._sleeping -= 1
             if self._waking:
                 self._waking -= 1
-        if dispatcher.jobs_waiting:  # the rest: what this thread activated, or a caller queued
-            self.wake(dispatcher.jobs_waiting)
+        waiting = dispatcher.jobs_waiting
+        if waiting:  # the rest: what this thread activated, or a caller queued
+            self.wake(waiting)
         return job
 
     def _returned(self, batch: Batch, runs: list, nbytes: int,
