@@ -109,7 +109,6 @@ class CallCounter:
 
     def __enter__(self) -> "CallCounter":
         clock, start, lap, stop = self.clock, self.clock.start, self.clock.lap, self.clock.stop
-        layers = clock.times.layers
 
         def counted_start():
             start()
@@ -124,14 +123,14 @@ class CallCounter:
             stop(phase)
 
         clock.start, clock.lap, clock.stop = counted_start, counted_lap, counted_stop
-        self._undo = lambda: [vars(clock).pop(name) for name in ("start", "lap", "stop")]
-        self._layers0 = layers
+        self._layers0 = clock.times.layers
         sys.setprofile(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
         sys.setprofile(None)
-        self._undo()
+        for name in ("start", "lap", "stop"):  # the class's methods again
+            del vars(self.clock)[name]
         self.layers = self.clock.times.layers - self._layers0
 
     def per_layer(self) -> dict:

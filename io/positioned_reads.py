@@ -152,29 +152,23 @@ def destination_views(requests: Sequence[Tuple[Sequence[ByteRange], object, str]
 
 
 def can_read_cached(handles: FileHandles) -> bool:
-    """Whether ``read_cached`` may read through ``handles``: the platform has ``RWF_NOWAIT``, no
+    """Whether ``read_cached_many`` may read through ``handles``: the platform has ``RWF_NOWAIT``, no
     device is emulated (``throttle``) and ``preadv`` is not replaced (faults injected, reads
     counted: the ordinary path must see them)."""
     return NOWAIT is not None and handles.throttle is None and handles.preadv is os.preadv
 
 
-def read_cached(ranges: Sequence[ByteRange], out, *, handles: FileHandles) -> bool:
-    """Read ``ranges`` into ``out`` at their ``dest`` only as far as the page cache already
-    holds them (``RWF_NOWAIT``: nothing waits for the device); True when every byte arrived.
-
-    False, with ``out`` partly written, where ``can_read_cached`` says no, a file is not read
-    through the page cache, or a byte was not cached or any read failed: the caller reads
-    them the ordinary way, which retries and reports. Pinned files are checked as after any
-    read.
-    """
-    return read_cached_many([(ranges, out)], handles=handles)[0]
-
-
 def read_cached_many(requests: Sequence[Tuple[Sequence[ByteRange], object]], *,
                      handles: FileHandles) -> List[bool]:
-    """``read_cached`` of each ``(ranges, out)``, in order, with each pinned file they read
-    checked once, after all of them (a byte rewritten before it was read changed the file
-    before the check): all False when a check fails, so that the ordinary reads report it."""
+    """Read each ``(ranges, out)``, in order, into ``out`` at the ranges' ``dest`` only as far
+    as the page cache already holds them (``RWF_NOWAIT``: nothing waits for the device); for
+    each, True when every byte arrived.
+
+    False, with ``out`` partly written, where ``can_read_cached`` says no, a file is not read
+    through the page cache, or a byte was not cached or a read failed: the caller reads those
+    the ordinary way, which retries and reports. Each pinned file read is checked once, after
+    all of them (a byte rewritten before it was read changed the file before the check): all
+    False when a check fails, so that the ordinary reads report it."""
     if not can_read_cached(handles):
         return [False] * len(requests)
     got, read = [], {}  # read: path -> fd, the files to check

@@ -307,7 +307,7 @@ class IOScheduler:
     def submit_demands(self, keys: Sequence[Hashable]) -> List[concurrent.futures.Future]:
         """Demand reads of ``keys`` (``submit_many`` at depth 0). The first keys, up to
         ``settings.cached_read_nbytes``, are read on this thread when the page cache holds
-        them (``read_cached``): their futures come back resolved, and the rest are submitted
+        them (``read_cached_many``): their futures come back resolved, and the rest are submitted
         after them, in order (a caller taking results in order never waits on a read that
         waits for a buffer it holds)."""
         done = self._read_cached(self._pick_cached(keys)) if self._cached_reads else {}

@@ -58,7 +58,7 @@ class SchedulerSettings:
             "Shape").
         close_timeout_s: longest ``close`` waits for reads already inside the kernel.
         cached_read_nbytes: a demand submit reads, on the submitting thread, up to this many
-            bytes of its keys that the page cache already holds (``read_cached``: Linux,
+            bytes of its keys that the page cache already holds (``read_cached_many``: Linux,
             buffered reads, no emulated device), before any reader is woken for them; the
             rest go to the readers first. 0: never.
     """

@@ -288,8 +288,8 @@ class Engine:
             if futures:
                 self.scheduler.abandon(futures)
             raise
-        if self.prefetcher is not None:
-            self._events += [(EVICTED, pool.layer, victim, pool.expert_nbytes) for victim in evicted]
+        for victim in evicted:
+            self._evicted(pool.layer, victim)
         pool.stats.hits += len(hits)
         pool.stats.misses += len(todo)
         if self._decoding:

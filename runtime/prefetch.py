@@ -300,13 +300,10 @@ class Prefetcher:
             for key, cancelled in zip(superseded, sched.cancel_many(superseded, queued_only=True)):
                 if cancelled:
                     self.dropped(key[0], key[1], 0)
-            in_flight, position, stats = self.in_flight, self.position, self.stats
-            for l, e, score in wanted:  # each ``issued`` now: a later proposal's cancels spare it
-                key = (l, e)
-                requests.append((key, (position[l] - here) % n or n, score))  # MoE layers ahead, wrapping
-                if key not in in_flight:
-                    stats[l].issued += 1
-                in_flight[key] = here
+            position = self.position
+            for l, e, score in wanted:
+                requests.append(((l, e), (position[l] - here) % n or n, score))  # MoE layers ahead, wrapping
+                self.issued(l, e, here)  # now: a later proposal's cancels spare it
         if requests:
             sched.submit_many(requests)
 

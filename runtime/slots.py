@@ -8,7 +8,7 @@ It never reads files: bytes arrive as packed expert buffers (see ``golem.io.inde
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Container, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -156,17 +156,20 @@ class SlotPool:
         """
         if self._identity:
             return expert, -1
-        slot = None if self._full else self.free_slot()
-        victim = -1
+        slot = self.free_slot()
         if slot is None:  # (a claimed victim's slot is assigned at once by the caller)
-            keep = protected if isinstance(protected, (set, frozenset)) else set(protected)
-            victim = self.policy.victim(protected=keep)
-            slot = int(self.slot_of[victim])
-            self.policy.evict(victim)
-            self._table = None
-            self.slot_of[victim] = -1
-            self.expert_in[slot] = -1
-            self.stats.evictions += 1
+            return self._evict(protected if isinstance(protected, (set, frozenset)) else set(protected))
+        return slot, -1
+
+    def _evict(self, protected: Container[int]) -> Tuple[int, int]:
+        """Unmap the policy's victim (never one of ``protected``); ``(its slot, victim)``."""
+        victim = self.policy.victim(protected=protected)
+        slot = int(self.slot_of[victim])
+        self.policy.evict(victim)
+        self._table = None
+        self.slot_of[victim] = -1
+        self.expert_in[slot] = -1
+        self.stats.evictions += 1
         return slot, victim
 
     def assign(self, expert: int, slot: int, *, cold: bool = False) -> None:
@@ -283,10 +286,7 @@ class SlotPool:
             if free:
                 slot = free.pop(0)
             else:
-                victim = policy.victim(protected)
-                slot = int(slot_of[victim])
-                policy.evict(victim)
-                slot_of[victim] = -1
+                slot, victim = self._evict(protected)
                 evicted.append(victim)
             slot_of[e] = slot
             expert_in[slot] = e
@@ -294,5 +294,4 @@ class SlotPool:
             misses.append((e, slot))
         self._full = not free
         self._table = None
-        self.stats.evictions += len(evicted)
         return hits, misses, evicted

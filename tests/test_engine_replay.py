@@ -80,4 +80,3 @@ def test_call_counts_are_the_same_in_every_replay(engine_replay, recorded):
     assert layers == partial > 0
     # A layer with misses claims slots and asks for reads: both phases make calls.
     assert first["pool"] > 0 and first["request"] > 0
-    assert first["total"] == pytest.approx(sum(v for k, v in first.items() if k != "total"))
