@@ -357,6 +357,7 @@ class Engine:
         def issue():
             later, self._later = self._later, []
             self._install(layer, used, later, orders.keep)
+            self._report()  # what was installed and used so far: a used key still in flight is late
             orders.issue(self._resident)
             self._phase.lap("issue")
         return issue
@@ -497,9 +498,8 @@ class Engine:
         return y
 
     def _absent(self, pool: SlotPool, ids: np.ndarray, early):
-        """Right after the sync of a decode layer launched early, before any install: the positions
-        of ``ids`` (one token's) whose experts were not resident when the launch was built (those
-        it computed on slot 0). The launch is registered with the pool here, before any write."""
+        """After an early-launched decode layer's sync, before any install: the positions of ``ids``
+        (one token's) whose experts its launch computed on slot 0, registering it with the pool."""
         y, snapshot = early
         slots = snapshot[ids.reshape(-1)]
         absent = np.flatnonzero(slots < 0)

@@ -120,7 +120,6 @@ class Prefetcher:
         self._seen = (0, 0)
         self._prefilling = False  # a prompt arrives in one or more multi-token calls
         self._landed: List[Tuple[int, int, np.ndarray]] = []  # polled by ``arrivals_for``, for ``step``
-        self._polled = False  # ``arrivals_for`` polled for this layer
 
     # -- the engine's contract ------------------------------------------------------------
     def begin(self, decoding: bool, outcome: Optional[TokenOutcome] = None) -> None:
@@ -142,18 +141,17 @@ class Prefetcher:
             self.observe(layer, ids, scores)
             self.issue(layer, ids, proposals, resident)
 
-        installs = self._landed + ([] if self._polled else self.arrivals())
-        self._landed, self._polled = [], False
+        installs, self._landed = self._landed + self.arrivals(), []
         return PrefetchOrders(installs, self.keep, issue if decoding else None)
 
     def arrivals_for(self, layer: int) -> PrefetchOrders:
         """Before ``layer``'s launch in a decode step: orders to install the prefetches read
         for ``layer`` itself, so that it is launched with them resident (no ``issue``). The
-        scheduler is polled here instead of in ``step``; what arrived for other layers is in
-        the orders ``step`` returns (installed after the sync, when nothing of this step
-        still reads their pools)."""
+        scheduler is polled here and again in ``step`` (a read landing during the sync is then
+        installed before the layer admits its experts, not taken over by a demand read); what
+        arrived for other layers is in the orders ``step`` returns (installed after the sync,
+        when nothing of this step still reads their pools)."""
         got = self.arrivals()
-        self._polled = True
         self._landed += [a for a in got if a[0] != layer]
         return PrefetchOrders([a for a in got if a[0] == layer], self.keep)
 
@@ -265,8 +263,9 @@ class Prefetcher:
               resident: Callable[[int], np.ndarray]) -> None:
         """After ``layer``'s host sync: cancel what its routing ``ids`` made stale, request the rest.
 
-        Prefetches for ``layer`` that it does not use are cancelled (those still queued
-        first, which lost no read); a nearer layer's guess supersedes a farther one's (queued
+        Prefetches for ``layer`` that it uses and still in flight are late (the engine, which
+        calls this once the layer's demand reads are queued, demanded them); those it does not
+        use are cancelled (those still queued first, which lost no read); a nearer layer's guess supersedes a farther one's (queued
         reads it no longer names are dropped); then the candidates of ``proposals`` not yet
         ``resident(model_layer) -> bool (E,)`` are submitted, nearest layers and best scores
         first. Each of these is one call to the scheduler for all its keys (``cancel_many``,
@@ -276,7 +275,10 @@ class Prefetcher:
         used = set(ids.reshape(-1).tolist())
         mine = [k for k in self.in_flight if k[0] == layer]
         stale = [k for k in mine if k[1] not in used]
-        left = [k for k in mine if k[1] in used]  # still in flight, or done with?
+        for key in mine:
+            if key[1] in used:  # not resident at the layer's admission: a demand read took it over
+                self.late(*key)
+        left = []  # stale ones being read: still in flight, or done with?
         queued = sched.cancel_many(stale, queued_only=True)  # never read: no bytes lost
         running = [key for key, cancelled in zip(stale, queued) if not cancelled]
         for key, cancelled in zip(stale, queued):

@@ -85,6 +85,7 @@ def test_oracle_prefetch_turns_misses_into_prefetch_hits(checkpoints, reference)
     assert p.recall == 1.0 and p.wasted == 0
     assert engine.stats.total().misses < base.stats.total().misses
     assert engine.stats.total().prefetch_hits == p.useful > 0
+    assert p.useful + p.late + p.wasted <= p.issued  # each prefetch ends once: one used is not late too
 
 
 def test_wrong_predictor_is_switched_off_per_layer(checkpoints, reference):
@@ -361,3 +362,47 @@ def test_with_no_prefetch_out_nothing_is_polled():
     assert [(l, e) for l, e, _ in pf.arrivals_for(20).installs] == [(20, 3)] and len(polls) == 1
     pf.landed(20, 3)  # installed: nothing is out any more
     assert pf.arrivals() == [] and len(polls) == 1
+
+
+def test_a_read_landing_during_the_sync_is_installed_before_the_layer_admits():
+    """``arrivals_for`` polls before the layer's launch and ``step`` polls again after its
+    sync: a read that lands in between is installed then, not taken over by a demand read."""
+    from golem.runtime.prefetch import Prefetcher
+
+    guesses = _Guesses(3, 8)
+    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
+                    [100, 100, 100], [True, True, True])
+    sched = _FakeScheduler()
+    pf.attach(sched)
+    nothing = lambda layer: np.zeros(8, bool)
+    pf.begin(True)
+    guesses.table = {1: {3: 0.9}, 2: {6: 0.9}}
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    sched.published = [((30, 6), np.zeros(100, np.uint8))]
+    assert pf.arrivals_for(20).installs == []  # (20, 3) is still being read
+    sched.published = [((20, 3), np.zeros(100, np.uint8))]  # it lands during layer 20's sync
+    assert [(l, e) for l, e, _ in pf.step(20, np.array([[3, 5]]), None, [], True).installs] == [(30, 6), (20, 3)]
+
+
+def test_a_used_prefetch_still_in_flight_at_the_layers_issue_is_late():
+    """The engine runs a layer's issue once its demand reads are queued and what landed for it
+    is reported: a prefetch of an expert it uses that is still out was taken over by a demand
+    read (late, counted once); one installed first is no longer out, so not late."""
+    from golem.runtime.prefetch import Prefetcher
+
+    guesses = _Guesses(3, 8)
+    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
+                    [100, 100, 100], [True, True, True])
+    sched = _FakeScheduler()
+    pf.attach(sched)
+    nothing = lambda layer: np.zeros(8, bool)
+    pf.begin(True)
+    guesses.table = {1: {3: 0.9, 4: 0.8}}
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    sched.state[(20, 4)] = "running"
+    pf.landed(20, 3)  # installed after layer 20's sync
+    pf.step(20, np.array([[3, 4]]), None, [], True).issue(nothing)
+    assert pf.stats[20].late == 1 and pf.in_flight == {}
+    pf.late(20, 4)  # the engine's report of the demand read, after its wait
+    assert pf.stats[20].late == 1 and sched.cancels == []
+    assert pf.used_all(20, [3, 4], 100) == 1 and pf.stats[20].useful == 1
