@@ -96,8 +96,8 @@ class Dispatcher:
                ) -> Tuple[Request, List[concurrent.futures.Future]]:
         """Queue a new request, or re-rank the key's live one (``live``, when the caller has
         looked it up already); return it and the futures of the prefetches dropped past
-        ``max_pending`` (to cancel outside the lock)."""
-        self.recorder.submitted(depth)
+        ``max_pending`` (to cancel outside the lock). The caller counts it (``recorder.submitted``), as
+        ``fresh``'s."""
         req = live or self.live(key)
         if req is not None:
             self._resubmit(req, depth, score)
@@ -116,7 +116,6 @@ class Dispatcher:
         if (queue.queued if depth else queue.queued > queue.prefetch_queued) \
                 or (key in queue.by_key and self.live(key) is not None) or (depth and self.settings.activate_on_loop):
             return None
-        self.recorder.submitted(depth)
         req = Request(key, depth, score, *prepared, self.clock())
         req.state = FRESH
         queue.by_key[key] = req

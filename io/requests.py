@@ -114,9 +114,11 @@ class RequestQueue:
         if not req.demand:
             self.prefetch_queued += 1
         self.push(req)
-        starts, ends = req.edges
-        self._starts.update(dict.fromkeys(starts, req))
-        self._ends.update(dict.fromkeys(ends, req))
+        starts, ends, at_start, at_end = *req.edges, self._starts, self._ends
+        for edge in starts:  # an expert has one range or a few: item assignment, no calls
+            at_start[edge] = req
+        for edge in ends:
+            at_end[edge] = req
 
     def push(self, req: Request) -> None:
         """(Re)queue at its current priority; older heap entries die lazily."""

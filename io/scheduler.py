@@ -296,6 +296,7 @@ class IOScheduler:
                     dropped += gone
                 futures.append(req.future)
                 demand = demand or req.demand
+            dispatcher.recorder.submitted([depth for _, depth, _ in requests])
             if fresh:
                 dropped += dispatcher.start_fresh(fresh)
             kick = bool(requests) and self._after_submit(demand, bool(fresh))
@@ -357,7 +358,7 @@ class IOScheduler:
         with self._lock:
             stats = dispatcher.stats
             stats.calls += 1
-            dispatcher.recorder.submitted(0, len(done))
+            dispatcher.recorder.submitted([0] * len(done))
             for key, index, shift, view in done:
                 dispatcher.buffers.hand_out(index, shift)
                 stats.cached_reads += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Optional
+from typing import Callable, Deque, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -88,11 +88,17 @@ class StatisticsRecorder:
         self.demand_starts: Deque[float] = deque(maxlen=SAMPLES)
         self._busy_since: Optional[float] = None
 
-    def submitted(self, depth: int, count: int = 1) -> None:
-        cls = "demand" if depth == 0 else "prefetch"
+    def submitted(self, depths: Sequence[int]) -> None:
+        """Requests submitted at ``depths`` (0: demand), counted by class and by depth."""
         requests, by_depth = self.counts.requests, self.counts.by_depth
-        requests[cls] = requests.get(cls, 0) + count
-        by_depth[depth] = by_depth.get(depth, 0) + count
+        demands = 0
+        for depth in depths:
+            by_depth[depth] = by_depth.get(depth, 0) + 1
+            demands += not depth
+        if demands:
+            requests["demand"] = requests.get("demand", 0) + demands
+        if demands < len(depths):
+            requests["prefetch"] = requests.get("prefetch", 0) + len(depths) - demands
 
     def piece_started(self) -> None:
         """A reader starts a piece: the device is busy from now if it was idle."""

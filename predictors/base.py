@@ -145,7 +145,7 @@ class Selection:
         few of them, and a caller that leaves some out counts the caps itself
         (``limit``) over what is left."""
         rows, ids = np.nonzero((scores >= self.threshold) & (scores > 0))
-        return sorted(zip(rows.tolist(), (-v for v in scores[rows, ids].tolist()), ids.tolist()))
+        return sorted(zip(rows.tolist(), (-scores[rows, ids]).tolist(), ids.tolist()))
 
     def ordered(self, scores: np.ndarray, keep: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """``(rows, experts)`` of the selected entries ``keep`` (a ``mask``), in prefetch

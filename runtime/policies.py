@@ -167,7 +167,7 @@ class LFUPolicy(Policy):
         try:
             while heap:
                 count, when, e = heap[0]
-                if filed.get(e) != (count, when):
+                if e not in filed or filed[e] != (count, when):  # (no dict.get: a call per entry)
                     heapq.heappop(heap)  # dead: evicted, or filed again since
                     continue
                 key = (counts[e], recency[e])

@@ -379,22 +379,19 @@ class Prefetcher:
         s.wasted_nbytes += nbytes
         self._wasted += nbytes > 0
 
-    def used(self, layer: int, expert: int, nbytes: int) -> bool:
-        """A resident expert is used; True if it came from a prefetch not used before."""
-        if (layer, expert) in self.unused:
-            self.unused.discard((layer, expert))
-            s = self.stats[layer]
-            s.useful += 1
-            s.useful_nbytes += nbytes
-            self._useful += 1
-            return True
-        return False
-
     def used_all(self, layer: int, experts: Sequence[int], nbytes: int) -> int:
-        """``used`` for each of ``experts``; how many came from prefetches."""
+        """``experts`` of ``layer`` (resident) are used; how many came from prefetches not used
+        before (useful)."""
         if not self.unused:
             return 0
-        return sum(self.used(layer, e, nbytes) for e in experts)
+        hits = self.unused.intersection([(layer, e) for e in experts])
+        if hits:
+            self.unused -= hits
+            s = self.stats[layer]
+            s.useful += len(hits)
+            s.useful_nbytes += len(hits) * nbytes
+            self._useful += len(hits)
+        return len(hits)
 
     def totals(self) -> PrefetchLayerStats:
         t = PrefetchLayerStats()
