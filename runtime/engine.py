@@ -87,8 +87,7 @@ class Engine:
             recent steps, at most this share of its routed experts was missing at the sync
             (each such expert is computed twice); None: never.
         launch_first: start each decode layer's expert graph as soon as it is built (the
-            prefetcher's issue comes after); None: on unless MLX computes on the CPU, where the
-            launch competes with the host work it should overlap (``--switch launch-first``).
+            prefetcher's issue comes after); on the CPU backend too (``--switch launch-first``).
 
     ``boundary`` (a ``golem.runtime.pipeline.Boundary``, set on a pipeline rank) adds, in a decode
     step, one ``send`` to the last MoE layer's host sync and, before the first MoE layer's, one
@@ -99,7 +98,7 @@ class Engine:
                  scheduler=None, prefetcher=None, hidden=None, trace=None, clock=time.perf_counter,
                  cpu_clock=None, overlap: bool = True, overlap_share: Optional[float] = None,
                  overlap_min_nbytes: Optional[int] = None, early: Optional[float] = EARLY_ABSENT,
-                 launch_first: Optional[bool] = None):
+                 launch_first: bool = True):
         self.index = index
         self.pools = pools
         self.reader = reader
@@ -114,7 +113,7 @@ class Engine:
         self.overlap_share = (0.0 if on_cpu else OVERLAP_SHARE) if overlap_share is None else overlap_share
         self.overlap_min_nbytes = overlap_min_nbytes if overlap_min_nbytes is not None else OVERLAP_MIN_NBYTES * on_cpu
         self.early = early
-        self.launch_first = not on_cpu if launch_first is None else launch_first
+        self.launch_first = launch_first
         self.first_layer = min(pools)
         self.stats = EngineStats(layers={l: p.stats for l, p in pools.items()})
         self._phase = PhaseClock(self.stats.phases, clock, cpu_clock)

@@ -208,16 +208,12 @@ def test_the_time_from_a_sync_to_each_moment_is_counted_once_per_layer():
 @pytest.mark.parametrize("options", [{}, {"prefetch": PrefetchConfig(depth=2, threshold=0.1, governor=False)},
                                      {"slot_writer": "device"}], ids=["depth0", "depth2", "device-writer"])
 def test_launching_each_decode_layer_as_soon_as_built_gives_stock_tokens(checkpoints, expected, options):
-    """``launch_first``: off where MLX computes on the CPU (the launch competes with the host
-    work it would overlap), else on; on, every partial decode layer is launched by the
-    engine (early, or once its graph is built) and the tokens are stock's."""
-    import mlx.core as mx
-
+    """``launch_first`` (on by default, on every backend): every partial decode layer is
+    launched by the engine (early, or once its graph is built) and the tokens are stock's."""
     tokens, want = expected
     with load(str(checkpoints("olmoe")), cache_sizes=4, **options) as (model, _):
         engine = model.golem.engine
-        assert engine.launch_first == (mx.default_device() != mx.cpu)
-        engine.launch_first = True
+        assert engine.launch_first is True
         assert greedy_tokens(model, tokens, N) == want
         ph = engine.stats.phases
     assert ph.reached["launch"] == ph.layers > 0 and ph.after_sync_us("launch") >= 0
@@ -232,7 +228,6 @@ def test_fully_resident_layers_launch_before_they_issue_prefetches_for_a_partial
     prefetch = PrefetchConfig(depth=2, threshold=0.1, governor=False)
     with load(str(checkpoints("olmoe")), cache_sizes={last: 4}, prefetch=prefetch) as (model, _):
         engine = model.golem.engine
-        engine.launch_first = True
         assert greedy_tokens(model, tokens, N) == want
         ph, totals = engine.stats.phases, engine.prefetcher.totals()
         resident = [l for l, pool in engine.pools.items() if pool.fully_resident]
