@@ -263,10 +263,11 @@ class Prefetcher:
               resident: Callable[[int], np.ndarray]) -> None:
         """After ``layer``'s host sync: cancel what its routing ``ids`` made stale, request the rest.
 
-        Prefetches for ``layer`` that it uses and still in flight are late (the engine, which
-        calls this once the layer's demand reads are queued, demanded them); those it does not
-        use are cancelled (those still queued first, which lost no read); a nearer layer's guess supersedes a farther one's (queued
-        reads it no longer names are dropped); then the candidates of ``proposals`` not yet
+        Prefetches for ``layer`` that it uses and that are still out are late (the engine,
+        which calls this once the layer's demand reads are queued, demanded them); those it
+        does not use are cancelled (those still queued first, which lost no read); a nearer
+        layer's guess supersedes a farther one's (queued reads it no longer names are
+        dropped); then the candidates of ``proposals`` not yet
         ``resident(model_layer) -> bool (E,)`` are submitted, nearest layers and best scores
         first. Each of these is one call to the scheduler for all its keys (``cancel_many``,
         ``pending_many``, ``submit_many``), the stale cancels two when some are being read.
