@@ -212,6 +212,24 @@ class _FakeScheduler:
         return out
 
 
+def _three_layers():
+    """A prefetcher over model layers 10, 20, 30 (depth 2, threshold 0.3, top-2 of 8 experts,
+    100 bytes each), its predictor's scores set by the test, a ``_FakeScheduler`` attached."""
+    from golem.runtime.prefetch import Prefetcher
+
+    guesses = _Guesses(3, 8)
+    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
+                    [100, 100, 100], [True, True, True])
+    sched = _FakeScheduler()
+    pf.attach(sched)
+    return guesses, pf, sched
+
+
+def _nothing(layer):
+    """No expert resident: every guess is a candidate."""
+    return np.zeros(8, bool)
+
+
 @pytest.mark.parametrize("cap", [None, 1, 3])
 def test_candidates_are_the_selection_of_the_scores_less_the_resident_experts(cap):
     """``candidates`` selects as ``Selection.mask`` and ``Selection.ordered`` do: threshold,
@@ -244,40 +262,27 @@ def test_candidates_are_the_selection_of_the_scores_less_the_resident_experts(ca
 def test_a_layers_guesses_are_scored_when_its_issue_runs_not_at_its_step():
     """``step`` right after the sync only hands out orders; the recall of the guesses made
     for the layer is counted when the engine runs the issue, after its own launch."""
-    from golem.runtime.prefetch import Prefetcher
-
-    guesses = _Guesses(3, 8)
-    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
-                    [100, 100, 100], [True, True, True])
-    pf.attach(_FakeScheduler())
-    nothing = lambda layer: np.zeros(8, bool)
+    guesses, pf, _ = _three_layers()
     pf.begin(True)
     guesses.table = {1: {3: 0.9, 4: 0.5}}
-    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(_nothing)
     orders = pf.step(20, np.array([[3, 5]]), None, [], True)
     assert pf.stats[20].true == 0  # not scored yet
-    orders.issue(nothing)
+    orders.issue(_nothing)
     assert (pf.stats[20].true, pf.stats[20].predicted_true) == (2, 1)
     assert pf.step(30, np.array([[1, 2]]), None, [], False).issue is None  # a prompt chunk: nothing to issue
 
 
 def test_prefetcher_owns_issue_cancel_supersede_and_accounting():
     """Model layers 10, 20, 30 (positions 0..2); depth 2; top-2 of 8 experts."""
-    from golem.runtime.prefetch import Prefetcher
-
-    guesses = _Guesses(3, 8)
-    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
-                    [100, 100, 100], [True, True, True])
-    sched = _FakeScheduler()
-    pf.attach(sched)
-    nothing = lambda layer: np.zeros(8, bool)
+    guesses, pf, sched = _three_layers()
 
     pf.begin_sequence()
     pf.begin_step()
     guesses.table = {1: {3: 0.9, 4: 0.5}, 2: {6: 0.8, 7: 0.1}}
     at10 = pf.propose(10, None)
     pf.observe(10, np.array([[1, 2]]), None)
-    pf.issue(10, np.array([[1, 2]]), at10, nothing)
+    pf.issue(10, np.array([[1, 2]]), at10, _nothing)
     assert sched.submits == [((20, 3), 1), ((20, 4), 1), ((30, 6), 2)]  # nearest first, by score
     assert pf.keep(20) == {3, 4} and pf.keep(30) == {6}
 
@@ -287,7 +292,7 @@ def test_prefetcher_owns_issue_cancel_supersede_and_accounting():
     guesses.table = {2: {7: 0.9}}
     at20 = pf.propose(20, None)
     pf.observe(20, np.array([[3, 5]]), None)
-    pf.issue(20, np.array([[3, 5]]), at20, nothing)
+    pf.issue(20, np.array([[3, 5]]), at20, _nothing)
     assert set(sched.cancels) == {(20, 4), (30, 6)}
     assert sched.submits[-1] == ((30, 7), 1)
     assert pf.stats[20].wasted == 1 and pf.stats[30].wasted == 1
@@ -312,7 +317,6 @@ def test_the_governor_weighs_only_wasted_prefetches_that_were_read():
     statistics, without bytes, and the governor is not charged for it; one cancelled while
     being read, or evicted unused, is charged."""
     from golem.runtime.governor import TokenOutcome
-    from golem.runtime.prefetch import Prefetcher
 
     class Ledger:
         def __init__(self):
@@ -322,17 +326,13 @@ def test_the_governor_weighs_only_wasted_prefetches_that_were_read():
             self.wasted.append(wasted)
             return 2
 
-    guesses = _Guesses(3, 8)
-    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
-                    [100, 100, 100], [True, True, True])
-    sched, pf.governor = _FakeScheduler(), Ledger()
-    pf.attach(sched)
-    nothing = lambda layer: np.zeros(8, bool)
+    guesses, pf, sched = _three_layers()
+    pf.governor = Ledger()
     pf.begin(True, TokenOutcome())
     guesses.table = {1: {3: 0.9, 4: 0.8, 5: 0.7}}
-    pf.issue(10, np.array([[1, 2]]), pf.propose(10, None), nothing)
+    pf.issue(10, np.array([[1, 2]]), pf.propose(10, None), _nothing)
     sched.state[(20, 4)] = "running"  # (20, 5) is still queued
-    pf.issue(20, np.array([[3, 6]]), [], nothing)  # neither 4 nor 5 is used: both cancelled
+    pf.issue(20, np.array([[3, 6]]), [], _nothing)  # neither 4 nor 5 is used: both cancelled
     assert set(sched.cancels) == {(20, 4), (20, 5)}
     assert pf.stats[20].wasted == 2 and pf.stats[20].wasted_nbytes == 100
     pf.begin(True, TokenOutcome())
@@ -342,21 +342,14 @@ def test_the_governor_weighs_only_wasted_prefetches_that_were_read():
 def test_with_no_prefetch_out_nothing_is_polled():
     """The scheduler is polled for arrivals only while a prefetch is out: a poll takes its
     lock, at every decode layer. What was read and not installed is still out."""
-    from golem.runtime.prefetch import Prefetcher
-
-    guesses = _Guesses(3, 8)
-    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
-                    [100, 100, 100], [True, True, True])
-    sched = _FakeScheduler()
+    guesses, pf, sched = _three_layers()
     polls = []
     poll = sched.poll
     sched.poll = lambda timeout=0: polls.append(timeout) or poll(timeout)
-    pf.attach(sched)
-    nothing = lambda layer: np.zeros(8, bool)
     pf.begin(True)
     assert pf.arrivals_for(10).installs == [] and polls == []
     guesses.table = {1: {3: 0.9}}
-    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(_nothing)
     assert sched.submits == [((20, 3), 1)]
     sched.published = [((20, 3), np.zeros(100, np.uint8))]
     assert [(l, e) for l, e, _ in pf.arrivals_for(20).installs] == [(20, 3)] and len(polls) == 1
@@ -367,17 +360,10 @@ def test_with_no_prefetch_out_nothing_is_polled():
 def test_a_read_landing_during_the_sync_is_installed_before_the_layer_admits():
     """``arrivals_for`` polls before the layer's launch and ``step`` polls again after its
     sync: a read that lands in between is installed then, not taken over by a demand read."""
-    from golem.runtime.prefetch import Prefetcher
-
-    guesses = _Guesses(3, 8)
-    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
-                    [100, 100, 100], [True, True, True])
-    sched = _FakeScheduler()
-    pf.attach(sched)
-    nothing = lambda layer: np.zeros(8, bool)
+    guesses, pf, sched = _three_layers()
     pf.begin(True)
     guesses.table = {1: {3: 0.9}, 2: {6: 0.9}}
-    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(_nothing)
     sched.published = [((30, 6), np.zeros(100, np.uint8))]
     assert pf.arrivals_for(20).installs == []  # (20, 3) is still being read
     sched.published = [((20, 3), np.zeros(100, np.uint8))]  # it lands during layer 20's sync
@@ -388,20 +374,13 @@ def test_a_used_prefetch_still_in_flight_at_the_layers_issue_is_late():
     """The engine runs a layer's issue once its demand reads are queued and what landed for it
     is reported: a prefetch of an expert it uses that is still out was taken over by a demand
     read (late, counted once); one installed first is no longer out, so not late."""
-    from golem.runtime.prefetch import Prefetcher
-
-    guesses = _Guesses(3, 8)
-    pf = Prefetcher(guesses.predictor, PrefetchConfig(depth=2, threshold=0.3), [10, 20, 30], 2,
-                    [100, 100, 100], [True, True, True])
-    sched = _FakeScheduler()
-    pf.attach(sched)
-    nothing = lambda layer: np.zeros(8, bool)
+    guesses, pf, sched = _three_layers()
     pf.begin(True)
     guesses.table = {1: {3: 0.9, 4: 0.8}}
-    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(nothing)
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(_nothing)
     sched.state[(20, 4)] = "running"
     pf.landed(20, 3)  # installed after layer 20's sync
-    pf.step(20, np.array([[3, 4]]), None, [], True).issue(nothing)
+    pf.step(20, np.array([[3, 4]]), None, [], True).issue(_nothing)
     assert pf.stats[20].late == 1 and pf.in_flight == {}
     pf.late(20, 4)  # the engine's report of the demand read, after its wait
     assert pf.stats[20].late == 1 and sched.cancels == []
