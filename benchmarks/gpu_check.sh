@@ -86,7 +86,7 @@ else
   step "bench_decode, host slot writer" 300 "$PY" benchmarks/bench_decode.py --runs 1 --slot-writer host
   step "bench_decode, Qwen3-30B-A3B slice" 600 "$PY" benchmarks/bench_decode.py --shape qwen3-30b-a3b --runs 3
   step "profile_decode" 400 "$PY" benchmarks/profile_decode.py --runs 3
-  step "profile_decode, Qwen3-30B-A3B routing, replayed without the model, calls counted (the CUDA path launches first and splits differently)" 400 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 2 --tokens 16 --rows warm_resident,disk_depth0,depth0,depth2,oracle --replay --calls
+  step "profile_decode, Qwen3-30B-A3B routing, replayed without the model, calls counted (the CUDA path splits hits from misses by another rule)" 400 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b-host --runs 2 --tokens 16 --rows warm_resident,disk_depth0,depth0,depth2,oracle --replay --calls
   step "profile_decode, Qwen3-30B-A3B slice" 500 "$PY" benchmarks/profile_decode.py --shape qwen3-30b-a3b --runs 1
   step "early launch, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --shape small --runs 6 --rows warm_resident,disk_depth0,depth0
   step "early launch of every decode layer, interleaved" 400 "$PY" benchmarks/bench_switches.py --switch early-launch --interleave --early 1.0 --shape small --runs 6 --rows disk_depth0,depth0,depth2
