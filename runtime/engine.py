@@ -340,13 +340,14 @@ class Engine:
             self._flush(pool)
 
     def _deferred(self, layer: int, ids: np.ndarray, orders):
-        """After ``layer``'s sync: install what landed for it now (a miss it saves is a read
-        saved), and return what can wait until its demand reads are queued and its
-        computation launched (``issue``; None at a prefill call, which installs all now): the
-        installs into other layers' pools (``_later``: a layer that raised before its issue
-        leaves them to the next), then the prefetcher's issue."""
-        used = set(ids.reshape(-1).tolist())
+        """After ``layer``'s sync: install what landed for it now (a miss it saves is a read saved);
+        return what can wait until its demand reads are queued and its computation launched
+        (``issue``, or None where the orders hold none: all installed now): the installs into other
+        layers' pools (``_later``: left to the next layer if this one raises), then the issue."""
         installs, self._later = self._later + orders.installs, []
+        if orders.issue is None and not installs:
+            return None
+        used = set(ids.reshape(-1).tolist())
         if orders.issue is None:
             self._install(layer, used, installs, orders.keep)
             return None
@@ -362,11 +363,11 @@ class Engine:
         return issue
 
     def _arrive(self, pool: SlotPool) -> None:
-        """Before a decode layer's launch: install the prefetches read for it, so that an early
-        launch finds them resident. Its routing is not known yet: an install evicts no expert
-        guessed for it (else the policy's victim: with LRU, one its last step used only if all were)."""
+        """Before a decode layer's launch: install the prefetches read for it (an early launch then
+        finds them resident), evicting no expert guessed for it: its routing is not known yet."""
         orders = self.prefetcher.arrivals_for(pool.layer)
-        self._install(pool.layer, orders.keep(pool.layer), orders.installs, orders.keep)
+        if orders.installs:
+            self._install(pool.layer, orders.keep(pool.layer), orders.installs, orders.keep)
         self._phase.lap("install")
 
     # -- the experts module's computation ----------------------------------------

@@ -136,7 +136,12 @@ class Prefetcher:
         """``layer``'s true routing ``ids`` (and router ``scores`` when known) after its host
         sync: what to install, and (decoding) what to issue. Scoring the guesses made for
         the layer waits for ``issue`` too: the engine calls it once the layer's computation
-        is under way, and the layers it proposes for are other layers."""
+        is under way, and the layers it proposes for are other layers. A decode step held at
+        depth 0 with nothing out has no issue: its routing is observed here, and that is all."""
+        if decoding and self.depth == 0 and not self.in_flight:  # (nothing out: nothing landed)
+            self.observe(layer, ids, scores)
+            return PrefetchOrders([], self.keep)
+
         def issue(resident):
             self.observe(layer, ids, scores)
             self.issue(layer, ids, proposals, resident)
@@ -216,12 +221,12 @@ class Prefetcher:
         """Layer ``layer``'s true routing for this token: score the guesses made for it."""
         pos = self.position[layer]
         self.predictor.observe(pos, ids, scores)
-        true = set(ids.reshape(-1).tolist())
-        true.discard(-1)
         guessed = self._predicted.get(pos)
-        s = self.stats[layer]
         if guessed is None:
             return
+        true = set(ids.reshape(-1).tolist())
+        true.discard(-1)
+        s = self.stats[layer]
         hit = len(true & guessed)
         s.true += len(true)
         s.predicted_true += hit

@@ -385,3 +385,24 @@ def test_a_used_prefetch_still_in_flight_at_the_layers_issue_is_late():
     pf.late(20, 4)  # the engine's report of the demand read, after its wait
     assert pf.stats[20].late == 1 and sched.cancels == []
     assert pf.used_all(20, [3, 4], 100) == 1 and pf.stats[20].useful == 1
+
+
+def test_a_step_held_at_depth_0_with_nothing_out_has_no_issue():
+    """While the governor holds prefetch off and no read is out, a decode layer has no issue to
+    run later (no poll, no cancels, no scheduler call): its step observes the routing at once,
+    for a predictor that learns from it. A read still out keeps the issue, which cancels it
+    when the layer's routing makes it stale."""
+    guesses, pf, sched = _three_layers()
+    observed = []
+    observe = pf.predictor.observe
+    pf.predictor.observe = lambda position, ids, scores=None: observed.append(position) or observe(position, ids, scores)
+    pf.begin(True)
+    guesses.table = {1: {3: 0.9}}
+    pf.step(10, np.array([[1, 2]]), None, pf.propose(10, None), True).issue(_nothing)
+    pf.depth = 0  # the governor's choice for the rest of the step
+    orders = pf.step(20, np.array([[4, 5]]), None, pf.propose(20, None), True)
+    assert orders.issue is not None and observed == [0]  # (20, 3) is out
+    orders.issue(_nothing)
+    assert sched.cancels == [(20, 3)] and pf.in_flight == {} and observed == [0, 1]
+    orders = pf.step(30, np.array([[1, 2]]), None, pf.propose(30, None), True)
+    assert orders.issue is None and orders.installs == [] and observed == [0, 1, 2]
