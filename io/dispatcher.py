@@ -132,7 +132,8 @@ class Dispatcher:
         s, pieces = self.settings, self.pieces
         idle = s.parallelism - pieces.running - pieces.waiting
         demands, prefetches, waiting = [], [], []
-        for req in sorted(fresh, key=lambda r: (r.depth, -r.score)):  # stable: in order among equals
+        ranks = [(r.depth, -r.score) for r in fresh]
+        for req in [fresh[i] for i in sorted(range(len(fresh)), key=ranks.__getitem__)]:  # stable: in order among equals
             if not waiting and req.demand and self.buffers.free:
                 demands.append(req)
             elif not waiting and not req.demand and idle > 0 and self._can_start(req) \
@@ -426,8 +427,11 @@ class Dispatcher:
             out.append((req.key, self.view(req)))
         return out
 
-    def release(self, buffer: np.ndarray) -> None:
-        self.buffers.give_back(self.buffers.take_back(buffer))
+    def release_all(self, buffers) -> None:
+        """Each of ``buffers`` (handed out) back to the free pool."""
+        buffers_, free = self.buffers, self.buffers.free
+        for buffer in buffers:
+            free.append(buffers_.take_back(buffer))
 
     def statistics(self) -> tuple:
         """A snapshot for ``StatisticsRecorder.finish`` (no lock needed there)."""

@@ -1,9 +1,10 @@
 """The scheduler's reader pool: a fixed set of threads that take jobs and read them.
 
-Owns the reader threads, their sleeping and waking (one condition on the scheduler's
-lock, woken no more often than there are jobs; a caller wakes one, each reader the next
-ones), the reading of each job outside the lock and the resolving of the futures a finished
-read settles. Knows nothing of priorities, caps or files: the dispatcher says which job is
+Owns the reader threads, their sleeping and waking (each idle reader blocks on a lock of
+its own, released by whoever wakes it: two C calls, where a ``threading.Condition`` runs a
+dozen Python ones on each side; woken no more often than there are jobs; a caller wakes one,
+each reader the next ones), the reading of each job outside the lock and the resolving of
+the futures a finished read settles. Knows nothing of priorities, caps or files: the dispatcher says which job is
 next and what a returned one means; the ``read`` callable it is given does the reading
 (``read_jobs.read_job``).
 """
@@ -40,9 +41,8 @@ class ReaderPool:
         self.count = count
         self.threads: List[threading.Thread] = []
         self._lock = lock
-        self._idle = threading.Condition(lock)  # idle readers wait here for jobs
-        self._sleeping = 0  # readers waiting on _idle
-        self._waking = 0  # of those, notified and not yet running
+        self._sleepers: List[threading.Lock] = []  # idle readers' gates, held: each blocks on its own
+        self._waking = 0  # readers whose gate was let go, not yet running
         self._stopped = False
 
     def start(self) -> None:
@@ -55,11 +55,13 @@ class ReaderPool:
         """Lock held: wake enough sleeping readers for ``jobs`` waiting jobs, counting those
         already woken and on their way: each wake-up costs a thread switch or two, and a
         reader woken for nothing costs as much as one that reads."""
-        wanted = min(jobs, self._sleeping) - self._waking
+        sleepers = self._sleepers
+        wanted = min(jobs, len(sleepers) + self._waking) - self._waking
         if wanted > 0:
             self._waking += wanted
             self.dispatcher.stats.reader_wakes += wanted
-            self._idle.notify(wanted)
+            for _ in range(wanted):
+                sleepers.pop().release()
 
     def wake_first(self, jobs: int) -> None:
         """Lock held, on a caller's thread (a submit, a release): wake one reader for
@@ -72,7 +74,10 @@ class ReaderPool:
     def stop(self) -> None:
         """Lock held: every reader leaves once its current read returns."""
         self._stopped = True
-        self._idle.notify_all()
+        self._waking += len(self._sleepers)
+        for gate in self._sleepers:
+            gate.release()
+        self._sleepers.clear()
 
     def join(self, timeout_s: float) -> None:
         for thread in self.threads:
@@ -80,17 +85,20 @@ class ReaderPool:
 
     def _work(self) -> None:
         """Reader thread: take jobs and read them until the pool stops."""
+        gate = threading.Lock()  # unlocked while the reader runs; held while it sleeps
         while True:
             with self._lock:
-                job = self._next()
+                job = self._next(gate)
                 if job is None:
                     return
             batch, runs = job
             nbytes, error = self.read(batch, runs)
             self._returned(batch, runs, nbytes, error)
 
-    def _next(self) -> Optional[Tuple[Batch, list]]:
-        """Lock held: the next job, sleeping until there is one; None once stopped."""
+    def _next(self, gate: threading.Lock) -> Optional[Tuple[Batch, list]]:
+        """Lock held: the next job, sleeping on ``gate`` (the reader's own) until there is
+        one; None once stopped. A waker lets the gate go under the lock, after this reader
+        filed it and before or while it blocks: no wake is lost."""
         dispatcher = self.dispatcher
         activated = False
         while True:
@@ -100,11 +108,15 @@ class ReaderPool:
             activated = activated or activated_now
             if job is not None:
                 break
-            self._sleeping += 1
-            self._idle.wait()
-            self._sleeping -= 1
-            if self._waking:
-                self._waking -= 1
+            gate.acquire()  # free while running: taken at once, so the next acquire blocks
+            self._sleepers.append(gate)
+            self._lock.release()
+            try:
+                gate.acquire()  # until ``wake`` or ``stop`` lets it go
+                gate.release()
+            finally:
+                self._lock.acquire()
+            self._waking -= 1
         waiting = dispatcher.jobs_waiting
         if waiting:  # the rest: what this thread activated, or a caller queued
             self.wake(waiting)

@@ -445,8 +445,7 @@ class IOScheduler:
             return
         with self._lock:
             self._dispatcher.stats.calls += 1
-            for buffer in buffers:
-                self._dispatcher.release(buffer)
+            self._dispatcher.release_all(buffers)
             kick = self._dispatcher.has_idle_reader()
         self._activate_after(kick)
 

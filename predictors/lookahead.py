@@ -144,18 +144,17 @@ class _RankCalibrated(Predictor):
 
     def observe(self, position: int, experts: Any, weights: Any = None) -> None:
         """One hit per (distance, rank) of each distinct routed expert, one sighting per
-        distance predicted; scalar updates (a few), for the reason ``scores`` gives."""
+        distance predicted; a fancy index per distance (keeps the interpreter lock, as
+        ``scores``'s gathers)."""
         pending = self._pending[position]  # (max_depth + 1, E) ranks
         made = [d for d, first in enumerate(pending[:, 0].tolist()) if first >= 0]
         if not made:
             return
-        ids = list(dict.fromkeys(e for e in np.asarray(experts).reshape(-1).tolist() if e >= 0))
+        ids = [e for e in set(np.asarray(experts).reshape(-1).tolist()) if e >= 0]
         seen, hits = self.seen[position], self.hits[position]
         for d in made:
-            ranks = pending[d].tolist()
             seen[d] += 1.0
-            for e in ids:
-                hits[d, ranks[e]] += 1.0
+            hits[d, pending[d, ids]] += 1.0  # distinct experts, distinct ranks: one gather and scatter
             pending[d, 0] = -1
 
 

@@ -314,11 +314,11 @@ class Engine:
         ``protected`` (nor, in another layer, one the prefetcher guessed for it: ``keep``)."""
         if not installs:
             return
-        ph, touched, events = self._phase, set(), self._events
+        ph, touched, events, pools = self._phase, set(), self._events, self.pools
         try:
             for l, e, buf in installs:
-                pool = self.pools[l]
-                if pool.is_resident(e):
+                pool = pools[l]
+                if pool.slot_of[e] >= 0:  # resident: a demand read was faster
                     events.append((NOT_NEEDED, l, e, 0))
                     continue
                 try:
@@ -326,7 +326,8 @@ class Engine:
                 except LookupError:  # every slot holds an expert in use or guessed
                     events.append((NO_SLOT, l, e, len(buf)))
                     continue
-                self._evicted(l, victim)
+                if victim >= 0:
+                    events.append((EVICTED, l, victim, pool.expert_nbytes))
                 ph.lap("install")
                 self._write(pool, slot, buf)
                 pool.assign(e, slot, cold=True)
@@ -345,11 +346,9 @@ class Engine:
         (``issue``, or None where the orders hold none: all installed now): the installs into other
         layers' pools (``_later``: left to the next layer if this one raises), then the issue."""
         installs, self._later = self._later + orders.installs, []
-        if orders.issue is None and not installs:
-            return None
-        used = set(ids.reshape(-1).tolist())
+        used = set(ids.reshape(-1).tolist()) if installs else ()
         if orders.issue is None:
-            self._install(layer, used, installs, orders.keep)
+            self._install(layer, used, installs, orders.keep)  # (none: returns at once)
             return None
         self._install(layer, used, [a for a in installs if a[0] == layer], orders.keep)
         self._later = [a for a in installs if a[0] != layer]

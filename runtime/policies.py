@@ -51,6 +51,11 @@ class Policy:
     def hit(self, expert: int) -> None:
         raise NotImplementedError
 
+    def hit_all(self, experts: Iterable[int]) -> None:
+        """``hit`` each of ``experts``, in order (a step that found all of them resident)."""
+        for e in experts:
+            self.hit(e)
+
     def evict(self, expert: int) -> None:
         raise NotImplementedError
 
@@ -79,6 +84,11 @@ class LRUPolicy(Policy):
 
     def hit(self, expert: int) -> None:
         self._order.move_to_end(expert)
+
+    def hit_all(self, experts: Iterable[int]) -> None:
+        move = self._order.move_to_end
+        for e in experts:
+            move(e)
 
     def evict(self, expert: int) -> None:
         del self._order[expert]
@@ -148,12 +158,19 @@ class LFUPolicy(Policy):
         self._file(expert)
 
     def hit(self, expert: int) -> None:
-        recency, counts = self._recency, self.counts
-        if expert not in recency:
-            raise KeyError(expert)
-        counts[expert] = counts[expert] + self._scale
-        self._clock += 1
-        recency[expert] = self._clock
+        self.hit_all((expert,))
+
+    def hit_all(self, experts: Iterable[int]) -> None:
+        recency, counts, scale, clock = self._recency, self.counts, self._scale, self._clock
+        try:
+            for e in experts:
+                if e not in recency:
+                    raise KeyError(e)
+                counts[e] = counts[e] + scale
+                clock += 1
+                recency[e] = clock
+        finally:
+            self._clock = clock
 
     def evict(self, expert: int) -> None:
         del self._recency[expert]

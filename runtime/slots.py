@@ -156,7 +156,7 @@ class SlotPool:
         """
         if self._identity:
             return expert, -1
-        slot = self.free_slot()
+        slot = None if self._full else self.free_slot()  # (full: the steady state, no search)
         if slot is None:  # (a claimed victim's slot is assigned at once by the caller)
             return self._evict(protected if isinstance(protected, (set, frozenset)) else set(protected))
         return slot, -1
@@ -267,8 +267,7 @@ class SlotPool:
         policy = self.policy
         slots = self.slot_of[needed].tolist()
         if min(slots) >= 0:
-            for e in needed:
-                policy.hit(e)
+            policy.hit_all(needed)
             return list(needed), [], []
         if self._identity:  # not run through a table: slot = expert
             return [], [(e, e) for e in needed], []
