@@ -38,7 +38,7 @@ def queued(on: bool):
     """``on``: every request queued first, the earlier shape (``Dispatcher.fresh`` declines)."""
     original = Dispatcher.fresh
     if on:
-        Dispatcher.fresh = lambda self, key, depth, score, prepared: None
+        Dispatcher.fresh = lambda self, key, depth, score, prepared, future=True: None
     try:
         yield
     finally:
@@ -57,7 +57,7 @@ def demands(s, batch) -> float:
 def prefetches(s, batch) -> float:
     """A layer's prefetches (depths 1 and 2): one submit, then poll until all are read; submit CPU s."""
     c = time.thread_time()
-    s.submit_many([(key, 1 + i % 2, 0.5) for i, key in enumerate(batch)])
+    s.submit_many([(key, 1 + i % 2, 0.5) for i, key in enumerate(batch)], futures=False)  # as the prefetcher
     c = time.thread_time() - c
     got = 0
     while got < len(batch):

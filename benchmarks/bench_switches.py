@@ -168,7 +168,7 @@ def _earlier_shape(name: str):
     if name == "requests-at-once":
         from golem.io.dispatcher import Dispatcher
 
-        return [(Dispatcher, "fresh", lambda self, key, depth, score, prepared: None)]  # every request queued
+        return [(Dispatcher, "fresh", lambda self, key, depth, score, prepared, future=True: None)]  # every request queued
     if name == "install-before-launch":
         return [(Engine, "_arrive", lambda self, pool: None)]  # arrivals wait for the sync
     if name == "prefetch-after-launch":

@@ -92,21 +92,22 @@ class Dispatcher:
             return None
         return req
 
-    def submit(self, key: Hashable, depth: int, score: float, prepared: tuple, live: Optional[Request] = None
-               ) -> Tuple[Request, List[concurrent.futures.Future]]:
+    def submit(self, key: Hashable, depth: int, score: float, prepared: tuple, live: Optional[Request] = None,
+               future: bool = True) -> Tuple[Request, List[concurrent.futures.Future]]:
         """Queue a new request, or re-rank the key's live one (``live``, when the caller has
         looked it up already); return it and the futures of the prefetches dropped past
         ``max_pending`` (to cancel outside the lock). The caller counts it (``recorder.submitted``), as
-        ``fresh``'s."""
+        ``fresh``'s. ``future``: the request has one once this returns (see ``Request``)."""
         req = live or self.live(key)
         if req is not None:
-            self._resubmit(req, depth, score)
+            self._resubmit(req, depth, score, future)
             return req, []
-        req = Request(key, depth, score, *prepared, self.clock())
+        req = Request(key, depth, score, *prepared, self.clock(), future)
         self.queue.add(req)
         return req, self.queue.trim()
 
-    def fresh(self, key: Hashable, depth: int, score: float, prepared: tuple) -> Optional[Request]:
+    def fresh(self, key: Hashable, depth: int, score: float, prepared: tuple, future: bool = True
+              ) -> Optional[Request]:
         """A request for a key nobody asked for, while nothing queued could outrank it (no
         demand waits for a buffer; for a prefetch, nothing waits at all): live but neither
         queued nor running (``start_fresh`` starts or queues it). None otherwise, or for a
@@ -116,7 +117,7 @@ class Dispatcher:
         if (queue.queued if depth else queue.queued > queue.prefetch_queued) \
                 or (key in queue.by_key and self.live(key) is not None) or (depth and self.settings.activate_on_loop):
             return None
-        req = Request(key, depth, score, *prepared, self.clock())
+        req = Request(key, depth, score, *prepared, self.clock(), future)
         req.state = FRESH
         queue.by_key[key] = req
         return req
@@ -182,15 +183,17 @@ class Dispatcher:
             groups.append(group)
         return groups
 
-    def _resubmit(self, req: Request, depth: int, score: float) -> None:
+    def _resubmit(self, req: Request, depth: int, score: float, future: bool = True) -> None:
         self.stats.deduped += 1
         if req.state == RUNNING and req.cancelled:  # revive: the bytes are coming anyway
             req.cancelled = False
-            req.future = concurrent.futures.Future()
+            req.future = None  # (cancelled: a new one if this submitter wants one)
+        if (future or depth == 0) and req.future is None:
+            self._give_future(req)
         if depth == 0 and not req.demand:
             self.stats.upgraded += 1
             req.upgraded = True
-            if req.state == PUBLISHED:  # hand it over through the future (already set)
+            if req.state == PUBLISHED:  # hand it over through the future (set at publication, or just now)
                 self.published.remove(req)
                 req.state = DONE
                 self.queue.remove(req)
@@ -205,6 +208,13 @@ class Dispatcher:
                 self.spec_in_flight -= req.nbytes
                 if req.batch is not None:
                     self.pieces.promote(req.batch)
+
+    def _give_future(self, req: Request) -> None:
+        """A future for ``req``, which had none: a published one is resolved at once with its
+        buffer, as at publication."""
+        req.future = concurrent.futures.Future()
+        if req.state == PUBLISHED:
+            req.future.set_result(self.view(req))
 
     def cancel(self, key: Hashable) -> Optional[Request]:
         """Mark ``key``'s queued or running prefetch cancelled; the request, or None."""
@@ -317,7 +327,7 @@ class Dispatcher:
             for other in list(self.queue.neighbours(frontier.pop())):
                 if other.state != QUEUED or other.demand != demand \
                         or total + other.nbytes > self.settings.max_batch_nbytes \
-                        or other.future.cancelled() or not self._can_start(other):
+                        or other.gone() or not self._can_start(other):
                     continue
                 self._take(other)
                 batch.append(other)
@@ -376,7 +386,7 @@ class Dispatcher:
                 self.spec_in_flight -= req.nbytes
             self.queue.remove(req)
             outcome = self._outcome(req, batch, finished)
-            if outcome is not None:
+            if outcome is not None and req.future is not None:  # (none: taken from ``published``)
                 resolve.append((req.future, outcome))
             req.batch = None  # the batch and its requests point at each other: freed now, not by the cyclic GC
         if self.published:
@@ -391,7 +401,7 @@ class Dispatcher:
             self._free_buffer(req)
             req.state = DONE
             return None if req.cancelled else batch.error
-        if req.cancelled or req.future.cancelled() or batch.skipped:
+        if req.cancelled or req.gone() or batch.skipped:
             self.stats.cancelled_nbytes += req.nbytes
             self._free_buffer(req)
             req.state = DONE

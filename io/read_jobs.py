@@ -86,7 +86,7 @@ class Batch:
             req.batch = self
 
     def all_cancelled(self) -> bool:
-        return all(r.cancelled or r.future.cancelled() for r in self.requests)
+        return all(r.cancelled or r.gone() for r in self.requests)
 
 
 def group_jobs(runs: list, min_job_nbytes: int) -> List[int]:

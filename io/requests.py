@@ -53,13 +53,16 @@ class Request:
     """One key's read: ``depth`` 0 is a demand, >= 1 a prefetch (lower ``(depth, -score)``
     goes first). ``pieces`` holds its pieces and jobs (cut once per key), ``align`` the file
     alignment its view should have in a staging buffer, ``edges`` where its ranges start and
-    end in the files (``file_edges``), ``buffer``/``shift`` where it lands."""
+    end in the files (``file_edges``), ``buffer``/``shift`` where it lands. ``future`` is None
+    while nobody waits on it: a prefetch that its submitter takes from ``poll`` needs none
+    (a ``Future`` costs a condition and a lock to make, set and cancel); a later submit that
+    wants one makes it (``wants_future``)."""
 
     __slots__ = ("key", "depth", "demand", "score", "ranges", "nbytes", "future", "state", "cancelled",
                  "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "pieces",
                  "align", "shift", "edges")
 
-    def __init__(self, key, depth, score, ranges, nbytes, pieces, align, edges, now):
+    def __init__(self, key, depth, score, ranges, nbytes, pieces, align, edges, now, future: bool = True):
         self.key = key
         self.depth = depth
         self.demand = depth == 0  # kept with ``depth`` (``rank``): read on every hot path
@@ -70,7 +73,7 @@ class Request:
         self.align = align
         self.edges = edges
         self.shift = 0
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.future: Optional[concurrent.futures.Future] = concurrent.futures.Future() if future else None
         self.state = QUEUED
         self.cancelled = False
         self.buffer: Optional[int] = None
@@ -79,6 +82,10 @@ class Request:
         self.queued_at = now
         self.upgraded = False
         self.batch = None  # the readers.Batch reading it, once running
+
+    def gone(self) -> bool:
+        """Whether its submitter cancelled its future (a request without one: never)."""
+        return self.future is not None and self.future.cancelled()
 
     def rank(self, depth: int, score: float) -> None:
         """A new priority (a demand upgrades a prefetch)."""
@@ -154,7 +161,7 @@ class RequestQueue:
         while heap:
             req = heap[0][3]
             if heap[0][2] == req.token and req.state == QUEUED:
-                if not req.future.cancelled():
+                if not req.gone():
                     return req
                 self.dequeue(req)  # the caller cancelled the future itself
                 req.state = DONE
@@ -186,7 +193,8 @@ class RequestQueue:
             self.dequeue(req)
             del self.by_key[req.key]
             self.counts.dropped += 1
-            futures.append(req.future)
+            if req.future is not None:
+                futures.append(req.future)
         return futures
 
     def clear(self) -> List[Request]:

@@ -224,6 +224,8 @@ class IOScheduler:
             self._cond.notify_all()
             self._readers.stop()
         for req in resolve:
+            if req.future is None:  # nobody waits on it
+                continue
             if req.demand:
                 fail_future(req.future, SchedulerClosed(
                     f"scheduler closed before the read of {describe(req.key)} completed"))
@@ -266,12 +268,15 @@ class IOScheduler:
         """
         return self.submit_many([(key, depth, score)])[0]
 
-    def submit_many(self, requests: Sequence[Tuple[Hashable, int, float]]
-                    ) -> List[concurrent.futures.Future]:
+    def submit_many(self, requests: Sequence[Tuple[Hashable, int, float]], *, futures: bool = True
+                    ) -> Optional[List[concurrent.futures.Future]]:
         """``submit(key, depth, score)`` for each ``(key, depth, score)``, in order, under
         one lock, with one activation: a layer's misses or its prefetches cost one hand-off,
         not one per expert (``submit`` is this with one request). A bad depth or score
-        raises before anything is queued."""
+        raises before anything is queued. ``futures=False`` (prefetches taken from ``poll``
+        only): returns None, and a request nobody else asked a future of gets none (no
+        condition made, set or cancelled for it); its read failing is then known only as a
+        read not published."""
         dispatcher = self._dispatcher
         prepared = {}
         for key, depth, _ in requests:  # locate new keys outside the lock
@@ -280,7 +285,7 @@ class IOScheduler:
             if key not in dispatcher.prepared:
                 prepared[key] = dispatcher.prepare(key)
         scores = [float(score) for _, _, score in requests]
-        futures, dropped, demand, fresh = [], [], False, []
+        want, futures, dropped, demand, fresh = futures, [], [], False, []
         with self._lock:
             self._check_open()
             dispatcher.stats.calls += 1
@@ -288,11 +293,11 @@ class IOScheduler:
             for (key, depth, _), score in zip(requests, scores):
                 known = prepared.get(key) or dispatcher.prepared[key]
                 live = dispatcher.live(key) if key in by_key else None
-                req = dispatcher.fresh(key, depth, score, known) if live is None else None
+                req = dispatcher.fresh(key, depth, score, known, want) if live is None else None
                 if req is not None:
                     fresh.append(req)
                 else:
-                    req, gone = dispatcher.submit(key, depth, score, known, live)
+                    req, gone = dispatcher.submit(key, depth, score, known, live, want)
                     dropped += gone
                 futures.append(req.future)
                 demand = demand or req.demand
@@ -303,7 +308,7 @@ class IOScheduler:
         for other in dropped:
             cancel_future(other)
         self._activate_after(kick)
-        return futures
+        return futures if want else None
 
     def submit_demands(self, keys: Sequence[Hashable]) -> List[concurrent.futures.Future]:
         """Demand reads of ``keys`` (``submit_many`` at depth 0). The first keys, up to
@@ -408,9 +413,9 @@ class IOScheduler:
                 else:
                     req = None
                 cancelled.append(req is not None)
-                if req is not None:
+                if req is not None and req.future is not None:
                     futures.append(req.future)
-            kick = bool(futures) and dispatcher.has_idle_reader()
+            kick = any(cancelled) and dispatcher.has_idle_reader()
         for future in futures:
             cancel_future(future)
         self._activate_after(kick)

@@ -318,7 +318,7 @@ class Prefetcher:
                     stats[l].issued += 1
                 in_flight[key] = here
         if requests:
-            sched.submit_many(requests)
+            sched.submit_many(requests, futures=False)  # taken from ``poll``: no future each
 
     def propose_boundary(self, hidden) -> List[Proposal]:
         """Guesses for this step's first ``depth`` MoE layers from ``hidden``, the residual at

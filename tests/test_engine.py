@@ -253,12 +253,12 @@ def test_other_layers_arrivals_install_after_the_demand_reads_and_before_the_iss
         submit_many, submit_demands, arrivals_for, step = sched.submit_many, sched.submit_demands, pf.arrivals_for, pf.step
         install, forward = engine._install, engine.forward
 
-        def submitting(requests):
-            futures = submit_many(requests)
-            reads.extend(f for f, (_, depth, _) in zip(futures, requests) if depth > 0)
+        def submitting(requests, futures=True):
+            got = submit_many(requests)  # with futures, to wait on (the prefetcher asks for none)
+            reads.extend(f for f, (_, depth, _) in zip(got, requests) if depth > 0)
             if requests[0][1] > 0:  # demands: through submit_demands (some read from the page cache there)
                 log.append(("prefetches", engine._decoding))
-            return futures
+            return got if futures else None
 
         def demanding(keys):
             log.append(("demands", engine._decoding))
@@ -421,10 +421,10 @@ def test_prefetches_landed_for_a_layer_are_installed_before_its_launch(checkpoin
         sched, pf, reads = engine.scheduler, engine.prefetcher, []
         submit_many, arrivals_for = sched.submit_many, pf.arrivals_for
 
-        def submitting(requests):
-            futures = submit_many(requests)
-            reads.extend(f for f, (_, depth, _) in zip(futures, requests) if depth > 0)
-            return futures
+        def submitting(requests, futures=True):
+            got = submit_many(requests)  # with futures, to wait on (the prefetcher asks for none)
+            reads.extend(f for f, (_, depth, _) in zip(got, requests) if depth > 0)
+            return got if futures else None
 
         def landed_first(layer):
             concurrent.futures.wait(reads)  # every prefetch read (or cancelled): no sleep

@@ -190,7 +190,7 @@ class _FakeScheduler:
         self.submits.append((key, depth))
         self.state.setdefault(key, "queued")
 
-    def submit_many(self, requests):
+    def submit_many(self, requests, futures=True):
         for key, depth, score in requests:
             self.submit(key, depth, score)
 

@@ -242,6 +242,49 @@ def test_a_key_twice_in_one_call_is_one_request_at_the_better_priority():
         assert stats.reads == 1 and stats.upgraded == 1 and stats.deduped == 1 and s.poll() == []
 
 
+def test_prefetches_without_futures_are_polled_and_a_demand_gets_one_at_any_stage():
+    """The prefetcher takes its reads from ``poll`` and asks for no futures (each costs a
+    condition to make, set and cancel); a demand for such a key, published, running or
+    queued, still gets a future holding that very read's buffer, and no key is read twice."""
+    reader = GatedReader()
+    a, b, c = (0, 1), (0, 2), (0, 3)
+    with scheduler(reader, parallelism=1) as s:
+        assert s.submit_many([(a, 1, 0.9), (b, 1, 0.5), (c, 1, 0.1)], futures=False) is None
+        reader.wait_calls(1)
+        reader.allow()  # a lands and is published; b starts; c waits in the queue
+        reader.wait_calls(2)
+        assert s.pending_many([a, b, c]) == ["published", "running", "queued"]
+        fa, fb, fc = s.submit_demands([a, b, c])
+        assert fa.done()  # published: handed over at once
+        reader.allow(2)
+        buffers = [result(f) for f in (fa, fb, fc)]
+        for key, buffer in zip((a, b, c), buffers):
+            assert (buffer == pattern(describe(key))).all()
+        assert s.poll() == []  # each went to its demand, not to poll
+        s.release_all(buffers)
+        stats = s.statistics()
+    assert reader.keys() == [describe(a), describe(b), describe(c)]
+    assert stats.reads == 3 and stats.upgraded == 3
+
+
+def test_prefetches_without_futures_are_cancelled_and_closed_cleanly():
+    reader = GatedReader()
+    a, b = (0, 1), (0, 2)
+    with scheduler(reader, parallelism=1) as s:
+        s.submit_many([(a, 1, 0.9), (b, 1, 0.5)], futures=False)
+        reader.wait_calls(1)
+        assert s.cancel_many([b], queued_only=True) == [True]  # queued: dropped, never read
+        assert s.pending_many([b]) == [None]
+        reader.allow()
+        [(key, buffer)] = s.poll(timeout=WAIT_S)
+        assert key == a and (buffer == pattern(describe(a))).all()
+        s.release(buffer)
+        s.submit_many([(b, 1, 0.5)], futures=False)  # asked again, then closed while out
+        reader.wait_calls(2)
+        reader.allow()
+    assert reader.keys() == [describe(a), describe(b)]
+
+
 def test_submit_many_rejects_a_negative_depth_before_queueing_anything():
     with scheduler(GatedReader()) as s:
         with pytest.raises(ValueError, match="depth must be >= 0"):
