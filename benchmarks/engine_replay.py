@@ -25,7 +25,10 @@ the replay reads as the engine's host work where compute is small (the host shap
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import sys
+import threading
 
 import mlx.core as mx
 
@@ -141,6 +144,45 @@ class CallCounter:
         return out
 
 
+class IOThreadCalls:
+    """Counts the Python calls the I/O scheduler's threads (named ``golem-io...``: its readers
+    and its loop) make while ``counting``: work that holds the interpreter lock the engine's
+    thread needs too, which ``CallCounter`` does not see. Its hook is installed for threads
+    started inside ``installed`` (``threading.setprofile``): the scheduler's start there,
+    with the load. A count, not a time: roughly the same on any machine (a reader that
+    finds no job and sleeps again moves it by a few calls)."""
+
+    def __init__(self):
+        self.calls = 0
+        self._on = False
+        self._ticks = itertools.count()
+
+    def _hook(self, frame, event, arg) -> None:
+        if self._on and (event == "call" or event == "c_call"):
+            next(self._ticks)  # one C call: atomic across the threads counted
+
+    @contextlib.contextmanager
+    def installed(self):
+        threading.setprofile(self._hook)
+        try:
+            yield self
+        finally:
+            threading.setprofile(None)
+
+    @contextlib.contextmanager
+    def counting(self):
+        counted = [t for t in threading.enumerate() if t.name.startswith("golem-io")]
+        if not counted:
+            raise RuntimeError("no golem-io thread runs: was the load started inside installed()?")
+        start = next(self._ticks)
+        self._on = True
+        try:
+            yield self
+        finally:
+            self._on = False
+            self.calls += next(self._ticks) - start - 1
+
+
 def replay_row(path, prompts, tokens: int, *, table: bool = False, calls: bool = False, **options) -> dict:
     """One row of bench_decode decoded (recorded) and replayed: the replay's engine host time
     per partial layer (``us_per_layer``, wall; ``cpu_us_per_layer``), by phase (``phase_<name>``,
@@ -166,10 +208,12 @@ def replay_row(path, prompts, tokens: int, *, table: bool = False, calls: bool =
                "cpu_us_per_layer": 1e6 * phases.engine_s(cpu=True) / layers,
                **{f"phase_{k}": wall[k] for k in PHASES}, **{f"phase_cpu_{k}": cpu[k] for k in PHASES}}
     if calls:
-        with load(str(path), **options) as (model, _):
+        io = IOThreadCalls()
+        with io.installed(), load(str(path), **options) as (model, _):
             engine = engine_of(model, table, cpu_time=False)
-            with CallCounter(engine) as counter:
+            with CallCounter(engine) as counter, io.counting() if engine.scheduler is not None else contextlib.nullcontext():
                 same = replay(engine, {em.layer: em.module for em in model.golem.experts}, recording.calls) and same
             out["same"] = same
             out.update({f"calls_{k}": v for k, v in counter.per_layer().items()})
+            out["calls_io"] = io.calls / max(counter.layers, 1)  # the scheduler's threads, apart
     return out

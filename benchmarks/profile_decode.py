@@ -140,6 +140,7 @@ def main() -> None:
             if args.calls:
                 out[f"{name}_calls_per_layer"] = round(engine_calls(r), 1)
                 out[f"{name}_calls_phases"] = {ph: round(r.get("calls_" + ph, 0.0), 1) for ph in PHASES}
+                out[f"{name}_io_calls_per_layer"] = round(r.get("calls_io", 0.0), 1)
     print(json.dumps(out))
 
 
@@ -163,6 +164,9 @@ def calls_table(results: dict, width: int) -> None:
         print(f"{ph + ('*' if ph in EXCLUDED else ''):<10}" + "".join(f"{r.get('calls_' + ph, 0.0):>{width}.0f}"
                                                                       for r in results.values()))
     print(f"{'calls':<10}" + "".join(f"{engine_calls(r):>{width}.0f}" for r in results.values()))
+    print("Python calls the I/O scheduler's threads made per partial layer in that replay (its readers and loop: "
+          "work under the interpreter lock the engine's thread needs too)")
+    print(f"{'io threads':<10}" + "".join(f"{r.get('calls_io', 0.0):>{width}.0f}" for r in results.values()))
 
 
 def engine_calls(r: dict) -> float:

@@ -80,3 +80,25 @@ def test_call_counts_are_the_same_in_every_replay(engine_replay, recorded):
     assert layers == partial > 0
     # A layer with misses claims slots and asks for reads: both phases make calls.
     assert first["pool"] > 0 and first["request"] > 0
+
+
+def test_the_io_threads_calls_are_counted_apart(engine_replay, recorded):
+    """Reads on the scheduler's readers (emulated storage: none is read from the page cache on
+    the engine's thread) make Python calls there, under the lock the engine's thread needs
+    too: counted apart from the engine's, only while counting, and the hook goes once loaded."""
+    import threading
+
+    from golem.io.storage import Throttle
+
+    path, calls, _ = recorded
+    io = engine_replay.IOThreadCalls()
+    with io.installed(), load(str(path), cache_sizes=TOP_K + 1, throttle=Throttle(100.0)) as (model, _):
+        engine = model.golem.engine
+        with engine_replay.CallCounter(engine) as counter, io.counting():
+            assert engine_replay.replay(engine, {em.layer: em.module for em in model.golem.experts}, calls)
+        counted_calls = io.calls
+        with io.counting():  # idle readers: nothing
+            pass
+    assert counted_calls > 0 and io.calls == counted_calls
+    assert counter.per_layer()["request"] > 0  # the engine's own count holds its side of the reads
+    assert threading.getprofile() is None
