@@ -5,8 +5,9 @@ around each read, so benchmarks on a fast machine reproduce the ratio of compute
 a slower device, and the parsing of its command-line spelling. It reads nothing itself and
 knows nothing of experts or schedulers; it is attached one way, ``FileHandles(throttle=...)``
 (``IOScheduler`` and the engine's ``DiskReader`` pass ``throttle=`` on to their handles).
-Its waits are cut into slices of at most ``WAIT_SLICE_S`` and end early when the reader's
-``wake`` event is set, so a closing scheduler never waits for an emulated slow device.
+Its waits are cut into slices of at most ``WAIT_SLICE_S`` (``WAKE_SLICE_S`` with a ``wake``
+event) and end within one slice once the reader's ``wake`` event is set, so a closing scheduler
+never waits for an emulated slow device.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import time
 from typing import Callable, Optional
 
 WAIT_SLICE_S = 0.1  # longest single sleep: signals and wake-ups are seen at least this often
+# With a wake event, a sleep lasts at most this long and the event is checked around it: a
+# ``time.sleep`` and a flag where ``Event.wait`` runs a dozen Python calls on the reader (under
+# the interpreter lock the engine's thread needs), once per emulated read.
+WAKE_SLICE_S = 0.01
 
 
 def _sleep(seconds: float, wake: Optional[threading.Event]) -> None:
     if wake is None:
         time.sleep(seconds)
-    else:
-        wake.wait(seconds)
+    elif not wake.is_set():
+        time.sleep(min(seconds, WAKE_SLICE_S))
 
 
 class FakeClock:
