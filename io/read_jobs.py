@@ -86,7 +86,10 @@ class Batch:
             req.batch = self
 
     def all_cancelled(self) -> bool:
-        return all(r.cancelled or r.gone() for r in self.requests)
+        for r in self.requests:  # (a loop, not all() over a generator: asked at every reader's turn)
+            if not (r.cancelled or r.gone()):
+                return False
+        return True
 
 
 def group_jobs(runs: list, min_job_nbytes: int) -> List[int]:

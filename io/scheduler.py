@@ -162,9 +162,10 @@ class IOScheduler:
                                  settings.num_buffers, allocate=allocate)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # poll() waits here for publications
+        self._polling = 0  # threads waiting in poll()
         self._dispatcher = Dispatcher(settings, locate, nbytes_of, buffers, clock,
                                       whole_batches=read is not None,
-                                      on_publish=self._cond.notify_all)
+                                      on_publish=self._published)
         self._closing = threading.Event()  # set by close: wakes throttled readers
         reader = functools.partial(read_job, read=read, handles=self.handles,
                                    direct=settings.direct, retries=settings.retries,
@@ -428,16 +429,26 @@ class IOScheduler:
         (None: in slices of 0.1 s, so that Ctrl-C reaches a waiting main thread).
         """
         dispatcher = self._dispatcher
-        with self._cond:
+        with self._lock:  # (``_cond``'s: a plain lock's context, no Python call)
             dispatcher.stats.calls += 1
             if timeout != 0 and not dispatcher.published:
                 ready = lambda: dispatcher.published or self._closed
-                if timeout is None:
-                    while not self._cond.wait_for(ready, 0.1):
-                        pass
-                else:
-                    self._cond.wait_for(ready, timeout)
+                self._polling += 1
+                try:
+                    if timeout is None:
+                        while not self._cond.wait_for(ready, 0.1):
+                            pass
+                    else:
+                        self._cond.wait_for(ready, timeout)
+                finally:
+                    self._polling -= 1
             return dispatcher.take_published()
+
+    def _published(self) -> None:
+        """Lock held: a prefetch was published; wake the threads waiting in ``poll``, if any
+        (the engine polls without waiting: a notification costs a reader a dozen calls)."""
+        if self._polling:
+            self._cond.notify_all()
 
     def release(self, buffer: np.ndarray) -> None:
         """Give a staging buffer (from ``poll`` or a future) back to the pool; the caller

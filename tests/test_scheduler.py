@@ -285,6 +285,32 @@ def test_prefetches_without_futures_are_cancelled_and_closed_cleanly():
     assert reader.keys() == [describe(a), describe(b)]
 
 
+def test_a_waiting_poll_wakes_as_a_prefetch_lands():
+    """A publication notifies only while a thread waits in ``poll`` (the engine polls without
+    waiting); one that waits is woken as the read lands, long before its timeout."""
+    reader = GatedReader()
+    waiting, got = threading.Event(), []
+    with scheduler(reader) as s:
+        s.submit_many([((0, 1), 1, 0.5)], futures=False)
+        reader.wait_calls(1)
+        wait_for = s._cond.wait_for
+
+        def entered(predicate, timeout=None):
+            waiting.set()  # the lock goes once it waits: the read can only land after that
+            return wait_for(predicate, timeout)
+
+        s._cond.wait_for = entered
+        poller = threading.Thread(target=lambda: got.append(s.poll(timeout=10 * WAIT_S)))
+        poller.start()
+        assert waiting.wait(WAIT_S)
+        reader.allow()
+        poller.join(WAIT_S)
+        assert not poller.is_alive(), "poll slept through the publication"
+        [[(key, buffer)]] = got
+        assert key == (0, 1)
+        s.release(buffer)
+
+
 def test_submit_many_rejects_a_negative_depth_before_queueing_anything():
     with scheduler(GatedReader()) as s:
         with pytest.raises(ValueError, match="depth must be >= 0"):
