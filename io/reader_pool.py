@@ -4,9 +4,9 @@ Owns the reader threads, their sleeping and waking (each idle reader blocks on a
 its own, released by whoever wakes it: two C calls, where a ``threading.Condition`` runs a
 dozen Python ones on each side; woken no more often than there are jobs; a caller wakes one,
 each reader the next ones), the reading of each job outside the lock and the resolving of
-the futures a finished read settles. Knows nothing of priorities, caps or files: the dispatcher says which job is
-next and what a returned one means; the ``read`` callable it is given does the reading
-(``read_jobs.read_job``).
+the futures a finished read settles. Knows nothing of priorities, caps or files: the
+dispatcher says which job is next and what a returned one means; the ``read`` callable it is
+given does the reading (``read_jobs.read_job``).
 """
 
 from __future__ import annotations

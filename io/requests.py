@@ -56,7 +56,7 @@ class Request:
     end in the files (``file_edges``), ``buffer``/``shift`` where it lands. ``future`` is None
     while nobody waits on it: a prefetch that its submitter takes from ``poll`` needs none
     (a ``Future`` costs a condition and a lock to make, set and cancel); a later submit that
-    wants one makes it (``wants_future``)."""
+    wants one makes it (``Dispatcher._give_future``)."""
 
     __slots__ = ("key", "depth", "demand", "score", "ranges", "nbytes", "future", "state", "cancelled",
                  "buffer", "token", "submitted_at", "queued_at", "upgraded", "batch", "pieces",
