@@ -318,7 +318,7 @@ class Engine:
         try:
             for l, e, buf in installs:
                 pool = pools[l]
-                if pool.slot_of[e] >= 0:  # resident: a demand read was faster
+                if pool.is_resident(e):
                     events.append((NOT_NEEDED, l, e, 0))
                     continue
                 try:
@@ -326,8 +326,7 @@ class Engine:
                 except LookupError:  # every slot holds an expert in use or guessed
                     events.append((NO_SLOT, l, e, len(buf)))
                     continue
-                if victim >= 0:
-                    events.append((EVICTED, l, victim, pool.expert_nbytes))
+                self._evicted(l, victim)
                 ph.lap("install")
                 self._write(pool, slot, buf)
                 pool.assign(e, slot, cold=True)
@@ -346,9 +345,11 @@ class Engine:
         (``issue``, or None where the orders hold none: all installed now): the installs into other
         layers' pools (``_later``: left to the next layer if this one raises), then the issue."""
         installs, self._later = self._later + orders.installs, []
-        used = set(ids.reshape(-1).tolist()) if installs else ()
+        if orders.issue is None and not installs:
+            return None
+        used = set(ids.reshape(-1).tolist())
         if orders.issue is None:
-            self._install(layer, used, installs, orders.keep)  # (none: returns at once)
+            self._install(layer, used, installs, orders.keep)
             return None
         self._install(layer, used, [a for a in installs if a[0] == layer], orders.keep)
         self._later = [a for a in installs if a[0] != layer]

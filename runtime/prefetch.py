@@ -164,15 +164,13 @@ class Prefetcher:
         """What happened in the layer, ``[(kind, layer, expert, nbytes), ...]`` in order;
         returns, per layer, how many used experts came from prefetches."""
         used: Dict[int, int] = {}
-        unused = self.unused
         for kind, layer, expert, nbytes in events:
             if kind == USED:  # expert: the list of the layer's experts used
                 n = self.used_all(layer, expert, nbytes)
                 if n:
                     used[layer] = used.get(layer, 0) + n
             elif kind == EVICTED:
-                if (layer, expert) in unused:  # ``evicted``, with no call for the others
-                    self.evicted(layer, expert, nbytes)
+                self.evicted(layer, expert, nbytes)
             elif kind == INSTALLED:
                 self.landed(layer, expert)
             elif kind == LATE:
@@ -310,13 +308,10 @@ class Prefetcher:
             for key, cancelled in zip(superseded, sched.cancel_many(superseded, queued_only=True)):
                 if cancelled:
                     self.dropped(key[0], key[1], 0)
-            position, in_flight, stats = self.position, self.in_flight, self.stats
+            position = self.position
             for l, e, score in wanted:
-                key = (l, e)
-                requests.append((key, (position[l] - here) % n or n, score))  # MoE layers ahead, wrapping
-                if key not in in_flight:  # ``issued``, inline: now, so that a later proposal's cancels spare it
-                    stats[l].issued += 1
-                in_flight[key] = here
+                requests.append(((l, e), (position[l] - here) % n or n, score))  # MoE layers ahead, wrapping
+                self.issued(l, e, here)  # now: a later proposal's cancels spare it
         if requests:
             sched.submit_many(requests, futures=False)  # taken from ``poll``: no future each
 

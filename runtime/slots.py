@@ -156,7 +156,7 @@ class SlotPool:
         """
         if self._identity:
             return expert, -1
-        slot = None if self._full else self.free_slot()  # (full: the steady state, no search)
+        slot = self.free_slot()
         if slot is None:  # (a claimed victim's slot is assigned at once by the caller)
             return self._evict(protected if isinstance(protected, (set, frozenset)) else set(protected))
         return slot, -1

@@ -85,7 +85,7 @@ def test_call_counts_are_the_same_in_every_replay(engine_replay, recorded):
 def test_the_io_threads_calls_are_counted_apart(engine_replay, recorded):
     """Reads on the scheduler's readers (emulated storage: none is read from the page cache on
     the engine's thread) make Python calls there, under the lock the engine's thread needs
-    too: counted apart from the engine's, only while counting, and the hook goes once loaded."""
+    too: counted apart from the engine's, and the hook goes once loaded."""
     import threading
 
     from golem.io.storage import Throttle
@@ -96,9 +96,6 @@ def test_the_io_threads_calls_are_counted_apart(engine_replay, recorded):
         engine = model.golem.engine
         with engine_replay.CallCounter(engine) as counter, io.counting():
             assert engine_replay.replay(engine, {em.layer: em.module for em in model.golem.experts}, calls)
-        counted_calls = io.calls
-        with io.counting():  # idle readers: nothing
-            pass
-    assert counted_calls > 0 and io.calls == counted_calls
+    assert io.calls > 0
     assert counter.per_layer()["request"] > 0  # the engine's own count holds its side of the reads
     assert threading.getprofile() is None
